@@ -1,0 +1,311 @@
+//! The Kubernetes objects ferry reads, reduced to the fields it uses.
+//!
+//! Every source (a manifest directory today, the Kubernetes API later) produces these types;
+//! everything downstream (allocation, planning, the lab) consumes only these types.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// namespace/name of an object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectRef {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The metadata every object carries.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Meta {
+    pub name: String,
+    /// "default" when the manifest leaves it out (cluster-scoped objects: "").
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// metadata.creationTimestamp as written (RFC 3339), if any.
+    pub creation_timestamp: Option<String>,
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+}
+
+impl Meta {
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef::new(self.namespace.clone(), self.name.clone())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Kubernetes spelling: TCP, UDP, SCTP.
+    pub fn as_k8s(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+    /// nftables spelling: tcp, udp, sctp.
+    pub fn as_nft(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+    pub fn parse_k8s(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+}
+
+impl ServiceType {
+    pub fn as_k8s(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+            ServiceType::ExternalName => "ExternalName",
+        }
+    }
+    /// Whether ports of this type get node ports.
+    pub fn has_node_ports(self) -> bool {
+        matches!(self, ServiceType::NodePort | ServiceType::LoadBalancer)
+    }
+}
+
+/// spec.ports[].targetPort
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    /// May be empty when the service has a single port.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    /// Defaults to `port` when left out.
+    pub target_port: TargetPort,
+    /// Explicit spec.ports[].nodePort, if given.
+    pub node_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// spec.clusterIP as written.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ClusterIpSpec {
+    /// Left out or "": allocate one.
+    #[default]
+    Auto,
+    /// "None": headless, no virtual IP, no rules.
+    None,
+    /// An explicit address.
+    Ip(IpAddr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub meta: Meta,
+    pub type_: ServiceType,
+    pub cluster_ip: ClusterIpSpec,
+    pub ports: Vec<ServicePort>,
+    /// spec.selector; empty means "endpoints are managed by someone else".
+    pub selector: BTreeMap<String, String>,
+    pub external_ips: Vec<IpAddr>,
+    /// spec.loadBalancerIP (deprecated field, still honoured later).
+    pub load_balancer_ip: Option<IpAddr>,
+    pub load_balancer_class: Option<String>,
+    /// status.loadBalancer.ingress[].ip as found (from the API; manifests rarely have it).
+    pub load_balancer_ingress: Vec<IpAddr>,
+    pub external_traffic_policy: TrafficPolicy,
+    pub internal_traffic_policy: TrafficPolicy,
+    /// spec.externalName for type ExternalName.
+    pub external_name: Option<String>,
+}
+
+impl Service {
+    pub fn is_headless(&self) -> bool {
+        self.cluster_ip == ClusterIpSpec::None
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressType {
+    IPv4,
+    IPv6,
+    Fqdn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointConditions {
+    /// Missing `ready` means ready (as Kubernetes says), unless terminating.
+    pub ready: bool,
+    /// Missing `serving` defaults to `ready`.
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addresses: Vec<IpAddr>,
+    pub conditions: EndpointConditions,
+    pub node_name: Option<String>,
+    pub hostname: Option<String>,
+    /// targetRef name (a pod), if any.
+    pub target_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointPort {
+    /// Matches ServicePort.name ("" for an unnamed port).
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSlice {
+    pub meta: Meta,
+    /// From the label kubernetes.io/service-name.
+    pub service_name: String,
+    pub address_type: AddressType,
+    pub endpoints: Vec<Endpoint>,
+    pub ports: Vec<EndpointPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAddress {
+    /// InternalIP, ExternalIP, Hostname, ...
+    pub type_: String,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub meta: Meta,
+    pub addresses: Vec<NodeAddress>,
+    /// spec.podCIDR(s), if set.
+    pub pod_cidrs: Vec<String>,
+}
+
+impl Node {
+    /// The node's InternalIP addresses that parse as IPs.
+    pub fn internal_ips(&self) -> Vec<IpAddr> {
+        self.addresses
+            .iter()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigMap {
+    pub meta: Meta,
+    pub data: BTreeMap<String, String>,
+}
+
+/// A container port of a pod template (for named target ports in the lab).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPort {
+    pub name: String,
+    pub container_port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodTemplate {
+    pub labels: BTreeMap<String, String>,
+    pub ports: Vec<ContainerPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployment {
+    pub meta: Meta,
+    pub replicas: u32,
+    pub selector: BTreeMap<String, String>,
+    pub template: PodTemplate,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub meta: Meta,
+    pub node_name: Option<String>,
+    pub ports: Vec<ContainerPort>,
+    /// status.podIP if present.
+    pub pod_ip: Option<IpAddr>,
+}
+
+/// One parsed Kubernetes object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Node(Node),
+    ConfigMap(ConfigMap),
+    Deployment(Deployment),
+    Pod(Pod),
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Service(_) => "Service",
+            Object::EndpointSlice(_) => "EndpointSlice",
+            Object::Node(_) => "Node",
+            Object::ConfigMap(_) => "ConfigMap",
+            Object::Deployment(_) => "Deployment",
+            Object::Pod(_) => "Pod",
+        }
+    }
+    pub fn meta(&self) -> &Meta {
+        match self {
+            Object::Service(o) => &o.meta,
+            Object::EndpointSlice(o) => &o.meta,
+            Object::Node(o) => &o.meta,
+            Object::ConfigMap(o) => &o.meta,
+            Object::Deployment(o) => &o.meta,
+            Object::Pod(o) => &o.meta,
+        }
+    }
+}
