@@ -8,5 +8,6 @@ pub mod alloc;
 pub mod cidr;
 pub mod manifest;
 pub mod objects;
+pub mod view;
 
 pub use objects::*;

@@ -1,0 +1,223 @@
+//! What the kernel has ([`LiveState`]) vs what is planned ([`Ruleset`]) -> one `nft` script that
+//! changes only what differs, applied as one atomic transaction.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::ir::*;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveChain {
+    pub base: Option<BaseChain>,
+    /// From the first rule's comment; None when the chain has no rule or no fingerprint.
+    pub fingerprint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LiveSet {
+    /// As [`Set::signature`].
+    pub signature: String,
+    /// Key text -> verdict (None for plain sets).
+    pub elements: BTreeMap<String, Option<Verdict>>,
+}
+
+/// ferry's table as the kernel has it (read back at start-up, then tracked after each apply).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LiveState {
+    pub table: bool,
+    pub chains: BTreeMap<String, LiveChain>,
+    pub sets: BTreeMap<String, LiveSet>,
+}
+
+impl LiveState {
+    /// What the kernel holds once `rs` has been applied.
+    pub fn of(rs: &Ruleset) -> LiveState {
+        LiveState {
+            table: true,
+            chains: rs
+                .chains
+                .values()
+                .map(|c| {
+                    let fp = (!c.rules.is_empty()).then(|| c.fingerprint());
+                    (
+                        c.name.clone(),
+                        LiveChain {
+                            base: c.base,
+                            fingerprint: fp,
+                        },
+                    )
+                })
+                .collect(),
+            sets: rs
+                .sets
+                .values()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        LiveSet {
+                            signature: s.signature(),
+                            elements: s
+                                .elements
+                                .iter()
+                                .map(|(k, e)| (k.clone(), e.verdict.clone()))
+                                .collect(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Extracts the fingerprint from a rule comment ending in "[fp]".
+pub fn fingerprint_of_comment(comment: &str) -> Option<String> {
+    let c = comment.trim_end();
+    let open = c.rfind('[')?;
+    c.ends_with(']').then(|| c[open + 1..c.len() - 1].to_string())
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// The `nft -f` script; empty when nothing differs.
+    pub script: String,
+    pub chains_added: usize,
+    pub chains_changed: usize,
+    pub chains_deleted: usize,
+    pub elements_added: usize,
+    pub elements_deleted: usize,
+    /// The whole table is recreated (first start, or a layout the differ can't patch).
+    pub full: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.script.is_empty()
+    }
+}
+
+impl std::fmt::Display for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}chains +{} ~{} -{}, elements +{} -{}",
+            if self.full { "full load: " } else { "" },
+            self.chains_added,
+            self.chains_changed,
+            self.chains_deleted,
+            self.elements_added,
+            self.elements_deleted
+        )
+    }
+}
+
+/// The commands that turn `live` into `desired`, touching nothing that is already right.
+pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
+    let incompatible = desired.sets.values().any(|s| {
+        live.sets
+            .get(&s.name)
+            .is_some_and(|l| l.signature != s.signature())
+    }) || desired.chains.values().any(|c| {
+        live.chains
+            .get(&c.name)
+            .is_some_and(|l| l.base != c.base)
+    });
+    if !live.table || incompatible {
+        let mut script = String::new();
+        if live.table {
+            // A different layout (an upgrade): replace the table in the same transaction.
+            let _ = writeln!(script, "delete table {FAMILY} {TABLE}");
+        }
+        script.push_str(&desired.render_full());
+        return Changes {
+            script,
+            chains_added: desired.chains.len(),
+            elements_added: desired.sets.values().map(|s| s.elements.len()).sum(),
+            full: true,
+            ..Changes::default()
+        };
+    }
+
+    let mut ch = Changes::default();
+    let mut out = String::new();
+    // 1. New sets, 2. new (empty) chains: everything a rule or element may name exists first.
+    for s in desired.sets.values() {
+        if !live.sets.contains_key(&s.name) {
+            out.push_str(&s.render_def());
+            out.push('\n');
+        }
+    }
+    for c in desired.chains.values() {
+        if !live.chains.contains_key(&c.name) {
+            out.push_str(&c.render_add());
+            out.push('\n');
+            ch.chains_added += 1;
+        }
+    }
+    // 3. Rules of new and changed chains.
+    for c in desired.chains.values() {
+        match live.chains.get(&c.name) {
+            None => c.render_rules(&mut out),
+            Some(l) => {
+                let want = (!c.rules.is_empty()).then(|| c.fingerprint());
+                if l.fingerprint != want || want.is_none() && !c.rules.is_empty() {
+                    let _ = writeln!(out, "flush chain {FAMILY} {TABLE} {}", c.name);
+                    c.render_rules(&mut out);
+                    ch.chains_changed += 1;
+                }
+            }
+        }
+    }
+    // 4. Elements: delete what is gone or changed, then add what is new or changed.
+    let empty = LiveSet::default();
+    for s in desired.sets.values() {
+        let l = live.sets.get(&s.name).unwrap_or(&empty);
+        // Keys read back from the kernel are kept as text: delete by that text.
+        let del: Vec<&str> = l
+            .elements
+            .iter()
+            .filter(|(k, v)| s.elements.get(*k).map(|e| &e.verdict) != Some(*v))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        for chunk in del.chunks(1000) {
+            let _ = writeln!(
+                out,
+                "delete element {FAMILY} {TABLE} {} {{ {} }}",
+                s.name,
+                chunk.join(", ")
+            );
+        }
+        ch.elements_deleted += del.len();
+        let add: Vec<&Element> = s
+            .elements
+            .iter()
+            .filter(|(k, e)| l.elements.get(*k) != Some(&e.verdict))
+            .map(|(_, e)| e)
+            .collect();
+        ch.elements_added += add.len();
+        render_elements(&mut out, "add", &s.name, add.into_iter());
+    }
+    // 5. Chains no longer planned: empty them all, then delete (they may reference each other).
+    let gone: Vec<&String> = live
+        .chains
+        .keys()
+        .filter(|n| !desired.chains.contains_key(*n))
+        .collect();
+    for n in &gone {
+        let _ = writeln!(out, "flush chain {FAMILY} {TABLE} {n}");
+    }
+    for n in &gone {
+        let _ = writeln!(out, "delete chain {FAMILY} {TABLE} {n}");
+    }
+    ch.chains_deleted = gone.len();
+    // 6. Sets no longer planned.
+    for n in live.sets.keys().filter(|n| !desired.sets.contains_key(*n)) {
+        let kind = if live.sets[n].signature.ends_with(": verdict") {
+            "map"
+        } else {
+            "set"
+        };
+        let _ = writeln!(out, "delete {kind} {FAMILY} {TABLE} {n}");
+    }
+    ch.script = out;
+    ch
+}

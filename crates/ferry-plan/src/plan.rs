@@ -1,0 +1,317 @@
+//! Model -> ruleset: the layout of ferry's nftables table.
+//!
+//! ```text
+//! filter-prerouting / filter-output (filter, priority dstnat-10)
+//!   -> service-checks: reject new connections to services without endpoints, and to
+//!      cluster IPs on ports no service has
+//! nat-prerouting / nat-output (nat, priority dstnat)
+//!   -> services: one verdict-map lookup on daddr . l4proto . dport (cluster, external and
+//!      load-balancer IPs) and one on l4proto . dport for the node's own addresses (node ports)
+//!      -> external-<svc> (marks for masquerade) -> service-<svc> -> dnat to one endpoint
+//! nat-postrouting (nat, priority srcnat)
+//!   -> masquerading: connections marked above, and pods that reached themselves (hairpin)
+//! ```
+//!
+//! Per packet, the cost is one map lookup whatever the number of services; per service, one
+//! chain (two with external traffic) of one rule per endpoint. There are no per-service sets:
+//! endpoint choice is a run of `numgen random mod (n-i) == 0` rules, which picks each of n
+//! endpoints with probability 1/n and keeps cold loads linear.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ferry_model::cidr::Cidr;
+use ferry_model::view::{usable_endpoints, ResolvedEndpoint, ResolvedPort, ResolvedService};
+use ferry_model::{Protocol, TrafficPolicy};
+
+use crate::ir::*;
+
+/// The mark bit that asks nat-postrouting to masquerade (kube-proxy's is 0x4000 too).
+pub const DEFAULT_MASQUERADE_MARK: u32 = 0x4000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanConfig {
+    /// This node's name (for externalTrafficPolicy/internalTrafficPolicy Local).
+    pub node_name: String,
+    /// Addresses node ports are served on.
+    pub node_ips: Vec<IpAddr>,
+    /// Pod CIDRs: traffic to cluster IPs from outside them is masqueraded.
+    pub cluster_cidrs: Vec<Cidr>,
+    pub masquerade_mark: u32,
+}
+
+pub mod names {
+    use super::Family;
+    pub const SERVICES: &str = "services";
+    pub const SERVICE_CHECKS: &str = "service-checks";
+    pub const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
+    pub const MASQUERADING: &str = "masquerading";
+    pub const REJECT: &str = "reject-service";
+    pub fn service_ips(f: Family) -> String {
+        format!("service-ips-{}", f.suffix())
+    }
+    pub fn service_nodeports(f: Family) -> String {
+        format!("service-nodeports-{}", f.suffix())
+    }
+    pub fn nodeport_ips(f: Family) -> String {
+        format!("nodeport-ips-{}", f.suffix())
+    }
+    pub fn no_endpoint_services(f: Family) -> String {
+        format!("no-endpoint-services-{}", f.suffix())
+    }
+    pub fn no_endpoint_nodeports(f: Family) -> String {
+        format!("no-endpoint-nodeports-{}", f.suffix())
+    }
+    pub fn cluster_ips(f: Family) -> String {
+        format!("cluster-ips-{}", f.suffix())
+    }
+    pub fn hairpin(f: Family) -> String {
+        format!("hairpin-{}", f.suffix())
+    }
+}
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// The fixed part of the table: base chains, the dispatch chains and the (empty) maps.
+fn skeleton(cfg: &PlanConfig) -> Ruleset {
+    use names::*;
+    let mut rs = Ruleset::default();
+    for f in FAMILIES {
+        let a = f.addr_type();
+        let (p, s) = (KeyType::InetProto, KeyType::InetService);
+        rs.add_set(Set::new(&service_ips(f), &[a, p, s], true, "cluster, external and load-balancer IPs -> service"));
+        rs.add_set(Set::new(&service_nodeports(f), &[p, s], true, "node ports -> service"));
+        rs.add_set(Set::new(&nodeport_ips(f), &[a], false, "addresses node ports are served on"));
+        rs.add_set(Set::new(&no_endpoint_services(f), &[a, p, s], true, "service IPs without endpoints"));
+        rs.add_set(Set::new(&no_endpoint_nodeports(f), &[p, s], true, "node ports without endpoints"));
+        rs.add_set(Set::new(&cluster_ips(f), &[a], false, "every cluster IP"));
+        rs.add_set(Set::new(&hairpin(f), &[a, a], false, "endpoint . itself: a pod reaching itself via a service"));
+    }
+    for ip in &cfg.node_ips {
+        let f = Family::of(*ip);
+        rs.set_mut(&nodeport_ips(f))
+            .insert(vec![Value::Ip(*ip)], None, String::new());
+    }
+
+    let mut c = Chain::base("filter-prerouting", ChainType::Filter, Hook::Prerouting, -110, "before DNAT: reject what no endpoint can take");
+    c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(SERVICE_CHECKS.into()))));
+    rs.add_chain(c);
+    let mut c = Chain::base("filter-output", ChainType::Filter, Hook::Output, -110, "before DNAT: reject what no endpoint can take");
+    c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(SERVICE_CHECKS.into()))));
+    rs.add_chain(c);
+    let mut c = Chain::base("nat-prerouting", ChainType::Nat, Hook::Prerouting, -100, "DNAT traffic arriving for services");
+    c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(SERVICES.into()))));
+    rs.add_chain(c);
+    let mut c = Chain::base("nat-output", ChainType::Nat, Hook::Output, -100, "DNAT this node's own traffic to services");
+    c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(SERVICES.into()))));
+    rs.add_chain(c);
+    let mut c = Chain::base("nat-postrouting", ChainType::Nat, Hook::Postrouting, 100, "SNAT what needs it");
+    c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(MASQUERADING.into()))));
+    rs.add_chain(c);
+
+    let mut c = Chain::new(SERVICE_CHECKS, "reject new connections no endpoint can take");
+    for f in FAMILIES {
+        c.push(Rule::new(
+            vec![Match::CtStateNew],
+            Action::ServiceTupleVmap(f, no_endpoint_services(f)),
+        ));
+        c.push(Rule::new(
+            vec![Match::CtStateNew, Match::DaddrInSet(f, nodeport_ips(f))],
+            Action::ProtoPortVmap(no_endpoint_nodeports(f)),
+        ));
+        c.push(
+            Rule::new(
+                vec![
+                    Match::CtStateNew,
+                    Match::DaddrInSet(f, cluster_ips(f)),
+                    Match::ServiceTupleNotIn(f, service_ips(f)),
+                ],
+                Action::Verdict(Verdict::Goto(REJECT.into())),
+            )
+            .with_comment("a cluster IP on a port its service lacks"),
+        );
+    }
+    rs.add_chain(c);
+
+    let mut c = Chain::new(SERVICES, "dispatch by destination");
+    for f in FAMILIES {
+        c.push(Rule::new(vec![], Action::ServiceTupleVmap(f, service_ips(f))));
+        c.push(Rule::new(
+            vec![Match::DaddrInSet(f, nodeport_ips(f))],
+            Action::ProtoPortVmap(service_nodeports(f)),
+        ));
+    }
+    rs.add_chain(c);
+
+    let m = cfg.masquerade_mark;
+    let mut c = Chain::new(MARK_FOR_MASQUERADE, "ask nat-postrouting to masquerade");
+    c.push(Rule::new(vec![], Action::SetMark(m)));
+    rs.add_chain(c);
+
+    let mut c = Chain::new(MASQUERADING, "masquerade marked connections and hairpin traffic");
+    for f in FAMILIES {
+        c.push(Rule::new(
+            vec![Match::CtStatusDnat, Match::AddrPairInSet(f, hairpin(f))],
+            Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
+        ));
+    }
+    c.push(Rule::new(vec![Match::MarkLacks(m)], Action::Verdict(Verdict::Return)));
+    c.push(Rule::new(vec![], Action::ToggleMark(m)));
+    c.push(Rule::new(vec![], Action::Masquerade { fully_random: true }));
+    rs.add_chain(c);
+
+    let mut c = Chain::new(REJECT, "no endpoint: refuse instead of black-holing");
+    c.push(Rule::new(vec![Match::L4Proto(Protocol::Tcp)], Action::RejectTcpReset));
+    c.push(Rule::new(vec![], Action::RejectIcmpx));
+    rs.add_chain(c);
+    rs
+}
+
+/// `service-default/web/tcp/80` and friends: the chain names read as what they serve.
+pub fn port_chain(prefix: &str, svc: &ResolvedService, port: &ResolvedPort) -> String {
+    format!(
+        "{prefix}-{}/{}/{}/{}",
+        svc.id.namespace,
+        svc.id.name,
+        port.protocol.as_nft(),
+        port.port
+    )
+}
+
+fn describe(svc: &ResolvedService, port: &ResolvedPort) -> String {
+    if port.name.is_empty() {
+        format!("{} {}/{}", svc.id, port.port, port.protocol.as_k8s())
+    } else {
+        format!("{}:{} {}/{}", svc.id, port.name, port.port, port.protocol.as_k8s())
+    }
+}
+
+/// Rules choosing one of `eps` uniformly: rule i (0-based) of n matches with probability
+/// 1/(n-i) given that no earlier one did, so each endpoint gets exactly 1/n.
+fn endpoint_rules(chain: &mut Chain, proto: Protocol, eps: &[&ResolvedEndpoint]) {
+    let n = eps.len();
+    for (i, e) in eps.iter().enumerate() {
+        let mut m = vec![Match::L4Proto(proto)];
+        let left = (n - i) as u32;
+        if left > 1 {
+            m.push(Match::Random { modulus: left, value: 0 });
+        }
+        chain.push(Rule::new(m, Action::Dnat { addr: e.addr, port: e.port }));
+    }
+}
+
+/// Plans the whole table for this node.
+pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
+    use names::*;
+    let mut rs = skeleton(cfg);
+    let mut hairpins: BTreeSet<IpAddr> = BTreeSet::new();
+    let reject = Verdict::Goto(REJECT.into());
+    for svc in services {
+        let Some(cip) = svc.cluster_ip else { continue };
+        let f = Family::of(cip);
+        rs.set_mut(&cluster_ips(f))
+            .insert(vec![Value::Ip(cip)], None, svc.id.to_string());
+        let cluster_cidr = cfg.cluster_cidrs.iter().find(|c| c.is_ipv4() == cip.is_ipv4());
+        for port in &svc.ports {
+            let what = describe(svc, port);
+            let proto = Value::Proto(port.protocol);
+            let local = |policy: TrafficPolicy| match policy {
+                TrafficPolicy::Local => Some(cfg.node_name.as_str()),
+                TrafficPolicy::Cluster => None,
+            };
+
+            // Traffic from inside the cluster (cluster IP).
+            let internal = usable_endpoints(&port.endpoints, local(svc.internal_traffic_policy));
+            let service_chain = port_chain("service", svc, port);
+            let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
+            if internal.is_empty() {
+                rs.set_mut(&no_endpoint_services(f)).insert(key, Some(reject.clone()), what.clone());
+            } else {
+                let mut c = Chain::new(&service_chain, &what);
+                if let Some(cc) = cluster_cidr {
+                    c.push(Rule::new(
+                        vec![Match::SaddrNotIn(*cc)],
+                        Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
+                    ));
+                }
+                endpoint_rules(&mut c, port.protocol, &internal);
+                rs.add_chain(c);
+                rs.set_mut(&service_ips(f))
+                    .insert(key, Some(Verdict::Goto(service_chain.clone())), what.clone());
+                hairpins.extend(internal.iter().map(|e| e.addr));
+            }
+
+            // Traffic from outside (node ports, external IPs, load-balancer IPs).
+            let has_external = port.node_port.is_some()
+                || !svc.external_ips.is_empty()
+                || !svc.load_balancer_ips.is_empty();
+            if !has_external {
+                continue;
+            }
+            let external_target = match svc.external_traffic_policy {
+                TrafficPolicy::Cluster => {
+                    let all = usable_endpoints(&port.endpoints, None);
+                    if all.is_empty() {
+                        None
+                    } else {
+                        // Masquerade so replies come back through this node, then on to any
+                        // endpoint in the cluster.
+                        let name = port_chain("external", svc, port);
+                        let mut c = Chain::new(&name, format!("{what} from outside the cluster"));
+                        c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into()))));
+                        if svc.internal_traffic_policy == TrafficPolicy::Cluster {
+                            c.push(Rule::new(vec![], Action::Verdict(Verdict::Goto(service_chain.clone()))));
+                        } else {
+                            endpoint_rules(&mut c, port.protocol, &all);
+                            hairpins.extend(all.iter().map(|e| e.addr));
+                        }
+                        rs.add_chain(c);
+                        Some(name)
+                    }
+                }
+                TrafficPolicy::Local => {
+                    // Only this node's endpoints, no masquerade: the client's address is kept.
+                    let eps = usable_endpoints(&port.endpoints, Some(&cfg.node_name));
+                    if eps.is_empty() {
+                        None
+                    } else {
+                        let name = port_chain("local", svc, port);
+                        let mut c = Chain::new(&name, format!("{what} from outside, to this node's endpoints"));
+                        endpoint_rules(&mut c, port.protocol, &eps);
+                        rs.add_chain(c);
+                        hairpins.extend(eps.iter().map(|e| e.addr));
+                        Some(name)
+                    }
+                }
+            };
+            // Without endpoints: reject (Cluster) or drop (Local: another node may serve it, and
+            // load balancers health-check the node port).
+            let none_verdict = match svc.external_traffic_policy {
+                TrafficPolicy::Cluster => reject.clone(),
+                TrafficPolicy::Local => Verdict::Drop,
+            };
+            let ext_ips = svc.external_ips.iter().chain(svc.load_balancer_ips.iter());
+            for ip in ext_ips {
+                let fam = Family::of(*ip);
+                let key = vec![Value::Ip(*ip), proto, Value::Port(port.port)];
+                match &external_target {
+                    Some(t) => rs.set_mut(&service_ips(fam)).insert(key, Some(Verdict::Goto(t.clone())), what.clone()),
+                    None => rs.set_mut(&no_endpoint_services(fam)).insert(key, Some(none_verdict.clone()), what.clone()),
+                }
+            }
+            if let Some(np) = port.node_port {
+                let key = vec![proto, Value::Port(np)];
+                match &external_target {
+                    Some(t) => rs.set_mut(&service_nodeports(f)).insert(key, Some(Verdict::Goto(t.clone())), what.clone()),
+                    None => rs.set_mut(&no_endpoint_nodeports(f)).insert(key, Some(none_verdict.clone()), what.clone()),
+                }
+            }
+        }
+    }
+    for a in hairpins {
+        let f = Family::of(a);
+        rs.set_mut(&hairpin(f))
+            .insert(vec![Value::Ip(a), Value::Ip(a)], None, String::new());
+    }
+    rs
+}

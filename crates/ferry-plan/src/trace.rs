@@ -1,0 +1,333 @@
+//! A packet tracer over a planned [`Ruleset`]: which chains a new connection walks through and
+//! where it ends up, with the exact probability of each outcome (every `numgen random` match
+//! splits the walk in two).
+//!
+//! It models what the kernel does with ferry's table for the first packet of a connection:
+//! the prerouting (or output, for the node's own traffic) hook's chains in priority order, then
+//! postrouting with the translated destination.
+
+use std::net::IpAddr;
+
+use ferry_model::Protocol;
+
+use crate::ir::*;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub saddr: IpAddr,
+    pub daddr: IpAddr,
+    pub proto: Protocol,
+    pub dport: u16,
+    /// Sent by the node itself (output hook) rather than arriving (prerouting).
+    pub local_origin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fate {
+    /// Translated to this endpoint; `masquerade` says whether the source is rewritten.
+    Dnat {
+        addr: IpAddr,
+        port: u16,
+        masquerade: bool,
+    },
+    /// Left alone (not a service address); `masquerade` as above.
+    Untouched { masquerade: bool },
+    Rejected { tcp_reset: bool },
+    Dropped,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub probability: f64,
+    pub fate: Fate,
+    /// Chains entered, in order.
+    pub path: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct State {
+    prob: f64,
+    daddr: IpAddr,
+    dport: u16,
+    mark: u32,
+    dnat: bool,
+    path: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum End {
+    /// Fell off the end of the chain, or a non-terminal statement: go on.
+    Continue,
+    /// `return`, or a `goto`'d chain fell through: this chain is done, its caller goes on.
+    Finished,
+    Accept,
+    Drop,
+    Reject { tcp_reset: bool },
+    Masquerade,
+}
+
+struct Tracer<'a> {
+    rs: &'a Ruleset,
+    pkt: &'a Packet,
+    depth: usize,
+}
+
+/// Traces a new connection through `rs`. Outcomes with the same fate are merged; the path is
+/// the first one seen for that fate. Probabilities sum to 1.
+pub fn trace(rs: &Ruleset, pkt: &Packet) -> Vec<Outcome> {
+    let mut t = Tracer { rs, pkt, depth: 0 };
+    let first = if pkt.local_origin {
+        Hook::Output
+    } else {
+        Hook::Prerouting
+    };
+    let start = State {
+        prob: 1.0,
+        daddr: pkt.daddr,
+        dport: pkt.dport,
+        mark: 0,
+        dnat: false,
+        path: vec![],
+    };
+    let mut done: Vec<Outcome> = Vec::new();
+    for (st, end) in t.run_hook(first, start) {
+        match end {
+            End::Drop => push(&mut done, st, Fate::Dropped),
+            End::Reject { tcp_reset } => push(&mut done, st, Fate::Rejected { tcp_reset }),
+            _ => {
+                for (st2, end2) in t.run_hook(Hook::Postrouting, st) {
+                    let masquerade = end2 == End::Masquerade;
+                    let fate = match end2 {
+                        End::Drop => Fate::Dropped,
+                        End::Reject { tcp_reset } => Fate::Rejected { tcp_reset },
+                        _ if st2.dnat => Fate::Dnat {
+                            addr: st2.daddr,
+                            port: st2.dport,
+                            masquerade,
+                        },
+                        _ => Fate::Untouched { masquerade },
+                    };
+                    push(&mut done, st2, fate);
+                }
+            }
+        }
+    }
+    done
+}
+
+fn push(done: &mut Vec<Outcome>, st: State, fate: Fate) {
+    if let Some(o) = done.iter_mut().find(|o| o.fate == fate) {
+        o.probability += st.prob;
+    } else {
+        done.push(Outcome {
+            probability: st.prob,
+            fate,
+            path: st.path,
+        });
+    }
+}
+
+impl Tracer<'_> {
+    /// Runs every base chain of `hook` in priority order. A chain that accepts (or NATs) passes
+    /// the packet to the next base chain, as netfilter does.
+    fn run_hook(&mut self, hook: Hook, st: State) -> Vec<(State, End)> {
+        let mut chains: Vec<&Chain> = self
+            .rs
+            .chains
+            .values()
+            .filter(|c| c.base.is_some_and(|b| b.hook == hook))
+            .collect();
+        chains.sort_by_key(|c| c.base.map(|b| b.priority));
+        let mut live = vec![(st, End::Continue)];
+        for c in chains {
+            let mut next = Vec::new();
+            for (st, end) in live {
+                match end {
+                    End::Drop | End::Reject { .. } => next.push((st, end)),
+                    End::Masquerade => next.push((st, End::Masquerade)),
+                    End::Continue | End::Finished | End::Accept => {
+                        for (st2, e2) in self.run_chain(&c.name, st) {
+                            let e2 = if matches!(e2, End::Continue | End::Finished) {
+                                End::Accept
+                            } else {
+                                e2
+                            };
+                            next.push((st2, e2));
+                        }
+                    }
+                }
+            }
+            live = next;
+        }
+        live
+    }
+
+    fn run_chain(&mut self, name: &str, mut st: State) -> Vec<(State, End)> {
+        let Some(chain) = self.rs.chains.get(name) else {
+            // The kernel refuses a ruleset that names a missing chain; report loudly.
+            panic!("trace: chain {name} does not exist");
+        };
+        self.depth += 1;
+        assert!(self.depth < 64, "trace: chain loop at {name}");
+        st.path.push(name.to_string());
+        let out = self
+            .run_rules(&chain.rules, st)
+            .into_iter()
+            .map(|(s, e)| if e == End::Finished { (s, End::Continue) } else { (s, e) })
+            .collect();
+        self.depth -= 1;
+        out
+    }
+
+    fn run_rules(&mut self, rules: &[Rule], st: State) -> Vec<(State, End)> {
+        let Some((rule, rest)) = rules.split_first() else {
+            return vec![(st, End::Continue)];
+        };
+        let mut out = Vec::new();
+        // Split by the rule's matches: (probability factor, matched?).
+        for (factor, matched) in self.matches(&rule.matches, &st) {
+            let mut s = st.clone();
+            s.prob *= factor;
+            if s.prob == 0.0 {
+                continue;
+            }
+            if !matched {
+                out.extend(self.run_rules(rest, s));
+                continue;
+            }
+            for (s2, end) in self.act(&rule.action, s) {
+                match end {
+                    // `jump` came back, a map missed, or a non-terminal statement: go on.
+                    End::Continue => out.extend(self.run_rules(rest, s2)),
+                    e => out.push((s2, e)),
+                }
+            }
+        }
+        out
+    }
+
+    fn matches(&self, ms: &[Match], st: &State) -> Vec<(f64, bool)> {
+        let mut p_all = 1.0;
+        for m in ms {
+            let p = self.match_prob(m, st);
+            p_all *= p;
+            if p_all == 0.0 {
+                break;
+            }
+        }
+        let mut v = Vec::new();
+        if p_all > 0.0 {
+            v.push((p_all, true));
+        }
+        if p_all < 1.0 {
+            v.push((1.0 - p_all, false));
+        }
+        v
+    }
+
+    /// Probability that `m` holds (0 or 1 except for random matches).
+    fn match_prob(&self, m: &Match, st: &State) -> f64 {
+        let p = self.pkt;
+        let b = |x: bool| if x { 1.0 } else { 0.0 };
+        match m {
+            Match::CtStateNew => 1.0,
+            Match::CtStatusDnat => b(st.dnat),
+            Match::L4Proto(pr) => b(*pr == p.proto),
+            Match::SaddrNotIn(c) => b(p.saddr.is_ipv4() == c.is_ipv4() && !c.contains(p.saddr)),
+            Match::DaddrInSet(f, s) => {
+                b(Family::of(st.daddr) == *f && self.in_set(s, &[Value::Ip(st.daddr)]))
+            }
+            Match::ServiceTupleNotIn(f, s) => b(Family::of(st.daddr) == *f
+                && !self.in_set(s, &self.tuple(st))),
+            Match::AddrPairInSet(f, s) => b(Family::of(st.daddr) == *f
+                && self.in_set(s, &[Value::Ip(p.saddr), Value::Ip(st.daddr)])),
+            Match::Random { modulus, value } => {
+                if *value < *modulus {
+                    1.0 / f64::from(*modulus)
+                } else {
+                    0.0
+                }
+            }
+            Match::MarkHas(m) => b(st.mark & m == *m),
+            Match::MarkLacks(m) => b(st.mark & m == 0),
+        }
+    }
+
+    fn tuple(&self, st: &State) -> Vec<Value> {
+        vec![
+            Value::Ip(st.daddr),
+            Value::Proto(self.pkt.proto),
+            Value::Port(st.dport),
+        ]
+    }
+
+    fn in_set(&self, set: &str, key: &[Value]) -> bool {
+        self.lookup(set, key).is_some()
+    }
+
+    fn lookup(&self, set: &str, key: &[Value]) -> Option<&Element> {
+        let s = self
+            .rs
+            .sets
+            .get(set)
+            .unwrap_or_else(|| panic!("trace: set {set} does not exist"));
+        s.elements.get(&key_text(key))
+    }
+
+    fn act(&mut self, a: &Action, mut st: State) -> Vec<(State, End)> {
+        match a {
+            Action::Verdict(v) => self.verdict(v, st),
+            Action::ServiceTupleVmap(f, map) => {
+                if Family::of(st.daddr) != *f {
+                    return vec![(st, End::Continue)];
+                }
+                let key = self.tuple(&st);
+                match self.lookup(map, &key).and_then(|e| e.verdict.clone()) {
+                    Some(v) => self.verdict(&v, st),
+                    None => vec![(st, End::Continue)],
+                }
+            }
+            Action::ProtoPortVmap(map) => {
+                let key = [Value::Proto(self.pkt.proto), Value::Port(st.dport)];
+                match self.lookup(map, &key).and_then(|e| e.verdict.clone()) {
+                    Some(v) => self.verdict(&v, st),
+                    None => vec![(st, End::Continue)],
+                }
+            }
+            Action::SetMark(b) => {
+                st.mark |= b;
+                vec![(st, End::Continue)]
+            }
+            Action::ToggleMark(b) => {
+                st.mark ^= b;
+                vec![(st, End::Continue)]
+            }
+            Action::Dnat { addr, port } => {
+                st.daddr = *addr;
+                st.dport = *port;
+                st.dnat = true;
+                vec![(st, End::Accept)]
+            }
+            Action::Masquerade { .. } => vec![(st, End::Masquerade)],
+            Action::RejectTcpReset => vec![(st, End::Reject { tcp_reset: true })],
+            Action::RejectIcmpx => vec![(st, End::Reject { tcp_reset: false })],
+        }
+    }
+
+    fn verdict(&mut self, v: &Verdict, st: State) -> Vec<(State, End)> {
+        match v {
+            Verdict::Accept => vec![(st, End::Accept)],
+            Verdict::Drop => vec![(st, End::Drop)],
+            // Return ends this chain: the caller's rules go on.
+            Verdict::Return => vec![(st, End::Finished)],
+            // Jump: the callee's fall-through resumes here.
+            Verdict::Jump(c) => self.run_chain(c, st),
+            // Goto: the callee's fall-through ends this chain too.
+            Verdict::Goto(c) => self
+                .run_chain(c, st)
+                .into_iter()
+                .map(|(s, e)| if e == End::Continue { (s, End::Finished) } else { (s, e) })
+                .collect(),
+        }
+    }
+}
