@@ -1,1 +1,421 @@
+//! ferry's nftables dataplane: the I/O edge of the planner.
+//!
+//! - [`Nft`] runs `nft` scripts, in-process through libnftables (no process start, one netlink
+//!   transaction per script) or, where that library is missing, through the `nft` command;
+//! - [`read_live`] reads ferry's table back from the kernel so an agent adopts what it finds;
+//! - [`Dataplane`] applies a planned [`Ruleset`] as one atomic transaction that touches only
+//!   what differs from the kernel's table.
 
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use ferry_plan::diff::{fingerprint_of_comment, LiveChain, LiveSet};
+use ferry_plan::ir::{BaseChain, ChainType, Hook, Verdict, FAMILY, TABLE};
+use ferry_plan::{diff, Changes, LiveState, Ruleset};
+use serde_json::Value as Json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("nft failed: {0}")]
+    Failed(String),
+    #[error("cannot run nft: {0}")]
+    Unavailable(String),
+    #[error("unexpected nft output: {0}")]
+    Output(String),
+}
+
+type CtxNew = unsafe extern "C" fn(c_uint) -> *mut c_void;
+type CtxFree = unsafe extern "C" fn(*mut c_void);
+type CtxInt = unsafe extern "C" fn(*mut c_void) -> c_int;
+type CtxBuf = unsafe extern "C" fn(*mut c_void) -> *const c_char;
+type CtxSetFlags = unsafe extern "C" fn(*mut c_void, c_uint);
+type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
+
+const NFT_CTX_OUTPUT_JSON: c_uint = 1 << 4;
+
+struct LibNft {
+    _lib: libloading::Library,
+    ctx: *mut c_void,
+    free: CtxFree,
+    get_out: CtxBuf,
+    get_err: CtxBuf,
+    set_flags: CtxSetFlags,
+    run: RunCmd,
+}
+
+impl LibNft {
+    fn open() -> Result<LibNft, String> {
+        // SAFETY: loading the system's libnftables; the symbols are its documented C API
+        // (libnftables(3)) and are used with the signatures it documents.
+        unsafe {
+            let lib = libloading::Library::new("libnftables.so.1").map_err(|e| e.to_string())?;
+            let new: CtxNew = *lib.get::<CtxNew>(b"nft_ctx_new\0").map_err(|e| e.to_string())?;
+            let free: CtxFree = *lib.get(b"nft_ctx_free\0").map_err(|e| e.to_string())?;
+            let buf_out: CtxInt = *lib.get(b"nft_ctx_buffer_output\0").map_err(|e| e.to_string())?;
+            let buf_err: CtxInt = *lib.get(b"nft_ctx_buffer_error\0").map_err(|e| e.to_string())?;
+            let get_out: CtxBuf = *lib
+                .get(b"nft_ctx_get_output_buffer\0")
+                .map_err(|e| e.to_string())?;
+            let get_err: CtxBuf = *lib
+                .get(b"nft_ctx_get_error_buffer\0")
+                .map_err(|e| e.to_string())?;
+            let set_flags: CtxSetFlags = *lib
+                .get(b"nft_ctx_output_set_flags\0")
+                .map_err(|e| e.to_string())?;
+            let run: RunCmd = *lib
+                .get(b"nft_run_cmd_from_buffer\0")
+                .map_err(|e| e.to_string())?;
+            let ctx = new(0);
+            if ctx.is_null() {
+                return Err("nft_ctx_new failed".into());
+            }
+            if buf_out(ctx) != 0 || buf_err(ctx) != 0 {
+                free(ctx);
+                return Err("cannot buffer libnftables output".into());
+            }
+            Ok(LibNft {
+                _lib: lib,
+                ctx,
+                free,
+                get_out,
+                get_err,
+                set_flags,
+                run,
+            })
+        }
+    }
+
+    fn run(&mut self, script: &str, json: bool) -> Result<String, NftError> {
+        let c = CString::new(script).map_err(|_| NftError::Failed("script contains NUL".into()))?;
+        // SAFETY: ctx is a live context owned by self; buffers are NUL-terminated strings owned
+        // by the context, copied out before the next call.
+        unsafe {
+            (self.set_flags)(self.ctx, if json { NFT_CTX_OUTPUT_JSON } else { 0 });
+            let rc = (self.run)(self.ctx, c.as_ptr());
+            let out = cstr((self.get_out)(self.ctx));
+            let err = cstr((self.get_err)(self.ctx));
+            if rc != 0 {
+                return Err(NftError::Failed(err.trim().to_string()));
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn cstr(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: non-null NUL-terminated buffer from libnftables.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+impl Drop for LibNft {
+    fn drop(&mut self) {
+        // SAFETY: ctx was created by nft_ctx_new and is freed once.
+        unsafe { (self.free)(self.ctx) }
+    }
+}
+
+enum Backend {
+    Lib(LibNft),
+    Command,
+}
+
+/// Runs nftables scripts.
+pub struct Nft {
+    backend: Backend,
+}
+
+impl Nft {
+    /// libnftables when present, else the `nft` command.
+    pub fn new() -> Nft {
+        match LibNft::open() {
+            Ok(l) => Nft {
+                backend: Backend::Lib(l),
+            },
+            Err(_) => Nft {
+                backend: Backend::Command,
+            },
+        }
+    }
+
+    /// Always through the `nft` command (for comparison in benchmarks).
+    pub fn command() -> Nft {
+        Nft {
+            backend: Backend::Command,
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Lib(_) => "libnftables",
+            Backend::Command => "nft command",
+        }
+    }
+
+    /// Runs a script as one transaction; returns what nft printed.
+    pub fn run(&mut self, script: &str) -> Result<String, NftError> {
+        self.run_inner(script, false)
+    }
+
+    /// Runs a listing command with JSON output.
+    pub fn run_json(&mut self, cmd: &str) -> Result<Json, NftError> {
+        let out = self.run_inner(cmd, true)?;
+        serde_json::from_str(&out).map_err(|e| NftError::Output(e.to_string()))
+    }
+
+    fn run_inner(&mut self, script: &str, json: bool) -> Result<String, NftError> {
+        match &mut self.backend {
+            Backend::Lib(l) => l.run(script, json),
+            Backend::Command => {
+                let mut cmd = Command::new("nft");
+                if json {
+                    cmd.arg("-j");
+                }
+                let mut child = cmd
+                    .args(["-f", "-"])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| NftError::Unavailable(e.to_string()))?;
+                if let Some(mut stdin) = child.stdin.take() {
+                    stdin
+                        .write_all(script.as_bytes())
+                        .map_err(|e| NftError::Unavailable(e.to_string()))?;
+                }
+                let out = child
+                    .wait_with_output()
+                    .map_err(|e| NftError::Unavailable(e.to_string()))?;
+                if !out.status.success() {
+                    return Err(NftError::Failed(
+                        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    ));
+                }
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+        }
+    }
+}
+
+impl Default for Nft {
+    fn default() -> Self {
+        Nft::new()
+    }
+}
+
+/// Whether ferry's table exists.
+pub fn table_exists(nft: &mut Nft) -> Result<bool, NftError> {
+    let v = nft.run_json(&format!("list tables {FAMILY}"))?;
+    let found = items(&v).any(|(k, o)| k == "table" && o["name"] == TABLE);
+    Ok(found)
+}
+
+fn items(v: &Json) -> impl Iterator<Item = (&str, &Json)> {
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.as_object())
+        .flat_map(|o| o.iter().map(|(k, v)| (k.as_str(), v)))
+}
+
+/// Reads ferry's table from the kernel (empty state when there is none).
+pub fn read_live(nft: &mut Nft) -> Result<LiveState, NftError> {
+    if !table_exists(nft)? {
+        return Ok(LiveState::default());
+    }
+    let v = nft.run_json(&format!("list table {FAMILY} {TABLE}"))?;
+    let mut live = LiveState {
+        table: true,
+        ..LiveState::default()
+    };
+    for (kind, o) in items(&v) {
+        match kind {
+            "chain" => {
+                let Some(name) = o["name"].as_str() else {
+                    continue;
+                };
+                let base = match (o["type"].as_str(), o["hook"].as_str(), o["prio"].as_i64()) {
+                    (Some(t), Some(h), Some(p)) => {
+                        let type_ = match t {
+                            "nat" => ChainType::Nat,
+                            _ => ChainType::Filter,
+                        };
+                        let hook = match h {
+                            "prerouting" => Some(Hook::Prerouting),
+                            "output" => Some(Hook::Output),
+                            "postrouting" => Some(Hook::Postrouting),
+                            _ => None,
+                        };
+                        // An unknown hook never equals a planned one: the differ replaces it.
+                        hook.map(|hook| BaseChain {
+                            type_,
+                            hook,
+                            priority: p as i32,
+                        })
+                        .or(Some(BaseChain {
+                            type_,
+                            hook: Hook::Postrouting,
+                            priority: i32::MIN,
+                        }))
+                    }
+                    _ => None,
+                };
+                live.chains.insert(
+                    name.to_string(),
+                    LiveChain {
+                        base,
+                        fingerprint: None,
+                    },
+                );
+            }
+            "rule" => {
+                // Rules come in order; the first rule of a chain carries its fingerprint.
+                let Some(chain) = o["chain"].as_str() else {
+                    continue;
+                };
+                if let Some(c) = live.chains.get_mut(chain) {
+                    if c.fingerprint.is_none() {
+                        c.fingerprint = Some(
+                            o["comment"]
+                                .as_str()
+                                .and_then(fingerprint_of_comment)
+                                .unwrap_or_default(),
+                        );
+                    }
+                }
+            }
+            "set" | "map" => {
+                let Some(name) = o["name"].as_str() else {
+                    continue;
+                };
+                let key = match &o["type"] {
+                    Json::String(s) => s.clone(),
+                    Json::Array(a) => a
+                        .iter()
+                        .filter_map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" . "),
+                    _ => String::new(),
+                };
+                let signature = match o["map"].as_str() {
+                    Some(m) => format!("{key} : {m}"),
+                    None => key,
+                };
+                let mut elements = std::collections::BTreeMap::new();
+                for e in o["elem"].as_array().into_iter().flatten() {
+                    let (k, verdict) = match e.as_array() {
+                        Some(pair) if pair.len() == 2 && kind == "map" => {
+                            (key_of(&pair[0]), verdict_of(&pair[1]))
+                        }
+                        _ => (key_of(e), None),
+                    };
+                    // A key or verdict we can't read is dropped from the view: the differ then
+                    // re-adds the planned element, and a stray one is left (reported at start).
+                    if let Some(k) = k {
+                        elements.insert(k, verdict);
+                    }
+                }
+                live.sets.insert(
+                    name.to_string(),
+                    LiveSet {
+                        signature,
+                        elements,
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+    // Chains with no rule have no fingerprint (None); chains whose first rule lacks one have "".
+    for c in live.chains.values_mut() {
+        if c.fingerprint.as_deref() == Some("") {
+            c.fingerprint = None;
+        }
+    }
+    Ok(live)
+}
+
+fn key_of(v: &Json) -> Option<String> {
+    match v {
+        Json::String(s) => Some(s.clone()),
+        Json::Number(n) => Some(n.to_string()),
+        Json::Object(o) => {
+            if let Some(e) = o.get("elem") {
+                return key_of(&e["val"]);
+            }
+            if let Some(c) = o.get("concat").and_then(|c| c.as_array()) {
+                let parts: Option<Vec<String>> = c.iter().map(key_of).collect();
+                return parts.map(|p| p.join(" . "));
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+fn verdict_of(v: &Json) -> Option<Verdict> {
+    let o = v.as_object()?;
+    let (k, val) = o.iter().next()?;
+    let target = || val["target"].as_str().map(str::to_string);
+    match k.as_str() {
+        "accept" => Some(Verdict::Accept),
+        "drop" => Some(Verdict::Drop),
+        "return" => Some(Verdict::Return),
+        "goto" => target().map(Verdict::Goto),
+        "jump" => target().map(Verdict::Jump),
+        _ => None,
+    }
+}
+
+/// Owns ferry's table in the current network namespace.
+pub struct Dataplane {
+    nft: Nft,
+    /// What the kernel holds, as far as we know; None forces a read before the next apply.
+    live: Option<LiveState>,
+}
+
+impl Dataplane {
+    pub fn new(nft: Nft) -> Dataplane {
+        Dataplane { nft, live: None }
+    }
+
+    pub fn nft(&mut self) -> &mut Nft {
+        &mut self.nft
+    }
+
+    /// Forgets what we know of the kernel's table: the next apply reads it back first.
+    pub fn resync(&mut self) {
+        self.live = None;
+    }
+
+    /// Applies `desired` as one transaction touching only what differs. On failure the next
+    /// call reads the kernel's table again.
+    pub fn apply(&mut self, desired: &Ruleset) -> Result<Changes, NftError> {
+        let live = match self.live.take() {
+            Some(l) => l,
+            None => read_live(&mut self.nft)?,
+        };
+        let changes = diff(&live, desired);
+        if !changes.is_empty() {
+            if let Err(e) = self.nft.run(&changes.script) {
+                self.live = None;
+                return Err(e);
+            }
+        }
+        self.live = Some(LiveState::of(desired));
+        Ok(changes)
+    }
+}
+
+/// `ferry cleanup`: removes ferry's table; true when there was one.
+pub fn cleanup(nft: &mut Nft) -> Result<bool, NftError> {
+    if !table_exists(nft)? {
+        return Ok(false);
+    }
+    nft.run(&format!("delete table {FAMILY} {TABLE}"))?;
+    Ok(true)
+}

@@ -1,4 +1,12 @@
 //! The `ferry` binary: node agent, kubectl-style views, lab and demo.
+//!
+//! Data flows one way: source (manifests) -> model (allocation, endpoints) -> plan (nftables
+//! ruleset) -> dataplane (the kernel).
+
+mod agent;
+mod get;
+mod source;
+mod state;
 
 use clap::{Parser, Subcommand};
 
@@ -11,6 +19,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node agent in this network namespace.
+    Agent(agent::AgentArgs),
+    /// kubectl-style listing: `ferry get svc [-o wide|yaml|json]`.
+    Get(get::GetArgs),
+    /// Remove ferry's nftables table from this network namespace.
+    Cleanup,
+    /// Print the planned nftables script for a manifest directory (nothing is applied).
+    Plan(agent::AgentArgs),
     /// A cluster of network namespaces on this host.
     Lab(ferry_lab::LabArgs),
     /// Bring up a lab and replay the seed's walk through Service types.
@@ -20,6 +36,10 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Agent(args) => agent::run(args),
+        Command::Get(args) => get::run(args),
+        Command::Cleanup => cleanup(),
+        Command::Plan(args) => plan(args),
         Command::Lab(args) => ferry_lab::run_lab(args),
         Command::Demo(args) => ferry_lab::run_demo(args),
     };
@@ -30,4 +50,28 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+fn cleanup() -> anyhow::Result<i32> {
+    let mut nft = ferry_nft::Nft::new();
+    if ferry_nft::cleanup(&mut nft)? {
+        println!("removed table inet ferry");
+    } else {
+        println!("no table inet ferry here: nothing to do");
+    }
+    Ok(0)
+}
+
+fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
+    let state = state::StateDir::new(&args.state_dir)?;
+    let snap = source::read_dir(&args.manifests)?;
+    for e in &snap.errors {
+        eprintln!("error: {e}");
+    }
+    let p = agent::compute(&args, &state, &snap, source::now_ms())?;
+    for r in &p.rejected {
+        eprintln!("rejected: {r}");
+    }
+    print!("{}", p.ruleset.render_full());
+    Ok(0)
 }

@@ -1,0 +1,272 @@
+//! `ferry agent`: the node agent. Source (manifest directory) -> model (allocation, endpoints)
+//! -> plan -> dataplane, again whenever a manifest changes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ferry_model::alloc::AllocConfig;
+use ferry_model::cidr::Cidr;
+use ferry_model::view::resolve;
+use ferry_nft::{Dataplane, Nft};
+use ferry_plan::plan::DEFAULT_MASQUERADE_MARK;
+use ferry_plan::{plan, PlanConfig, Ruleset};
+
+use crate::source::{self, Snapshot};
+use crate::state::StateDir;
+
+#[derive(Debug, Args, Clone)]
+pub struct AgentArgs {
+    /// Directory of Kubernetes-format manifests (*.yaml, *.yml, *.json, read recursively).
+    #[arg(long)]
+    pub manifests: PathBuf,
+    /// This node's name: its Node object gives the addresses node ports are served on.
+    #[arg(long)]
+    pub node: String,
+    /// Where allocations are kept; agents sharing it agree on cluster IPs and node ports.
+    #[arg(long, default_value = "/var/lib/ferry")]
+    pub state_dir: PathBuf,
+    /// Pod CIDR(s), comma-separated: traffic to cluster IPs from outside is masqueraded.
+    #[arg(long, default_value = "10.42.0.0/16", value_delimiter = ',')]
+    pub cluster_cidr: Vec<Cidr>,
+    /// Service CIDR(s), comma-separated: cluster IPs come from the first.
+    #[arg(long, default_value = "10.43.0.0/16", value_delimiter = ',')]
+    pub service_cidr: Vec<Cidr>,
+    /// Node port range.
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    pub node_port_range: (u16, u16),
+    /// How often to look for manifest changes, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub poll_ms: u64,
+    /// Re-read the kernel's table and repair it this often, in seconds (0: never).
+    #[arg(long, default_value_t = 300)]
+    pub resync_s: u64,
+}
+
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FROM-TO"))?;
+    let a: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
+    let b: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: empty range"));
+    }
+    Ok((a, b))
+}
+
+impl AgentArgs {
+    pub fn alloc_config(&self) -> AllocConfig {
+        AllocConfig {
+            service_cidrs: self.service_cidr.clone(),
+            node_port_range: self.node_port_range.0..=self.node_port_range.1,
+        }
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+    }
+}
+
+macro_rules! log {
+    ($($arg:tt)*) => {
+        eprintln!("{} {}", crate::agent::timestamp(), format!($($arg)*))
+    };
+}
+
+pub fn timestamp() -> String {
+    let ms = source::now_ms();
+    let s = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (s / 3600) % 24,
+        (s / 60) % 60,
+        s % 60,
+        ms % 1000
+    )
+}
+
+/// The host's own unicast addresses (fallback when there is no Node object).
+pub fn host_addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we walk read-only and free with freeifaddrs.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut p = ifap;
+        while !p.is_null() {
+            let ifa = &*p;
+            if !ifa.ifa_addr.is_null() {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sa.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            p = ifa.ifa_next;
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out.retain(|ip| match ip {
+        IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local(),
+        IpAddr::V6(a) => !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80,
+    });
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Everything one pass computes from a snapshot (exposed for `ferry plan`-style tools/tests).
+pub struct Pass {
+    pub ruleset: Ruleset,
+    pub node_ips: Vec<IpAddr>,
+    pub rejected: Vec<String>,
+}
+
+pub fn compute(args: &AgentArgs, state: &StateDir, snap: &Snapshot, snapshot_ms: u64) -> Result<Pass> {
+    let results = state.sync(&snap.services, &args.alloc_config(), snapshot_ms, source::now_ms())?;
+    let mut allocations = BTreeMap::new();
+    let mut rejected = Vec::new();
+    for (r, res) in results {
+        match res {
+            Ok(a) => {
+                allocations.insert(r, a);
+            }
+            Err(e) => rejected.push(e.to_string()),
+        }
+    }
+    let node_ips = match snap.nodes.iter().find(|n| n.meta.name == args.node) {
+        Some(n) if !n.internal_ips().is_empty() => n.internal_ips(),
+        _ => host_addresses(),
+    };
+    let resolved = resolve(&snap.services, &allocations, &snap.slices);
+    let cfg = PlanConfig {
+        node_name: args.node.clone(),
+        node_ips: node_ips.clone(),
+        cluster_cidrs: args.cluster_cidr.clone(),
+        masquerade_mark: DEFAULT_MASQUERADE_MARK,
+    };
+    Ok(Pass {
+        ruleset: plan(&cfg, &resolved),
+        node_ips,
+        rejected,
+    })
+}
+
+pub fn run(args: AgentArgs) -> Result<i32> {
+    install_signal_handlers();
+    let state = StateDir::new(&args.state_dir)?;
+    std::fs::metadata(&args.manifests)
+        .with_context(|| format!("manifest directory {}", args.manifests.display()))?;
+    let nft = Nft::new();
+    log!(
+        "ferry agent on node {} (pid {}): manifests {}, state {}, nftables via {}",
+        args.node,
+        std::process::id(),
+        args.manifests.display(),
+        args.state_dir.display(),
+        nft.backend_name()
+    );
+    let mut dp = Dataplane::new(nft);
+    let mut last_stamp: Option<source::DirStamp> = None;
+    let mut last_problems: Vec<String> = Vec::new();
+    let mut last_node_ips: Vec<IpAddr> = Vec::new();
+    let mut retry_at: Option<Instant> = None;
+    let mut resync_at = Instant::now() + Duration::from_secs(args.resync_s.max(1));
+    let mut first = true;
+    while !STOP.load(Ordering::SeqCst) {
+        let stamp = source::stamp(&args.manifests).unwrap_or_default();
+        let due_retry = retry_at.is_some_and(|t| Instant::now() >= t);
+        let due_resync = args.resync_s > 0 && Instant::now() >= resync_at;
+        if last_stamp.as_ref() != Some(&stamp) || due_retry || due_resync {
+            if due_resync {
+                dp.resync();
+                resync_at = Instant::now() + Duration::from_secs(args.resync_s);
+            }
+            let started = Instant::now();
+            let snapshot_ms = source::now_ms();
+            match pass(&args, &state, &mut dp, snapshot_ms, &mut last_problems, &mut last_node_ips, first) {
+                Ok(()) => {
+                    retry_at = None;
+                    last_stamp = Some(stamp);
+                    first = false;
+                }
+                Err(e) => {
+                    log!("error: {e:#} (retrying in 1s)");
+                    dp.resync();
+                    retry_at = Some(Instant::now() + Duration::from_secs(1));
+                    last_stamp = Some(stamp);
+                }
+            }
+            let _ = started;
+        }
+        std::thread::sleep(Duration::from_millis(args.poll_ms.max(10)));
+    }
+    log!("stopping; ferry's rules stay in place (`ferry cleanup` removes them)");
+    Ok(0)
+}
+
+fn pass(
+    args: &AgentArgs,
+    state: &StateDir,
+    dp: &mut Dataplane,
+    snapshot_ms: u64,
+    last_problems: &mut Vec<String>,
+    last_node_ips: &mut Vec<IpAddr>,
+    first: bool,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let snap = source::read_dir(&args.manifests)
+        .with_context(|| format!("reading {}", args.manifests.display()))?;
+    let p = compute(args, state, &snap, snapshot_ms)?;
+    // Report each problem once, not on every pass.
+    let mut problems: Vec<String> = snap.errors.iter().map(|e| format!("error: {e}")).collect();
+    problems.extend(snap.warnings.iter().map(|w| format!("warning: {w}")));
+    problems.extend(p.rejected.iter().map(|r| format!("rejected: {r}")));
+    for pr in &problems {
+        if !last_problems.contains(pr) {
+            log!("{pr}");
+        }
+    }
+    *last_problems = problems;
+    if p.node_ips != *last_node_ips {
+        let shown: Vec<String> = p.node_ips.iter().map(|i| i.to_string()).collect();
+        log!("node ports served on {}", shown.join(", "));
+        *last_node_ips = p.node_ips.clone();
+    }
+    let t_plan = t0.elapsed();
+    let changes = dp.apply(&p.ruleset)?;
+    if !changes.is_empty() || first {
+        log!(
+            "{} services: {} (plan {:.1} ms, apply {:.1} ms)",
+            snap.services.len(),
+            if changes.is_empty() { "table already as planned, nothing to change".to_string() } else { changes.to_string() },
+            t_plan.as_secs_f64() * 1e3,
+            (t0.elapsed() - t_plan).as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}

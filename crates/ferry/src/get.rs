@@ -1,0 +1,305 @@
+//! `ferry get services`: kubectl's view of services, from a manifest directory and the shared
+//! allocation state (allocating, as the API server would, what nobody has allocated yet).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use ferry_model::alloc::{AllocConfig, Allocation};
+use ferry_model::cidr::Cidr;
+use ferry_model::{ObjectRef, Service, ServiceType};
+use serde_json::{json, Value};
+
+use crate::agent::parse_port_range;
+use crate::source;
+use crate::state::StateDir;
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// What to list: services (svc).
+    pub what: String,
+    /// Output: wide, yaml or json.
+    #[arg(short = 'o', long)]
+    pub output: Option<String>,
+    #[arg(long)]
+    pub manifests: PathBuf,
+    #[arg(long, default_value = "/var/lib/ferry")]
+    pub state_dir: PathBuf,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    #[arg(long, default_value = "10.43.0.0/16", value_delimiter = ',')]
+    pub service_cidr: Vec<Cidr>,
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    pub node_port_range: (u16, u16),
+}
+
+/// kubectl's short durations: 54s, 2m27s, 12m, 5h3m, 3d5h, 11d.
+pub fn human_age(ms: u64) -> String {
+    let s = ms / 1000;
+    let (m, h, d) = (s / 60, s / 3600, s / 86400);
+    if s < 120 {
+        format!("{s}s")
+    } else if m < 10 {
+        format!("{m}m{}s", s % 60)
+    } else if h < 3 {
+        format!("{m}m")
+    } else if h < 8 {
+        format!("{h}h{}m", m % 60)
+    } else if h < 48 {
+        format!("{h}h")
+    } else if d < 8 {
+        format!("{d}d{}h", h % 24)
+    } else if d < 730 {
+        format!("{d}d")
+    } else {
+        format!("{}y{}d", d / 365, d % 365)
+    }
+}
+
+fn ports_text(svc: &Service, a: Option<&Allocation>) -> String {
+    if svc.ports.is_empty() {
+        return "<none>".into();
+    }
+    svc.ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let np = a.and_then(|a| a.node_ports.get(i).copied().flatten());
+            match np {
+                Some(np) => format!("{}:{np}/{}", p.port, p.protocol.as_k8s()),
+                None => format!("{}/{}", p.port, p.protocol.as_k8s()),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn external_text(svc: &Service) -> String {
+    let mut ips: Vec<String> = Vec::new();
+    if svc.type_ == ServiceType::LoadBalancer {
+        ips.extend(svc.load_balancer_ingress.iter().map(|i| i.to_string()));
+    }
+    ips.extend(svc.external_ips.iter().map(|i| i.to_string()));
+    match svc.type_ {
+        ServiceType::ExternalName => svc.external_name.clone().unwrap_or_else(|| "<none>".into()),
+        ServiceType::LoadBalancer if ips.is_empty() => "<pending>".into(),
+        _ if ips.is_empty() => "<none>".into(),
+        _ => ips.join(","),
+    }
+}
+
+fn cluster_ip_text(svc: &Service, a: Option<&Allocation>) -> String {
+    if svc.type_ == ServiceType::ExternalName {
+        return "<none>".into();
+    }
+    if svc.is_headless() {
+        return "None".into();
+    }
+    match a.and_then(|a| a.cluster_ip) {
+        Some(ip) => ip.to_string(),
+        None => "<none>".into(),
+    }
+}
+
+fn selector_text(svc: &Service) -> String {
+    if svc.selector.is_empty() {
+        return "<none>".into();
+    }
+    svc.selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A kubectl-like table with columns padded to their widest cell (3 spaces apart).
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.len())).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn service_json(svc: &Service, a: Option<&Allocation>) -> Value {
+    let ports: Vec<Value> = svc
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut v = json!({
+                "protocol": p.protocol.as_k8s(),
+                "port": p.port,
+                "targetPort": match &p.target_port {
+                    ferry_model::TargetPort::Number(n) => json!(n),
+                    ferry_model::TargetPort::Name(s) => json!(s),
+                },
+            });
+            if !p.name.is_empty() {
+                v["name"] = json!(p.name);
+            }
+            if let Some(np) = a.and_then(|a| a.node_ports.get(i).copied().flatten()) {
+                v["nodePort"] = json!(np);
+            }
+            v
+        })
+        .collect();
+    let mut spec = json!({ "type": svc.type_.as_k8s(), "ports": ports });
+    if !svc.selector.is_empty() {
+        spec["selector"] = json!(svc.selector);
+    }
+    match (svc.is_headless(), a.and_then(|a| a.cluster_ip)) {
+        (true, _) => spec["clusterIP"] = json!("None"),
+        (false, Some(ip)) => {
+            spec["clusterIP"] = json!(ip.to_string());
+            spec["clusterIPs"] = json!([ip.to_string()]);
+        }
+        _ => {}
+    }
+    if !svc.external_ips.is_empty() {
+        spec["externalIPs"] = json!(svc.external_ips.iter().map(|i| i.to_string()).collect::<Vec<_>>());
+    }
+    let ingress: Vec<Value> = svc
+        .load_balancer_ingress
+        .iter()
+        .map(|i| json!({ "ip": i.to_string() }))
+        .collect();
+    let mut meta = json!({ "name": svc.meta.name, "namespace": svc.meta.namespace });
+    if !svc.meta.labels.is_empty() {
+        meta["labels"] = json!(svc.meta.labels);
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": spec,
+        "status": { "loadBalancer": if ingress.is_empty() { json!({}) } else { json!({ "ingress": ingress }) } },
+    })
+}
+
+pub fn run(args: GetArgs) -> Result<i32> {
+    if !matches!(args.what.as_str(), "services" | "service" | "svc") {
+        bail!("ferry get: unknown resource type {:?} (known: services, svc)", args.what);
+    }
+    let snap = source::read_dir(&args.manifests)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.manifests.display()))?;
+    for e in &snap.errors {
+        eprintln!("error: {e}");
+    }
+    let state = StateDir::new(&args.state_dir)?;
+    let cfg = AllocConfig {
+        service_cidrs: args.service_cidr.clone(),
+        node_port_range: args.node_port_range.0..=args.node_port_range.1,
+    };
+    let now = source::now_ms();
+    let results = state.sync(&snap.services, &cfg, now, now)?;
+    let mut allocs: BTreeMap<ObjectRef, Allocation> = BTreeMap::new();
+    for (r, res) in results {
+        match res {
+            Ok(a) => {
+                allocs.insert(r, a);
+            }
+            Err(e) => eprintln!("warning: {e}"),
+        }
+    }
+    let mut services: Vec<&Service> = snap
+        .services
+        .iter()
+        .filter(|s| args.all_namespaces || s.meta.namespace == args.namespace)
+        .collect();
+    services.sort_by(|a, b| a.meta.object_ref().cmp(&b.meta.object_ref()));
+
+    match args.output.as_deref() {
+        Some("json") | Some("yaml") => {
+            let items: Vec<Value> = services
+                .iter()
+                .map(|s| service_json(s, allocs.get(&s.meta.object_ref())))
+                .collect();
+            let list = json!({ "apiVersion": "v1", "kind": "List", "items": items });
+            if args.output.as_deref() == Some("json") {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", serde_yaml::to_string(&list)?);
+            }
+            return Ok(0);
+        }
+        None | Some("wide") => {}
+        Some(other) => bail!("ferry get: unknown output format {other:?} (wide, yaml, json)"),
+    }
+    let wide = args.output.as_deref() == Some("wide");
+    if services.is_empty() {
+        eprintln!("No resources found in {} namespace.", args.namespace);
+        return Ok(0);
+    }
+    let mut rows = Vec::new();
+    let mut head: Vec<String> = Vec::new();
+    if args.all_namespaces {
+        head.push("NAMESPACE".into());
+    }
+    head.extend(["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"].map(String::from));
+    if wide {
+        head.push("SELECTOR".into());
+    }
+    rows.push(head);
+    for s in services {
+        let a = allocs.get(&s.meta.object_ref());
+        let born = snap.service_mtime_ms.get(&s.meta.object_ref()).copied().unwrap_or(now);
+        let mut row = Vec::new();
+        if args.all_namespaces {
+            row.push(s.meta.namespace.clone());
+        }
+        row.extend([
+            s.meta.name.clone(),
+            s.type_.as_k8s().to_string(),
+            cluster_ip_text(s, a),
+            external_text(s),
+            ports_text(s, a),
+            human_age(now.saturating_sub(born)),
+        ]);
+        if wide {
+            row.push(selector_text(s));
+        }
+        rows.push(row);
+    }
+    print!("{}", table(&rows));
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_like_kubectl() {
+        assert_eq!(human_age(9_000), "9s");
+        assert_eq!(human_age(147_000), "2m27s");
+        assert_eq!(human_age(12 * 60_000), "12m");
+        assert_eq!(human_age((3 * 24 + 5) * 3_600_000), "3d5h");
+        assert_eq!(human_age(11 * 86_400_000), "11d");
+    }
+
+    #[test]
+    fn tables_pad_columns() {
+        let t = table(&[
+            vec!["NAME".into(), "TYPE".into()],
+            vec!["nextcloud-dev-nodeport".into(), "NodePort".into()],
+        ]);
+        assert_eq!(t, "NAME                     TYPE\nnextcloud-dev-nodeport   NodePort\n");
+    }
+}
