@@ -65,6 +65,9 @@ pub mod names {
     pub fn cluster_ips(f: Family) -> String {
         format!("cluster-ips-{}", f.suffix())
     }
+    pub fn cluster_ip_ports(f: Family) -> String {
+        format!("cluster-ip-ports-{}", f.suffix())
+    }
     pub fn hairpin(f: Family) -> String {
         format!("hairpin-{}", f.suffix())
     }
@@ -85,6 +88,9 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
         rs.add_set(Set::new(&no_endpoint_services(f), &[a, p, s], true, "service IPs without endpoints"));
         rs.add_set(Set::new(&no_endpoint_nodeports(f), &[p, s], true, "node ports without endpoints"));
         rs.add_set(Set::new(&cluster_ips(f), &[a], false, "every cluster IP"));
+        // A plain set, not service-ips: a verdict map used in a filter chain could not send to
+        // chains that DNAT.
+        rs.add_set(Set::new(&cluster_ip_ports(f), &[a, p, s], false, "every cluster IP . protocol . port"));
         rs.add_set(Set::new(&hairpin(f), &[a, a], false, "endpoint . itself: a pod reaching itself via a service"));
     }
     for ip in &cfg.node_ips {
@@ -124,7 +130,7 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
                 vec![
                     Match::CtStateNew,
                     Match::DaddrInSet(f, cluster_ips(f)),
-                    Match::ServiceTupleNotIn(f, service_ips(f)),
+                    Match::ServiceTupleNotIn(f, cluster_ip_ports(f)),
                 ],
                 Action::Verdict(Verdict::Goto(REJECT.into())),
             )
@@ -224,6 +230,7 @@ pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
             let internal = usable_endpoints(&port.endpoints, local(svc.internal_traffic_policy));
             let service_chain = port_chain("service", svc, port);
             let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
+            rs.set_mut(&cluster_ip_ports(f)).insert(key.clone(), None, String::new());
             if internal.is_empty() {
                 rs.set_mut(&no_endpoint_services(f)).insert(key, Some(reject.clone()), what.clone());
             } else {
