@@ -1,6 +1,77 @@
 //! Kubernetes-format manifests (multi-document YAML or JSON) -> [`Object`]s.
+//!
+//! [`parse_text`] turns the text of one manifest file into the [`Object`]s ferry understands,
+//! plus a list of errors (objects that were dropped) and warnings (things that were ignored).
+//! It never panics and never gives up on a whole file because of one bad document.
+//!
+//! # Documents
+//!
+//! The text is split into documents the way `kubectl` does: a line starting with `---`
+//! (followed by nothing, blanks or a comment) starts a new document; a `...` line ends one.
+//! Each document is then parsed on its own with `serde_yaml`, so a YAML syntax error only
+//! loses the document it is in. Document indexes (`doc_index`, 0-based) count every document
+//! that is either explicitly started by `---` or contains something other than blanks and
+//! comments: a leading comment block before the first `---` is not a document, an empty
+//! `---` document is (and is skipped silently, as are comment-only documents).
+//! Error messages from the YAML parser carry line numbers of the whole file.
+//!
+//! JSON is YAML, so a JSON file goes through the same path. A document that is not valid YAML
+//! but is a stream of JSON values (`{...}{...}`, as `kubectl get -o json` may be concatenated)
+//! is read as JSON, one document per value. YAML merge keys (`<<`) are applied.
+//!
+//! A document (or a `List` item) that is not a mapping, lacks `kind`/`apiVersion`, or has a
+//! field that does not validate is dropped whole, with an error naming the field path
+//! (`spec.ports[1].port`, `items[3].spec.ports[0].port`, `metadata.labels[app]`). Errors are
+//! collected per object, so one object may report several.
+//!
+//! # Kinds
+//!
+//! | kind            | apiVersion            | becomes                        |
+//! |-----------------|-----------------------|--------------------------------|
+//! | `Service`       | `v1`                  | [`Object::Service`]            |
+//! | `EndpointSlice` | `discovery.k8s.io/v1` | [`Object::EndpointSlice`]      |
+//! | `Endpoints`     | `v1`                  | [`Object::EndpointSlice`]s     |
+//! | `Node`          | `v1`                  | [`Object::Node`]               |
+//! | `ConfigMap`     | `v1`                  | [`Object::ConfigMap`]          |
+//! | `Deployment`    | `apps/v1`             | [`Object::Deployment`]         |
+//! | `Pod`           | `v1`                  | [`Object::Pod`]                |
+//! | `List`          | `v1`                  | each of its `items`            |
+//! | `<Kind>List`    | as `<Kind>`           | each of its `items` (items may omit `kind`/`apiVersion`) |
+//!
+//! A known kind with another apiVersion is an error (field `apiVersion`); any other kind is a
+//! warning (`unknown kind X (apiVersion Y): ignored`).
+//!
+//! Validation follows the Kubernetes API server where ferry depends on the field (names,
+//! ports, protocols, cluster IPs, ...); fields ferry does not use are ignored. As in
+//! Kubernetes, a field set to `null` is the same as a missing field, and `nodePort: 0`,
+//! `targetPort: 0` and `targetPort: ""` mean "not set".
+//!
+//! # Endpoints
+//!
+//! A v1 `Endpoints` object is converted to EndpointSlices the way the API server's mirroring
+//! does, except that each subset becomes its own slice, because a subset's addresses pair only
+//! with that subset's ports: subset `i` of Endpoints `web` becomes the slice `web-i`; if the
+//! subset mixes IPv4 and IPv6 addresses it becomes two slices, `web-i-ipv4` and `web-i-ipv6`.
+//! Subsets without addresses produce no slice. `service_name` is the Endpoints name; the labels
+//! and annotations are copied and the label `kubernetes.io/service-name` is set; the uid is not
+//! copied (it would no longer be unique). `addresses` are ready and serving, `notReadyAddresses`
+//! neither; none are terminating.
+//!
+//! FQDN EndpointSlices are accepted (their addresses are checked to be DNS names) but
+//! [`crate::objects::Endpoint`] holds IP addresses only, so their endpoints come out with
+//! empty `addresses` and a warning says so.
 
-use crate::objects::Object;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde_yaml::{Mapping, Value};
+
+use crate::cidr::Cidr;
+use crate::objects::{
+    AddressType, ClusterIpSpec, ConfigMap, ContainerPort, Deployment, Endpoint, EndpointConditions,
+    EndpointPort, EndpointSlice, Meta, Node, NodeAddress, Object, Pod, PodTemplate, Protocol,
+    Service, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+};
 
 /// Where a problem was found: file, 0-based document index, the object (Kind namespace/name when
 /// known) and the field path (e.g. `spec.ports[0].port`).
@@ -53,6 +124,3163 @@ pub struct Parsed {
 /// Parse one file's text. `file` is only used in messages. Never panics; a bad document only
 /// drops that document (or, inside a `List`, that item).
 pub fn parse_text(file: &str, text: &str) -> Parsed {
-    let _ = (file, text);
-    Parsed::default()
+    let mut out = Parsed::default();
+    for (doc_index, doc) in read_documents(text).into_iter().enumerate() {
+        let site = Site { file, doc_index };
+        match doc {
+            Ok(value) => {
+                if untag(&value).is_null() {
+                    continue; // empty or comment-only document
+                }
+                handle_object(&mut out, &site, "", &value, None, 0);
+            }
+            Err(message) => out.errors.push(site.problem(None, String::new(), message)),
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Documents
+
+/// The label naming an EndpointSlice's Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// How deeply `List`s may nest inside `List`s.
+const MAX_LIST_DEPTH: usize = 8;
+
+/// One document's text inside the file.
+struct Chunk<'a> {
+    text: &'a str,
+    /// Lines of the file before this chunk, to turn chunk line numbers into file line numbers.
+    line_offset: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LineKind {
+    /// `---`: a document starts here.
+    Start,
+    /// `...`: the document ends with this line.
+    End,
+    /// `%YAML ...`: belongs to the next document.
+    Directive,
+    /// Blank or comment.
+    Blank,
+    Content,
+}
+
+fn is_marker(line: &str, marker: &str) -> bool {
+    let line = line.trim_end_matches(['\n', '\r']);
+    match line.strip_prefix(marker) {
+        Some(rest) => rest.is_empty() || rest.starts_with([' ', '\t']),
+        None => false,
+    }
+}
+
+fn classify(line: &str) -> LineKind {
+    if is_marker(line, "---") {
+        return LineKind::Start;
+    }
+    if is_marker(line, "...") {
+        return LineKind::End;
+    }
+    if line.starts_with('%') {
+        return LineKind::Directive;
+    }
+    let t = line.trim_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+    if t.is_empty() || t.starts_with('#') {
+        LineKind::Blank
+    } else {
+        LineKind::Content
+    }
+}
+
+/// Split the text into documents like kubectl's YAML reader: at `---` lines (and after `...`
+/// lines). Chunks that hold nothing but blanks and comments and do not start with `---` are
+/// not documents.
+fn split_documents(text: &str) -> Vec<Chunk<'_>> {
+    struct Open {
+        start_byte: usize,
+        start_line: usize,
+        explicit: bool,
+        content: bool,
+    }
+    let mut chunks = Vec::new();
+    let mut close = |open: &Open, end_byte: usize| {
+        if open.explicit || open.content {
+            chunks.push(Chunk {
+                text: text.get(open.start_byte..end_byte).unwrap_or(""),
+                line_offset: open.start_line,
+            });
+        }
+    };
+    let mut open = Open {
+        start_byte: 0,
+        start_line: 0,
+        explicit: false,
+        content: false,
+    };
+    // First line of a run of directives (and blanks) waiting for their `---`.
+    let mut directives: Option<(usize, usize)> = None;
+    let mut byte = 0;
+    for (line_no, line) in text.split_inclusive('\n').enumerate() {
+        match classify(line) {
+            LineKind::Start => {
+                let (cut_byte, cut_line) = directives.take().unwrap_or((byte, line_no));
+                close(&open, cut_byte);
+                open = Open {
+                    start_byte: cut_byte,
+                    start_line: cut_line,
+                    explicit: true,
+                    content: false,
+                };
+            }
+            LineKind::End => {
+                let end = byte + line.len();
+                close(&open, end);
+                directives = None;
+                open = Open {
+                    start_byte: end,
+                    start_line: line_no + 1,
+                    explicit: false,
+                    content: false,
+                };
+            }
+            LineKind::Directive => {
+                directives.get_or_insert((byte, line_no));
+            }
+            LineKind::Blank => {}
+            LineKind::Content => {
+                open.content = true;
+                directives = None;
+            }
+        }
+        byte += line.len();
+    }
+    if directives.is_some() {
+        open.content = true; // a directive with no document after it: let the parser complain
+    }
+    close(&open, text.len());
+    chunks
+}
+
+/// Parse every document; one entry per document, in order.
+fn read_documents(text: &str) -> Vec<Result<Value, String>> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text); // byte order mark
+    let mut docs = Vec::new();
+    for chunk in split_documents(text) {
+        match serde_yaml::from_str::<Value>(chunk.text) {
+            Ok(mut value) => match value.apply_merge() {
+                Ok(()) => docs.push(Ok(value)),
+                Err(e) => docs.push(Err(format!("invalid YAML merge key (<<): {e}"))),
+            },
+            Err(e) => match json_documents(chunk.text) {
+                Some(values) => docs.extend(values.into_iter().map(Ok)),
+                None => docs.push(Err(format!(
+                    "invalid YAML: {}",
+                    shift_line_numbers(&e.to_string(), chunk.line_offset)
+                ))),
+            },
+        }
+    }
+    docs
+}
+
+/// A stream of JSON values (`{..}{..}` or `{..}\n{..}`), if the text is exactly that.
+fn json_documents(text: &str) -> Option<Vec<Value>> {
+    let body = text.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
+    if !(body.starts_with('{') || body.starts_with('[')) {
+        return None;
+    }
+    let mut values = Vec::new();
+    for item in serde_json::Deserializer::from_str(body).into_iter::<serde_json::Value>() {
+        values.push(serde_yaml::to_value(item.ok()?).ok()?);
+    }
+    (!values.is_empty()).then_some(values)
+}
+
+/// Add `offset` to every "line N column M" in a parser message.
+fn shift_line_numbers(message: &str, offset: usize) -> String {
+    if offset == 0 {
+        return message.to_string();
+    }
+    let mut out = String::with_capacity(message.len() + 8);
+    let mut rest = message;
+    while let Some(pos) = rest.find("line ") {
+        let (before, after) = rest.split_at(pos + "line ".len());
+        out.push_str(before);
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        let (number, tail) = after.split_at(digits);
+        match number.parse::<usize>() {
+            Ok(n) if tail.starts_with(" column ") => {
+                out.push_str(&n.saturating_add(offset).to_string())
+            }
+            _ => out.push_str(number),
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Objects
+
+/// The document being looked at.
+struct Site<'a> {
+    file: &'a str,
+    doc_index: usize,
+}
+
+impl Site<'_> {
+    fn problem(&self, object: Option<&str>, field: String, message: String) -> ManifestError {
+        ManifestError {
+            at: Location {
+                file: self.file.to_string(),
+                doc_index: self.doc_index,
+                object: object.map(str::to_string),
+                field,
+            },
+            message,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Scope {
+    Namespaced,
+    Cluster,
+}
+
+type KindParser = fn(&mut Ck, &Mapping) -> Vec<Object>;
+
+struct KindSpec {
+    kind: &'static str,
+    api_version: &'static str,
+    scope: Scope,
+    parse: KindParser,
+}
+
+const KINDS: &[KindSpec] = &[
+    KindSpec {
+        kind: "Service",
+        api_version: "v1",
+        scope: Scope::Namespaced,
+        parse: parse_service,
+    },
+    KindSpec {
+        kind: "EndpointSlice",
+        api_version: "discovery.k8s.io/v1",
+        scope: Scope::Namespaced,
+        parse: parse_endpoint_slice,
+    },
+    KindSpec {
+        kind: "Endpoints",
+        api_version: "v1",
+        scope: Scope::Namespaced,
+        parse: parse_endpoints,
+    },
+    KindSpec {
+        kind: "Node",
+        api_version: "v1",
+        scope: Scope::Cluster,
+        parse: parse_node,
+    },
+    KindSpec {
+        kind: "ConfigMap",
+        api_version: "v1",
+        scope: Scope::Namespaced,
+        parse: parse_config_map,
+    },
+    KindSpec {
+        kind: "Deployment",
+        api_version: "apps/v1",
+        scope: Scope::Namespaced,
+        parse: parse_deployment,
+    },
+    KindSpec {
+        kind: "Pod",
+        api_version: "v1",
+        scope: Scope::Namespaced,
+        parse: parse_pod,
+    },
+];
+
+fn lookup_kind(kind: &str) -> Option<&'static KindSpec> {
+    KINDS.iter().find(|k| k.kind == kind)
+}
+
+/// `kind` or `apiVersion` of an object (or what its typed list implies).
+fn header<'a>(m: &'a Mapping, key: &str, inherited: Option<&'a str>) -> Result<&'a str, String> {
+    match get(m, key) {
+        None => inherited.ok_or_else(|| "required".to_string()),
+        Some(Value::String(s)) if s.is_empty() => Err("required".to_string()),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(format!("must be a string, got {}", describe(other))),
+    }
+}
+
+/// "Service default/web" from the raw metadata, when there is a name.
+fn describe_object(kind: &str, m: &Mapping, scope: Option<Scope>) -> Option<String> {
+    let md = get(m, "metadata")?.as_mapping()?;
+    let name = get(md, "name")?.as_str().filter(|s| !s.is_empty())?;
+    let ns = get(md, "namespace")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty());
+    Some(match (scope, ns) {
+        (Some(Scope::Cluster), _) => format!("{kind} {name}"),
+        (Some(Scope::Namespaced), ns) => format!("{kind} {}/{name}", ns.unwrap_or("default")),
+        (None, Some(ns)) => format!("{kind} {ns}/{name}"),
+        (None, None) => format!("{kind} {name}"),
+    })
+}
+
+/// One document or `List` item at `base` (empty for a document).
+fn handle_object(
+    out: &mut Parsed,
+    site: &Site<'_>,
+    base: &str,
+    value: &Value,
+    inherited: Option<(&str, &str)>,
+    depth: usize,
+) {
+    let Some(m) = untag(value).as_mapping() else {
+        let what = if base.is_empty() {
+            "a document"
+        } else {
+            "a list item"
+        };
+        out.errors.push(site.problem(
+            None,
+            base.to_string(),
+            format!(
+                "{what} must be a mapping (a Kubernetes object with apiVersion and kind), got {}",
+                describe(value)
+            ),
+        ));
+        return;
+    };
+    let kind = header(m, "kind", inherited.map(|i| i.0));
+    let api_version = header(m, "apiVersion", inherited.map(|i| i.1));
+    let (kind, api_version) = match (kind, api_version) {
+        (Ok(k), Ok(a)) => (k, a),
+        (kind, api_version) => {
+            let object = kind
+                .as_ref()
+                .ok()
+                .and_then(|k| describe_object(k, m, lookup_kind(k).map(|s| s.scope)));
+            for (key, result) in [("kind", kind), ("apiVersion", api_version)] {
+                if let Err(message) = result {
+                    out.errors
+                        .push(site.problem(object.as_deref(), join(base, key), message));
+                }
+            }
+            return;
+        }
+    };
+
+    // Lists: `List` (items carry their own kind) or `<Kind>List` (items may omit it).
+    let list_of = if kind == "List" {
+        Some(None)
+    } else {
+        kind.strip_suffix("List").and_then(lookup_kind).map(Some)
+    };
+    if let Some(item_kind) = list_of {
+        let expected = item_kind.map_or("v1", |k| k.api_version);
+        if api_version != expected {
+            out.errors.push(site.problem(
+                None,
+                join(base, "apiVersion"),
+                format!(
+                    "kind {kind} needs apiVersion {expected}, got {}",
+                    quote(api_version)
+                ),
+            ));
+            return;
+        }
+        if depth >= MAX_LIST_DEPTH {
+            out.errors.push(site.problem(
+                None,
+                base.to_string(),
+                format!("Lists nested more than {MAX_LIST_DEPTH} deep"),
+            ));
+            return;
+        }
+        let items_path = join(base, "items");
+        match get(m, "items") {
+            None => {}
+            Some(Value::Sequence(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    handle_object(
+                        out,
+                        site,
+                        &format!("{items_path}[{i}]"),
+                        item,
+                        item_kind.map(|k| (k.kind, k.api_version)),
+                        depth + 1,
+                    );
+                }
+            }
+            Some(other) => out.errors.push(site.problem(
+                None,
+                items_path,
+                format!("must be a list, got {}", describe(other)),
+            )),
+        }
+        return;
+    }
+
+    let Some(spec) = lookup_kind(kind) else {
+        let object = describe_object(kind, m, None);
+        if let Some(known) = KINDS.iter().find(|k| k.kind.eq_ignore_ascii_case(kind)) {
+            out.errors.push(site.problem(
+                object.as_deref(),
+                join(base, "kind"),
+                format!(
+                    "unknown kind {kind} (kinds are case-sensitive: did you mean {}?)",
+                    known.kind
+                ),
+            ));
+        } else {
+            out.warnings.push(site.problem(
+                object.as_deref(),
+                base.to_string(),
+                format!("unknown kind {kind} (apiVersion {api_version}): ignored"),
+            ));
+        }
+        return;
+    };
+    let object = describe_object(kind, m, Some(spec.scope));
+    if api_version != spec.api_version {
+        out.errors.push(site.problem(
+            object.as_deref(),
+            join(base, "apiVersion"),
+            format!(
+                "kind {kind} needs apiVersion {}, got {}",
+                spec.api_version,
+                quote(api_version)
+            ),
+        ));
+        return;
+    }
+    let mut ck = Ck::default();
+    let objects = (spec.parse)(&mut ck, m);
+    for (field, message) in ck.warnings {
+        out.warnings
+            .push(site.problem(object.as_deref(), join(base, &field), message));
+    }
+    if ck.errors.is_empty() {
+        out.objects.extend(objects);
+    } else {
+        for (field, message) in ck.errors {
+            out.errors
+                .push(site.problem(object.as_deref(), join(base, &field), message));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading values
+
+/// `base.key`, or `key` at the root.
+fn join(base: &str, key: &str) -> String {
+    match (base.is_empty(), key.is_empty()) {
+        (true, _) => key.to_string(),
+        (false, true) => base.to_string(),
+        (false, false) => format!("{base}.{key}"),
+    }
+}
+
+/// The value under a YAML tag (`!foo x` -> `x`).
+fn untag(v: &Value) -> &Value {
+    let mut v = v;
+    while let Value::Tagged(t) = v {
+        v = &t.value;
+    }
+    v
+}
+
+/// `m[key]`, untagged; `None` when missing or null (Kubernetes treats both alike).
+fn get<'a>(m: &'a Mapping, key: &str) -> Option<&'a Value> {
+    m.get(key).map(untag).filter(|v| !v.is_null())
+}
+
+/// A short description of a value for messages.
+fn describe(v: &Value) -> String {
+    match untag(v) {
+        Value::Null => "null".to_string(),
+        Value::Bool(b) => format!("boolean {b}"),
+        Value::Number(n) => format!("number {n}"),
+        Value::String(s) => format!("string {}", quote(s)),
+        Value::Sequence(_) => "a list".to_string(),
+        Value::Mapping(_) => "a mapping".to_string(),
+        Value::Tagged(_) => "a tagged value".to_string(),
+    }
+}
+
+/// `"text"`, shortened if long.
+fn quote(s: &str) -> String {
+    const MAX: usize = 60;
+    if s.chars().count() > MAX {
+        format!("{:?}...", s.chars().take(MAX).collect::<String>())
+    } else {
+        format!("{s:?}")
+    }
+}
+
+/// Collects problems of one object as (field path, message).
+#[derive(Default)]
+struct Ck {
+    errors: Vec<(String, String)>,
+    warnings: Vec<(String, String)>,
+}
+
+impl Ck {
+    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push((field.into(), message.into()));
+    }
+
+    fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push((field.into(), message.into()));
+    }
+
+    /// A value that must be a mapping.
+    fn as_map<'a>(&mut self, v: &'a Value, path: &str) -> Option<&'a Mapping> {
+        match untag(v) {
+            Value::Mapping(m) => Some(m),
+            other => {
+                self.err(path, format!("must be a mapping, got {}", describe(other)));
+                None
+            }
+        }
+    }
+
+    /// A value that must be a string.
+    fn as_str<'a>(&mut self, v: &'a Value, path: &str) -> Option<&'a str> {
+        match untag(v) {
+            Value::String(s) => Some(s),
+            other => {
+                self.err(path, format!("must be a string, got {}", describe(other)));
+                None
+            }
+        }
+    }
+
+    /// Optional mapping `m.key`.
+    fn map<'a>(&mut self, m: &'a Mapping, base: &str, key: &str) -> Option<&'a Mapping> {
+        let v = get(m, key)?;
+        self.as_map(v, &join(base, key))
+    }
+
+    /// Required mapping `m.key`.
+    fn req_map<'a>(&mut self, m: &'a Mapping, base: &str, key: &str) -> Option<&'a Mapping> {
+        if get(m, key).is_none() {
+            self.err(join(base, key), "required");
+            return None;
+        }
+        self.map(m, base, key)
+    }
+
+    /// Optional list `m.key` (empty when missing).
+    fn seq<'a>(&mut self, m: &'a Mapping, base: &str, key: &str) -> &'a [Value] {
+        match get(m, key) {
+            None => &[],
+            Some(Value::Sequence(s)) => s,
+            Some(other) => {
+                self.err(
+                    join(base, key),
+                    format!("must be a list, got {}", describe(other)),
+                );
+                &[]
+            }
+        }
+    }
+
+    /// Optional string `m.key`.
+    fn string<'a>(&mut self, m: &'a Mapping, base: &str, key: &str) -> Option<&'a str> {
+        let v = get(m, key)?;
+        self.as_str(v, &join(base, key))
+    }
+
+    /// Optional string `m.key`, `None` also when empty.
+    fn non_empty<'a>(&mut self, m: &'a Mapping, base: &str, key: &str) -> Option<&'a str> {
+        self.string(m, base, key).filter(|s| !s.is_empty())
+    }
+
+    /// Required non-empty string `m.key`.
+    fn req_string<'a>(&mut self, m: &'a Mapping, base: &str, key: &str) -> Option<&'a str> {
+        match get(m, key) {
+            None => {
+                self.err(join(base, key), "required");
+                None
+            }
+            Some(v) => match self.as_str(v, &join(base, key)) {
+                Some("") => {
+                    self.err(join(base, key), "required (must not be empty)");
+                    None
+                }
+                other => other,
+            },
+        }
+    }
+
+    fn boolean(&mut self, m: &Mapping, base: &str, key: &str) -> Option<bool> {
+        match get(m, key)? {
+            Value::Bool(b) => Some(*b),
+            other => {
+                self.err(
+                    join(base, key),
+                    format!("must be true or false, got {}", describe(other)),
+                );
+                None
+            }
+        }
+    }
+
+    /// An integer value within `min..=max`.
+    fn int_value(&mut self, v: &Value, path: &str, min: i64, max: i64) -> Option<i64> {
+        let num = match untag(v) {
+            Value::Number(n) if !n.is_f64() => n,
+            other => {
+                self.err(path, format!("must be an integer, got {}", describe(other)));
+                return None;
+            }
+        };
+        match num.as_i64() {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                self.err(path, format!("must be between {min} and {max}, got {num}"));
+                None
+            }
+        }
+    }
+
+    /// Optional integer `m.key` within `min..=max`.
+    fn int(&mut self, m: &Mapping, base: &str, key: &str, min: i64, max: i64) -> Option<i64> {
+        let v = get(m, key)?;
+        self.int_value(v, &join(base, key), min, max)
+    }
+
+    /// Required port number `m.key` (1-65535).
+    fn req_port(&mut self, m: &Mapping, base: &str, key: &str) -> Option<u16> {
+        if get(m, key).is_none() {
+            self.err(join(base, key), "required");
+            return None;
+        }
+        self.port(m, base, key)
+    }
+
+    /// Optional port number `m.key` (1-65535).
+    fn port(&mut self, m: &Mapping, base: &str, key: &str) -> Option<u16> {
+        self.int(m, base, key, 1, 65535)
+            .and_then(|n| u16::try_from(n).ok())
+    }
+
+    /// `m.protocol`, TCP when missing.
+    fn protocol(&mut self, m: &Mapping, base: &str) -> Protocol {
+        match self.string(m, base, "protocol") {
+            None | Some("") => Protocol::Tcp,
+            Some(s) => Protocol::parse_k8s(s).unwrap_or_else(|| {
+                self.err(
+                    join(base, "protocol"),
+                    format!("must be TCP, UDP or SCTP, got {}", quote(s)),
+                );
+                Protocol::Tcp
+            }),
+        }
+    }
+
+    /// An IP address in text.
+    fn ip(&mut self, s: &str, path: &str) -> Option<IpAddr> {
+        match s.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                self.err(path, format!("must be an IP address, got {}", quote(s)));
+                None
+            }
+        }
+    }
+
+    /// Optional IP address `m.key` ("" counts as missing).
+    fn opt_ip(&mut self, m: &Mapping, base: &str, key: &str) -> Option<IpAddr> {
+        let s = self.non_empty(m, base, key)?;
+        self.ip(s, &join(base, key))
+    }
+
+    /// A map of strings (labels, annotations, selector, data); null values count as "".
+    fn string_map(&mut self, m: &Mapping, base: &str, key: &str) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let path = join(base, key);
+        let Some(map) = self.map(m, base, key) else {
+            return out;
+        };
+        for (k, v) in map {
+            let Some(k) = untag(k).as_str() else {
+                self.err(&path, format!("keys must be strings, got {}", describe(k)));
+                continue;
+            };
+            match untag(v) {
+                Value::String(s) => {
+                    out.insert(k.to_string(), s.clone());
+                }
+                Value::Null => {
+                    out.insert(k.to_string(), String::new());
+                }
+                other => self.err(
+                    format!("{path}[{k}]"),
+                    format!("must be a string, got {} (quote it)", describe(other)),
+                ),
+            }
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Names
+
+fn is_label_char(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'
+}
+
+/// RFC 1123 label: lowercase letters, digits and '-', alphanumeric at both ends, at most 63.
+fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(is_label_char)
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1035 label: an RFC 1123 label starting with a letter.
+fn is_dns1035_label(s: &str) -> bool {
+    is_dns1123_label(s) && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+}
+
+/// RFC 1123 subdomain: dot-separated RFC 1123 labels, at most 253 characters.
+fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.bytes().all(is_label_char)
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// IANA service name (named ports): at most 15 lowercase letters, digits and single '-'s, with
+/// at least one letter, not starting or ending with '-'.
+fn is_iana_svc_name(s: &str) -> bool {
+    (1..=15).contains(&s.len())
+        && s.bytes().all(is_label_char)
+        && s.bytes().any(|b| b.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--")
+}
+
+/// ConfigMap keys: letters, digits, '-', '_' and '.'.
+fn is_config_key(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        && s != "."
+        && !s.starts_with("..")
+}
+
+const DNS1035_LABEL: &str = "must be a DNS-1035 label: at most 63 lowercase letters, digits \
+     or '-', starting with a letter and ending with a letter or digit";
+const DNS1123_LABEL: &str = "must be a DNS-1123 label: at most 63 lowercase letters, digits \
+     or '-', starting and ending with a letter or digit";
+const DNS1123_SUBDOMAIN: &str = "must be a DNS-1123 subdomain: at most 253 characters, \
+     dot-separated parts of lowercase letters, digits or '-', each starting and ending with a \
+     letter or digit";
+const IANA_SVC_NAME: &str = "must be a port number or an IANA service name: at most 15 \
+     lowercase letters, digits or single '-', with at least one letter";
+
+#[derive(Clone, Copy)]
+enum NameRule {
+    Dns1035Label,
+    Dns1123Subdomain,
+}
+
+/// metadata; `scope` decides the namespace ("default" when left out; "" for cluster objects).
+fn parse_meta(ck: &mut Ck, root: &Mapping, scope: Scope, rule: NameRule) -> Meta {
+    let mut meta = Meta {
+        namespace: match scope {
+            Scope::Namespaced => "default".to_string(),
+            Scope::Cluster => String::new(),
+        },
+        ..Meta::default()
+    };
+    let Some(md) = ck.req_map(root, "", "metadata") else {
+        return meta;
+    };
+    if let Some(name) = ck.req_string(md, "metadata", "name") {
+        let (ok, rule_text) = match rule {
+            NameRule::Dns1035Label => (is_dns1035_label(name), DNS1035_LABEL),
+            NameRule::Dns1123Subdomain => (is_dns1123_subdomain(name), DNS1123_SUBDOMAIN),
+        };
+        if !ok {
+            ck.err("metadata.name", format!("{rule_text}; got {}", quote(name)));
+        }
+        meta.name = name.to_string();
+    }
+    if scope == Scope::Namespaced {
+        if let Some(ns) = ck.non_empty(md, "metadata", "namespace") {
+            if !is_dns1123_label(ns) {
+                ck.err(
+                    "metadata.namespace",
+                    format!("{DNS1123_LABEL}; got {}", quote(ns)),
+                );
+            }
+            meta.namespace = ns.to_string();
+        }
+    }
+    meta.labels = ck.string_map(md, "metadata", "labels");
+    meta.annotations = ck.string_map(md, "metadata", "annotations");
+    meta.creation_timestamp = ck
+        .non_empty(md, "metadata", "creationTimestamp")
+        .map(str::to_string);
+    meta.uid = ck.non_empty(md, "metadata", "uid").map(str::to_string);
+    meta.resource_version = ck
+        .non_empty(md, "metadata", "resourceVersion")
+        .map(str::to_string);
+    meta
+}
+
+// ---------------------------------------------------------------------------------------------
+// Service
+
+fn parse_service(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
+    let meta = parse_meta(ck, root, Scope::Namespaced, NameRule::Dns1035Label);
+    let empty = Mapping::new();
+    let spec = ck.map(root, "", "spec").unwrap_or(&empty);
+
+    let type_ = match ck.string(spec, "spec", "type") {
+        None | Some("") | Some("ClusterIP") => ServiceType::ClusterIP,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => ServiceType::ExternalName,
+        Some(other) => {
+            ck.err(
+                "spec.type",
+                format!(
+                    "must be ClusterIP, NodePort, LoadBalancer or ExternalName, got {}",
+                    quote(other)
+                ),
+            );
+            ServiceType::ClusterIP
+        }
+    };
+    let cluster_ip = service_cluster_ip(ck, spec, type_);
+    let headless = cluster_ip == ClusterIpSpec::None;
+    let ports = service_ports(ck, spec, type_);
+    let no_ports = match get(spec, "ports") {
+        None => true,
+        Some(Value::Sequence(items)) => items.is_empty(),
+        Some(_) => false, // already reported
+    };
+    if no_ports && !headless && type_ != ServiceType::ExternalName {
+        ck.err(
+            "spec.ports",
+            "required: a Service needs at least one port unless it is headless \
+             (clusterIP: None) or of type ExternalName",
+        );
+    }
+    let selector = ck.string_map(spec, "spec", "selector");
+
+    let mut external_ips = Vec::new();
+    for (i, v) in ck.seq(spec, "spec", "externalIPs").iter().enumerate() {
+        let path = format!("spec.externalIPs[{i}]");
+        if let Some(ip) = ck.as_str(v, &path).and_then(|s| ck.ip(s, &path)) {
+            external_ips.push(ip);
+        }
+    }
+    let load_balancer_ip = ck.opt_ip(spec, "spec", "loadBalancerIP");
+    let load_balancer_class = ck
+        .non_empty(spec, "spec", "loadBalancerClass")
+        .map(str::to_string);
+    if load_balancer_class.is_some() && type_ != ServiceType::LoadBalancer {
+        ck.err(
+            "spec.loadBalancerClass",
+            "may only be set when type is LoadBalancer",
+        );
+    }
+    let external_traffic_policy = match ck.string(spec, "spec", "externalTrafficPolicy") {
+        // "Global" is the old spelling of "Cluster".
+        None | Some("") | Some("Cluster") | Some("Global") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            ck.err(
+                "spec.externalTrafficPolicy",
+                format!("must be Cluster or Local, got {}", quote(other)),
+            );
+            TrafficPolicy::Cluster
+        }
+    };
+    let internal_traffic_policy = match ck.string(spec, "spec", "internalTrafficPolicy") {
+        None | Some("") | Some("Cluster") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            ck.err(
+                "spec.internalTrafficPolicy",
+                format!("must be Cluster or Local, got {}", quote(other)),
+            );
+            TrafficPolicy::Cluster
+        }
+    };
+    let external_name = if type_ == ServiceType::ExternalName {
+        let name = ck.string(spec, "spec", "externalName").unwrap_or("");
+        let trimmed = name.strip_suffix('.').unwrap_or(name);
+        if trimmed.is_empty() {
+            ck.err(
+                "spec.externalName",
+                "required for type ExternalName (a DNS name)",
+            );
+            None
+        } else {
+            if !is_dns1123_subdomain(trimmed) {
+                ck.err(
+                    "spec.externalName",
+                    format!("{DNS1123_SUBDOMAIN}; got {}", quote(name)),
+                );
+            }
+            Some(name.to_string())
+        }
+    } else {
+        None
+    };
+
+    let mut load_balancer_ingress = Vec::new();
+    let status = ck.map(root, "", "status");
+    let lb = status.and_then(|s| ck.map(s, "status", "loadBalancer"));
+    if let Some(lb) = lb {
+        for (i, v) in ck
+            .seq(lb, "status.loadBalancer", "ingress")
+            .iter()
+            .enumerate()
+        {
+            let path = format!("status.loadBalancer.ingress[{i}]");
+            if let Some(ip) = ck.as_map(v, &path).and_then(|m| ck.opt_ip(m, &path, "ip")) {
+                load_balancer_ingress.push(ip);
+            }
+        }
+    }
+
+    vec![Object::Service(Service {
+        meta,
+        type_,
+        cluster_ip,
+        ports,
+        selector,
+        external_ips,
+        load_balancer_ip,
+        load_balancer_class,
+        load_balancer_ingress,
+        external_traffic_policy,
+        internal_traffic_policy,
+        external_name,
+    })]
+}
+
+/// "" -> Auto, "None" -> headless, else an IP.
+fn cluster_ip_value(s: &str) -> Option<ClusterIpSpec> {
+    match s {
+        "" => Some(ClusterIpSpec::Auto),
+        "None" => Some(ClusterIpSpec::None),
+        _ => s.parse().ok().map(ClusterIpSpec::Ip),
+    }
+}
+
+const CLUSTER_IP_FORMS: &str = "must be an IP address, \"None\" (headless) or empty";
+
+/// spec.clusterIP and spec.clusterIPs.
+fn service_cluster_ip(ck: &mut Ck, spec: &Mapping, type_: ServiceType) -> ClusterIpSpec {
+    let single = match ck.string(spec, "spec", "clusterIP") {
+        None => None,
+        Some(s) => match cluster_ip_value(s) {
+            Some(c) => Some(c),
+            None => {
+                ck.err(
+                    "spec.clusterIP",
+                    format!("{CLUSTER_IP_FORMS}, got {}", quote(s)),
+                );
+                return ClusterIpSpec::Auto;
+            }
+        },
+    };
+    let mut list = Vec::new();
+    let entries = ck.seq(spec, "spec", "clusterIPs");
+    for (i, v) in entries.iter().enumerate() {
+        let path = format!("spec.clusterIPs[{i}]");
+        let Some(s) = ck.as_str(v, &path) else {
+            continue;
+        };
+        match cluster_ip_value(s) {
+            Some(ClusterIpSpec::Auto) | None => {
+                ck.err(
+                    path,
+                    format!(
+                        "must be an IP address or \"None\" (headless), got {}",
+                        quote(s)
+                    ),
+                );
+            }
+            Some(c) => list.push(c),
+        }
+    }
+    if entries.len() > 2 {
+        ck.err(
+            "spec.clusterIPs",
+            format!(
+                "at most two entries (one per IP family), got {}",
+                entries.len()
+            ),
+        );
+    } else if let [first, second] = list.as_slice() {
+        match (first, second) {
+            (ClusterIpSpec::Ip(a), ClusterIpSpec::Ip(b)) if a.is_ipv4() == b.is_ipv4() => {
+                ck.err(
+                    "spec.clusterIPs[1]",
+                    format!("must be of the other IP family than spec.clusterIPs[0] ({a})"),
+                );
+            }
+            (ClusterIpSpec::Ip(_), ClusterIpSpec::Ip(_)) => {}
+            _ => ck.err(
+                "spec.clusterIPs",
+                "\"None\" (headless) must be the only entry",
+            ),
+        }
+    }
+    let (result, field) = match (single, list.first()) {
+        (Some(s), Some(first)) if s != ClusterIpSpec::Auto => {
+            if s != *first {
+                ck.err(
+                    "spec.clusterIPs[0]",
+                    format!("must be equal to spec.clusterIP ({})", show_cluster_ip(&s)),
+                );
+            }
+            (s, "spec.clusterIP")
+        }
+        (_, Some(first)) => (first.clone(), "spec.clusterIPs"),
+        (Some(s), None) => (s, "spec.clusterIP"),
+        (None, None) => (ClusterIpSpec::Auto, "spec.clusterIP"),
+    };
+    match (type_, &result) {
+        (ServiceType::NodePort | ServiceType::LoadBalancer, ClusterIpSpec::None) => ck.err(
+            field,
+            format!("may not be \"None\" (headless) for type {}", type_.as_k8s()),
+        ),
+        (ServiceType::ExternalName, ClusterIpSpec::None | ClusterIpSpec::Ip(_)) => {
+            ck.err(field, "may not be set for type ExternalName")
+        }
+        _ => {}
+    }
+    result
+}
+
+fn show_cluster_ip(c: &ClusterIpSpec) -> String {
+    match c {
+        ClusterIpSpec::Auto => "\"\"".to_string(),
+        ClusterIpSpec::None => "\"None\"".to_string(),
+        ClusterIpSpec::Ip(ip) => ip.to_string(),
+    }
+}
+
+/// spec.ports.
+fn service_ports(ck: &mut Ck, spec: &Mapping, type_: ServiceType) -> Vec<ServicePort> {
+    let items = ck.seq(spec, "spec", "ports");
+    let many = items.len() > 1;
+    let mut ports = Vec::new();
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut seen: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
+    let mut node_ports: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
+    for (i, item) in items.iter().enumerate() {
+        let base = format!("spec.ports[{i}]");
+        let Some(m) = ck.as_map(item, &base) else {
+            continue;
+        };
+        let name = ck.string(m, &base, "name").unwrap_or("");
+        if name.is_empty() {
+            if many {
+                ck.err(
+                    join(&base, "name"),
+                    "required when the Service has more than one port",
+                );
+            }
+        } else if !is_dns1123_label(name) {
+            ck.err(
+                join(&base, "name"),
+                format!("{DNS1123_LABEL}; got {}", quote(name)),
+            );
+        } else if let Some(j) = names.insert(name, i) {
+            ck.err(
+                join(&base, "name"),
+                format!("duplicate port name {} (also spec.ports[{j}])", quote(name)),
+            );
+        }
+        let protocol = ck.protocol(m, &base);
+        let port = ck.req_port(m, &base, "port");
+        let target_port = match get(m, "targetPort") {
+            None => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => {
+                if is_iana_svc_name(s) {
+                    Some(TargetPort::Name(s.clone()))
+                } else {
+                    ck.err(
+                        join(&base, "targetPort"),
+                        format!("{IANA_SVC_NAME}; got {}", quote(s)),
+                    );
+                    None
+                }
+            }
+            Some(v) => match ck.int_value(v, &join(&base, "targetPort"), 0, 65535) {
+                Some(0) | None => None,
+                Some(n) => u16::try_from(n).ok().map(TargetPort::Number),
+            },
+        };
+        let node_port = ck
+            .int(m, &base, "nodePort", 0, 65535)
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|&n| n != 0);
+        if let Some(np) = node_port {
+            if type_ == ServiceType::ClusterIP {
+                ck.err(
+                    join(&base, "nodePort"),
+                    "may not be set when type is ClusterIP",
+                );
+            } else if let Some(j) = node_ports.insert((np, protocol), i) {
+                ck.err(
+                    join(&base, "nodePort"),
+                    format!(
+                        "duplicate node port {np}/{} (also spec.ports[{j}])",
+                        protocol.as_k8s()
+                    ),
+                );
+            }
+        }
+        let Some(port) = port else {
+            continue;
+        };
+        if let Some(j) = seen.insert((port, protocol), i) {
+            ck.err(
+                &base,
+                format!(
+                    "duplicate port {port}/{} (also spec.ports[{j}])",
+                    protocol.as_k8s()
+                ),
+            );
+        }
+        ports.push(ServicePort {
+            name: name.to_string(),
+            protocol,
+            port,
+            target_port: target_port.unwrap_or(TargetPort::Number(port)),
+            node_port,
+        });
+    }
+    ports
+}
+
+// ---------------------------------------------------------------------------------------------
+// EndpointSlice and Endpoints
+
+fn parse_endpoint_slice(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
+    let meta = parse_meta(ck, root, Scope::Namespaced, NameRule::Dns1123Subdomain);
+    let service_name = match meta.labels.get(SERVICE_NAME_LABEL) {
+        Some(s) if !s.is_empty() => s.clone(),
+        _ => {
+            ck.err(
+                "metadata.labels",
+                format!("the label {SERVICE_NAME_LABEL} (the Service's name) is required"),
+            );
+            String::new()
+        }
+    };
+    let address_type = match ck.req_string(root, "", "addressType") {
+        Some("IPv4") => Some(AddressType::IPv4),
+        Some("IPv6") => Some(AddressType::IPv6),
+        Some("FQDN") => Some(AddressType::Fqdn),
+        Some(other) => {
+            ck.err(
+                "addressType",
+                format!("must be IPv4, IPv6 or FQDN, got {}", quote(other)),
+            );
+            None
+        }
+        None => None,
+    };
+
+    let mut endpoints = Vec::new();
+    for (i, item) in ck.seq(root, "", "endpoints").iter().enumerate() {
+        let base = format!("endpoints[{i}]");
+        let Some(m) = ck.as_map(item, &base) else {
+            continue;
+        };
+        let addresses_path = join(&base, "addresses");
+        let raw = ck.seq(m, &base, "addresses");
+        if raw.is_empty() && get(m, "addresses").is_none_or(|v| v.as_sequence().is_some()) {
+            ck.err(&addresses_path, "required: at least one address");
+        }
+        let mut addresses = Vec::new();
+        for (j, a) in raw.iter().enumerate() {
+            let path = format!("{addresses_path}[{j}]");
+            let Some(s) = ck.as_str(a, &path) else {
+                continue;
+            };
+            match address_type {
+                Some(AddressType::Fqdn) if !is_dns1123_subdomain(s) => {
+                    ck.err(path, format!("{DNS1123_SUBDOMAIN}; got {}", quote(s)));
+                }
+                Some(AddressType::Fqdn) | None => {}
+                Some(family) => match s.parse::<IpAddr>() {
+                    Ok(ip) if ip.is_ipv4() == (family == AddressType::IPv4) => addresses.push(ip),
+                    Ok(_) | Err(_) => {
+                        let want = if family == AddressType::IPv4 {
+                            "an IPv4"
+                        } else {
+                            "an IPv6"
+                        };
+                        ck.err(
+                            path,
+                            format!("must be {want} address (addressType), got {}", quote(s)),
+                        );
+                    }
+                },
+            }
+        }
+        let conditions = match ck.map(m, &base, "conditions") {
+            Some(c) => {
+                let cbase = join(&base, "conditions");
+                let ready = ck.boolean(c, &cbase, "ready");
+                let serving = ck.boolean(c, &cbase, "serving");
+                let terminating = ck.boolean(c, &cbase, "terminating").unwrap_or(false);
+                let ready = ready.unwrap_or(!terminating);
+                EndpointConditions {
+                    ready,
+                    serving: serving.unwrap_or(ready),
+                    terminating,
+                }
+            }
+            None => EndpointConditions {
+                ready: true,
+                serving: true,
+                terminating: false,
+            },
+        };
+        let node_name = ck.non_empty(m, &base, "nodeName").map(str::to_string);
+        let hostname = ck.non_empty(m, &base, "hostname").map(str::to_string);
+        let target_name = target_ref_name(ck, m, &base);
+        endpoints.push(Endpoint {
+            addresses,
+            conditions,
+            node_name,
+            hostname,
+            target_name,
+        });
+    }
+    if address_type == Some(AddressType::Fqdn) && !endpoints.is_empty() {
+        ck.warn(
+            "addressType",
+            "FQDN EndpointSlice: ferry only routes to IP addresses; endpoint addresses ignored",
+        );
+    }
+
+    let mut ports = Vec::new();
+    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, item) in ck.seq(root, "", "ports").iter().enumerate() {
+        let base = format!("ports[{i}]");
+        let Some(m) = ck.as_map(item, &base) else {
+            continue;
+        };
+        let name = ck.string(m, &base, "name").unwrap_or("").to_string();
+        if !name.is_empty() && !is_dns1123_label(&name) {
+            ck.err(
+                join(&base, "name"),
+                format!("{DNS1123_LABEL}; got {}", quote(&name)),
+            );
+        }
+        if let Some(j) = names.insert(name.clone(), i) {
+            ck.err(
+                join(&base, "name"),
+                format!("duplicate port name {} (also ports[{j}])", quote(&name)),
+            );
+        }
+        let protocol = ck.protocol(m, &base);
+        if get(m, "port").is_none() {
+            ck.warn(
+                join(&base, "port"),
+                "no port number: Kubernetes reads this as \"all ports\", which ferry does not \
+                 support; port entry ignored",
+            );
+            continue;
+        }
+        if let Some(port) = ck.port(m, &base, "port") {
+            ports.push(EndpointPort {
+                name,
+                protocol,
+                port,
+            });
+        }
+    }
+
+    vec![Object::EndpointSlice(EndpointSlice {
+        meta,
+        service_name,
+        address_type: address_type.unwrap_or(AddressType::IPv4),
+        endpoints,
+        ports,
+    })]
+}
+
+/// `targetRef.name`, if any.
+fn target_ref_name(ck: &mut Ck, m: &Mapping, base: &str) -> Option<String> {
+    let target = ck.map(m, base, "targetRef")?;
+    ck.non_empty(target, &join(base, "targetRef"), "name")
+        .map(str::to_string)
+}
+
+/// v1 Endpoints: one EndpointSlice per subset (two if it mixes IP families), see the module
+/// documentation.
+fn parse_endpoints(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
+    let meta = parse_meta(ck, root, Scope::Namespaced, NameRule::Dns1123Subdomain);
+    let mut slices = Vec::new();
+    for (i, subset) in ck.seq(root, "", "subsets").iter().enumerate() {
+        let base = format!("subsets[{i}]");
+        let Some(sm) = ck.as_map(subset, &base) else {
+            continue;
+        };
+        let mut endpoints = Vec::new();
+        for (key, ready) in [("addresses", true), ("notReadyAddresses", false)] {
+            for (j, a) in ck.seq(sm, &base, key).iter().enumerate() {
+                let path = format!("{base}.{key}[{j}]");
+                let Some(am) = ck.as_map(a, &path) else {
+                    continue;
+                };
+                let ip = ck
+                    .req_string(am, &path, "ip")
+                    .and_then(|s| ck.ip(s, &join(&path, "ip")));
+                let node_name = ck.non_empty(am, &path, "nodeName").map(str::to_string);
+                let hostname = ck.non_empty(am, &path, "hostname").map(str::to_string);
+                let target_name = target_ref_name(ck, am, &path);
+                if let Some(ip) = ip {
+                    endpoints.push(Endpoint {
+                        addresses: vec![ip],
+                        conditions: EndpointConditions {
+                            ready,
+                            serving: ready,
+                            terminating: false,
+                        },
+                        node_name,
+                        hostname,
+                        target_name,
+                    });
+                }
+            }
+        }
+        let mut ports = Vec::new();
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        for (j, p) in ck.seq(sm, &base, "ports").iter().enumerate() {
+            let path = format!("{base}.ports[{j}]");
+            let Some(pm) = ck.as_map(p, &path) else {
+                continue;
+            };
+            let name = ck.string(pm, &path, "name").unwrap_or("").to_string();
+            if !name.is_empty() && !is_dns1123_label(&name) {
+                ck.err(
+                    join(&path, "name"),
+                    format!("{DNS1123_LABEL}; got {}", quote(&name)),
+                );
+            }
+            if let Some(k) = names.insert(name.clone(), j) {
+                ck.err(
+                    join(&path, "name"),
+                    format!(
+                        "duplicate port name {} (also {base}.ports[{k}])",
+                        quote(&name)
+                    ),
+                );
+            }
+            let protocol = ck.protocol(pm, &path);
+            if let Some(port) = ck.req_port(pm, &path, "port") {
+                ports.push(EndpointPort {
+                    name,
+                    protocol,
+                    port,
+                });
+            }
+        }
+
+        let (v4, v6): (Vec<Endpoint>, Vec<Endpoint>) = endpoints
+            .into_iter()
+            .partition(|e| e.addresses.iter().all(IpAddr::is_ipv4));
+        let split = !v4.is_empty() && !v6.is_empty();
+        for (family, eps, suffix) in [
+            (AddressType::IPv4, v4, "-ipv4"),
+            (AddressType::IPv6, v6, "-ipv6"),
+        ] {
+            if eps.is_empty() {
+                continue;
+            }
+            let mut slice_meta = meta.clone();
+            slice_meta.name = format!("{}-{i}{}", meta.name, if split { suffix } else { "" });
+            slice_meta.uid = None;
+            slice_meta
+                .labels
+                .insert(SERVICE_NAME_LABEL.to_string(), meta.name.clone());
+            slices.push(Object::EndpointSlice(EndpointSlice {
+                meta: slice_meta,
+                service_name: meta.name.clone(),
+                address_type: family,
+                endpoints: eps,
+                ports: ports.clone(),
+            }));
+        }
+    }
+    slices
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node, ConfigMap
+
+fn parse_node(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
+    let meta = parse_meta(ck, root, Scope::Cluster, NameRule::Dns1123Subdomain);
+    let mut addresses = Vec::new();
+    if let Some(status) = ck.map(root, "", "status") {
+        for (i, item) in ck.seq(status, "status", "addresses").iter().enumerate() {
+            let base = format!("status.addresses[{i}]");
+            let Some(m) = ck.as_map(item, &base) else {
+                continue;
+            };
+            let type_ = ck.req_string(m, &base, "type");
+            let address = ck.req_string(m, &base, "address");
+            if let (Some(type_), Some(address)) = (type_, address) {
+                addresses.push(NodeAddress {
+                    type_: type_.to_string(),
+                    address: address.to_string(),
+                });
+            }
+        }
+    }
+    let mut pod_cidrs = Vec::new();
+    if let Some(spec) = ck.map(root, "", "spec") {
+        let single = ck.non_empty(spec, "spec", "podCIDR");
+        if let Some(s) = single {
+            if let Err(e) = s.parse::<Cidr>() {
+                ck.err("spec.podCIDR", format!("must be a CIDR: {e}"));
+            }
+        }
+        for (i, v) in ck.seq(spec, "spec", "podCIDRs").iter().enumerate() {
+            let path = format!("spec.podCIDRs[{i}]");
+            let Some(s) = ck.as_str(v, &path) else {
+                continue;
+            };
+            if let Err(e) = s.parse::<Cidr>() {
+                ck.err(&path, format!("must be a CIDR: {e}"));
+            } else if i == 0 && single.is_some_and(|p| p != s) {
+                ck.err(&path, "must be equal to spec.podCIDR");
+            }
+            pod_cidrs.push(s.to_string());
+        }
+        if pod_cidrs.is_empty() {
+            pod_cidrs.extend(single.map(str::to_string));
+        }
+    }
+    vec![Object::Node(Node {
+        meta,
+        addresses,
+        pod_cidrs,
+    })]
+}
+
+fn parse_config_map(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
+    let meta = parse_meta(ck, root, Scope::Namespaced, NameRule::Dns1123Subdomain);
+    let data = ck.string_map(root, "", "data");
+    for key in data.keys() {
+        if !is_config_key(key) {
+            ck.err(
+                format!("data[{key}]"),
+                "keys must consist of letters, digits, '-', '_' or '.'",
+            );
+        }
+    }
+    vec![Object::ConfigMap(ConfigMap { meta, data })]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deployment, Pod
+
+/// The container ports of a pod spec at `base`.
+fn container_ports(ck: &mut Ck, pod_spec: &Mapping, base: &str) -> Vec<ContainerPort> {
+    let containers = ck.seq(pod_spec, base, "containers");
+    if containers.is_empty()
+        && get(pod_spec, "containers").is_none_or(|v| v.as_sequence().is_some())
+    {
+        ck.err(join(base, "containers"), "required: at least one container");
+    }
+    let mut ports = Vec::new();
+    let mut names: BTreeMap<&str, String> = BTreeMap::new();
+    for (i, c) in containers.iter().enumerate() {
+        let cbase = format!("{}[{i}]", join(base, "containers"));
+        let Some(cm) = ck.as_map(c, &cbase) else {
+            continue;
+        };
+        ck.req_string(cm, &cbase, "name");
+        for (j, p) in ck.seq(cm, &cbase, "ports").iter().enumerate() {
+            let pbase = format!("{cbase}.ports[{j}]");
+            let Some(pm) = ck.as_map(p, &pbase) else {
+                continue;
+            };
+            let name = ck.string(pm, &pbase, "name").unwrap_or("");
+            if !name.is_empty() {
+                if !is_iana_svc_name(name) {
+                    ck.err(
+                        join(&pbase, "name"),
+                        format!("{IANA_SVC_NAME}; got {}", quote(name)),
+                    );
+                } else if let Some(other) = names.insert(name, pbase.clone()) {
+                    ck.err(
+                        join(&pbase, "name"),
+                        format!("duplicate port name {} (also {other})", quote(name)),
+                    );
+                }
+            }
+            let container_port = ck.req_port(pm, &pbase, "containerPort");
+            let protocol = ck.protocol(pm, &pbase);
+            if let Some(container_port) = container_port {
+                ports.push(ContainerPort {
+                    name: name.to_string(),
+                    container_port,
+                    protocol,
+                });
+            }
+        }
+    }
+    ports
+}
+
+fn parse_deployment(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
+    let meta = parse_meta(ck, root, Scope::Namespaced, NameRule::Dns1123Subdomain);
+    let empty = Mapping::new();
+    let spec = ck.req_map(root, "", "spec").unwrap_or(&empty);
+    let replicas = ck
+        .int(spec, "spec", "replicas", 0, i64::from(i32::MAX))
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(1);
+
+    let mut selector = BTreeMap::new();
+    if let Some(sel) = ck.req_map(spec, "spec", "selector") {
+        selector = ck.string_map(sel, "spec.selector", "matchLabels");
+        let expressions = get(sel, "matchExpressions");
+        let has_expressions =
+            expressions.is_some_and(|v| v.as_sequence().is_none_or(|s| !s.is_empty()));
+        if has_expressions {
+            ck.err(
+                "spec.selector.matchExpressions",
+                "matchExpressions is not supported by ferry; use matchLabels",
+            );
+        } else if selector.is_empty()
+            && get(sel, "matchLabels").is_none_or(|v| v.as_mapping().is_some())
+        {
+            ck.err(
+                "spec.selector.matchLabels",
+                "required: ferry needs a non-empty matchLabels selector",
+            );
+        }
+    }
+
+    let mut template = PodTemplate {
+        labels: BTreeMap::new(),
+        ports: Vec::new(),
+    };
+    if let Some(tm) = ck.req_map(spec, "spec", "template") {
+        if let Some(tmeta) = ck.map(tm, "spec.template", "metadata") {
+            template.labels = ck.string_map(tmeta, "spec.template.metadata", "labels");
+        }
+        let missing: Vec<String> = selector
+            .iter()
+            .filter(|(k, v)| template.labels.get(*k) != Some(*v))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !missing.is_empty() {
+            ck.err(
+                "spec.template.metadata.labels",
+                format!(
+                    "selector does not match template labels: missing {}",
+                    missing.join(", ")
+                ),
+            );
+        }
+        if let Some(tspec) = ck.req_map(tm, "spec.template", "spec") {
+            template.ports = container_ports(ck, tspec, "spec.template.spec");
+        }
+    }
+    vec![Object::Deployment(Deployment {
+        meta,
+        replicas,
+        selector,
+        template,
+    })]
+}
+
+fn parse_pod(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
+    let meta = parse_meta(ck, root, Scope::Namespaced, NameRule::Dns1123Subdomain);
+    let mut node_name = None;
+    let mut ports = Vec::new();
+    if let Some(spec) = ck.req_map(root, "", "spec") {
+        node_name = ck.non_empty(spec, "spec", "nodeName").map(str::to_string);
+        ports = container_ports(ck, spec, "spec");
+    }
+    let mut pod_ip = None;
+    if let Some(status) = ck.map(root, "", "status") {
+        pod_ip = ck.opt_ip(status, "status", "podIP");
+        if pod_ip.is_none() {
+            if let Some(first) = ck.seq(status, "status", "podIPs").first() {
+                if let Some(m) = ck.as_map(first, "status.podIPs[0]") {
+                    pod_ip = ck.opt_ip(m, "status.podIPs[0]", "ip");
+                }
+            }
+        }
+    }
+    vec![Object::Pod(Pod {
+        meta,
+        node_name,
+        ports,
+        pod_ip,
+    })]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const DEPLOYMENT_SEED: &str = r#"# nextcloud-dev.yaml
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: nextcloud-dev
+  labels:
+    app: nextcloud
+    environment: dev
+spec:
+  replicas: 2
+  selector:
+    matchLabels:
+      app: nextcloud
+      environment: dev
+  template:
+    metadata:
+      labels:
+        app: nextcloud
+        environment: dev
+    spec:
+      containers:
+      - name: nextcloud
+        image: nextcloud:latest
+        ports:
+        - containerPort: 80
+"#;
+
+    const SERVICE_SEED: &str = r#"# nextcloud-dev-clusterip
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: nextcloud-dev-clusterip
+  labels:
+    app: nextcloud
+    environment: dev
+spec:
+  selector:
+      app: nextcloud
+      environment: dev
+  type: ClusterIP
+  ports:
+    - port: 8080
+      targetPort: 80
+"#;
+
+    const CONFIGMAP_SEED: &str = r#"apiVersion: v1
+kind: ConfigMap
+metadata:
+  namespace: metallb-system
+  name: config
+data:
+  config: |
+    address-pools:
+    - name: default
+      protocol: layer2
+      addresses:
+      - 192.168.2.200-192.168.2.225
+"#;
+
+    const NODEPORT_SEED: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: nextcloud-dev-nodeport
+spec:
+  selector:
+    app: nextcloud
+  type: NodePort
+  ports:
+  - port: 80
+"#;
+
+    const LOADBALANCER_SEED: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: nextcloud-dev-lb
+  namespace: web
+spec:
+  selector:
+    app: nextcloud
+  type: LoadBalancer
+  loadBalancerIP: 192.168.2.201
+  externalTrafficPolicy: Local
+  ports:
+  - name: http
+    port: 80
+    targetPort: 80
+  - name: https
+    port: 443
+    targetPort: https
+    nodePort: 30443
+status:
+  loadBalancer:
+    ingress:
+    - ip: 192.168.2.201
+    - hostname: lb.example.com
+"#;
+
+    fn parse(text: &str) -> Parsed {
+        parse_text("test.yaml", text)
+    }
+
+    fn strings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Exactly one object, no errors, no warnings.
+    fn one(text: &str) -> Object {
+        let p = parse(text);
+        assert!(p.errors.is_empty(), "errors: {:#?}", p.errors);
+        assert!(p.warnings.is_empty(), "warnings: {:#?}", p.warnings);
+        assert_eq!(p.objects.len(), 1, "{:#?}", p.objects);
+        p.objects.into_iter().next().unwrap()
+    }
+
+    fn service(text: &str) -> Service {
+        match one(text) {
+            Object::Service(s) => s,
+            other => panic!("not a Service: {other:?}"),
+        }
+    }
+
+    fn meta(name: &str, namespace: &str) -> Meta {
+        Meta {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            ..Meta::default()
+        }
+    }
+
+    /// A Service named web whose spec is the given flow-style YAML.
+    fn svc(spec: &str) -> String {
+        format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {spec}\n")
+    }
+
+    /// The document is dropped with (at least) an error at `field` whose message contains `msg`.
+    #[track_caller]
+    fn assert_error(text: &str, field: &str, msg: &str) -> ManifestError {
+        let p = parse(text);
+        assert!(p.objects.is_empty(), "object kept: {:#?}", p.objects);
+        match p
+            .errors
+            .iter()
+            .find(|e| e.at.field == field && e.message.contains(msg))
+        {
+            Some(e) => e.clone(),
+            None => panic!(
+                "no error at {field:?} containing {msg:?}; got {:#?}",
+                p.errors
+            ),
+        }
+    }
+
+    // ---- seeds ----------------------------------------------------------------------------
+
+    #[test]
+    fn seed_deployment() {
+        let app = strings(&[("app", "nextcloud"), ("environment", "dev")]);
+        let expected = Deployment {
+            meta: Meta {
+                labels: app.clone(),
+                ..meta("nextcloud-dev", "default")
+            },
+            replicas: 2,
+            selector: app.clone(),
+            template: PodTemplate {
+                labels: app,
+                ports: vec![ContainerPort {
+                    name: String::new(),
+                    container_port: 80,
+                    protocol: Protocol::Tcp,
+                }],
+            },
+        };
+        assert_eq!(one(DEPLOYMENT_SEED), Object::Deployment(expected));
+    }
+
+    #[test]
+    fn seed_clusterip_service() {
+        let app = strings(&[("app", "nextcloud"), ("environment", "dev")]);
+        let expected = Service {
+            meta: Meta {
+                labels: app.clone(),
+                ..meta("nextcloud-dev-clusterip", "default")
+            },
+            type_: ServiceType::ClusterIP,
+            cluster_ip: ClusterIpSpec::Auto,
+            ports: vec![ServicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+                target_port: TargetPort::Number(80),
+                node_port: None,
+            }],
+            selector: app,
+            external_ips: vec![],
+            load_balancer_ip: None,
+            load_balancer_class: None,
+            load_balancer_ingress: vec![],
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            external_name: None,
+        };
+        assert_eq!(service(SERVICE_SEED), expected);
+    }
+
+    #[test]
+    fn seed_configmap() {
+        let expected = ConfigMap {
+            meta: meta("config", "metallb-system"),
+            data: strings(&[(
+                "config",
+                "address-pools:\n- name: default\n  protocol: layer2\n  addresses:\n  \
+                 - 192.168.2.200-192.168.2.225\n",
+            )]),
+        };
+        assert_eq!(one(CONFIGMAP_SEED), Object::ConfigMap(expected));
+    }
+
+    #[test]
+    fn seed_nodeport_service() {
+        let s = service(NODEPORT_SEED);
+        assert_eq!(s.type_, ServiceType::NodePort);
+        assert_eq!(s.meta.namespace, "default");
+        assert_eq!(
+            s.ports,
+            vec![ServicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: TargetPort::Number(80),
+                node_port: None,
+            }]
+        );
+        assert_eq!(s.selector, strings(&[("app", "nextcloud")]));
+    }
+
+    #[test]
+    fn seed_loadbalancer_service() {
+        let s = service(LOADBALANCER_SEED);
+        assert_eq!(s.type_, ServiceType::LoadBalancer);
+        assert_eq!(s.meta.object_ref().to_string(), "web/nextcloud-dev-lb");
+        assert_eq!(s.load_balancer_ip, Some(ip("192.168.2.201")));
+        assert_eq!(s.load_balancer_ingress, vec![ip("192.168.2.201")]);
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(
+            s.ports,
+            vec![
+                ServicePort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    target_port: TargetPort::Number(80),
+                    node_port: None,
+                },
+                ServicePort {
+                    name: "https".into(),
+                    protocol: Protocol::Tcp,
+                    port: 443,
+                    target_port: TargetPort::Name("https".into()),
+                    node_port: Some(30443),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn seeds_in_one_file() {
+        let text = [
+            DEPLOYMENT_SEED,
+            SERVICE_SEED,
+            "---\n",
+            CONFIGMAP_SEED,
+            "---\n",
+            NODEPORT_SEED,
+            "---\n",
+            LOADBALANCER_SEED,
+        ]
+        .concat();
+        let p = parse(&text);
+        assert!(p.errors.is_empty() && p.warnings.is_empty(), "{p:#?}");
+        let kinds: Vec<_> = p.objects.iter().map(Object::kind).collect();
+        assert_eq!(
+            kinds,
+            ["Deployment", "Service", "ConfigMap", "Service", "Service"]
+        );
+    }
+
+    // ---- documents ------------------------------------------------------------------------
+
+    #[test]
+    fn good_bad_good() {
+        let bad = svc("{ports: [{port: 70000}]}");
+        let text = format!("{NODEPORT_SEED}---\n{bad}---\n{CONFIGMAP_SEED}");
+        let p = parse(&text);
+        assert_eq!(p.objects.len(), 2, "{p:#?}");
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        let e = &p.errors[0];
+        assert_eq!(e.at.doc_index, 1);
+        assert_eq!(e.at.file, "test.yaml");
+        assert_eq!(e.at.object.as_deref(), Some("Service default/web"));
+        assert_eq!(e.at.field, "spec.ports[0].port");
+        assert_eq!(e.message, "must be between 1 and 65535, got 70000");
+        assert_eq!(
+            e.to_string(),
+            "test.yaml document 1 (Service default/web) field spec.ports[0].port: \
+             must be between 1 and 65535, got 70000"
+        );
+    }
+
+    #[test]
+    fn empty_and_comment_only_documents_are_skipped_but_counted() {
+        let text = format!(
+            "# header comment\n---\n---\n# only a comment\n\n---\n{}---\n...\n---\n{}",
+            NODEPORT_SEED,
+            svc("{type: Bogus, ports: [{port: 1}]}")
+        );
+        let p = parse(&text);
+        assert_eq!(p.objects.len(), 1, "{p:#?}");
+        assert!(p.warnings.is_empty(), "{p:#?}");
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        // 0: empty, 1: comment only, 2: NodePort, 3: "...", 4: bad
+        assert_eq!(p.errors[0].at.doc_index, 4);
+        assert_eq!(p.errors[0].at.field, "spec.type");
+        assert_eq!(parse("").objects.len(), 0);
+        assert_eq!(parse("# nothing\n\n"), Parsed::default());
+        assert_eq!(parse("---\n---\n...\n"), Parsed::default());
+        assert_eq!(parse("\u{feff}---\n# x\n"), Parsed::default());
+    }
+
+    #[test]
+    fn leading_comment_is_not_a_document() {
+        let e = assert_error(
+            &format!("# a comment\n\n---\n{}", svc("{ports: [{port: 0}]}")),
+            "spec.ports[0].port",
+            "got 0",
+        );
+        assert_eq!(e.at.doc_index, 0);
+    }
+
+    #[test]
+    fn document_end_marker() {
+        let text = format!("{NODEPORT_SEED}...\n{LOADBALANCER_SEED}...\n");
+        let p = parse(&text);
+        assert_eq!(p.objects.len(), 2, "{p:#?}");
+        assert!(p.errors.is_empty());
+    }
+
+    #[test]
+    fn yaml_syntax_error_in_the_middle() {
+        let bad =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: b\nspec:\n  ports: [{port: 1}]\n";
+        let text = format!("{NODEPORT_SEED}---\n{bad}---\n{CONFIGMAP_SEED}");
+        let p = parse(&text);
+        assert_eq!(p.objects.len(), 2, "{p:#?}");
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        let e = &p.errors[0];
+        assert_eq!(e.at.doc_index, 1);
+        assert_eq!(e.at.object, None);
+        assert_eq!(e.at.field, "");
+        assert!(e.message.starts_with("invalid YAML: "), "{}", e.message);
+        // The NodePort seed has 10 lines, then "---": the broken mapping starts on line 14
+        // of the file and the parser notices on a later line.
+        let lines: Vec<usize> = e
+            .message
+            .split("line ")
+            .skip(1)
+            .filter_map(|s| s.split(' ').next()?.parse().ok())
+            .collect();
+        assert!(!lines.is_empty(), "{}", e.message);
+        assert!(
+            lines.iter().all(|&l| (12..=17).contains(&l)),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn syntax_errors_do_not_stop_later_documents() {
+        let text = format!("key: [unclosed\n---\n: : :\n\t- x\n---\n{NODEPORT_SEED}");
+        let p = parse(&text);
+        assert_eq!(p.objects.len(), 1, "{p:#?}");
+        assert_eq!(p.errors.len(), 2, "{p:#?}");
+        assert_eq!(p.errors[0].at.doc_index, 0);
+        assert_eq!(p.errors[1].at.doc_index, 1);
+    }
+
+    #[test]
+    fn documents_that_are_not_objects() {
+        let e = assert_error("- a\n- b\n", "", "must be a mapping");
+        assert_eq!(e.at.object, None);
+        assert!(e.message.contains("got a list"), "{}", e.message);
+        assert_error("just a string\n", "", "got string \"just a string\"");
+        assert_error("42\n", "", "got number 42");
+        assert_error("apiVersion: v1\nmetadata: {name: x}\n", "kind", "required");
+        let e = assert_error(
+            "kind: Service\nmetadata: {name: x}\nspec: {ports: [{port: 1}]}\n",
+            "apiVersion",
+            "required",
+        );
+        assert_eq!(e.at.object.as_deref(), Some("Service default/x"));
+        assert_error(
+            "apiVersion: v1\nkind: [Service]\n",
+            "kind",
+            "must be a string",
+        );
+        assert_error(
+            "apiVersion: 1\nkind: Service\n",
+            "apiVersion",
+            "must be a string",
+        );
+        let p = parse("apiVersion: v1\nmetadata: {}\n");
+        let fields: Vec<_> = p.errors.iter().map(|e| e.at.field.as_str()).collect();
+        assert_eq!(fields, ["kind"]);
+        let p = parse("{}\n");
+        let fields: Vec<_> = p.errors.iter().map(|e| e.at.field.as_str()).collect();
+        assert_eq!(fields, ["kind", "apiVersion"]);
+    }
+
+    #[test]
+    fn wrong_api_version() {
+        let e = assert_error(
+            "apiVersion: apps/v1\nkind: Service\nmetadata: {name: web, namespace: x}\n",
+            "apiVersion",
+            "kind Service needs apiVersion v1, got \"apps/v1\"",
+        );
+        assert_eq!(e.at.object.as_deref(), Some("Service x/web"));
+        assert_error(
+            "apiVersion: extensions/v1beta1\nkind: Deployment\nmetadata: {name: d}\n",
+            "apiVersion",
+            "needs apiVersion apps/v1",
+        );
+        assert_error(
+            "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\n",
+            "apiVersion",
+            "needs apiVersion discovery.k8s.io/v1",
+        );
+        assert_error(
+            "apiVersion: v2\nkind: List\nitems: []\n",
+            "apiVersion",
+            "needs apiVersion v1",
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_are_warnings() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+                    apiVersion: metallb.io/v1beta1\nkind: IPAddressPool\n\
+                    metadata: {name: pool, namespace: metallb-system}\n\
+                    spec: {addresses: [192.168.2.200-192.168.2.225]}\n";
+        let p = parse(text);
+        assert!(p.objects.is_empty() && p.errors.is_empty(), "{p:#?}");
+        assert_eq!(p.warnings.len(), 2);
+        assert_eq!(
+            p.warnings[0].message,
+            "unknown kind Namespace (apiVersion v1): ignored"
+        );
+        assert_eq!(p.warnings[0].at.object.as_deref(), Some("Namespace shop"));
+        assert_eq!(p.warnings[1].at.doc_index, 1);
+        assert_eq!(
+            p.warnings[1].message,
+            "unknown kind IPAddressPool (apiVersion metallb.io/v1beta1): ignored"
+        );
+        assert_eq!(
+            p.warnings[1].at.object.as_deref(),
+            Some("IPAddressPool metallb-system/pool")
+        );
+        // A lowercase spelling of a known kind is a mistake, not an unknown kind.
+        assert_error(
+            "apiVersion: v1\nkind: service\nmetadata: {name: web}\n",
+            "kind",
+            "did you mean Service?",
+        );
+    }
+
+    #[test]
+    fn json_input() {
+        let text = "{\n\t\"apiVersion\": \"v1\",\n\t\"kind\": \"Service\",\n\t\"metadata\": \
+                    {\"name\": \"web\", \"namespace\": \"shop\", \"creationTimestamp\": null},\n\
+                    \t\"spec\": {\n\t\t\"type\": \"NodePort\",\n\t\t\"selector\": {\"app\": \"web\"},\n\
+                    \t\t\"ports\": [{\"name\": \"http\", \"port\": 80, \"targetPort\": \"http\", \
+                    \"nodePort\": 30080, \"protocol\": \"TCP\"}]\n\t}\n}\n";
+        let s = service(text);
+        assert_eq!(s.meta.object_ref().to_string(), "shop/web");
+        assert_eq!(s.meta.creation_timestamp, None);
+        assert_eq!(s.ports[0].target_port, TargetPort::Name("http".into()));
+        assert_eq!(s.ports[0].node_port, Some(30080));
+
+        // Without tabs it is plain YAML; errors carry JSON paths too.
+        let e = assert_error(
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+               "spec": {"ports": [{"port": 80}, {"name": "b", "port": 81}]}}"#,
+            "spec.ports[0].name",
+            "required when the Service has more than one port",
+        );
+        assert_eq!(e.at.object.as_deref(), Some("Service default/web"));
+    }
+
+    #[test]
+    fn json_stream() {
+        let a = r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}, "spec": {"ports": [{"port": 1}]}}"#;
+        let b = r#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}, "data": {"k": "v"}}"#;
+        let p = parse(&format!("{a}\n{b}\n"));
+        assert!(p.errors.is_empty(), "{p:#?}");
+        assert_eq!(p.objects.len(), 2);
+        let p = parse(&format!("{a}{b}"));
+        assert_eq!(p.objects.len(), 2, "{p:#?}");
+        // Broken JSON: the YAML error is reported.
+        let p = parse("{\"apiVersion\": \"v1\",,}");
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        assert!(p.errors[0].message.starts_with("invalid YAML"));
+    }
+
+    #[test]
+    fn list_items() {
+        let text = format!(
+            "apiVersion: v1\nkind: List\nmetadata: {{resourceVersion: \"\"}}\nitems:\n\
+             - {}\n- {}\n- apiVersion: v1\n  kind: ServiceAccount\n  metadata: {{name: sa}}\n\
+             - {}\n- 7\n",
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}}"#,
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b"}, "spec": {"ports": [{"port": 80}, {"name": "x", "port": 70000}]}}"#,
+            r#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}}"#,
+        );
+        let p = parse(&text);
+        let names: Vec<_> = p.objects.iter().map(|o| o.meta().name.as_str()).collect();
+        assert_eq!(names, ["a", "c"], "{p:#?}");
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(p.warnings[0].at.field, "items[2]");
+        let fields: Vec<_> = p.errors.iter().map(|e| e.at.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "items[1].spec.ports[0].name",
+                "items[1].spec.ports[1].port",
+                "items[4]"
+            ]
+        );
+        assert!(p.errors.iter().all(|e| e.at.doc_index == 0));
+        assert_eq!(p.errors[0].at.object.as_deref(), Some("Service default/b"));
+        // An empty list is fine.
+        assert_eq!(
+            parse("apiVersion: v1\nkind: List\nitems: []\n"),
+            Parsed::default()
+        );
+        assert_eq!(parse("apiVersion: v1\nkind: List\n"), Parsed::default());
+        assert_error(
+            "apiVersion: v1\nkind: List\nitems: {}\n",
+            "items",
+            "must be a list",
+        );
+    }
+
+    #[test]
+    fn nested_list_and_typed_list() {
+        let text = r#"{"apiVersion": "v1", "kind": "ServiceList", "items": [
+            {"metadata": {"name": "a", "namespace": "n"}, "spec": {"ports": [{"port": 80}]}},
+            {"apiVersion": "v1", "kind": "List", "items": [
+                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "b"}, "spec": {"ports": [{"port": 0}]}}
+            ]}
+        ]}"#;
+        let p = parse(text);
+        assert_eq!(p.objects.len(), 1, "{p:#?}");
+        assert_eq!(p.objects[0].meta().object_ref().to_string(), "n/a");
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        assert_eq!(p.errors[0].at.field, "items[1].items[0].spec.ports[0].port");
+        assert_error(
+            "apiVersion: apps/v1\nkind: ServiceList\nitems: []\n",
+            "apiVersion",
+            "needs apiVersion v1",
+        );
+        // Lists nested too deep are refused, not recursed into forever.
+        let mut deep = String::from("{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": []}");
+        for _ in 0..20 {
+            deep = format!("{{\"apiVersion\": \"v1\", \"kind\": \"List\", \"items\": [{deep}]}}");
+        }
+        let p = parse(&deep);
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        assert!(p.errors[0].message.contains("nested"));
+    }
+
+    // ---- Service --------------------------------------------------------------------------
+
+    #[test]
+    fn service_defaults_and_fields() {
+        let s = service(&svc(
+            "{clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], \
+             ports: [{name: dns, port: 53, protocol: UDP, targetPort: 0}, \
+                     {name: dns-tcp, port: 53, targetPort: dns-tcp}], \
+             externalIPs: [192.0.2.1, '2001:db8::1'], internalTrafficPolicy: Local, \
+             externalTrafficPolicy: Global}",
+        ));
+        assert_eq!(s.cluster_ip, ClusterIpSpec::Ip(ip("10.96.0.10")));
+        assert_eq!(s.ports[0].protocol, Protocol::Udp);
+        assert_eq!(s.ports[0].target_port, TargetPort::Number(53));
+        assert_eq!(s.ports[1].protocol, Protocol::Tcp);
+        assert_eq!(s.ports[1].target_port, TargetPort::Name("dns-tcp".into()));
+        assert_eq!(s.external_ips, vec![ip("192.0.2.1"), ip("2001:db8::1")]);
+        assert_eq!(s.internal_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
+        assert!(s.selector.is_empty());
+
+        let s = service(&svc("{clusterIPs: ['fd00::5'], ports: [{port: 1}]}"));
+        assert_eq!(s.cluster_ip, ClusterIpSpec::Ip(ip("fd00::5")));
+        let s = service(&svc("{clusterIP: '', ports: [{port: 1, nodePort: 0}]}"));
+        assert_eq!(s.cluster_ip, ClusterIpSpec::Auto);
+        assert_eq!(s.ports[0].node_port, None);
+    }
+
+    #[test]
+    fn headless_and_external_name() {
+        let s = service(&svc("{clusterIP: None, selector: {app: db}}"));
+        assert!(s.is_headless());
+        assert!(s.ports.is_empty());
+        let s = service(&svc(
+            "{clusterIP: None, clusterIPs: [None], ports: [{port: 5432}]}",
+        ));
+        assert!(s.is_headless());
+
+        let s = service(&svc("{type: ExternalName, externalName: db.example.com.}"));
+        assert_eq!(s.type_, ServiceType::ExternalName);
+        assert_eq!(s.external_name.as_deref(), Some("db.example.com."));
+        assert!(s.ports.is_empty());
+        assert_eq!(s.cluster_ip, ClusterIpSpec::Auto);
+    }
+
+    #[test]
+    fn metadata_is_read() {
+        let s = service(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\n  \
+             uid: 1f2e\n  resourceVersion: \"42\"\n  creationTimestamp: 2024-05-01T10:00:00Z\n  \
+             labels: {app: web}\n  annotations: {note: ~, 'example.com/x': 'y'}\n\
+             spec: {ports: [{port: 80}]}\n",
+        );
+        assert_eq!(
+            s.meta,
+            Meta {
+                name: "web".into(),
+                namespace: "shop".into(),
+                labels: strings(&[("app", "web")]),
+                annotations: strings(&[("note", ""), ("example.com/x", "y")]),
+                creation_timestamp: Some("2024-05-01T10:00:00Z".into()),
+                uid: Some("1f2e".into()),
+                resource_version: Some("42".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn service_errors_name_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("{ports: [{port: 70000}]}", "spec.ports[0].port", "must be between 1 and 65535, got 70000"),
+            ("{ports: [{port: 0}]}", "spec.ports[0].port", "must be between 1 and 65535, got 0"),
+            ("{ports: [{port: -1}]}", "spec.ports[0].port", "got -1"),
+            ("{ports: [{port: 18446744073709551615}]}", "spec.ports[0].port", "got 18446744073709551615"),
+            ("{ports: [{port: '80'}]}", "spec.ports[0].port", "must be an integer, got string \"80\""),
+            ("{ports: [{port: 80.5}]}", "spec.ports[0].port", "must be an integer"),
+            ("{ports: [{name: a}]}", "spec.ports[0].port", "required"),
+            ("{ports: [{port: 80, protocol: HTTP}]}", "spec.ports[0].protocol", "must be TCP, UDP or SCTP, got \"HTTP\""),
+            ("{ports: [{port: 80, protocol: tcp}]}", "spec.ports[0].protocol", "got \"tcp\""),
+            ("{ports: [{port: 80, targetPort: 70000}]}", "spec.ports[0].targetPort", "must be between 0 and 65535"),
+            ("{ports: [{port: 80, targetPort: '8080'}]}", "spec.ports[0].targetPort", "IANA service name"),
+            ("{ports: [{port: 80, targetPort: Http}]}", "spec.ports[0].targetPort", "IANA service name"),
+            ("{ports: [{port: 80, targetPort: a-very-long-port-name}]}", "spec.ports[0].targetPort", "IANA"),
+            ("{ports: [{port: 80, targetPort: [1]}]}", "spec.ports[0].targetPort", "must be an integer, got a list"),
+            ("{ports: [{port: 80, nodePort: 30080}]}", "spec.ports[0].nodePort", "may not be set when type is ClusterIP"),
+            ("{type: NodePort, ports: [{port: 80, nodePort: 70000}]}", "spec.ports[0].nodePort", "got 70000"),
+            ("{type: NodePort, ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30080}]}", "spec.ports[1].nodePort", "duplicate node port 30080/TCP"),
+            ("{ports: [{port: 80}, {port: 81}]}", "spec.ports[1].name", "required when the Service has more than one port"),
+            ("{ports: [{name: http, port: 80}, {name: http, port: 81}]}", "spec.ports[1].name", "duplicate port name \"http\" (also spec.ports[0])"),
+            ("{ports: [{name: Http, port: 80}]}", "spec.ports[0].name", "DNS-1123 label"),
+            ("{ports: [{name: a, port: 80}, {name: b, port: 80}]}", "spec.ports[1]", "duplicate port 80/TCP (also spec.ports[0])"),
+            ("{ports: [{name: a, port: 80, protocol: UDP}, {name: b, port: 80, protocol: UDP}]}", "spec.ports[1]", "duplicate port 80/UDP"),
+            ("{ports: 80}", "spec.ports", "must be a list, got number 80"),
+            ("{ports: [80]}", "spec.ports[0]", "must be a mapping, got number 80"),
+            ("{ports: []}", "spec.ports", "at least one port"),
+            ("{selector: {app: web}}", "spec.ports", "at least one port"),
+            ("{type: NodePort}", "spec.ports", "at least one port"),
+            ("{type: Foo, ports: [{port: 1}]}", "spec.type", "must be ClusterIP, NodePort, LoadBalancer or ExternalName, got \"Foo\""),
+            ("{type: 1, ports: [{port: 1}]}", "spec.type", "must be a string, got number 1"),
+            ("{clusterIP: foo, ports: [{port: 1}]}", "spec.clusterIP", "must be an IP address, \"None\" (headless) or empty, got \"foo\""),
+            ("{clusterIP: none, ports: [{port: 1}]}", "spec.clusterIP", "got \"none\""),
+            ("{clusterIP: 10.0.0.1, clusterIPs: [10.0.0.2], ports: [{port: 1}]}", "spec.clusterIPs[0]", "must be equal to spec.clusterIP (10.0.0.1)"),
+            ("{clusterIP: 10.0.0.1, clusterIPs: [10.0.0.1, 10.0.0.2], ports: [{port: 1}]}", "spec.clusterIPs[1]", "other IP family"),
+            ("{clusterIPs: [10.0.0.1, 'fd00::1', 10.0.0.2], ports: [{port: 1}]}", "spec.clusterIPs", "at most two"),
+            ("{clusterIPs: [None, 10.0.0.1], ports: [{port: 1}]}", "spec.clusterIPs", "must be the only entry"),
+            ("{clusterIPs: [''], ports: [{port: 1}]}", "spec.clusterIPs[0]", "must be an IP address"),
+            ("{clusterIPs: bogus, ports: [{port: 1}]}", "spec.clusterIPs", "must be a list"),
+            ("{type: NodePort, clusterIP: None, ports: [{port: 1}]}", "spec.clusterIP", "may not be \"None\" (headless) for type NodePort"),
+            ("{type: LoadBalancer, clusterIP: None, ports: [{port: 1}]}", "spec.clusterIP", "for type LoadBalancer"),
+            ("{type: ExternalName}", "spec.externalName", "required"),
+            ("{type: ExternalName, externalName: ''}", "spec.externalName", "required"),
+            ("{type: ExternalName, externalName: 'Not_A_Name'}", "spec.externalName", "DNS-1123 subdomain"),
+            ("{type: ExternalName, externalName: a.com, clusterIP: 10.0.0.1}", "spec.clusterIP", "may not be set for type ExternalName"),
+            ("{ports: [{port: 1}], externalIPs: [1.2.3.4, bogus]}", "spec.externalIPs[1]", "must be an IP address, got \"bogus\""),
+            ("{ports: [{port: 1}], externalIPs: [5]}", "spec.externalIPs[0]", "must be a string"),
+            ("{type: LoadBalancer, ports: [{port: 1}], loadBalancerIP: 1.2.3}", "spec.loadBalancerIP", "must be an IP address"),
+            ("{ports: [{port: 1}], loadBalancerClass: example.com/lb}", "spec.loadBalancerClass", "only be set when type is LoadBalancer"),
+            ("{ports: [{port: 1}], externalTrafficPolicy: Foo}", "spec.externalTrafficPolicy", "must be Cluster or Local, got \"Foo\""),
+            ("{ports: [{port: 1}], internalTrafficPolicy: Global}", "spec.internalTrafficPolicy", "must be Cluster or Local"),
+            ("{ports: [{port: 1}], selector: {app: web, version: 2}}", "spec.selector[version]", "must be a string, got number 2 (quote it)"),
+            ("{ports: [{port: 1}], selector: [app]}", "spec.selector", "must be a mapping"),
+            ("{ports: [{port: 1}], selector: {1: web}}", "spec.selector", "keys must be strings"),
+            ("[ports]", "spec", "must be a mapping, got a list"),
+        ];
+        for (spec, field, msg) in cases {
+            let e = assert_error(&svc(spec), field, msg);
+            assert_eq!(
+                e.at.object.as_deref(),
+                Some("Service default/web"),
+                "{spec}"
+            );
+            assert_eq!(e.at.doc_index, 0);
+        }
+    }
+
+    #[test]
+    fn service_metadata_and_status_errors() {
+        let doc = |metadata: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {metadata}\nspec: {{ports: [{{port: 1}}]}}\n")
+        };
+        assert_error(&doc("{name: Web}"), "metadata.name", "DNS-1035 label");
+        assert_error(
+            &doc("{name: 1web}"),
+            "metadata.name",
+            "starting with a letter",
+        );
+        assert_error(&doc("{name: web-}"), "metadata.name", "DNS-1035");
+        assert_error(
+            &doc(&format!("{{name: {}}}", "a".repeat(64))),
+            "metadata.name",
+            "63",
+        );
+        assert_error(&doc("{name: a.b}"), "metadata.name", "DNS-1035");
+        assert_error(&doc("{namespace: x}"), "metadata.name", "required");
+        assert_error(&doc("{name: ''}"), "metadata.name", "required");
+        assert_error(&doc("{name: 5}"), "metadata.name", "must be a string");
+        assert_error(
+            &doc("{name: web, namespace: Shop}"),
+            "metadata.namespace",
+            "DNS-1123 label",
+        );
+        assert_error(
+            &doc("{name: web, labels: {a: true}}"),
+            "metadata.labels[a]",
+            "got boolean true",
+        );
+        assert_error(
+            &doc("{name: web, annotations: {a: [1]}}"),
+            "metadata.annotations[a]",
+            "got a list",
+        );
+        assert_error(
+            &doc("{name: web, uid: 5}"),
+            "metadata.uid",
+            "must be a string",
+        );
+        assert_error(&doc("[]"), "metadata", "must be a mapping");
+        assert_error(
+            "apiVersion: v1\nkind: Service\nspec: {ports: [{port: 1}]}\n",
+            "metadata",
+            "required",
+        );
+        assert_error(
+            &format!(
+                "{}status: {{loadBalancer: {{ingress: [{{ip: 999.1.1.1}}]}}}}\n",
+                svc("{ports: [{port: 1}]}")
+            ),
+            "status.loadBalancer.ingress[0].ip",
+            "must be an IP address",
+        );
+    }
+
+    #[test]
+    fn several_errors_in_one_object() {
+        let p = parse(&svc("{type: Foo, ports: [{port: 0}, {port: 70000}]}"));
+        assert!(p.objects.is_empty());
+        let fields: Vec<_> = p.errors.iter().map(|e| e.at.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.type",
+                "spec.ports[0].name",
+                "spec.ports[0].port",
+                "spec.ports[1].name",
+                "spec.ports[1].port"
+            ]
+        );
+    }
+
+    #[test]
+    fn yaml_features() {
+        // Anchors, aliases, merge keys, tags and null fields.
+        let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  labels: &l {app: web}\n\
+                    spec:\n  selector: *l\n  type: !!str NodePort\n  clusterIP: null\n  ports:\n  \
+                    - &p {name: a, port: 80, protocol: TCP}\n  - <<: *p\n    name: b\n    protocol: UDP\n";
+        let s = service(text);
+        assert_eq!(s.selector, strings(&[("app", "web")]));
+        assert_eq!(s.type_, ServiceType::NodePort);
+        assert_eq!(s.ports.len(), 2);
+        assert_eq!((s.ports[1].port, s.ports[1].protocol), (80, Protocol::Udp));
+        assert_error("apiVersion: v1\nkind: Service\n<<: 5\n", "", "merge");
+        assert_error("a: 1\na: 2\n", "", "duplicate");
+    }
+
+    #[test]
+    fn hostile_yaml_does_not_blow_up() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(parse(&deep).errors.len(), 1);
+        let deep_map = "a:\n".to_string()
+            + &(1..300)
+                .map(|i| format!("{}a:\n", " ".repeat(i)))
+                .collect::<String>();
+        assert_eq!(parse(&deep_map).errors.len(), 1);
+        let mut laughs = String::from("a: &a [x, x, x, x, x, x, x, x, x]\n");
+        for i in 0..12 {
+            let prev = if i == 0 {
+                "a".to_string()
+            } else {
+                format!("a{}", i - 1)
+            };
+            laughs += &format!("a{i}: &a{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n");
+        }
+        assert_eq!(parse(&laughs).errors.len(), 1);
+    }
+
+    // ---- EndpointSlice / Endpoints --------------------------------------------------------
+
+    const SLICE: &str = r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc12
+  namespace: shop
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+endpoints:
+- addresses: ["10.244.1.5"]
+  conditions: {ready: true}
+  nodeName: node-1
+  hostname: web-0
+  targetRef: {kind: Pod, name: web-0, namespace: shop}
+- addresses: ["10.244.2.6"]
+- addresses: ["10.244.2.7"]
+  conditions: {terminating: true, serving: true}
+- addresses: ["10.244.2.8"]
+  conditions: {ready: false}
+ports:
+- name: http
+  port: 8080
+- name: all
+  port: null
+  protocol: UDP
+- port: 9090
+  protocol: SCTP
+"#;
+
+    #[test]
+    fn endpoint_slice() {
+        let p = parse(SLICE);
+        assert!(p.errors.is_empty(), "{p:#?}");
+        assert_eq!(p.warnings.len(), 1, "{p:#?}");
+        assert_eq!(p.warnings[0].at.field, "ports[1].port");
+        assert!(p.warnings[0].message.contains("all ports"));
+        let Object::EndpointSlice(s) = &p.objects[0] else {
+            panic!("{p:#?}")
+        };
+        assert_eq!(s.service_name, "web");
+        assert_eq!(s.meta.object_ref().to_string(), "shop/web-abc12");
+        assert_eq!(s.address_type, AddressType::IPv4);
+        let c = |ready, serving, terminating| EndpointConditions {
+            ready,
+            serving,
+            terminating,
+        };
+        assert_eq!(
+            s.endpoints[0],
+            Endpoint {
+                addresses: vec![ip("10.244.1.5")],
+                conditions: c(true, true, false),
+                node_name: Some("node-1".into()),
+                hostname: Some("web-0".into()),
+                target_name: Some("web-0".into()),
+            }
+        );
+        assert_eq!(s.endpoints[1].conditions, c(true, true, false));
+        assert_eq!(s.endpoints[1].node_name, None);
+        assert_eq!(s.endpoints[2].conditions, c(false, true, true));
+        assert_eq!(s.endpoints[3].conditions, c(false, false, false));
+        assert_eq!(
+            s.ports,
+            vec![
+                EndpointPort {
+                    name: "http".into(),
+                    protocol: Protocol::Tcp,
+                    port: 8080
+                },
+                EndpointPort {
+                    name: String::new(),
+                    protocol: Protocol::Sctp,
+                    port: 9090
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn endpoint_slice_ipv6_and_fqdn() {
+        let v6 = SLICE
+            .replace("IPv4", "IPv6")
+            .replace("10.244.1.5", "fd00::1:5")
+            .replace("10.244.2.", "fd00::2:");
+        let p = parse(&v6);
+        assert!(p.errors.is_empty(), "{p:#?}");
+        let Object::EndpointSlice(s) = &p.objects[0] else {
+            panic!()
+        };
+        assert_eq!(s.address_type, AddressType::IPv6);
+        assert_eq!(s.endpoints[0].addresses, vec![ip("fd00::1:5")]);
+
+        let fqdn =
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: ext\n  \
+                    labels: {kubernetes.io/service-name: ext}\naddressType: FQDN\n\
+                    endpoints: [{addresses: [db.example.com]}]\nports: [{port: 5432}]\n";
+        let p = parse(fqdn);
+        assert!(p.errors.is_empty(), "{p:#?}");
+        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(p.warnings[0].at.field, "addressType");
+        let Object::EndpointSlice(s) = &p.objects[0] else {
+            panic!()
+        };
+        assert_eq!(s.address_type, AddressType::Fqdn);
+        assert!(s.endpoints[0].addresses.is_empty());
+        assert_error(
+            &fqdn.replace("db.example.com", "Not_A_Host"),
+            "endpoints[0].addresses[0]",
+            "DNS-1123 subdomain",
+        );
+    }
+
+    #[test]
+    fn endpoint_slice_errors() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "    kubernetes.io/service-name: web\n",
+                "    other: x\n",
+                "metadata.labels",
+                "kubernetes.io/service-name",
+            ),
+            (
+                "addressType: IPv4",
+                "addressType: IPv5",
+                "addressType",
+                "must be IPv4, IPv6 or FQDN, got \"IPv5\"",
+            ),
+            ("addressType: IPv4\n", "", "addressType", "required"),
+            (
+                "\"10.244.2.6\"",
+                "\"fd00::6\"",
+                "endpoints[1].addresses[0]",
+                "must be an IPv4 address",
+            ),
+            (
+                "\"10.244.2.6\"",
+                "\"10.244.2.600\"",
+                "endpoints[1].addresses[0]",
+                "IPv4 address",
+            ),
+            (
+                "- addresses: [\"10.244.2.6\"]",
+                "- addresses: []",
+                "endpoints[1].addresses",
+                "at least one address",
+            ),
+            (
+                "{ready: true}",
+                "{ready: \"yes\"}",
+                "endpoints[0].conditions.ready",
+                "must be true or false, got string \"yes\"",
+            ),
+            (
+                "{ready: false}",
+                "{ready: false, terminating: 1}",
+                "endpoints[3].conditions.terminating",
+                "must be true or false",
+            ),
+            (
+                "nodeName: node-1",
+                "nodeName: [node-1]",
+                "endpoints[0].nodeName",
+                "must be a string",
+            ),
+            (
+                "port: 8080",
+                "port: 0",
+                "ports[0].port",
+                "must be between 1 and 65535, got 0",
+            ),
+            ("port: 9090", "port: 65536", "ports[2].port", "got 65536"),
+            (
+                "protocol: SCTP",
+                "protocol: ICMP",
+                "ports[2].protocol",
+                "got \"ICMP\"",
+            ),
+            (
+                "- port: 9090",
+                "- name: http\n  port: 9090",
+                "ports[2].name",
+                "duplicate port name \"http\"",
+            ),
+            (
+                "- name: http",
+                "- name: HTTP",
+                "ports[0].name",
+                "DNS-1123 label",
+            ),
+        ];
+        for (from, to, field, msg) in cases {
+            let text = SLICE.replacen(from, to, 1);
+            assert_ne!(text, SLICE, "{from}");
+            let e = assert_error(&text, field, msg);
+            assert_eq!(e.at.object.as_deref(), Some("EndpointSlice shop/web-abc12"));
+        }
+    }
+
+    const ENDPOINTS: &str = r#"apiVersion: v1
+kind: Endpoints
+metadata:
+  name: db
+  namespace: shop
+  uid: 0c1d
+  labels: {team: data}
+subsets:
+- addresses:
+  - ip: 10.244.1.5
+    nodeName: node-1
+    hostname: db-0
+    targetRef: {kind: Pod, name: db-0}
+  notReadyAddresses:
+  - ip: 10.244.2.6
+  ports:
+  - {name: pg, port: 5432}
+- addresses:
+  - ip: 10.244.3.7
+  - ip: fd00::7
+  ports:
+  - {name: metrics, port: 9187, protocol: UDP}
+- ports:
+  - {port: 1}
+"#;
+
+    #[test]
+    fn endpoints_become_slices() {
+        let p = parse(ENDPOINTS);
+        assert!(p.errors.is_empty() && p.warnings.is_empty(), "{p:#?}");
+        let slices: Vec<&EndpointSlice> = p
+            .objects
+            .iter()
+            .map(|o| match o {
+                Object::EndpointSlice(s) => s,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let names: Vec<_> = slices.iter().map(|s| s.meta.name.as_str()).collect();
+        assert_eq!(names, ["db-0", "db-1-ipv4", "db-1-ipv6"]);
+        for s in &slices {
+            assert_eq!(s.service_name, "db");
+            assert_eq!(s.meta.namespace, "shop");
+            assert_eq!(s.meta.uid, None);
+            assert_eq!(
+                s.meta.labels,
+                strings(&[("team", "data"), ("kubernetes.io/service-name", "db")])
+            );
+        }
+        let ready = EndpointConditions {
+            ready: true,
+            serving: true,
+            terminating: false,
+        };
+        assert_eq!(slices[0].address_type, AddressType::IPv4);
+        assert_eq!(
+            slices[0].endpoints,
+            vec![
+                Endpoint {
+                    addresses: vec![ip("10.244.1.5")],
+                    conditions: ready,
+                    node_name: Some("node-1".into()),
+                    hostname: Some("db-0".into()),
+                    target_name: Some("db-0".into()),
+                },
+                Endpoint {
+                    addresses: vec![ip("10.244.2.6")],
+                    conditions: EndpointConditions {
+                        ready: false,
+                        serving: false,
+                        terminating: false,
+                    },
+                    node_name: None,
+                    hostname: None,
+                    target_name: None,
+                },
+            ]
+        );
+        assert_eq!(
+            slices[0].ports,
+            vec![EndpointPort {
+                name: "pg".into(),
+                protocol: Protocol::Tcp,
+                port: 5432
+            }]
+        );
+        assert_eq!(slices[1].endpoints.len(), 1);
+        assert_eq!(slices[2].address_type, AddressType::IPv6);
+        assert_eq!(slices[2].endpoints[0].addresses, vec![ip("fd00::7")]);
+        assert_eq!(slices[1].ports, slices[2].ports);
+        assert_eq!(slices[2].ports[0].protocol, Protocol::Udp);
+
+        // Endpoints without subsets: nothing, quietly.
+        let p = parse("apiVersion: v1\nkind: Endpoints\nmetadata: {name: x}\n");
+        assert_eq!(p, Parsed::default());
+    }
+
+    #[test]
+    fn endpoints_errors() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "ip: 10.244.1.5",
+                "ip: 10.244.1",
+                "subsets[0].addresses[0].ip",
+                "must be an IP address",
+            ),
+            (
+                "  - ip: 10.244.2.6",
+                "  - hostname: x",
+                "subsets[0].notReadyAddresses[0].ip",
+                "required",
+            ),
+            (
+                "{name: pg, port: 5432}",
+                "{name: pg}",
+                "subsets[0].ports[0].port",
+                "required",
+            ),
+            (
+                "{port: 1}",
+                "{port: 100000}",
+                "subsets[2].ports[0].port",
+                "got 100000",
+            ),
+            (
+                "{port: 1}",
+                "{port: 1, protocol: ANY}",
+                "subsets[2].ports[0].protocol",
+                "got \"ANY\"",
+            ),
+            (
+                "- ports:\n  - {port: 1}",
+                "- 5",
+                "subsets[2]",
+                "must be a mapping",
+            ),
+        ];
+        for (from, to, field, msg) in cases {
+            let text = ENDPOINTS.replacen(from, to, 1);
+            assert_ne!(text, ENDPOINTS, "{from}");
+            let e = assert_error(&text, field, msg);
+            assert_eq!(e.at.object.as_deref(), Some("Endpoints shop/db"));
+        }
+    }
+
+    // ---- Node, ConfigMap, Deployment, Pod -------------------------------------------------
+
+    #[test]
+    fn node() {
+        let text = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1.lab\n  namespace: ignored\n  \
+                    labels: {kubernetes.io/hostname: node-1}\nspec:\n  podCIDR: 10.244.1.0/24\n  \
+                    podCIDRs: [10.244.1.0/24, 'fd00:244:1::/64']\nstatus:\n  addresses:\n  \
+                    - {type: InternalIP, address: 192.168.2.11}\n  - {type: Hostname, address: node-1}\n";
+        let Object::Node(n) = one(text) else { panic!() };
+        assert_eq!(n.meta.name, "node-1.lab");
+        assert_eq!(n.meta.namespace, "");
+        assert_eq!(n.pod_cidrs, ["10.244.1.0/24", "fd00:244:1::/64"]);
+        assert_eq!(n.internal_ips(), vec![ip("192.168.2.11")]);
+        assert_eq!(n.addresses.len(), 2);
+
+        let Object::Node(n) =
+            one("apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {podCIDR: 10.0.0.0/24}\n")
+        else {
+            panic!()
+        };
+        assert_eq!(n.pod_cidrs, ["10.0.0.0/24"]);
+        assert!(n.addresses.is_empty());
+
+        let base = "apiVersion: v1\nkind: Node\nmetadata: {name: n}\n";
+        let e = assert_error(
+            &format!("{base}spec: {{podCIDR: 10.0.0.0/33}}\n"),
+            "spec.podCIDR",
+            "must be a CIDR",
+        );
+        assert_eq!(e.at.object.as_deref(), Some("Node n"));
+        assert_error(
+            &format!("{base}spec: {{podCIDRs: [x]}}\n"),
+            "spec.podCIDRs[0]",
+            "must be a CIDR",
+        );
+        assert_error(
+            &format!("{base}spec: {{podCIDR: 10.0.0.0/24, podCIDRs: [10.0.1.0/24]}}\n"),
+            "spec.podCIDRs[0]",
+            "must be equal to spec.podCIDR",
+        );
+        assert_error(
+            &format!("{base}status: {{addresses: [{{address: 1.2.3.4}}]}}\n"),
+            "status.addresses[0].type",
+            "required",
+        );
+        assert_error(
+            &format!("{base}status: {{addresses: [{{type: InternalIP}}]}}\n"),
+            "status.addresses[0].address",
+            "required",
+        );
+        assert_error(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: Node_1}\n",
+            "metadata.name",
+            "DNS-1123 subdomain",
+        );
+    }
+
+    #[test]
+    fn config_map_errors() {
+        let base = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cfg}\n";
+        let e = assert_error(
+            &format!("{base}data: {{replicas: 3}}\n"),
+            "data[replicas]",
+            "must be a string, got number 3",
+        );
+        assert_eq!(e.at.object.as_deref(), Some("ConfigMap default/cfg"));
+        assert_error(
+            &format!("{base}data: {{app.properties: {{a: b}}}}\n"),
+            "data[app.properties]",
+            "got a mapping",
+        );
+        assert_error(
+            &format!("{base}data: {{on: true}}\n"),
+            "data[on]",
+            "got boolean true",
+        );
+        assert_error(
+            &format!("{base}data: {{'a b': x}}\n"),
+            "data[a b]",
+            "letters, digits",
+        );
+        assert_error(&format!("{base}data: [a]\n"), "data", "must be a mapping");
+        let Object::ConfigMap(c) = one(&format!(
+            "{base}data: {{empty: , k: '1'}}\nbinaryData: {{b: AAAA}}\n"
+        )) else {
+            panic!()
+        };
+        assert_eq!(c.data, strings(&[("empty", ""), ("k", "1")]));
+    }
+
+    #[test]
+    fn deployment_defaults_and_ports() {
+        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n\
+                    spec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web, tier: fe}}\n    \
+                    spec:\n      containers:\n      - name: web\n        ports:\n        - {name: http, containerPort: 8080}\n        \
+                    - {name: dns, containerPort: 53, protocol: UDP}\n      - name: sidecar\n";
+        let Object::Deployment(d) = one(text) else {
+            panic!()
+        };
+        assert_eq!(d.replicas, 1);
+        assert_eq!(d.selector, strings(&[("app", "web")]));
+        assert_eq!(
+            d.template.labels,
+            strings(&[("app", "web"), ("tier", "fe")])
+        );
+        assert_eq!(
+            d.template.ports,
+            vec![
+                ContainerPort {
+                    name: "http".into(),
+                    container_port: 8080,
+                    protocol: Protocol::Tcp
+                },
+                ContainerPort {
+                    name: "dns".into(),
+                    container_port: 53,
+                    protocol: Protocol::Udp
+                },
+            ]
+        );
+        let Object::Deployment(d) = one(&DEPLOYMENT_SEED.replace("replicas: 2", "replicas: 0"))
+        else {
+            panic!()
+        };
+        assert_eq!(d.replicas, 0);
+    }
+
+    #[test]
+    fn deployment_errors() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "    matchLabels:\n      app: nextcloud\n      environment: dev\n",
+                "    matchExpressions:\n    - {key: app, operator: In, values: [nextcloud]}\n",
+                "spec.selector.matchExpressions",
+                "not supported by ferry",
+            ),
+            ("    matchLabels:\n      app: nextcloud\n      environment: dev\n", "    matchLabels: {}\n", "spec.selector.matchLabels", "non-empty"),
+            ("  selector:\n    matchLabels:\n      app: nextcloud\n      environment: dev\n", "", "spec.selector", "required"),
+            ("        environment: dev\n    spec:", "        environment: prod\n    spec:", "spec.template.metadata.labels", "selector does not match template labels: missing environment=dev"),
+            ("replicas: 2", "replicas: -1", "spec.replicas", "must be between 0 and 2147483647, got -1"),
+            ("replicas: 2", "replicas: two", "spec.replicas", "must be an integer"),
+            ("containerPort: 80", "containerPort: 0", "spec.template.spec.containers[0].ports[0].containerPort", "got 0"),
+            ("- containerPort: 80", "- name: web\n          containerPort: 80\n        - name: web\n          containerPort: 81", "spec.template.spec.containers[0].ports[1].name", "duplicate port name \"web\""),
+            ("- containerPort: 80", "- name: http_port\n          containerPort: 80", "spec.template.spec.containers[0].ports[0].name", "IANA"),
+            ("- containerPort: 80", "- protocol: TCP", "spec.template.spec.containers[0].ports[0].containerPort", "required"),
+            ("      - name: nextcloud\n        image: nextcloud:latest\n", "      - image: x\n", "spec.template.spec.containers[0].name", "required"),
+            ("      containers:", "      initContainers:", "spec.template.spec.containers", "at least one container"),
+            ("    spec:\n", "    nospec:\n", "spec.template.spec", "required"),
+        ];
+        for (from, to, field, msg) in cases {
+            let text = DEPLOYMENT_SEED.replacen(from, to, 1);
+            assert_ne!(text, DEPLOYMENT_SEED, "{from}");
+            let e = assert_error(&text, field, msg);
+            assert_eq!(
+                e.at.object.as_deref(),
+                Some("Deployment default/nextcloud-dev")
+            );
+        }
+        assert_error(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+            "spec",
+            "required",
+        );
+    }
+
+    #[test]
+    fn pod() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, labels: {app: web}}\n\
+                    spec:\n  nodeName: node-1\n  containers:\n  - name: web\n    ports: [{name: http, containerPort: 8080}]\n\
+                    status: {podIP: 10.244.1.5}\n";
+        let Object::Pod(p) = one(text) else { panic!() };
+        assert_eq!(p.node_name.as_deref(), Some("node-1"));
+        assert_eq!(p.pod_ip, Some(ip("10.244.1.5")));
+        assert_eq!(p.ports[0].name, "http");
+        assert_eq!(p.meta.labels, strings(&[("app", "web")]));
+
+        let Object::Pod(p) =
+            one(&text.replace("{podIP: 10.244.1.5}", "{podIPs: [{ip: 'fd00::5'}]}"))
+        else {
+            panic!()
+        };
+        assert_eq!(p.pod_ip, Some(ip("fd00::5")));
+        let Object::Pod(p) = one(&text.replace("status: {podIP: 10.244.1.5}\n", "")) else {
+            panic!()
+        };
+        assert_eq!(p.pod_ip, None);
+
+        let e = assert_error(
+            &text.replace("10.244.1.5", "10.244.1"),
+            "status.podIP",
+            "must be an IP address",
+        );
+        assert_eq!(e.at.object.as_deref(), Some("Pod default/web-0"));
+        assert_error(
+            &text.replace("8080", "80000"),
+            "spec.containers[0].ports[0].containerPort",
+            "got 80000",
+        );
+        assert_error(
+            &text.replace("nodeName: node-1", "nodeName: 7"),
+            "spec.nodeName",
+            "must be a string",
+        );
+    }
+
+    #[test]
+    fn line_number_shifting() {
+        assert_eq!(
+            shift_line_numbers(
+                "bad at line 2 column 3, while parsing at line 1 column 1",
+                10
+            ),
+            "bad at line 12 column 3, while parsing at line 11 column 1"
+        );
+        assert_eq!(
+            shift_line_numbers("deadline 5 line x line 7", 3),
+            "deadline 5 line x line 7"
+        );
+        assert_eq!(shift_line_numbers("line 2 column 1", 0), "line 2 column 1");
+    }
+
+    // ---- never panic ----------------------------------------------------------------------
+
+    const MUTATION_ALPHABET: &[char] = &[
+        ' ', ' ', '\n', '\t', ':', '-', '[', ']', '{', '}', '"', '\'', '#', '&', '*', '!', '|',
+        '>', '0', '9', 'a', 'N', '.', ',', '%', '@', '`', '?', '~', '<', '\\', 'é',
+    ];
+
+    fn sample_manifest() -> String {
+        [
+            DEPLOYMENT_SEED,
+            SERVICE_SEED,
+            "---\n",
+            LOADBALANCER_SEED,
+            "---\n",
+            SLICE,
+            "---\n",
+            ENDPOINTS,
+            "---\n",
+            CONFIGMAP_SEED,
+        ]
+        .concat()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn never_panics_on_arbitrary_text(text in ".{0,400}") {
+            let p = parse_text("p", &text);
+            prop_assert!(p.errors.iter().chain(&p.warnings).all(|e| e.at.file == "p"));
+        }
+
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+            parse_text("p", &String::from_utf8_lossy(&bytes));
+        }
+
+        #[test]
+        fn never_panics_on_yamlish_text(
+            chars in prop::collection::vec(prop::sample::select(MUTATION_ALPHABET), 0..300)
+        ) {
+            let text: String = chars.into_iter().collect();
+            parse_text("p", &text);
+            parse_text("p", &format!("apiVersion: v1\nkind: Service\n{text}"));
+        }
+
+        #[test]
+        fn never_panics_on_char_mutations(
+            edits in prop::collection::vec(
+                (any::<prop::sample::Index>(), 0u8..3, prop::sample::select(MUTATION_ALPHABET)),
+                1..10,
+            )
+        ) {
+            let mut text: Vec<char> = sample_manifest().chars().collect();
+            for (at, op, c) in edits {
+                let i = at.index(text.len() + 1);
+                match op {
+                    0 => text.insert(i, c),
+                    1 if i < text.len() => { text.remove(i); }
+                    _ if i < text.len() => text[i] = c,
+                    _ => text.push(c),
+                }
+            }
+            let text: String = text.into_iter().collect();
+            let p = parse_text("p", &text);
+            // Deterministic, and every document accounted for at most once per object.
+            prop_assert_eq!(&p, &parse_text("p", &text));
+        }
+
+        #[test]
+        fn never_panics_on_line_mutations(
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>(), 0u8..4), 1..6)
+        ) {
+            let sample = sample_manifest();
+            let mut lines: Vec<String> = sample.lines().map(str::to_string).collect();
+            for (a, b, op) in edits {
+                let i = a.index(lines.len());
+                let j = b.index(lines.len());
+                match op {
+                    0 => { lines.remove(i); }
+                    1 => { let l = lines[i].clone(); lines.insert(j, l); }
+                    2 => lines.swap(i, j),
+                    _ => lines[i] = format!("  {}", lines[i]),
+                }
+                if lines.is_empty() {
+                    lines.push(String::new());
+                }
+            }
+            let text = lines.join("\n");
+            let p = parse_text("p", &text);
+            prop_assert!(p.objects.len() <= 12);
+        }
+
+        #[test]
+        fn port_numbers(port in any::<i64>()) {
+            let p = parse_text("p", &svc(&format!("{{ports: [{{port: {port}}}]}}")));
+            if (1..=65535).contains(&port) {
+                prop_assert!(p.errors.is_empty());
+                let Object::Service(s) = &p.objects[0] else { panic!() };
+                prop_assert_eq!(i64::from(s.ports[0].port), port);
+            } else {
+                prop_assert!(p.objects.is_empty());
+                prop_assert_eq!(p.errors.len(), 1);
+                prop_assert_eq!(&p.errors[0].at.field, "spec.ports[0].port");
+                prop_assert_eq!(&p.errors[0].message, &format!("must be between 1 and 65535, got {port}"));
+            }
+        }
+
+        #[test]
+        fn documents_are_independent(bad in "[a-z:{}\\[\\] \n-]{0,40}", n in 0usize..4) {
+            // Any junk document between good ones never costs the good ones.
+            let junk = bad.replace("---", "-").replace("...", ".");
+            let mut text = String::new();
+            for _ in 0..n {
+                text += NODEPORT_SEED;
+                text += "---\n";
+            }
+            text += &junk;
+            text += "\n---\n";
+            text += CONFIGMAP_SEED;
+            let p = parse_text("p", &text);
+            let good = p.objects.iter().filter(|o| o.meta().name == "nextcloud-dev-nodeport" || o.meta().name == "config").count();
+            prop_assert_eq!(good, n + 1);
+        }
+    }
 }

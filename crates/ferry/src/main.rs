@@ -4,6 +4,7 @@
 //! ruleset) -> dataplane (the kernel).
 
 mod agent;
+mod bench;
 mod get;
 mod source;
 mod state;
@@ -27,6 +28,8 @@ enum Command {
     Cleanup,
     /// Print the planned nftables script for a manifest directory (nothing is applied).
     Plan(agent::AgentArgs),
+    /// Time plan + apply of many services in this network namespace (see bench/dataplane.sh).
+    Bench(bench::BenchArgs),
     /// A cluster of network namespaces on this host.
     Lab(ferry_lab::LabArgs),
     /// Bring up a lab and replay the seed's walk through Service types.
@@ -40,6 +43,7 @@ fn main() {
         Command::Get(args) => get::run(args),
         Command::Cleanup => cleanup(),
         Command::Plan(args) => plan(args),
+        Command::Bench(args) => bench::run(args),
         Command::Lab(args) => ferry_lab::run_lab(args),
         Command::Demo(args) => ferry_lab::run_demo(args),
     };

@@ -1,0 +1,191 @@
+//! `ferry bench dataplane`: plan + apply N services with M endpoints each from scratch, then
+//! one endpoint change at a time, in the current network namespace (run it in a namespace of
+//! its own: `bench/dataplane.sh` does). Prints medians.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use ferry_model::view::{ResolvedEndpoint, ResolvedPort, ResolvedService};
+use ferry_model::{ObjectRef, Protocol, ServiceType, TrafficPolicy};
+use ferry_nft::{Dataplane, Nft};
+use ferry_plan::plan::DEFAULT_MASQUERADE_MARK;
+use ferry_plan::{plan, PlanConfig};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 10_000)]
+    pub services: usize,
+    #[arg(long, default_value_t = 10)]
+    pub endpoints_per_service: usize,
+    /// Cold loads to time (each starts from no table).
+    #[arg(long, default_value_t = 5)]
+    pub cold_runs: usize,
+    /// Single endpoint changes to time.
+    #[arg(long, default_value_t = 50)]
+    pub changes: usize,
+    /// Use the `nft` command instead of libnftables.
+    #[arg(long)]
+    pub nft_command: bool,
+    /// Also time kube-proxy's layout (one anonymous numgen vmap per service) for comparison.
+    #[arg(long)]
+    pub kube_proxy_layout: bool,
+}
+
+fn ip(n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(n))
+}
+
+fn services(n: usize, eps: usize, generation: u32) -> Vec<ResolvedService> {
+    (0..n)
+        .map(|i| {
+            let i32_ = i as u32;
+            ResolvedService {
+                id: ObjectRef::new("bench", format!("svc-{i}")),
+                type_: if i % 2 == 0 {
+                    ServiceType::ClusterIP
+                } else {
+                    ServiceType::NodePort
+                },
+                // 10.43.x.y cluster IPs, 10.42.x.y endpoints (10.42/16 holds 65,536).
+                cluster_ip: Some(ip(0x0a2b_0000 + i32_ + 1)),
+                external_ips: vec![],
+                load_balancer_ips: vec![],
+                external_traffic_policy: TrafficPolicy::Cluster,
+                internal_traffic_policy: TrafficPolicy::Cluster,
+                ports: vec![ResolvedPort {
+                    name: String::new(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    node_port: (i % 2 == 1).then_some(30000 + (i / 2 % 2768) as u16),
+                    endpoints: (0..eps)
+                        .map(|e| ResolvedEndpoint {
+                            addr: ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1),
+                            port: 8080 + (generation * (e == 0) as u32) as u16,
+                            node: Some(format!("node-{}", e % 3)),
+                            ready: true,
+                            serving: true,
+                            terminating: false,
+                        })
+                        .collect(),
+                }],
+            }
+        })
+        .collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn kube_proxy_script(svcs: &[ResolvedService]) -> String {
+    let mut s = String::from("add table inet kp\nadd chain inet kp services\n");
+    for (i, svc) in svcs.iter().enumerate() {
+        let _ = writeln!(s, "add chain inet kp svc-{i}");
+        let eps = &svc.ports[0].endpoints;
+        for (j, e) in eps.iter().enumerate() {
+            let _ = writeln!(s, "add chain inet kp sep-{i}-{j}");
+            let _ = writeln!(s, "add rule inet kp sep-{i}-{j} ip saddr {} meta mark set 0x4000", e.addr);
+            let _ = writeln!(s, "add rule inet kp sep-{i}-{j} meta l4proto tcp dnat ip to {}:{}", e.addr, e.port);
+        }
+        let arms: Vec<String> = (0..eps.len()).map(|j| format!("{j} : goto sep-{i}-{j}")).collect();
+        let _ = writeln!(
+            s,
+            "add rule inet kp svc-{i} numgen random mod {} vmap {{ {} }}",
+            eps.len(),
+            arms.join(", ")
+        );
+    }
+    s
+}
+
+pub fn run(args: BenchArgs) -> Result<i32> {
+    if args.services == 0 || args.endpoints_per_service == 0 {
+        bail!("--services and --endpoints-per-service must be positive");
+    }
+    let cfg = PlanConfig {
+        node_name: "node-0".into(),
+        node_ips: vec![ip(0xc0a8_020b)],
+        cluster_cidrs: vec!["10.42.0.0/16".parse()?],
+        masquerade_mark: DEFAULT_MASQUERADE_MARK,
+    };
+    let nft = || if args.nft_command { Nft::command() } else { Nft::new() };
+    let base = services(args.services, args.endpoints_per_service, 0);
+    println!(
+        "ferry dataplane benchmark: {} services x {} endpoints = {} endpoints, nftables via {}",
+        args.services,
+        args.endpoints_per_service,
+        args.services * args.endpoints_per_service,
+        nft().backend_name()
+    );
+
+    let mut cold_plan = Vec::new();
+    let mut cold_apply = Vec::new();
+    for _ in 0..args.cold_runs.max(1) {
+        ferry_nft::cleanup(&mut nft())?;
+        let mut dp = Dataplane::new(nft());
+        let t0 = Instant::now();
+        let rs = plan(&cfg, &base);
+        let t1 = Instant::now();
+        dp.apply(&rs)?;
+        let t2 = Instant::now();
+        cold_plan.push((t1 - t0).as_secs_f64() * 1e3);
+        cold_apply.push((t2 - t1).as_secs_f64() * 1e3);
+    }
+    let mut cold_total: Vec<f64> = cold_plan.iter().zip(&cold_apply).map(|(a, b)| a + b).collect();
+    println!(
+        "cold load (plan + apply), median of {}: {:.0} ms (plan {:.0} ms, apply {:.0} ms)",
+        cold_total.len(),
+        median(&mut cold_total),
+        median(&mut cold_plan),
+        median(&mut cold_apply)
+    );
+
+    // One endpoint change at a time, with everything else present.
+    let mut dp = Dataplane::new(nft());
+    dp.apply(&plan(&cfg, &base))?;
+    let mut change_total = Vec::new();
+    let mut change_plan = Vec::new();
+    let mut current = base.clone();
+    for k in 0..args.changes.max(1) {
+        let victim = (k * 7919) % current.len();
+        let ep = &mut current[victim].ports[0].endpoints[0];
+        ep.port = if ep.port == 8080 { 8081 } else { 8080 };
+        let t0 = Instant::now();
+        let rs = plan(&cfg, &current);
+        let t1 = Instant::now();
+        let ch = dp.apply(&rs)?;
+        let t2 = Instant::now();
+        if ch.chains_changed != 1 {
+            bail!("expected one changed chain, got {ch}");
+        }
+        change_plan.push((t1 - t0).as_secs_f64() * 1e3);
+        change_total.push((t2 - t0).as_secs_f64() * 1e3);
+    }
+    let mut change_apply: Vec<f64> = change_total.iter().zip(&change_plan).map(|(t, p)| t - p).collect();
+    println!(
+        "one endpoint change (plan + apply), median of {}: {:.1} ms (plan {:.1} ms, apply {:.1} ms)",
+        change_total.len(),
+        median(&mut change_total),
+        median(&mut change_plan),
+        median(&mut change_apply)
+    );
+    ferry_nft::cleanup(&mut nft())?;
+
+    if args.kube_proxy_layout {
+        let script = kube_proxy_script(&base);
+        let mut n = Nft::new();
+        let t0 = Instant::now();
+        n.run(&script)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        n.run("delete table inet kp")?;
+        println!("kube-proxy layout (anonymous numgen vmap per service), one cold load: {ms:.0} ms");
+    }
+    Ok(0)
+}
