@@ -205,11 +205,8 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
     for n in &gone {
         let _ = writeln!(out, "flush chain {FAMILY} {TABLE} {n}");
     }
-    for n in &gone {
-        let _ = writeln!(out, "delete chain {FAMILY} {TABLE} {n}");
-    }
-    ch.chains_deleted = gone.len();
-    // 6. Sets no longer planned.
+    // 6. Sets no longer planned, once no rule names them and before the chains their
+    // elements may still jump to.
     for n in live.sets.keys().filter(|n| !desired.sets.contains_key(*n)) {
         let kind = if live.sets[n].signature.ends_with(": verdict") {
             "map"
@@ -218,6 +215,10 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
         };
         let _ = writeln!(out, "delete {kind} {FAMILY} {TABLE} {n}");
     }
+    for n in &gone {
+        let _ = writeln!(out, "delete chain {FAMILY} {TABLE} {n}");
+    }
+    ch.chains_deleted = gone.len();
     ch.script = out;
     ch
 }
