@@ -198,20 +198,20 @@ impl Element {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
     Prerouting,
     Output,
     Postrouting,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChainType {
     Filter,
     Nat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BaseChain {
     pub type_: ChainType,
     pub hook: Hook,
@@ -219,7 +219,7 @@ pub struct BaseChain {
 }
 
 /// A condition of a rule. All of a rule's matches must hold.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Match {
     /// `ct state new`
     CtStateNew,
@@ -244,7 +244,7 @@ pub enum Match {
 }
 
 /// What a rule does when it matches.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Action {
     Verdict(Verdict),
     /// `ip daddr . meta l4proto . th dport vmap @map`
@@ -265,7 +265,7 @@ pub enum Action {
     RejectIcmpx,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rule {
     pub matches: Vec<Match>,
     pub action: Action,
@@ -337,14 +337,24 @@ fn render_action(a: &Action) -> String {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Chain {
     pub name: String,
     pub base: Option<BaseChain>,
     /// What the chain is for, shown in `nft list`.
     pub comment: String,
     pub rules: Vec<Rule>,
+    /// The fingerprint, computed once (change rules only through [`Chain::push`]).
+    fp: std::cell::OnceCell<String>,
 }
+
+impl PartialEq for Chain {
+    fn eq(&self, o: &Chain) -> bool {
+        self.name == o.name && self.base == o.base && self.comment == o.comment && self.rules == o.rules
+    }
+}
+
+impl Eq for Chain {}
 
 impl Chain {
     pub fn new(name: impl Into<String>, comment: impl Into<String>) -> Chain {
@@ -353,6 +363,7 @@ impl Chain {
             base: None,
             comment: comment.into(),
             rules: Vec::new(),
+            fp: std::cell::OnceCell::new(),
         }
     }
     pub fn base(
@@ -372,6 +383,7 @@ impl Chain {
         }
     }
     pub fn push(&mut self, r: Rule) {
+        self.fp.take();
         self.rules.push(r);
     }
 
@@ -379,12 +391,17 @@ impl Chain {
     /// first rule (a chain's own comment cannot be changed in place), so an agent that restarts
     /// can tell which chains are already as planned.
     pub fn fingerprint(&self) -> String {
-        let mut s = self.render_spec();
-        for r in &self.rules {
-            s.push('\n');
-            s.push_str(&r.render());
-        }
-        format!("{:016x}", ferry_model::alloc::fnv1a(s.as_bytes()))
+        self.fp.get_or_init(|| self.compute_fingerprint()).clone()
+    }
+
+    fn compute_fingerprint(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        // Hashing the typed rules (not their rendering) keeps this cheap at 100,000 rules.
+        let mut h = Fnv(0xcbf29ce484222325);
+        self.base.hash(&mut h);
+        self.comment.hash(&mut h);
+        self.rules.hash(&mut h);
+        format!("{:016x}", h.finish())
     }
 
     fn render_spec(&self) -> String {
@@ -503,6 +520,21 @@ pub fn render_elements<'a>(
         }
     }
     flush(out, &mut batch);
+}
+
+/// FNV-1a as a [`std::hash::Hasher`]: stable for a given build, unlike std's seeded hasher.
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x100000001b3);
+        }
+    }
 }
 
 /// An nft double-quoted string (comments): quotes and backslashes are dropped, length capped.
