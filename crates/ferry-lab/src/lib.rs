@@ -1,39 +1,23 @@
 //! `ferry lab`: a Kubernetes-like cluster of network namespaces on one host, and `ferry demo`.
+//!
+//! Modules: [`state`] (paths, lab.json, lock), [`sys`] (iproute2, namespaces, processes),
+//! [`topology`] (LAN, nodes, client, agents, down), [`pods`], [`manifests`] (apply/delete,
+//! EndpointSlices), [`get`], [`serve`] (the pods' server), [`cli`], [`demo`], and [`api`] (the
+//! [`Lab`] handle for end-to-end tests).
 
-use clap::{Args, Subcommand};
+pub mod api;
+pub mod cli;
+pub mod demo;
+pub mod get;
+pub mod manifests;
+pub mod ops;
+pub mod pods;
+pub mod serve;
+pub mod state;
+pub mod sys;
+pub mod topology;
 
-#[derive(Debug, Subcommand)]
-pub enum LabCommand {
-    /// Create the lab: LAN bridge, client, nodes, one ferry agent per node.
-    Up {
-        #[arg(long, default_value_t = 2)]
-        nodes: usize,
-    },
-}
-
-#[derive(Debug, Args)]
-pub struct LabArgs {
-    /// Name prefix of every namespace and file of this lab (two labs can run side by side).
-    #[arg(long, global = true, default_value = "ferry")]
-    pub prefix: String,
-    #[command(subcommand)]
-    pub command: LabCommand,
-}
-
-/// Runs one `ferry lab` command; returns the process exit code.
-pub fn run_lab(args: LabArgs) -> anyhow::Result<i32> {
-    let _ = args;
-    anyhow::bail!("not yet")
-}
-
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    #[arg(long, default_value = "demo")]
-    pub prefix: String,
-}
-
-/// `ferry demo`: brings a lab up, replays the seed, tears it down.
-pub fn run_demo(args: DemoArgs) -> anyhow::Result<i32> {
-    let _ = args;
-    anyhow::bail!("not yet")
-}
+pub use api::{require_root, Lab, LabConfig};
+pub use cli::{run_lab, LabArgs, LabCommand};
+pub use demo::{run_demo, DemoArgs};
+pub use state::{LabState, NodeInfo, PodInfo};

@@ -322,3 +322,32 @@ pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
     }
     rs
 }
+
+/// UDP endpoints (address, port) that served a service port before and no longer do. Their
+/// conntrack entries must go: UDP "connections" would otherwise keep reaching a gone endpoint
+/// for as long as the client keeps sending (kube-proxy clears them the same way).
+pub fn stale_udp_endpoints(old: &[ResolvedService], new: &[ResolvedService]) -> Vec<(IpAddr, u16)> {
+    use std::collections::BTreeMap;
+    let serving = |list: &[ResolvedService]| {
+        let mut m: BTreeMap<(String, u16), BTreeSet<(IpAddr, u16)>> = BTreeMap::new();
+        for s in list {
+            for p in s.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+                m.entry((s.id.to_string(), p.port))
+                    .or_default()
+                    .extend(usable_endpoints(&p.endpoints, None).iter().map(|e| (e.addr, e.port)));
+            }
+        }
+        m
+    };
+    let (before, after) = (serving(old), serving(new));
+    let mut out = BTreeSet::new();
+    for (k, eps) in before {
+        let now = after.get(&k);
+        for e in eps {
+            if now.is_none_or(|n| !n.contains(&e)) {
+                out.insert(e);
+            }
+        }
+    }
+    out.into_iter().collect()
+}

@@ -142,6 +142,7 @@ pub fn host_addresses() -> Vec<IpAddr> {
 /// Everything one pass computes from a snapshot (exposed for `ferry plan`-style tools/tests).
 pub struct Pass {
     pub ruleset: Ruleset,
+    pub services: Vec<ferry_model::view::ResolvedService>,
     pub node_ips: Vec<IpAddr>,
     pub rejected: Vec<String>,
 }
@@ -171,6 +172,7 @@ pub fn compute(args: &AgentArgs, state: &StateDir, snap: &Snapshot, snapshot_ms:
     };
     Ok(Pass {
         ruleset: plan(&cfg, &resolved),
+        services: resolved,
         node_ips,
         rejected,
     })
@@ -197,6 +199,7 @@ pub fn run(args: AgentArgs) -> Result<i32> {
     let mut retry_at: Option<Instant> = None;
     let mut resync_at = Instant::now() + Duration::from_secs(args.resync_s.max(1));
     let mut first = true;
+    let mut served: Vec<ferry_model::view::ResolvedService> = Vec::new();
     while !STOP.load(Ordering::SeqCst) {
         let stamp = source::stamp(&args.manifests).unwrap_or_default();
         let due_retry = retry_at.is_some_and(|t| Instant::now() >= t);
@@ -208,7 +211,7 @@ pub fn run(args: AgentArgs) -> Result<i32> {
             }
             let started = Instant::now();
             let snapshot_ms = source::now_ms();
-            match pass(&args, &state, &mut dp, snapshot_ms, &mut last_problems, &mut last_node_ips, first) {
+            match pass(&args, &state, &mut dp, snapshot_ms, &mut last_problems, &mut last_node_ips, &mut served, first) {
                 Ok(()) => {
                     retry_at = None;
                     last_stamp = Some(stamp);
@@ -229,6 +232,19 @@ pub fn run(args: AgentArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// Deletes UDP conntrack entries whose replies come from a removed endpoint (`conntrack -D`).
+fn flush_udp_conntrack(addr: IpAddr, port: u16) {
+    let out = std::process::Command::new("conntrack")
+        .args(["-D", "-p", "udp", "--reply-src", &addr.to_string(), "--reply-port-src", &port.to_string()])
+        .output();
+    match out {
+        // conntrack exits 1 when there was nothing to delete.
+        Ok(o) if o.status.success() => log!("cleared UDP conntrack entries of removed endpoint {addr}:{port}"),
+        Ok(_) => {}
+        Err(e) => log!("warning: cannot clear UDP conntrack entries of {addr}:{port}: conntrack: {e}"),
+    }
+}
+
 fn pass(
     args: &AgentArgs,
     state: &StateDir,
@@ -236,6 +252,7 @@ fn pass(
     snapshot_ms: u64,
     last_problems: &mut Vec<String>,
     last_node_ips: &mut Vec<IpAddr>,
+    served: &mut Vec<ferry_model::view::ResolvedService>,
     first: bool,
 ) -> Result<()> {
     let t0 = Instant::now();
@@ -259,6 +276,10 @@ fn pass(
     }
     let t_plan = t0.elapsed();
     let changes = dp.apply(&p.ruleset)?;
+    for (addr, port) in ferry_plan::plan::stale_udp_endpoints(served, &p.services) {
+        flush_udp_conntrack(addr, port);
+    }
+    *served = p.services;
     if !changes.is_empty() || first {
         log!(
             "{} services: {} (plan {:.1} ms, apply {:.1} ms)",

@@ -1,0 +1,346 @@
+//! `ferry lab ...` command line.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use crate::get::{self, NsFilter};
+use crate::manifests;
+use crate::ops;
+use crate::state::{prefix_flag, Ctx};
+use crate::topology::{self, AgentAction};
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Create the lab: LAN bridge, client, nodes, one ferry agent per node.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Do not start agents (for tests of the lab itself).
+        #[arg(long)]
+        no_agents: bool,
+    },
+    /// Stop every process of the lab and delete its namespaces and files (safe to repeat, works
+    /// after a crash).
+    Down,
+    /// Create or update objects from files (Deployments and Pods become lab pods).
+    Apply {
+        /// File, directory or `-` (repeatable).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete objects: `delete -f FILE` or `delete svc|deployment|pod|configmap NAME...`.
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// Resource type (svc, deployment, pod, configmap, endpointslice).
+        #[arg(required_unless_present = "files")]
+        resource: Option<String>,
+        names: Vec<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// Run a command in a node, a pod or the client: `exec TARGET -- CMD...`.
+    Exec {
+        /// Node name, pod name, `client` or `lan`.
+        target: String,
+        /// The command (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List pods, services (from `ferry get svc`), deployments or nodes: `get pods,svc -o wide`.
+    Get {
+        what: String,
+        #[arg(short = 'o', long = "output")]
+        output: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(short = 'A', long = "all-namespaces")]
+        all_namespaces: bool,
+    },
+    /// Start, stop (SIGTERM), restart or kill (SIGKILL) a node's agent.
+    Agent {
+        #[command(subcommand)]
+        action: AgentCmd,
+    },
+    /// Print the log of a node's agent (or of a pod's server).
+    Logs { target: String },
+    /// Lab-only readiness switch: `set-ready POD false` marks the pod's endpoints not ready.
+    SetReady {
+        pod: String,
+        #[arg(action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+        ready: bool,
+    },
+    /// (internal) The server inside every lab pod.
+    #[command(hide = true)]
+    ServePod {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        tcp: Vec<u16>,
+        #[arg(long)]
+        udp: Vec<u16>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCmd {
+    Start { node: String },
+    Stop { node: String },
+    Restart { node: String },
+    Kill { node: String },
+}
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// Name prefix of every namespace and file of this lab (two labs can run side by side).
+    #[arg(long, global = true, default_value = "ferry")]
+    pub prefix: String,
+    #[command(subcommand)]
+    pub command: LabCommand,
+}
+
+fn print_report(report: &manifests::Report) -> i32 {
+    for l in &report.lines {
+        println!("{l}");
+    }
+    for e in &report.errors {
+        eprintln!("{e}");
+    }
+    i32::from(!report.errors.is_empty())
+}
+
+fn docs_or_errors(files: &[PathBuf]) -> Result<(Vec<manifests::Doc>, Vec<String>)> {
+    let (docs, errors) = manifests::docs_from_files(files)?;
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    Ok((docs, errors))
+}
+
+/// Runs one `ferry lab` command; returns the process exit code.
+pub fn run_lab(args: LabArgs) -> Result<i32> {
+    if let LabCommand::ServePod { name, tcp, udp } = &args.command {
+        crate::serve::serve_pod(name, tcp, udp)?;
+        return Ok(0);
+    }
+    let ctx = Ctx::new(&args.prefix, None, None)?;
+    match args.command {
+        LabCommand::ServePod { .. } => Ok(0),
+        LabCommand::Up { nodes, no_agents } => {
+            let report = topology::up(&ctx, nodes, !no_agents)?;
+            print_up(&ctx, &report);
+            Ok(0)
+        }
+        LabCommand::Down => {
+            let r = topology::down(&ctx)?;
+            if r.existed {
+                println!(
+                    "lab {:?} down: {} processes stopped, {} namespaces deleted",
+                    ctx.prefix,
+                    r.processes,
+                    r.namespaces.len()
+                );
+            } else {
+                println!("lab {:?} is not up (nothing to do)", ctx.prefix);
+            }
+            Ok(0)
+        }
+        LabCommand::Apply { files } => {
+            let (docs, errors) = docs_or_errors(&files)?;
+            let report = ops::apply(&ctx, &docs)?;
+            Ok(print_report(&report).max(i32::from(!errors.is_empty())))
+        }
+        LabCommand::Delete {
+            files,
+            resource,
+            names,
+            namespace,
+        } => {
+            if !files.is_empty() {
+                if resource.is_some() {
+                    anyhow::bail!("give either -f FILE or RESOURCE NAME..., not both");
+                }
+                let (docs, errors) = docs_or_errors(&files)?;
+                let report = ops::delete(&ctx, &docs)?;
+                return Ok(print_report(&report).max(i32::from(!errors.is_empty())));
+            }
+            let Some(resource) = resource else {
+                anyhow::bail!("give -f FILE or RESOURCE NAME...");
+            };
+            // `delete svc/web` works like kubectl.
+            let (resource, names) = match resource.split_once('/') {
+                Some((r, n)) => {
+                    let mut all = vec![n.to_string()];
+                    all.extend(names);
+                    (r.to_string(), all)
+                }
+                None => (resource, names),
+            };
+            if names.is_empty() {
+                anyhow::bail!("error: resource(s) were provided, but no name was specified");
+            }
+            let report = ops::delete_named(&ctx, &resource, &namespace, &names)?;
+            Ok(print_report(&report))
+        }
+        LabCommand::Exec { target, command } => ops::exec_interactive(&ctx, &target, &command),
+        LabCommand::Get {
+            what,
+            output,
+            namespace,
+            all_namespaces,
+        } => {
+            let wide = match output.as_deref() {
+                None => false,
+                Some("wide") => true,
+                Some(o) => anyhow::bail!("-o {o} is not supported by `ferry lab get` (only wide)"),
+            };
+            let ns = if all_namespaces {
+                NsFilter::All
+            } else {
+                NsFilter::One(namespace)
+            };
+            let st = ops::state(&ctx)?;
+            let out = get::get(&ctx, &st, &what, wide, &ns)?;
+            print!("{}", out.stdout);
+            eprint!("{}", out.stderr);
+            Ok(i32::from(!out.ok))
+        }
+        LabCommand::Agent { action } => {
+            let (node, action) = match action {
+                AgentCmd::Start { node } => (node, AgentAction::Start),
+                AgentCmd::Stop { node } => (node, AgentAction::Stop),
+                AgentCmd::Restart { node } => (node, AgentAction::Restart),
+                AgentCmd::Kill { node } => (node, AgentAction::Kill),
+            };
+            let (lines, warnings) = topology::agent(&ctx, &node, action)?;
+            for l in lines {
+                println!("{l}");
+            }
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            Ok(0)
+        }
+        LabCommand::Logs { target } => {
+            let st = ops::state(&ctx)?;
+            let path = if st.node(&target).is_some() {
+                ctx.agent_log(&target)
+            } else if st.pod(&target).is_some() {
+                ctx.pod_log(&target)
+            } else {
+                anyhow::bail!(
+                    "no node or pod {target:?} (nodes: {})",
+                    st.node_names().join(", ")
+                );
+            };
+            match std::fs::read_to_string(&path) {
+                Ok(text) => print!("{text}"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    eprintln!("no log yet ({})", path.display())
+                }
+                Err(e) => return Err(e.into()),
+            }
+            Ok(0)
+        }
+        LabCommand::SetReady { pod, ready } => {
+            println!("{}", ops::set_ready(&ctx, &pod, ready)?);
+            Ok(0)
+        }
+    }
+}
+
+pub(crate) fn print_up(ctx: &Ctx, report: &topology::UpReport) {
+    let st = &report.state;
+    println!(
+        "lab {:?} up: {} nodes, client {} ({}), files in {}",
+        ctx.prefix,
+        st.nodes.len(),
+        st.client.ip,
+        st.client.ns,
+        ctx.dir().display()
+    );
+    for n in &st.nodes {
+        let agent = match topology::agent_pid(ctx, st, &n.name) {
+            Some(pid) => format!("agent pid {pid}"),
+            None if st.agents => "agent not running".to_string(),
+            None => "no agent".to_string(),
+        };
+        println!(
+            "  {:<18} {:<14} pods {:<14} netns {}  {agent}",
+            n.name, n.ip, n.pod_cidr, n.ns
+        );
+    }
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    let p = prefix_flag(&ctx.prefix);
+    println!(
+        "next: ferry lab{p} apply -f FILE; ferry lab{p} get pods,svc -o wide; ferry lab{p} down"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Top,
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum Top {
+        Lab(LabArgs),
+        Demo(crate::DemoArgs),
+    }
+
+    fn parse(args: &[&str]) -> LabArgs {
+        let cli = Cli::try_parse_from(args).expect("parses");
+        match cli.command {
+            Top::Lab(a) => a,
+            Top::Demo(_) => panic!("demo"),
+        }
+    }
+
+    #[test]
+    fn command_line() {
+        Cli::command().debug_assert();
+        let a = parse(&["ferry", "lab", "set-ready", "p", "false"]);
+        assert!(matches!(
+            a.command,
+            LabCommand::SetReady { ready: false, .. }
+        ));
+        let a = parse(&[
+            "ferry", "lab", "--prefix", "x", "exec", "client", "--", "ip", "-br", "a",
+        ]);
+        assert_eq!(a.prefix, "x");
+        match a.command {
+            LabCommand::Exec { target, command } => {
+                assert_eq!(target, "client");
+                assert_eq!(command, ["ip", "-br", "a"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let a = parse(&["ferry", "lab", "exec", "n", "ip", "-br", "a"]);
+        assert!(matches!(a.command, LabCommand::Exec { command, .. } if command.len() == 3));
+        let a = parse(&["ferry", "lab", "delete", "svc", "web", "--prefix", "y"]);
+        assert_eq!(a.prefix, "y");
+        assert!(
+            matches!(a.command, LabCommand::Delete { resource: Some(r), names, .. } if r == "svc" && names == ["web"])
+        );
+        let a = parse(&["ferry", "lab", "apply", "-f", "a.yaml", "-f", "dir"]);
+        assert!(matches!(a.command, LabCommand::Apply { files } if files.len() == 2));
+        let a = parse(&["ferry", "lab", "up", "--nodes", "3", "--no-agents"]);
+        assert!(matches!(
+            a.command,
+            LabCommand::Up {
+                nodes: 3,
+                no_agents: true
+            }
+        ));
+    }
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what ferry and its tests need on Debian/Ubuntu (as root): nftables (and its
+# library, which ferry uses in-process), iproute2 for the lab's namespaces, curl as the client.
+set -euo pipefail
+pkgs=(nftables libnftables1 iproute2 curl conntrack procps)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
