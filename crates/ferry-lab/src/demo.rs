@@ -23,18 +23,7 @@ pub const NEXTCLOUD_DEV_LOADBALANCER: &str =
 pub const METALLB_CONFIG: &str = include_str!("../manifests/seed/metallb-config.yaml");
 
 /// The seed's `kubectl run debian-bash --image debian bash`, as a Pod.
-pub const DEBIAN_BASH: &str = "apiVersion: v1
-kind: Pod
-metadata:
-  name: debian-bash
-  labels:
-    run: debian-bash
-spec:
-  containers:
-  - name: debian-bash
-    image: debian
-    command: [bash]
-";
+pub const DEBIAN_BASH: &str = include_str!("../manifests/seed/debian-bash.yaml");
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
