@@ -112,8 +112,14 @@ pub fn allocate(
 ) -> (AllocState, AllocResults) {
     let mut order: Vec<&Service> = services.iter().collect();
     order.sort_by(|a, b| {
-        let ka = (a.meta.creation_timestamp.as_deref().unwrap_or(""), a.meta.object_ref());
-        let kb = (b.meta.creation_timestamp.as_deref().unwrap_or(""), b.meta.object_ref());
+        let ka = (
+            a.meta.creation_timestamp.as_deref().unwrap_or(""),
+            a.meta.object_ref(),
+        );
+        let kb = (
+            b.meta.creation_timestamp.as_deref().unwrap_or(""),
+            b.meta.object_ref(),
+        );
         ka.cmp(&kb)
     });
     let present: BTreeSet<String> = order.iter().map(|s| key_of(&s.meta.object_ref())).collect();
@@ -165,7 +171,8 @@ pub fn allocate(
                 for p in entry.node_ports.values() {
                     port_holder.insert(*p, k.clone());
                 }
-                let changed = entry.cluster_ip != old.cluster_ip || entry.node_ports != old.node_ports;
+                let changed =
+                    entry.cluster_ip != old.cluster_ip || entry.node_ports != old.node_ports;
                 let stored = ServiceAlloc {
                     updated_ms: if changed || old.updated_ms == 0 {
                         now_ms
@@ -216,7 +223,9 @@ fn allocate_one(
                 format!("{ip} is not in the service CIDR {}", ranges.join(", ")),
             ));
         };
-        if cidr.is_ipv4() && (cidr.offset_of(ip) == Some(0) || cidr.offset_of(ip) == Some(cidr.size() - 1)) {
+        if cidr.is_ipv4()
+            && (cidr.offset_of(ip) == Some(0) || cidr.offset_of(ip) == Some(cidr.size() - 1))
+        {
             return Err(err(
                 "spec.clusterIP".into(),
                 format!("{ip} is the network or broadcast address of {cidr}"),
@@ -238,7 +247,10 @@ fn allocate_one(
             Some(ip) => Some(ip),
             None => {
                 let Some(cidr) = cfg.service_cidrs.first() else {
-                    return Err(err("spec.clusterIP".into(), "no service CIDR configured".into()));
+                    return Err(err(
+                        "spec.clusterIP".into(),
+                        "no service CIDR configured".into(),
+                    ));
                 };
                 let ip = pick_ip(cidr, key, |ip| free_ip(ip)).ok_or_else(|| {
                     err(
@@ -284,12 +296,9 @@ fn allocate_one(
                     return Err(err(field, format!("{np} is used twice by this service")));
                 }
                 np
-            } else if let Some(np) = old
-                .node_ports
-                .get(&pk)
-                .copied()
-                .filter(|np| cfg.node_port_range.contains(np) && free_port(np) && !mine.contains_key(np))
-            {
+            } else if let Some(np) = old.node_ports.get(&pk).copied().filter(|np| {
+                cfg.node_port_range.contains(np) && free_port(np) && !mine.contains_key(np)
+            }) {
                 np
             } else {
                 pick_port(&cfg.node_port_range, &format!("{key}/{pk}"), |np| {
@@ -330,7 +339,11 @@ fn allocate_one(
 fn pick_ip(cidr: &Cidr, key: &str, free: impl Fn(&IpAddr) -> bool) -> Option<IpAddr> {
     let size = cidr.size();
     // Usable offsets: 1..size-1 for IPv4 (no network/broadcast), 1..size for IPv6.
-    let (lo, hi) = if cidr.is_ipv4() { (1u128, size.saturating_sub(1)) } else { (1u128, size) };
+    let (lo, hi) = if cidr.is_ipv4() {
+        (1u128, size.saturating_sub(1))
+    } else {
+        (1u128, size)
+    };
     if hi <= lo {
         return None;
     }
@@ -421,7 +434,12 @@ mod tests {
     #[test]
     fn dynamic_values_are_in_range_outside_static_band_and_stable() {
         let cfg = AllocConfig::default();
-        let s = vec![svc("web", ServiceType::NodePort, ClusterIpSpec::Auto, &[(80, None)])];
+        let s = vec![svc(
+            "web",
+            ServiceType::NodePort,
+            ClusterIpSpec::Auto,
+            &[(80, None)],
+        )];
         let (st, r) = allocate(&AllocState::default(), &s, &cfg, 0, 1);
         let a = ok(&r, "web");
         let cip = a.cluster_ip.unwrap();
@@ -440,15 +458,45 @@ mod tests {
     #[test]
     fn explicit_values_are_honoured_and_conflicts_reject_only_the_asker() {
         let cfg = AllocConfig::default();
-        let a = svc("a", ServiceType::NodePort, ClusterIpSpec::Ip(ip("10.43.0.10")), &[(53, Some(30053))]);
+        let a = svc(
+            "a",
+            ServiceType::NodePort,
+            ClusterIpSpec::Ip(ip("10.43.0.10")),
+            &[(53, Some(30053))],
+        );
         let (st, r) = allocate(&AllocState::default(), std::slice::from_ref(&a), &cfg, 0, 1);
         assert_eq!(ok(&r, "a").cluster_ip, Some(ip("10.43.0.10")));
         assert_eq!(ok(&r, "a").node_ports, vec![Some(30053)]);
-        let b = svc("b", ServiceType::NodePort, ClusterIpSpec::Ip(ip("10.43.0.10")), &[(80, None)]);
-        let c = svc("c", ServiceType::NodePort, ClusterIpSpec::Auto, &[(80, Some(30053))]);
-        let d = svc("d", ServiceType::ClusterIP, ClusterIpSpec::Ip(ip("10.99.0.1")), &[(80, None)]);
-        let e = svc("e", ServiceType::ClusterIP, ClusterIpSpec::Auto, &[(80, Some(30100))]);
-        let f = svc("f", ServiceType::NodePort, ClusterIpSpec::Auto, &[(80, Some(80))]);
+        let b = svc(
+            "b",
+            ServiceType::NodePort,
+            ClusterIpSpec::Ip(ip("10.43.0.10")),
+            &[(80, None)],
+        );
+        let c = svc(
+            "c",
+            ServiceType::NodePort,
+            ClusterIpSpec::Auto,
+            &[(80, Some(30053))],
+        );
+        let d = svc(
+            "d",
+            ServiceType::ClusterIP,
+            ClusterIpSpec::Ip(ip("10.99.0.1")),
+            &[(80, None)],
+        );
+        let e = svc(
+            "e",
+            ServiceType::ClusterIP,
+            ClusterIpSpec::Auto,
+            &[(80, Some(30100))],
+        );
+        let f = svc(
+            "f",
+            ServiceType::NodePort,
+            ClusterIpSpec::Auto,
+            &[(80, Some(80))],
+        );
         let all = vec![b, a, c, d, e, f];
         let (_, r) = allocate(&st, &all, &cfg, 2, 3);
         assert!(r[&ObjectRef::new("default", "a")].is_ok());
@@ -457,9 +505,14 @@ mod tests {
         assert!(eb.message.contains("default/a"), "{eb}");
         let ec = r[&ObjectRef::new("default", "c")].clone().unwrap_err();
         assert_eq!(ec.field, "spec.ports[0].nodePort");
-        assert!(ec.message.contains("already allocated to Service default/a"));
+        assert!(ec
+            .message
+            .contains("already allocated to Service default/a"));
         let ed = r[&ObjectRef::new("default", "d")].clone().unwrap_err();
-        assert!(ed.message.contains("not in the service CIDR 10.43.0.0/16"), "{ed}");
+        assert!(
+            ed.message.contains("not in the service CIDR 10.43.0.0/16"),
+            "{ed}"
+        );
         let ee = r[&ObjectRef::new("default", "e")].clone().unwrap_err();
         assert!(ee.message.contains("ClusterIP"), "{ee}");
         let ef = r[&ObjectRef::new("default", "f")].clone().unwrap_err();
@@ -469,9 +522,19 @@ mod tests {
     #[test]
     fn older_explicit_claim_wins_within_one_snapshot() {
         let cfg = AllocConfig::default();
-        let mut a = svc("zz-old", ServiceType::ClusterIP, ClusterIpSpec::Ip(ip("10.43.0.20")), &[(80, None)]);
+        let mut a = svc(
+            "zz-old",
+            ServiceType::ClusterIP,
+            ClusterIpSpec::Ip(ip("10.43.0.20")),
+            &[(80, None)],
+        );
         a.meta.creation_timestamp = Some("2020-01-01T00:00:00Z".into());
-        let mut b = svc("aa-new", ServiceType::ClusterIP, ClusterIpSpec::Ip(ip("10.43.0.20")), &[(80, None)]);
+        let mut b = svc(
+            "aa-new",
+            ServiceType::ClusterIP,
+            ClusterIpSpec::Ip(ip("10.43.0.20")),
+            &[(80, None)],
+        );
         b.meta.creation_timestamp = Some("2021-01-01T00:00:00Z".into());
         for list in [vec![a.clone(), b.clone()], vec![b.clone(), a.clone()]] {
             let (_, r) = allocate(&AllocState::default(), &list, &cfg, 0, 1);
@@ -483,8 +546,19 @@ mod tests {
     #[test]
     fn release_on_delete_only_for_newer_snapshots_and_type_change_frees_node_ports() {
         let cfg = AllocConfig::default();
-        let s = svc("web", ServiceType::NodePort, ClusterIpSpec::Auto, &[(80, None)]);
-        let (st, _) = allocate(&AllocState::default(), std::slice::from_ref(&s), &cfg, 0, 100);
+        let s = svc(
+            "web",
+            ServiceType::NodePort,
+            ClusterIpSpec::Auto,
+            &[(80, None)],
+        );
+        let (st, _) = allocate(
+            &AllocState::default(),
+            std::slice::from_ref(&s),
+            &cfg,
+            0,
+            100,
+        );
         // A snapshot that began before the allocation does not free it.
         let (st_old, _) = allocate(&st, &[], &cfg, 50, 120);
         assert!(st_old.services.contains_key("default/web"));
@@ -496,10 +570,18 @@ mod tests {
         c.type_ = ServiceType::ClusterIP;
         let (st2, r) = allocate(&st, &[c], &cfg, 200, 210);
         assert_eq!(ok(&r, "web").node_ports, vec![None]);
-        assert_eq!(st2.services["default/web"].cluster_ip, st.services["default/web"].cluster_ip);
+        assert_eq!(
+            st2.services["default/web"].cluster_ip,
+            st.services["default/web"].cluster_ip
+        );
         assert!(st2.services["default/web"].node_ports.is_empty());
         // Headless: nothing held.
-        let h = svc("web", ServiceType::ClusterIP, ClusterIpSpec::None, &[(80, None)]);
+        let h = svc(
+            "web",
+            ServiceType::ClusterIP,
+            ClusterIpSpec::None,
+            &[(80, None)],
+        );
         let (st3, r) = allocate(&st, &[h], &cfg, 200, 210);
         assert_eq!(ok(&r, "web").cluster_ip, None);
         assert!(st3.services.is_empty());
@@ -512,12 +594,23 @@ mod tests {
             node_port_range: 30000..=30001,
         };
         let list: Vec<Service> = (0..8)
-            .map(|i| svc(&format!("s{i}"), ServiceType::NodePort, ClusterIpSpec::Auto, &[(80, None)]))
+            .map(|i| {
+                svc(
+                    &format!("s{i}"),
+                    ServiceType::NodePort,
+                    ClusterIpSpec::Auto,
+                    &[(80, None)],
+                )
+            })
             .collect();
         let (_, r) = allocate(&AllocState::default(), &list, &cfg, 0, 1);
         let oks = r.values().filter(|x| x.is_ok()).count();
         assert_eq!(oks, 2, "two node ports");
-        let errs: Vec<String> = r.values().filter_map(|x| x.clone().err()).map(|e| e.to_string()).collect();
+        let errs: Vec<String> = r
+            .values()
+            .filter_map(|x| x.clone().err())
+            .map(|e| e.to_string())
+            .collect();
         assert!(errs.iter().all(|e| e.contains("full")), "{errs:?}");
     }
 

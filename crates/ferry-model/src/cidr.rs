@@ -68,8 +68,7 @@ impl Cidr {
     }
     /// Offset of `ip` inside this prefix.
     pub fn offset_of(&self, ip: IpAddr) -> Option<u128> {
-        self.contains(ip)
-            .then(|| to_u128(ip) - to_u128(self.addr))
+        self.contains(ip).then(|| to_u128(ip) - to_u128(self.addr))
     }
     pub fn overlaps(&self, other: &Cidr) -> bool {
         self.is_ipv4() == other.is_ipv4()
@@ -90,9 +89,14 @@ impl FromStr for Cidr {
             input: s.to_string(),
             reason,
         };
-        let (a, l) = s.trim().split_once('/').ok_or_else(|| err("missing /length"))?;
+        let (a, l) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| err("missing /length"))?;
         let addr: IpAddr = a.parse().map_err(|_| err("not an IP address"))?;
-        let len: u8 = l.parse().map_err(|_| err("prefix length is not a number"))?;
+        let len: u8 = l
+            .parse()
+            .map_err(|_| err("prefix length is not a number"))?;
         Cidr::new(addr, len).ok_or_else(|| err("prefix length too long"))
     }
 }

@@ -55,7 +55,10 @@ pub fn resolve(
     let mut by_service: BTreeMap<ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
         by_service
-            .entry(ObjectRef::new(s.meta.namespace.clone(), s.service_name.clone()))
+            .entry(ObjectRef::new(
+                s.meta.namespace.clone(),
+                s.service_name.clone(),
+            ))
             .or_default()
             .push(s);
     }
@@ -135,7 +138,11 @@ pub fn resolve(
             cluster_ip: Some(cluster_ip),
             external_ips: svc.external_ips.iter().copied().filter(family_ok).collect(),
             load_balancer_ips: if svc.type_ == ServiceType::LoadBalancer {
-                svc.load_balancer_ingress.iter().copied().filter(family_ok).collect()
+                svc.load_balancer_ingress
+                    .iter()
+                    .copied()
+                    .filter(family_ok)
+                    .collect()
             } else {
                 vec![]
             },

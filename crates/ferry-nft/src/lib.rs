@@ -50,10 +50,16 @@ impl LibNft {
         // (libnftables(3)) and are used with the signatures it documents.
         unsafe {
             let lib = libloading::Library::new("libnftables.so.1").map_err(|e| e.to_string())?;
-            let new: CtxNew = *lib.get::<CtxNew>(b"nft_ctx_new\0").map_err(|e| e.to_string())?;
+            let new: CtxNew = *lib
+                .get::<CtxNew>(b"nft_ctx_new\0")
+                .map_err(|e| e.to_string())?;
             let free: CtxFree = *lib.get(b"nft_ctx_free\0").map_err(|e| e.to_string())?;
-            let buf_out: CtxInt = *lib.get(b"nft_ctx_buffer_output\0").map_err(|e| e.to_string())?;
-            let buf_err: CtxInt = *lib.get(b"nft_ctx_buffer_error\0").map_err(|e| e.to_string())?;
+            let buf_out: CtxInt = *lib
+                .get(b"nft_ctx_buffer_output\0")
+                .map_err(|e| e.to_string())?;
+            let buf_err: CtxInt = *lib
+                .get(b"nft_ctx_buffer_error\0")
+                .map_err(|e| e.to_string())?;
             let get_out: CtxBuf = *lib
                 .get(b"nft_ctx_get_output_buffer\0")
                 .map_err(|e| e.to_string())?;

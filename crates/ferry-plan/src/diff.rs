@@ -73,7 +73,8 @@ impl LiveState {
 pub fn fingerprint_of_comment(comment: &str) -> Option<String> {
     let c = comment.trim_end();
     let open = c.rfind('[')?;
-    c.ends_with(']').then(|| c[open + 1..c.len() - 1].to_string())
+    c.ends_with(']')
+        .then(|| c[open + 1..c.len() - 1].to_string())
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -116,11 +117,10 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
         live.sets
             .get(&s.name)
             .is_some_and(|l| l.signature != s.signature())
-    }) || desired.chains.values().any(|c| {
-        live.chains
-            .get(&c.name)
-            .is_some_and(|l| l.base != c.base)
-    });
+    }) || desired
+        .chains
+        .values()
+        .any(|c| live.chains.get(&c.name).is_some_and(|l| l.base != c.base));
     if !live.table || incompatible {
         let mut script = String::new();
         if live.table {

@@ -256,9 +256,14 @@ pub enum Action {
     /// `meta mark set meta mark ^ BITS` (clears bits known to be set)
     ToggleMark(u32),
     /// `dnat ip to ADDR:PORT`
-    Dnat { addr: IpAddr, port: u16 },
+    Dnat {
+        addr: IpAddr,
+        port: u16,
+    },
     /// `masquerade [fully-random]`
-    Masquerade { fully_random: bool },
+    Masquerade {
+        fully_random: bool,
+    },
     /// `reject with tcp reset` (needs a tcp match)
     RejectTcpReset,
     /// `reject with icmpx port-unreachable`
@@ -350,7 +355,10 @@ pub struct Chain {
 
 impl PartialEq for Chain {
     fn eq(&self, o: &Chain) -> bool {
-        self.name == o.name && self.base == o.base && self.comment == o.comment && self.rules == o.rules
+        self.name == o.name
+            && self.base == o.base
+            && self.comment == o.comment
+            && self.rules == o.rules
     }
 }
 
@@ -366,13 +374,7 @@ impl Chain {
             fp: std::cell::OnceCell::new(),
         }
     }
-    pub fn base(
-        name: &str,
-        type_: ChainType,
-        hook: Hook,
-        priority: i32,
-        comment: &str,
-    ) -> Chain {
+    pub fn base(name: &str, type_: ChainType, hook: Hook, priority: i32, comment: &str) -> Chain {
         Chain {
             base: Some(BaseChain {
                 type_,
@@ -416,7 +418,11 @@ impl Chain {
                 Hook::Output => "output",
                 Hook::Postrouting => "postrouting",
             };
-            let _ = write!(inner, "type {t} hook {h} priority {}; policy accept; ", b.priority);
+            let _ = write!(
+                inner,
+                "type {t} hook {h} priority {}; policy accept; ",
+                b.priority
+            );
         }
         let _ = write!(inner, "comment {};", quote(&self.comment));
         inner

@@ -82,16 +82,51 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
     for f in FAMILIES {
         let a = f.addr_type();
         let (p, s) = (KeyType::InetProto, KeyType::InetService);
-        rs.add_set(Set::new(&service_ips(f), &[a, p, s], true, "cluster, external and load-balancer IPs -> service"));
-        rs.add_set(Set::new(&service_nodeports(f), &[p, s], true, "node ports -> service"));
-        rs.add_set(Set::new(&nodeport_ips(f), &[a], false, "addresses node ports are served on"));
-        rs.add_set(Set::new(&no_endpoint_services(f), &[a, p, s], true, "service IPs without endpoints"));
-        rs.add_set(Set::new(&no_endpoint_nodeports(f), &[p, s], true, "node ports without endpoints"));
+        rs.add_set(Set::new(
+            &service_ips(f),
+            &[a, p, s],
+            true,
+            "cluster, external and load-balancer IPs -> service",
+        ));
+        rs.add_set(Set::new(
+            &service_nodeports(f),
+            &[p, s],
+            true,
+            "node ports -> service",
+        ));
+        rs.add_set(Set::new(
+            &nodeport_ips(f),
+            &[a],
+            false,
+            "addresses node ports are served on",
+        ));
+        rs.add_set(Set::new(
+            &no_endpoint_services(f),
+            &[a, p, s],
+            true,
+            "service IPs without endpoints",
+        ));
+        rs.add_set(Set::new(
+            &no_endpoint_nodeports(f),
+            &[p, s],
+            true,
+            "node ports without endpoints",
+        ));
         rs.add_set(Set::new(&cluster_ips(f), &[a], false, "every cluster IP"));
         // A plain set, not service-ips: a verdict map used in a filter chain could not send to
         // chains that DNAT.
-        rs.add_set(Set::new(&cluster_ip_ports(f), &[a, p, s], false, "every cluster IP . protocol . port"));
-        rs.add_set(Set::new(&hairpin(f), &[a, a], false, "endpoint . itself: a pod reaching itself via a service"));
+        rs.add_set(Set::new(
+            &cluster_ip_ports(f),
+            &[a, p, s],
+            false,
+            "every cluster IP . protocol . port",
+        ));
+        rs.add_set(Set::new(
+            &hairpin(f),
+            &[a, a],
+            false,
+            "endpoint . itself: a pod reaching itself via a service",
+        ));
     }
     for ip in &cfg.node_ips {
         let f = Family::of(*ip);
@@ -99,23 +134,71 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
             .insert(vec![Value::Ip(*ip)], None, String::new());
     }
 
-    let mut c = Chain::base("filter-prerouting", ChainType::Filter, Hook::Prerouting, -110, "before DNAT: reject what no endpoint can take");
-    c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(SERVICE_CHECKS.into()))));
+    let mut c = Chain::base(
+        "filter-prerouting",
+        ChainType::Filter,
+        Hook::Prerouting,
+        -110,
+        "before DNAT: reject what no endpoint can take",
+    );
+    c.push(Rule::new(
+        vec![],
+        Action::Verdict(Verdict::Jump(SERVICE_CHECKS.into())),
+    ));
     rs.add_chain(c);
-    let mut c = Chain::base("filter-output", ChainType::Filter, Hook::Output, -110, "before DNAT: reject what no endpoint can take");
-    c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(SERVICE_CHECKS.into()))));
+    let mut c = Chain::base(
+        "filter-output",
+        ChainType::Filter,
+        Hook::Output,
+        -110,
+        "before DNAT: reject what no endpoint can take",
+    );
+    c.push(Rule::new(
+        vec![],
+        Action::Verdict(Verdict::Jump(SERVICE_CHECKS.into())),
+    ));
     rs.add_chain(c);
-    let mut c = Chain::base("nat-prerouting", ChainType::Nat, Hook::Prerouting, -100, "DNAT traffic arriving for services");
-    c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(SERVICES.into()))));
+    let mut c = Chain::base(
+        "nat-prerouting",
+        ChainType::Nat,
+        Hook::Prerouting,
+        -100,
+        "DNAT traffic arriving for services",
+    );
+    c.push(Rule::new(
+        vec![],
+        Action::Verdict(Verdict::Jump(SERVICES.into())),
+    ));
     rs.add_chain(c);
-    let mut c = Chain::base("nat-output", ChainType::Nat, Hook::Output, -100, "DNAT this node's own traffic to services");
-    c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(SERVICES.into()))));
+    let mut c = Chain::base(
+        "nat-output",
+        ChainType::Nat,
+        Hook::Output,
+        -100,
+        "DNAT this node's own traffic to services",
+    );
+    c.push(Rule::new(
+        vec![],
+        Action::Verdict(Verdict::Jump(SERVICES.into())),
+    ));
     rs.add_chain(c);
-    let mut c = Chain::base("nat-postrouting", ChainType::Nat, Hook::Postrouting, 100, "SNAT what needs it");
-    c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(MASQUERADING.into()))));
+    let mut c = Chain::base(
+        "nat-postrouting",
+        ChainType::Nat,
+        Hook::Postrouting,
+        100,
+        "SNAT what needs it",
+    );
+    c.push(Rule::new(
+        vec![],
+        Action::Verdict(Verdict::Jump(MASQUERADING.into())),
+    ));
     rs.add_chain(c);
 
-    let mut c = Chain::new(SERVICE_CHECKS, "reject new connections no endpoint can take");
+    let mut c = Chain::new(
+        SERVICE_CHECKS,
+        "reject new connections no endpoint can take",
+    );
     for f in FAMILIES {
         c.push(Rule::new(
             vec![Match::CtStateNew],
@@ -141,7 +224,10 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
 
     let mut c = Chain::new(SERVICES, "dispatch by destination");
     for f in FAMILIES {
-        c.push(Rule::new(vec![], Action::ServiceTupleVmap(f, service_ips(f))));
+        c.push(Rule::new(
+            vec![],
+            Action::ServiceTupleVmap(f, service_ips(f)),
+        ));
         c.push(Rule::new(
             vec![Match::DaddrInSet(f, nodeport_ips(f))],
             Action::ProtoPortVmap(service_nodeports(f)),
@@ -154,20 +240,29 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
     c.push(Rule::new(vec![], Action::SetMark(m)));
     rs.add_chain(c);
 
-    let mut c = Chain::new(MASQUERADING, "masquerade marked connections and hairpin traffic");
+    let mut c = Chain::new(
+        MASQUERADING,
+        "masquerade marked connections and hairpin traffic",
+    );
     for f in FAMILIES {
         c.push(Rule::new(
             vec![Match::CtStatusDnat, Match::AddrPairInSet(f, hairpin(f))],
             Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
         ));
     }
-    c.push(Rule::new(vec![Match::MarkLacks(m)], Action::Verdict(Verdict::Return)));
+    c.push(Rule::new(
+        vec![Match::MarkLacks(m)],
+        Action::Verdict(Verdict::Return),
+    ));
     c.push(Rule::new(vec![], Action::ToggleMark(m)));
     c.push(Rule::new(vec![], Action::Masquerade { fully_random: true }));
     rs.add_chain(c);
 
     let mut c = Chain::new(REJECT, "no endpoint: refuse instead of black-holing");
-    c.push(Rule::new(vec![Match::L4Proto(Protocol::Tcp)], Action::RejectTcpReset));
+    c.push(Rule::new(
+        vec![Match::L4Proto(Protocol::Tcp)],
+        Action::RejectTcpReset,
+    ));
     c.push(Rule::new(vec![], Action::RejectIcmpx));
     rs.add_chain(c);
     rs
@@ -188,7 +283,13 @@ fn describe(svc: &ResolvedService, port: &ResolvedPort) -> String {
     if port.name.is_empty() {
         format!("{} {}/{}", svc.id, port.port, port.protocol.as_k8s())
     } else {
-        format!("{}:{} {}/{}", svc.id, port.name, port.port, port.protocol.as_k8s())
+        format!(
+            "{}:{} {}/{}",
+            svc.id,
+            port.name,
+            port.port,
+            port.protocol.as_k8s()
+        )
     }
 }
 
@@ -200,9 +301,18 @@ fn endpoint_rules(chain: &mut Chain, proto: Protocol, eps: &[&ResolvedEndpoint])
         let mut m = vec![Match::L4Proto(proto)];
         let left = (n - i) as u32;
         if left > 1 {
-            m.push(Match::Random { modulus: left, value: 0 });
+            m.push(Match::Random {
+                modulus: left,
+                value: 0,
+            });
         }
-        chain.push(Rule::new(m, Action::Dnat { addr: e.addr, port: e.port }));
+        chain.push(Rule::new(
+            m,
+            Action::Dnat {
+                addr: e.addr,
+                port: e.port,
+            },
+        ));
     }
 }
 
@@ -217,7 +327,10 @@ pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
         let f = Family::of(cip);
         rs.set_mut(&cluster_ips(f))
             .insert(vec![Value::Ip(cip)], None, svc.id.to_string());
-        let cluster_cidr = cfg.cluster_cidrs.iter().find(|c| c.is_ipv4() == cip.is_ipv4());
+        let cluster_cidr = cfg
+            .cluster_cidrs
+            .iter()
+            .find(|c| c.is_ipv4() == cip.is_ipv4());
         for port in &svc.ports {
             let what = describe(svc, port);
             let proto = Value::Proto(port.protocol);
@@ -230,9 +343,14 @@ pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
             let internal = usable_endpoints(&port.endpoints, local(svc.internal_traffic_policy));
             let service_chain = port_chain("service", svc, port);
             let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
-            rs.set_mut(&cluster_ip_ports(f)).insert(key.clone(), None, String::new());
+            rs.set_mut(&cluster_ip_ports(f))
+                .insert(key.clone(), None, String::new());
             if internal.is_empty() {
-                rs.set_mut(&no_endpoint_services(f)).insert(key, Some(reject.clone()), what.clone());
+                rs.set_mut(&no_endpoint_services(f)).insert(
+                    key,
+                    Some(reject.clone()),
+                    what.clone(),
+                );
             } else {
                 let mut c = Chain::new(&service_chain, &what);
                 if let Some(cc) = cluster_cidr {
@@ -243,8 +361,11 @@ pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
                 }
                 endpoint_rules(&mut c, port.protocol, &internal);
                 rs.add_chain(c);
-                rs.set_mut(&service_ips(f))
-                    .insert(key, Some(Verdict::Goto(service_chain.clone())), what.clone());
+                rs.set_mut(&service_ips(f)).insert(
+                    key,
+                    Some(Verdict::Goto(service_chain.clone())),
+                    what.clone(),
+                );
                 hairpins.extend(internal.iter().map(|e| e.addr));
             }
 
@@ -265,9 +386,15 @@ pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
                         // endpoint in the cluster.
                         let name = port_chain("external", svc, port);
                         let mut c = Chain::new(&name, format!("{what} from outside the cluster"));
-                        c.push(Rule::new(vec![], Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into()))));
+                        c.push(Rule::new(
+                            vec![],
+                            Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
+                        ));
                         if svc.internal_traffic_policy == TrafficPolicy::Cluster {
-                            c.push(Rule::new(vec![], Action::Verdict(Verdict::Goto(service_chain.clone()))));
+                            c.push(Rule::new(
+                                vec![],
+                                Action::Verdict(Verdict::Goto(service_chain.clone())),
+                            ));
                         } else {
                             endpoint_rules(&mut c, port.protocol, &all);
                             hairpins.extend(all.iter().map(|e| e.addr));
@@ -283,7 +410,10 @@ pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
                         None
                     } else {
                         let name = port_chain("local", svc, port);
-                        let mut c = Chain::new(&name, format!("{what} from outside, to this node's endpoints"));
+                        let mut c = Chain::new(
+                            &name,
+                            format!("{what} from outside, to this node's endpoints"),
+                        );
                         endpoint_rules(&mut c, port.protocol, &eps);
                         rs.add_chain(c);
                         hairpins.extend(eps.iter().map(|e| e.addr));
@@ -302,15 +432,31 @@ pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
                 let fam = Family::of(*ip);
                 let key = vec![Value::Ip(*ip), proto, Value::Port(port.port)];
                 match &external_target {
-                    Some(t) => rs.set_mut(&service_ips(fam)).insert(key, Some(Verdict::Goto(t.clone())), what.clone()),
-                    None => rs.set_mut(&no_endpoint_services(fam)).insert(key, Some(none_verdict.clone()), what.clone()),
+                    Some(t) => rs.set_mut(&service_ips(fam)).insert(
+                        key,
+                        Some(Verdict::Goto(t.clone())),
+                        what.clone(),
+                    ),
+                    None => rs.set_mut(&no_endpoint_services(fam)).insert(
+                        key,
+                        Some(none_verdict.clone()),
+                        what.clone(),
+                    ),
                 }
             }
             if let Some(np) = port.node_port {
                 let key = vec![proto, Value::Port(np)];
                 match &external_target {
-                    Some(t) => rs.set_mut(&service_nodeports(f)).insert(key, Some(Verdict::Goto(t.clone())), what.clone()),
-                    None => rs.set_mut(&no_endpoint_nodeports(f)).insert(key, Some(none_verdict.clone()), what.clone()),
+                    Some(t) => rs.set_mut(&service_nodeports(f)).insert(
+                        key,
+                        Some(Verdict::Goto(t.clone())),
+                        what.clone(),
+                    ),
+                    None => rs.set_mut(&no_endpoint_nodeports(f)).insert(
+                        key,
+                        Some(none_verdict.clone()),
+                        what.clone(),
+                    ),
                 }
             }
         }
@@ -332,9 +478,11 @@ pub fn stale_udp_endpoints(old: &[ResolvedService], new: &[ResolvedService]) -> 
         let mut m: BTreeMap<(String, u16), BTreeSet<(IpAddr, u16)>> = BTreeMap::new();
         for s in list {
             for p in s.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
-                m.entry((s.id.to_string(), p.port))
-                    .or_default()
-                    .extend(usable_endpoints(&p.endpoints, None).iter().map(|e| (e.addr, e.port)));
+                m.entry((s.id.to_string(), p.port)).or_default().extend(
+                    usable_endpoints(&p.endpoints, None)
+                        .iter()
+                        .map(|e| (e.addr, e.port)),
+                );
             }
         }
         m

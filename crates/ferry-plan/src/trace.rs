@@ -31,8 +31,12 @@ pub enum Fate {
         masquerade: bool,
     },
     /// Left alone (not a service address); `masquerade` as above.
-    Untouched { masquerade: bool },
-    Rejected { tcp_reset: bool },
+    Untouched {
+        masquerade: bool,
+    },
+    Rejected {
+        tcp_reset: bool,
+    },
     Dropped,
 }
 
@@ -62,7 +66,9 @@ enum End {
     Finished,
     Accept,
     Drop,
-    Reject { tcp_reset: bool },
+    Reject {
+        tcp_reset: bool,
+    },
     Masquerade,
 }
 
@@ -173,7 +179,13 @@ impl Tracer<'_> {
         let out = self
             .run_rules(&chain.rules, st)
             .into_iter()
-            .map(|(s, e)| if e == End::Finished { (s, End::Continue) } else { (s, e) })
+            .map(|(s, e)| {
+                if e == End::Finished {
+                    (s, End::Continue)
+                } else {
+                    (s, e)
+                }
+            })
             .collect();
         self.depth -= 1;
         out
@@ -237,8 +249,9 @@ impl Tracer<'_> {
             Match::DaddrInSet(f, s) => {
                 b(Family::of(st.daddr) == *f && self.in_set(s, &[Value::Ip(st.daddr)]))
             }
-            Match::ServiceTupleNotIn(f, s) => b(Family::of(st.daddr) == *f
-                && !self.in_set(s, &self.tuple(st))),
+            Match::ServiceTupleNotIn(f, s) => {
+                b(Family::of(st.daddr) == *f && !self.in_set(s, &self.tuple(st)))
+            }
             Match::AddrPairInSet(f, s) => b(Family::of(st.daddr) == *f
                 && self.in_set(s, &[Value::Ip(p.saddr), Value::Ip(st.daddr)])),
             Match::Random { modulus, value } => {
@@ -326,7 +339,13 @@ impl Tracer<'_> {
             Verdict::Goto(c) => self
                 .run_chain(c, st)
                 .into_iter()
-                .map(|(s, e)| if e == End::Continue { (s, End::Finished) } else { (s, e) })
+                .map(|(s, e)| {
+                    if e == End::Continue {
+                        (s, End::Finished)
+                    } else {
+                        (s, e)
+                    }
+                })
                 .collect(),
         }
     }

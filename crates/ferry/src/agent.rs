@@ -51,8 +51,14 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s
         .split_once('-')
         .ok_or_else(|| format!("{s:?}: expected FROM-TO"))?;
-    let a: u16 = a.trim().parse().map_err(|_| format!("{a:?} is not a port"))?;
-    let b: u16 = b.trim().parse().map_err(|_| format!("{b:?} is not a port"))?;
+    let a: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{a:?} is not a port"))?;
+    let b: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("{b:?} is not a port"))?;
     if a == 0 || a > b {
         return Err(format!("{s:?}: empty range"));
     }
@@ -147,8 +153,18 @@ pub struct Pass {
     pub rejected: Vec<String>,
 }
 
-pub fn compute(args: &AgentArgs, state: &StateDir, snap: &Snapshot, snapshot_ms: u64) -> Result<Pass> {
-    let results = state.sync(&snap.services, &args.alloc_config(), snapshot_ms, source::now_ms())?;
+pub fn compute(
+    args: &AgentArgs,
+    state: &StateDir,
+    snap: &Snapshot,
+    snapshot_ms: u64,
+) -> Result<Pass> {
+    let results = state.sync(
+        &snap.services,
+        &args.alloc_config(),
+        snapshot_ms,
+        source::now_ms(),
+    )?;
     let mut allocations = BTreeMap::new();
     let mut rejected = Vec::new();
     for (r, res) in results {
@@ -178,6 +194,19 @@ pub fn compute(args: &AgentArgs, state: &StateDir, snap: &Snapshot, snapshot_ms:
     })
 }
 
+/// The agent's loop state: what it last applied and reported.
+struct Agent {
+    args: AgentArgs,
+    state: StateDir,
+    dp: Dataplane,
+    /// Problems reported on the last pass (each is logged once, not on every pass).
+    problems: Vec<String>,
+    node_ips: Vec<IpAddr>,
+    /// The services as last applied (to find UDP endpoints that went away).
+    served: Vec<ferry_model::view::ResolvedService>,
+    passes: u64,
+}
+
 pub fn run(args: AgentArgs) -> Result<i32> {
     install_signal_handlers();
     let state = StateDir::new(&args.state_dir)?;
@@ -192,39 +221,39 @@ pub fn run(args: AgentArgs) -> Result<i32> {
         args.state_dir.display(),
         nft.backend_name()
     );
-    let mut dp = Dataplane::new(nft);
+    warn_about_sysctls();
+    let mut agent = Agent {
+        args,
+        state,
+        dp: Dataplane::new(nft),
+        problems: Vec::new(),
+        node_ips: Vec::new(),
+        served: Vec::new(),
+        passes: 0,
+    };
+    let args = agent.args.clone();
     let mut last_stamp: Option<source::DirStamp> = None;
-    let mut last_problems: Vec<String> = Vec::new();
-    let mut last_node_ips: Vec<IpAddr> = Vec::new();
     let mut retry_at: Option<Instant> = None;
     let mut resync_at = Instant::now() + Duration::from_secs(args.resync_s.max(1));
-    let mut first = true;
-    let mut served: Vec<ferry_model::view::ResolvedService> = Vec::new();
     while !STOP.load(Ordering::SeqCst) {
         let stamp = source::stamp(&args.manifests).unwrap_or_default();
         let due_retry = retry_at.is_some_and(|t| Instant::now() >= t);
         let due_resync = args.resync_s > 0 && Instant::now() >= resync_at;
         if last_stamp.as_ref() != Some(&stamp) || due_retry || due_resync {
             if due_resync {
-                dp.resync();
+                // Re-read the kernel's table: repairs anything changed behind our back.
+                agent.dp.resync();
                 resync_at = Instant::now() + Duration::from_secs(args.resync_s);
             }
-            let started = Instant::now();
-            let snapshot_ms = source::now_ms();
-            match pass(&args, &state, &mut dp, snapshot_ms, &mut last_problems, &mut last_node_ips, &mut served, first) {
-                Ok(()) => {
-                    retry_at = None;
-                    last_stamp = Some(stamp);
-                    first = false;
-                }
+            match agent.pass(source::now_ms()) {
+                Ok(()) => retry_at = None,
                 Err(e) => {
                     log!("error: {e:#} (retrying in 1s)");
-                    dp.resync();
+                    agent.dp.resync();
                     retry_at = Some(Instant::now() + Duration::from_secs(1));
-                    last_stamp = Some(stamp);
                 }
             }
-            let _ = started;
+            last_stamp = Some(stamp);
         }
         std::thread::sleep(Duration::from_millis(args.poll_ms.max(10)));
     }
@@ -232,62 +261,82 @@ pub fn run(args: AgentArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Deletes UDP conntrack entries whose replies come from a removed endpoint (`conntrack -D`).
-fn flush_udp_conntrack(addr: IpAddr, port: u16) {
-    let out = std::process::Command::new("conntrack")
-        .args(["-D", "-p", "udp", "--reply-src", &addr.to_string(), "--reply-port-src", &port.to_string()])
-        .output();
-    match out {
-        // conntrack exits 1 when there was nothing to delete.
-        Ok(o) if o.status.success() => log!("cleared UDP conntrack entries of removed endpoint {addr}:{port}"),
-        Ok(_) => {}
-        Err(e) => log!("warning: cannot clear UDP conntrack entries of {addr}:{port}: conntrack: {e}"),
+/// Forwarding must be on for pods and node ports; say so once if it is not.
+fn warn_about_sysctls() {
+    if let Ok(v) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward") {
+        if v.trim() == "0" {
+            log!("warning: net.ipv4.ip_forward is 0: traffic to pods on other nodes and node ports will not be forwarded");
+        }
     }
 }
 
-fn pass(
-    args: &AgentArgs,
-    state: &StateDir,
-    dp: &mut Dataplane,
-    snapshot_ms: u64,
-    last_problems: &mut Vec<String>,
-    last_node_ips: &mut Vec<IpAddr>,
-    served: &mut Vec<ferry_model::view::ResolvedService>,
-    first: bool,
-) -> Result<()> {
-    let t0 = Instant::now();
-    let snap = source::read_dir(&args.manifests)
-        .with_context(|| format!("reading {}", args.manifests.display()))?;
-    let p = compute(args, state, &snap, snapshot_ms)?;
-    // Report each problem once, not on every pass.
-    let mut problems: Vec<String> = snap.errors.iter().map(|e| format!("error: {e}")).collect();
-    problems.extend(snap.warnings.iter().map(|w| format!("warning: {w}")));
-    problems.extend(p.rejected.iter().map(|r| format!("rejected: {r}")));
-    for pr in &problems {
-        if !last_problems.contains(pr) {
-            log!("{pr}");
+/// Deletes UDP conntrack entries whose replies come from a removed endpoint (`conntrack -D`).
+fn flush_udp_conntrack(addr: IpAddr, port: u16) {
+    let out = std::process::Command::new("conntrack")
+        .args([
+            "-D",
+            "-p",
+            "udp",
+            "--reply-src",
+            &addr.to_string(),
+            "--reply-port-src",
+            &port.to_string(),
+        ])
+        .output();
+    match out {
+        // conntrack exits 1 when there was nothing to delete.
+        Ok(o) if o.status.success() => {
+            log!("cleared UDP conntrack entries of removed endpoint {addr}:{port}")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            log!("warning: cannot clear UDP conntrack entries of {addr}:{port}: conntrack: {e}")
         }
     }
-    *last_problems = problems;
-    if p.node_ips != *last_node_ips {
-        let shown: Vec<String> = p.node_ips.iter().map(|i| i.to_string()).collect();
-        log!("node ports served on {}", shown.join(", "));
-        *last_node_ips = p.node_ips.clone();
+}
+
+impl Agent {
+    /// One pass: read the manifests, allocate, plan, apply what differs.
+    fn pass(&mut self, snapshot_ms: u64) -> Result<()> {
+        let args = &self.args;
+        let t0 = Instant::now();
+        let snap = source::read_dir(&args.manifests)
+            .with_context(|| format!("reading {}", args.manifests.display()))?;
+        let p = compute(args, &self.state, &snap, snapshot_ms)?;
+        let mut problems: Vec<String> = snap.errors.iter().map(|e| format!("error: {e}")).collect();
+        problems.extend(snap.warnings.iter().map(|w| format!("warning: {w}")));
+        problems.extend(p.rejected.iter().map(|r| format!("rejected: {r}")));
+        for pr in &problems {
+            if !self.problems.contains(pr) {
+                log!("{pr}");
+            }
+        }
+        self.problems = problems;
+        if p.node_ips != self.node_ips {
+            let shown: Vec<String> = p.node_ips.iter().map(|i| i.to_string()).collect();
+            log!("node ports served on {}", shown.join(", "));
+            self.node_ips = p.node_ips.clone();
+        }
+        let t_plan = t0.elapsed();
+        let changes = self.dp.apply(&p.ruleset)?;
+        for (addr, port) in ferry_plan::plan::stale_udp_endpoints(&self.served, &p.services) {
+            flush_udp_conntrack(addr, port);
+        }
+        self.served = p.services;
+        if !changes.is_empty() || self.passes == 0 {
+            let what = if changes.is_empty() {
+                "table already as planned, nothing to change".to_string()
+            } else {
+                changes.to_string()
+            };
+            log!(
+                "{} services: {what} (read+plan {:.1} ms, apply {:.1} ms)",
+                snap.services.len(),
+                t_plan.as_secs_f64() * 1e3,
+                (t0.elapsed() - t_plan).as_secs_f64() * 1e3
+            );
+        }
+        self.passes += 1;
+        Ok(())
     }
-    let t_plan = t0.elapsed();
-    let changes = dp.apply(&p.ruleset)?;
-    for (addr, port) in ferry_plan::plan::stale_udp_endpoints(served, &p.services) {
-        flush_udp_conntrack(addr, port);
-    }
-    *served = p.services;
-    if !changes.is_empty() || first {
-        log!(
-            "{} services: {} (plan {:.1} ms, apply {:.1} ms)",
-            snap.services.len(),
-            if changes.is_empty() { "table already as planned, nothing to change".to_string() } else { changes.to_string() },
-            t_plan.as_secs_f64() * 1e3,
-            (t0.elapsed() - t_plan).as_secs_f64() * 1e3
-        );
-    }
-    Ok(())
 }

@@ -91,10 +91,20 @@ fn kube_proxy_script(svcs: &[ResolvedService]) -> String {
         let eps = &svc.ports[0].endpoints;
         for (j, e) in eps.iter().enumerate() {
             let _ = writeln!(s, "add chain inet kp sep-{i}-{j}");
-            let _ = writeln!(s, "add rule inet kp sep-{i}-{j} ip saddr {} meta mark set 0x4000", e.addr);
-            let _ = writeln!(s, "add rule inet kp sep-{i}-{j} meta l4proto tcp dnat ip to {}:{}", e.addr, e.port);
+            let _ = writeln!(
+                s,
+                "add rule inet kp sep-{i}-{j} ip saddr {} meta mark set 0x4000",
+                e.addr
+            );
+            let _ = writeln!(
+                s,
+                "add rule inet kp sep-{i}-{j} meta l4proto tcp dnat ip to {}:{}",
+                e.addr, e.port
+            );
         }
-        let arms: Vec<String> = (0..eps.len()).map(|j| format!("{j} : goto sep-{i}-{j}")).collect();
+        let arms: Vec<String> = (0..eps.len())
+            .map(|j| format!("{j} : goto sep-{i}-{j}"))
+            .collect();
         let _ = writeln!(
             s,
             "add rule inet kp svc-{i} numgen random mod {} vmap {{ {} }}",
@@ -115,7 +125,13 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         cluster_cidrs: vec!["10.42.0.0/16".parse()?],
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
     };
-    let nft = || if args.nft_command { Nft::command() } else { Nft::new() };
+    let nft = || {
+        if args.nft_command {
+            Nft::command()
+        } else {
+            Nft::new()
+        }
+    };
     let base = services(args.services, args.endpoints_per_service, 0);
     println!(
         "ferry dataplane benchmark: {} services x {} endpoints = {} endpoints, nftables via {}",
@@ -138,7 +154,11 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         cold_plan.push((t1 - t0).as_secs_f64() * 1e3);
         cold_apply.push((t2 - t1).as_secs_f64() * 1e3);
     }
-    let mut cold_total: Vec<f64> = cold_plan.iter().zip(&cold_apply).map(|(a, b)| a + b).collect();
+    let mut cold_total: Vec<f64> = cold_plan
+        .iter()
+        .zip(&cold_apply)
+        .map(|(a, b)| a + b)
+        .collect();
     println!(
         "cold load (plan + apply), median of {}: {:.0} ms (plan {:.0} ms, apply {:.0} ms)",
         cold_total.len(),
@@ -168,7 +188,11 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         change_plan.push((t1 - t0).as_secs_f64() * 1e3);
         change_total.push((t2 - t0).as_secs_f64() * 1e3);
     }
-    let mut change_apply: Vec<f64> = change_total.iter().zip(&change_plan).map(|(t, p)| t - p).collect();
+    let mut change_apply: Vec<f64> = change_total
+        .iter()
+        .zip(&change_plan)
+        .map(|(t, p)| t - p)
+        .collect();
     println!(
         "one endpoint change (plan + apply), median of {}: {:.1} ms (plan {:.1} ms, apply {:.1} ms)",
         change_total.len(),
@@ -185,7 +209,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         n.run(&script)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         n.run("delete table inet kp")?;
-        println!("kube-proxy layout (anonymous numgen vmap per service), one cold load: {ms:.0} ms");
+        println!(
+            "kube-proxy layout (anonymous numgen vmap per service), one cold load: {ms:.0} ms"
+        );
     }
     Ok(0)
 }

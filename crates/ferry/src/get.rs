@@ -119,7 +119,12 @@ fn selector_text(svc: &Service) -> String {
 pub fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.len())).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.len()))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {
@@ -173,7 +178,11 @@ fn service_json(svc: &Service, a: Option<&Allocation>) -> Value {
         _ => {}
     }
     if !svc.external_ips.is_empty() {
-        spec["externalIPs"] = json!(svc.external_ips.iter().map(|i| i.to_string()).collect::<Vec<_>>());
+        spec["externalIPs"] = json!(svc
+            .external_ips
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>());
     }
     let ingress: Vec<Value> = svc
         .load_balancer_ingress
@@ -195,7 +204,10 @@ fn service_json(svc: &Service, a: Option<&Allocation>) -> Value {
 
 pub fn run(args: GetArgs) -> Result<i32> {
     if !matches!(args.what.as_str(), "services" | "service" | "svc") {
-        bail!("ferry get: unknown resource type {:?} (known: services, svc)", args.what);
+        bail!(
+            "ferry get: unknown resource type {:?} (known: services, svc)",
+            args.what
+        );
     }
     let snap = source::read_dir(&args.manifests)
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.manifests.display()))?;
@@ -223,7 +235,7 @@ pub fn run(args: GetArgs) -> Result<i32> {
         .iter()
         .filter(|s| args.all_namespaces || s.meta.namespace == args.namespace)
         .collect();
-    services.sort_by(|a, b| a.meta.object_ref().cmp(&b.meta.object_ref()));
+    services.sort_by_key(|s| s.meta.object_ref());
 
     match args.output.as_deref() {
         Some("json") | Some("yaml") => {
@@ -252,14 +264,28 @@ pub fn run(args: GetArgs) -> Result<i32> {
     if args.all_namespaces {
         head.push("NAMESPACE".into());
     }
-    head.extend(["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"].map(String::from));
+    head.extend(
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE",
+        ]
+        .map(String::from),
+    );
     if wide {
         head.push("SELECTOR".into());
     }
     rows.push(head);
     for s in services {
         let a = allocs.get(&s.meta.object_ref());
-        let born = snap.service_mtime_ms.get(&s.meta.object_ref()).copied().unwrap_or(now);
+        let born = snap
+            .service_mtime_ms
+            .get(&s.meta.object_ref())
+            .copied()
+            .unwrap_or(now);
         let mut row = Vec::new();
         if args.all_namespaces {
             row.push(s.meta.namespace.clone());
@@ -300,6 +326,9 @@ mod tests {
             vec!["NAME".into(), "TYPE".into()],
             vec!["nextcloud-dev-nodeport".into(), "NodePort".into()],
         ]);
-        assert_eq!(t, "NAME                     TYPE\nnextcloud-dev-nodeport   NodePort\n");
+        assert_eq!(
+            t,
+            "NAME                     TYPE\nnextcloud-dev-nodeport   NodePort\n"
+        );
     }
 }

@@ -12,7 +12,11 @@ mod state;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, about = "Kubernetes Services for bare-metal clusters")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Kubernetes Services for bare-metal clusters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

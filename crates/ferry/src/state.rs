@@ -57,15 +57,18 @@ impl StateDir {
 
     fn read(&self) -> Result<AllocState> {
         match std::fs::read_to_string(self.file()) {
-            Ok(t) => serde_json::from_str(&t)
-                .with_context(|| format!("{} is not valid allocation state", self.file().display())),
+            Ok(t) => serde_json::from_str(&t).with_context(|| {
+                format!("{} is not valid allocation state", self.file().display())
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AllocState::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", self.file().display())),
         }
     }
 
     fn write(&self, st: &AllocState) -> Result<()> {
-        let tmp = self.dir.join(format!(".allocations.json.{}", std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!(".allocations.json.{}", std::process::id()));
         let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
         f.write_all(serde_json::to_string_pretty(st)?.as_bytes())?;
         f.sync_all()?;
