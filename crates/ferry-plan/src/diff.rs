@@ -111,6 +111,49 @@ impl std::fmt::Display for Changes {
     }
 }
 
+/// Elements to delete (live, and gone or changed) and to add (planned, and new or changed).
+fn merge_elements<'a>(
+    live: &'a BTreeMap<String, Option<Verdict>>,
+    want: &'a BTreeMap<String, Element>,
+) -> (Vec<&'a str>, Vec<&'a Element>) {
+    use std::cmp::Ordering;
+    let (mut del, mut add) = (Vec::new(), Vec::new());
+    let mut l = live.iter().peekable();
+    let mut w = want.iter().peekable();
+    loop {
+        match (l.peek(), w.peek()) {
+            (None, None) => break,
+            (Some((lk, _)), None) => {
+                del.push(lk.as_str());
+                l.next();
+            }
+            (None, Some((_, we))) => {
+                add.push(*we);
+                w.next();
+            }
+            (Some((lk, lv)), Some((wk, we))) => match lk.as_str().cmp(wk.as_str()) {
+                Ordering::Less => {
+                    del.push(lk.as_str());
+                    l.next();
+                }
+                Ordering::Greater => {
+                    add.push(*we);
+                    w.next();
+                }
+                Ordering::Equal => {
+                    if **lv != we.verdict {
+                        del.push(lk.as_str());
+                        add.push(*we);
+                    }
+                    l.next();
+                    w.next();
+                }
+            },
+        }
+    }
+    (del, add)
+}
+
 /// The commands that turn `live` into `desired`, touching nothing that is already right.
 pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
     let incompatible = desired.sets.values().any(|s| {
@@ -171,13 +214,9 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
     let empty = LiveSet::default();
     for s in desired.sets.values() {
         let l = live.sets.get(&s.name).unwrap_or(&empty);
-        // Keys read back from the kernel are kept as text: delete by that text.
-        let del: Vec<&str> = l
-            .elements
-            .iter()
-            .filter(|(k, v)| s.elements.get(*k).map(|e| &e.verdict) != Some(*v))
-            .map(|(k, _)| k.as_str())
-            .collect();
+        // Both maps are sorted by key text: one merge pass finds what to delete and add (keys
+        // read back from the kernel are kept as text, and deleted by that text).
+        let (del, add) = merge_elements(&l.elements, &s.elements);
         for chunk in del.chunks(1000) {
             let _ = writeln!(
                 out,
@@ -187,12 +226,6 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
             );
         }
         ch.elements_deleted += del.len();
-        let add: Vec<&Element> = s
-            .elements
-            .iter()
-            .filter(|(k, e)| l.elements.get(*k) != Some(&e.verdict))
-            .map(|(_, e)| e)
-            .collect();
         ch.elements_added += add.len();
         render_elements(&mut out, "add", &s.name, add.into_iter());
     }

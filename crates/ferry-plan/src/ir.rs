@@ -399,7 +399,7 @@ impl Chain {
     fn compute_fingerprint(&self) -> String {
         use std::hash::{Hash, Hasher};
         // Hashing the typed rules (not their rendering) keeps this cheap at 100,000 rules.
-        let mut h = Fnv(0xcbf29ce484222325);
+        let mut h = Fnv::new();
         self.base.hash(&mut h);
         self.comment.hash(&mut h);
         self.rules.hash(&mut h);
@@ -459,7 +459,8 @@ impl Chain {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Ruleset {
     pub sets: BTreeMap<String, Set>,
-    pub chains: BTreeMap<String, Chain>,
+    /// Shared, so that an incremental plan reuses unchanged chains without copying them.
+    pub chains: BTreeMap<String, std::sync::Arc<Chain>>,
 }
 
 impl Ruleset {
@@ -467,7 +468,7 @@ impl Ruleset {
         self.sets.insert(s.name.clone(), s);
     }
     pub fn add_chain(&mut self, c: Chain) {
-        self.chains.insert(c.name.clone(), c);
+        self.chains.insert(c.name.clone(), std::sync::Arc::new(c));
     }
     pub fn set_mut(&mut self, name: &str) -> &mut Set {
         self.sets
@@ -529,7 +530,13 @@ pub fn render_elements<'a>(
 }
 
 /// FNV-1a as a [`std::hash::Hasher`]: stable for a given build, unlike std's seeded hasher.
-struct Fnv(u64);
+pub(crate) struct Fnv(u64);
+
+impl Fnv {
+    pub(crate) fn new() -> Fnv {
+        Fnv(0xcbf29ce484222325)
+    }
+}
 
 impl std::hash::Hasher for Fnv {
     fn finish(&self) -> u64 {

@@ -316,157 +316,252 @@ fn endpoint_rules(chain: &mut Chain, proto: Protocol, eps: &[&ResolvedEndpoint])
     }
 }
 
-/// Plans the whole table for this node.
-pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
-    use names::*;
-    let mut rs = skeleton(cfg);
-    let mut hairpins: BTreeSet<IpAddr> = BTreeSet::new();
-    let reject = Verdict::Goto(REJECT.into());
-    for svc in services {
-        let Some(cip) = svc.cluster_ip else { continue };
-        let f = Family::of(cip);
-        rs.set_mut(&cluster_ips(f))
-            .insert(vec![Value::Ip(cip)], None, svc.id.to_string());
-        let cluster_cidr = cfg
-            .cluster_cidrs
-            .iter()
-            .find(|c| c.is_ipv4() == cip.is_ipv4());
-        for port in &svc.ports {
-            let what = describe(svc, port);
-            let proto = Value::Proto(port.protocol);
-            let local = |policy: TrafficPolicy| match policy {
-                TrafficPolicy::Local => Some(cfg.node_name.as_str()),
-                TrafficPolicy::Cluster => None,
-            };
+/// What one service adds to the table: its chains and its map/set elements.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fragment {
+    pub chains: Vec<std::sync::Arc<Chain>>,
+    /// (set name, key text, element)
+    pub elements: Vec<(String, String, Element)>,
+    /// Endpoint addresses that may reach themselves through the service.
+    pub hairpins: BTreeSet<IpAddr>,
+}
 
-            // Traffic from inside the cluster (cluster IP).
-            let internal = usable_endpoints(&port.endpoints, local(svc.internal_traffic_policy));
-            let service_chain = port_chain("service", svc, port);
-            let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
-            rs.set_mut(&cluster_ip_ports(f))
-                .insert(key.clone(), None, String::new());
-            if internal.is_empty() {
-                rs.set_mut(&no_endpoint_services(f)).insert(
-                    key,
-                    Some(reject.clone()),
-                    what.clone(),
-                );
-            } else {
-                let mut c = Chain::new(&service_chain, &what);
-                if let Some(cc) = cluster_cidr {
+impl Fragment {
+    fn insert(&mut self, set: &str, key: Vec<Value>, verdict: Option<Verdict>, comment: String) {
+        self.elements.push((
+            set.to_string(),
+            key_text(&key),
+            Element {
+                key,
+                verdict,
+                comment,
+            },
+        ));
+    }
+    fn add_chain(&mut self, c: Chain) {
+        // Computed once here, then shared by every plan that reuses this fragment.
+        let _ = c.fingerprint();
+        self.chains.push(std::sync::Arc::new(c));
+    }
+}
+
+/// Plans one service's fragment.
+pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
+    use names::*;
+    let mut fr = Fragment::default();
+    let reject = Verdict::Goto(REJECT.into());
+    let Some(cip) = svc.cluster_ip else {
+        return fr;
+    };
+    let f = Family::of(cip);
+    fr.insert(&cluster_ips(f), vec![Value::Ip(cip)], None, svc.id.to_string());
+    let cluster_cidr = cfg
+        .cluster_cidrs
+        .iter()
+        .find(|c| c.is_ipv4() == cip.is_ipv4());
+    for port in &svc.ports {
+        let what = describe(svc, port);
+        let proto = Value::Proto(port.protocol);
+        let local = |policy: TrafficPolicy| match policy {
+            TrafficPolicy::Local => Some(cfg.node_name.as_str()),
+            TrafficPolicy::Cluster => None,
+        };
+
+        // Traffic from inside the cluster (cluster IP).
+        let internal = usable_endpoints(&port.endpoints, local(svc.internal_traffic_policy));
+        let service_chain = port_chain("service", svc, port);
+        let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
+        fr.insert(&cluster_ip_ports(f), key.clone(), None, String::new());
+        if internal.is_empty() {
+            fr.insert(&no_endpoint_services(f), 
+                key,
+                Some(reject.clone()),
+                what.clone(),
+            );
+        } else {
+            let mut c = Chain::new(&service_chain, &what);
+            if let Some(cc) = cluster_cidr {
+                c.push(Rule::new(
+                    vec![Match::SaddrNotIn(*cc)],
+                    Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
+                ));
+            }
+            endpoint_rules(&mut c, port.protocol, &internal);
+            fr.add_chain(c);
+            fr.insert(&service_ips(f), 
+                key,
+                Some(Verdict::Goto(service_chain.clone())),
+                what.clone(),
+            );
+            fr.hairpins.extend(internal.iter().map(|e| e.addr));
+        }
+
+        // Traffic from outside (node ports, external IPs, load-balancer IPs).
+        let has_external = port.node_port.is_some()
+            || !svc.external_ips.is_empty()
+            || !svc.load_balancer_ips.is_empty();
+        if !has_external {
+            continue;
+        }
+        let external_target = match svc.external_traffic_policy {
+            TrafficPolicy::Cluster => {
+                let all = usable_endpoints(&port.endpoints, None);
+                if all.is_empty() {
+                    None
+                } else {
+                    // Masquerade so replies come back through this node, then on to any
+                    // endpoint in the cluster.
+                    let name = port_chain("external", svc, port);
+                    let mut c = Chain::new(&name, format!("{what} from outside the cluster"));
                     c.push(Rule::new(
-                        vec![Match::SaddrNotIn(*cc)],
+                        vec![],
                         Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
                     ));
-                }
-                endpoint_rules(&mut c, port.protocol, &internal);
-                rs.add_chain(c);
-                rs.set_mut(&service_ips(f)).insert(
-                    key,
-                    Some(Verdict::Goto(service_chain.clone())),
-                    what.clone(),
-                );
-                hairpins.extend(internal.iter().map(|e| e.addr));
-            }
-
-            // Traffic from outside (node ports, external IPs, load-balancer IPs).
-            let has_external = port.node_port.is_some()
-                || !svc.external_ips.is_empty()
-                || !svc.load_balancer_ips.is_empty();
-            if !has_external {
-                continue;
-            }
-            let external_target = match svc.external_traffic_policy {
-                TrafficPolicy::Cluster => {
-                    let all = usable_endpoints(&port.endpoints, None);
-                    if all.is_empty() {
-                        None
-                    } else {
-                        // Masquerade so replies come back through this node, then on to any
-                        // endpoint in the cluster.
-                        let name = port_chain("external", svc, port);
-                        let mut c = Chain::new(&name, format!("{what} from outside the cluster"));
+                    if svc.internal_traffic_policy == TrafficPolicy::Cluster {
                         c.push(Rule::new(
                             vec![],
-                            Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
+                            Action::Verdict(Verdict::Goto(service_chain.clone())),
                         ));
-                        if svc.internal_traffic_policy == TrafficPolicy::Cluster {
-                            c.push(Rule::new(
-                                vec![],
-                                Action::Verdict(Verdict::Goto(service_chain.clone())),
-                            ));
-                        } else {
-                            endpoint_rules(&mut c, port.protocol, &all);
-                            hairpins.extend(all.iter().map(|e| e.addr));
-                        }
-                        rs.add_chain(c);
-                        Some(name)
-                    }
-                }
-                TrafficPolicy::Local => {
-                    // Only this node's endpoints, no masquerade: the client's address is kept.
-                    let eps = usable_endpoints(&port.endpoints, Some(&cfg.node_name));
-                    if eps.is_empty() {
-                        None
                     } else {
-                        let name = port_chain("local", svc, port);
-                        let mut c = Chain::new(
-                            &name,
-                            format!("{what} from outside, to this node's endpoints"),
-                        );
-                        endpoint_rules(&mut c, port.protocol, &eps);
-                        rs.add_chain(c);
-                        hairpins.extend(eps.iter().map(|e| e.addr));
-                        Some(name)
+                        endpoint_rules(&mut c, port.protocol, &all);
+                        fr.hairpins.extend(all.iter().map(|e| e.addr));
                     }
-                }
-            };
-            // Without endpoints: reject (Cluster) or drop (Local: another node may serve it, and
-            // load balancers health-check the node port).
-            let none_verdict = match svc.external_traffic_policy {
-                TrafficPolicy::Cluster => reject.clone(),
-                TrafficPolicy::Local => Verdict::Drop,
-            };
-            let ext_ips = svc.external_ips.iter().chain(svc.load_balancer_ips.iter());
-            for ip in ext_ips {
-                let fam = Family::of(*ip);
-                let key = vec![Value::Ip(*ip), proto, Value::Port(port.port)];
-                match &external_target {
-                    Some(t) => rs.set_mut(&service_ips(fam)).insert(
-                        key,
-                        Some(Verdict::Goto(t.clone())),
-                        what.clone(),
-                    ),
-                    None => rs.set_mut(&no_endpoint_services(fam)).insert(
-                        key,
-                        Some(none_verdict.clone()),
-                        what.clone(),
-                    ),
+                    fr.add_chain(c);
+                    Some(name)
                 }
             }
-            if let Some(np) = port.node_port {
-                let key = vec![proto, Value::Port(np)];
-                match &external_target {
-                    Some(t) => rs.set_mut(&service_nodeports(f)).insert(
-                        key,
-                        Some(Verdict::Goto(t.clone())),
-                        what.clone(),
-                    ),
-                    None => rs.set_mut(&no_endpoint_nodeports(f)).insert(
-                        key,
-                        Some(none_verdict.clone()),
-                        what.clone(),
-                    ),
+            TrafficPolicy::Local => {
+                // Only this node's endpoints, no masquerade: the client's address is kept.
+                let eps = usable_endpoints(&port.endpoints, Some(&cfg.node_name));
+                if eps.is_empty() {
+                    None
+                } else {
+                    let name = port_chain("local", svc, port);
+                    let mut c = Chain::new(
+                        &name,
+                        format!("{what} from outside, to this node's endpoints"),
+                    );
+                    endpoint_rules(&mut c, port.protocol, &eps);
+                    fr.add_chain(c);
+                    fr.hairpins.extend(eps.iter().map(|e| e.addr));
+                    Some(name)
                 }
+            }
+        };
+        // Without endpoints: reject (Cluster) or drop (Local: another node may serve it, and
+        // load balancers health-check the node port).
+        let none_verdict = match svc.external_traffic_policy {
+            TrafficPolicy::Cluster => reject.clone(),
+            TrafficPolicy::Local => Verdict::Drop,
+        };
+        let ext_ips = svc.external_ips.iter().chain(svc.load_balancer_ips.iter());
+        for ip in ext_ips {
+            let fam = Family::of(*ip);
+            let key = vec![Value::Ip(*ip), proto, Value::Port(port.port)];
+            match &external_target {
+                Some(t) => fr.insert(&service_ips(fam), 
+                    key,
+                    Some(Verdict::Goto(t.clone())),
+                    what.clone(),
+                ),
+                None => fr.insert(&no_endpoint_services(fam), 
+                    key,
+                    Some(none_verdict.clone()),
+                    what.clone(),
+                ),
+            }
+        }
+        if let Some(np) = port.node_port {
+            let key = vec![proto, Value::Port(np)];
+            match &external_target {
+                Some(t) => fr.insert(&service_nodeports(f), 
+                    key,
+                    Some(Verdict::Goto(t.clone())),
+                    what.clone(),
+                ),
+                None => fr.insert(&no_endpoint_nodeports(f), 
+                    key,
+                    Some(none_verdict.clone()),
+                    what.clone(),
+                ),
             }
         }
     }
-    for a in hairpins {
-        let f = Family::of(a);
-        rs.set_mut(&hairpin(f))
-            .insert(vec![Value::Ip(a), Value::Ip(a)], None, String::new());
+
+    fr
+}
+
+/// Plans the whole table for this node.
+pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
+    Planner::default().plan(cfg, services)
+}
+
+/// Plans incrementally: a service whose resolved state is unchanged reuses its fragment (chains
+/// are shared, their fingerprints already computed), so replanning 10,000 services after one
+/// endpoint change redoes one service. The result is the same as [`plan`]'s.
+#[derive(Debug, Default)]
+pub struct Planner {
+    cfg: Option<PlanConfig>,
+    /// Service -> (hash of its resolved state, its fragment).
+    cache: std::collections::HashMap<ferry_model::ObjectRef, (u64, Fragment)>,
+}
+
+/// A stable 64-bit hash of everything planning reads from a service.
+fn service_hash(svc: &ResolvedService) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = crate::ir::Fnv::new();
+    svc.id.hash(&mut h);
+    (svc.type_ as u8).hash(&mut h);
+    svc.cluster_ip.hash(&mut h);
+    svc.external_ips.hash(&mut h);
+    svc.load_balancer_ips.hash(&mut h);
+    (svc.external_traffic_policy as u8).hash(&mut h);
+    (svc.internal_traffic_policy as u8).hash(&mut h);
+    for p in &svc.ports {
+        p.name.hash(&mut h);
+        p.protocol.hash(&mut h);
+        p.port.hash(&mut h);
+        p.node_port.hash(&mut h);
+        for e in &p.endpoints {
+            (e.addr, e.port, &e.node, e.ready, e.serving, e.terminating).hash(&mut h);
+        }
     }
-    rs
+    h.finish()
+}
+
+impl Planner {
+    pub fn plan(&mut self, cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
+        use names::*;
+        if self.cfg.as_ref() != Some(cfg) {
+            self.cache.clear();
+            self.cfg = Some(cfg.clone());
+        }
+        let mut rs = skeleton(cfg);
+        let mut hairpins: BTreeSet<IpAddr> = BTreeSet::new();
+        let mut next = std::collections::HashMap::with_capacity(services.len());
+        for svc in services {
+            let hash = service_hash(svc);
+            let fr = match self.cache.remove(&svc.id) {
+                Some((old, fr)) if old == hash => fr,
+                _ => plan_service(cfg, svc),
+            };
+            for c in &fr.chains {
+                rs.chains.insert(c.name.clone(), c.clone());
+            }
+            for (set, key, e) in &fr.elements {
+                rs.set_mut(set).elements.insert(key.clone(), e.clone());
+            }
+            hairpins.extend(fr.hairpins.iter().copied());
+            next.insert(svc.id.clone(), (hash, fr));
+        }
+        self.cache = next;
+        for a in hairpins {
+            let f = Family::of(a);
+            rs.set_mut(&hairpin(f))
+                .insert(vec![Value::Ip(a), Value::Ip(a)], None, String::new());
+        }
+        rs
+    }
 }
 
 /// UDP endpoints (address, port) that served a service port before and no longer do. Their

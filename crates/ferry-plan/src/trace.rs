@@ -141,6 +141,7 @@ impl Tracer<'_> {
             .rs
             .chains
             .values()
+            .map(|c| &**c)
             .filter(|c| c.base.is_some_and(|b| b.hook == hook))
             .collect();
         chains.sort_by_key(|c| c.base.map(|b| b.priority));

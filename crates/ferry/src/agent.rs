@@ -14,7 +14,7 @@ use ferry_model::cidr::Cidr;
 use ferry_model::view::resolve;
 use ferry_nft::{Dataplane, Nft};
 use ferry_plan::plan::DEFAULT_MASQUERADE_MARK;
-use ferry_plan::{plan, PlanConfig, Ruleset};
+use ferry_plan::{PlanConfig, Ruleset};
 
 use crate::source::{self, Snapshot};
 use crate::state::StateDir;
@@ -154,6 +154,7 @@ pub struct Pass {
 }
 
 pub fn compute(
+    planner: &mut ferry_plan::plan::Planner,
     args: &AgentArgs,
     state: &StateDir,
     snap: &Snapshot,
@@ -187,7 +188,7 @@ pub fn compute(
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
     };
     Ok(Pass {
-        ruleset: plan(&cfg, &resolved),
+        ruleset: planner.plan(&cfg, &resolved),
         services: resolved,
         node_ips,
         rejected,
@@ -197,6 +198,8 @@ pub fn compute(
 /// The agent's loop state: what it last applied and reported.
 struct Agent {
     args: AgentArgs,
+    reader: source::Reader,
+    planner: ferry_plan::plan::Planner,
     state: StateDir,
     dp: Dataplane,
     /// Problems reported on the last pass (each is logged once, not on every pass).
@@ -223,6 +226,8 @@ pub fn run(args: AgentArgs) -> Result<i32> {
     );
     warn_about_sysctls();
     let mut agent = Agent {
+        reader: source::Reader::new(&args.manifests),
+        planner: ferry_plan::plan::Planner::default(),
         args,
         state,
         dp: Dataplane::new(nft),
@@ -300,9 +305,11 @@ impl Agent {
     fn pass(&mut self, snapshot_ms: u64) -> Result<()> {
         let args = &self.args;
         let t0 = Instant::now();
-        let snap = source::read_dir(&args.manifests)
+        let snap = self
+            .reader
+            .read()
             .with_context(|| format!("reading {}", args.manifests.display()))?;
-        let p = compute(args, &self.state, &snap, snapshot_ms)?;
+        let p = compute(&mut self.planner, args, &self.state, &snap, snapshot_ms)?;
         let mut problems: Vec<String> = snap.errors.iter().map(|e| format!("error: {e}")).collect();
         problems.extend(snap.warnings.iter().map(|w| format!("warning: {w}")));
         problems.extend(p.rejected.iter().map(|r| format!("rejected: {r}")));

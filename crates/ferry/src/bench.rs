@@ -169,7 +169,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
 
     // One endpoint change at a time, with everything else present.
     let mut dp = Dataplane::new(nft());
-    dp.apply(&plan(&cfg, &base))?;
+    let mut planner = ferry_plan::plan::Planner::default();
+    dp.apply(&planner.plan(&cfg, &base))?;
     let mut change_total = Vec::new();
     let mut change_plan = Vec::new();
     let mut current = base.clone();
@@ -178,7 +179,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         let ep = &mut current[victim].ports[0].endpoints[0];
         ep.port = if ep.port == 8080 { 8081 } else { 8080 };
         let t0 = Instant::now();
-        let rs = plan(&cfg, &current);
+        let rs = planner.plan(&cfg, &current);
         let t1 = Instant::now();
         let ch = dp.apply(&rs)?;
         let t2 = Instant::now();

@@ -78,64 +78,124 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads and parses every manifest under `dir`. A file that cannot be read is reported like a
-/// bad document; duplicates (same kind, namespace and name in two places) keep the first one
-/// in path order and report the others.
+/// Reads and parses every manifest under `dir` (one-shot; the agent keeps a [`Reader`]).
 pub fn read_dir(dir: &Path) -> std::io::Result<Snapshot> {
-    let mut snap = Snapshot::default();
-    let mut seen: BTreeMap<(String, ObjectRef), String> = BTreeMap::new();
-    for f in manifest_files(dir)? {
-        let shown = f.strip_prefix(dir).unwrap_or(&f).display().to_string();
-        let (text, mt) = match std::fs::read_to_string(&f).and_then(|t| {
-            let m = std::fs::metadata(&f)?;
-            Ok((t, m))
-        }) {
-            Ok((t, m)) => (t, (mtime(&m) / 1_000_000) as u64),
-            // Deleted between listing and reading: it is simply gone.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                snap.errors.push(ManifestError {
-                    at: ferry_model::manifest::Location {
-                        file: shown.clone(),
-                        doc_index: 0,
-                        object: None,
-                        field: String::new(),
-                    },
-                    message: format!("cannot read: {e}"),
-                });
-                continue;
-            }
-        };
-        let parsed = parse_text(&shown, &text);
-        snap.errors.extend(parsed.errors);
-        snap.warnings.extend(parsed.warnings);
-        for obj in parsed.objects {
-            let key = (obj.kind().to_string(), obj.meta().object_ref());
-            if let Some(first) = seen.get(&key) {
-                snap.warnings.push(ManifestError {
-                    at: ferry_model::manifest::Location {
-                        file: shown.clone(),
-                        doc_index: 0,
-                        object: Some(format!("{} {}", key.0, key.1)),
-                        field: String::new(),
-                    },
-                    message: format!("duplicate of the one in {first}: ignored"),
-                });
-                continue;
-            }
-            seen.insert(key, shown.clone());
-            match obj {
-                Object::Service(s) => {
-                    snap.service_mtime_ms.insert(s.meta.object_ref(), mt);
-                    snap.services.push(s);
-                }
-                Object::EndpointSlice(s) => snap.slices.push(s),
-                Object::Node(n) => snap.nodes.push(n),
-                Object::ConfigMap(c) => snap.config_maps.push(c),
-                // Workloads are the lab's business; the agent only needs their endpoints.
-                Object::Deployment(_) | Object::Pod(_) => {}
-            }
+    Reader::new(dir).read()
+}
+
+struct CachedFile {
+    mtime_ns: u128,
+    size: u64,
+    parsed: ferry_model::manifest::Parsed,
+}
+
+/// Reads a manifest directory again and again, parsing only the files that changed since the
+/// last read (by modification time and size): with 10,000 objects, a change to one file costs
+/// one file's parse.
+pub struct Reader {
+    dir: PathBuf,
+    cache: BTreeMap<PathBuf, CachedFile>,
+}
+
+impl Reader {
+    pub fn new(dir: &Path) -> Reader {
+        Reader {
+            dir: dir.to_path_buf(),
+            cache: BTreeMap::new(),
         }
     }
-    Ok(snap)
+
+    /// A snapshot of the directory. A file that cannot be read is reported like a bad document;
+    /// duplicates (same kind, namespace and name in two places) keep the first one in path
+    /// order and report the others.
+    pub fn read(&mut self) -> std::io::Result<Snapshot> {
+        let dir = self.dir.clone();
+        let mut snap = Snapshot::default();
+        let mut seen: BTreeMap<(String, ObjectRef), String> = BTreeMap::new();
+        let files = manifest_files(&dir)?;
+        self.cache.retain(|p, _| files.binary_search(p).is_ok());
+        for f in files {
+            let shown = f.strip_prefix(&dir).unwrap_or(&f).display().to_string();
+            let meta = match std::fs::metadata(&f) {
+                Ok(m) => m,
+                // Deleted between listing and reading: it is simply gone.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    snap.errors.push(file_error(&shown, e));
+                    continue;
+                }
+            };
+            let (mt, size) = (mtime(&meta), meta.len());
+            let fresh = self
+                .cache
+                .get(&f)
+                .is_some_and(|c| c.mtime_ns == mt && c.size == size);
+            if !fresh {
+                let text = match std::fs::read_to_string(&f) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        snap.errors.push(file_error(&shown, e));
+                        continue;
+                    }
+                };
+                self.cache.insert(
+                    f.clone(),
+                    CachedFile {
+                        mtime_ns: mt,
+                        size,
+                        parsed: parse_text(&shown, &text),
+                    },
+                );
+            }
+            let Some(cached) = self.cache.get(&f) else {
+                continue;
+            };
+            let mt_ms = (cached.mtime_ns / 1_000_000) as u64;
+            let parsed = &cached.parsed;
+            snap.errors.extend(parsed.errors.iter().cloned());
+            snap.warnings.extend(parsed.warnings.iter().cloned());
+            for obj in &parsed.objects {
+                let key = (obj.kind().to_string(), obj.meta().object_ref());
+                if let Some(first) = seen.get(&key) {
+                    snap.warnings.push(ManifestError {
+                        at: ferry_model::manifest::Location {
+                            file: shown.clone(),
+                            doc_index: 0,
+                            object: Some(format!("{} {}", key.0, key.1)),
+                            field: String::new(),
+                        },
+                        message: format!("duplicate of the one in {first}: ignored"),
+                    });
+                    continue;
+                }
+                seen.insert(key, shown.clone());
+                match obj {
+                    Object::Service(s) => {
+                        snap.service_mtime_ms.insert(s.meta.object_ref(), mt_ms);
+                        snap.services.push(s.clone());
+                    }
+                    Object::EndpointSlice(s) => snap.slices.push(s.clone()),
+                    Object::Node(n) => snap.nodes.push(n.clone()),
+                    Object::ConfigMap(c) => snap.config_maps.push(c.clone()),
+                    // Workloads are the lab's business; the agent only needs their endpoints.
+                    #[allow(unreachable_patterns)]
+                    _ => {}
+                }
+            }
+        }
+        Ok(snap)
+    }
+}
+
+fn file_error(shown: &str, e: std::io::Error) -> ManifestError {
+    ManifestError {
+        at: ferry_model::manifest::Location {
+            file: shown.to_string(),
+            doc_index: 0,
+            object: None,
+            field: String::new(),
+        },
+        message: format!("cannot read: {e}"),
+    }
 }
