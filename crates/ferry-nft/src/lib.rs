@@ -361,10 +361,45 @@ fn key_of(v: &Json) -> Option<String> {
                 let parts: Option<Vec<String>> = c.iter().map(key_of).collect();
                 return parts.map(|p| p.join(" . "));
             }
+            // Interval sets: {"range": [a, b]}, or {"prefix": {...}} when a range is a prefix.
+            if let Some([a, b]) = o.get("range").and_then(|r| r.as_array()).map(Vec::as_slice) {
+                return Some(format!("{}-{}", a.as_str()?, b.as_str()?));
+            }
+            if let Some(p) = o.get("prefix") {
+                let addr: std::net::IpAddr = p["addr"].as_str()?.parse().ok()?;
+                let len = u32::try_from(p["len"].as_u64()?).ok()?;
+                return prefix_as_range(addr, len);
+            }
             None
         }
         _ => None,
     }
+}
+
+/// "a-b" for a prefix, as ferry writes ranges.
+fn prefix_as_range(addr: std::net::IpAddr, len: u32) -> Option<String> {
+    use std::net::IpAddr;
+    let (bits, v) = match addr {
+        IpAddr::V4(a) => (32, u128::from(u32::from(a))),
+        IpAddr::V6(a) => (128, u128::from(a)),
+    };
+    if len > bits {
+        return None;
+    }
+    let host = bits - len;
+    let last = if host >= 128 { u128::MAX } else { v | ((1u128 << host) - 1) };
+    let ip = |x: u128| -> IpAddr {
+        if bits == 32 {
+            IpAddr::from((x as u32).to_be_bytes())
+        } else {
+            IpAddr::from(x.to_be_bytes())
+        }
+    };
+    Some(if host == 0 {
+        ip(v).to_string()
+    } else {
+        format!("{}-{}", ip(v), ip(last))
+    })
 }
 
 fn verdict_of(v: &Json) -> Option<Verdict> {

@@ -72,6 +72,8 @@ impl KeyType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Value {
     Ip(IpAddr),
+    /// An inclusive address range (interval sets only).
+    Range(IpAddr, IpAddr),
     Proto(Protocol),
     Port(u16),
 }
@@ -80,6 +82,8 @@ impl std::fmt::Display for Value {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Value::Ip(ip) => write!(f, "{ip}"),
+            Value::Range(a, b) if a == b => write!(f, "{a}"),
+            Value::Range(a, b) => write!(f, "{a}-{b}"),
             Value::Proto(p) => f.write_str(p.as_nft()),
             Value::Port(p) => write!(f, "{p}"),
         }
@@ -131,7 +135,8 @@ pub struct Set {
     pub key: Vec<KeyType>,
     /// A verdict map when true, a plain set otherwise.
     pub is_vmap: bool,
-    /// Prefix keys (e.g. address ranges) would need `flags interval`; ferry uses none.
+    /// An interval set (elements are address ranges): `flags interval`.
+    pub interval: bool,
     pub comment: String,
     /// By key text.
     pub elements: BTreeMap<String, Element>,
@@ -143,8 +148,16 @@ impl Set {
             name: name.into(),
             key: key.to_vec(),
             is_vmap,
+            interval: false,
             comment: comment.into(),
             elements: BTreeMap::new(),
+        }
+    }
+    /// A set of address ranges.
+    pub fn ranges(name: &str, key: KeyType, comment: &str) -> Set {
+        Set {
+            interval: true,
+            ..Set::new(name, &[key], false, comment)
         }
     }
     pub fn insert(&mut self, key: Vec<Value>, verdict: Option<Verdict>, comment: String) {
@@ -176,8 +189,9 @@ impl Set {
     pub fn render_def(&self) -> String {
         let kind = if self.is_vmap { "map" } else { "set" };
         let ty = self.signature();
+        let flags = if self.interval { " flags interval;" } else { "" };
         format!(
-            "add {kind} {FAMILY} {TABLE} {} {{ type {ty}; comment {}; }}",
+            "add {kind} {FAMILY} {TABLE} {} {{ type {ty};{flags} comment {}; }}",
             self.name,
             quote(&self.comment)
         )

@@ -38,6 +38,9 @@ pub struct PlanConfig {
     /// Pod CIDRs: traffic to cluster IPs from outside them is masqueraded.
     pub cluster_cidrs: Vec<Cidr>,
     pub masquerade_mark: u32,
+    /// Load-balancer address pools (inclusive ranges): traffic to a pool address that no
+    /// service uses on that port is rejected, not forwarded (in routed setups it would loop).
+    pub lb_pools: Vec<(IpAddr, IpAddr)>,
 }
 
 pub mod names {
@@ -67,6 +70,9 @@ pub mod names {
     }
     pub fn cluster_ip_ports(f: Family) -> String {
         format!("cluster-ip-ports-{}", f.suffix())
+    }
+    pub fn lb_pools(f: Family) -> String {
+        format!("lb-pools-{}", f.suffix())
     }
     pub fn hairpin(f: Family) -> String {
         format!("hairpin-{}", f.suffix())
@@ -119,14 +125,19 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
             &cluster_ip_ports(f),
             &[a, p, s],
             false,
-            "every cluster IP . protocol . port",
+            "every cluster and load-balancer IP . protocol . port",
         ));
+        rs.add_set(Set::ranges(&lb_pools(f), a, "load-balancer address pools"));
         rs.add_set(Set::new(
             &hairpin(f),
             &[a, a],
             false,
             "endpoint . itself: a pod reaching itself via a service",
         ));
+    }
+    for (a, b) in &cfg.lb_pools {
+        rs.set_mut(&lb_pools(Family::of(*a)))
+            .insert(vec![Value::Range(*a, *b)], None, String::new());
     }
     for ip in &cfg.node_ips {
         let f = Family::of(*ip);
@@ -218,6 +229,17 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
                 Action::Verdict(Verdict::Goto(REJECT.into())),
             )
             .with_comment("a cluster IP on a port its service lacks"),
+        );
+        c.push(
+            Rule::new(
+                vec![
+                    Match::CtStateNew,
+                    Match::DaddrInSet(f, lb_pools(f)),
+                    Match::ServiceTupleNotIn(f, cluster_ip_ports(f)),
+                ],
+                Action::Verdict(Verdict::Goto(REJECT.into())),
+            )
+            .with_comment("a load-balancer address on a port no service uses"),
         );
     }
     rs.add_chain(c);
@@ -458,6 +480,7 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         for ip in ext_ips {
             let fam = Family::of(*ip);
             let key = vec![Value::Ip(*ip), proto, Value::Port(port.port)];
+            fr.insert(&cluster_ip_ports(fam), key.clone(), None, String::new());
             match &external_target {
                 Some(t) => fr.insert(&service_ips(fam), 
                     key,

@@ -276,6 +276,22 @@ impl Tracer<'_> {
     }
 
     fn in_set(&self, set: &str, key: &[Value]) -> bool {
+        let s = &self.rs.sets[set];
+        if s.interval {
+            // Interval sets hold single-address keys matched against ranges.
+            let [Value::Ip(ip)] = key else {
+                return false;
+            };
+            return s.elements.values().any(|e| match e.key.as_slice() {
+                [Value::Range(a, b)] => {
+                    a.is_ipv4() == ip.is_ipv4()
+                        && ferry_model::cidr::to_u128(*a) <= ferry_model::cidr::to_u128(*ip)
+                        && ferry_model::cidr::to_u128(*ip) <= ferry_model::cidr::to_u128(*b)
+                }
+                [Value::Ip(x)] => x == ip,
+                _ => false,
+            });
+        }
         self.lookup(set, key).is_some()
     }
 

@@ -186,6 +186,7 @@ pub fn compute(
         node_ips: node_ips.clone(),
         cluster_cidrs: args.cluster_cidr.clone(),
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
+        lb_pools: vec![],
     };
     Ok(Pass {
         ruleset: planner.plan(&cfg, &resolved),

@@ -124,6 +124,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         node_ips: vec![ip(0xc0a8_020b)],
         cluster_cidrs: vec!["10.42.0.0/16".parse()?],
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
+        lb_pools: vec![],
     };
     let nft = || {
         if args.nft_command {

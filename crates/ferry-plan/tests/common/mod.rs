@@ -30,6 +30,7 @@ pub fn config() -> PlanConfig {
             "fd00:42::/64".parse().unwrap(),
         ],
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
+        lb_pools: vec![],
     }
 }
 
