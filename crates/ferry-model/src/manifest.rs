@@ -35,6 +35,9 @@
 //! | `ConfigMap`     | `v1`                  | [`Object::ConfigMap`]          |
 //! | `Deployment`    | `apps/v1`             | [`Object::Deployment`]         |
 //! | `Pod`           | `v1`                  | [`Object::Pod`]                |
+//! | `Namespace`     | `v1`                  | [`Object::Namespace`]          |
+//! | `IPAddressPool` | `metallb.io/v1beta1`  | [`Object::IpAddressPool`]      |
+//! | `L2Advertisement` | `metallb.io/v1beta1` | [`Object::L2Advertisement`]   |
 //! | `List`          | `v1`                  | each of its `items`            |
 //! | `<Kind>List`    | as `<Kind>`           | each of its `items` (items may omit `kind`/`apiVersion`) |
 //!
@@ -57,6 +60,16 @@
 //! copied (it would no longer be unique). `addresses` are ready and serving, `notReadyAddresses`
 //! neither; none are terminating.
 //!
+//! # MetalLB
+//!
+//! IPAddressPool and L2Advertisement are read as MetalLB (0.13 and later) defines them; their
+//! label selectors (`matchLabels`, `matchExpressions` with In, NotIn, Exists, DoesNotExist)
+//! are checked as Kubernetes does. Each IPAddressPool address is checked with
+//! [`crate::pools::parse_address_entry`]; overlaps between pools and duplicate names are
+//! checked by [`crate::pools::load`], which sees all pools. MetalLB's legacy ConfigMap
+//! (`metallb-system/config`) is an ordinary ConfigMap here; [`crate::pools::load`] reads it.
+//! Other MetalLB kinds (BGPPeer, BGPAdvertisement, ...) are unknown kinds for now.
+//!
 //! FQDN EndpointSlices are accepted (their addresses are checked to be DNS names) but
 //! [`crate::objects::Endpoint`] holds IP addresses only, so their endpoints come out with
 //! empty `addresses` and a warning says so.
@@ -71,6 +84,10 @@ use crate::objects::{
     AddressType, ClusterIpSpec, ConfigMap, ContainerPort, Deployment, Endpoint, EndpointConditions,
     EndpointPort, EndpointSlice, Meta, Node, NodeAddress, Object, Pod, PodTemplate, Protocol,
     Service, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+};
+use crate::objects::{
+    IpAddressPool, L2Advertisement, LabelSelector, LabelSelectorRequirement, Namespace,
+    SelectorOperator, ServiceAllocation,
 };
 
 /// Where a problem was found: file, 0-based document index, the object (Kind namespace/name when
@@ -403,6 +420,24 @@ const KINDS: &[KindSpec] = &[
         api_version: "v1",
         scope: Scope::Namespaced,
         parse: parse_pod,
+    },
+    KindSpec {
+        kind: "Namespace",
+        api_version: "v1",
+        scope: Scope::Cluster,
+        parse: parse_namespace,
+    },
+    KindSpec {
+        kind: "IPAddressPool",
+        api_version: "metallb.io/v1beta1",
+        scope: Scope::Namespaced,
+        parse: parse_ip_address_pool,
+    },
+    KindSpec {
+        kind: "L2Advertisement",
+        api_version: "metallb.io/v1beta1",
+        scope: Scope::Namespaced,
+        parse: parse_l2_advertisement,
     },
 ];
 
@@ -807,6 +842,18 @@ impl Ck {
         self.ip(s, &join(base, key))
     }
 
+    /// Optional list of strings `m.key` (empty when missing), with the index of each.
+    fn strings(&mut self, m: &Mapping, base: &str, key: &str) -> Vec<(usize, String)> {
+        let path = join(base, key);
+        let mut out = Vec::new();
+        for (i, v) in self.seq(m, base, key).iter().enumerate() {
+            if let Some(s) = self.as_str(v, &format!("{path}[{i}]")) {
+                out.push((i, s.to_string()));
+            }
+        }
+        out
+    }
+
     /// A map of strings (labels, annotations, selector, data); null values count as "".
     fn string_map(&mut self, m: &Mapping, base: &str, key: &str) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
@@ -903,6 +950,7 @@ const IANA_SVC_NAME: &str = "must be a port number or an IANA service name: at m
 #[derive(Clone, Copy)]
 enum NameRule {
     Dns1035Label,
+    Dns1123Label,
     Dns1123Subdomain,
 }
 
@@ -921,6 +969,7 @@ fn parse_meta(ck: &mut Ck, root: &Mapping, scope: Scope, rule: NameRule) -> Meta
     if let Some(name) = ck.req_string(md, "metadata", "name") {
         let (ok, rule_text) = match rule {
             NameRule::Dns1035Label => (is_dns1035_label(name), DNS1035_LABEL),
+            NameRule::Dns1123Label => (is_dns1123_label(name), DNS1123_LABEL),
             NameRule::Dns1123Subdomain => (is_dns1123_subdomain(name), DNS1123_SUBDOMAIN),
         };
         if !ok {
@@ -1754,6 +1803,151 @@ fn parse_pod(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
     })]
 }
 
+// ---------------------------------------------------------------------------------------------
+// Namespace, MetalLB
+
+fn parse_namespace(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
+    let meta = parse_meta(ck, root, Scope::Cluster, NameRule::Dns1123Label);
+    vec![Object::Namespace(Namespace { meta })]
+}
+
+/// A metav1.LabelSelector at `path`.
+fn label_selector(ck: &mut Ck, v: &Value, path: &str) -> LabelSelector {
+    let mut sel = LabelSelector::default();
+    let Some(m) = ck.as_map(v, path) else {
+        return sel;
+    };
+    sel.match_labels = ck.string_map(m, path, "matchLabels");
+    for (i, e) in ck.seq(m, path, "matchExpressions").iter().enumerate() {
+        let base = format!("{}[{i}]", join(path, "matchExpressions"));
+        let Some(em) = ck.as_map(e, &base) else {
+            continue;
+        };
+        let key = ck.req_string(em, &base, "key");
+        let operator = ck.req_string(em, &base, "operator").and_then(|s| {
+            let op = SelectorOperator::parse_k8s(s);
+            if op.is_none() {
+                ck.err(
+                    join(&base, "operator"),
+                    format!(
+                        "must be In, NotIn, Exists or DoesNotExist, got {}",
+                        quote(s)
+                    ),
+                );
+            }
+            op
+        });
+        let values: Vec<String> = ck
+            .strings(em, &base, "values")
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        let (Some(key), Some(operator)) = (key, operator) else {
+            continue;
+        };
+        match operator {
+            SelectorOperator::In | SelectorOperator::NotIn if values.is_empty() => ck.err(
+                join(&base, "values"),
+                format!(
+                    "required (at least one value) for operator {}",
+                    operator.as_k8s()
+                ),
+            ),
+            SelectorOperator::Exists | SelectorOperator::DoesNotExist if !values.is_empty() => ck
+                .err(
+                    join(&base, "values"),
+                    format!("must be empty for operator {}", operator.as_k8s()),
+                ),
+            _ => {}
+        }
+        sel.match_expressions.push(LabelSelectorRequirement {
+            key: key.to_string(),
+            operator,
+            values,
+        });
+    }
+    sel
+}
+
+/// Optional list of label selectors `m.key`.
+fn label_selectors(ck: &mut Ck, m: &Mapping, base: &str, key: &str) -> Vec<LabelSelector> {
+    let path = join(base, key);
+    ck.seq(m, base, key)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| label_selector(ck, v, &format!("{path}[{i}]")))
+        .collect()
+}
+
+fn parse_ip_address_pool(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
+    let meta = parse_meta(ck, root, Scope::Namespaced, NameRule::Dns1123Subdomain);
+    let empty = Mapping::new();
+    let spec = ck.req_map(root, "", "spec").unwrap_or(&empty);
+    let entries = ck.strings(spec, "spec", "addresses");
+    if entries.is_empty() && get(spec, "addresses").is_none_or(|v| v.as_sequence().is_some()) {
+        ck.err("spec.addresses", "required: at least one CIDR or IP range");
+    }
+    let mut addresses = Vec::new();
+    for (i, a) in entries {
+        if let Err(e) = crate::pools::parse_address_entry(&a) {
+            ck.err(format!("spec.addresses[{i}]"), e);
+        }
+        addresses.push(a);
+    }
+    let auto_assign = ck.boolean(spec, "spec", "autoAssign").unwrap_or(true);
+    let avoid_buggy_ips = ck.boolean(spec, "spec", "avoidBuggyIPs").unwrap_or(false);
+    let service_allocation = ck.map(spec, "spec", "serviceAllocation").map(|sa| {
+        let base = "spec.serviceAllocation";
+        let priority = ck
+            .int(sa, base, "priority", 0, i64::from(i32::MAX))
+            .and_then(|n| i32::try_from(n).ok());
+        let mut namespaces = Vec::new();
+        for (i, ns) in ck.strings(sa, base, "namespaces") {
+            if !is_dns1123_label(&ns) {
+                ck.err(
+                    format!("{base}.namespaces[{i}]"),
+                    format!("{DNS1123_LABEL}; got {}", quote(&ns)),
+                );
+            }
+            namespaces.push(ns);
+        }
+        ServiceAllocation {
+            priority,
+            namespaces,
+            namespace_selectors: label_selectors(ck, sa, base, "namespaceSelectors"),
+            service_selectors: label_selectors(ck, sa, base, "serviceSelectors"),
+        }
+    });
+    vec![Object::IpAddressPool(IpAddressPool {
+        meta,
+        addresses,
+        auto_assign,
+        avoid_buggy_ips,
+        service_allocation,
+    })]
+}
+
+fn parse_l2_advertisement(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
+    let meta = parse_meta(ck, root, Scope::Namespaced, NameRule::Dns1123Subdomain);
+    let empty = Mapping::new();
+    let spec = ck.map(root, "", "spec").unwrap_or(&empty);
+    let names = |ck: &mut Ck, key: &str| -> Vec<String> {
+        ck.strings(spec, "spec", key)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect()
+    };
+    let ip_address_pools = names(ck, "ipAddressPools");
+    let interfaces = names(ck, "interfaces");
+    vec![Object::L2Advertisement(L2Advertisement {
+        meta,
+        ip_address_pools,
+        ip_address_pool_selectors: label_selectors(ck, spec, "spec", "ipAddressPoolSelectors"),
+        node_selectors: label_selectors(ck, spec, "spec", "nodeSelectors"),
+        interfaces,
+    })]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2213,26 +2407,26 @@ status:
 
     #[test]
     fn unknown_kinds_are_warnings() {
-        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
-                    apiVersion: metallb.io/v1beta1\nkind: IPAddressPool\n\
-                    metadata: {name: pool, namespace: metallb-system}\n\
-                    spec: {addresses: [192.168.2.200-192.168.2.225]}\n";
+        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: shop}\n---\n\
+                    apiVersion: metallb.io/v1beta2\nkind: BGPPeer\n\
+                    metadata: {name: peer, namespace: metallb-system}\n\
+                    spec: {myASN: 64500, peerASN: 64501, peerAddress: 10.0.0.1}\n";
         let p = parse(text);
         assert!(p.objects.is_empty() && p.errors.is_empty(), "{p:#?}");
         assert_eq!(p.warnings.len(), 2);
         assert_eq!(
             p.warnings[0].message,
-            "unknown kind Namespace (apiVersion v1): ignored"
+            "unknown kind Secret (apiVersion v1): ignored"
         );
-        assert_eq!(p.warnings[0].at.object.as_deref(), Some("Namespace shop"));
+        assert_eq!(p.warnings[0].at.object.as_deref(), Some("Secret shop"));
         assert_eq!(p.warnings[1].at.doc_index, 1);
         assert_eq!(
             p.warnings[1].message,
-            "unknown kind IPAddressPool (apiVersion metallb.io/v1beta1): ignored"
+            "unknown kind BGPPeer (apiVersion metallb.io/v1beta2): ignored"
         );
         assert_eq!(
             p.warnings[1].at.object.as_deref(),
-            Some("IPAddressPool metallb-system/pool")
+            Some("BGPPeer metallb-system/peer")
         );
         // A lowercase spelling of a known kind is a mistake, not an unknown kind.
         assert_error(
@@ -2991,6 +3185,225 @@ subsets:
             "apiVersion: v1\nkind: Node\nmetadata: {name: Node_1}\n",
             "metadata.name",
             "DNS-1123 subdomain",
+        );
+    }
+
+    // ---- Namespace, MetalLB ---------------------------------------------------------------
+
+    #[test]
+    fn namespace() {
+        let Object::Namespace(n) =
+            one("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: web}}\n")
+        else {
+            panic!()
+        };
+        assert_eq!(n.meta.name, "shop");
+        assert_eq!(n.meta.namespace, "");
+        assert_eq!(n.meta.labels, strings(&[("team", "web")]));
+        let e = assert_error(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a.b}\n",
+            "metadata.name",
+            "DNS-1123 label",
+        );
+        assert_eq!(e.at.object.as_deref(), Some("Namespace a.b"));
+    }
+
+    /// The seed's legacy ConfigMap is read unchanged, then by pools::load.
+    #[test]
+    fn seed_configmap_makes_a_pool() {
+        let Object::ConfigMap(c) = one(CONFIGMAP_SEED) else {
+            panic!()
+        };
+        let (cfg, errs) = crate::pools::load(&[c], &[], &[]);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(cfg.pools[0].name, "default");
+        assert_eq!(cfg.pools[0].addresses().next(), Some(ip("192.168.2.200")));
+    }
+
+    const POOL: &str = r#"apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata:
+  name: lan
+  namespace: metallb-system
+  labels: {site: home}
+spec:
+  addresses:
+  - 192.168.2.200-192.168.2.225
+  - fd00:2::/120
+  autoAssign: false
+  avoidBuggyIPs: true
+  serviceAllocation:
+    priority: 10
+    namespaces: [shop]
+    namespaceSelectors:
+    - matchLabels: {team: web}
+    serviceSelectors:
+    - matchExpressions:
+      - {key: expose, operator: In, values: [public, both]}
+      - {key: legacy, operator: DoesNotExist}
+"#;
+
+    #[test]
+    fn ip_address_pool() {
+        let Object::IpAddressPool(p) = one(POOL) else {
+            panic!()
+        };
+        assert_eq!(p.meta.object_ref().to_string(), "metallb-system/lan");
+        assert_eq!(p.meta.labels, strings(&[("site", "home")]));
+        assert_eq!(p.addresses, ["192.168.2.200-192.168.2.225", "fd00:2::/120"]);
+        assert!(!p.auto_assign && p.avoid_buggy_ips);
+        let sa = p.service_allocation.unwrap();
+        assert_eq!(sa.priority, Some(10));
+        assert_eq!(sa.namespaces, ["shop"]);
+        assert_eq!(
+            sa.namespace_selectors[0].match_labels,
+            strings(&[("team", "web")])
+        );
+        let exprs = &sa.service_selectors[0].match_expressions;
+        assert_eq!(exprs.len(), 2);
+        assert_eq!(exprs[0].operator, SelectorOperator::In);
+        assert_eq!(exprs[0].values, ["public", "both"]);
+        assert_eq!(exprs[1].operator, SelectorOperator::DoesNotExist);
+        assert!(sa.service_selectors[0].matches(&strings(&[("expose", "both")])));
+
+        // Defaults; a typed list.
+        let text = "apiVersion: metallb.io/v1beta1\nkind: IPAddressPoolList\nitems:\n\
+                    - metadata: {name: a, namespace: metallb-system}\n  \
+                    spec: {addresses: [10.0.0.0/24]}\n";
+        let p = parse(text);
+        assert!(p.errors.is_empty(), "{p:#?}");
+        let Object::IpAddressPool(a) = &p.objects[0] else {
+            panic!()
+        };
+        assert!(a.auto_assign && !a.avoid_buggy_ips && a.service_allocation.is_none());
+        // The CRD equivalent of the seed ConfigMap gives the same first address.
+        let (cfg, errs) = crate::pools::load(&[], std::slice::from_ref(a), &[]);
+        assert!(errs.is_empty());
+        assert_eq!(cfg.pools[0].addresses().next(), Some(ip("10.0.0.0")));
+    }
+
+    #[test]
+    fn ip_address_pool_errors_name_the_field() {
+        let base = "apiVersion: metallb.io/v1beta1\nkind: IPAddressPool\n\
+                    metadata: {name: lan, namespace: metallb-system}\n";
+        let e = assert_error(
+            &format!("{base}spec: {{addresses: [192.168.2.0/28, 192.168.2.300-192.168.2.310]}}\n"),
+            "spec.addresses[1]",
+            "\"192.168.2.300-192.168.2.310\" is not an IP range",
+        );
+        assert_eq!(
+            e.at.object.as_deref(),
+            Some("IPAddressPool metallb-system/lan")
+        );
+        assert_error(
+            &format!("{base}spec: {{addresses: []}}\n"),
+            "spec.addresses",
+            "required",
+        );
+        assert_error(&format!("{base}spec: {{}}\n"), "spec.addresses", "required");
+        assert_error(base, "spec", "required");
+        assert_error(
+            &format!("{base}spec: {{addresses: [10.0.0.1]}}\n"),
+            "spec.addresses[0]",
+            "write 10.0.0.1/32",
+        );
+        assert_error(
+            &format!("{base}spec: {{addresses: [10.0.0.0/8], autoAssign: 'no'}}\n"),
+            "spec.autoAssign",
+            "must be true or false",
+        );
+        assert_error(
+            &format!(
+                "{base}spec: {{addresses: [10.0.0.0/8], serviceAllocation: {{priority: -1}}}}\n"
+            ),
+            "spec.serviceAllocation.priority",
+            "between 0 and",
+        );
+        assert_error(
+            &format!("{base}spec: {{addresses: [10.0.0.0/8], serviceAllocation: {{namespaces: [Shop]}}}}\n"),
+            "spec.serviceAllocation.namespaces[0]",
+            "DNS-1123 label",
+        );
+        let sel = |s: &str| {
+            format!("{base}spec: {{addresses: [10.0.0.0/8], serviceAllocation: {{serviceSelectors: [{s}]}}}}\n")
+        };
+        assert_error(
+            &sel("{matchExpressions: [{key: a, operator: Like, values: [x]}]}"),
+            "spec.serviceAllocation.serviceSelectors[0].matchExpressions[0].operator",
+            "must be In, NotIn, Exists or DoesNotExist, got \"Like\"",
+        );
+        assert_error(
+            &sel("{matchExpressions: [{key: a, operator: In}]}"),
+            "spec.serviceAllocation.serviceSelectors[0].matchExpressions[0].values",
+            "required",
+        );
+        assert_error(
+            &sel("{matchExpressions: [{key: a, operator: Exists, values: [x]}]}"),
+            "spec.serviceAllocation.serviceSelectors[0].matchExpressions[0].values",
+            "must be empty",
+        );
+        assert_error(
+            &sel("{matchExpressions: [{operator: Exists}]}"),
+            "spec.serviceAllocation.serviceSelectors[0].matchExpressions[0].key",
+            "required",
+        );
+        assert_error(
+            &sel("{matchLabels: {a: 1}}"),
+            "spec.serviceAllocation.serviceSelectors[0].matchLabels[a]",
+            "must be a string",
+        );
+        assert_error(
+            &sel("x"),
+            "spec.serviceAllocation.serviceSelectors[0]",
+            "must be a mapping",
+        );
+        assert_error(
+            "apiVersion: metallb.io/v1beta2\nkind: IPAddressPool\nmetadata: {name: x}\n",
+            "apiVersion",
+            "needs apiVersion metallb.io/v1beta1",
+        );
+    }
+
+    #[test]
+    fn l2_advertisement() {
+        let text = "apiVersion: metallb.io/v1beta1\nkind: L2Advertisement\n\
+                    metadata: {name: l2, namespace: metallb-system}\n\
+                    spec:\n  ipAddressPools: [lan]\n  \
+                    ipAddressPoolSelectors: [{matchLabels: {site: home}}]\n  \
+                    nodeSelectors: [{matchExpressions: [{key: role, operator: NotIn, values: [db]}]}]\n  \
+                    interfaces: [eth0]\n";
+        let Object::L2Advertisement(a) = one(text) else {
+            panic!()
+        };
+        assert_eq!(a.ip_address_pools, ["lan"]);
+        assert_eq!(
+            a.ip_address_pool_selectors[0].match_labels,
+            strings(&[("site", "home")])
+        );
+        assert_eq!(
+            a.node_selectors[0].match_expressions[0].operator,
+            SelectorOperator::NotIn
+        );
+        assert_eq!(a.interfaces, ["eth0"]);
+        // The seed form: no spec at all (every pool, every node).
+        let Object::L2Advertisement(a) =
+            one("apiVersion: metallb.io/v1beta1\nkind: L2Advertisement\n\
+             metadata: {name: l2, namespace: metallb-system}\n")
+        else {
+            panic!()
+        };
+        assert!(a.ip_address_pools.is_empty() && a.node_selectors.is_empty());
+        assert_error(
+            "apiVersion: metallb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: l2}\n\
+             spec: {interfaces: eth0}\n",
+            "spec.interfaces",
+            "must be a list",
+        );
+        assert_error(
+            "apiVersion: metallb.io/v1beta1\nkind: L2Advertisement\nmetadata: {name: l2}\n\
+             spec: {ipAddressPools: [1]}\n",
+            "spec.ipAddressPools[0]",
+            "must be a string",
         );
     }
 

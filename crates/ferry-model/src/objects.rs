@@ -276,6 +276,145 @@ pub struct Pod {
     pub pod_ip: Option<IpAddr>,
 }
 
+/// A v1 Namespace (its labels feed MetalLB's namespaceSelectors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    /// `meta.namespace` is "" (namespaces are cluster-scoped).
+    pub meta: Meta,
+}
+
+/// matchExpressions[].operator of a label selector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl SelectorOperator {
+    pub fn as_k8s(self) -> &'static str {
+        match self {
+            SelectorOperator::In => "In",
+            SelectorOperator::NotIn => "NotIn",
+            SelectorOperator::Exists => "Exists",
+            SelectorOperator::DoesNotExist => "DoesNotExist",
+        }
+    }
+    pub fn parse_k8s(s: &str) -> Option<SelectorOperator> {
+        match s {
+            "In" => Some(SelectorOperator::In),
+            "NotIn" => Some(SelectorOperator::NotIn),
+            "Exists" => Some(SelectorOperator::Exists),
+            "DoesNotExist" => Some(SelectorOperator::DoesNotExist),
+            _ => None,
+        }
+    }
+}
+
+/// One matchExpressions entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelSelectorRequirement {
+    pub key: String,
+    pub operator: SelectorOperator,
+    /// Non-empty for In and NotIn, empty for Exists and DoesNotExist (checked when parsing).
+    pub values: Vec<String>,
+}
+
+impl LabelSelectorRequirement {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            SelectorOperator::In => value.is_some_and(|v| self.values.contains(v)),
+            // As Kubernetes: a missing label is "not in" any set.
+            SelectorOperator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
+            SelectorOperator::Exists => value.is_some(),
+            SelectorOperator::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
+/// A metav1.LabelSelector: every matchLabels pair and every expression must hold.
+/// An empty selector matches everything.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LabelSelector {
+    pub match_labels: BTreeMap<String, String>,
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+impl LabelSelector {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|e| e.matches(labels))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.match_labels.is_empty() && self.match_expressions.is_empty()
+    }
+}
+
+impl std::fmt::Display for LabelSelector {
+    /// Kubernetes' selector syntax: `app=web,tier in (a,b),!legacy`; `<everything>` when empty.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            return write!(f, "<everything>");
+        }
+        let mut parts: Vec<String> = self
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        for e in &self.match_expressions {
+            parts.push(match e.operator {
+                SelectorOperator::In => format!("{} in ({})", e.key, e.values.join(",")),
+                SelectorOperator::NotIn => format!("{} notin ({})", e.key, e.values.join(",")),
+                SelectorOperator::Exists => e.key.clone(),
+                SelectorOperator::DoesNotExist => format!("!{}", e.key),
+            });
+        }
+        write!(f, "{}", parts.join(","))
+    }
+}
+
+/// metallb.io/v1beta1 IPAddressPool spec.serviceAllocation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceAllocation {
+    /// As written; MetalLB reads 0 (and unset) as "lowest priority".
+    pub priority: Option<i32>,
+    pub namespaces: Vec<String>,
+    pub namespace_selectors: Vec<LabelSelector>,
+    pub service_selectors: Vec<LabelSelector>,
+}
+
+/// A metallb.io/v1beta1 IPAddressPool, as written (addresses are validated by
+/// [`crate::pools::load`], which names this object in its errors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpAddressPool {
+    pub meta: Meta,
+    /// spec.addresses: CIDRs ("192.168.2.0/28") or ranges ("192.168.2.200-192.168.2.225").
+    pub addresses: Vec<String>,
+    /// spec.autoAssign (default true).
+    pub auto_assign: bool,
+    /// spec.avoidBuggyIPs (default false).
+    pub avoid_buggy_ips: bool,
+    pub service_allocation: Option<ServiceAllocation>,
+}
+
+/// A metallb.io/v1beta1 L2Advertisement.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct L2Advertisement {
+    pub meta: Meta,
+    /// spec.ipAddressPools (pool names).
+    pub ip_address_pools: Vec<String>,
+    /// spec.ipAddressPoolSelectors (on the pools' labels).
+    pub ip_address_pool_selectors: Vec<LabelSelector>,
+    /// spec.nodeSelectors (on the nodes' labels); empty: every node.
+    pub node_selectors: Vec<LabelSelector>,
+    /// spec.interfaces; empty: no restriction.
+    pub interfaces: Vec<String>,
+}
+
 /// One parsed Kubernetes object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
@@ -285,6 +424,9 @@ pub enum Object {
     ConfigMap(ConfigMap),
     Deployment(Deployment),
     Pod(Pod),
+    Namespace(Namespace),
+    IpAddressPool(IpAddressPool),
+    L2Advertisement(L2Advertisement),
 }
 
 impl Object {
@@ -296,6 +438,9 @@ impl Object {
             Object::ConfigMap(_) => "ConfigMap",
             Object::Deployment(_) => "Deployment",
             Object::Pod(_) => "Pod",
+            Object::Namespace(_) => "Namespace",
+            Object::IpAddressPool(_) => "IPAddressPool",
+            Object::L2Advertisement(_) => "L2Advertisement",
         }
     }
     pub fn meta(&self) -> &Meta {
@@ -306,6 +451,9 @@ impl Object {
             Object::ConfigMap(o) => &o.meta,
             Object::Deployment(o) => &o.meta,
             Object::Pod(o) => &o.meta,
+            Object::Namespace(o) => &o.meta,
+            Object::IpAddressPool(o) => &o.meta,
+            Object::L2Advertisement(o) => &o.meta,
         }
     }
 }
