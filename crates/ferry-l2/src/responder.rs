@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::packet::{announce, solicited_node, Frame, MacAddr, Payload, ETHERTYPE_ARP, ETHERTYPE_IPV6};
+use crate::packet::{
+    announce, solicited_node, Frame, MacAddr, Payload, ETHERTYPE_ARP, ETHERTYPE_IPV6,
+};
 use crate::socket::{poll, GroupSocket, PacketSocket, PacketType, Waker};
 use crate::L2Error;
 
@@ -241,8 +243,10 @@ impl Responder {
         let mut owned = BTreeMap::new();
         for ip in ips {
             if !ownable(ip) {
-                self.shared
-                    .error("set_owned", &format!("{ip} is not an address a host can own"));
+                self.shared.error(
+                    "set_owned",
+                    &format!("{ip} is not an address a host can own"),
+                );
                 continue;
             }
             let generation = match state.owned.get(&ip) {
@@ -292,8 +296,10 @@ impl Responder {
                 Ok(()) => {
                     joined.insert(group);
                 }
-                // Already a member (another socket of this host joined): fine.
-                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {}
+                // This socket is a member already: what we wanted.
+                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+                    joined.insert(group);
+                }
                 Err(e) => self.shared.error(&format!("join {group}"), &e),
             }
         }
@@ -386,11 +392,18 @@ enum Outcome {
     Garbage,
     Ignored,
     /// A solicitation not for us (address not owned, or unicast to another MAC).
-    NotOurs { conflict: bool },
+    NotOurs {
+        conflict: bool,
+    },
     /// A solicitation to answer with this frame.
-    Answer { reply: Frame, conflict: bool },
+    Answer {
+        reply: Frame,
+        conflict: bool,
+    },
     /// Any other ARP/NDP frame.
-    Seen { conflict: bool },
+    Seen {
+        conflict: bool,
+    },
 }
 
 /// The pure part of the responder: what one frame calls for.
@@ -440,14 +453,15 @@ fn run(shared: &Shared, arp: &PacketSocket, ipv6: &PacketSocket) {
                 Err(e) => shared.error(&format!("announce {ip}"), &e),
             }
         }
-        let timeout = next.map_or(interval, |at| at.saturating_duration_since(now).min(interval));
-        let mut fds = [arp.as_raw_fd(), ipv6.as_raw_fd(), shared.waker.fd()].map(|fd| {
-            libc::pollfd {
+        let timeout = next.map_or(interval, |at| {
+            at.saturating_duration_since(now).min(interval)
+        });
+        let mut fds =
+            [arp.as_raw_fd(), ipv6.as_raw_fd(), shared.waker.fd()].map(|fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
-            }
-        });
+            });
         if let Err(e) = poll(&mut fds, timeout) {
             shared.error("poll", &e);
             std::thread::sleep(interval);
@@ -564,14 +578,22 @@ mod tests {
         let req = arp_request(THEM, b, [10, 0, 0, 2], [10, 0, 0, 200]);
         assert!(matches!(
             decide(&req, PacketType::Broadcast, US, owns_200),
-            Outcome::Answer { conflict: false, .. }
+            Outcome::Answer {
+                conflict: false,
+                ..
+            }
         ));
         let other = arp_request(THEM, b, [10, 0, 0, 2], [10, 0, 0, 201]);
         assert_eq!(
             decide(&other, PacketType::Broadcast, US, owns_200),
             Outcome::NotOurs { conflict: false }
         );
-        let elsewhere = arp_request(THEM, MacAddr([2, 0, 0, 0, 0, 0xc]), [10, 0, 0, 2], [10, 0, 0, 200]);
+        let elsewhere = arp_request(
+            THEM,
+            MacAddr([2, 0, 0, 0, 0, 0xc]),
+            [10, 0, 0, 2],
+            [10, 0, 0, 200],
+        );
         assert_eq!(
             decide(&elsewhere, PacketType::Host, US, owns_200),
             Outcome::NotOurs { conflict: false }
@@ -585,9 +607,15 @@ mod tests {
     #[test]
     fn ignores_its_own_frames_and_sees_conflicts() {
         let own = arp_request(US, MacAddr::BROADCAST, [10, 0, 0, 3], [10, 0, 0, 200]);
-        assert_eq!(decide(&own, PacketType::Broadcast, US, owns_200), Outcome::Ignored);
+        assert_eq!(
+            decide(&own, PacketType::Broadcast, US, owns_200),
+            Outcome::Ignored
+        );
         let ours = announce(US, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 200))).to_bytes();
-        assert_eq!(decide(&ours, PacketType::Broadcast, US, owns_200), Outcome::Ignored);
+        assert_eq!(
+            decide(&ours, PacketType::Broadcast, US, owns_200),
+            Outcome::Ignored
+        );
         let theirs = announce(THEM, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 200))).to_bytes();
         assert_eq!(
             decide(&theirs, PacketType::Broadcast, US, owns_200),
@@ -611,7 +639,8 @@ mod tests {
     fn schedule_cancels_on_removal_and_generations() {
         let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 200));
         let t0 = Instant::now();
-        let offsets = Config::burst(3, Duration::from_millis(50), &[Duration::from_secs(1)]).announce_at;
+        let offsets =
+            Config::burst(3, Duration::from_millis(50), &[Duration::from_secs(1)]).announce_at;
         assert_eq!(offsets.len(), 4);
         let mut s = State::default();
         s.owned.insert(ip, 1);

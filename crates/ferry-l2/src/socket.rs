@@ -70,8 +70,7 @@ fn last_error(what: impl Into<String>) -> L2Error {
 
 /// The index of interface `ifname` in the calling thread's network namespace.
 pub fn interface_index(ifname: &str) -> Result<u32, L2Error> {
-    let name =
-        CString::new(ifname).map_err(|_| L2Error::NoSuchInterface(ifname.to_string()))?;
+    let name = CString::new(ifname).map_err(|_| L2Error::NoSuchInterface(ifname.to_string()))?;
     // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     if index == 0 {

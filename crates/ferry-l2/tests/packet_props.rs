@@ -5,9 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ferry_l2::packet::{
-    announce, Arp, ArpOperation, Frame, MacAddr, NdpMessage, NeighborAdvertisement,
-    NeighborSolicitation, Ndp, NsKind, Payload, Solicitation, ALL_NODES, ETHERTYPE_ARP,
-    ETHERTYPE_IPV6, solicited_node,
+    announce, solicited_node, Arp, ArpOperation, Frame, MacAddr, Ndp, NdpMessage,
+    NeighborAdvertisement, NeighborSolicitation, NsKind, Payload, Solicitation, ALL_NODES,
+    ETHERTYPE_ARP, ETHERTYPE_IPV6,
 };
 use proptest::prelude::*;
 

@@ -16,6 +16,7 @@ use ferry_nft::{Dataplane, Nft};
 use ferry_plan::plan::DEFAULT_MASQUERADE_MARK;
 use ferry_plan::{PlanConfig, Ruleset};
 
+use crate::announce::Announcer;
 use crate::source::{self, Snapshot};
 use crate::state::StateDir;
 
@@ -42,6 +43,12 @@ pub struct AgentArgs {
     /// How often to look for manifest changes, in milliseconds.
     #[arg(long, default_value_t = 100)]
     pub poll_ms: u64,
+    /// UDP port of the agents' SWIM membership gossip (on the node's address).
+    #[arg(long, default_value_t = 7946)]
+    pub member_port: u16,
+    /// Do not announce load-balancer addresses in layer 2 (no ARP/NDP, no membership).
+    #[arg(long)]
+    pub no_l2: bool,
     /// Re-read the kernel's table and repair it this often, in seconds (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_s: u64,
@@ -89,11 +96,6 @@ fn install_signal_handlers() {
     }
 }
 
-macro_rules! log {
-    ($($arg:tt)*) => {
-        eprintln!("{} {}", crate::agent::timestamp(), format!($($arg)*))
-    };
-}
 
 pub fn timestamp() -> String {
     let ms = source::now_ms();
@@ -109,6 +111,26 @@ pub fn timestamp() -> String {
 
 /// The host's own unicast addresses (fallback when there is no Node object).
 pub fn host_addresses() -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = interface_addresses().into_iter().map(|(_, ip)| ip).collect();
+    out.retain(|ip| match ip {
+        IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local(),
+        IpAddr::V6(a) => !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80,
+    });
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The interface that holds `ip`.
+pub fn interface_of(ip: IpAddr) -> Option<String> {
+    interface_addresses()
+        .into_iter()
+        .find(|(_, a)| *a == ip)
+        .map(|(n, _)| n)
+}
+
+/// (interface name, address) for every address of this network namespace.
+fn interface_addresses() -> Vec<(String, IpAddr)> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills a list we walk read-only and free with freeifaddrs.
@@ -123,11 +145,13 @@ pub fn host_addresses() -> Vec<IpAddr> {
                 match i32::from((*ifa.ifa_addr).sa_family) {
                     libc::AF_INET => {
                         let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                        out.push(IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes()));
+                        let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
+                        out.push((name, IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes())));
                     }
                     libc::AF_INET6 => {
                         let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                        out.push(IpAddr::from(sa.sin6_addr.s6_addr));
+                        let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
+                        out.push((name, IpAddr::from(sa.sin6_addr.s6_addr)));
                     }
                     _ => {}
                 }
@@ -136,12 +160,6 @@ pub fn host_addresses() -> Vec<IpAddr> {
         }
         libc::freeifaddrs(ifap);
     }
-    out.retain(|ip| match ip {
-        IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local(),
-        IpAddr::V6(a) => !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80,
-    });
-    out.sort();
-    out.dedup();
     out
 }
 
@@ -150,7 +168,9 @@ pub struct Pass {
     pub ruleset: Ruleset,
     pub services: Vec<ferry_model::view::ResolvedService>,
     pub node_ips: Vec<IpAddr>,
+    /// Problems to report: rejected services, pending load balancers, pool errors.
     pub rejected: Vec<String>,
+    pub pools: ferry_model::pools::PoolConfig,
 }
 
 pub fn compute(
@@ -160,39 +180,64 @@ pub fn compute(
     snap: &Snapshot,
     snapshot_ms: u64,
 ) -> Result<Pass> {
-    let results = state.sync(
+    let (pools, pool_errors) =
+        ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
+    let (results, lb) = state.sync(
         &snap.services,
+        &snap.namespaces,
+        &pools,
         &args.alloc_config(),
         snapshot_ms,
         source::now_ms(),
     )?;
+    let mut rejected: Vec<String> = pool_errors.iter().map(|e| format!("pools: {e}")).collect();
     let mut allocations = BTreeMap::new();
-    let mut rejected = Vec::new();
     for (r, res) in results {
         match res {
             Ok(a) => {
                 allocations.insert(r, a);
             }
-            Err(e) => rejected.push(e.to_string()),
+            Err(e) => rejected.push(format!("rejected: {e}")),
+        }
+    }
+    // Load-balancer addresses become the services' ingress addresses.
+    let mut services = snap.services.clone();
+    for svc in &mut services {
+        match lb.get(&svc.meta.object_ref()) {
+            Some(Ok(a)) => svc.load_balancer_ingress = a.ips.clone(),
+            Some(Err(p)) => {
+                svc.load_balancer_ingress.clear();
+                rejected.push(format!(
+                    "Service {} pending: {}",
+                    svc.meta.object_ref(),
+                    p.reason
+                ));
+            }
+            None => {}
         }
     }
     let node_ips = match snap.nodes.iter().find(|n| n.meta.name == args.node) {
         Some(n) if !n.internal_ips().is_empty() => n.internal_ips(),
         _ => host_addresses(),
     };
-    let resolved = resolve(&snap.services, &allocations, &snap.slices);
+    let resolved = resolve(&services, &allocations, &snap.slices);
     let cfg = PlanConfig {
         node_name: args.node.clone(),
         node_ips: node_ips.clone(),
         cluster_cidrs: args.cluster_cidr.clone(),
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
-        lb_pools: vec![],
+        lb_pools: pools
+            .pools
+            .iter()
+            .flat_map(|p| p.ranges.iter().map(|r| (r.first(), r.last())))
+            .collect(),
     };
     Ok(Pass {
         ruleset: planner.plan(&cfg, &resolved),
         services: resolved,
         node_ips,
         rejected,
+        pools,
     })
 }
 
@@ -209,6 +254,11 @@ struct Agent {
     /// The services as last applied (to find UDP endpoints that went away).
     served: Vec<ferry_model::view::ResolvedService>,
     passes: u64,
+    /// Layer-2 announcement (None with --no-l2).
+    announcer: Option<Announcer>,
+    /// What the election reads, from the last pass.
+    nodes: Vec<ferry_model::Node>,
+    pools: ferry_model::pools::PoolConfig,
 }
 
 pub fn run(args: AgentArgs) -> Result<i32> {
@@ -226,6 +276,8 @@ pub fn run(args: AgentArgs) -> Result<i32> {
         nft.backend_name()
     );
     warn_about_sysctls();
+    let announcer = (!args.no_l2)
+        .then(|| Announcer::new(&args.node, args.member_port, state.announcements_dir()));
     let mut agent = Agent {
         reader: source::Reader::new(&args.manifests),
         planner: ferry_plan::plan::Planner::default(),
@@ -236,36 +288,62 @@ pub fn run(args: AgentArgs) -> Result<i32> {
         node_ips: Vec::new(),
         served: Vec::new(),
         passes: 0,
+        announcer,
+        nodes: Vec::new(),
+        pools: Default::default(),
     };
     let args = agent.args.clone();
     let mut last_stamp: Option<source::DirStamp> = None;
+    let mut last_poll: Option<Instant> = None;
     let mut retry_at: Option<Instant> = None;
     let mut resync_at = Instant::now() + Duration::from_secs(args.resync_s.max(1));
+    let mut membership_events = None;
     while !STOP.load(Ordering::SeqCst) {
-        let stamp = source::stamp(&args.manifests).unwrap_or_default();
-        let due_retry = retry_at.is_some_and(|t| Instant::now() >= t);
-        let due_resync = args.resync_s > 0 && Instant::now() >= resync_at;
-        if last_stamp.as_ref() != Some(&stamp) || due_retry || due_resync {
-            if due_resync {
-                // Re-read the kernel's table: repairs anything changed behind our back.
-                agent.dp.resync();
-                resync_at = Instant::now() + Duration::from_secs(args.resync_s);
-            }
-            match agent.pass(source::now_ms()) {
-                Ok(()) => retry_at = None,
-                Err(e) => {
-                    log!("error: {e:#} (retrying in 1s)");
+        // Manifests: every poll interval.
+        if last_poll.is_none_or(|t| t.elapsed() >= Duration::from_millis(args.poll_ms.max(10))) {
+            last_poll = Some(Instant::now());
+            let stamp = source::stamp(&args.manifests).unwrap_or_default();
+            let due_retry = retry_at.is_some_and(|t| Instant::now() >= t);
+            let due_resync = args.resync_s > 0 && Instant::now() >= resync_at;
+            if last_stamp.as_ref() != Some(&stamp) || due_retry || due_resync {
+                if due_resync {
+                    // Re-read the kernel's table: repairs anything changed behind our back.
                     agent.dp.resync();
-                    retry_at = Some(Instant::now() + Duration::from_secs(1));
+                    resync_at = Instant::now() + Duration::from_secs(args.resync_s);
                 }
+                match agent.pass(source::now_ms()) {
+                    Ok(()) => retry_at = None,
+                    Err(e) => {
+                        log!("error: {e:#} (retrying in 1s)");
+                        agent.dp.resync();
+                        retry_at = Some(Instant::now() + Duration::from_secs(1));
+                    }
+                }
+                last_stamp = Some(stamp);
             }
-            last_stamp = Some(stamp);
         }
-        std::thread::sleep(Duration::from_millis(args.poll_ms.max(10)));
+        // Layer 2: every tick, and at once when membership changes.
+        agent.announce();
+        match &agent.announcer {
+            Some(a) => {
+                if membership_events.is_none() {
+                    membership_events = a.subscribe();
+                }
+                a.wait(Duration::from_millis(L2_TICK_MS), &membership_events);
+            }
+            None => std::thread::sleep(Duration::from_millis(args.poll_ms.max(10))),
+        }
+    }
+    if let Some(a) = agent.announcer.take() {
+        a.shutdown();
     }
     log!("stopping; ferry's rules stay in place (`ferry cleanup` removes them)");
     Ok(0)
 }
+
+/// How often the layer-2 election is re-evaluated (quorum leases expire between membership
+/// events).
+const L2_TICK_MS: u64 = 20;
 
 /// Forwarding must be on for pods and node ports; say so once if it is not.
 fn warn_about_sysctls() {
@@ -302,6 +380,28 @@ fn flush_udp_conntrack(addr: IpAddr, port: u16) {
 }
 
 impl Agent {
+    /// Runs the layer-2 election with the latest view and applies it.
+    fn announce(&mut self) {
+        let Some(a) = &mut self.announcer else { return };
+        if self.pools.is_empty() {
+            return;
+        }
+        let (alive, lease) = a.views();
+        let d = crate::announce::decide(&crate::announce::L2Input {
+            me: &self.args.node,
+            nodes: &self.nodes,
+            alive: &alive,
+            lease: &lease,
+            pools: &self.pools,
+            services: &self.served,
+        });
+        let iface = self
+            .node_ips
+            .iter()
+            .find_map(|ip| interface_of(*ip));
+        a.apply(&d, iface.as_deref());
+    }
+
     /// One pass: read the manifests, allocate, plan, apply what differs.
     fn pass(&mut self, snapshot_ms: u64) -> Result<()> {
         let args = &self.args;
@@ -313,7 +413,7 @@ impl Agent {
         let p = compute(&mut self.planner, args, &self.state, &snap, snapshot_ms)?;
         let mut problems: Vec<String> = snap.errors.iter().map(|e| format!("error: {e}")).collect();
         problems.extend(snap.warnings.iter().map(|w| format!("warning: {w}")));
-        problems.extend(p.rejected.iter().map(|r| format!("rejected: {r}")));
+        problems.extend(p.rejected.iter().cloned());
         for pr in &problems {
             if !self.problems.contains(pr) {
                 log!("{pr}");
@@ -331,6 +431,12 @@ impl Agent {
             flush_udp_conntrack(addr, port);
         }
         self.served = p.services;
+        self.pools = p.pools;
+        self.nodes = snap.nodes.clone();
+        if let Some(a) = &mut self.announcer {
+            let my_ip = p.node_ips.iter().find(|i| i.is_ipv4()).or(p.node_ips.first()).copied();
+            a.ensure_membership(my_ip, &self.nodes);
+        }
         if !changes.is_empty() || self.passes == 0 {
             let what = if changes.is_empty() {
                 "table already as planned, nothing to change".to_string()

@@ -220,7 +220,20 @@ pub fn run(args: GetArgs) -> Result<i32> {
         node_port_range: args.node_port_range.0..=args.node_port_range.1,
     };
     let now = source::now_ms();
-    let results = state.sync(&snap.services, &cfg, now, now)?;
+    let (pools, pool_errors) =
+        ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
+    for e in &pool_errors {
+        eprintln!("warning: pools: {e}");
+    }
+    let (results, lb) = state.sync(&snap.services, &snap.namespaces, &pools, &cfg, now, now)?;
+    let announcers = crate::announce::read_announcers(&state.announcements_dir());
+    // Load-balancer addresses as the services' ingress (what the API server's status holds).
+    let mut snap = snap;
+    for svc in &mut snap.services {
+        if let Some(Ok(a)) = lb.get(&svc.meta.object_ref()) {
+            svc.load_balancer_ingress = a.ips.clone();
+        }
+    }
     let mut allocs: BTreeMap<ObjectRef, Allocation> = BTreeMap::new();
     for (r, res) in results {
         match res {
@@ -277,6 +290,7 @@ pub fn run(args: GetArgs) -> Result<i32> {
     );
     if wide {
         head.push("SELECTOR".into());
+        head.push("ANNOUNCED-BY".into());
     }
     rows.push(head);
     for s in services {
@@ -300,6 +314,12 @@ pub fn run(args: GetArgs) -> Result<i32> {
         ]);
         if wide {
             row.push(selector_text(s));
+            let by: Vec<String> = s
+                .load_balancer_ingress
+                .iter()
+                .flat_map(|ip| announcers.get(ip).cloned().unwrap_or_default())
+                .collect();
+            row.push(if by.is_empty() { "<none>".into() } else { by.join(",") });
         }
         rows.push(row);
     }

@@ -3,7 +3,15 @@
 //! Data flows one way: source (manifests) -> model (allocation, endpoints) -> plan (nftables
 //! ruleset) -> dataplane (the kernel).
 
+/// Agent log lines: a wall-clock time, then the message (to stderr).
+macro_rules! log {
+    ($($arg:tt)*) => {
+        eprintln!("{} {}", crate::agent::timestamp(), format!($($arg)*))
+    };
+}
+
 mod agent;
+mod announce;
 mod bench;
 mod get;
 mod source;

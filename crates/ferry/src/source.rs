@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_model::manifest::{parse_text, ManifestError};
-use ferry_model::{ConfigMap, EndpointSlice, Node, Object, ObjectRef, Service};
+use ferry_model::{
+    ConfigMap, EndpointSlice, IpAddressPool, L2Advertisement, Namespace, Node, Object, ObjectRef,
+    Service,
+};
 
 /// What a directory held at one moment.
 #[derive(Debug, Default, Clone)]
@@ -15,6 +18,9 @@ pub struct Snapshot {
     pub slices: Vec<EndpointSlice>,
     pub nodes: Vec<Node>,
     pub config_maps: Vec<ConfigMap>,
+    pub namespaces: Vec<Namespace>,
+    pub ip_pools: Vec<IpAddressPool>,
+    pub l2_advertisements: Vec<L2Advertisement>,
     /// Modification time (ms since the epoch) of the file each service came from (for AGE).
     pub service_mtime_ms: BTreeMap<ObjectRef, u64>,
     pub errors: Vec<ManifestError>,
@@ -178,9 +184,11 @@ impl Reader {
                     Object::EndpointSlice(s) => snap.slices.push(s.clone()),
                     Object::Node(n) => snap.nodes.push(n.clone()),
                     Object::ConfigMap(c) => snap.config_maps.push(c.clone()),
+                    Object::Namespace(n) => snap.namespaces.push(n.clone()),
+                    Object::IpAddressPool(p) => snap.ip_pools.push(p.clone()),
+                    Object::L2Advertisement(l) => snap.l2_advertisements.push(l.clone()),
                     // Workloads are the lab's business; the agent only needs their endpoints.
-                    #[allow(unreachable_patterns)]
-                    _ => {}
+                    Object::Deployment(_) | Object::Pod(_) => {}
                 }
             }
         }

@@ -9,7 +9,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use ferry_model::alloc::{allocate, AllocConfig, AllocResults, AllocState};
-use ferry_model::Service;
+use ferry_model::lbipam::{self, LbResults, LbState};
+use ferry_model::pools::PoolConfig;
+use ferry_model::{Namespace, Service};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// The load-balancer class ferry serves (services without a class are served too).
+pub const LOAD_BALANCER_CLASS: &str = "ferry.dev/lb";
 
 pub struct StateDir {
     dir: PathBuf,
@@ -51,46 +57,61 @@ impl StateDir {
         })
     }
 
-    fn file(&self) -> PathBuf {
-        self.dir.join("allocations.json")
-    }
-
-    fn read(&self) -> Result<AllocState> {
-        match std::fs::read_to_string(self.file()) {
-            Ok(t) => serde_json::from_str(&t).with_context(|| {
-                format!("{} is not valid allocation state", self.file().display())
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(AllocState::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", self.file().display())),
+    fn read<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T> {
+        let path = self.dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => serde_json::from_str(&t)
+                .with_context(|| format!("{} is not valid ferry state", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
 
-    fn write(&self, st: &AllocState) -> Result<()> {
-        let tmp = self
-            .dir
-            .join(format!(".allocations.json.{}", std::process::id()));
+    fn write<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.{}", std::process::id()));
         let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(serde_json::to_string_pretty(st)?.as_bytes())?;
+        f.write_all(serde_json::to_string_pretty(value)?.as_bytes())?;
         f.sync_all()?;
-        std::fs::rename(&tmp, self.file())
-            .with_context(|| format!("replacing {}", self.file().display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
         Ok(())
     }
 
-    /// Allocates for `services` under the lock; writes the state back if it changed.
+    /// Allocates cluster IPs, node ports and load-balancer addresses for `services` under the
+    /// lock; writes the state back where it changed.
     pub fn sync(
         &self,
         services: &[Service],
+        namespaces: &[Namespace],
+        pools: &PoolConfig,
         cfg: &AllocConfig,
         snapshot_ms: u64,
         now_ms: u64,
-    ) -> Result<AllocResults> {
+    ) -> Result<(AllocResults, LbResults)> {
         let _lock = Lock::take(&self.dir.join("allocations.lock"))?;
-        let old = self.read()?;
+        let old: AllocState = self.read("allocations.json")?;
         let (new, results) = allocate(&old, services, cfg, snapshot_ms, now_ms);
         if new != old {
-            self.write(&new)?;
+            self.write("allocations.json", &new)?;
         }
-        Ok(results)
+        let old_lb: LbState = self.read("lb-allocations.json")?;
+        let (new_lb, lb) = lbipam::allocate(
+            &old_lb,
+            services,
+            namespaces,
+            pools,
+            Some(LOAD_BALANCER_CLASS),
+            snapshot_ms,
+            now_ms,
+        );
+        if new_lb != old_lb {
+            self.write("lb-allocations.json", &new_lb)?;
+        }
+        Ok((results, lb))
+    }
+
+    /// Where agents say which addresses they announce (for `ferry get svc -o wide`).
+    pub fn announcements_dir(&self) -> PathBuf {
+        self.dir.join("announcements")
     }
 }

@@ -46,7 +46,9 @@ impl Arp {
             return Err(ParseError::Malformed("ARP: protocol type is not IPv4"));
         }
         if r.u8("ARP header")? != 6 || r.u8("ARP header")? != 4 {
-            return Err(ParseError::Malformed("ARP: address lengths are not 6 and 4"));
+            return Err(ParseError::Malformed(
+                "ARP: address lengths are not 6 and 4",
+            ));
         }
         let operation = match r.u16("ARP header")? {
             1 => ArpOperation::Request,
@@ -77,7 +79,7 @@ impl Arp {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
     use super::*;
 

@@ -33,12 +33,11 @@ use std::str::FromStr;
 
 pub use arp::{Arp, ArpOperation, ARP_LEN};
 pub use ndp::{
-    icmpv6_checksum, solicited_node, NeighborAdvertisement, NeighborSolicitation, Ndp,
-    NdpMessage, ALL_NODES, NDP_HOP_LIMIT,
+    icmpv6_checksum, solicited_node, Ndp, NdpMessage, NeighborAdvertisement, NeighborSolicitation,
+    ALL_NODES, NDP_HOP_LIMIT,
 };
 pub use neighbor::{
-    announce, Announcement, AnnouncementKind, ArpSolicitation, NsKind, NsSolicitation,
-    Solicitation,
+    announce, Announcement, AnnouncementKind, ArpSolicitation, NsKind, NsSolicitation, Solicitation,
 };
 
 /// EtherType of IPv4.
@@ -257,7 +256,7 @@ impl<'a> Reader<'a> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
     use super::*;
 
@@ -266,7 +265,13 @@ mod tests {
         let mac: MacAddr = "02:0a:FF:00:10:9c".parse().unwrap();
         assert_eq!(mac, MacAddr([0x02, 0x0a, 0xff, 0x00, 0x10, 0x9c]));
         assert_eq!(mac.to_string(), "02:0a:ff:00:10:9c");
-        for bad in ["", "02:0a:ff:00:10", "02:0a:ff:00:10:9c:00", "02:0a:ff:00:10:xyz", "::::::"] {
+        for bad in [
+            "",
+            "02:0a:ff:00:10",
+            "02:0a:ff:00:10:9c:00",
+            "02:0a:ff:00:10:xyz",
+            "::::::",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
         assert!(MacAddr::BROADCAST.is_multicast() && MacAddr::BROADCAST.is_broadcast());

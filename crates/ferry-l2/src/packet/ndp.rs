@@ -26,9 +26,7 @@ const FLAG_OVERRIDE: u8 = 0x20;
 /// The solicited-node multicast group of `addr`: ff02::1:ff00:0/104 + its last 24 bits.
 pub fn solicited_node(addr: Ipv6Addr) -> Ipv6Addr {
     let [.., a, b, c] = addr.octets();
-    Ipv6Addr::from([
-        0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0xff, a, b, c,
-    ])
+    Ipv6Addr::from([0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0xff, a, b, c])
 }
 
 /// The ICMPv6 checksum (RFC 4443 section 2.3) of `message` sent from `src` to `dst`.
@@ -160,9 +158,12 @@ impl Ndp {
     pub fn emit(&self, out: &mut Vec<u8>) {
         let mut icmp = Vec::with_capacity(NDP_BODY_LEN + 8);
         let (kind, flags, target, option) = match self.message {
-            NdpMessage::Solicitation(ns) => {
-                (TYPE_NS, 0, ns.target, ns.source_mac.map(|m| (OPT_SOURCE_LLADDR, m)))
-            }
+            NdpMessage::Solicitation(ns) => (
+                TYPE_NS,
+                0,
+                ns.target,
+                ns.source_mac.map(|m| (OPT_SOURCE_LLADDR, m)),
+            ),
             NdpMessage::Advertisement(na) => {
                 let mut flags = 0;
                 if na.router {
@@ -174,7 +175,12 @@ impl Ndp {
                 if na.override_flag {
                     flags |= FLAG_OVERRIDE;
                 }
-                (TYPE_NA, flags, na.target, na.target_mac.map(|m| (OPT_TARGET_LLADDR, m)))
+                (
+                    TYPE_NA,
+                    flags,
+                    na.target,
+                    na.target_mac.map(|m| (OPT_TARGET_LLADDR, m)),
+                )
             }
         };
         icmp.extend_from_slice(&[kind, 0, 0, 0, flags, 0, 0, 0]);
@@ -220,7 +226,7 @@ fn link_layer_option(mut r: Reader<'_>, wanted: u8) -> Result<Option<MacAddr>, P
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
     use super::*;
 
@@ -281,7 +287,10 @@ mod tests {
         }
         let mut echo = NS;
         echo[40] = 128;
-        assert_eq!(Ndp::parse(&echo), Err(ParseError::Unsupported("ICMPv6 type")));
+        assert_eq!(
+            Ndp::parse(&echo),
+            Err(ParseError::Unsupported("ICMPv6 type"))
+        );
         let mut udp = NS;
         udp[6] = 17;
         assert!(!Ndp::parse(&udp).unwrap_err().is_garbage());

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::{
-    solicited_node, Arp, ArpOperation, Frame, MacAddr, NdpMessage, NeighborAdvertisement, Ndp,
+    solicited_node, Arp, ArpOperation, Frame, MacAddr, Ndp, NdpMessage, NeighborAdvertisement,
     Payload, ALL_NODES,
 };
 
@@ -226,13 +226,15 @@ impl Frame {
                     ok.then_some(NsKind::Unicast)?
                 };
                 let sender_mac = ns.source_mac.unwrap_or(self.src);
-                sender_mac.is_unicast().then_some(Solicitation::Ns(NsSolicitation {
-                    kind,
-                    target: ns.target,
-                    sender_ip: ndp.src,
-                    sender_mac,
-                    eth_dst: self.dst,
-                }))
+                sender_mac
+                    .is_unicast()
+                    .then_some(Solicitation::Ns(NsSolicitation {
+                        kind,
+                        target: ns.target,
+                        sender_ip: ndp.src,
+                        sender_mac,
+                        eth_dst: self.dst,
+                    }))
             }
         }
     }
@@ -347,13 +349,20 @@ mod tests {
 
     #[test]
     fn arp_request_is_a_solicitation_and_the_reply_is_unicast() {
-        let req = wire(arp(MacAddr::BROADCAST, ArpOperation::Request, "10.0.0.2", "10.0.0.200"));
+        let req = wire(arp(
+            MacAddr::BROADCAST,
+            ArpOperation::Request,
+            "10.0.0.2",
+            "10.0.0.200",
+        ));
         let s = req.solicitation().unwrap();
         assert_eq!(s.target(), IpAddr::V4(v4("10.0.0.200")));
         assert!(s.addressed_to(US));
         let reply = wire(s.reply(US));
         assert_eq!((reply.dst, reply.src), (THEM, US));
-        let Payload::Arp(a) = reply.payload else { panic!() };
+        let Payload::Arp(a) = reply.payload else {
+            panic!()
+        };
         assert_eq!(a.operation, ArpOperation::Reply);
         assert_eq!((a.sender_mac, a.sender_ip), (US, v4("10.0.0.200")));
         assert_eq!((a.target_mac, a.target_ip), (THEM, v4("10.0.0.2")));
@@ -363,12 +372,24 @@ mod tests {
         // Unicast refresh to us: answer; to someone else: not ours to answer.
         let to_us = arp(US, ArpOperation::Request, "10.0.0.2", "10.0.0.200");
         assert!(to_us.solicitation().unwrap().addressed_to(US));
-        let to_other = arp(MacAddr([2, 0, 0, 0, 0, 0xc]), ArpOperation::Request, "10.0.0.2", "10.0.0.200");
+        let to_other = arp(
+            MacAddr([2, 0, 0, 0, 0, 0xc]),
+            ArpOperation::Request,
+            "10.0.0.2",
+            "10.0.0.200",
+        );
         assert!(!to_other.solicitation().unwrap().addressed_to(US));
 
         // A probe is answered to 0.0.0.0 at the prober's MAC.
-        let probe = arp(MacAddr::BROADCAST, ArpOperation::Request, "0.0.0.0", "10.0.0.200");
-        let Payload::Arp(a) = probe.solicitation().unwrap().reply(US).payload else { panic!() };
+        let probe = arp(
+            MacAddr::BROADCAST,
+            ArpOperation::Request,
+            "0.0.0.0",
+            "10.0.0.200",
+        );
+        let Payload::Arp(a) = probe.solicitation().unwrap().reply(US).payload else {
+            panic!()
+        };
         assert_eq!(a.target_ip, v4("0.0.0.0"));
         assert_eq!(probe.claim(), None);
     }
@@ -381,7 +402,12 @@ mod tests {
             arp(b, ArpOperation::Request, "10.0.0.200", "10.0.0.200"),
             arp(b, ArpOperation::Request, "10.0.0.2", "0.0.0.0"),
             arp(b, ArpOperation::Request, "10.0.0.2", "224.0.0.1"),
-            arp(MacAddr([1, 0, 0x5e, 0, 0, 1]), ArpOperation::Request, "10.0.0.2", "10.0.0.1"),
+            arp(
+                MacAddr([1, 0, 0x5e, 0, 0, 1]),
+                ArpOperation::Request,
+                "10.0.0.2",
+                "10.0.0.1",
+            ),
         ] {
             assert_eq!(f.solicitation(), None, "{f:?}");
         }
@@ -412,31 +438,49 @@ mod tests {
         let group = solicited_node(v6(target));
         let gmac = MacAddr::ipv6_multicast(group);
 
-        let m = wire(ns(gmac, "fd00:77::2", group, target, true)).solicitation().unwrap();
+        let m = wire(ns(gmac, "fd00:77::2", group, target, true))
+            .solicitation()
+            .unwrap();
         let Solicitation::Ns(s) = m else { panic!() };
         assert_eq!((s.kind, s.sender_mac), (NsKind::Multicast, THEM));
         assert!(m.addressed_to(US));
 
-        let u = wire(ns(US, "fd00:77::2", v6(target), target, false)).solicitation().unwrap();
+        let u = wire(ns(US, "fd00:77::2", v6(target), target, false))
+            .solicitation()
+            .unwrap();
         let Solicitation::Ns(s) = u else { panic!() };
         assert_eq!(s.kind, NsKind::Unicast);
         assert_eq!(s.sender_mac, THEM, "no option: the Ethernet source");
         assert!(u.addressed_to(US));
         assert!(!u.addressed_to(MacAddr([2, 0, 0, 0, 0, 0xc])));
 
-        let d = wire(ns(gmac, "::", group, target, false)).solicitation().unwrap();
+        let d = wire(ns(gmac, "::", group, target, false))
+            .solicitation()
+            .unwrap();
         let Solicitation::Ns(s) = d else { panic!() };
         assert_eq!(s.kind, NsKind::Dad);
 
         for bad in [
             ns(gmac, "::", group, target, true),
             ns(gmac, "fd00:77::2", ALL_NODES, target, true),
-            ns(gmac, "fd00:77::2", solicited_node(v6("fd00::1")), target, true),
+            ns(
+                gmac,
+                "fd00:77::2",
+                solicited_node(v6("fd00::1")),
+                target,
+                true,
+            ),
             ns(US, "fd00:77::2", v6("fd00:77::201"), target, true),
             ns(gmac, "fd00:77::2", v6(target), target, true),
             ns(US, "fd00:77::2", group, target, true),
             ns(gmac, "ff02::1", group, target, true),
-            ns(gmac, "fd00:77::2", solicited_node(v6("ff02::1")), "ff02::1", true),
+            ns(
+                gmac,
+                "fd00:77::2",
+                solicited_node(v6("ff02::1")),
+                "ff02::1",
+                true,
+            ),
         ] {
             assert_eq!(wire(bad).solicitation(), None, "{bad:?}");
         }
@@ -447,12 +491,18 @@ mod tests {
         let target = "fd00:77::200";
         let group = solicited_node(v6(target));
         let gmac = MacAddr::ipv6_multicast(group);
-        let s = ns(gmac, "fd00:77::2", group, target, true).solicitation().unwrap();
+        let s = ns(gmac, "fd00:77::2", group, target, true)
+            .solicitation()
+            .unwrap();
         let reply = wire(s.reply(US));
         assert_eq!((reply.dst, reply.src), (THEM, US));
-        let Payload::Ndp(ndp) = reply.payload else { panic!() };
+        let Payload::Ndp(ndp) = reply.payload else {
+            panic!()
+        };
         assert_eq!((ndp.src, ndp.dst), (v6(target), v6("fd00:77::2")));
-        let NdpMessage::Advertisement(na) = ndp.message else { panic!() };
+        let NdpMessage::Advertisement(na) = ndp.message else {
+            panic!()
+        };
         assert!(na.solicited && na.override_flag && !na.router);
         assert_eq!((na.target, na.target_mac), (v6(target), Some(US)));
         assert_eq!(reply.announcement(), None, "solicited: not an announcement");

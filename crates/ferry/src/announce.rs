@@ -1,0 +1,348 @@
+//! Layer-2 announcement of LoadBalancer addresses: which node answers ARP/NDP for which
+//! address ([`decide`], pure), and the I/O that makes it so ([`Announcer`]: SWIM membership,
+//! raw-socket responders, a status file for `ferry get svc -o wide`).
+//!
+//! Every agent runs the same deterministic election over the same inputs (the cluster's Node
+//! objects, the allocations in the shared state, and its SWIM view of who is alive), so they
+//! agree without exchanging messages about addresses. A node announces only while it hears from
+//! a majority of the cluster's nodes (a short lease, shorter than the time the others take to
+//! declare it dead), so in a partition at most one side announces an address.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ferry_member::{election, quorum, MemberConfig, Membership};
+use ferry_model::pools::PoolConfig;
+use ferry_model::view::ResolvedService;
+use ferry_model::{Node, TrafficPolicy};
+
+
+/// Everything the election reads.
+pub struct L2Input<'a> {
+    pub me: &'a str,
+    pub nodes: &'a [Node],
+    /// Nodes the membership layer considers alive (including this one).
+    pub alive: &'a BTreeSet<String>,
+    /// Nodes heard from within the quorum lease (including this one).
+    pub lease: &'a BTreeSet<String>,
+    pub pools: &'a PoolConfig,
+    /// Services with their load-balancer addresses (ResolvedService::load_balancer_ips).
+    pub services: &'a [ResolvedService],
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct L2Decision {
+    /// Interface ("" = the interface of the node's address) -> addresses this node answers for.
+    pub owned: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// Whether this node hears a majority of the cluster.
+    pub quorum: bool,
+    /// Address -> the elected node (None: no eligible node).
+    pub winners: BTreeMap<IpAddr, Option<String>>,
+}
+
+/// Decides, for every layer-2 load-balancer address, which node announces it.
+///
+/// Eligible nodes for an address: alive, selected by an L2Advertisement that covers the
+/// address's pool, and — when a service on it has externalTrafficPolicy Local — holding a ready
+/// endpoint of that service. The winner is the first in the election's preference order.
+pub fn decide(inp: &L2Input) -> L2Decision {
+    let names: Vec<String> = inp.nodes.iter().map(|n| n.meta.name.clone()).collect();
+    // With no Node objects at all (a single machine), this node is the cluster.
+    let cluster: BTreeSet<String> = if names.is_empty() {
+        [inp.me.to_string()].into()
+    } else {
+        names.into_iter().collect()
+    };
+    let quorum_ok = quorum::has_quorum_of(inp.lease, &cluster);
+    let labels_of = |name: &str| {
+        inp.nodes
+            .iter()
+            .find(|n| n.meta.name == name)
+            .map(|n| n.meta.labels.clone())
+            .unwrap_or_default()
+    };
+
+    // Address -> (pool, nodes with a local endpoint if some service on it is Local).
+    let mut addrs: BTreeMap<IpAddr, (String, Option<BTreeSet<String>>)> = BTreeMap::new();
+    for svc in inp.services {
+        for ip in &svc.load_balancer_ips {
+            let Some(pool) = inp.pools.pool_of(*ip) else {
+                continue;
+            };
+            let entry = addrs
+                .entry(*ip)
+                .or_insert_with(|| (pool.name.clone(), None));
+            if svc.external_traffic_policy == TrafficPolicy::Local {
+                let local: BTreeSet<String> = svc
+                    .ports
+                    .iter()
+                    .flat_map(|p| p.endpoints.iter())
+                    .filter(|e| e.ready)
+                    .filter_map(|e| e.node.clone())
+                    .collect();
+                entry.1 = Some(match entry.1.take() {
+                    Some(prev) => prev.intersection(&local).cloned().collect(),
+                    None => local,
+                });
+            }
+        }
+    }
+
+    let mut out = L2Decision {
+        quorum: quorum_ok,
+        ..L2Decision::default()
+    };
+    for (ip, (pool, local)) in addrs {
+        let eligible: Vec<&str> = cluster
+            .iter()
+            .filter(|n| inp.alive.contains(*n))
+            .filter(|n| inp.pools.l2_announcers(&pool, &labels_of(n)).is_some())
+            .filter(|n| local.as_ref().is_none_or(|l| l.contains(*n)))
+            .map(String::as_str)
+            .collect();
+        let key = ip.to_string();
+        let winner = election::elect(&key, &eligible).map(str::to_string);
+        if quorum_ok && winner.as_deref() == Some(inp.me) {
+            let ifaces = inp
+                .pools
+                .l2_announcers(&pool, &labels_of(inp.me))
+                .unwrap_or_default();
+            if ifaces.is_empty() {
+                out.owned.entry(String::new()).or_default().insert(ip);
+            } else {
+                for i in ifaces {
+                    out.owned.entry(i).or_default().insert(ip);
+                }
+            }
+        }
+        out.winners.insert(ip, winner);
+    }
+    out
+}
+
+/// The I/O side: membership, responders, status file.
+pub struct Announcer {
+    me: String,
+    port: u16,
+    membership: Option<(IpAddr, Membership)>,
+    responders: BTreeMap<String, ferry_l2::Responder>,
+    owned: BTreeMap<String, BTreeSet<IpAddr>>,
+    quorum: Option<bool>,
+    status_file: PathBuf,
+    status_written: Option<Instant>,
+}
+
+impl Announcer {
+    pub fn new(me: &str, port: u16, status_dir: PathBuf) -> Announcer {
+        let _ = std::fs::create_dir_all(&status_dir);
+        Announcer {
+            me: me.to_string(),
+            port,
+            membership: None,
+            responders: BTreeMap::new(),
+            owned: BTreeMap::new(),
+            quorum: None,
+            status_file: status_dir.join(format!("{me}.json")),
+            status_written: None,
+        }
+    }
+
+    /// Starts (or restarts, when this node's address changed) the membership layer, seeded
+    /// with the other nodes' addresses.
+    pub fn ensure_membership(&mut self, my_ip: Option<IpAddr>, nodes: &[Node]) {
+        let Some(ip) = my_ip else { return };
+        let seeds: Vec<SocketAddr> = nodes
+            .iter()
+            .filter(|n| n.meta.name != self.me)
+            .filter_map(|n| n.internal_ips().into_iter().find(|a| a.is_ipv4() == ip.is_ipv4()))
+            .map(|a| SocketAddr::new(a, self.port))
+            .collect();
+        match &self.membership {
+            Some((bound, m)) if *bound == ip => {
+                m.set_seeds(seeds);
+                return;
+            }
+            _ => {}
+        }
+        if let Some((_, m)) = self.membership.take() {
+            m.stop();
+        }
+        let mut cfg = MemberConfig::new(self.me.clone(), SocketAddr::new(ip, self.port));
+        cfg.seeds = seeds;
+        match Membership::start(cfg) {
+            Ok(m) => {
+                log!("membership: gossiping on {ip}:{} (SWIM)", self.port);
+                self.membership = Some((ip, m));
+            }
+            Err(e) => log!("error: membership on {ip}:{}: {e}", self.port),
+        }
+    }
+
+    /// (alive, lease) views; without membership, only this node.
+    pub fn views(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        match &self.membership {
+            Some((_, m)) => {
+                let mut alive = m.alive();
+                alive.insert(self.me.clone());
+                let mut lease = m.lease_view();
+                lease.insert(self.me.clone());
+                (alive, lease)
+            }
+            None => {
+                let me: BTreeSet<String> = [self.me.clone()].into();
+                (me.clone(), me)
+            }
+        }
+    }
+
+    /// Wakes up when membership changes (or after `timeout`).
+    pub fn wait(&self, timeout: Duration, rx: &Option<std::sync::mpsc::Receiver<BTreeSet<String>>>) {
+        match rx {
+            Some(rx) => {
+                let _ = rx.recv_timeout(timeout);
+            }
+            None => std::thread::sleep(timeout),
+        }
+    }
+
+    pub fn subscribe(&self) -> Option<std::sync::mpsc::Receiver<BTreeSet<String>>> {
+        self.membership.as_ref().map(|(_, m)| m.subscribe())
+    }
+
+    /// Applies a decision: responders answer for exactly the owned addresses.
+    pub fn apply(&mut self, d: &L2Decision, default_iface: Option<&str>) {
+        if self.quorum != Some(d.quorum) {
+            if d.quorum {
+                log!("membership: this node hears a majority of the cluster");
+            } else {
+                log!("membership: this node does not hear a majority of the cluster: it announces nothing");
+            }
+            self.quorum = Some(d.quorum);
+        }
+        let mut want: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+        for (iface, ips) in &d.owned {
+            let name = if iface.is_empty() {
+                match default_iface {
+                    Some(n) => n.to_string(),
+                    None => {
+                        log!("error: no interface holds this node's address; cannot announce {ips:?}");
+                        continue;
+                    }
+                }
+            } else {
+                iface.clone()
+            };
+            want.entry(name).or_default().extend(ips.iter().copied());
+        }
+        let ifaces: BTreeSet<String> = want.keys().chain(self.owned.keys()).cloned().collect();
+        for iface in ifaces {
+            let new = want.get(&iface).cloned().unwrap_or_default();
+            let old = self.owned.get(&iface).cloned().unwrap_or_default();
+            if new == old {
+                continue;
+            }
+            for ip in new.difference(&old) {
+                log!("announcing {ip} on {iface}");
+            }
+            for ip in old.difference(&new) {
+                log!("withdrawing {ip} from {iface}");
+            }
+            if !self.responders.contains_key(&iface) {
+                match ferry_l2::Responder::start(&iface) {
+                    Ok(r) => {
+                        self.responders.insert(iface.clone(), r);
+                    }
+                    Err(e) => {
+                        log!("error: cannot answer ARP/NDP on {iface}: {e}");
+                        continue;
+                    }
+                }
+            }
+            if let Some(r) = self.responders.get(&iface) {
+                r.set_owned(new.clone());
+            }
+            if new.is_empty() {
+                self.owned.remove(&iface);
+            } else {
+                self.owned.insert(iface, new);
+            }
+        }
+        self.write_status(false);
+    }
+
+    /// `announcements/<node>.json`: what this node announces, refreshed every second so that
+    /// readers can tell a live claim from a dead agent's leftovers.
+    fn write_status(&mut self, force: bool) {
+        if !force && self.status_written.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        let ips: BTreeSet<String> = self
+            .owned
+            .values()
+            .flatten()
+            .map(|i| i.to_string())
+            .collect();
+        let body = serde_json::json!({ "node": self.me, "addresses": ips });
+        let tmp = self.status_file.with_extension("tmp");
+        if std::fs::write(&tmp, body.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, &self.status_file);
+        }
+        self.status_written = Some(Instant::now());
+    }
+
+    /// Stops answering (agent shutdown): the other nodes take over when they see this one leave.
+    pub fn shutdown(mut self) {
+        for (iface, ips) in std::mem::take(&mut self.owned) {
+            for ip in ips {
+                log!("withdrawing {ip} from {iface}");
+            }
+        }
+        for (_, r) in std::mem::take(&mut self.responders) {
+            r.set_owned(BTreeSet::new());
+            r.stop();
+        }
+        let _ = std::fs::remove_file(&self.status_file);
+        if let Some((_, m)) = self.membership.take() {
+            m.stop();
+        }
+    }
+}
+
+/// Which nodes announce which addresses, from the agents' status files (those refreshed in the
+/// last 5 seconds).
+pub fn read_announcers(dir: &std::path::Path) -> BTreeMap<IpAddr, Vec<String>> {
+    let mut out: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        let fresh = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < Duration::from_secs(5));
+        if !fresh {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let node = v["node"].as_str().unwrap_or_default().to_string();
+        for a in v["addresses"].as_array().into_iter().flatten() {
+            if let Some(ip) = a.as_str().and_then(|s| s.parse().ok()) {
+                out.entry(ip).or_default().push(node.clone());
+            }
+        }
+    }
+    out
+}
