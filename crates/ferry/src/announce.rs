@@ -122,6 +122,9 @@ pub fn decide(inp: &L2Input) -> L2Decision {
     out
 }
 
+/// How long a node that has just gained a majority waits before taking addresses over.
+pub const HOLD_DOWN: Duration = Duration::from_millis(1000);
+
 /// The I/O side: membership, responders, status file.
 pub struct Announcer {
     me: String,
@@ -130,6 +133,8 @@ pub struct Announcer {
     responders: BTreeMap<String, ferry_l2::Responder>,
     owned: BTreeMap<String, BTreeSet<IpAddr>>,
     quorum: Option<bool>,
+    /// Since when this node has heard a majority (None: it does not).
+    quorum_since: Option<Instant>,
     status_file: PathBuf,
     status_written: Option<Instant>,
 }
@@ -144,6 +149,7 @@ impl Announcer {
             responders: BTreeMap::new(),
             owned: BTreeMap::new(),
             quorum: None,
+            quorum_since: None,
             status_file: status_dir.join(format!("{me}.json")),
             status_written: None,
         }
@@ -171,6 +177,14 @@ impl Announcer {
         }
         let mut cfg = MemberConfig::new(self.me.clone(), SocketAddr::new(ip, self.port));
         cfg.seeds = seeds;
+        // LAN timings for sub-second failover: a dead node is suspected after a missed 25 ms
+        // ack and declared down 100 ms later; heartbeats every 20 ms keep the quorum lease
+        // (3/5 of the earliest takeover, ~80 ms) well fed.
+        cfg.probe_period = Duration::from_millis(60);
+        cfg.probe_rtt = Duration::from_millis(25);
+        cfg.suspect_to_down_after = Duration::from_millis(100);
+        cfg.gossip_period = Duration::from_millis(30);
+        cfg.heartbeat_period = Some(Duration::from_millis(20));
         match Membership::start(cfg) {
             Ok(m) => {
                 log!("membership: gossiping on {ip}:{} (SWIM)", self.port);
@@ -212,7 +226,17 @@ impl Announcer {
     }
 
     /// Applies a decision: responders answer for exactly the owned addresses.
+    ///
+    /// A node that has just (re)joined a majority waits [`HOLD_DOWN`] before claiming an
+    /// address it does not hold: the current holder needs that long to see it back and let go,
+    /// so a healing partition or a restarted agent never makes two nodes answer at once.
     pub fn apply(&mut self, d: &L2Decision, default_iface: Option<&str>) {
+        match (d.quorum, self.quorum_since) {
+            (true, None) => self.quorum_since = Some(Instant::now()),
+            (false, Some(_)) => self.quorum_since = None,
+            _ => {}
+        }
+        let settled = self.quorum_since.is_some_and(|t| t.elapsed() >= HOLD_DOWN);
         if self.quorum != Some(d.quorum) {
             if d.quorum {
                 log!("membership: this node hears a majority of the cluster");
@@ -234,7 +258,10 @@ impl Announcer {
             } else {
                 iface.clone()
             };
-            want.entry(name).or_default().extend(ips.iter().copied());
+            let held = self.owned.get(&name).cloned().unwrap_or_default();
+            want.entry(name)
+                .or_default()
+                .extend(ips.iter().copied().filter(|ip| settled || held.contains(ip)));
         }
         let ifaces: BTreeSet<String> = want.keys().chain(self.owned.keys()).cloned().collect();
         for iface in ifaces {
