@@ -171,6 +171,8 @@ pub struct Pass {
     /// Problems to report: rejected services, pending load balancers, pool errors.
     pub rejected: Vec<String>,
     pub pools: ferry_model::pools::PoolConfig,
+    /// Load-balancer addresses for the layer-2 election.
+    pub lb_addresses: Vec<crate::announce::LbAddress>,
 }
 
 pub fn compute(
@@ -232,7 +234,20 @@ pub fn compute(
             .flat_map(|p| p.ranges.iter().map(|r| (r.first(), r.last())))
             .collect(),
     };
+    let lb_addresses = services
+        .iter()
+        .filter(|s| !s.load_balancer_ingress.is_empty())
+        .map(|s| {
+            let r = resolved.iter().find(|r| r.id == s.meta.object_ref());
+            crate::announce::LbAddress::of(
+                s.load_balancer_ingress.clone(),
+                s.external_traffic_policy,
+                r,
+            )
+        })
+        .collect();
     Ok(Pass {
+        lb_addresses,
         ruleset: planner.plan(&cfg, &resolved),
         services: resolved,
         node_ips,
@@ -259,6 +274,7 @@ struct Agent {
     /// What the election reads, from the last pass.
     nodes: Vec<ferry_model::Node>,
     pools: ferry_model::pools::PoolConfig,
+    lb_addresses: Vec<crate::announce::LbAddress>,
 }
 
 pub fn run(args: AgentArgs) -> Result<i32> {
@@ -291,6 +307,7 @@ pub fn run(args: AgentArgs) -> Result<i32> {
         announcer,
         nodes: Vec::new(),
         pools: Default::default(),
+        lb_addresses: Vec::new(),
     };
     let args = agent.args.clone();
     let mut last_stamp: Option<source::DirStamp> = None;
@@ -393,7 +410,7 @@ impl Agent {
             alive: &alive,
             lease: &lease,
             pools: &self.pools,
-            services: &self.served,
+            addresses: &self.lb_addresses,
         });
         let iface = self
             .node_ips
@@ -432,6 +449,7 @@ impl Agent {
         }
         self.served = p.services;
         self.pools = p.pools;
+        self.lb_addresses = p.lb_addresses;
         self.nodes = snap.nodes.clone();
         if let Some(a) = &mut self.announcer {
             let my_ip = p.node_ips.iter().find(|i| i.is_ipv4()).or(p.node_ips.first()).copied();
