@@ -387,7 +387,11 @@ fn prefix_as_range(addr: std::net::IpAddr, len: u32) -> Option<String> {
         return None;
     }
     let host = bits - len;
-    let last = if host >= 128 { u128::MAX } else { v | ((1u128 << host) - 1) };
+    let last = if host >= 128 {
+        u128::MAX
+    } else {
+        v | ((1u128 << host) - 1)
+    };
     let ip = |x: u128| -> IpAddr {
         if bits == 32 {
             IpAddr::from((x as u32).to_be_bytes())

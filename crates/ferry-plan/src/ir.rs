@@ -189,7 +189,11 @@ impl Set {
     pub fn render_def(&self) -> String {
         let kind = if self.is_vmap { "map" } else { "set" };
         let ty = self.signature();
-        let flags = if self.interval { " flags interval;" } else { "" };
+        let flags = if self.interval {
+            " flags interval;"
+        } else {
+            ""
+        };
         format!(
             "add {kind} {FAMILY} {TABLE} {} {{ type {ty};{flags} comment {}; }}",
             self.name,
@@ -364,7 +368,7 @@ pub struct Chain {
     pub comment: String,
     pub rules: Vec<Rule>,
     /// The fingerprint, computed once (change rules only through [`Chain::push`]).
-    fp: std::cell::OnceCell<String>,
+    fp: std::sync::OnceLock<String>,
 }
 
 impl PartialEq for Chain {
@@ -385,7 +389,7 @@ impl Chain {
             base: None,
             comment: comment.into(),
             rules: Vec::new(),
-            fp: std::cell::OnceCell::new(),
+            fp: std::sync::OnceLock::new(),
         }
     }
     pub fn base(name: &str, type_: ChainType, hook: Hook, priority: i32, comment: &str) -> Chain {

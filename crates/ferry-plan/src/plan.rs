@@ -136,8 +136,11 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
         ));
     }
     for (a, b) in &cfg.lb_pools {
-        rs.set_mut(&lb_pools(Family::of(*a)))
-            .insert(vec![Value::Range(*a, *b)], None, String::new());
+        rs.set_mut(&lb_pools(Family::of(*a))).insert(
+            vec![Value::Range(*a, *b)],
+            None,
+            String::new(),
+        );
     }
     for ip in &cfg.node_ips {
         let f = Family::of(*ip);
@@ -376,7 +379,12 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         return fr;
     };
     let f = Family::of(cip);
-    fr.insert(&cluster_ips(f), vec![Value::Ip(cip)], None, svc.id.to_string());
+    fr.insert(
+        &cluster_ips(f),
+        vec![Value::Ip(cip)],
+        None,
+        svc.id.to_string(),
+    );
     let cluster_cidr = cfg
         .cluster_cidrs
         .iter()
@@ -395,7 +403,8 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
         fr.insert(&cluster_ip_ports(f), key.clone(), None, String::new());
         if internal.is_empty() {
-            fr.insert(&no_endpoint_services(f), 
+            fr.insert(
+                &no_endpoint_services(f),
                 key,
                 Some(reject.clone()),
                 what.clone(),
@@ -410,7 +419,8 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
             }
             endpoint_rules(&mut c, port.protocol, &internal);
             fr.add_chain(c);
-            fr.insert(&service_ips(f), 
+            fr.insert(
+                &service_ips(f),
                 key,
                 Some(Verdict::Goto(service_chain.clone())),
                 what.clone(),
@@ -482,12 +492,14 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
             let key = vec![Value::Ip(*ip), proto, Value::Port(port.port)];
             fr.insert(&cluster_ip_ports(fam), key.clone(), None, String::new());
             match &external_target {
-                Some(t) => fr.insert(&service_ips(fam), 
+                Some(t) => fr.insert(
+                    &service_ips(fam),
                     key,
                     Some(Verdict::Goto(t.clone())),
                     what.clone(),
                 ),
-                None => fr.insert(&no_endpoint_services(fam), 
+                None => fr.insert(
+                    &no_endpoint_services(fam),
                     key,
                     Some(none_verdict.clone()),
                     what.clone(),
@@ -497,12 +509,14 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         if let Some(np) = port.node_port {
             let key = vec![proto, Value::Port(np)];
             match &external_target {
-                Some(t) => fr.insert(&service_nodeports(f), 
+                Some(t) => fr.insert(
+                    &service_nodeports(f),
                     key,
                     Some(Verdict::Goto(t.clone())),
                     what.clone(),
                 ),
-                None => fr.insert(&no_endpoint_nodeports(f), 
+                None => fr.insert(
+                    &no_endpoint_nodeports(f),
                     key,
                     Some(none_verdict.clone()),
                     what.clone(),

@@ -96,7 +96,6 @@ fn install_signal_handlers() {
     }
 }
 
-
 pub fn timestamp() -> String {
     let ms = source::now_ms();
     let s = ms / 1000;
@@ -111,7 +110,10 @@ pub fn timestamp() -> String {
 
 /// The host's own unicast addresses (fallback when there is no Node object).
 pub fn host_addresses() -> Vec<IpAddr> {
-    let mut out: Vec<IpAddr> = interface_addresses().into_iter().map(|(_, ip)| ip).collect();
+    let mut out: Vec<IpAddr> = interface_addresses()
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect();
     out.retain(|ip| match ip {
         IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local(),
         IpAddr::V6(a) => !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80,
@@ -145,12 +147,19 @@ fn interface_addresses() -> Vec<(String, IpAddr)> {
                 match i32::from((*ifa.ifa_addr).sa_family) {
                     libc::AF_INET => {
                         let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                        let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
-                        out.push((name, IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes())));
+                        let name = std::ffi::CStr::from_ptr(ifa.ifa_name)
+                            .to_string_lossy()
+                            .into_owned();
+                        out.push((
+                            name,
+                            IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes()),
+                        ));
                     }
                     libc::AF_INET6 => {
                         let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                        let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
+                        let name = std::ffi::CStr::from_ptr(ifa.ifa_name)
+                            .to_string_lossy()
+                            .into_owned();
                         out.push((name, IpAddr::from(sa.sin6_addr.s6_addr)));
                     }
                     _ => {}
@@ -412,10 +421,7 @@ impl Agent {
             pools: &self.pools,
             addresses: &self.lb_addresses,
         });
-        let iface = self
-            .node_ips
-            .iter()
-            .find_map(|ip| interface_of(*ip));
+        let iface = self.node_ips.iter().find_map(|ip| interface_of(*ip));
         a.apply(&d, iface.as_deref());
     }
 
@@ -452,7 +458,12 @@ impl Agent {
         self.lb_addresses = p.lb_addresses;
         self.nodes = snap.nodes.clone();
         if let Some(a) = &mut self.announcer {
-            let my_ip = p.node_ips.iter().find(|i| i.is_ipv4()).or(p.node_ips.first()).copied();
+            let my_ip = p
+                .node_ips
+                .iter()
+                .find(|i| i.is_ipv4())
+                .or(p.node_ips.first())
+                .copied();
             a.ensure_membership(my_ip, &self.nodes);
         }
         if !changes.is_empty() || self.passes == 0 {

@@ -18,7 +18,6 @@ use ferry_model::pools::PoolConfig;
 use ferry_model::view::ResolvedService;
 use ferry_model::{Node, TrafficPolicy};
 
-
 /// Everything the election reads.
 pub struct L2Input<'a> {
     pub me: &'a str,
@@ -179,7 +178,11 @@ impl Announcer {
         let seeds: Vec<SocketAddr> = nodes
             .iter()
             .filter(|n| n.meta.name != self.me)
-            .filter_map(|n| n.internal_ips().into_iter().find(|a| a.is_ipv4() == ip.is_ipv4()))
+            .filter_map(|n| {
+                n.internal_ips()
+                    .into_iter()
+                    .find(|a| a.is_ipv4() == ip.is_ipv4())
+            })
             .map(|a| SocketAddr::new(a, self.port))
             .collect();
         match &self.membership {
@@ -229,7 +232,11 @@ impl Announcer {
     }
 
     /// Wakes up when membership changes (or after `timeout`).
-    pub fn wait(&self, timeout: Duration, rx: &Option<std::sync::mpsc::Receiver<BTreeSet<String>>>) {
+    pub fn wait(
+        &self,
+        timeout: Duration,
+        rx: &Option<std::sync::mpsc::Receiver<BTreeSet<String>>>,
+    ) {
         match rx {
             Some(rx) => {
                 let _ = rx.recv_timeout(timeout);
@@ -276,9 +283,11 @@ impl Announcer {
                 iface.clone()
             };
             let held = self.owned.get(&name).cloned().unwrap_or_default();
-            want.entry(name)
-                .or_default()
-                .extend(ips.iter().copied().filter(|ip| settled || held.contains(ip)));
+            want.entry(name).or_default().extend(
+                ips.iter()
+                    .copied()
+                    .filter(|ip| settled || held.contains(ip)),
+            );
         }
         let ifaces: BTreeSet<String> = want.keys().chain(self.owned.keys()).cloned().collect();
         for iface in ifaces {
@@ -319,7 +328,11 @@ impl Announcer {
     /// `announcements/<node>.json`: what this node announces, refreshed every second so that
     /// readers can tell a live claim from a dead agent's leftovers.
     fn write_status(&mut self, force: bool) {
-        if !force && self.status_written.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+        if !force
+            && self
+                .status_written
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
             return;
         }
         let ips: BTreeSet<String> = self
@@ -438,7 +451,12 @@ mod tests {
             .collect()
     }
 
-    fn decide_for(me: &str, nodes: &[Node], alive: &BTreeSet<String>, a: &[LbAddress]) -> L2Decision {
+    fn decide_for(
+        me: &str,
+        nodes: &[Node],
+        alive: &BTreeSet<String>,
+        a: &[LbAddress],
+    ) -> L2Decision {
         let p = pools();
         decide(&L2Input {
             me,

@@ -319,7 +319,11 @@ pub fn run(args: GetArgs) -> Result<i32> {
                 .iter()
                 .flat_map(|ip| announcers.get(ip).cloned().unwrap_or_default())
                 .collect();
-            row.push(if by.is_empty() { "<none>".into() } else { by.join(",") });
+            row.push(if by.is_empty() {
+                "<none>".into()
+            } else {
+                by.join(",")
+            });
         }
         rows.push(row);
     }

@@ -84,7 +84,13 @@ fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
     for e in &snap.errors {
         eprintln!("error: {e}");
     }
-    let p = agent::compute(&mut ferry_plan::plan::Planner::default(), &args, &state, &snap, source::now_ms())?;
+    let p = agent::compute(
+        &mut ferry_plan::plan::Planner::default(),
+        &args,
+        &state,
+        &snap,
+        source::now_ms(),
+    )?;
     for r in &p.rejected {
         eprintln!("rejected: {r}");
     }

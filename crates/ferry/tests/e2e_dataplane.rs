@@ -416,7 +416,7 @@ fn no_loss_across_agent_restarts() {
             &[
                 "bash",
                 "-c",
-                &request_loop(&[cluster_url.clone()], &stop, 300, 5000),
+                &request_loop(std::slice::from_ref(&cluster_url), &stop, 300, 5000),
             ],
         )
         .unwrap();
