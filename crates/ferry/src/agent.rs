@@ -323,7 +323,6 @@ pub fn run(args: AgentArgs) -> Result<i32> {
     let mut last_poll: Option<Instant> = None;
     let mut retry_at: Option<Instant> = None;
     let mut resync_at = Instant::now() + Duration::from_secs(args.resync_s.max(1));
-    let mut membership_events = None;
     while !STOP.load(Ordering::SeqCst) {
         // Manifests: every poll interval.
         if last_poll.is_none_or(|t| t.elapsed() >= Duration::from_millis(args.poll_ms.max(10))) {
@@ -351,12 +350,7 @@ pub fn run(args: AgentArgs) -> Result<i32> {
         // Layer 2: every tick, and at once when membership changes.
         agent.announce();
         match &agent.announcer {
-            Some(a) => {
-                if membership_events.is_none() {
-                    membership_events = a.subscribe();
-                }
-                a.wait(Duration::from_millis(L2_TICK_MS), &membership_events);
-            }
+            Some(a) => a.wait(Duration::from_millis(L2_TICK_MS)),
             None => std::thread::sleep(Duration::from_millis(args.poll_ms.max(10))),
         }
     }
@@ -409,9 +403,6 @@ impl Agent {
     /// Runs the layer-2 election with the latest view and applies it.
     fn announce(&mut self) {
         let Some(a) = &mut self.announcer else { return };
-        if self.pools.is_empty() {
-            return;
-        }
         let (alive, lease) = a.views();
         let d = crate::announce::decide(&crate::announce::L2Input {
             me: &self.args.node,

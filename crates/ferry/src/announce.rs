@@ -146,6 +146,8 @@ pub struct Announcer {
     me: String,
     port: u16,
     membership: Option<(IpAddr, Membership)>,
+    /// Membership changes, to wake up at once.
+    events: Option<std::sync::mpsc::Receiver<BTreeSet<String>>>,
     responders: BTreeMap<String, ferry_l2::Responder>,
     owned: BTreeMap<String, BTreeSet<IpAddr>>,
     quorum: Option<bool>,
@@ -162,6 +164,7 @@ impl Announcer {
             me: me.to_string(),
             port,
             membership: None,
+            events: None,
             responders: BTreeMap::new(),
             owned: BTreeMap::new(),
             quorum: None,
@@ -208,6 +211,7 @@ impl Announcer {
         match Membership::start(cfg) {
             Ok(m) => {
                 log!("membership: gossiping on {ip}:{} (SWIM)", self.port);
+                self.events = Some(m.subscribe());
                 self.membership = Some((ip, m));
             }
             Err(e) => log!("error: membership on {ip}:{}: {e}", self.port),
@@ -231,22 +235,18 @@ impl Announcer {
         }
     }
 
-    /// Wakes up when membership changes (or after `timeout`).
-    pub fn wait(
-        &self,
-        timeout: Duration,
-        rx: &Option<std::sync::mpsc::Receiver<BTreeSet<String>>>,
-    ) {
-        match rx {
+    /// Waits `timeout`, or less when membership changes.
+    pub fn wait(&self, timeout: Duration) {
+        match &self.events {
             Some(rx) => {
-                let _ = rx.recv_timeout(timeout);
+                if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+                    rx.recv_timeout(timeout)
+                {
+                    std::thread::sleep(timeout);
+                }
             }
             None => std::thread::sleep(timeout),
         }
-    }
-
-    pub fn subscribe(&self) -> Option<std::sync::mpsc::Receiver<BTreeSet<String>>> {
-        self.membership.as_ref().map(|(_, m)| m.subscribe())
     }
 
     /// Applies a decision: responders answer for exactly the owned addresses.
