@@ -284,6 +284,8 @@ struct Agent {
     nodes: Vec<ferry_model::Node>,
     pools: ferry_model::pools::PoolConfig,
     lb_addresses: Vec<crate::announce::LbAddress>,
+    /// The interface holding the node's address (where addresses are announced by default).
+    default_iface: Option<String>,
 }
 
 pub fn run(args: AgentArgs) -> Result<i32> {
@@ -317,6 +319,7 @@ pub fn run(args: AgentArgs) -> Result<i32> {
         nodes: Vec::new(),
         pools: Default::default(),
         lb_addresses: Vec::new(),
+        default_iface: None,
     };
     let args = agent.args.clone();
     let mut last_stamp: Option<source::DirStamp> = None;
@@ -447,6 +450,7 @@ impl Agent {
         self.served = p.services;
         self.pools = p.pools;
         self.lb_addresses = p.lb_addresses;
+        self.default_iface = p.node_ips.iter().find_map(|ip| interface_of(*ip));
         self.nodes = snap.nodes.clone();
         if let Some(a) = &mut self.announcer {
             let my_ip = p
