@@ -72,6 +72,10 @@ pub enum LabCommand {
         #[arg(action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
         ready: bool,
     },
+    /// Benchmark: client-visible failover time of 192.168.2.200 over N trials (owner's link
+    /// down -> first successful request) in a fresh 3-node lab, for ferry or keepalived. Uses
+    /// prefix `fo` unless --prefix names another (never the default lab `ferry`).
+    BenchFailover(crate::failover::FailoverArgs),
     /// (internal) The server inside every lab pod.
     #[command(hide = true)]
     ServePod {
@@ -125,9 +129,13 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
         crate::serve::serve_pod(name, tcp, udp)?;
         return Ok(0);
     }
+    if let LabCommand::BenchFailover(opts) = &args.command {
+        return crate::failover::run(&args.prefix, opts);
+    }
     let ctx = Ctx::new(&args.prefix, None, None)?;
     match args.command {
         LabCommand::ServePod { .. } => Ok(0),
+        LabCommand::BenchFailover(_) => Ok(0),
         LabCommand::Up { nodes, no_agents } => {
             let report = topology::up(&ctx, nodes, !no_agents)?;
             print_up(&ctx, &report);
