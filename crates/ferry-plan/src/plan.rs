@@ -148,66 +148,57 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
             .insert(vec![Value::Ip(*ip)], None, String::new());
     }
 
-    let mut c = Chain::base(
-        "filter-prerouting",
-        ChainType::Filter,
-        Hook::Prerouting,
-        -110,
-        "before DNAT: reject what no endpoint can take",
-    );
-    c.push(Rule::new(
-        vec![],
-        Action::Verdict(Verdict::Jump(SERVICE_CHECKS.into())),
-    ));
-    rs.add_chain(c);
-    let mut c = Chain::base(
-        "filter-output",
-        ChainType::Filter,
-        Hook::Output,
-        -110,
-        "before DNAT: reject what no endpoint can take",
-    );
-    c.push(Rule::new(
-        vec![],
-        Action::Verdict(Verdict::Jump(SERVICE_CHECKS.into())),
-    ));
-    rs.add_chain(c);
-    let mut c = Chain::base(
-        "nat-prerouting",
-        ChainType::Nat,
-        Hook::Prerouting,
-        -100,
-        "DNAT traffic arriving for services",
-    );
-    c.push(Rule::new(
-        vec![],
-        Action::Verdict(Verdict::Jump(SERVICES.into())),
-    ));
-    rs.add_chain(c);
-    let mut c = Chain::base(
-        "nat-output",
-        ChainType::Nat,
-        Hook::Output,
-        -100,
-        "DNAT this node's own traffic to services",
-    );
-    c.push(Rule::new(
-        vec![],
-        Action::Verdict(Verdict::Jump(SERVICES.into())),
-    ));
-    rs.add_chain(c);
-    let mut c = Chain::base(
-        "nat-postrouting",
-        ChainType::Nat,
-        Hook::Postrouting,
-        100,
-        "SNAT what needs it",
-    );
-    c.push(Rule::new(
-        vec![],
-        Action::Verdict(Verdict::Jump(MASQUERADING.into())),
-    ));
-    rs.add_chain(c);
+    // The hooks: each base chain jumps to the chain that does the work.
+    let hooks: [(&str, ChainType, Hook, i32, &str, &str); 5] = [
+        (
+            "filter-prerouting",
+            ChainType::Filter,
+            Hook::Prerouting,
+            -110,
+            SERVICE_CHECKS,
+            "before DNAT: reject what no endpoint can take",
+        ),
+        (
+            "filter-output",
+            ChainType::Filter,
+            Hook::Output,
+            -110,
+            SERVICE_CHECKS,
+            "before DNAT: reject what no endpoint can take",
+        ),
+        (
+            "nat-prerouting",
+            ChainType::Nat,
+            Hook::Prerouting,
+            -100,
+            SERVICES,
+            "DNAT traffic arriving for services",
+        ),
+        (
+            "nat-output",
+            ChainType::Nat,
+            Hook::Output,
+            -100,
+            SERVICES,
+            "DNAT this node's own traffic to services",
+        ),
+        (
+            "nat-postrouting",
+            ChainType::Nat,
+            Hook::Postrouting,
+            100,
+            MASQUERADING,
+            "SNAT what needs it",
+        ),
+    ];
+    for (name, type_, hook, priority, target, comment) in hooks {
+        let mut c = Chain::base(name, type_, hook, priority, comment);
+        c.push(Rule::new(
+            vec![],
+            Action::Verdict(Verdict::Jump(target.into())),
+        ));
+        rs.add_chain(c);
+    }
 
     let mut c = Chain::new(
         SERVICE_CHECKS,

@@ -115,32 +115,7 @@ fn selector_text(svc: &Service) -> String {
         .join(",")
 }
 
-/// A kubectl-like table with columns padded to their widest cell (3 spaces apart).
-pub fn table(rows: &[Vec<String>]) -> String {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            rows.iter()
-                .map(|r| r.get(c).map_or(0, |s| s.len()))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let mut line = String::new();
-        for (c, cell) in r.iter().enumerate() {
-            if c + 1 == r.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
+pub use ferry_lab::get::table;
 
 fn service_json(svc: &Service, a: Option<&Allocation>) -> Value {
     let ports: Vec<Value> = svc
