@@ -1,7 +1,11 @@
-//! `ferry demo`: a 2-node lab replaying the first half of the seed blog post (Deployment,
-//! ClusterIP Service, curl from a pod, NodePort Service, curl from outside), then `down`.
+//! `ferry demo`: a 3-node lab replaying the seed blog post, then `down`. First half: the
+//! Deployment, a ClusterIP Service, curl from a pod, a NodePort Service, curl from outside.
+//! Second half: the LoadBalancer Service (pending until MetalLB's address pool exists), curl
+//! from outside on 192.168.2.200, and a failover: the announcing node's link goes down while
+//! the client keeps curling, and the time until the client is served again is measured.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -10,7 +14,8 @@ use clap::Args;
 use crate::get::{self, NsFilter};
 use crate::manifests;
 use crate::ops;
-use crate::state::Ctx;
+use crate::state::{Ctx, LabState};
+use crate::sys;
 use crate::topology;
 
 pub const NEXTCLOUD_DEV: &str = include_str!("../manifests/seed/nextcloud-dev.yaml");
@@ -29,6 +34,10 @@ pub const DEBIAN_BASH: &str = include_str!("../manifests/seed/debian-bash.yaml")
 pub struct DemoArgs {
     #[arg(long, default_value = "demo")]
     pub prefix: String,
+    /// Nodes of the demo's lab. The failover step needs 3: with 2, the node left after a
+    /// link-down hears no majority (1 of 2) and announces nothing, so it is skipped.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=10))]
+    pub nodes: u16,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -64,15 +73,16 @@ pub fn run_demo(args: DemoArgs) -> Result<i32> {
             leftover.namespaces.len()
         );
     }
+    let nodes = usize::from(args.nodes);
     println!(
-        "# ferry demo: a 2-node lab (prefix {:?}) replaying the seed's Services walk-through",
+        "# ferry demo: a {nodes}-node lab (prefix {:?}) replaying the seed's Services walk-through",
         ctx.prefix
     );
-    cmd("ferry lab up --nodes 2");
-    let result = match topology::up(&ctx, 2, true) {
+    cmd(&format!("ferry lab up --nodes {nodes}"));
+    let result = match topology::up(&ctx, nodes, true) {
         Ok(report) => {
             crate::cli::print_up(&ctx, &report);
-            steps(&ctx)
+            steps(&ctx).and_then(|()| load_balancer_steps(&ctx))
         }
         Err(e) => Err(e),
     };
@@ -154,24 +164,10 @@ fn steps(ctx: &Ctx) -> Result<()> {
     let (cluster_ip, _) = service_addr(ctx, "nextcloud-dev-clusterip", false)?;
     let url = format!("http://{cluster_ip}:8080");
     println!();
-    curl_until_all_answered(ctx, "debian-bash", &url, &pods)?;
+    curl_until_all_answered(ctx, "debian-bash", &url, &pods, "the cluster IP")?;
 
     // 5-6: replace the ClusterIP Service with a NodePort one.
-    check_interrupted()?;
-    println!();
-    cmd("ferry lab delete service nextcloud-dev-clusterip");
-    let report = ops::delete_named(
-        ctx,
-        "service",
-        "default",
-        &["nextcloud-dev-clusterip".to_string()],
-    )?;
-    for l in &report.lines {
-        println!("{l}");
-    }
-    if !report.errors.is_empty() {
-        bail!("{}", report.errors.join("\n"));
-    }
+    delete_service(ctx, "nextcloud-dev-clusterip")?;
     apply(ctx, "nextcloud-dev-nodeport.yaml", NEXTCLOUD_DEV_NODEPORT)?;
     get_pods_svc(ctx)?;
 
@@ -184,6 +180,376 @@ fn steps(ctx: &Ctx) -> Result<()> {
         println!();
         let url = format!("http://{}:{node_port}", n.ip);
         curl_until_ok(ctx, "client", &url, &n.name)?;
+    }
+    Ok(())
+}
+
+const LB_SERVICE: &str = "nextcloud-dev-loadbalancer";
+
+/// Steps 8-14, the seed's second half: the LoadBalancer Service, pending until the MetalLB
+/// ConfigMap gives it 192.168.2.200; curl from outside; then a failover.
+fn load_balancer_steps(ctx: &Ctx) -> Result<()> {
+    // 8-10: replace the NodePort Service with the LoadBalancer one: pending, no pool yet.
+    delete_service(ctx, "nextcloud-dev-nodeport")?;
+    let since = ops::state(ctx)?
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), agent_log(ctx, &n.name).len()))
+        .collect::<Vec<_>>();
+    apply(
+        ctx,
+        "nextcloud-dev-loadbalancer.yaml",
+        NEXTCLOUD_DEV_LOADBALANCER,
+    )?;
+    get_svc_wide(ctx)?;
+    // What the agents say about it (each logs it once).
+    if let Some((node, offset)) = since.first() {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let needle = format!("Service default/{LB_SERVICE} pending:");
+        while Instant::now() < deadline {
+            check_interrupted()?;
+            let log = agent_log(ctx, node);
+            if let Some(line) = log
+                .get(*offset..)
+                .and_then(|t| t.lines().find(|l| l.contains(&needle)))
+            {
+                println!();
+                cmd(&format!("ferry lab logs {node} | grep pending"));
+                println!("{line}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // 11: MetalLB's configuration: the Service gets the pool's first address, one node
+    // announces it.
+    apply(ctx, "metallb-config.yaml", METALLB_CONFIG)?;
+    let (ip, _) = wait_for_lb(ctx, LB_SERVICE)?;
+    get_svc_wide(ctx)?;
+
+    // 12: from outside the cluster, on the load-balancer address.
+    let pods = nextcloud_pods(ctx)?;
+    let url = format!("http://{ip}/");
+    println!();
+    curl_until_all_answered(
+        ctx,
+        "client",
+        &url,
+        &pods,
+        &format!("the load-balancer address {ip}"),
+    )?;
+
+    // 13-14: failover.
+    let st = ops::state(ctx)?;
+    if st.nodes.len() < 3 {
+        println!();
+        println!(
+            "# (failover skipped: with {} node(s), the nodes left after a link-down do not hear \
+             a majority of the cluster, so none would announce {ip}; use --nodes 3)",
+            st.nodes.len()
+        );
+        return Ok(());
+    }
+    failover(ctx, &ip, &url)
+}
+
+/// `ferry lab get svc -o wide`.
+fn get_svc_wide(ctx: &Ctx) -> Result<()> {
+    check_interrupted()?;
+    println!();
+    cmd("ferry lab get svc -o wide");
+    let st = ops::state(ctx)?;
+    let out = get::get(ctx, &st, "svc", true, &NsFilter::One("default".into()))?;
+    print!("{}", out.stdout);
+    eprint!("{}", out.stderr);
+    Ok(())
+}
+
+fn agent_log(ctx: &Ctx, node: &str) -> String {
+    std::fs::read_to_string(ctx.agent_log(node)).unwrap_or_default()
+}
+
+/// Waits (quietly, at most 10 s) until the Service has a load-balancer address and
+/// `ferry get svc -o wide` names the node announcing it; (address, announcer).
+fn wait_for_lb(ctx: &Ctx, name: &str) -> Result<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    loop {
+        check_interrupted()?;
+        if let Ok(t) = get::ferry_get(ctx, &["svc", "-o", "wide"]) {
+            let ip = column_of(&t, name, "EXTERNAL-IP").unwrap_or_default();
+            let by = column_of(&t, name, "ANNOUNCED-BY").unwrap_or_default();
+            if !ip.is_empty() && !ip.starts_with('<') && !by.is_empty() && !by.starts_with('<') {
+                return Ok((ip, by));
+            }
+            last = format!("EXTERNAL-IP {ip:?}, ANNOUNCED-BY {by:?}");
+        }
+        if Instant::now() > deadline {
+            bail!("service {name} got no announced load-balancer address: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A column of a Service's row in a kubectl-style table, found by the header.
+pub fn column_of(text: &str, name: &str, column: &str) -> Option<String> {
+    let mut lines = text.lines();
+    let header = lines.next()?;
+    let at = header.find(column)?;
+    let row = lines.find(|l| {
+        let first = l.split_whitespace().next().unwrap_or("");
+        first == name || first.strip_prefix("service/") == Some(name)
+    })?;
+    row.get(at..)?.split_whitespace().next().map(str::to_string)
+}
+
+/// Nodes whose agent log says it announces `ip` now (its last `announcing IP on` /
+/// `withdrawing IP from` line is an announcement).
+fn announcers(ctx: &Ctx, st: &LabState, ip: &str) -> Vec<String> {
+    let on = format!("announcing {ip} on ");
+    let off = format!("withdrawing {ip} from ");
+    st.nodes
+        .iter()
+        .filter(|n| topology::agent_pid(ctx, st, &n.name).is_some())
+        .filter(|n| {
+            agent_log(ctx, &n.name)
+                .lines()
+                .rev()
+                .find(|l| l.contains(&on) || l.contains(&off))
+                .is_some_and(|l| l.contains(&on))
+        })
+        .map(|n| n.name.clone())
+        .collect()
+}
+
+/// Waits (at most `timeout`) until exactly one agent announces `ip` and still does 300 ms
+/// later.
+fn one_announcer(ctx: &Ctx, st: &LabState, ip: &str, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        let now = announcers(ctx, st, ip);
+        if now.len() == 1 {
+            std::thread::sleep(Duration::from_millis(300));
+            if announcers(ctx, st, ip) == now {
+                return Ok(now[0].clone());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{ip}: wanted exactly one announcing node, the agents' logs say {now:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One request of the client's probe loop.
+struct Probe {
+    began: Instant,
+    ended: Instant,
+    ok: bool,
+}
+
+/// Steps 13-14: the announcing node's link goes down while the client curls the address in a
+/// loop; the client is served again once another node announces it. Then the link comes back.
+fn failover(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
+    check_interrupted()?;
+    let st = ops::state(ctx)?;
+    let owner = one_announcer(ctx, &st, ip, Duration::from_secs(10))?;
+    let node = st
+        .node(&owner)
+        .with_context(|| format!("no node {owner}"))?
+        .clone();
+    println!();
+    println!(
+        "# failover: {owner} announces {ip}; take its link to the LAN down while the client \
+         keeps curling {url}"
+    );
+    // Nothing in the lab marks a lost node NotReady; do what the control plane would, so that
+    // the other nodes stop sending connections to a pod they cannot reach.
+    for p in st
+        .pods
+        .iter()
+        .filter(|p| p.node == owner && p.owner.as_deref() == Some("default/nextcloud-dev"))
+    {
+        cmd(&format!("ferry lab set-ready {} false", p.name));
+        ops::set_ready(ctx, &p.name, false)?;
+        println!("# (what the control plane does once {owner} is gone)");
+    }
+    let client_ns = st.client.ns.clone();
+    let lan_ns = st.lan_ns.clone();
+    let stop = AtomicBool::new(false);
+    let cut_at: OnceLock<Instant> = OnceLock::new();
+    let served_after_cut = AtomicBool::new(false);
+    let (probes, cut) = std::thread::scope(|s| -> Result<(Vec<Probe>, Instant)> {
+        let probe = s.spawn(|| {
+            let mut out = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let began = Instant::now();
+                let ok = sys::exec_output(
+                    &client_ns,
+                    &[
+                        "curl",
+                        "-sS",
+                        "--connect-timeout",
+                        "0.25",
+                        "--max-time",
+                        "0.5",
+                        url,
+                    ],
+                )
+                .is_ok_and(|o| o.status.success());
+                if ok && cut_at.get().is_some_and(|c| began >= *c) {
+                    served_after_cut.store(true, Ordering::SeqCst);
+                }
+                out.push(Probe {
+                    began,
+                    ended: Instant::now(),
+                    ok,
+                });
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            out
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        cmd(&format!(
+            "ferry lab exec lan -- ip link set {} down",
+            node.lan_if
+        ));
+        let cut = *cut_at.get_or_init(Instant::now);
+        let down = sys::exec_output(&lan_ns, &["ip", "link", "set", &node.lan_if, "down"]);
+        // Until a request that began after the cut succeeds (at most 5 s), then a little more.
+        let deadline = cut + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && !served_after_cut.load(Ordering::SeqCst)
+            && !INTERRUPTED.load(Ordering::SeqCst)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        let probes = probe
+            .join()
+            .map_err(|_| anyhow::anyhow!("the probe loop panicked"))?;
+        let down = down?;
+        if !down.status.success() {
+            bail!(
+                "ip link set {} down: {}",
+                node.lan_if,
+                String::from_utf8_lossy(&down.stderr).trim()
+            );
+        }
+        Ok((probes, cut))
+    })?;
+    check_interrupted()?;
+    let failed = probes.iter().filter(|p| p.began >= cut && !p.ok).count();
+    let slowest = probes
+        .iter()
+        .filter(|p| p.ended >= cut)
+        .map(|p| p.ended.duration_since(p.began))
+        .max()
+        .unwrap_or_default();
+    let recovered = probes
+        .iter()
+        .find(|p| p.began >= cut && p.ok)
+        .map(|p| p.ended.duration_since(cut));
+    let took_over: Vec<String> = announcers(ctx, &st, ip)
+        .into_iter()
+        .filter(|n| *n != owner)
+        .collect();
+    let Some(recovered) = recovered else {
+        bail!(
+            "the client was not served on {url} within 5 s of {owner}'s link going down \
+             ({failed} requests failed; announcing now: {took_over:?})"
+        );
+    };
+    let by = if took_over.is_empty() {
+        "no other node announces it yet".to_string()
+    } else {
+        format!("{} took over {ip}", took_over.join(","))
+    };
+    println!(
+        "# client recovered after {} ms ({by})",
+        recovered.as_millis()
+    );
+    println!(
+        "# (requests after the cut: {failed} failed, the slowest took {} ms)",
+        slowest.as_millis()
+    );
+    // ANNOUNCED-BY follows within about a second (the agents refresh their status files).
+    if let Some(new) = took_over.first() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            check_interrupted()?;
+            let by = get::ferry_get(ctx, &["svc", "-o", "wide"])
+                .ok()
+                .and_then(|t| column_of(&t, LB_SERVICE, "ANNOUNCED-BY"));
+            if by.as_deref() == Some(new.as_str()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    get_svc_wide(ctx)?;
+
+    // The link comes back: the returning node waits out its hold-down before it takes
+    // anything back, so that two nodes never answer at once.
+    check_interrupted()?;
+    println!();
+    cmd(&format!(
+        "ferry lab exec lan -- ip link set {} up",
+        node.lan_if
+    ));
+    let out = sys::exec_output(&lan_ns, &["ip", "link", "set", &node.lan_if, "up"])?;
+    if !out.status.success() {
+        bail!(
+            "ip link set {} up: {}",
+            node.lan_if,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let back = Instant::now();
+    // The returning node announces again (it wins the same election) after its hold-down.
+    let offset = agent_log(ctx, &owner).len();
+    let needle = format!("announcing {ip} on ");
+    let mut reannounced = None;
+    while back.elapsed() < Duration::from_secs(5) {
+        check_interrupted()?;
+        if agent_log(ctx, &owner)
+            .get(offset..)
+            .is_some_and(|t| t.contains(&needle))
+        {
+            reannounced = Some(back.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let now = one_announcer(ctx, &st, ip, Duration::from_secs(10))?;
+    let restored: Vec<String> = st
+        .pods
+        .iter()
+        .filter(|p| p.node == owner && p.owner.as_deref() == Some("default/nextcloud-dev"))
+        .map(|p| p.name.clone())
+        .collect();
+    for p in &restored {
+        cmd(&format!("ferry lab set-ready {p} true"));
+        ops::set_ready(ctx, p, true)?;
+    }
+    match reannounced {
+        Some(t) if now == owner => println!(
+            "# {owner} is back: it announces {ip} again {} ms after its link came up (it waits \
+             a 1 s hold-down first); exactly one node announces it",
+            t.as_millis()
+        ),
+        _ => println!("# {owner} is back; {now} announces {ip}; exactly one node announces it"),
+    }
+    let url_ok = curl_once(ctx, "client", url)?;
+    match url_ok {
+        Ok(body) => {
+            cmd(&format!("ferry lab exec client -- curl -sS {url}"));
+            println!("{body}");
+        }
+        Err(e) => bail!("{url} does not answer after the link came back: {e}"),
     }
     Ok(())
 }
@@ -216,8 +582,30 @@ fn curl_with_timeout(
     }
 }
 
-/// Step 4: at most 40 tries, ~100 ms apart (and at most 40 s), until every pod answered.
-fn curl_until_all_answered(ctx: &Ctx, target: &str, url: &str, pods: &[String]) -> Result<()> {
+/// `ferry lab delete service NAME`.
+fn delete_service(ctx: &Ctx, name: &str) -> Result<()> {
+    check_interrupted()?;
+    println!();
+    cmd(&format!("ferry lab delete service {name}"));
+    let report = ops::delete_named(ctx, "service", "default", &[name.to_string()])?;
+    for l in &report.lines {
+        println!("{l}");
+    }
+    if !report.errors.is_empty() {
+        bail!("{}", report.errors.join("\n"));
+    }
+    Ok(())
+}
+
+/// Step 4 (and 12): at most 40 tries, ~100 ms apart (and at most 40 s), until every pod
+/// answered.
+fn curl_until_all_answered(
+    ctx: &Ctx,
+    target: &str,
+    url: &str,
+    pods: &[String],
+    through: &str,
+) -> Result<()> {
     wait_for_agents(ctx, target, url)?;
     let mut seen = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -234,7 +622,7 @@ fn curl_until_all_answered(ctx: &Ctx, target: &str, url: &str, pods: &[String]) 
             Err(err) => println!("{err}"),
         }
         if seen.len() == pods.len() {
-            println!("# all nextcloud pods answered through the cluster IP ({attempt} tries)");
+            println!("# all nextcloud pods answered through {through} ({attempt} tries)");
             return Ok(());
         }
         if Instant::now() > deadline {

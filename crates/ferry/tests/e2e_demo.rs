@@ -32,9 +32,33 @@ fn demo_replays_the_seed() {
         "# all nextcloud pods answered through the cluster IP",
         "# k3s-master-rpi001 forwarded the node port to pod nextcloud-dev-",
         "# k3s-worker-rpi002 forwarded the node port to pod nextcloud-dev-",
+        "# k3s-worker-rpi003 forwarded the node port to pod nextcloud-dev-",
+        // The second half: the LoadBalancer Service and a failover.
+        "service \"nextcloud-dev-nodeport\" deleted",
+        "service/nextcloud-dev-loadbalancer created",
+        "$ ferry lab get svc -o wide",
+        "<pending>",
+        "Service default/nextcloud-dev-loadbalancer pending: no address pool",
+        "$ ferry lab apply -f metallb-config.yaml",
+        "configmap/config created",
+        "   192.168.2.200   ",
+        "ANNOUNCED-BY",
+        "# all nextcloud pods answered through the load-balancer address 192.168.2.200",
+        "$ ferry lab exec lan -- ip link set n",
+        "took over 192.168.2.200)",
+        "exactly one node announces it",
         "# demo finished",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
+    // "# client recovered after N ms (...)": the failover, measured.
+    let recovered: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("# client recovered after "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no recovery time in:\n{stdout}"));
+    println!("demo: the client recovered {recovered} ms after the announcer's link went down");
+    assert!(recovered < 2000, "recovered only after {recovered} ms");
     assert_eq!(common::namespaces_of(&prefix), Vec::<String>::new());
 }

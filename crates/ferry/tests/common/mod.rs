@@ -154,3 +154,574 @@ pub fn answers(lab: &Lab, from: &str, url: &str, n: usize) -> Vec<String> {
         })
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// LoadBalancer services and layer-2 announcement (e2e_loadbalancer, the demo's second half).
+
+/// Milliseconds in a day: the agents' log timestamps are `HH:MM:SS.mmm` UTC.
+const DAY_MS: i64 = 86_400_000;
+
+/// Now, in milliseconds since midnight UTC (the clock of the agents' log timestamps).
+pub fn ms_of_day_now() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    ms % DAY_MS as u64
+}
+
+/// Signed milliseconds from `from` to `to`, both milliseconds of the day (wraps at midnight).
+pub fn ms_between(from: u64, to: u64) -> i64 {
+    let d = (to as i64 - from as i64).rem_euclid(DAY_MS);
+    if d > DAY_MS / 2 {
+        d - DAY_MS
+    } else {
+        d
+    }
+}
+
+/// The agent log of `node` as (milliseconds of day, message) for lines that carry a timestamp.
+pub fn log_lines(lab: &Lab, node: &str) -> Vec<(u64, String)> {
+    lab.agent_log(node)
+        .lines()
+        .filter_map(|l| {
+            let (ts, msg) = l.split_once(' ')?;
+            let mut it = ts.split([':', '.']);
+            let h: u64 = it.next()?.parse().ok()?;
+            let m: u64 = it.next()?.parse().ok()?;
+            let s: u64 = it.next()?.parse().ok()?;
+            let ms: u64 = it.next()?.parse().ok()?;
+            if it.next().is_some() || ts.len() != 12 {
+                return None;
+            }
+            Some((((h * 60 + m) * 60 + s) * 1000 + ms, msg.to_string()))
+        })
+        .collect()
+}
+
+/// The first line of `node`'s log, stamped at or after `since` (milliseconds of day), whose
+/// message contains `needle`.
+pub fn log_line_since(lab: &Lab, node: &str, since: u64, needle: &str) -> Option<(u64, String)> {
+    log_lines(lab, node)
+        .into_iter()
+        .find(|(t, m)| ms_between(since, *t) >= 0 && m.contains(needle))
+}
+
+/// Waits (bounded by `timeout`) for [`log_line_since`].
+pub fn wait_log_since(
+    lab: &Lab,
+    node: &str,
+    since: u64,
+    needle: &str,
+    timeout: Duration,
+) -> (u64, String) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(hit) = log_line_since(lab, node, since, needle) {
+            return hit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log of {node} within {timeout:?}; log:\n{}",
+            lab.agent_log(node)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The first line, on any node, stamped at or after `since` whose message contains `needle`:
+/// (node, milliseconds of day, message).
+pub fn any_log_since(lab: &Lab, since: u64, needle: &str) -> Option<(String, u64, String)> {
+    lab.node_names()
+        .into_iter()
+        .filter_map(|n| log_line_since(lab, &n, since, needle).map(|(t, m)| (n, t, m)))
+        .min_by_key(|(_, t, _)| ms_between(since, *t))
+}
+
+/// Nodes whose agent is running and whose log says it announces `ip` now (its last
+/// `announcing IP on` / `withdrawing IP from` line is an announcement).
+pub fn log_announcers(lab: &Lab, ip: &str) -> Vec<String> {
+    let on = format!("announcing {ip} on ");
+    let off = format!("withdrawing {ip} from ");
+    lab.node_names()
+        .into_iter()
+        .filter(|n| lab.agent_pid(n).is_some())
+        .filter(|n| {
+            log_lines(lab, n)
+                .iter()
+                .rev()
+                .find(|(_, m)| m.starts_with(&on) || m.starts_with(&off))
+                .is_some_and(|(_, m)| m.starts_with(&on))
+        })
+        .collect()
+}
+
+/// Waits (bounded) until exactly one running agent announces `ip`, and still does `settle`
+/// later; its node name.
+pub fn wait_one_announcer(lab: &Lab, ip: &str, settle: Duration) -> String {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let now = log_announcers(lab, ip);
+        if now.len() == 1 {
+            std::thread::sleep(settle);
+            if log_announcers(lab, ip) == now {
+                return now[0].clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ip}: wanted exactly one announcer, the logs say {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Index of a node by name (node i is on bridge port n<i>).
+pub fn node_index(lab: &Lab, node: &str) -> usize {
+    lab.node_names()
+        .iter()
+        .position(|n| n == node)
+        .unwrap_or_else(|| panic!("no node {node}"))
+}
+
+/// The network namespace of a target (node, pod, `client`, `lan`).
+pub fn ns_of(lab: &Lab, target: &str) -> String {
+    lab.state()
+        .expect("lab.json")
+        .target_ns(target)
+        .unwrap_or_else(|| panic!("no target {target}"))
+}
+
+/// Runs a command in a target's namespace; panics unless it exits 0; stdout.
+pub fn run_ok(lab: &Lab, target: &str, cmd: &[&str]) -> String {
+    let out = lab.exec(target, cmd).expect("exec");
+    assert!(
+        out.status.success(),
+        "{target}: {cmd:?}: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The MAC of `eth0` in a target (from `ip -j link show eth0`), lower case.
+pub fn eth0_mac(lab: &Lab, target: &str) -> String {
+    let text = run_ok(lab, target, &["ip", "-j", "link", "show", "eth0"]);
+    let v: serde_json::Value = serde_json::from_str(&text).expect("ip -j link");
+    v[0]["address"]
+        .as_str()
+        .expect("eth0 has an address")
+        .to_lowercase()
+}
+
+/// What one `arping` run saw.
+#[derive(Debug, Clone, Default)]
+pub struct Arping {
+    /// The MAC of every reply, in order (lower case).
+    pub replies: Vec<String>,
+    pub output: String,
+}
+
+impl Arping {
+    pub fn macs(&self) -> BTreeSet<String> {
+        self.replies.iter().cloned().collect()
+    }
+}
+
+/// `arping -i eth0 ARGS... IP` (Habets arping) from a target; its replies. A non-zero exit
+/// (no reply) is not an error.
+pub fn arping(lab: &Lab, from: &str, ip: &str, args: &[&str]) -> Arping {
+    let mut cmd = vec!["arping", "-i", "eth0"];
+    cmd.extend_from_slice(args);
+    cmd.push(ip);
+    let out = lab.exec(from, &cmd).expect("exec arping");
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "60 bytes from e2:b9:2b:db:db:41 (192.168.2.200): index=0 time=9.754 usec"
+    let replies = output
+        .lines()
+        .filter_map(|l| l.split_once(" bytes from ")?.1.split_whitespace().next())
+        .map(str::to_lowercase)
+        .collect();
+    Arping { replies, output }
+}
+
+/// `ndisc6 -m -n -r 1 -w WAIT_MS IP eth0` from a target: the MAC of every answer (lower case).
+pub fn ndisc6(lab: &Lab, from: &str, ip: &str, wait_ms: u32) -> (Vec<String>, String) {
+    let wait = wait_ms.to_string();
+    let out = lab
+        .exec(
+            from,
+            &["ndisc6", "-m", "-n", "-r", "1", "-w", &wait, ip, "eth0"],
+        )
+        .expect("exec ndisc6");
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let macs = output
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Target link-layer address:"))
+        .map(|m| m.trim().to_lowercase())
+        .collect();
+    (macs, output)
+}
+
+/// The neighbour entry of `ip` on eth0 of a target: (MAC lower case, states), if any.
+pub fn neigh(lab: &Lab, from: &str, ip: &str) -> Option<(String, Vec<String>)> {
+    let ns = ns_of(lab, from);
+    neigh_in(&ns, ip)
+}
+
+/// [`neigh`] by namespace name (cheaper in tight loops).
+pub fn neigh_in(ns: &str, ip: &str) -> Option<(String, Vec<String>)> {
+    let out =
+        ferry_lab::sys::exec_output(ns, &["ip", "-j", "neigh", "show", ip, "dev", "eth0"]).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let e = v.as_array()?.first()?;
+    let mac = e["lladdr"].as_str().unwrap_or("").to_lowercase();
+    let states = e["state"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((mac, states))
+}
+
+/// The load-balancer ingress addresses of a Service, from `ferry get svc -o json`.
+pub fn external_ips(lab: &Lab, name: &str) -> Vec<String> {
+    let Ok(json) = lab.ferry_get(&["svc", "-o", "json"]) else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&json) else {
+        return Vec::new();
+    };
+    v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["metadata"]["name"].as_str() == Some(name))
+        .and_then(|s| s.pointer("/status/loadBalancer/ingress"))
+        .and_then(|i| i.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["ip"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Waits (bounded) until the Service's ingress addresses are exactly `want`.
+pub fn wait_external_ips(lab: &Lab, name: &str, want: &[&str]) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let got = external_ips(lab, name);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "service {name}: wanted external IPs {want:?}, got {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A column of a Service's row in `ferry get svc [-o wide]` (columns are found by the header).
+pub fn svc_column(lab: &Lab, name: &str, column: &str, wide: bool) -> Option<String> {
+    let mut args = vec!["svc"];
+    if wide {
+        args.extend(["-o", "wide"]);
+    }
+    let text = lab.ferry_get(&args).ok()?;
+    let mut lines = text.lines();
+    let header = lines.next()?;
+    let at = header.find(column)?;
+    let row = lines.find(|l| l.split_whitespace().next() == Some(name))?;
+    row.get(at..)?.split_whitespace().next().map(str::to_string)
+}
+
+/// Takes node `i`'s port on the LAN bridge down or up (`ip link set n<i> down|up` in `lan`).
+pub fn set_lan_port(lab: &Lab, i: usize, up: bool) {
+    let port = format!("n{i}");
+    run_ok(
+        lab,
+        "lan",
+        &["ip", "link", "set", &port, if up { "up" } else { "down" }],
+    );
+}
+
+/// Cuts node `a` off from nodes `others` on the LAN bridge (both ways), leaving everyone else
+/// (the client) connected: `table bridge ferrytest` in the `lan` namespace. (The chain cannot
+/// be called `fwd`: that is an nft keyword.)
+pub fn partition(lab: &Lab, a: usize, others: &[usize]) {
+    let set = others
+        .iter()
+        .map(|i| format!("\"n{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rules = format!(
+        "table bridge ferrytest {{\n  chain cut {{\n    type filter hook forward priority 0; policy accept;\n    \
+         iifname \"n{a}\" oifname {{ {set} }} drop\n    iifname {{ {set} }} oifname \"n{a}\" drop\n  }}\n}}\n"
+    );
+    run_ok(lab, "lan", &["nft", &rules]);
+}
+
+/// Removes what [`partition`] added.
+pub fn heal(lab: &Lab) {
+    run_ok(
+        lab,
+        "lan",
+        &["nft", "delete", "table", "bridge", "ferrytest"],
+    );
+}
+
+/// Sends one UDP datagram from a target to any address (IPv6 too); no answer expected.
+pub fn udp_send(lab: &Lab, from: &str, to: std::net::SocketAddr) {
+    let ns = ns_of(lab, from);
+    ferry_lab::sys::in_netns(&ns, || -> std::io::Result<()> {
+        let bind: std::net::SocketAddr = if to.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let sock = std::net::UdpSocket::bind(bind)?;
+        sock.send_to(b"ferry", to)?;
+        Ok(())
+    })
+    .expect("entering the namespace")
+    .unwrap_or_else(|e| panic!("sending to {to} from {from}: {e}"));
+}
+
+/// One request of a probe loop.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// When it began and ended, from the probe's start.
+    pub began: Duration,
+    pub ended: Duration,
+    /// The body (a pod name) or curl's complaint.
+    pub result: Result<String, String>,
+}
+
+/// A curl loop from a target until `stop` is set: short timeouts, one request after another.
+pub fn probe_loop(
+    ns: &str,
+    url: &str,
+    start: Instant,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<Attempt> {
+    let mut out = Vec::new();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let began = start.elapsed();
+        let r = ferry_lab::sys::exec_output(
+            ns,
+            &[
+                "curl",
+                "-sS",
+                "--connect-timeout",
+                "0.25",
+                "--max-time",
+                "0.5",
+                url,
+            ],
+        );
+        let result = match r {
+            Ok(o) if o.status.success() => {
+                Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+            }
+            Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        out.push(Attempt {
+            began,
+            ended: start.elapsed(),
+            result,
+        });
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    out
+}
+
+/// From a probe loop: how long after `cut` the first request that began at or after it
+/// succeeded (its end), if one did.
+pub fn recovered_after(attempts: &[Attempt], cut: Duration) -> Option<Duration> {
+    attempts
+        .iter()
+        .find(|a| a.began >= cut && a.result.is_ok())
+        .map(|a| a.ended.saturating_sub(cut))
+}
+
+/// From a probe loop: the longest stretch without an answer (from the start of the first
+/// failed request of a run of failures to the end of the next successful one) and the number
+/// of failed requests.
+pub fn longest_outage(attempts: &[Attempt]) -> (Duration, usize) {
+    let mut longest = Duration::ZERO;
+    let mut failed = 0;
+    let mut run_start: Option<Duration> = None;
+    for a in attempts {
+        match &a.result {
+            Err(_) => {
+                failed += 1;
+                run_start.get_or_insert(a.began);
+            }
+            Ok(_) => {
+                if let Some(s) = run_start.take() {
+                    longest = longest.max(a.ended.saturating_sub(s));
+                }
+            }
+        }
+    }
+    if let (Some(s), Some(last)) = (run_start, attempts.last()) {
+        longest = longest.max(last.ended.saturating_sub(s));
+    }
+    (longest, failed)
+}
+
+/// A raw socket on a target's eth0 receiving frames of `ethertype` (in and out) from now on;
+/// read them later with [`drain_frames`].
+pub fn raw_socket(lab: &Lab, target: &str, ethertype: u16) -> ferry_l2::socket::PacketSocket {
+    let ns = ns_of(lab, target);
+    ferry_lab::sys::in_netns(&ns, || {
+        ferry_l2::socket::PacketSocket::open("eth0", ethertype)
+    })
+    .expect("entering the namespace")
+    .unwrap_or_else(|e| panic!("raw socket on eth0 in {ns}: {e}"))
+}
+
+/// The frames queued on a raw socket (ARP and NDP only; others are skipped), waiting until
+/// none has arrived for `quiet`.
+pub fn drain_frames(
+    sock: &ferry_l2::socket::PacketSocket,
+    quiet: Duration,
+) -> Vec<(ferry_l2::socket::PacketType, ferry_l2::packet::Frame)> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 2048];
+    while sock.wait_readable(quiet).unwrap_or(false) {
+        while let Ok(Some(r)) = sock.recv(&mut buf) {
+            if let Ok(f) = ferry_l2::packet::Frame::parse(&buf[..r.len]) {
+                out.push((r.packet_type, f));
+            }
+        }
+    }
+    out
+}
+
+/// What the client heard about an IPv4 address during [`arp_watch`].
+#[derive(Debug, Clone, Default)]
+pub struct ArpWatch {
+    /// One entry per ARP request sent: when (from the start) and the MACs that answered it.
+    pub samples: Vec<(Duration, BTreeSet<String>)>,
+    /// Gratuitous ARPs for the address: when and from which MAC.
+    pub gratuitous: Vec<(Duration, String)>,
+    /// When the watch began (the times above count from it).
+    pub started: Option<Instant>,
+}
+
+impl ArpWatch {
+    /// Samples answered by more than one MAC.
+    pub fn split_brain(&self) -> Vec<&(Duration, BTreeSet<String>)> {
+        self.samples.iter().filter(|(_, m)| m.len() > 1).collect()
+    }
+    /// Samples nobody answered.
+    pub fn unanswered(&self) -> usize {
+        self.samples.iter().filter(|(_, m)| m.is_empty()).count()
+    }
+    /// Distinct MACs that answered, in the order first seen.
+    pub fn answerers(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for m in self.samples.iter().flat_map(|(_, m)| m) {
+            if !out.contains(m) {
+                out.push(m.clone());
+            }
+        }
+        out
+    }
+}
+
+/// From the client's eth0, with a raw socket, for `span`: when `ask`, an ARP request for `ip`
+/// every `every`, each answered by the MACs whose replies arrive before the next request
+/// (finer than `arping`); gratuitous ARPs for `ip` are recorded either way. Passive
+/// (`ask` false) it sends nothing, so the client's own neighbour cache is left alone.
+pub fn arp_watch(
+    lab: &Lab,
+    from: &str,
+    ip: Ipv4Addr,
+    every: Duration,
+    span: Duration,
+    ask: bool,
+) -> ArpWatch {
+    use ferry_l2::packet::{Arp, ArpOperation, Frame, MacAddr, Payload, ETHERTYPE_ARP};
+    let ns = ns_of(lab, from);
+    let my_ip: Ipv4Addr = if from == "client" {
+        lab.client_ip()
+    } else {
+        panic!("arp_watch runs from the client")
+    };
+    ferry_lab::sys::in_netns(&ns, || {
+        let sock = ferry_l2::socket::PacketSocket::open("eth0", ETHERTYPE_ARP)
+            .unwrap_or_else(|e| panic!("raw socket on eth0 in {ns}: {e}"));
+        let me = sock.mac();
+        let request = Frame {
+            dst: MacAddr::BROADCAST,
+            src: me,
+            payload: Payload::Arp(Arp {
+                operation: ArpOperation::Request,
+                sender_mac: me,
+                sender_ip: my_ip,
+                target_mac: MacAddr::ZERO,
+                target_ip: ip,
+            }),
+        }
+        .to_bytes();
+        let start = Instant::now();
+        let mut watch = ArpWatch {
+            started: Some(start),
+            ..ArpWatch::default()
+        };
+        let mut buf = [0u8; 2048];
+        while start.elapsed() < span {
+            let sent_at = start.elapsed();
+            if ask {
+                sock.send(&request).expect("sending an ARP request");
+            }
+            let mut macs = BTreeSet::new();
+            let window_end = sent_at + every;
+            loop {
+                let now = start.elapsed();
+                if now >= window_end {
+                    break;
+                }
+                if !sock.wait_readable(window_end - now).unwrap_or(false) {
+                    continue;
+                }
+                while let Ok(Some(r)) = sock.recv(&mut buf) {
+                    let Ok(frame) = Frame::parse(&buf[..r.len]) else {
+                        continue;
+                    };
+                    let Payload::Arp(arp) = frame.payload else {
+                        continue;
+                    };
+                    if arp.sender_mac == me || arp.sender_ip != ip {
+                        continue;
+                    }
+                    if let Some(a) = frame.announcement() {
+                        watch.gratuitous.push((start.elapsed(), a.mac.to_string()));
+                    } else if arp.operation == ArpOperation::Reply && arp.target_mac == me {
+                        macs.insert(arp.sender_mac.to_string());
+                    }
+                }
+            }
+            if ask {
+                watch.samples.push((sent_at, macs));
+            }
+        }
+        watch
+    })
+    .expect("entering the client's namespace")
+}
