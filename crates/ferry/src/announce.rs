@@ -141,6 +141,10 @@ pub fn decide(inp: &L2Input) -> L2Decision {
 /// How long a node that has just gained a majority waits before taking addresses over.
 pub const HOLD_DOWN: Duration = Duration::from_millis(1000);
 
+/// How long a holder keeps an address after its new winner came back (a little less than
+/// [`HOLD_DOWN`], so the two never answer at once and the gap stays short).
+pub const HAND_OVER: Duration = Duration::from_millis(600);
+
 /// The I/O side: membership, responders, status file.
 pub struct Announcer {
     me: String,
@@ -153,6 +157,8 @@ pub struct Announcer {
     quorum: Option<bool>,
     /// Since when this node has heard a majority (None: it does not).
     quorum_since: Option<Instant>,
+    /// Since when each node has been alive in our view.
+    alive_since: BTreeMap<String, Instant>,
     status_file: PathBuf,
     status_written: Option<Instant>,
 }
@@ -169,6 +175,7 @@ impl Announcer {
             owned: BTreeMap::new(),
             quorum: None,
             quorum_since: None,
+            alive_since: BTreeMap::new(),
             status_file: status_dir.join(format!("{me}.json")),
             status_written: None,
         }
@@ -219,7 +226,17 @@ impl Announcer {
     }
 
     /// (alive, lease) views; without membership, only this node.
-    pub fn views(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+    pub fn views(&mut self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let (alive, lease) = self.current_views();
+        let now = Instant::now();
+        self.alive_since.retain(|n, _| alive.contains(n));
+        for n in &alive {
+            self.alive_since.entry(n.clone()).or_insert(now);
+        }
+        (alive, lease)
+    }
+
+    fn current_views(&self) -> (BTreeSet<String>, BTreeSet<String>) {
         match &self.membership {
             Some((_, m)) => {
                 let mut alive = m.alive();
@@ -289,6 +306,25 @@ impl Announcer {
                     .filter(|ip| settled || held.contains(ip)),
             );
         }
+        // Hand-over: an address we hold whose new winner has only just come back stays with us
+        // until shortly before that node's hold-down ends, so that somebody always answers.
+        if d.quorum {
+            for (iface, held) in &self.owned {
+                for ip in held {
+                    let newcomer = match d.winners.get(ip) {
+                        Some(Some(w)) if *w != self.me => self
+                            .alive_since
+                            .get(w)
+                            .is_some_and(|t| t.elapsed() < HAND_OVER),
+                        _ => false,
+                    };
+                    if newcomer {
+                        want.entry(iface.clone()).or_default().insert(*ip);
+                    }
+                }
+            }
+        }
+        let mut changed = false;
         let ifaces: BTreeSet<String> = want.keys().chain(self.owned.keys()).cloned().collect();
         for iface in ifaces {
             let new = want.get(&iface).cloned().unwrap_or_default();
@@ -302,6 +338,7 @@ impl Announcer {
             for ip in old.difference(&new) {
                 log!("withdrawing {ip} from {iface}");
             }
+            changed = true;
             if !self.responders.contains_key(&iface) {
                 match ferry_l2::Responder::start(&iface) {
                     Ok(r) => {
@@ -322,7 +359,7 @@ impl Announcer {
                 self.owned.insert(iface, new);
             }
         }
-        self.write_status(false);
+        self.write_status(changed);
     }
 
     /// `announcements/<node>.json`: what this node announces, refreshed every second so that
@@ -368,7 +405,7 @@ impl Announcer {
 }
 
 /// Which nodes announce which addresses, from the agents' status files (those refreshed in the
-/// last 5 seconds).
+/// last 3 seconds: agents rewrite theirs every second and at every change).
 pub fn read_announcers(dir: &std::path::Path) -> BTreeMap<IpAddr, Vec<String>> {
     let mut out: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -384,7 +421,7 @@ pub fn read_announcers(dir: &std::path::Path) -> BTreeMap<IpAddr, Vec<String>> {
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age < Duration::from_secs(5));
+            .is_some_and(|age| age < Duration::from_secs(3));
         if !fresh {
             continue;
         }
