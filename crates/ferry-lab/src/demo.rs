@@ -251,7 +251,62 @@ fn load_balancer_steps(ctx: &Ctx) -> Result<()> {
         );
         return Ok(());
     }
+    agent_killed(ctx, &ip, &url)?;
     failover(ctx, &ip, &url)
+}
+
+/// The announcing node's agent dies: its node keeps forwarding (the rules stay in the kernel),
+/// the others see it gone and one of them takes the address over with a gratuitous ARP. The
+/// client does not notice. The agent then comes back.
+fn agent_killed(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
+    check_interrupted()?;
+    let st = ops::state(ctx)?;
+    let owner = one_announcer(ctx, &st, ip, Duration::from_secs(10))?;
+    println!();
+    println!("# {owner} announces {ip}; kill its agent (SIGKILL) while the client keeps curling");
+    cmd(&format!("ferry lab agent kill {owner}"));
+    let logs: Vec<(String, usize)> = st
+        .nodes
+        .iter()
+        .filter(|n| n.name != owner)
+        .map(|n| (n.name.clone(), agent_log(ctx, &n.name).len()))
+        .collect();
+    let killed = Instant::now();
+    crate::topology::agent(ctx, &owner, crate::topology::AgentAction::Kill)?;
+    let needle = format!("announcing {ip} on ");
+    let (mut ok, mut failed, mut took_over) = (0, 0, None);
+    while killed.elapsed() < Duration::from_secs(3) {
+        check_interrupted()?;
+        match curl_with_timeout(ctx, "client", url, "0.5")? {
+            Ok(_) => ok += 1,
+            Err(_) => failed += 1,
+        }
+        if took_over.is_none() {
+            took_over = logs.iter().find_map(|(n, off)| {
+                agent_log(ctx, n)
+                    .get(*off..)
+                    .is_some_and(|t| t.contains(&needle))
+                    .then(|| (n.clone(), killed.elapsed()))
+            });
+        }
+        if took_over.is_some() && ok >= 10 {
+            break;
+        }
+    }
+    match &took_over {
+        Some((n, t)) => println!(
+            "# {n} took over {ip} {} ms after the agent died (gratuitous ARP); the client: {ok} requests answered, {failed} failed ({owner} itself kept forwarding)",
+            t.as_millis()
+        ),
+        None => bail!("no node took over {ip} within 3 s of {owner}'s agent dying"),
+    }
+    cmd(&format!("ferry lab agent start {owner}"));
+    crate::topology::agent(ctx, &owner, crate::topology::AgentAction::Start)?;
+    // Back in the cluster, it wins the same election again after its hold-down.
+    std::thread::sleep(Duration::from_millis(1500));
+    let now = one_announcer(ctx, &st, ip, Duration::from_secs(10))?;
+    println!("# {owner}'s agent is back; {now} announces {ip}");
+    Ok(())
 }
 
 /// `ferry lab get svc -o wide`.
