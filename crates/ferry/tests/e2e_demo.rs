@@ -46,7 +46,7 @@ fn demo_replays_the_seed() {
         "# all nextcloud pods answered through the load-balancer address 192.168.2.200",
         "$ ferry lab agent kill ",
         "after the agent died (gratuitous ARP)",
-        "0 failed",
+        "requests answered, 0 failed (",
         "$ ferry lab agent start ",
         "$ ferry lab exec lan -- ip link set n",
         "took over 192.168.2.200)",
