@@ -178,16 +178,18 @@ impl Nft {
             Backend::Command => {
                 let mut cmd = Command::new("nft");
                 if json {
-                    cmd.arg("-j");
+                    // Listings print their JSON only when given as arguments, not with -f.
+                    cmd.arg("-j").args(script.split_whitespace());
+                } else {
+                    cmd.args(["-f", "-"]);
                 }
                 let mut child = cmd
-                    .args(["-f", "-"])
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
                     .spawn()
                     .map_err(|e| NftError::Unavailable(e.to_string()))?;
-                if let Some(mut stdin) = child.stdin.take() {
+                if let Some(mut stdin) = child.stdin.take().filter(|_| !json) {
                     stdin
                         .write_all(script.as_bytes())
                         .map_err(|e| NftError::Unavailable(e.to_string()))?;
@@ -456,6 +458,32 @@ impl Dataplane {
             }
         }
         self.live = Some(LiveState::of(desired));
+        Ok(changes)
+    }
+}
+
+impl Dataplane {
+    /// Like [`Dataplane::apply`], but compares only what the planner says it touched: the cost
+    /// follows the size of the change, not of the table. Falls back to a full comparison when
+    /// the kernel's table is not known (start, after an error) or everything was touched.
+    pub fn apply_touched(
+        &mut self,
+        desired: &Ruleset,
+        touched: &ferry_plan::plan::Touched,
+    ) -> Result<Changes, NftError> {
+        let Some(live) = self.live.as_mut() else {
+            return self.apply(desired);
+        };
+        let Some(changes) = ferry_plan::diff::diff_touched(live, desired, touched) else {
+            return self.apply(desired);
+        };
+        if !changes.is_empty() {
+            if let Err(e) = self.nft.run(&changes.script) {
+                self.live = None;
+                return Err(e);
+            }
+        }
+        live.update_touched(desired, touched);
         Ok(changes)
     }
 }

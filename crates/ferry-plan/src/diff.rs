@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::ir::*;
+use crate::plan::Touched;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveChain {
@@ -67,6 +68,105 @@ impl LiveState {
                 .collect(),
         }
     }
+}
+
+impl LiveState {
+    /// After a successful [`diff_touched`] script: the kernel holds `desired` for everything
+    /// touched.
+    pub fn update_touched(&mut self, desired: &Ruleset, touched: &Touched) {
+        for c in &touched.chains {
+            match desired.chains.get(c) {
+                Some(x) => {
+                    self.chains.insert(
+                        c.clone(),
+                        LiveChain {
+                            base: x.base,
+                            fingerprint: (!x.rules.is_empty()).then(|| x.fingerprint()),
+                        },
+                    );
+                }
+                None => {
+                    self.chains.remove(c);
+                }
+            }
+        }
+        for (set, keys) in &touched.elements {
+            let (Some(ds), Some(ls)) = (desired.sets.get(set), self.sets.get_mut(set)) else {
+                continue;
+            };
+            for k in keys {
+                match ds.elements.get(k) {
+                    Some(e) => {
+                        ls.elements.insert(k.clone(), e.verdict.clone());
+                    }
+                    None => {
+                        ls.elements.remove(k);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The script for what the planner touched only (see [`crate::plan::Planner::update`]): the
+/// touched part of both sides goes through [`diff`], with every set present on both so that
+/// none is created or deleted. None when this cannot be done (everything touched, or a planned
+/// set the kernel lacks): then diff everything.
+pub fn diff_touched(live: &LiveState, desired: &Ruleset, touched: &Touched) -> Option<Changes> {
+    if touched.full || !live.table || !desired.sets.keys().all(|n| live.sets.contains_key(n)) {
+        return None;
+    }
+    let mut want = Ruleset::default();
+    let mut have = LiveState {
+        table: true,
+        ..LiveState::default()
+    };
+    for (name, s) in &desired.sets {
+        let l = &live.sets[name];
+        if l.signature != s.signature() {
+            return None;
+        }
+        want.sets.insert(
+            name.clone(),
+            Set {
+                name: s.name.clone(),
+                key: s.key.clone(),
+                is_vmap: s.is_vmap,
+                interval: s.interval,
+                comment: s.comment.clone(),
+                elements: BTreeMap::new(),
+            },
+        );
+        have.sets.insert(
+            name.clone(),
+            LiveSet {
+                signature: l.signature.clone(),
+                elements: BTreeMap::new(),
+            },
+        );
+    }
+    for c in &touched.chains {
+        if let Some(x) = desired.chains.get(c) {
+            want.chains.insert(c.clone(), x.clone());
+        }
+        if let Some(l) = live.chains.get(c) {
+            have.chains.insert(c.clone(), l.clone());
+        }
+    }
+    for (set, keys) in &touched.elements {
+        let (Some(ds), Some(ls)) = (desired.sets.get(set), live.sets.get(set)) else {
+            continue;
+        };
+        for k in keys {
+            if let (Some(e), Some(w)) = (ds.elements.get(k), want.sets.get_mut(set)) {
+                w.elements.insert(k.clone(), e.clone());
+            }
+            if let (Some(v), Some(h)) = (ls.elements.get(k), have.sets.get_mut(set)) {
+                h.elements.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Some(diff(&have, &want))
 }
 
 /// Extracts the fingerprint from a rule comment ending in "[fp]".

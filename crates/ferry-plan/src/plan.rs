@@ -524,14 +524,42 @@ pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
     Planner::default().plan(cfg, services)
 }
 
-/// Plans incrementally: a service whose resolved state is unchanged reuses its fragment (chains
-/// are shared, their fingerprints already computed), so replanning 10,000 services after one
-/// endpoint change redoes one service. The result is the same as [`plan`]'s.
+/// What an incremental plan changed: the chains and elements to look at (None of them may
+/// actually differ from before; the differ decides). `full` means everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub full: bool,
+    pub chains: BTreeSet<String>,
+    /// Set name -> key texts.
+    pub elements: std::collections::BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Touched {
+    fn element(&mut self, set: &str, key: &str) {
+        self.elements
+            .entry(set.to_string())
+            .or_default()
+            .insert(key.to_string());
+    }
+}
+
+/// Plans incrementally and keeps the table it planned: a service whose resolved state is
+/// unchanged costs a hash; a changed one is replanned and swapped in, and the caller is told
+/// exactly which chains and elements it touched. The result is the same as [`plan`]'s whatever
+/// the history (an element several services ask for goes to the smallest namespace/name).
 #[derive(Debug, Default)]
 pub struct Planner {
     cfg: Option<PlanConfig>,
+    rs: Ruleset,
     /// Service -> (hash of its resolved state, its fragment).
     cache: std::collections::HashMap<ferry_model::ObjectRef, (u64, Fragment)>,
+    /// (set, key) -> who asks for that element, and with what.
+    owners: std::collections::HashMap<
+        (String, String),
+        std::collections::BTreeMap<ferry_model::ObjectRef, Element>,
+    >,
+    /// Hairpin address -> how many services have it as an endpoint.
+    hairpins: std::collections::HashMap<IpAddr, usize>,
 }
 
 /// A stable 64-bit hash of everything planning reads from a service.
@@ -558,37 +586,131 @@ fn service_hash(svc: &ResolvedService) -> u64 {
 }
 
 impl Planner {
+    /// The table as last planned.
+    pub fn ruleset(&self) -> &Ruleset {
+        &self.rs
+    }
+
+    /// The planned table (a copy; [`Planner::update`] avoids it).
     pub fn plan(&mut self, cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
-        use names::*;
+        self.update(cfg, services);
+        self.rs.clone()
+    }
+
+    /// Brings the planned table up to date; returns it and what changed.
+    pub fn update(
+        &mut self,
+        cfg: &PlanConfig,
+        services: &[ResolvedService],
+    ) -> (&Ruleset, Touched) {
+        let mut touched = Touched::default();
         if self.cfg.as_ref() != Some(cfg) {
-            self.cache.clear();
             self.cfg = Some(cfg.clone());
+            self.rs = skeleton(cfg);
+            self.cache.clear();
+            self.owners.clear();
+            self.hairpins.clear();
+            touched.full = true;
         }
-        let mut rs = skeleton(cfg);
-        let mut hairpins: BTreeSet<IpAddr> = BTreeSet::new();
-        let mut next = std::collections::HashMap::with_capacity(services.len());
+        let mut seen = std::collections::HashSet::with_capacity(services.len());
         for svc in services {
+            if !seen.insert(svc.id.clone()) {
+                continue; // the same service twice: the first one counts
+            }
             let hash = service_hash(svc);
-            let fr = match self.cache.remove(&svc.id) {
-                Some((old, fr)) if old == hash => fr,
-                _ => plan_service(cfg, svc),
-            };
-            for c in &fr.chains {
-                rs.chains.insert(c.name.clone(), c.clone());
+            if self.cache.get(&svc.id).is_some_and(|(h, _)| *h == hash) {
+                continue;
             }
-            for (set, key, e) in &fr.elements {
-                rs.set_mut(set).elements.insert(key.clone(), e.clone());
+            if let Some((_, old)) = self.cache.remove(&svc.id) {
+                self.remove(&svc.id, &old, &mut touched);
             }
-            hairpins.extend(fr.hairpins.iter().copied());
-            next.insert(svc.id.clone(), (hash, fr));
+            let fr = plan_service(cfg, svc);
+            self.add(&svc.id, &fr, &mut touched);
+            self.cache.insert(svc.id.clone(), (hash, fr));
         }
-        self.cache = next;
-        for a in hairpins {
-            let f = Family::of(a);
-            rs.set_mut(&hairpin(f))
-                .insert(vec![Value::Ip(a), Value::Ip(a)], None, String::new());
+        let gone: Vec<ferry_model::ObjectRef> = self
+            .cache
+            .keys()
+            .filter(|id| !seen.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some((_, old)) = self.cache.remove(&id) {
+                self.remove(&id, &old, &mut touched);
+            }
         }
-        rs
+        (&self.rs, touched)
+    }
+
+    fn add(&mut self, id: &ferry_model::ObjectRef, fr: &Fragment, t: &mut Touched) {
+        for c in &fr.chains {
+            self.rs.chains.insert(c.name.clone(), c.clone());
+            t.chains.insert(c.name.clone());
+        }
+        for (set, key, e) in &fr.elements {
+            let owners = self.owners.entry((set.clone(), key.clone())).or_default();
+            owners.insert(id.clone(), e.clone());
+            Self::settle(&mut self.rs, set, key, owners);
+            t.element(set, key);
+        }
+        for a in &fr.hairpins {
+            let n = self.hairpins.entry(*a).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                let set = names::hairpin(Family::of(*a));
+                let key = vec![Value::Ip(*a), Value::Ip(*a)];
+                t.element(&set, &key_text(&key));
+                self.rs.set_mut(&set).insert(key, None, String::new());
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &ferry_model::ObjectRef, fr: &Fragment, t: &mut Touched) {
+        for c in &fr.chains {
+            self.rs.chains.remove(&c.name);
+            t.chains.insert(c.name.clone());
+        }
+        for (set, key, _) in &fr.elements {
+            let k = (set.clone(), key.clone());
+            if let Some(owners) = self.owners.get_mut(&k) {
+                owners.remove(id);
+                Self::settle(&mut self.rs, set, key, owners);
+                if owners.is_empty() {
+                    self.owners.remove(&k);
+                }
+            }
+            t.element(set, key);
+        }
+        for a in &fr.hairpins {
+            if let Some(n) = self.hairpins.get_mut(a) {
+                *n -= 1;
+                if *n == 0 {
+                    self.hairpins.remove(a);
+                    let set = names::hairpin(Family::of(*a));
+                    let key = key_text(&[Value::Ip(*a), Value::Ip(*a)]);
+                    self.rs.set_mut(&set).elements.remove(&key);
+                    t.element(&set, &key);
+                }
+            }
+        }
+    }
+
+    /// The element a key holds: the first owner's (by namespace/name), or none.
+    fn settle(
+        rs: &mut Ruleset,
+        set: &str,
+        key: &str,
+        owners: &std::collections::BTreeMap<ferry_model::ObjectRef, Element>,
+    ) {
+        let s = rs.set_mut(set);
+        match owners.values().next() {
+            Some(e) => {
+                s.elements.insert(key.to_string(), e.clone());
+            }
+            None => {
+                s.elements.remove(key);
+            }
+        }
     }
 }
 

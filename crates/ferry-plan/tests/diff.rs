@@ -530,3 +530,44 @@ proptest! {
         prop_assert!(diff(&lb, &rb).is_empty());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The incremental path: the planner's update and the touched-only script, over a history
+    /// of snapshots, keep the kernel (model) exactly at a full load of each plan, and the
+    /// tracked state equal to what a full read would give.
+    #[test]
+    fn touched_only_scripts_land_on_the_plan(
+        a in service_specs(12),
+        other in service_specs(14),
+        c1 in proptest::collection::vec(change(), 14),
+        c2 in proptest::collection::vec(change(), 14),
+    ) {
+        use ferry_plan::diff::diff_touched;
+        use ferry_plan::plan::Planner;
+        let cfg = dual_stack_config();
+        let history = [
+            services_from_specs(&a),
+            evolve(&a, &other, &c1),
+            evolve(&other, &a, &c2),
+            services_from_specs(&a),
+        ];
+        let mut p = Planner::default();
+        let (rs0, t0) = p.update(&cfg, &history[0]);
+        prop_assert!(t0.full);
+        let mut k = Kernel::loaded(rs0);
+        let mut live = LiveState::of(rs0);
+        for snap in &history[1..] {
+            let (rs, t) = p.update(&cfg, snap);
+            prop_assert!(!t.full);
+            let ch = diff_touched(&live, rs, &t).expect("a touched-only diff");
+            k.apply(&ch.script)
+                .unwrap_or_else(|e| panic!("refused: {e}\nscript:\n{}", ch.script));
+            live.update_touched(rs, &t);
+            prop_assert_eq!(&live, &LiveState::of(rs));
+            prop_assert_eq!(&k, &Kernel::loaded(rs));
+            prop_assert_eq!(rs, &plan(&cfg, snap));
+        }
+    }
+}

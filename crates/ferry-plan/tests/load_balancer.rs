@@ -16,7 +16,12 @@ fn cfg_with_pool() -> ferry_plan::PlanConfig {
 
 fn lb_service() -> Vec<ferry_model::view::ResolvedService> {
     vec![Svc::new("web", "10.43.208.81")
-        .node_port(Protocol::Tcp, 80, 31114, &[ep("10.42.0.85", 80), ep("10.42.1.170", 80)])
+        .node_port(
+            Protocol::Tcp,
+            80,
+            31114,
+            &[ep("10.42.0.85", 80), ep("10.42.1.170", 80)],
+        )
         .load_balancer_ip("192.168.2.200")
         .build()]
 }

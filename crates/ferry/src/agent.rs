@@ -14,7 +14,7 @@ use ferry_model::cidr::Cidr;
 use ferry_model::view::resolve;
 use ferry_nft::{Dataplane, Nft};
 use ferry_plan::plan::DEFAULT_MASQUERADE_MARK;
-use ferry_plan::{PlanConfig, Ruleset};
+use ferry_plan::PlanConfig;
 
 use crate::announce::Announcer;
 use crate::source::{self, Snapshot};
@@ -174,7 +174,8 @@ fn interface_addresses() -> Vec<(String, IpAddr)> {
 
 /// Everything one pass computes from a snapshot (exposed for `ferry plan`-style tools/tests).
 pub struct Pass {
-    pub ruleset: Ruleset,
+    /// What the plan changed (the table itself is the planner's).
+    pub touched: ferry_plan::plan::Touched,
     pub services: Vec<ferry_model::view::ResolvedService>,
     pub node_ips: Vec<IpAddr>,
     /// Problems to report: rejected services, pending load balancers, pool errors.
@@ -257,7 +258,7 @@ pub fn compute(
         .collect();
     Ok(Pass {
         lb_addresses,
-        ruleset: planner.plan(&cfg, &resolved),
+        touched: planner.update(&cfg, &resolved).1,
         services: resolved,
         node_ips,
         rejected,
@@ -443,7 +444,7 @@ impl Agent {
             self.node_ips = p.node_ips.clone();
         }
         let t_plan = t0.elapsed();
-        let changes = self.dp.apply(&p.ruleset)?;
+        let changes = self.dp.apply_touched(self.planner.ruleset(), &p.touched)?;
         for (addr, port) in ferry_plan::plan::stale_udp_endpoints(&self.served, &p.services) {
             flush_udp_conntrack(addr, port);
         }

@@ -171,7 +171,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     // One endpoint change at a time, with everything else present.
     let mut dp = Dataplane::new(nft());
     let mut planner = ferry_plan::plan::Planner::default();
-    dp.apply(&planner.plan(&cfg, &base))?;
+    let (rs, _) = planner.update(&cfg, &base);
+    dp.apply(rs)?;
     let mut change_total = Vec::new();
     let mut change_plan = Vec::new();
     let mut current = base.clone();
@@ -180,9 +181,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         let ep = &mut current[victim].ports[0].endpoints[0];
         ep.port = if ep.port == 8080 { 8081 } else { 8080 };
         let t0 = Instant::now();
-        let rs = planner.plan(&cfg, &current);
+        let (rs, touched) = planner.update(&cfg, &current);
         let t1 = Instant::now();
-        let ch = dp.apply(&rs)?;
+        let ch = dp.apply_touched(rs, &touched)?;
         let t2 = Instant::now();
         if ch.chains_changed != 1 {
             bail!("expected one changed chain, got {ch}");

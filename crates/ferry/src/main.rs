@@ -84,16 +84,11 @@ fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
     for e in &snap.errors {
         eprintln!("error: {e}");
     }
-    let p = agent::compute(
-        &mut ferry_plan::plan::Planner::default(),
-        &args,
-        &state,
-        &snap,
-        source::now_ms(),
-    )?;
+    let mut planner = ferry_plan::plan::Planner::default();
+    let p = agent::compute(&mut planner, &args, &state, &snap, source::now_ms())?;
     for r in &p.rejected {
         eprintln!("rejected: {r}");
     }
-    print!("{}", p.ruleset.render_full());
+    print!("{}", planner.ruleset().render_full());
     Ok(0)
 }
