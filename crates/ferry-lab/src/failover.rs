@@ -27,7 +27,7 @@
 //!   consecutive successful requests), then set the owner's bridge port `n<i>` in `P-lan` down
 //!   (the `SIOCSIFFLAGS` ioctl of `ip link set n<i> down`, done in-process so t0 is the instant
 //!   just before the kernel call). The failover time is the end of the first successful request
-//!   *started* at or after t0, minus t0. Then the port goes up again, 1 s pause, and the next
+//!   *started* at or after t0, minus t0. Then the port goes up again, 3 s pause, and the next
 //!   trial waits for steadiness again (keepalived's preemption may move the VIP back).
 //! * Bounded waits: a trial that sees no success within 10 s, or a cluster that is not steady
 //!   within 10 s, is recorded as a failed trial and the run goes on.
@@ -75,8 +75,11 @@ pub const STEADY_SUCCESSES: usize = 20;
 pub const RECOVERY_LIMIT: Duration = Duration::from_secs(10);
 /// Bound on waiting for a steady cluster before a trial.
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(10);
-/// Pause after the link comes back up, before looking for steadiness.
-const SETTLE_PAUSE: Duration = Duration::from_secs(1);
+/// Pause after the link comes back up, before looking for steadiness: longer than a returning
+/// ferry node's 1 s hold-down plus the interim holder's hand-over, so that each trial starts
+/// from a settled cluster (an owner lost inside that window is replaced only when the hold-down
+/// ends: a different measurement).
+const SETTLE_PAUSE: Duration = Duration::from_secs(3);
 /// First wait for the address to answer (keepalived's first election, pods starting).
 const FIRST_ANSWER_LIMIT: Duration = Duration::from_secs(15);
 /// Ferry mode: how long to wait for a node to announce the VIP at all.
