@@ -262,17 +262,13 @@ pub fn read_live(nft: &mut Nft) -> Result<LiveState, NftError> {
                             "postrouting" => Some(Hook::Postrouting),
                             _ => None,
                         };
-                        // An unknown hook never equals a planned one: the differ replaces it.
+                        // A hook ferry never uses reads as a regular chain: not ferry's, so it
+                        // is deleted (or refilled) like any chain that is not planned.
                         hook.map(|hook| BaseChain {
                             type_,
                             hook,
                             priority: p as i32,
                         })
-                        .or(Some(BaseChain {
-                            type_,
-                            hook: Hook::Postrouting,
-                            priority: i32::MIN,
-                        }))
                     }
                     _ => None,
                 };
