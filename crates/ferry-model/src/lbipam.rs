@@ -689,30 +689,7 @@ mod tests {
         s
     }
 
-    fn legacy(config: &str) -> ConfigMap {
-        ConfigMap {
-            meta: Meta {
-                name: "config".into(),
-                namespace: "metallb-system".into(),
-                ..Meta::default()
-            },
-            data: [("config".to_string(), config.to_string())].into(),
-        }
-    }
-
-    fn crd(name: &str, addresses: &[&str]) -> IpAddressPool {
-        IpAddressPool {
-            meta: Meta {
-                name: name.into(),
-                namespace: "metallb-system".into(),
-                ..Meta::default()
-            },
-            addresses: addresses.iter().map(|s| s.to_string()).collect(),
-            auto_assign: true,
-            avoid_buggy_ips: false,
-            service_allocation: None,
-        }
-    }
+    use crate::pools::tests::{crd, legacy};
 
     fn pools(p: &[IpAddressPool]) -> PoolConfig {
         let (cfg, errs) = load(&[], p, &[]);

@@ -897,7 +897,7 @@ fn legacy_pool(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::objects::{LabelSelectorRequirement, Meta, SelectorOperator};
     use proptest::prelude::*;
