@@ -174,10 +174,7 @@ impl State {
                 return (due, Some(at));
             }
             self.schedule.pop();
-            if self.owned.get(&ip) == Some(&generation)
-                && self.leased(now)
-                && !due.contains(&ip)
-            {
+            if self.owned.get(&ip) == Some(&generation) && self.leased(now) && !due.contains(&ip) {
                 due.push(ip);
             }
         }
@@ -662,7 +659,8 @@ mod tests {
         );
         let theirs = announce(THEM, ip).to_bytes();
         assert_eq!(
-            decide(&theirs, PacketType::Broadcast, US, |i| s.ownership(i, expired)),
+            decide(&theirs, PacketType::Broadcast, US, |i| s
+                .ownership(i, expired)),
             Outcome::Seen { conflict: false }
         );
         // Scheduled announcements do not go out past the lease either.

@@ -1,5 +1,6 @@
 //! `ferry get services`: kubectl's view of services, from a manifest directory and the shared
-//! allocation state (allocating, as the API server would, what nobody has allocated yet).
+//! allocation state. It only reads: values nobody has allocated yet show as `<none>` /
+//! `<pending>` until an agent allocates them.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::agent::parse_port_range;
 use crate::source;
-use crate::state::StateDir;
+use crate::state::{AllocStore, StateDir};
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
@@ -200,7 +201,8 @@ pub fn run(args: GetArgs) -> Result<i32> {
     for e in &pool_errors {
         eprintln!("warning: pools: {e}");
     }
-    let (results, lb) = state.sync(&snap.services, &snap.namespaces, &pools, &cfg, now, now)?;
+    // Read-only: what the agents allocated (services they have not seen yet show no values).
+    let (results, lb) = state.view(&snap.services, &snap.namespaces, &pools, &cfg, now)?;
     let announcers = crate::announce::read_announcers(&state.announcements_dir());
     // Load-balancer addresses as the services' ingress (what the API server's status holds).
     let mut snap = snap;

@@ -3,17 +3,21 @@
 //! Data flows one way: source (manifests) -> model (allocation, endpoints) -> plan (nftables
 //! ruleset) -> dataplane (the kernel).
 
-/// Agent log lines: a wall-clock time, then the message (to stderr).
+/// Agent log lines: a wall-clock time, then the message (to stderr, from a writer thread:
+/// never blocks, never panics; see `logging`).
 macro_rules! log {
     ($($arg:tt)*) => {
-        eprintln!("{} {}", crate::agent::timestamp(), format!($($arg)*))
+        crate::logging::line(format!("{} {}", crate::agent::timestamp(), format_args!($($arg)*)))
     };
 }
 
 mod agent;
+mod agent_core;
 mod announce;
 mod bench;
 mod get;
+mod logging;
+mod netwatch;
 mod source;
 mod state;
 
@@ -59,6 +63,7 @@ fn main() {
         Command::Lab(args) => ferry_lab::run_lab(args),
         Command::Demo(args) => ferry_lab::run_demo(args),
     };
+    logging::flush(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -79,15 +84,24 @@ fn cleanup() -> anyhow::Result<i32> {
 }
 
 fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
+    use state::AllocStore;
     let state = state::StateDir::new(&args.state_dir)?;
     let snap = source::read_dir(&args.manifests)?;
-    for e in &snap.errors {
-        eprintln!("error: {e}");
-    }
+    let pools =
+        ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
+    // What the agents allocated; nothing is written.
+    let allocated = state.view(
+        &snap.services,
+        &snap.namespaces,
+        &pools.0,
+        &args.alloc_config(),
+        source::now_ms(),
+    )?;
     let mut planner = ferry_plan::plan::Planner::default();
-    let p = agent::compute(&mut planner, &args, &state, &snap, source::now_ms())?;
-    for r in &p.rejected {
-        eprintln!("rejected: {r}");
+    let host = netwatch::interface_addresses();
+    let p = agent::compute(&mut planner, &args, &snap, pools, allocated, &host);
+    for d in &p.diagnostics {
+        eprintln!("{d}");
     }
     print!("{}", planner.ruleset().render_full());
     Ok(0)
