@@ -14,6 +14,11 @@ mod agent;
 mod announce;
 mod bench;
 mod get;
+// The metrics endpoint; the agent wires it in behind `--metrics-addr`.
+#[allow(dead_code)]
+mod http;
+#[allow(dead_code)]
+mod metrics;
 mod source;
 mod state;
 
