@@ -14,6 +14,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +73,30 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<(
             drop(permit);
         });
     }
+}
+
+/// Parses `--metrics-addr`: `IP:PORT` (`127.0.0.1:10249`, `[::1]:10249`, `0.0.0.0:10249` for
+/// every address), `localhost:PORT`, or a bare `PORT` (on 127.0.0.1). Fits clap's
+/// `value_parser`.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    let bad =
+        |why: &str| format!("--metrics-addr {s:?}: {why} (want IP:PORT, localhost:PORT or PORT)");
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    if let Some(port) = s.strip_prefix("localhost:") {
+        let port = port.parse::<u16>().map_err(|_| bad("bad port"))?;
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    s.parse::<SocketAddr>().map_err(|_| bad("not an address"))
+}
+
+/// Listens on `addr` for [`serve`]; the error names the flag and the address.
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("--metrics-addr {addr}: {e}")))
 }
 
 fn fatal_accept_error(e: &io::Error) -> bool {
@@ -178,7 +203,6 @@ fn prefers_openmetrics(accept: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
     use std::process::{Command, Stdio};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
@@ -206,27 +230,37 @@ mod tests {
         }
     }
 
-    /// Sends `raw` as is and reads until the server closes.
-    async fn exchange(addr: SocketAddr, raw: &[u8]) -> Reply {
+    /// Sends `raw` as is and reads until the server closes; `None` if it closed saying nothing.
+    async fn try_exchange(addr: SocketAddr, raw: &[u8]) -> Option<Reply> {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(raw).await.unwrap();
+        // The server may close a refused connection before the request is written.
+        let _ = s.write_all(raw).await;
         let mut buf = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
             .await
             .expect("the server answers and closes")
-            .unwrap();
+            .ok()?;
         let text = String::from_utf8(buf).unwrap();
+        if text.is_empty() {
+            return None;
+        }
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         let status = head
             .split(' ')
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("no status line in {text:?}"));
-        Reply {
+        Some(Reply {
             status,
             head: head.to_string(),
             body: body.to_string(),
-        }
+        })
+    }
+
+    async fn exchange(addr: SocketAddr, raw: &[u8]) -> Reply {
+        try_exchange(addr, raw)
+            .await
+            .expect("an answer, not a closed connection")
     }
 
     async fn get(addr: SocketAddr, path: &str, extra: &str) -> Reply {
@@ -320,7 +354,7 @@ mod tests {
         let addr = start(m.clone()).await;
         m.heartbeat("sync");
         assert_eq!(get(addr, "/healthz", "").await.status, 200);
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
         let r = get(addr, "/healthz", "").await;
         assert_eq!(r.status, 503);
         assert!(r.body.contains("sync"), "{}", r.body);
@@ -358,6 +392,40 @@ mod tests {
         )
         .await;
         assert_eq!(r.header("content-type"), Some(TEXT_CONTENT_TYPE));
+    }
+
+    #[test]
+    fn metrics_addr_forms() {
+        let ok = |s: &str| parse_addr(s).unwrap().to_string();
+        assert_eq!(ok("10249"), "127.0.0.1:10249");
+        assert_eq!(ok("localhost:7472"), "127.0.0.1:7472");
+        assert_eq!(ok("0.0.0.0:10249"), "0.0.0.0:10249");
+        assert_eq!(ok("[::1]:10249"), "[::1]:10249");
+        assert_eq!(ok(" 192.0.2.1:80 "), "192.0.2.1:80");
+        for bad in [
+            "",
+            "localhost",
+            "localhost:x",
+            "1.2.3.4",
+            "1.2.3.4:70000",
+            "::1:80",
+            "host:80",
+        ] {
+            let e = parse_addr(bad).unwrap_err();
+            assert!(e.starts_with("--metrics-addr"), "{bad:?}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bind_error_names_the_flag() {
+        let taken = bind(parse_addr("127.0.0.1:0").unwrap()).await.unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = bind(addr).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(
+            e.to_string().contains(&format!("--metrics-addr {addr}")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -433,8 +501,17 @@ mod tests {
             .expect("closed at once");
         assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
         drop(held);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(get(addr, "/healthz", "").await.status, 200);
+        // Served again once the server has seen those connections close.
+        let healthz = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = try_exchange(addr, healthz).await {
+                assert_eq!(r.status, 200);
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never served again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// `promtool check metrics` (Debian package `prometheus`) on a scrape of the endpoint.
