@@ -29,6 +29,7 @@ use ferry_plan::PlanConfig;
 
 use crate::agent_core::{Core, Diagnostic, Reported, Severity, SyncConfig, SyncJob};
 use crate::announce::{Announcer, L2Config};
+use crate::metrics::Metrics;
 use crate::netwatch::{self, Wake};
 use crate::source::{self, Snapshot};
 use crate::state::{AllocStore, StateDir};
@@ -63,6 +64,10 @@ pub struct AgentArgs {
     /// Do not announce load-balancer addresses in layer 2 (no ARP/NDP, no membership).
     #[arg(long)]
     pub no_l2: bool,
+    /// Serve /healthz, /readyz and /metrics (Prometheus) here: IP:PORT, localhost:PORT or PORT
+    /// (127.0.0.1). Off unless given; kube-proxy uses 127.0.0.1:10249.
+    #[arg(long, value_parser = crate::http::parse_addr)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Re-read the kernel's table and repair it this often, in seconds (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_s: u64,
@@ -117,6 +122,10 @@ pub struct Pass {
     pub diagnostics: Vec<Diagnostic>,
     /// What the layer-2 election reads.
     pub l2: L2Config,
+    /// Load-balancer address -> the services on it ("namespace/name").
+    pub lb_services: Vec<(IpAddr, String)>,
+    /// Per pool: (name, addresses in use, addresses in all).
+    pub pool_usage: Vec<(String, u64, u64)>,
 }
 
 /// The model and the plan from a snapshot, its pools and the store's allocations (pure: the
@@ -173,9 +182,17 @@ pub fn compute(
     }
     // Load-balancer addresses become the services' ingress addresses.
     let mut services = snap.services.clone();
+    let mut lb_services = Vec::new();
+    let mut in_use: BTreeMap<&str, std::collections::BTreeSet<IpAddr>> = BTreeMap::new();
     for svc in &mut services {
         match lb.get(&svc.meta.object_ref()) {
-            Some(Ok(a)) => svc.load_balancer_ingress = a.ips.clone(),
+            Some(Ok(a)) => {
+                svc.load_balancer_ingress = a.ips.clone();
+                in_use.entry(&a.pool).or_default().extend(&a.ips);
+                for ip in &a.ips {
+                    lb_services.push((*ip, svc.meta.object_ref().to_string()));
+                }
+            }
             Some(Err(p)) => {
                 svc.load_balancer_ingress.clear();
                 diagnostics.push(Diagnostic {
@@ -192,6 +209,17 @@ pub fn compute(
         Some(n) if !n.internal_ips().is_empty() => n.internal_ips(),
         _ => netwatch::host_addresses(host),
     };
+    let pool_usage = pools
+        .pools
+        .iter()
+        .map(|p| {
+            let total = p.ranges.iter().fold(0u64, |n, r| {
+                n.saturating_add(range_size(r.first(), r.last()))
+            });
+            let used = in_use.get(p.name.as_str()).map_or(0, |s| s.len() as u64);
+            (p.name.clone(), used, total)
+        })
+        .collect();
     let resolved = resolve(&services, &allocations, &snap.slices);
     let cfg = PlanConfig {
         node_name: args.node.clone(),
@@ -236,7 +264,19 @@ pub fn compute(
         node_ips,
         diagnostics,
         l2,
+        lb_services,
+        pool_usage,
     }
+}
+
+/// Addresses from `first` to `last` (saturating: IPv6 pools can be huge).
+fn range_size(first: IpAddr, last: IpAddr) -> u64 {
+    let n = match (first, last) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => u128::from(u32::from(b).saturating_sub(u32::from(a))),
+        (IpAddr::V6(a), IpAddr::V6(b)) => u128::from(b).saturating_sub(u128::from(a)),
+        _ => return 0,
+    };
+    u64::try_from(n.saturating_add(1)).unwrap_or(u64::MAX)
 }
 
 /// Forwarding must be on for pods and node ports; say so once if it is not.
@@ -273,9 +313,42 @@ fn flush_udp_conntrack(addr: IpAddr, port: u16) {
     }
 }
 
+/// Services added, removed or changed, and endpoints added or removed, from `old` to `new`.
+fn changes_between(
+    old: &[ferry_model::view::ResolvedService],
+    new: &[ferry_model::view::ResolvedService],
+) -> (u64, u64) {
+    use std::collections::BTreeSet;
+    let endpoints = |s: &ferry_model::view::ResolvedService| -> BTreeSet<(IpAddr, u16)> {
+        s.ports
+            .iter()
+            .flat_map(|p| p.endpoints.iter().map(|e| (e.addr, e.port)))
+            .collect()
+    };
+    let before: BTreeMap<_, _> = old.iter().map(|s| (&s.id, s)).collect();
+    let after: BTreeMap<_, _> = new.iter().map(|s| (&s.id, s)).collect();
+    let (mut services, mut eps) = (0u64, 0u64);
+    for id in before.keys().chain(after.keys()).collect::<BTreeSet<_>>() {
+        let (a, b) = (before.get(id), after.get(id));
+        if a != b {
+            services += 1;
+            let ea = a.map(|s| endpoints(s)).unwrap_or_default();
+            let eb = b.map(|s| endpoints(s)).unwrap_or_default();
+            eps += ea.symmetric_difference(&eb).count() as u64;
+        }
+    }
+    (services, eps)
+}
+
 /// What a sync did.
 struct SyncOutcome {
     services: usize,
+    endpoints: usize,
+    /// Services added, removed or changed by this sync, and endpoints added or removed.
+    service_changes: u64,
+    endpoint_changes: u64,
+    lb_services: Vec<(IpAddr, String)>,
+    pool_usage: Vec<(String, u64, u64)>,
     diagnostics: Vec<Diagnostic>,
     l2: L2Config,
     node_ips: Vec<IpAddr>,
@@ -325,9 +398,21 @@ impl Worker {
         for (addr, port) in ferry_plan::plan::stale_udp_endpoints(&self.served, &p.services) {
             flush_udp_conntrack(addr, port);
         }
+        let endpoints = p
+            .services
+            .iter()
+            .flat_map(|s| s.ports.iter())
+            .map(|port| port.endpoints.len())
+            .sum();
+        let (service_changes, endpoint_changes) = changes_between(&self.served, &p.services);
         self.served = p.services;
         Ok(SyncOutcome {
+            service_changes,
+            endpoint_changes,
             services: snap.services.len(),
+            endpoints,
+            lb_services: p.lb_services,
+            pool_usage: p.pool_usage,
             diagnostics: p.diagnostics,
             l2: p.l2,
             node_ips: p.node_ips,
@@ -353,6 +438,15 @@ pub fn run(args: AgentArgs) -> Result<i32> {
 /// The shell's state between events.
 struct Shell {
     core: Core,
+    metrics: Arc<Metrics>,
+    /// Load-balancer address -> services, from the last sync (for the announced metric).
+    lb_services: Vec<(IpAddr, String)>,
+    takeovers_seen: u64,
+    responders_seen: Vec<String>,
+    /// The first change not yet handed to a sync, and the one the running sync carries
+    /// (for the network-programming latency).
+    changed_since: Option<Instant>,
+    syncing_since: Option<Instant>,
     reported: Reported,
     node_ips: Vec<IpAddr>,
     syncs: u64,
@@ -402,6 +496,12 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
         let _ = std::fs::create_dir_all(&announcements);
     }
 
+    let metrics = Arc::new(Metrics::new(&args.node));
+    if let Some(addr) = args.metrics_addr {
+        let listener = crate::http::bind(addr).await?;
+        log!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
+        tokio::spawn(crate::http::serve(listener, Arc::clone(&metrics)));
+    }
     let mut shell = Shell {
         core: Core::new(
             SyncConfig {
@@ -412,6 +512,12 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
             Instant::now(),
         ),
         reported: Reported::default(),
+        metrics: Arc::clone(&metrics),
+        lb_services: Vec::new(),
+        takeovers_seen: 0,
+        responders_seen: Vec::new(),
+        changed_since: None,
+        syncing_since: None,
         node_ips: Vec::new(),
         syncs: 0,
         l2_sent: None,
@@ -449,6 +555,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                 if job_tx.send((job, host.clone())).is_err() {
                     anyhow::bail!("the sync thread is gone");
                 }
+                shell.syncing_since = shell.changed_since.take();
                 in_flight = true;
             }
         }
@@ -470,6 +577,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                     host = now;
                 }
                 shell.core.handle_change();
+                shell.changed_since.get_or_insert_with(Instant::now);
             }
             done = done_rx.recv() => {
                 let Some(r) = done else {
@@ -477,6 +585,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                 };
                 in_flight = false;
                 shell.finish_sync(r, announcer.as_ref());
+                shell.metrics.heartbeat("agent");
             }
             _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {}
             _ = status_changed.notified() => {
@@ -485,8 +594,11 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                 }
             }
             _ = status_tick.tick() => {
+                shell.metrics.heartbeat("agent");
                 if let Some(a) = &announcer {
-                    crate::announce::write_status(&status_file, &args.node, &a.status().owned);
+                    let st = a.status();
+                    crate::announce::write_status(&status_file, &args.node, &st.owned);
+                    shell.export_l2(&st);
                 }
             }
             _ = sigterm.recv() => break,
@@ -510,11 +622,60 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
 }
 
 impl Shell {
+    /// The layer-2 thread's state into the metrics; its liveness into the health check.
+    fn export_l2(&mut self, st: &crate::announce::L2Status) {
+        if st
+            .last_step
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(3))
+        {
+            self.metrics.heartbeat("layer2");
+        }
+        let announced = self
+            .lb_services
+            .iter()
+            .filter(|(ip, _)| st.owned.contains(ip))
+            .cloned();
+        self.metrics.set_announced(announced);
+        self.metrics
+            .set_membership(st.alive.len(), st.cluster_size, st.quorum);
+        for _ in self.takeovers_seen..st.takeovers {
+            self.metrics.inc_takeover();
+        }
+        self.takeovers_seen = st.takeovers;
+        for (iface, c) in &st.responders {
+            self.metrics.set_responder_counters(iface, *c);
+        }
+        for gone in self
+            .responders_seen
+            .iter()
+            .filter(|i| !st.responders.contains_key(*i))
+        {
+            self.metrics.remove_responder(gone);
+        }
+        self.responders_seen = st.responders.keys().cloned().collect();
+        if let Some(s) = st.member_stats {
+            self.metrics.set_member_stats(s);
+        }
+    }
+
     fn finish_sync(&mut self, r: Result<SyncOutcome>, announcer: Option<&Announcer>) {
         let now = Instant::now();
         match r {
             Ok(out) => {
                 self.core.handle_sync_done(now, true);
+                self.metrics.observe_sync(out.t_plan + out.t_apply, true);
+                self.metrics
+                    .set_programmed(out.services as u64, out.endpoints as u64);
+                self.metrics.set_pools(out.pool_usage.clone());
+                self.metrics
+                    .add_changes(out.service_changes, out.endpoint_changes);
+                if let Some(t) = self.syncing_since.take() {
+                    self.metrics.observe_network_programming(t.elapsed());
+                }
+                self.lb_services = out.lb_services.clone();
+                if self.core.ready() {
+                    self.metrics.set_ready();
+                }
                 let (new, _) = self.reported.update(out.diagnostics);
                 for d in new {
                     log!("{d}");
@@ -547,6 +708,7 @@ impl Shell {
             }
             Err(e) => {
                 self.core.handle_sync_done(now, false);
+                self.metrics.observe_sync(now.elapsed(), false);
                 log!("error: {e:#} (retrying)");
             }
         }

@@ -203,10 +203,6 @@ impl Reported {
         self.current = next;
         (new, cleared)
     }
-
-    pub fn current(&self) -> &BTreeSet<Diagnostic> {
-        &self.current
-    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ use ferry_model::Node;
 /// every 20 ms; the lease is ~80 ms).
 pub const RENEW: Duration = Duration::from_millis(20);
 
+/// The longest the thread sleeps with nothing to do.
+const IDLE_STEP: Duration = Duration::from_secs(1);
+
 /// What the election reads from the model; sent by the sync loop after every sync.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct L2Config {
@@ -49,6 +52,10 @@ pub struct L2Status {
     pub takeovers: u64,
     pub responders: BTreeMap<String, ferry_l2::Counters>,
     pub member_stats: Option<ferry_member::Stats>,
+    /// Nodes in the cluster (Node objects; 1 without any).
+    pub cluster_size: usize,
+    /// When the thread last stepped (it steps at least every second).
+    pub last_step: Option<Instant>,
     /// Bumped at every change of `owned`.
     pub generation: u64,
 }
@@ -137,14 +144,15 @@ impl L2Thread {
     fn run(&mut self, rx: Receiver<Msg>) {
         loop {
             let now = Instant::now();
-            let mut wake = self.holder.poll_timeout(now);
-            if !self.holder.owned().is_empty() || self.membership.is_some() {
-                wake = Some(wake.map_or(now + RENEW, |w| w.min(now + RENEW)));
+            // At least once a second (liveness), every RENEW while owning or gossiping.
+            let mut wake = now + IDLE_STEP;
+            if let Some(t) = self.holder.poll_timeout(now) {
+                wake = wake.min(t);
             }
-            let first = match wake {
-                Some(at) => rx.recv_timeout(at.saturating_duration_since(now)),
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            };
+            if !self.holder.owned().is_empty() || self.membership.is_some() {
+                wake = wake.min(now + RENEW);
+            }
+            let first = rx.recv_timeout(wake.saturating_duration_since(now));
             let mut msgs: Vec<Msg> = Vec::new();
             match first {
                 Ok(m) => msgs.push(m),
@@ -237,6 +245,8 @@ impl L2Thread {
             .map(|(i, r)| (i.clone(), r.counters()))
             .collect();
         st.member_stats = self.membership.as_ref().map(|(_, m)| m.stats());
+        st.cluster_size = cluster.len();
+        st.last_step = Some(now);
         if changed {
             st.generation += 1;
         }

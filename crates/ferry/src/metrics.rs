@@ -104,12 +104,13 @@ struct ResponderFamilies {
     garbage: Family<InterfaceLabels, Counter>,
     ignored: Family<InterfaceLabels, Counter>,
     conflicts: Family<InterfaceLabels, Counter>,
+    unleased: Family<InterfaceLabels, Counter>,
     errors: Family<InterfaceLabels, Counter>,
 }
 
 impl ResponderFamilies {
     fn register(&self, r: &mut Registry) {
-        let all: [(&str, &str, &Family<InterfaceLabels, Counter>); 9] = [
+        let all: [(&str, &str, &Family<InterfaceLabels, Counter>); 10] = [
             (
                 "ferry_l2_frames",
                 "ARP and IPv6 frames read by the layer-2 responder",
@@ -151,6 +152,11 @@ impl ResponderFamilies {
                 &self.conflicts,
             ),
             (
+                "ferry_l2_unleased",
+                "Requests for an owned address left unanswered because the ownership lease had run out",
+                &self.unleased,
+            ),
+            (
                 "ferry_l2_errors",
                 "Failed sends, receives and group joins of the responder",
                 &self.errors,
@@ -171,6 +177,7 @@ impl ResponderFamilies {
             garbage,
             ignored,
             conflicts,
+            unleased,
             errors,
         } = *now;
         mirror(&self.frames.get_or_create(labels), was.frames, frames);
@@ -193,6 +200,7 @@ impl ResponderFamilies {
             was.conflicts,
             conflicts,
         );
+        mirror(&self.unleased.get_or_create(labels), was.unleased, unleased);
         mirror(&self.errors.get_or_create(labels), was.errors, errors);
     }
 
@@ -206,6 +214,7 @@ impl ResponderFamilies {
             &self.garbage,
             &self.ignored,
             &self.conflicts,
+            &self.unleased,
             &self.errors,
         ] {
             family.remove(labels);
@@ -515,20 +524,6 @@ impl Metrics {
         self.programmed_endpoints.set(gauge_value(endpoints));
     }
 
-    /// Pool `pool` has `in_use` of its `total` addresses allocated (other pools untouched).
-    pub fn set_pool(&self, pool: &str, in_use: u64, total: u64) {
-        let labels = PoolLabels {
-            pool: pool.to_string(),
-        };
-        self.pool_in_use
-            .get_or_create(&labels)
-            .set(gauge_value(in_use));
-        self.pool_total
-            .get_or_create(&labels)
-            .set(gauge_value(total));
-        lock(&self.pools).insert(labels);
-    }
-
     /// Every pool as `(name, in_use, total)`: pools not listed are removed.
     pub fn set_pools<I, S>(&self, pools: I)
     where
@@ -793,11 +788,10 @@ mod tests {
     }
 
     #[test]
-    fn pools_set_one_by_one_or_replaced_whole() {
+    fn pools_are_replaced_whole() {
         let m = Metrics::new("n1");
-        m.set_pool("a", 1, 8);
-        m.set_pool("b", 2, 4);
-        m.set_pool("a", 3, 8);
+        m.set_pools([("a", 1, 8), ("b", 2, 4)]);
+        m.set_pools([("a", 3, 8), ("b", 2, 4)]);
         let text = m.encode();
         let in_use = "metallb_allocator_addresses_in_use_total";
         assert_eq!(sample(&text, &format!("{in_use}{{pool=\"a\"}}")), Some(3.0));
