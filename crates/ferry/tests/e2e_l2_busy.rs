@@ -14,7 +14,14 @@
 //! the client). The timeline of answers is printed either way.
 //!
 //! Run: `cargo test -p ferry --test e2e_l2_busy -- --nocapture` (as root; skips otherwise,
-//! unless $CI is set).
+//! unless $CI is set). About 10 s.
+//!
+//! On the agent of before issue 6 (the election runs in the loop, after the sync) it fails:
+//! in 7 runs another node announced 200-277 ms after the cut and from then on 255-483 requests
+//! in a row were answered by both MACs, for 2.9-5.7 s, until the cut node's sync of the 5,000
+//! services ended (3.1-5.9 s in a debug build) and it looked at its quorum again. With
+//! FERRY_L2_BUSY_SERVICES=20 (a short sync) the same agent passes: the cut node withdraws
+//! ~90 ms after the cut, the other takes over at ~200 ms, none answered by two MACs.
 
 mod common;
 
@@ -35,8 +42,9 @@ const LB: &str = "nextcloud-dev-loadbalancer";
 const VIP: &str = "192.168.2.200";
 const VIP_URL: &str = "http://192.168.2.200/";
 
-/// The load that arrives on the announcing node only: Services, each with an EndpointSlice of
-/// this many endpoints.
+/// The load that arrives on the announcing node only: Services (default; $FERRY_L2_BUSY_SERVICES
+/// sets another number, e.g. a small one to see the test pass on an agent that is not kept
+/// busy), each with an EndpointSlice of LOAD_ENDPOINTS endpoints.
 const LOAD_SERVICES: usize = 5_000;
 const LOAD_ENDPOINTS: usize = 4;
 /// Services per manifest file of the load.
@@ -61,6 +69,8 @@ const SYNC_START_LIMIT: Duration = Duration::from_secs(5);
 /// to TAIL_LIMIT after the cut (only to measure how long a split brain lasts).
 const TAIL_STEP: Duration = Duration::from_millis(500);
 const TAIL_LIMIT: Duration = Duration::from_secs(12);
+/// Requests in a row answered by at most one MAC that end a split brain.
+const TAIL_CLEAN: usize = 20;
 
 /// How long to wait, afterwards, for the cut node's log to say its sync of the load ended.
 const SYNC_END_LIMIT: Duration = Duration::from_secs(20);
@@ -69,6 +79,14 @@ const SYNC_END_LIMIT: Duration = Duration::from_secs(20);
 fn busy_announcer_cut_off_from_gossip_never_two_macs() {
     let Some(lab) = common::lab("busy_announcer_cut_off_from_gossip_never_two_macs", 3) else {
         return;
+    };
+    let load = match std::env::var("FERRY_L2_BUSY_SERVICES") {
+        Ok(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| panic!("FERRY_L2_BUSY_SERVICES={v:?}: wanted a positive number")),
+        Err(_) => LOAD_SERVICES,
     };
 
     // The seed: pods, the LoadBalancer Service, the MetalLB ConfigMap.
@@ -111,7 +129,7 @@ fn busy_announcer_cut_off_from_gossip_never_two_macs() {
     // The load, written next to the private manifest directory, moved in at once.
     let staging = private.root.join("load-staging");
     let nodes = lab.node_names();
-    let written = write_load(&staging, LOAD_SERVICES, LOAD_ENDPOINTS, &nodes)
+    let written = write_load(&staging, load, LOAD_ENDPOINTS, &nodes)
         .unwrap_or_else(|e| panic!("writing the load in {}: {e}", staging.display()));
     let opened = OpenWatch::new(&staging)
         .unwrap_or_else(|e| panic!("inotify on {}: {e}", staging.display()));
@@ -159,18 +177,25 @@ fn busy_announcer_cut_off_from_gossip_never_two_macs() {
     let rel = |t: Instant| signed_ms(cut, t);
     let mut samples = from_cut(&watch);
     let tail_until = cut + TAIL_LIMIT;
-    while samples.last().is_some_and(|(_, m)| m.len() > 1) && Instant::now() < tail_until {
+    // (A lone answer now and then is the busy node's reply arriving after the next request.)
+    let still_split = |v: &[Sample]| v.iter().rev().take(TAIL_CLEAN).any(|(_, m)| m.len() > 1);
+    while still_split(&samples) && Instant::now() < tail_until {
         let w = arp_watch(&lab, "client", vip(), SAMPLE_EVERY, TAIL_STEP, true);
         samples.extend(from_cut(&w));
     }
     let tailed = samples.len() > watch.samples.len();
 
     println!(
-        "busy announcer {owner} ({owner_mac}); the others: {}",
-        others.join(", ")
+        "busy announcer {owner}; the others: {}; MACs: {}",
+        others.join(", "),
+        names
+            .iter()
+            .map(|(m, n)| format!("{n} {m}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
-        "load: {written} files, {LOAD_SERVICES} Services x {LOAD_ENDPOINTS} endpoints, moved \
+        "load: {written} files, {load} Services x {LOAD_ENDPOINTS} endpoints, moved \
          into {owner}'s private manifest directory at {} ms; its sync began (first file opened) \
          at {} ms; gossip cut (UDP {MEMBER_PORT} in/out, `table inet cut`) at 0 ms, in place \
          at {} ms; ARP watch from {} ms",
@@ -223,7 +248,7 @@ fn busy_announcer_cut_off_from_gossip_never_two_macs() {
             split.len(),
             samples.len(),
             to - from,
-            if samples.last().is_some_and(|(_, m)| m.len() > 1) {
+            if still_split(&samples) {
                 " and still going when the watch ended"
             } else {
                 ""
@@ -241,7 +266,7 @@ fn busy_announcer_cut_off_from_gossip_never_two_macs() {
     let deadline = Instant::now() + SYNC_END_LIMIT;
     let mut synced = None;
     while Instant::now() < deadline {
-        synced = service_count_since(&lab, &owner, cut_ms, LOAD_SERVICES);
+        synced = service_count_since(&lab, &owner, cut_ms, load);
         if synced.is_some() {
             break;
         }
@@ -253,15 +278,25 @@ fn busy_announcer_cut_off_from_gossip_never_two_macs() {
             ms_between(cut_ms, t)
         ),
         None => println!(
-            "(no \"N services:\" line with N >= {LOAD_SERVICES} in {owner}'s log within \
+            "(no \"N services:\" line with N >= {load} in {owner}'s log within \
              {SYNC_END_LIMIT:?}: its sync did not end, or the log says it differently)"
         ),
     }
-    if let Some((t, _)) = log_line_since(&lab, &owner, cut_ms, &format!("withdrawing {VIP} from")) {
-        println!(
-            "{owner} withdrew {VIP} {} ms after the cut (its log)",
-            ms_between(cut_ms, t)
-        );
+    let withdraw = format!("withdrawing {VIP} from");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some((t, _)) = log_line_since(&lab, &owner, cut_ms, &withdraw) {
+            println!(
+                "{owner} withdrew {VIP} {} ms after the cut (its log)",
+                ms_between(cut_ms, t)
+            );
+            break;
+        }
+        if Instant::now() >= deadline {
+            println!("({owner}'s log does not say it withdrew {VIP})");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     for n in &others {
         let after = last_service_count(&lab, n);
@@ -270,7 +305,7 @@ fn busy_announcer_cut_off_from_gossip_never_two_macs() {
             before[n]
         );
         assert!(
-            after.unwrap_or(0) < LOAD_SERVICES,
+            after.unwrap_or(0) < load,
             "{n} got the load: its log counts {after:?} services"
         );
     }
@@ -330,39 +365,90 @@ fn who(macs: &BTreeSet<String>, names: &BTreeMap<String, String>) -> String {
         .join(" + ")
 }
 
-/// The samples as runs of requests answered by the same MACs: "from..to ms  n  who".
+/// The samples as a compact timeline: stretches of requests answered by the same MACs, one
+/// line each ("from .. to ms, requests, who answered (how many)"). Stretches shorter than
+/// [`BLIP`] requests (a reply that arrived after the next request, under load) are counted in
+/// the line of the stretch around them rather than getting a line of their own.
 fn timeline(samples: &[Sample], names: &BTreeMap<String, String>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut run: Option<(i64, i64, usize, &BTreeSet<String>)> = None;
+    // Runs of equal MAC sets: (first, last, count, set).
+    let mut runs: Vec<(i64, i64, usize, &BTreeSet<String>)> = Vec::new();
     for (t, macs) in samples {
-        match &mut run {
+        match runs.last_mut() {
             Some((_, last, n, m)) if *m == macs => {
                 *last = *t;
                 *n += 1;
             }
+            _ => runs.push((*t, *t, 1, macs)),
+        }
+    }
+    // Stretches: a run of BLIP or more with another set starts a new one.
+    struct Stretch<'a> {
+        from: i64,
+        to: i64,
+        lead: &'a BTreeSet<String>,
+        counts: BTreeMap<&'a BTreeSet<String>, usize>,
+    }
+    let mut out = Vec::new();
+    let mut cur: Option<Stretch> = None;
+    for (a, b, n, m) in runs {
+        match &mut cur {
+            Some(c) if n < BLIP || c.lead == m => {
+                c.to = b;
+                *c.counts.entry(m).or_default() += n;
+            }
             _ => {
-                if let Some((a, b, n, m)) = run.take() {
-                    out.push(run_line(a, b, n, m, names));
+                if let Some(c) = cur.take() {
+                    out.push(stretch_line(c.from, c.to, &c.counts, names));
                 }
-                run = Some((*t, *t, 1, macs));
+                cur = Some(Stretch {
+                    from: a,
+                    to: b,
+                    lead: m,
+                    counts: [(m, n)].into(),
+                });
             }
         }
     }
-    if let Some((a, b, n, m)) = run {
-        out.push(run_line(a, b, n, m, names));
+    if let Some(c) = cur {
+        out.push(stretch_line(c.from, c.to, &c.counts, names));
     }
     out
 }
 
-fn run_line(
+/// Runs shorter than this are folded into the stretch around them (see [`timeline`]).
+const BLIP: usize = 3;
+
+fn stretch_line(
     a: i64,
     b: i64,
-    n: usize,
-    macs: &BTreeSet<String>,
+    counts: &BTreeMap<&BTreeSet<String>, usize>,
     names: &BTreeMap<String, String>,
 ) -> String {
-    let mark = if macs.len() > 1 { "  <-- TWO MACs" } else { "" };
-    format!("{a:>6} .. {b:>6} ms  {n:>4}  {}{mark}", who(macs, names))
+    let total: usize = counts.values().sum();
+    let mut by: Vec<(&&BTreeSet<String>, &usize)> = counts.iter().collect();
+    by.sort_by(|x, y| y.1.cmp(x.1));
+    let who = by
+        .iter()
+        .map(|(m, n)| format!("{} ({n})", node_names(m, names)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mark = if counts.keys().any(|m| m.len() > 1) {
+        "  <-- TWO MACs"
+    } else {
+        ""
+    };
+    format!("{a:>6} .. {b:>6} ms  {total:>4}  {who}{mark}")
+}
+
+/// "node + node" for a set of MACs, "nobody" for none.
+fn node_names(macs: &BTreeSet<String>, names: &BTreeMap<String, String>) -> String {
+    if macs.is_empty() {
+        return "nobody".into();
+    }
+    macs.iter()
+        .map(|m| names.get(m).cloned().unwrap_or_else(|| m.clone()))
+        .collect::<Vec<_>>()
+        .join(" + ")
 }
 
 /// The busy node's private directories (under the lab's directory, removed with it).
