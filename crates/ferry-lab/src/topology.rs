@@ -308,6 +308,9 @@ pub fn agent_args(ctx: &Ctx, node: &str) -> Vec<String> {
         CLUSTER_CIDR.into(),
         "--service-cidr".into(),
         SERVICE_CIDR.into(),
+        // Each node's own loopback: `ferry lab exec NODE -- curl -s 127.0.0.1:10249/metrics`.
+        "--metrics-addr".into(),
+        "127.0.0.1:10249".into(),
     ]
 }
 
