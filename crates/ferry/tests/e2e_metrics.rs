@@ -84,7 +84,11 @@ fn health_readiness_and_metrics_of_the_seed_journey() {
                 &format!("{METRICS}/healthz"),
             ],
         );
-        assert_eq!(health.split_whitespace().collect::<Vec<_>>(), ["ok", "200"], "{node} /healthz");
+        assert_eq!(
+            health.split_whitespace().collect::<Vec<_>>(),
+            ["ok", "200"],
+            "{node} /healthz"
+        );
         let ready = run_ok(
             &lab,
             node,
