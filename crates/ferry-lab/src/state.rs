@@ -433,4 +433,24 @@ mod tests {
         assert!(c.owns_ns_name(&ns));
         assert_ne!(c.pod_ns(&format!("{long}a")), c.pod_ns(&format!("{long}b")));
     }
+
+    /// Pinned: template hashes (pod names) and long pod namespace names are persisted in
+    /// lab.json and compared with fresh ones after an upgrade.
+    #[test]
+    fn hashes_are_pinned() {
+        assert_eq!(fnv64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv64(b"foobar"), 0x85944171f73967e8);
+        assert_eq!(
+            ctx("t1").pod_ns(&"x".repeat(80)),
+            format!(
+                "t1-pod-{}-{:08x}",
+                "x".repeat(40),
+                0x6adea745_72a74465_u64 as u32
+            )
+        );
+        assert_eq!(
+            ctx("t1").pod_ns(&"x".repeat(80)),
+            "t1-pod-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-72a74465"
+        );
+    }
 }

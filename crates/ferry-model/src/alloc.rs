@@ -455,6 +455,27 @@ mod tests {
         assert_eq!(ok(&r3, "web"), a);
     }
 
+    /// Pinned: agents of different builds must pick the same addresses and ports for the same
+    /// services (the picks start at an FNV-1a hash of the service's key).
+    #[test]
+    fn hashes_and_picks_are_pinned() {
+        // FNV-1a 64 test vectors.
+        assert_eq!(fnv1a(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x85944171f73967e8);
+        assert_eq!(fnv1a(b"default/web"), 0x9d2ba50824d634bb);
+        let s = vec![svc(
+            "web",
+            ServiceType::NodePort,
+            ClusterIpSpec::Auto,
+            &[(80, None)],
+        )];
+        let (_, r) = allocate(&AllocState::default(), &s, &AllocConfig::default(), 0, 1);
+        let a = ok(&r, "web");
+        assert_eq!(a.cluster_ip, Some(IpAddr::from([10, 43, 12, 129])));
+        assert_eq!(a.node_ports, [Some(32157)]);
+    }
+
     #[test]
     fn explicit_values_are_honoured_and_conflicts_reject_only_the_asker() {
         let cfg = AllocConfig::default();
