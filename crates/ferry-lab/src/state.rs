@@ -151,14 +151,7 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
 }
 
 /// FNV-1a, 64 bit: a stable hash for names (template hashes, long namespace names).
-pub fn fnv64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
+pub use ferry_model::alloc::fnv1a as fnv64;
 
 pub fn now_secs() -> u64 {
     SystemTime::now()

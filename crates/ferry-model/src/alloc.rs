@@ -86,14 +86,14 @@ fn key_of(r: &ObjectRef) -> String {
     format!("{}/{}", r.namespace, r.name)
 }
 
-/// FNV-1a, stable across builds (unlike std's hasher), used to spread start offsets.
+/// FNV-1a 64 (the `fnv` crate's hasher), stable across builds (unlike std's hasher): spreads
+/// start offsets here, and is ferry's one FNV for names elsewhere (the lab's hashes). Its values
+/// are persisted and compared across agents: never change it.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(bytes);
+    h.finish()
 }
 
 /// Size of the low band kept for explicit requests: min(max(16, size/16), 256), as Kubernetes.
