@@ -112,7 +112,7 @@ pub fn get(ctx: &Ctx, st: &LabState, what: &str, wide: bool, ns: &NsFilter) -> R
 
 /// Runs `<ferry exe> get ARGS --manifests M --state-dir S`, returning stdout.
 pub fn ferry_get(ctx: &Ctx, args: &[&str]) -> Result<String> {
-    let out = Command::new(&ctx.exe)
+    let out = Command::new(ctx.require_exe(crate::state::FERRY_EXE_NAME)?)
         .arg("get")
         .args(args)
         .arg("--manifests")

@@ -1,4 +1,5 @@
-//! The `ferry` binary: node agent, kubectl-style views, lab and demo.
+//! The `ferry` binary: node agent and kubectl-style views. `ferry lab`, `ferry demo` and
+//! `ferry bench` run the `ferry-lab` binary found next to this one.
 //!
 //! Data flows one way: source (manifests) -> model (allocation, endpoints) -> plan (nftables
 //! ruleset) -> dataplane (the kernel).
@@ -12,10 +13,11 @@ macro_rules! log {
 
 mod agent;
 mod announce;
-mod bench;
 mod get;
 mod source;
 mod state;
+
+use std::ffi::OsString;
 
 use clap::{Parser, Subcommand};
 
@@ -40,12 +42,24 @@ enum Command {
     Cleanup,
     /// Print the planned nftables script for a manifest directory (nothing is applied).
     Plan(agent::AgentArgs),
-    /// Time plan + apply of many services in this network namespace (see bench/dataplane.sh).
-    Bench(bench::BenchArgs),
-    /// A cluster of network namespaces on this host.
-    Lab(ferry_lab::LabArgs),
-    /// Bring up a lab and replay the seed's walk through Service types.
-    Demo(ferry_lab::DemoArgs),
+    /// Time plan + apply of many services in this network namespace (runs `ferry-lab bench`).
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// A cluster of network namespaces on this host (runs `ferry-lab lab`).
+    #[command(disable_help_flag = true)]
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Bring up a lab and replay the seed's walk through Service types (runs `ferry-lab demo`).
+    #[command(disable_help_flag = true)]
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 fn main() {
@@ -55,9 +69,9 @@ fn main() {
         Command::Get(args) => get::run(args),
         Command::Cleanup => cleanup(),
         Command::Plan(args) => plan(args),
-        Command::Bench(args) => bench::run(args),
-        Command::Lab(args) => ferry_lab::run_lab(args),
-        Command::Demo(args) => ferry_lab::run_demo(args),
+        Command::Bench { args } => run_lab_binary("bench", &args),
+        Command::Lab { args } => run_lab_binary("lab", &args),
+        Command::Demo { args } => run_lab_binary("demo", &args),
     };
     match result {
         Ok(code) => std::process::exit(code),
@@ -66,6 +80,34 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// `ferry lab|demo|bench ARGS...`: execs `ferry-lab lab|demo|bench ARGS...` ($FERRY_LAB_EXE,
+/// else `ferry-lab` next to this executable). Exec keeps the process, so its exit code and
+/// signals are the command's own. The lab runs this `ferry` for its agents ($FERRY_EXE).
+fn run_lab_binary(command: &str, args: &[OsString]) -> anyhow::Result<i32> {
+    use anyhow::Context as _;
+    use std::os::unix::process::CommandExt as _;
+    let me = std::env::current_exe().context("finding the running executable")?;
+    let lab = match std::env::var_os("FERRY_LAB_EXE").filter(|v| !v.is_empty()) {
+        Some(p) => std::path::PathBuf::from(p),
+        None => me.with_file_name("ferry-lab"),
+    };
+    if !lab.is_file() {
+        anyhow::bail!(
+            "`ferry {command}` runs the ferry-lab executable, and there is none at {}: build it \
+             with `cargo build --release` (which builds ferry and ferry-lab) or `cargo build -p \
+             ferry-lab`, or point FERRY_LAB_EXE at it",
+            lab.display()
+        );
+    }
+    let mut cmd = std::process::Command::new(&lab);
+    cmd.arg(command).args(args);
+    if std::env::var_os("FERRY_EXE").is_none_or(|v| v.is_empty()) {
+        cmd.env("FERRY_EXE", &me);
+    }
+    let err = cmd.exec();
+    Err(anyhow::Error::new(err).context(format!("running {}", lab.display())))
 }
 
 fn cleanup() -> anyhow::Result<i32> {

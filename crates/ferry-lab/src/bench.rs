@@ -1,4 +1,4 @@
-//! `ferry bench dataplane`: plan + apply N services with M endpoints each from scratch, then
+//! `ferry bench` (run by the `ferry-lab` binary): plan + apply N services with M endpoints each from scratch, then
 //! one endpoint change at a time, in the current network namespace (run it in a namespace of
 //! its own: `bench/dataplane.sh` does). Prints medians.
 
