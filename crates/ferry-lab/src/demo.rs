@@ -4,7 +4,7 @@
 //! from outside on 192.168.2.200, and a failover: the announcing node's link goes down while
 //! the client keeps curling, and the time until the client is served again is measured.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -264,25 +264,40 @@ fn agent_killed(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
     let killed = Instant::now();
     crate::topology::agent(ctx, &owner, crate::topology::AgentAction::Kill)?;
     let needle = format!("announcing {ip} on ");
-    let (mut ok, mut failed, mut took_over) = (0, 0, None);
-    while killed.elapsed() < Duration::from_secs(3) {
-        check_interrupted()?;
-        match curl_with_timeout(ctx, "client", url, "0.5")? {
-            Ok(_) => ok += 1,
-            Err(_) => failed += 1,
+    let client_ns = st.client.ns.clone();
+    let stop = AtomicBool::new(false);
+    let answered = AtomicUsize::new(0);
+    let (attempts, took_over) = std::thread::scope(|s| {
+        let probe = s.spawn(|| {
+            probe::probe_loop_with(&client_ns, url, killed, &stop, |a| {
+                if a.result.is_ok() {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        });
+        // Until another node announces the address and the client had 10 answers (at most 3 s).
+        let mut took_over = None;
+        while killed.elapsed() < Duration::from_secs(3) && !INTERRUPTED.load(Ordering::SeqCst) {
+            if took_over.is_none() {
+                took_over = logs.iter().find_map(|(n, off)| {
+                    agent_log(ctx, n)
+                        .get(*off..)
+                        .is_some_and(|t| t.contains(&needle))
+                        .then(|| (n.clone(), killed.elapsed()))
+                });
+            }
+            if took_over.is_some() && answered.load(Ordering::SeqCst) >= 10 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        if took_over.is_none() {
-            took_over = logs.iter().find_map(|(n, off)| {
-                agent_log(ctx, n)
-                    .get(*off..)
-                    .is_some_and(|t| t.contains(&needle))
-                    .then(|| (n.clone(), killed.elapsed()))
-            });
-        }
-        if took_over.is_some() && ok >= 10 {
-            break;
-        }
-    }
+        stop.store(true, Ordering::SeqCst);
+        (probe.join(), took_over)
+    });
+    let attempts = attempts.map_err(|_| anyhow::anyhow!("the probe loop panicked"))?;
+    check_interrupted()?;
+    let ok = attempts.iter().filter(|a| a.result.is_ok()).count();
+    let failed = attempts.len() - ok;
     match &took_over {
         Some((n, t)) => println!(
             "# {n} took over {ip} {} ms after the agent died (gratuitous ARP); the client: {ok} requests answered, {failed} failed ({owner} itself kept forwarding)",
