@@ -134,3 +134,35 @@ fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
     print!("{}", planner.ruleset().render_full());
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passed_on(argv: &[&str]) -> Vec<String> {
+        let cli = Cli::try_parse_from(argv).expect("parses");
+        let args = match cli.command {
+            Command::Lab { args } | Command::Demo { args } | Command::Bench { args } => args,
+            other => panic!("{other:?}"),
+        };
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// `ferry lab|demo|bench` hand every argument to ferry-lab as given, flags, `--` and
+    /// `--help` included.
+    #[test]
+    fn lab_commands_pass_their_arguments_on() {
+        assert_eq!(
+            passed_on(&["ferry", "lab", "--prefix", "x", "exec", "client", "--", "ip", "-br"]),
+            ["--prefix", "x", "exec", "client", "--", "ip", "-br"]
+        );
+        assert_eq!(passed_on(&["ferry", "demo", "--help"]), ["--help"]);
+        assert_eq!(
+            passed_on(&["ferry", "bench", "--services", "10", "-h"]),
+            ["--services", "10", "-h"]
+        );
+        assert!(passed_on(&["ferry", "lab"]).is_empty());
+    }
+}
