@@ -7,6 +7,7 @@
 
 pub mod alloc;
 pub mod cidr;
+pub mod display;
 pub mod lbipam;
 pub mod manifest;
 pub mod objects;
