@@ -955,6 +955,7 @@ mod tests {
             garbage: 1,
             ignored: 50,
             conflicts: 2,
+            unleased: 4,
             errors: 3,
         };
         m.set_responder_counters("eth0", c);
@@ -980,6 +981,7 @@ mod tests {
         assert_eq!(s("garbage", "eth0"), Some(1.0));
         assert_eq!(s("ignored", "eth0"), Some(50.0));
         assert_eq!(s("conflicts", "eth0"), Some(2.0));
+        assert_eq!(s("unleased", "eth0"), Some(4.0));
         assert_eq!(s("errors", "eth0"), Some(3.0));
         assert_eq!(s("frames", "eth1"), Some(7.0));
         assert_eq!(s("replies", "eth1"), Some(0.0));

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{run_ok, wait_external_ips, wait_one_announcer, Lab};
+use common::{run_ok, wait_external_ips, wait_one_announcer};
 use ferry_lab::demo;
 
 const METRICS: &str = "http://127.0.0.1:10249";
