@@ -193,20 +193,26 @@ impl Holder {
             }
         }
         self.owned = want;
-        let valid_until = (!self.owned.is_empty())
-            .then(|| {
-                let cap = now + self.timing.max_lease;
-                match lease {
-                    QuorumLease::Until(t) => Some(t.min(cap)),
-                    QuorumLease::Unbounded => Some(cap),
-                    QuorumLease::Lost => None,
-                }
-            })
-            .flatten();
+        let valid_until = self.valid_until(now, lease);
         Step {
             owned: self.owned.clone(),
             valid_until,
             events,
+        }
+    }
+
+    /// The lease for what this node owns now, given the quorum `lease` at `now` (None when it
+    /// owns nothing or has no majority). Renewing with it between steps is sound as long as
+    /// the views the last step used have not changed.
+    pub fn valid_until(&self, now: Instant, lease: QuorumLease) -> Option<Instant> {
+        if self.owned.is_empty() {
+            return None;
+        }
+        let cap = now + self.timing.max_lease;
+        match lease {
+            QuorumLease::Until(t) => Some(t.min(cap)),
+            QuorumLease::Unbounded => Some(cap),
+            QuorumLease::Lost => None,
         }
     }
 

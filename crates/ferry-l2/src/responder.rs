@@ -343,10 +343,10 @@ impl Responder {
         state.groups = joined;
     }
 
-    /// Extends (or shortens) the ownership lease of the owned addresses.
+    /// Extends (or shortens) the ownership lease of the owned addresses. The thread is not
+    /// woken: it reads the lease when a request arrives or an announcement is due.
     pub fn renew(&self, valid_until: Option<Instant>) {
         lock(&self.shared.state).valid_until = valid_until;
-        self.shared.waker.wake();
     }
 
     /// Announces every owned address again on [`Config::announce_at`] (e.g. after the link

@@ -553,11 +553,9 @@ pub struct Planner {
     rs: Ruleset,
     /// Service -> (hash of its resolved state, its fragment).
     cache: std::collections::HashMap<ferry_model::ObjectRef, (u64, Fragment)>,
-    /// (set, key) -> who asks for that element, and with what.
-    owners: std::collections::HashMap<
-        (String, String),
-        std::collections::BTreeMap<ferry_model::ObjectRef, Element>,
-    >,
+    /// (set, key) -> the services that ask for that element (what each asks for is in its
+    /// fragment: kept once, not copied here).
+    owners: std::collections::HashMap<(String, String), BTreeSet<ferry_model::ObjectRef>>,
     /// Hairpin address -> how many services have it as an endpoint.
     hairpins: std::collections::HashMap<IpAddr, usize>,
 }
@@ -625,8 +623,8 @@ impl Planner {
                 self.remove(&svc.id, &old, &mut touched);
             }
             let fr = plan_service(cfg, svc);
-            self.add(&svc.id, &fr, &mut touched);
             self.cache.insert(svc.id.clone(), (hash, fr));
+            self.add(&svc.id, &mut touched);
         }
         let gone: Vec<ferry_model::ObjectRef> = self
             .cache
@@ -642,25 +640,34 @@ impl Planner {
         (&self.rs, touched)
     }
 
-    fn add(&mut self, id: &ferry_model::ObjectRef, fr: &Fragment, t: &mut Touched) {
+    /// Adds the fragment cached for `id` to the table.
+    fn add(&mut self, id: &ferry_model::ObjectRef, t: &mut Touched) {
+        let Planner {
+            rs,
+            cache,
+            owners,
+            hairpins,
+            ..
+        } = self;
+        let Some((_, fr)) = cache.get(id) else { return };
         for c in &fr.chains {
-            self.rs.chains.insert(c.name.clone(), c.clone());
+            rs.chains.insert(c.name.clone(), c.clone());
             t.chains.insert(c.name.clone());
         }
-        for (set, key, e) in &fr.elements {
-            let owners = self.owners.entry((set.clone(), key.clone())).or_default();
-            owners.insert(id.clone(), e.clone());
-            Self::settle(&mut self.rs, set, key, owners);
+        for (set, key, _) in &fr.elements {
+            let who = owners.entry((set.clone(), key.clone())).or_default();
+            who.insert(id.clone());
+            Self::settle(rs, cache, set, key, who);
             t.element(set, key);
         }
         for a in &fr.hairpins {
-            let n = self.hairpins.entry(*a).or_insert(0);
+            let n = hairpins.entry(*a).or_insert(0);
             *n += 1;
             if *n == 1 {
                 let set = names::hairpin(Family::of(*a));
                 let key = vec![Value::Ip(*a), Value::Ip(*a)];
                 t.element(&set, &key_text(&key));
-                self.rs.set_mut(&set).insert(key, None, String::new());
+                rs.set_mut(&set).insert(key, None, String::new());
             }
         }
     }
@@ -672,10 +679,10 @@ impl Planner {
         }
         for (set, key, _) in &fr.elements {
             let k = (set.clone(), key.clone());
-            if let Some(owners) = self.owners.get_mut(&k) {
-                owners.remove(id);
-                Self::settle(&mut self.rs, set, key, owners);
-                if owners.is_empty() {
+            if let Some(who) = self.owners.get_mut(&k) {
+                who.remove(id);
+                Self::settle(&mut self.rs, &self.cache, set, key, who);
+                if who.is_empty() {
                     self.owners.remove(&k);
                 }
             }
@@ -698,12 +705,23 @@ impl Planner {
     /// The element a key holds: the first owner's (by namespace/name), or none.
     fn settle(
         rs: &mut Ruleset,
+        cache: &std::collections::HashMap<ferry_model::ObjectRef, (u64, Fragment)>,
         set: &str,
         key: &str,
-        owners: &std::collections::BTreeMap<ferry_model::ObjectRef, Element>,
+        owners: &BTreeSet<ferry_model::ObjectRef>,
     ) {
+        let first = owners
+            .iter()
+            .next()
+            .and_then(|id| cache.get(id))
+            .and_then(|(_, fr)| {
+                fr.elements
+                    .iter()
+                    .find(|(s, k, _)| s == set && k == key)
+                    .map(|(_, _, e)| e)
+            });
         let s = rs.set_mut(set);
-        match owners.values().next() {
+        match first {
             Some(e) => {
                 s.elements.insert(key.to_string(), e.clone());
             }

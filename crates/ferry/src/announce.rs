@@ -5,8 +5,8 @@
 //! Nothing here waits for the dataplane: the sync loop only *sends* this thread the latest
 //! inputs ([`L2Config`]: Node objects, pools, addresses in use, the node's address and
 //! interface) and reads back its [`L2Status`]. The thread wakes on membership changes, new
-//! inputs, its own deadlines, and every [`RENEW`] while it owns anything, to renew the
-//! responders' ownership lease from what membership last heard. If the thread or membership
+//! inputs, its own deadlines, and shortly before the responders' ownership lease runs out,
+//! to renew it from what membership last heard. If the thread or membership
 //! ever stalls, the lease runs out and the responders fall silent by themselves: a node never
 //! keeps answering after the others may have taken over. It does no file I/O and writes no
 //! log line itself (lines are queued for the log writer thread).
@@ -23,11 +23,21 @@ use ferry_member::{quorum_lease, MemberConfig, Membership};
 use ferry_model::pools::PoolConfig;
 use ferry_model::Node;
 
-/// How often the lease is renewed while this node owns something (membership heartbeats come
-/// every 20 ms; the lease is ~80 ms).
-pub const RENEW: Duration = Duration::from_millis(20);
+/// How long before the responders' lease runs out the thread renews it, for the short
+/// leases of a multi-node cluster (the last heartbeats + ~80 ms; heartbeats come every
+/// 20 ms, so each renewal moves it on by 50-80 ms and the thread wakes ~20 times a second).
+const RENEW_AHEAD: Duration = Duration::from_millis(30);
 
-/// The longest the thread sleeps with nothing to do.
+/// The same for the long lease of a node that is a majority by itself (capped at 1 s).
+const RENEW_AHEAD_LONG: Duration = Duration::from_millis(250);
+
+/// How often a gossiping node that owns nothing re-reads its views.
+const QUORUM_POLL: Duration = Duration::from_millis(100);
+
+/// The shortest sleep (a lease already about to run out is renewed at once, not in a loop).
+const MIN_SLEEP: Duration = Duration::from_millis(5);
+
+/// The longest the thread goes without a full step.
 const IDLE_STEP: Duration = Duration::from_secs(1);
 
 /// What the election reads from the model; sent by the sync loop after every sync.
@@ -94,6 +104,9 @@ impl Announcer {
             status: Arc::clone(&status),
             changed: Box::new(changed),
             applied: BTreeMap::new(),
+            seen: None,
+            last_full: None,
+            valid_until: None,
         };
         let thread = std::thread::Builder::new()
             .name("ferry-l2-control".into())
@@ -138,20 +151,18 @@ struct L2Thread {
     changed: Box<dyn Fn() + Send>,
     /// What each responder was last given.
     applied: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// The views (alive, heard within the lease) of the last full step, and when it ran.
+    seen: Option<(BTreeSet<String>, BTreeSet<String>)>,
+    last_full: Option<Instant>,
+    /// The lease the responders hold.
+    valid_until: Option<Instant>,
 }
 
 impl L2Thread {
     fn run(&mut self, rx: Receiver<Msg>) {
         loop {
             let now = Instant::now();
-            // At least once a second (liveness), every RENEW while owning or gossiping.
-            let mut wake = now + IDLE_STEP;
-            if let Some(t) = self.holder.poll_timeout(now) {
-                wake = wake.min(t);
-            }
-            if !self.holder.owned().is_empty() || self.membership.is_some() {
-                wake = wake.min(now + RENEW);
-            }
+            let wake = self.next_wake(now);
             let first = rx.recv_timeout(wake.saturating_duration_since(now));
             let mut msgs: Vec<Msg> = Vec::new();
             match first {
@@ -161,26 +172,56 @@ impl L2Thread {
             }
             msgs.extend(rx.try_iter());
             let mut stop = false;
+            let mut full = false;
             for m in msgs {
                 match m {
                     Msg::Config(c) => {
                         self.ensure_membership(c.my_ip, &c.nodes);
                         self.cfg = Some(*c);
+                        full = true;
                     }
-                    Msg::Membership => {}
+                    Msg::Membership => full = true,
                     Msg::Stop => stop = true,
                 }
             }
             if stop {
                 break;
             }
-            self.step(Instant::now());
+            let now = Instant::now();
+            full |= self.holder.poll_timeout(now).is_some_and(|t| t <= now)
+                || self.last_full.is_none_or(|t| now >= t + IDLE_STEP);
+            self.step(now, full);
         }
         self.stop();
     }
 
-    /// One election and hand-over step, and the responders updated (or just renewed).
-    fn step(&mut self, now: Instant) {
+    /// When to step next without new input: at least once a second (liveness), at the
+    /// holder's deadlines, shortly before the responders' lease runs out while owning
+    /// (membership heartbeats move it on), and every [`QUORUM_POLL`] while gossiping (to see
+    /// the majority come back).
+    fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = now + IDLE_STEP;
+        if let Some(t) = self.holder.poll_timeout(now) {
+            wake = wake.min(t);
+        }
+        if self.membership.is_some() {
+            wake = wake.min(now + QUORUM_POLL);
+        }
+        if let Some(t) = self.valid_until {
+            let ahead = if t > now + Duration::from_millis(500) {
+                RENEW_AHEAD_LONG
+            } else {
+                RENEW_AHEAD
+            };
+            let at = t.checked_sub(ahead).unwrap_or(t);
+            wake = wake.min(at.max(now + MIN_SLEEP));
+        }
+        wake
+    }
+
+    /// One election and hand-over step, and the responders updated; or, when nothing the
+    /// election reads has changed (`full` false and the same views), only the lease renewed.
+    fn step(&mut self, now: Instant, full: bool) {
         let Some(cfg) = &self.cfg else { return };
         let cluster: BTreeSet<String> = if cfg.nodes.is_empty() {
             // With no Node objects at all (a single machine), this node is the cluster.
@@ -202,6 +243,19 @@ impl L2Thread {
             .map(|(n, _)| n.clone())
             .collect();
         lease_view.insert(self.me.clone());
+        let views = (alive, lease_view);
+        if !full && self.seen.as_ref() == Some(&views) {
+            // Same views, same decision: only move the lease on.
+            let until = self.holder.valid_until(now, lease);
+            if until != self.valid_until {
+                for r in self.responders.values() {
+                    r.renew(until);
+                }
+                self.valid_until = until;
+            }
+            return;
+        }
+        let (alive, lease_view) = views;
         let d = decide(&L2Input {
             me: &self.me,
             nodes: &cfg.nodes,
@@ -232,6 +286,9 @@ impl L2Thread {
             }
         }
         self.apply(&step.owned, step.valid_until);
+        self.valid_until = step.valid_until;
+        self.last_full = Some(now);
+        self.seen = Some((alive.clone(), lease_view));
         let owned: BTreeSet<IpAddr> = step.owned.values().flatten().copied().collect();
         let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let changed = st.owned != owned;
