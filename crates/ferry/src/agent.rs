@@ -500,7 +500,6 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
         )
     };
     let announcements = state.announcements_dir();
-    let state = state;
     let status_file = announcements.join(format!("{}.json", args.node));
     if announcer.is_some() {
         let _ = std::fs::create_dir_all(&announcements);

@@ -107,6 +107,7 @@ impl Announcer {
             seen: None,
             last_full: None,
             valid_until: None,
+            deadline: None,
         };
         let thread = std::thread::Builder::new()
             .name("ferry-l2-control".into())
@@ -156,6 +157,8 @@ struct L2Thread {
     last_full: Option<Instant>,
     /// The lease the responders hold.
     valid_until: Option<Instant>,
+    /// The holder's next deadline as of the last full step.
+    deadline: Option<Instant>,
 }
 
 impl L2Thread {
@@ -188,7 +191,8 @@ impl L2Thread {
                 break;
             }
             let now = Instant::now();
-            full |= self.holder.poll_timeout(now).is_some_and(|t| t <= now)
+            // The holder's deadlines (end of a hold-down or hand-over) need a full step.
+            full |= self.deadline.is_some_and(|t| now >= t)
                 || self.last_full.is_none_or(|t| now >= t + IDLE_STEP);
             self.step(now, full);
         }
@@ -201,8 +205,8 @@ impl L2Thread {
     /// the majority come back).
     fn next_wake(&self, now: Instant) -> Instant {
         let mut wake = now + IDLE_STEP;
-        if let Some(t) = self.holder.poll_timeout(now) {
-            wake = wake.min(t);
+        if let Some(t) = self.deadline {
+            wake = wake.min(t.max(now));
         }
         if self.membership.is_some() {
             wake = wake.min(now + QUORUM_POLL);
@@ -288,6 +292,7 @@ impl L2Thread {
         self.apply(&step.owned, step.valid_until);
         self.valid_until = step.valid_until;
         self.last_full = Some(now);
+        self.deadline = self.holder.poll_timeout(now);
         self.seen = Some((alive.clone(), lease_view));
         let owned: BTreeSet<IpAddr> = step.owned.values().flatten().copied().collect();
         let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
