@@ -7,10 +7,10 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use ferry_model::manifest::parse_text;
+use ferry_model::manifest::{documents, parse_document};
 use ferry_model::{ContainerPort, Deployment, Object, Pod, Service, TargetPort};
-use serde::{Deserialize, Serialize};
-use serde_yaml::Value;
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::pods::{create_pods, delete_pods, PodSpec};
 use crate::state::{fnv64, now_secs, write_atomic, Ctx, DeploymentInfo, LabState, PortInfo};
@@ -107,12 +107,12 @@ fn valid_name(s: &str) -> bool {
 pub fn split_docs(file: &str, text: &str) -> (Vec<Doc>, Vec<String>) {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
-    for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = match Value::deserialize(de) {
+    for (index, doc) in documents(text).into_iter().enumerate() {
+        let value = match doc {
             Ok(v) => v,
             Err(e) => {
                 errors.push(format!("{file} document {index}: {e}"));
-                break;
+                continue;
             }
         };
         if value.is_null() {
@@ -122,14 +122,14 @@ pub fn split_docs(file: &str, text: &str) -> (Vec<Doc>, Vec<String>) {
         let list_kind = str_at(&value, &["kind"])
             .and_then(|k| k.strip_suffix("List"))
             .map(str::to_string);
-        let items = match (&list_kind, value.get("items").and_then(Value::as_sequence)) {
+        let items = match (&list_kind, value.get("items").and_then(Value::as_array)) {
             (Some(item_kind), Some(items)) => {
                 let api_version = value.get("apiVersion").cloned();
                 items
                     .iter()
                     .map(|item| {
                         let mut item = item.clone();
-                        if let Some(m) = item.as_mapping_mut() {
+                        if let Some(m) = item.as_object_mut() {
                             if !item_kind.is_empty() && !m.contains_key("kind") {
                                 m.insert("kind".into(), Value::from(item_kind.as_str()));
                             }
@@ -195,11 +195,10 @@ pub fn split_docs(file: &str, text: &str) -> (Vec<Doc>, Vec<String>) {
     (docs, errors)
 }
 
-/// The typed object of a document, via `ferry_model::manifest::parse_text`. Ok(None) for kinds
-/// the model does not know.
+/// The typed object of a document, via `ferry_model::manifest::parse_document`. Ok(None) for
+/// kinds the model does not know.
 pub fn typed(doc: &Doc) -> std::result::Result<Option<Object>, String> {
-    let text = serde_yaml::to_string(&doc.value).map_err(|e| format!("{}: {e}", doc.at()))?;
-    let parsed = parse_text(&doc.file, &text);
+    let parsed = parse_document(&doc.file, doc.index, &doc.value);
     if !parsed.errors.is_empty() {
         let msgs: Vec<String> = parsed
             .errors
@@ -320,14 +319,14 @@ fn apply_file_object(ctx: &Ctx, doc: &Doc) -> Result<String> {
     let path = ctx.manifests().join(doc.file_name());
     let old: Option<Value> = fs::read_to_string(&path)
         .ok()
-        .and_then(|t| serde_yaml::from_str(&t).ok());
+        .and_then(|t| ferry_model::yaml::from_str(&t).ok());
     let old_ts = old
         .as_ref()
         .and_then(|v| str_at(v, &["metadata", "creationTimestamp"]))
         .map(str::to_string);
     let mut value = doc.value.clone();
-    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_mapping_mut) {
-        let key = Value::from("creationTimestamp");
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        let key = "creationTimestamp".to_string();
         if !meta.contains_key(&key) {
             let ts = old_ts.unwrap_or_else(|| rfc3339(now_secs()));
             meta.insert(key, Value::from(ts));
@@ -339,7 +338,7 @@ fn apply_file_object(ctx: &Ctx, doc: &Doc) -> Result<String> {
         None => "created",
     };
     if verb != "unchanged" {
-        let text = serde_yaml::to_string(&value)?;
+        let text = serde_saphyr::to_string(&value)?;
         write_atomic(&path, text.as_bytes())?;
     }
     Ok(format!("{}/{} {verb}", doc.resource(), doc.name))
@@ -360,12 +359,12 @@ fn apply_deployment(ctx: &Ctx, st: &mut LabState, doc: &Doc, d: &Deployment) -> 
             doc.name
         );
     }
-    let manifest = serde_yaml::to_string(&doc.value)?;
+    let manifest = serde_saphyr::to_string(&doc.value)?;
     let template = doc
         .value
         .get("spec")
         .and_then(|s| s.get("template"))
-        .map(serde_yaml::to_string)
+        .map(serde_saphyr::to_string)
         .transpose()?
         .unwrap_or_default();
     let template_hash = hash10(&template);
@@ -475,12 +474,12 @@ fn apply_pod(ctx: &Ctx, st: &mut LabState, doc: &Doc, p: &Pod) -> Result<String>
     let mut without_labels = doc.value.clone();
     if let Some(meta) = without_labels
         .get_mut("metadata")
-        .and_then(Value::as_mapping_mut)
+        .and_then(Value::as_object_mut)
     {
         meta.remove("labels");
         meta.remove("annotations");
     }
-    let spec_hash = hash10(&serde_yaml::to_string(&without_labels)?);
+    let spec_hash = hash10(&serde_saphyr::to_string(&without_labels)?);
     if let Some(node) = &p.node_name {
         if st.node(node).is_none() {
             bail!(
@@ -809,7 +808,7 @@ fn slices_for(svc: &Service, st: &LabState) -> String {
         };
         text.push_str("---\n");
         // Serializing plain structs of strings, numbers and bools cannot fail.
-        text.push_str(&serde_yaml::to_string(&doc).unwrap_or_default());
+        text.push_str(&serde_saphyr::to_string(&doc).unwrap_or_default());
     }
     text
 }

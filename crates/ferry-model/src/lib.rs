@@ -12,5 +12,6 @@ pub mod manifest;
 pub mod objects;
 pub mod pools;
 pub mod view;
+pub mod yaml;
 
 pub use objects::*;

@@ -8,7 +8,7 @@
 //!
 //! The text is split into documents the way `kubectl` does: a line starting with `---`
 //! (followed by nothing, blanks or a comment) starts a new document; a `...` line ends one.
-//! Each document is then parsed on its own with `serde_yaml`, so a YAML syntax error only
+//! Each document is then parsed on its own with `serde-saphyr` (see [`crate::yaml`]), so a YAML syntax error only
 //! loses the document it is in. Document indexes (`doc_index`, 0-based) count every document
 //! that is either explicitly started by `---` or contains something other than blanks and
 //! comments: a leading comment block before the first `---` is not a document, an empty
@@ -77,7 +77,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use serde_yaml::{Mapping, Value};
+use serde_json::Value;
+
+/// A YAML/JSON mapping (keys are strings, as in JSON).
+type Mapping = serde_json::Map<String, Value>;
 
 use crate::cidr::Cidr;
 use crate::objects::{
@@ -142,19 +145,32 @@ pub struct Parsed {
 /// drops that document (or, inside a `List`, that item).
 pub fn parse_text(file: &str, text: &str) -> Parsed {
     let mut out = Parsed::default();
-    for (doc_index, doc) in read_documents(text).into_iter().enumerate() {
-        let site = Site { file, doc_index };
+    for (doc_index, doc) in documents(text).into_iter().enumerate() {
         match doc {
-            Ok(value) => {
-                if untag(&value).is_null() {
-                    continue; // empty or comment-only document
-                }
-                handle_object(&mut out, &site, "", &value, None, 0);
+            Ok(value) => parse_document_into(&mut out, file, doc_index, &value),
+            Err(message) => {
+                let site = Site { file, doc_index };
+                out.errors.push(site.problem(None, String::new(), message))
             }
-            Err(message) => out.errors.push(site.problem(None, String::new(), message)),
         }
     }
     out
+}
+
+/// Parse one document already read (see [`documents`]); `doc_index` is only used in messages.
+/// A null document is nothing.
+pub fn parse_document(file: &str, doc_index: usize, value: &Value) -> Parsed {
+    let mut out = Parsed::default();
+    parse_document_into(&mut out, file, doc_index, value);
+    out
+}
+
+fn parse_document_into(out: &mut Parsed, file: &str, doc_index: usize, value: &Value) {
+    if value.is_null() {
+        return; // empty or comment-only document
+    }
+    let site = Site { file, doc_index };
+    handle_object(out, &site, "", value, None, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,16 +297,16 @@ fn split_documents(text: &str) -> Vec<Chunk<'_>> {
     chunks
 }
 
-/// Parse every document; one entry per document, in order.
-fn read_documents(text: &str) -> Vec<Result<Value, String>> {
+/// The documents of a file's text, split as kubectl does (see the module docs), each read as
+/// YAML (or a stream of JSON values); one entry per document index, in order, `Err` with the
+/// parser's message (line numbers of the whole file) for a document that is not valid YAML.
+/// Empty documents are `Value::Null`.
+pub fn documents(text: &str) -> Vec<Result<Value, String>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text); // byte order mark
     let mut docs = Vec::new();
     for chunk in split_documents(text) {
-        match serde_yaml::from_str::<Value>(chunk.text) {
-            Ok(mut value) => match value.apply_merge() {
-                Ok(()) => docs.push(Ok(value)),
-                Err(e) => docs.push(Err(format!("invalid YAML merge key (<<): {e}"))),
-            },
+        match crate::yaml::from_str(chunk.text) {
+            Ok(value) => docs.push(Ok(value)),
             Err(e) => match json_documents(chunk.text) {
                 Some(values) => docs.extend(values.into_iter().map(Ok)),
                 None => docs.push(Err(format!(
@@ -311,7 +327,7 @@ fn json_documents(text: &str) -> Option<Vec<Value>> {
     }
     let mut values = Vec::new();
     for item in serde_json::Deserializer::from_str(body).into_iter::<serde_json::Value>() {
-        values.push(serde_yaml::to_value(item.ok()?).ok()?);
+        values.push(item.ok()?);
     }
     (!values.is_empty()).then_some(values)
 }
@@ -329,7 +345,7 @@ fn shift_line_numbers(message: &str, offset: usize) -> String {
         let digits = after.bytes().take_while(u8::is_ascii_digit).count();
         let (number, tail) = after.split_at(digits);
         match number.parse::<usize>() {
-            Ok(n) if tail.starts_with(" column ") => {
+            Ok(n) if tail.starts_with(" column ") || tail.starts_with(", column ") => {
                 out.push_str(&n.saturating_add(offset).to_string())
             }
             _ => out.push_str(number),
@@ -457,7 +473,7 @@ fn header<'a>(m: &'a Mapping, key: &str, inherited: Option<&'a str>) -> Result<&
 
 /// "Service default/web" from the raw metadata, when there is a name.
 fn describe_object(kind: &str, m: &Mapping, scope: Option<Scope>) -> Option<String> {
-    let md = get(m, "metadata")?.as_mapping()?;
+    let md = get(m, "metadata")?.as_object()?;
     let name = get(md, "name")?.as_str().filter(|s| !s.is_empty())?;
     let ns = get(md, "namespace")
         .and_then(Value::as_str)
@@ -479,7 +495,7 @@ fn handle_object(
     inherited: Option<(&str, &str)>,
     depth: usize,
 ) {
-    let Some(m) = untag(value).as_mapping() else {
+    let Some(m) = value.as_object() else {
         let what = if base.is_empty() {
             "a document"
         } else {
@@ -544,7 +560,7 @@ fn handle_object(
         let items_path = join(base, "items");
         match get(m, "items") {
             None => {}
-            Some(Value::Sequence(items)) => {
+            Some(Value::Array(items)) => {
                 for (i, item) in items.iter().enumerate() {
                     handle_object(
                         out,
@@ -626,30 +642,20 @@ fn join(base: &str, key: &str) -> String {
     }
 }
 
-/// The value under a YAML tag (`!foo x` -> `x`).
-fn untag(v: &Value) -> &Value {
-    let mut v = v;
-    while let Value::Tagged(t) = v {
-        v = &t.value;
-    }
-    v
-}
-
-/// `m[key]`, untagged; `None` when missing or null (Kubernetes treats both alike).
+/// `m[key]`; `None` when missing or null (Kubernetes treats both alike).
 fn get<'a>(m: &'a Mapping, key: &str) -> Option<&'a Value> {
-    m.get(key).map(untag).filter(|v| !v.is_null())
+    m.get(key).filter(|v| !v.is_null())
 }
 
 /// A short description of a value for messages.
 fn describe(v: &Value) -> String {
-    match untag(v) {
+    match v {
         Value::Null => "null".to_string(),
         Value::Bool(b) => format!("boolean {b}"),
         Value::Number(n) => format!("number {n}"),
         Value::String(s) => format!("string {}", quote(s)),
-        Value::Sequence(_) => "a list".to_string(),
-        Value::Mapping(_) => "a mapping".to_string(),
-        Value::Tagged(_) => "a tagged value".to_string(),
+        Value::Array(_) => "a list".to_string(),
+        Value::Object(_) => "a mapping".to_string(),
     }
 }
 
@@ -681,8 +687,8 @@ impl Ck {
 
     /// A value that must be a mapping.
     fn as_map<'a>(&mut self, v: &'a Value, path: &str) -> Option<&'a Mapping> {
-        match untag(v) {
-            Value::Mapping(m) => Some(m),
+        match v {
+            Value::Object(m) => Some(m),
             other => {
                 self.err(path, format!("must be a mapping, got {}", describe(other)));
                 None
@@ -692,7 +698,7 @@ impl Ck {
 
     /// A value that must be a string.
     fn as_str<'a>(&mut self, v: &'a Value, path: &str) -> Option<&'a str> {
-        match untag(v) {
+        match v {
             Value::String(s) => Some(s),
             other => {
                 self.err(path, format!("must be a string, got {}", describe(other)));
@@ -720,7 +726,7 @@ impl Ck {
     fn seq<'a>(&mut self, m: &'a Mapping, base: &str, key: &str) -> &'a [Value] {
         match get(m, key) {
             None => &[],
-            Some(Value::Sequence(s)) => s,
+            Some(Value::Array(s)) => s,
             Some(other) => {
                 self.err(
                     join(base, key),
@@ -774,7 +780,7 @@ impl Ck {
 
     /// An integer value within `min..=max`.
     fn int_value(&mut self, v: &Value, path: &str, min: i64, max: i64) -> Option<i64> {
-        let num = match untag(v) {
+        let num = match v {
             Value::Number(n) if !n.is_f64() => n,
             other => {
                 self.err(path, format!("must be an integer, got {}", describe(other)));
@@ -862,11 +868,7 @@ impl Ck {
             return out;
         };
         for (k, v) in map {
-            let Some(k) = untag(k).as_str() else {
-                self.err(&path, format!("keys must be strings, got {}", describe(k)));
-                continue;
-            };
-            match untag(v) {
+            match v {
                 Value::String(s) => {
                     out.insert(k.to_string(), s.clone());
                 }
@@ -1029,7 +1031,7 @@ fn parse_service(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
     let ports = service_ports(ck, spec, type_);
     let no_ports = match get(spec, "ports") {
         None => true,
-        Some(Value::Sequence(items)) => items.is_empty(),
+        Some(Value::Array(items)) => items.is_empty(),
         Some(_) => false, // already reported
     };
     if no_ports && !headless && type_ != ServiceType::ExternalName {
@@ -1372,7 +1374,7 @@ fn parse_endpoint_slice(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
         };
         let addresses_path = join(&base, "addresses");
         let raw = ck.seq(m, &base, "addresses");
-        if raw.is_empty() && get(m, "addresses").is_none_or(|v| v.as_sequence().is_some()) {
+        if raw.is_empty() && get(m, "addresses").is_none_or(|v| v.as_array().is_some()) {
             ck.err(&addresses_path, "required: at least one address");
         }
         let mut addresses = Vec::new();
@@ -1666,9 +1668,7 @@ fn parse_config_map(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
 /// The container ports of a pod spec at `base`.
 fn container_ports(ck: &mut Ck, pod_spec: &Mapping, base: &str) -> Vec<ContainerPort> {
     let containers = ck.seq(pod_spec, base, "containers");
-    if containers.is_empty()
-        && get(pod_spec, "containers").is_none_or(|v| v.as_sequence().is_some())
-    {
+    if containers.is_empty() && get(pod_spec, "containers").is_none_or(|v| v.as_array().is_some()) {
         ck.err(join(base, "containers"), "required: at least one container");
     }
     let mut ports = Vec::new();
@@ -1726,14 +1726,14 @@ fn parse_deployment(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
         selector = ck.string_map(sel, "spec.selector", "matchLabels");
         let expressions = get(sel, "matchExpressions");
         let has_expressions =
-            expressions.is_some_and(|v| v.as_sequence().is_none_or(|s| !s.is_empty()));
+            expressions.is_some_and(|v| v.as_array().is_none_or(|s| !s.is_empty()));
         if has_expressions {
             ck.err(
                 "spec.selector.matchExpressions",
                 "matchExpressions is not supported by ferry; use matchLabels",
             );
         } else if selector.is_empty()
-            && get(sel, "matchLabels").is_none_or(|v| v.as_mapping().is_some())
+            && get(sel, "matchLabels").is_none_or(|v| v.as_object().is_some())
         {
             ck.err(
                 "spec.selector.matchLabels",
@@ -1884,7 +1884,7 @@ fn parse_ip_address_pool(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
     let empty = Mapping::new();
     let spec = ck.req_map(root, "", "spec").unwrap_or(&empty);
     let entries = ck.strings(spec, "spec", "addresses");
-    if entries.is_empty() && get(spec, "addresses").is_none_or(|v| v.as_sequence().is_some()) {
+    if entries.is_empty() && get(spec, "addresses").is_none_or(|v| v.as_array().is_some()) {
         ck.err("spec.addresses", "required: at least one CIDR or IP range");
     }
     let mut addresses = Vec::new();
@@ -2328,7 +2328,7 @@ status:
             .message
             .split("line ")
             .skip(1)
-            .filter_map(|s| s.split(' ').next()?.parse().ok())
+            .filter_map(|s| s.split([' ', ',']).next()?.parse().ok())
             .collect();
         assert!(!lines.is_empty(), "{}", e.message);
         assert!(
@@ -2662,7 +2662,6 @@ status:
             ("{ports: [{port: 1}], internalTrafficPolicy: Global}", "spec.internalTrafficPolicy", "must be Cluster or Local"),
             ("{ports: [{port: 1}], selector: {app: web, version: 2}}", "spec.selector[version]", "must be a string, got number 2 (quote it)"),
             ("{ports: [{port: 1}], selector: [app]}", "spec.selector", "must be a mapping"),
-            ("{ports: [{port: 1}], selector: {1: web}}", "spec.selector", "keys must be strings"),
             ("[ports]", "spec", "must be a mapping, got a list"),
         ];
         for (spec, field, msg) in cases {
@@ -2674,6 +2673,9 @@ status:
             );
             assert_eq!(e.at.doc_index, 0);
         }
+        // A non-string key becomes a string, as Kubernetes' YAML-to-JSON conversion does.
+        let s = service(&svc("{ports: [{port: 1}], selector: {1: web}}"));
+        assert_eq!(s.selector, strings(&[("1", "web")]));
     }
 
     #[test]
