@@ -7,8 +7,8 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use ferry_model::manifest::{documents, parse_document};
 use ferry_model::{ContainerPort, Deployment, Object, Pod, Service, TargetPort};
+use ferry_source::manifest::{documents, parse_document};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -195,7 +195,7 @@ pub fn split_docs(file: &str, text: &str) -> (Vec<Doc>, Vec<String>) {
     (docs, errors)
 }
 
-/// The typed object of a document, via `ferry_model::manifest::parse_document`. Ok(None) for
+/// The typed object of a document, via `ferry_source::manifest::parse_document`. Ok(None) for
 /// kinds the model does not know.
 pub fn typed(doc: &Doc) -> std::result::Result<Option<Object>, String> {
     let parsed = parse_document(&doc.file, doc.index, &doc.value);

@@ -40,7 +40,7 @@ fn slice_file(lab: &Lab, svc: &str) -> PathBuf {
 
 fn read_yaml(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).expect("slice file");
-    let docs: Vec<serde_json::Value> = ferry_model::manifest::documents(&text)
+    let docs: Vec<serde_json::Value> = ferry_source::manifest::documents(&text)
         .into_iter()
         .map(|d| d.expect("yaml"))
         .filter(|v| !v.is_null())

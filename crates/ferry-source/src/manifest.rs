@@ -8,7 +8,7 @@
 //!
 //! The text is split into documents the way `kubectl` does: a line starting with `---`
 //! (followed by nothing, blanks or a comment) starts a new document; a `...` line ends one.
-//! Each document is then parsed on its own with `serde-saphyr` (see [`crate::yaml`]), so a YAML syntax error only
+//! Each document is then parsed on its own with `serde-saphyr` (see [`ferry_model::yaml`]), so a YAML syntax error only
 //! loses the document it is in. Document indexes (`doc_index`, 0-based) count every document
 //! that is either explicitly started by `---` or contains something other than blanks and
 //! comments: a leading comment block before the first `---` is not a document, an empty
@@ -65,13 +65,13 @@
 //! IPAddressPool and L2Advertisement are read as MetalLB (0.13 and later) defines them; their
 //! label selectors (`matchLabels`, `matchExpressions` with In, NotIn, Exists, DoesNotExist)
 //! are checked as Kubernetes does. Each IPAddressPool address is checked with
-//! [`crate::pools::parse_address_entry`]; overlaps between pools and duplicate names are
-//! checked by [`crate::pools::load`], which sees all pools. MetalLB's legacy ConfigMap
-//! (`metallb-system/config`) is an ordinary ConfigMap here; [`crate::pools::load`] reads it.
+//! [`ferry_model::pools::parse_address_entry`]; overlaps between pools and duplicate names are
+//! checked by [`ferry_model::pools::load`], which sees all pools. MetalLB's legacy ConfigMap
+//! (`metallb-system/config`) is an ordinary ConfigMap here; [`ferry_model::pools::load`] reads it.
 //! Other MetalLB kinds (BGPPeer, BGPAdvertisement, ...) are unknown kinds for now.
 //!
 //! FQDN EndpointSlices are accepted (their addresses are checked to be DNS names) but
-//! [`crate::objects::Endpoint`] holds IP addresses only, so their endpoints come out with
+//! [`ferry_model::objects::Endpoint`] holds IP addresses only, so their endpoints come out with
 //! empty `addresses` and a warning says so.
 
 use std::collections::BTreeMap;
@@ -82,13 +82,13 @@ use serde_json::Value;
 /// A YAML/JSON mapping (keys are strings, as in JSON).
 type Mapping = serde_json::Map<String, Value>;
 
-use crate::cidr::Cidr;
-use crate::objects::{
+use ferry_model::cidr::Cidr;
+use ferry_model::objects::{
     AddressType, ClusterIpSpec, ConfigMap, ContainerPort, Deployment, Endpoint, EndpointConditions,
     EndpointPort, EndpointSlice, Meta, Node, NodeAddress, Object, Pod, PodTemplate, Protocol,
     Service, ServicePort, ServiceType, TargetPort, TrafficPolicy,
 };
-use crate::objects::{
+use ferry_model::objects::{
     IpAddressPool, L2Advertisement, LabelSelector, LabelSelectorRequirement, Namespace,
     SelectorOperator, ServiceAllocation,
 };
@@ -305,7 +305,7 @@ pub fn documents(text: &str) -> Vec<Result<Value, String>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text); // byte order mark
     let mut docs = Vec::new();
     for chunk in split_documents(text) {
-        match crate::yaml::from_str(chunk.text) {
+        match ferry_model::yaml::from_str(chunk.text) {
             Ok(value) => docs.push(Ok(value)),
             Err(e) => match json_documents(chunk.text) {
                 Some(values) => docs.extend(values.into_iter().map(Ok)),
@@ -1889,7 +1889,7 @@ fn parse_ip_address_pool(ck: &mut Ck, root: &Mapping) -> Vec<Object> {
     }
     let mut addresses = Vec::new();
     for (i, a) in entries {
-        if let Err(e) = crate::pools::parse_address_entry(&a) {
+        if let Err(e) = ferry_model::pools::parse_address_entry(&a) {
             ck.err(format!("spec.addresses[{i}]"), e);
         }
         addresses.push(a);
@@ -3216,7 +3216,7 @@ subsets:
         let Object::ConfigMap(c) = one(CONFIGMAP_SEED) else {
             panic!()
         };
-        let (cfg, errs) = crate::pools::load(&[c], &[], &[]);
+        let (cfg, errs) = ferry_model::pools::load(&[c], &[], &[]);
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(cfg.pools[0].name, "default");
         assert_eq!(cfg.pools[0].addresses().next(), Some(ip("192.168.2.200")));
@@ -3279,7 +3279,7 @@ spec:
         };
         assert!(a.auto_assign && !a.avoid_buggy_ips && a.service_allocation.is_none());
         // The CRD equivalent of the seed ConfigMap gives the same first address.
-        let (cfg, errs) = crate::pools::load(&[], std::slice::from_ref(a), &[]);
+        let (cfg, errs) = ferry_model::pools::load(&[], std::slice::from_ref(a), &[]);
         assert!(errs.is_empty());
         assert_eq!(cfg.pools[0].addresses().next(), Some(ip("10.0.0.0")));
     }
