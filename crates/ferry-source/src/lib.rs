@@ -21,7 +21,12 @@
 //! types is the same path the API server takes. The options ferry reads YAML with are in
 //! [`ferry_model::yaml`] (the model reads MetalLB's legacy ConfigMap, which embeds YAML).
 
+pub mod check;
+pub mod decode;
 pub mod dir;
+pub mod kinds;
 pub mod manifest;
+pub mod metallb;
+pub mod workloads;
 
 pub use dir::{manifest_files, now_ms, read_dir, stamp, DirStamp, Reader, Snapshot};
