@@ -146,13 +146,136 @@ pub struct Parsed {
 /// drops that document (or, inside a `List`, that item).
 pub fn parse_text(file: &str, text: &str) -> Parsed {
     let mut out = Parsed::default();
+    for item in split(file, text) {
+        match item {
+            Ok(raw) => parse_object_into(&mut out, &raw),
+            Err(e) => out.errors.push(e),
+        }
+    }
+    out
+}
+
+/// One object of a manifest file before it is decoded: a document, or an item of a `List`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawObject {
+    pub file: String,
+    pub doc_index: usize,
+    /// Where the object is inside its document: "" or "items[3]" (prefix of field paths).
+    pub base: String,
+    pub kind: String,
+    pub api_version: String,
+    /// The object; for the items of a `<Kind>List` with `kind` and `apiVersion` filled in.
+    pub value: Value,
+}
+
+impl RawObject {
+    /// `metadata.name`, when it is a non-empty string.
+    pub fn name(&self) -> Option<&str> {
+        self.value
+            .get("metadata")?
+            .get("name")?
+            .as_str()
+            .filter(|s| !s.is_empty())
+    }
+
+    /// `metadata.namespace`: "default" when left out, "" for cluster-scoped kinds.
+    pub fn namespace(&self) -> &str {
+        if scope_of(&self.kind) == Scope::Cluster {
+            return "";
+        }
+        self.value
+            .get("metadata")
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default")
+    }
+
+    /// "Service default/web", when the object has a name.
+    pub fn describe(&self) -> Option<String> {
+        let m = self.value.as_object()?;
+        describe_object(&self.kind, m, lookup_kind(&self.kind).map(|k| k.scope))
+    }
+
+    /// A problem at `field` (relative to the object) of this object.
+    pub fn problem(&self, field: &str, message: impl Into<String>) -> ManifestError {
+        ManifestError {
+            at: Location {
+                file: self.file.clone(),
+                doc_index: self.doc_index,
+                object: self.describe(),
+                field: join(&self.base, field),
+            },
+            message: message.into(),
+        }
+    }
+
+    /// Decode as the typed object `T` (see [`crate::decode`]), with the `metadata` required as
+    /// the API server does; problems go to `ck` with fields relative to the object.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self, ck: &mut Ck, maps: &[&str]) -> Option<T> {
+        if self.value.get("metadata").is_none_or(Value::is_null) {
+            ck.err("metadata", "required");
+        }
+        typed(ck, &self.value, maps)
+    }
+
+    /// `ck`'s problems as errors and warnings of this object, into `out`.
+    pub fn report(&self, ck: Ck, out: &mut Parsed) {
+        for (field, message) in ck.warnings {
+            out.warnings.push(self.problem(&field, message));
+        }
+        for (field, message) in ck.errors {
+            out.errors.push(self.problem(&field, message));
+        }
+    }
+}
+
+/// Cluster-scoped kinds (no namespace): ferry's own and the common built-in ones.
+const CLUSTER_SCOPED: &[&str] = &[
+    "Node",
+    "Namespace",
+    "PersistentVolume",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "StorageClass",
+    "CustomResourceDefinition",
+    "IngressClass",
+    "PriorityClass",
+];
+
+/// Whether objects of `kind` live in a namespace.
+pub fn scope_of(kind: &str) -> Scope {
+    if CLUSTER_SCOPED.contains(&kind) {
+        Scope::Cluster
+    } else {
+        Scope::Namespaced
+    }
+}
+
+/// The objects of one file's text: documents (see [`documents`]) with `List`s unpacked, each
+/// with `kind` and `apiVersion`. Documents that are not valid YAML, are not a mapping or lack
+/// `kind`/`apiVersion` are errors.
+pub fn split_objects(file: &str, text: &str) -> (Vec<RawObject>, Vec<ManifestError>) {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for item in split(file, text) {
+        match item {
+            Ok(raw) => objects.push(raw),
+            Err(e) => errors.push(e),
+        }
+    }
+    (objects, errors)
+}
+
+/// Objects and errors in the order of the file.
+fn split(file: &str, text: &str) -> Vec<Result<RawObject, ManifestError>> {
+    let mut out = Vec::new();
     for (doc_index, doc) in documents(text).into_iter().enumerate() {
+        let site = Site { file, doc_index };
         match doc {
-            Ok(value) => parse_document_into(&mut out, file, doc_index, &value),
-            Err(message) => {
-                let site = Site { file, doc_index };
-                out.errors.push(site.problem(None, String::new(), message))
-            }
+            Ok(value) if value.is_null() => {} // empty or comment-only document
+            Ok(value) => split_object(&mut out, &site, "", value, None, 0),
+            Err(message) => out.push(Err(site.problem(None, String::new(), message))),
         }
     }
     out
@@ -161,17 +284,27 @@ pub fn parse_text(file: &str, text: &str) -> Parsed {
 /// Parse one document already read (see [`documents`]); `doc_index` is only used in messages.
 /// A null document is nothing.
 pub fn parse_document(file: &str, doc_index: usize, value: &Value) -> Parsed {
+    let mut items = Vec::new();
     let mut out = Parsed::default();
-    parse_document_into(&mut out, file, doc_index, value);
+    if !value.is_null() {
+        let site = Site { file, doc_index };
+        split_object(&mut items, &site, "", value.clone(), None, 0);
+    }
+    for item in items {
+        match item {
+            Ok(raw) => parse_object_into(&mut out, &raw),
+            Err(e) => out.errors.push(e),
+        }
+    }
     out
 }
 
-fn parse_document_into(out: &mut Parsed, file: &str, doc_index: usize, value: &Value) {
-    if value.is_null() {
-        return; // empty or comment-only document
-    }
-    let site = Site { file, doc_index };
-    handle_object(out, &site, "", value, None, 0);
+/// Parse one object: a kind ferry knows becomes model objects (or errors); any other kind is
+/// a warning.
+pub fn parse_object(raw: &RawObject) -> Parsed {
+    let mut out = Parsed::default();
+    parse_object_into(&mut out, raw);
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -377,7 +510,7 @@ impl Site<'_> {
     }
 }
 
-type KindParser = fn(&mut Ck, &Value) -> Vec<Object>;
+type KindParser = fn(&mut Ck, &RawObject) -> Vec<Object>;
 
 struct KindSpec {
     kind: &'static str,
@@ -478,12 +611,12 @@ fn describe_object(kind: &str, m: &Mapping, scope: Option<Scope>) -> Option<Stri
     })
 }
 
-/// One document or `List` item at `base` (empty for a document).
-fn handle_object(
-    out: &mut Parsed,
+/// One document or `List` item at `base` (empty for a document) into `objects`.
+fn split_object(
+    out: &mut Vec<Result<RawObject, ManifestError>>,
     site: &Site<'_>,
     base: &str,
-    value: &Value,
+    value: Value,
     inherited: Option<(&str, &str)>,
     depth: usize,
 ) {
@@ -493,20 +626,20 @@ fn handle_object(
         } else {
             "a list item"
         };
-        out.errors.push(site.problem(
+        out.push(Err(site.problem(
             None,
             base.to_string(),
             format!(
                 "{what} must be a mapping (a Kubernetes object with apiVersion and kind), got {}",
-                describe(value)
+                describe(&value)
             ),
-        ));
+        )));
         return;
     };
     let kind = header(m, "kind", inherited.map(|i| i.0));
     let api_version = header(m, "apiVersion", inherited.map(|i| i.1));
     let (kind, api_version) = match (kind, api_version) {
-        (Ok(k), Ok(a)) => (k, a),
+        (Ok(k), Ok(a)) => (k.to_string(), a.to_string()),
         (kind, api_version) => {
             let object = kind
                 .as_ref()
@@ -514,90 +647,115 @@ fn handle_object(
                 .and_then(|k| describe_object(k, m, lookup_kind(k).map(|s| s.scope)));
             for (key, result) in [("kind", kind), ("apiVersion", api_version)] {
                 if let Err(message) = result {
-                    out.errors
-                        .push(site.problem(object.as_deref(), join(base, key), message));
+                    out.push(Err(site.problem(
+                        object.as_deref(),
+                        join(base, key),
+                        message,
+                    )));
                 }
             }
             return;
         }
     };
 
-    // Lists: `List` (items carry their own kind) or `<Kind>List` (items may omit it).
+    // Lists: `List` (items carry their own kind) or `<Kind>List` (items may omit it and take
+    // the list's apiVersion, which must be the kind's when ferry knows the kind).
     let list_of = if kind == "List" {
         Some(None)
     } else {
-        kind.strip_suffix("List").and_then(lookup_kind).map(Some)
+        kind.strip_suffix("List")
+            .filter(|k| !k.is_empty())
+            .map(|k| Some(k.to_string()))
     };
     if let Some(item_kind) = list_of {
-        let expected = item_kind.map_or("v1", |k| k.api_version);
-        if api_version != expected {
-            out.errors.push(site.problem(
+        let expected = match &item_kind {
+            None => Some("v1"),
+            Some(k) => lookup_kind(k).map(|s| s.api_version),
+        };
+        if let Some(expected) = expected.filter(|e| *e != api_version) {
+            out.push(Err(site.problem(
                 None,
                 join(base, "apiVersion"),
                 format!(
                     "kind {kind} needs apiVersion {expected}, got {}",
-                    quote(api_version)
+                    quote(&api_version)
                 ),
-            ));
+            )));
             return;
         }
         if depth >= MAX_LIST_DEPTH {
-            out.errors.push(site.problem(
+            out.push(Err(site.problem(
                 None,
                 base.to_string(),
                 format!("Lists nested more than {MAX_LIST_DEPTH} deep"),
-            ));
+            )));
             return;
         }
         let items_path = join(base, "items");
-        match get(m, "items") {
-            None => {}
+        let Value::Object(mut m) = value else {
+            return;
+        };
+        match m.remove("items") {
+            None | Some(Value::Null) => {}
             Some(Value::Array(items)) => {
-                for (i, item) in items.iter().enumerate() {
-                    handle_object(
+                let inherited = item_kind.as_deref().map(|k| (k, api_version.as_str()));
+                for (i, item) in items.into_iter().enumerate() {
+                    split_object(
                         out,
                         site,
                         &format!("{items_path}[{i}]"),
                         item,
-                        item_kind.map(|k| (k.kind, k.api_version)),
+                        inherited,
                         depth + 1,
                     );
                 }
             }
-            Some(other) => out.errors.push(site.problem(
+            Some(other) => out.push(Err(site.problem(
                 None,
                 items_path,
-                format!("must be a list, got {}", describe(other)),
-            )),
+                format!("must be a list, got {}", describe(&other)),
+            ))),
         }
         return;
     }
 
+    let mut value = value;
+    if let Some(m) = value.as_object_mut() {
+        m.insert("kind".to_string(), Value::String(kind.clone()));
+        m.insert("apiVersion".to_string(), Value::String(api_version.clone()));
+    }
+    out.push(Ok(RawObject {
+        file: site.file.to_string(),
+        doc_index: site.doc_index,
+        base: base.to_string(),
+        kind,
+        api_version,
+        value,
+    }));
+}
+
+fn parse_object_into(out: &mut Parsed, raw: &RawObject) {
+    let (kind, api_version) = (raw.kind.as_str(), raw.api_version.as_str());
     let Some(spec) = lookup_kind(kind) else {
-        let object = describe_object(kind, m, None);
         if let Some(known) = KINDS.iter().find(|k| k.kind.eq_ignore_ascii_case(kind)) {
-            out.errors.push(site.problem(
-                object.as_deref(),
-                join(base, "kind"),
+            out.errors.push(raw.problem(
+                "kind",
                 format!(
                     "unknown kind {kind} (kinds are case-sensitive: did you mean {}?)",
                     known.kind
                 ),
             ));
         } else {
-            out.warnings.push(site.problem(
-                object.as_deref(),
-                base.to_string(),
+            out.warnings.push(raw.problem(
+                "",
                 format!("unknown kind {kind} (apiVersion {api_version}): ignored"),
             ));
         }
         return;
     };
-    let object = describe_object(kind, m, Some(spec.scope));
     if api_version != spec.api_version {
-        out.errors.push(site.problem(
-            object.as_deref(),
-            join(base, "apiVersion"),
+        out.errors.push(raw.problem(
+            "apiVersion",
             format!(
                 "kind {kind} needs apiVersion {}, got {}",
                 spec.api_version,
@@ -607,22 +765,11 @@ fn handle_object(
         return;
     }
     let mut ck = Ck::default();
-    if get(m, "metadata").is_none() {
-        ck.err("metadata", "required");
-    }
-    let objects = (spec.parse)(&mut ck, value);
-    for (field, message) in ck.warnings {
-        out.warnings
-            .push(site.problem(object.as_deref(), join(base, &field), message));
-    }
+    let objects = (spec.parse)(&mut ck, raw);
     if ck.errors.is_empty() {
         out.objects.extend(objects);
-    } else {
-        for (field, message) in ck.errors {
-            out.errors
-                .push(site.problem(object.as_deref(), join(base, &field), message));
-        }
     }
+    raw.report(ck, out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -659,21 +806,21 @@ fn typed<T: serde::de::DeserializeOwned>(ck: &mut Ck, v: &Value, maps: &[&str]) 
     }
 }
 
-fn parse_service(ck: &mut Ck, v: &Value) -> Vec<Object> {
-    typed::<core::Service>(ck, v, &["spec.selector"])
+fn parse_service(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<core::Service>(ck, &["spec.selector"])
         .map(|s| vec![Object::Service(kinds::service(ck, &s))])
         .unwrap_or_default()
 }
 
-fn parse_endpoint_slice(ck: &mut Ck, v: &Value) -> Vec<Object> {
-    typed::<discovery::EndpointSlice>(ck, v, &[])
+fn parse_endpoint_slice(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<discovery::EndpointSlice>(ck, &[])
         .map(|s| vec![Object::EndpointSlice(kinds::endpoint_slice(ck, &s))])
         .unwrap_or_default()
 }
 
 #[allow(deprecated)] // Endpoints is deprecated in Kubernetes 1.33; files still hold them.
-fn parse_endpoints(ck: &mut Ck, v: &Value) -> Vec<Object> {
-    typed::<core::Endpoints>(ck, v, &[])
+fn parse_endpoints(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<core::Endpoints>(ck, &[])
         .map(|e| {
             kinds::endpoints(ck, &e)
                 .into_iter()
@@ -683,44 +830,44 @@ fn parse_endpoints(ck: &mut Ck, v: &Value) -> Vec<Object> {
         .unwrap_or_default()
 }
 
-fn parse_node(ck: &mut Ck, v: &Value) -> Vec<Object> {
-    typed::<core::Node>(ck, v, &[])
+fn parse_node(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<core::Node>(ck, &[])
         .map(|n| vec![Object::Node(kinds::node(ck, &n))])
         .unwrap_or_default()
 }
 
-fn parse_config_map(ck: &mut Ck, v: &Value) -> Vec<Object> {
-    typed::<core::ConfigMap>(ck, v, &[])
+fn parse_config_map(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<core::ConfigMap>(ck, &[])
         .map(|c| vec![Object::ConfigMap(kinds::config_map(ck, &c))])
         .unwrap_or_default()
 }
 
-fn parse_namespace(ck: &mut Ck, v: &Value) -> Vec<Object> {
-    typed::<core::Namespace>(ck, v, &[])
+fn parse_namespace(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<core::Namespace>(ck, &[])
         .map(|n| vec![Object::Namespace(kinds::namespace(ck, &n))])
         .unwrap_or_default()
 }
 
-fn parse_deployment(ck: &mut Ck, v: &Value) -> Vec<Object> {
-    typed::<apps::Deployment>(ck, v, &[])
+fn parse_deployment(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<apps::Deployment>(ck, &[])
         .map(|d| vec![Object::Deployment(workloads::deployment(ck, &d))])
         .unwrap_or_default()
 }
 
-fn parse_pod(ck: &mut Ck, v: &Value) -> Vec<Object> {
-    typed::<core::Pod>(ck, v, &[])
+fn parse_pod(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<core::Pod>(ck, &[])
         .map(|p| vec![Object::Pod(workloads::pod(ck, &p))])
         .unwrap_or_default()
 }
 
-fn parse_ip_address_pool(ck: &mut Ck, v: &Value) -> Vec<Object> {
-    typed::<metallb::IPAddressPool>(ck, v, &[])
+fn parse_ip_address_pool(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<metallb::IPAddressPool>(ck, &[])
         .map(|p| vec![Object::IpAddressPool(kinds::ip_address_pool(ck, &p))])
         .unwrap_or_default()
 }
 
-fn parse_l2_advertisement(ck: &mut Ck, v: &Value) -> Vec<Object> {
-    typed::<metallb::L2Advertisement>(ck, v, &[])
+fn parse_l2_advertisement(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<metallb::L2Advertisement>(ck, &[])
         .map(|l| vec![Object::L2Advertisement(kinds::l2_advertisement(ck, &l))])
         .unwrap_or_default()
 }
