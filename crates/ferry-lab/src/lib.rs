@@ -3,7 +3,8 @@
 //! Modules: [`state`] (paths, lab.json, lock), [`sys`] (iproute2, namespaces, processes),
 //! [`topology`] (LAN, nodes, client, agents, down), [`pods`], [`manifests`] (apply/delete,
 //! EndpointSlices), [`get`], [`serve`] (the pods' server), [`cli`], [`demo`], and [`api`] (the
-//! [`Lab`] handle for end-to-end tests).
+//! [`Lab`] handle for end-to-end tests); [`workloads`] reads the kinds the lab runs itself
+//! (Deployment, Pod).
 
 pub mod api;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod serve;
 pub mod state;
 pub mod sys;
 pub mod topology;
+pub mod workloads;
 
 pub use api::{require_root, Lab, LabConfig};
 pub use cli::{run_lab, LabArgs, LabCommand};

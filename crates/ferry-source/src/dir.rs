@@ -187,8 +187,6 @@ impl Reader {
                     Object::Namespace(n) => snap.namespaces.push(n.clone()),
                     Object::IpAddressPool(p) => snap.ip_pools.push(p.clone()),
                     Object::L2Advertisement(l) => snap.l2_advertisements.push(l.clone()),
-                    // Workloads are the lab's business; the agent only needs their endpoints.
-                    Object::Deployment(_) | Object::Pod(_) => {}
                 }
             }
         }

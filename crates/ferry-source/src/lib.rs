@@ -27,6 +27,5 @@ pub mod dir;
 pub mod kinds;
 pub mod manifest;
 pub mod metallb;
-pub mod workloads;
 
 pub use dir::{manifest_files, now_ms, read_dir, stamp, DirStamp, Reader, Snapshot};

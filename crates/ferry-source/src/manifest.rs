@@ -9,7 +9,8 @@
 //! The text is split into documents the way `kubectl` does: a line starting with `---`
 //! (followed by nothing, blanks or a comment) starts a new document; a `...` line ends one.
 //! Each document is then parsed on its own with `serde-saphyr` (see [`ferry_model::yaml`]),
-//! so a YAML syntax error only loses the document it is in. Document indexes (`doc_index`, 0-based) count every document
+//! so a YAML syntax error only loses the document it is in. Document indexes (`doc_index`,
+//! 0-based) count every document
 //! that is either explicitly started by `---` or contains something other than blanks and
 //! comments: a leading comment block before the first `---` is not a document, an empty
 //! `---` document is (and is skipped silently, as are comment-only documents).
@@ -41,8 +42,6 @@
 //! | `Endpoints`     | `v1`                  | [`Object::EndpointSlice`]s     |
 //! | `Node`          | `v1`                  | [`Object::Node`]               |
 //! | `ConfigMap`     | `v1`                  | [`Object::ConfigMap`]          |
-//! | `Deployment`    | `apps/v1`             | [`Object::Deployment`]         |
-//! | `Pod`           | `v1`                  | [`Object::Pod`]                |
 //! | `Namespace`     | `v1`                  | [`Object::Namespace`]          |
 //! | `IPAddressPool` | `metallb.io/v1beta1`  | [`Object::IpAddressPool`]      |
 //! | `L2Advertisement` | `metallb.io/v1beta1` | [`Object::L2Advertisement`]   |
@@ -50,7 +49,8 @@
 //! | `<Kind>List`    | as `<Kind>`           | each of its `items` (items may omit `kind`/`apiVersion`) |
 //!
 //! A known kind with another apiVersion is an error (field `apiVersion`); any other kind is a
-//! warning (`unknown kind X (apiVersion Y): ignored`).
+//! warning (`unknown kind X (apiVersion Y): ignored`). Deployments and Pods are such kinds
+//! here: the lab runs them, and reads them with [`split_objects`] and [`RawObject::decode`].
 //!
 //! Validation follows the Kubernetes API server where ferry depends on the field (names,
 //! ports, protocols, cluster IPs, ...); fields ferry does not use are ignored. As in
@@ -83,13 +83,12 @@
 //! empty `addresses` and a warning says so.
 
 use ferry_model::Object;
-use k8s_openapi::api::apps::v1 as apps;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use serde_json::Value;
 
 use crate::check::{join, quote, Ck, Scope};
-use crate::{kinds, metallb, workloads};
+use crate::{kinds, metallb};
 
 /// A YAML/JSON mapping (keys are strings, as in JSON).
 type Mapping = serde_json::Map<String, Value>;
@@ -192,9 +191,16 @@ impl RawObject {
     }
 
     /// "Service default/web", when the object has a name.
+    /// For kinds this crate does not know, the namespace shows only when written.
     pub fn describe(&self) -> Option<String> {
         let m = self.value.as_object()?;
         describe_object(&self.kind, m, lookup_kind(&self.kind).map(|k| k.scope))
+    }
+
+    /// "Pod default/web", for a kind of the given scope.
+    pub fn describe_in(&self, scope: Scope) -> Option<String> {
+        let m = self.value.as_object()?;
+        describe_object(&self.kind, m, Some(scope))
     }
 
     /// A problem at `field` (relative to the object) of this object.
@@ -551,18 +557,6 @@ const KINDS: &[KindSpec] = &[
         parse: parse_config_map,
     },
     KindSpec {
-        kind: "Deployment",
-        api_version: "apps/v1",
-        scope: Scope::Namespaced,
-        parse: parse_deployment,
-    },
-    KindSpec {
-        kind: "Pod",
-        api_version: "v1",
-        scope: Scope::Namespaced,
-        parse: parse_pod,
-    },
-    KindSpec {
         kind: "Namespace",
         api_version: "v1",
         scope: Scope::Cluster,
@@ -848,18 +842,6 @@ fn parse_namespace(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
         .unwrap_or_default()
 }
 
-fn parse_deployment(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
-    raw.decode::<apps::Deployment>(ck, &[])
-        .map(|d| vec![Object::Deployment(workloads::deployment(ck, &d))])
-        .unwrap_or_default()
-}
-
-fn parse_pod(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
-    raw.decode::<core::Pod>(ck, &[])
-        .map(|p| vec![Object::Pod(workloads::pod(ck, &p))])
-        .unwrap_or_default()
-}
-
 fn parse_ip_address_pool(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
     raw.decode::<metallb::IPAddressPool>(ck, &[])
         .map(|p| vec![Object::IpAddressPool(kinds::ip_address_pool(ck, &p))])
@@ -1044,28 +1026,6 @@ status:
     // ---- seeds ----------------------------------------------------------------------------
 
     #[test]
-    fn seed_deployment() {
-        let app = strings(&[("app", "nextcloud"), ("environment", "dev")]);
-        let expected = Deployment {
-            meta: Meta {
-                labels: app.clone(),
-                ..meta("nextcloud-dev", "default")
-            },
-            replicas: 2,
-            selector: app.clone(),
-            template: PodTemplate {
-                labels: app,
-                ports: vec![ContainerPort {
-                    name: String::new(),
-                    container_port: 80,
-                    protocol: Protocol::Tcp,
-                }],
-            },
-        };
-        assert_eq!(one(DEPLOYMENT_SEED), Object::Deployment(expected));
-    }
-
-    #[test]
     fn seed_clusterip_service() {
         let app = strings(&[("app", "nextcloud"), ("environment", "dev")]);
         let expected = Service {
@@ -1168,11 +1128,14 @@ status:
         ]
         .concat();
         let p = parse(&text);
-        assert!(p.errors.is_empty() && p.warnings.is_empty(), "{p:#?}");
+        assert!(p.errors.is_empty(), "{p:#?}");
         let kinds: Vec<_> = p.objects.iter().map(Object::kind).collect();
+        assert_eq!(kinds, ["Service", "ConfigMap", "Service", "Service"]);
+        // Deployments are the lab's business (ferry-lab reads them with this crate).
+        assert_eq!(p.warnings.len(), 1, "{p:#?}");
         assert_eq!(
-            kinds,
-            ["Deployment", "Service", "ConfigMap", "Service", "Service"]
+            p.warnings[0].message,
+            "unknown kind Deployment (apiVersion apps/v1): ignored"
         );
     }
 
@@ -1316,9 +1279,9 @@ status:
         );
         assert_eq!(e.at.object.as_deref(), Some("Service x/web"));
         assert_error(
-            "apiVersion: extensions/v1beta1\nkind: Deployment\nmetadata: {name: d}\n",
+            "apiVersion: metallb.io/v1beta2\nkind: IPAddressPool\nmetadata: {name: d}\n",
             "apiVersion",
-            "needs apiVersion apps/v1",
+            "needs apiVersion metallb.io/v1beta1",
         );
         assert_error(
             "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\n",
@@ -2060,7 +2023,7 @@ subsets:
         }
     }
 
-    // ---- Node, ConfigMap, Deployment, Pod -------------------------------------------------
+    // ---- Node, ConfigMap --------------------------------------------------------------------
 
     #[test]
     fn node() {
@@ -2367,121 +2330,6 @@ spec:
             panic!()
         };
         assert_eq!(c.data, strings(&[("empty", ""), ("k", "1")]));
-    }
-
-    #[test]
-    fn deployment_defaults_and_ports() {
-        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\n\
-                    spec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web, tier: fe}}\n    \
-                    spec:\n      containers:\n      - name: web\n        ports:\n        - {name: http, containerPort: 8080}\n        \
-                    - {name: dns, containerPort: 53, protocol: UDP}\n      - name: sidecar\n";
-        let Object::Deployment(d) = one(text) else {
-            panic!()
-        };
-        assert_eq!(d.replicas, 1);
-        assert_eq!(d.selector, strings(&[("app", "web")]));
-        assert_eq!(
-            d.template.labels,
-            strings(&[("app", "web"), ("tier", "fe")])
-        );
-        assert_eq!(
-            d.template.ports,
-            vec![
-                ContainerPort {
-                    name: "http".into(),
-                    container_port: 8080,
-                    protocol: Protocol::Tcp
-                },
-                ContainerPort {
-                    name: "dns".into(),
-                    container_port: 53,
-                    protocol: Protocol::Udp
-                },
-            ]
-        );
-        let Object::Deployment(d) = one(&DEPLOYMENT_SEED.replace("replicas: 2", "replicas: 0"))
-        else {
-            panic!()
-        };
-        assert_eq!(d.replicas, 0);
-    }
-
-    #[test]
-    fn deployment_errors() {
-        let cases: &[(&str, &str, &str, &str)] = &[
-            (
-                "    matchLabels:\n      app: nextcloud\n      environment: dev\n",
-                "    matchExpressions:\n    - {key: app, operator: In, values: [nextcloud]}\n",
-                "spec.selector.matchExpressions",
-                "not supported by ferry",
-            ),
-            ("    matchLabels:\n      app: nextcloud\n      environment: dev\n", "    matchLabels: {}\n", "spec.selector.matchLabels", "non-empty"),
-            ("  selector:\n    matchLabels:\n      app: nextcloud\n      environment: dev\n", "", "spec.selector", "required"),
-            ("        environment: dev\n    spec:", "        environment: prod\n    spec:", "spec.template.metadata.labels", "selector does not match template labels: missing environment=dev"),
-            ("replicas: 2", "replicas: -1", "spec.replicas", "must be between 0 and 2147483647, got -1"),
-            ("replicas: 2", "replicas: two", "spec.replicas", "must be an integer"),
-            ("containerPort: 80", "containerPort: 0", "spec.template.spec.containers[0].ports[0].containerPort", "got 0"),
-            ("- containerPort: 80", "- name: web\n          containerPort: 80\n        - name: web\n          containerPort: 81", "spec.template.spec.containers[0].ports[1].name", "duplicate port name \"web\""),
-            ("- containerPort: 80", "- name: http_port\n          containerPort: 80", "spec.template.spec.containers[0].ports[0].name", "IANA"),
-            ("- containerPort: 80", "- protocol: TCP", "spec.template.spec.containers[0].ports[0].containerPort", "required"),
-            ("      - name: nextcloud\n        image: nextcloud:latest\n", "      - image: x\n", "spec.template.spec.containers[0].name", "required"),
-            ("      containers:", "      initContainers:", "spec.template.spec.containers", "at least one container"),
-            ("    spec:\n", "    nospec:\n", "spec.template.spec", "required"),
-        ];
-        for (from, to, field, msg) in cases {
-            let text = DEPLOYMENT_SEED.replacen(from, to, 1);
-            assert_ne!(text, DEPLOYMENT_SEED, "{from}");
-            let e = assert_error(&text, field, msg);
-            assert_eq!(
-                e.at.object.as_deref(),
-                Some("Deployment default/nextcloud-dev")
-            );
-        }
-        assert_error(
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
-            "spec",
-            "required",
-        );
-    }
-
-    #[test]
-    fn pod() {
-        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, labels: {app: web}}\n\
-                    spec:\n  nodeName: node-1\n  containers:\n  - name: web\n    ports: [{name: http, containerPort: 8080}]\n\
-                    status: {podIP: 10.244.1.5}\n";
-        let Object::Pod(p) = one(text) else { panic!() };
-        assert_eq!(p.node_name.as_deref(), Some("node-1"));
-        assert_eq!(p.pod_ip, Some(ip("10.244.1.5")));
-        assert_eq!(p.ports[0].name, "http");
-        assert_eq!(p.meta.labels, strings(&[("app", "web")]));
-
-        let Object::Pod(p) =
-            one(&text.replace("{podIP: 10.244.1.5}", "{podIPs: [{ip: 'fd00::5'}]}"))
-        else {
-            panic!()
-        };
-        assert_eq!(p.pod_ip, Some(ip("fd00::5")));
-        let Object::Pod(p) = one(&text.replace("status: {podIP: 10.244.1.5}\n", "")) else {
-            panic!()
-        };
-        assert_eq!(p.pod_ip, None);
-
-        let e = assert_error(
-            &text.replace("10.244.1.5", "10.244.1"),
-            "status.podIP",
-            "must be an IP address",
-        );
-        assert_eq!(e.at.object.as_deref(), Some("Pod default/web-0"));
-        assert_error(
-            &text.replace("8080", "80000"),
-            "spec.containers[0].ports[0].containerPort",
-            "got 80000",
-        );
-        assert_error(
-            &text.replace("nodeName: node-1", "nodeName: 7"),
-            "spec.nodeName",
-            "must be a string",
-        );
     }
 
     #[test]
