@@ -138,6 +138,11 @@ fn translate(message: &str, field: String, in_map: bool) -> FieldError {
         ("type", r)
     } else if let Some(r) = message.strip_prefix("invalid value: ") {
         ("value", r)
+    } else if field.ends_with("Timestamp") || field.ends_with("Time") {
+        return FieldError {
+            message: format!("must be an RFC 3339 time (2024-01-31T12:00:00Z): {message}"),
+            field,
+        };
     } else {
         return FieldError {
             field,

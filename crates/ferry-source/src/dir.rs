@@ -205,3 +205,69 @@ fn file_error(shown: &str, e: std::io::Error) -> ManifestError {
         message: format!("cannot read: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system's temporary directory, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!(
+                "ferry-source-{tag}-{}-{}",
+                std::process::id(),
+                now_ms()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const SVC: &str =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n";
+
+    #[test]
+    fn reads_a_directory_and_rereads_changed_files() {
+        let dir = TempDir::new("read");
+        std::fs::create_dir_all(dir.0.join("sub")).unwrap();
+        std::fs::write(dir.0.join("a.yaml"), SVC).unwrap();
+        std::fs::write(dir.0.join("sub/b.yml"), SVC.replace("web", "api")).unwrap();
+        std::fs::write(dir.0.join("notes.txt"), "not a manifest").unwrap();
+        std::fs::write(dir.0.join(".hidden.yaml"), "{{{").unwrap();
+        std::fs::write(
+            dir.0.join("c.json"),
+            r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": {"ports": [{"port": 81}]}}"#,
+        )
+        .unwrap();
+        let mut reader = Reader::new(&dir.0);
+        let snap = reader.read().unwrap();
+        let names: Vec<_> = snap.services.iter().map(|s| s.meta.name.as_str()).collect();
+        assert_eq!(names, ["web", "api"]);
+        assert!(snap.errors.is_empty(), "{:#?}", snap.errors);
+        // The second default/web (c.json, after a.yaml in path order) is a duplicate.
+        assert_eq!(snap.warnings.len(), 1, "{:#?}", snap.warnings);
+        assert_eq!(snap.warnings[0].at.file, "c.json");
+        assert!(snap.warnings[0]
+            .message
+            .contains("duplicate of the one in a.yaml"));
+        assert_eq!(snap.service_mtime_ms.len(), 2);
+
+        // A broken file is an error naming it; the others still count.
+        std::fs::write(dir.0.join("sub/b.yml"), "kind: [\n").unwrap();
+        let snap = reader.read().unwrap();
+        assert_eq!(snap.services.len(), 1);
+        assert_eq!(snap.errors.len(), 1, "{:#?}", snap.errors);
+        assert!(snap.errors[0]
+            .to_string()
+            .starts_with("sub/b.yml document 0"));
+        assert_eq!(stamp(&dir.0).unwrap().len(), 3);
+    }
+}

@@ -757,3 +757,132 @@ pub fn l2_advertisement(ck: &mut Ck, l2: &metallb::L2Advertisement) -> L2Adverti
         interfaces: spec.interfaces.unwrap_or_default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::parse_text;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    /// A Service as a Kubernetes API client hands it over (no YAML involved).
+    fn api_service(ports: Vec<core::ServicePort>) -> core::Service {
+        core::Service {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("shop".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(core::ServiceSpec {
+                type_: Some("LoadBalancer".into()),
+                ports: Some(ports),
+                selector: Some([("app".to_string(), "web".to_string())].into()),
+                ..core::ServiceSpec::default()
+            }),
+            ..core::Service::default()
+        }
+    }
+
+    #[test]
+    fn typed_objects_convert_without_yaml() {
+        let svc = api_service(vec![core::ServicePort {
+            name: Some("http".into()),
+            port: 80,
+            target_port: Some(IntOrString::String("http".into())),
+            ..core::ServicePort::default()
+        }]);
+        let mut ck = Ck::default();
+        let s = service(&mut ck, &svc);
+        assert!(ck.errors.is_empty(), "{:?}", ck.errors);
+        assert_eq!(s.meta.object_ref().to_string(), "shop/web");
+        assert_eq!(s.type_, ServiceType::LoadBalancer);
+        assert_eq!(s.ports[0].target_port, TargetPort::Name("http".into()));
+        assert_eq!(s.selector["app"], "web");
+
+        // The same checks as for a file: a port the API server would refuse.
+        let svc = api_service(vec![core::ServicePort {
+            port: 70000,
+            ..core::ServicePort::default()
+        }]);
+        let mut ck = Ck::default();
+        service(&mut ck, &svc);
+        assert_eq!(
+            ck.errors,
+            [(
+                "spec.ports[0].port".to_string(),
+                "must be between 1 and 65535, got 70000".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_manifest_and_its_typed_object_give_the_same_service() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+                    spec:\n  type: LoadBalancer\n  selector: {app: web}\n  ports:\n  \
+                    - {name: http, port: 80, targetPort: http}\n";
+        let p = parse_text("f", text);
+        let svc = api_service(vec![core::ServicePort {
+            name: Some("http".into()),
+            port: 80,
+            target_port: Some(IntOrString::String("http".into())),
+            ..core::ServicePort::default()
+        }]);
+        let mut ck = Ck::default();
+        assert_eq!(
+            p.objects,
+            [ferry_model::Object::Service(service(&mut ck, &svc))]
+        );
+    }
+
+    #[test]
+    fn fields_ferry_does_not_use_are_checked_by_type_and_unknown_fields_ignored() {
+        let base =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n";
+        // An unknown field is ignored, as the API server does without strict field validation.
+        let p = parse_text("f", &format!("{base}  frobnicate: [1, 2]\n"));
+        assert!(p.errors.is_empty(), "{p:#?}");
+        // A known field of the wrong type is refused even if ferry does not use it.
+        let p = parse_text("f", &format!("{base}  sessionAffinity: [ClientIP]\n"));
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        assert_eq!(p.errors[0].at.field, "spec.sessionAffinity");
+        assert_eq!(p.errors[0].message, "must be a string, got a list");
+        let p = parse_text(
+            "f",
+            &format!("{base}  allocateLoadBalancerNodePorts: maybe\n"),
+        );
+        assert_eq!(p.errors[0].at.field, "spec.allocateLoadBalancerNodePorts");
+        assert!(p.errors[0].message.starts_with("must be true or false"));
+        // A timestamp must be one.
+        let p = parse_text(
+            "f",
+            &base.replace("{name: web}", "{name: web, creationTimestamp: yesterday}"),
+        );
+        assert_eq!(p.errors[0].at.field, "metadata.creationTimestamp", "{p:#?}");
+        assert!(p.errors[0].message.starts_with("must be an RFC 3339 time"));
+    }
+
+    #[test]
+    fn null_labels_are_empty_strings() {
+        let text =
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, labels: {a: null, b: ~}}\n\
+                    data: {k: v}\n";
+        let p = parse_text("f", text);
+        let [ferry_model::Object::ConfigMap(c)] = p.objects.as_slice() else {
+            panic!("{p:#?}")
+        };
+        assert_eq!(c.meta.labels["a"], "");
+        assert_eq!(c.meta.labels["b"], "");
+    }
+
+    #[test]
+    fn metallb_kinds_decode_with_field_paths() {
+        let text = "apiVersion: metallb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: p}\n\
+                    spec:\n  addresses: [10.0.0.0/24]\n  serviceAllocation: {priority: high}\n";
+        let p = parse_text("f", text);
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        assert_eq!(p.errors[0].at.field, "spec.serviceAllocation.priority");
+        assert_eq!(
+            p.errors[0].message,
+            "must be an integer, got string \"high\""
+        );
+    }
+}
