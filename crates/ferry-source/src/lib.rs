@@ -6,6 +6,15 @@
 //!
 //! - [`manifest`]: one file's text (multi-document YAML or JSON, `List`s) into objects, with
 //!   errors and warnings that name the file, the document, the object and the field.
+//!   [`manifest::split_objects`] gives the objects before decoding, for callers with kinds of
+//!   their own (the lab's Deployments and Pods).
+//! - [`decode`]: one object into its typed Kubernetes form — `k8s-openapi`'s types (one
+//!   Kubernetes version feature, `v1_33`, for the whole workspace) and [`metallb`]'s derived
+//!   types — with `serde_path_to_error`'s field path and messages in ferry's words.
+//! - [`kinds`]: the checks the API server makes on the fields ferry uses ([`check`] holds the
+//!   shared ones: names, ports, protocols, selectors), then the one conversion into
+//!   ferry-model's type. A Kubernetes API source hands the same typed objects to the same
+//!   functions.
 //! - [`dir`]: a directory of manifests read as one [`Snapshot`] of the cluster, re-parsing only
 //!   the files that changed ([`Reader`]).
 //!

@@ -101,7 +101,7 @@ pub struct Location {
     pub doc_index: usize,
     /// e.g. "Service default/web"; None when the document has no usable kind/name.
     pub object: Option<String>,
-    /// e.g. "spec.ports[0].port"; empty when the whole document is at fault.
+    /// e.g. `spec.ports[0].port`; empty when the whole document is at fault.
     pub field: String,
 }
 
@@ -159,7 +159,7 @@ pub fn parse_text(file: &str, text: &str) -> Parsed {
 pub struct RawObject {
     pub file: String,
     pub doc_index: usize,
-    /// Where the object is inside its document: "" or "items[3]" (prefix of field paths).
+    /// Where the object is inside its document: "" or `items[3]` (prefix of field paths).
     pub base: String,
     pub kind: String,
     pub api_version: String,
