@@ -28,7 +28,7 @@ pub const MANAGED_BY: &str = "ferry-lab";
 pub struct Doc {
     pub file: String,
     pub index: usize,
-    /// Where the object is in its document: "" or "items[3]" for an item of a `List`.
+    /// Where the object is in its document: "" or `items[3]` for an item of a `List`.
     pub base: String,
     pub value: Value,
     pub kind: String,
