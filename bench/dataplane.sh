@@ -4,7 +4,7 @@
 # Usage: bench/dataplane.sh [ferry bench flags, e.g. --services 1000 --kube-proxy-layout]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q -p ferry
+cargo build --release -q -p ferry -p ferry-lab
 ns="ferry-bench-$$"
 ip netns add "$ns"
 trap 'ip netns del "$ns" 2>/dev/null || true' EXIT

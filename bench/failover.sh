@@ -11,7 +11,7 @@ if ! command -v keepalived >/dev/null && [ ! -x /usr/sbin/keepalived ]; then
   echo "keepalived is not installed: apt-get install -y keepalived" >&2
   exit 1
 fi
-cargo build --release -q -p ferry
+cargo build --release -q -p ferry -p ferry-lab
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 rc=0

@@ -8,5 +8,5 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 scripts/install-deps.sh
-cargo build --release -q -p ferry
+cargo build --release -q -p ferry -p ferry-lab
 exec ./target/release/ferry demo "$@"

@@ -2,7 +2,7 @@
 # Installs what ferry and its tests need on Debian/Ubuntu (as root): nftables (and its
 # library, which ferry uses in-process), iproute2 for the lab's namespaces, curl as the client.
 set -euo pipefail
-pkgs=(nftables libnftables1 iproute2 curl conntrack procps arping ndisc6 keepalived)
+pkgs=(nftables libnftables1 iproute2 curl conntrack procps arping ndisc6 keepalived prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -77,6 +77,9 @@ pub struct Counters {
     /// Frames in which another MAC claims an owned address (ARP sender or NA target): two
     /// hosts answer for one address.
     pub conflicts: u64,
+    /// Requests for an owned address left unanswered because the ownership lease had expired
+    /// (the owner stopped renewing it: see [`Responder::set_owned_until`]).
+    pub unleased: u64,
     /// Failed sends, receives and group joins (the latest is in [`Responder::last_error`]).
     pub errors: u64,
 }
@@ -91,6 +94,7 @@ struct AtomicCounters {
     garbage: AtomicU64,
     ignored: AtomicU64,
     conflicts: AtomicU64,
+    unleased: AtomicU64,
     errors: AtomicU64,
 }
 
@@ -106,6 +110,7 @@ impl AtomicCounters {
             garbage: get(&self.garbage),
             ignored: get(&self.ignored),
             conflicts: get(&self.conflicts),
+            unleased: get(&self.unleased),
             errors: get(&self.errors),
         }
     }
@@ -118,17 +123,40 @@ fn bump(c: &AtomicU64) {
 /// Owned addresses and pending announcements. Each time an address becomes owned it gets a
 /// new generation; a scheduled announcement is sent only while its generation is current, so
 /// removing an address (or removing and re-adding it) cancels what was scheduled before.
+///
+/// Ownership is a lease: nothing is answered or announced at or after `valid_until` until the
+/// owner renews it, so an owner that stops renewing (stuck, cut off, gone) falls silent by
+/// itself.
 #[derive(Default)]
 struct State {
     owned: BTreeMap<IpAddr, u64>,
+    /// None: owned until further notice.
+    valid_until: Option<Instant>,
     schedule: BinaryHeap<Reverse<(Instant, IpAddr, u64)>>,
     next_generation: u64,
     groups: BTreeSet<Ipv6Addr>,
 }
 
+/// What one owned-address check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ownership {
+    Owned,
+    /// Owned, but the lease has run out.
+    Expired,
+    NotOwned,
+}
+
 impl State {
-    fn owns(&self, ip: IpAddr) -> bool {
-        self.owned.contains_key(&ip)
+    fn leased(&self, now: Instant) -> bool {
+        self.valid_until.is_none_or(|t| now < t)
+    }
+
+    fn ownership(&self, ip: IpAddr, now: Instant) -> Ownership {
+        match (self.owned.contains_key(&ip), self.leased(now)) {
+            (false, _) => Ownership::NotOwned,
+            (true, true) => Ownership::Owned,
+            (true, false) => Ownership::Expired,
+        }
     }
 
     fn schedule(&mut self, ip: IpAddr, generation: u64, now: Instant, offsets: &[Duration]) {
@@ -146,7 +174,7 @@ impl State {
                 return (due, Some(at));
             }
             self.schedule.pop();
-            if self.owned.get(&ip) == Some(&generation) && !due.contains(&ip) {
+            if self.owned.get(&ip) == Some(&generation) && self.leased(now) && !due.contains(&ip) {
                 due.push(ip);
             }
         }
@@ -238,8 +266,17 @@ impl Responder {
     /// being answered at once and their pending announcements are cancelled. Addresses no host
     /// can own (unspecified, multicast, broadcast, loopback) are skipped and counted as errors.
     pub fn set_owned(&self, ips: BTreeSet<IpAddr>) {
+        self.set_owned_until(ips, None);
+    }
+
+    /// [`Responder::set_owned`] with a lease: the addresses are answered for and announced only
+    /// before `valid_until` (None: no expiry). The thread checks the lease before every reply
+    /// and announcement, so an owner that stops renewing it (with [`Responder::renew`] or
+    /// another call here) stops being answered for at `valid_until` whatever it is doing.
+    pub fn set_owned_until(&self, ips: BTreeSet<IpAddr>, valid_until: Option<Instant>) {
         let now = Instant::now();
         let mut state = lock(&self.shared.state);
+        state.valid_until = valid_until;
         let mut owned = BTreeMap::new();
         for ip in ips {
             if !ownable(ip) {
@@ -304,6 +341,12 @@ impl Responder {
             }
         }
         state.groups = joined;
+    }
+
+    /// Extends (or shortens) the ownership lease of the owned addresses.
+    pub fn renew(&self, valid_until: Option<Instant>) {
+        lock(&self.shared.state).valid_until = valid_until;
+        self.shared.waker.wake();
     }
 
     /// Announces every owned address again on [`Config::announce_at`] (e.g. after the link
@@ -400,6 +443,8 @@ enum Outcome {
         reply: Frame,
         conflict: bool,
     },
+    /// A solicitation for an owned address whose lease has expired: not answered.
+    Unleased,
     /// Any other ARP/NDP frame.
     Seen {
         conflict: bool,
@@ -411,7 +456,7 @@ fn decide(
     bytes: &[u8],
     packet_type: PacketType,
     our_mac: MacAddr,
-    owns: impl Fn(IpAddr) -> bool,
+    ownership: impl Fn(IpAddr) -> Ownership,
 ) -> Outcome {
     if matches!(packet_type, PacketType::OtherHost | PacketType::Outgoing) {
         return Outcome::Ignored;
@@ -426,11 +471,15 @@ fn decide(
     }
     let conflict = frame
         .claim()
-        .is_some_and(|(ip, mac)| mac != our_mac && owns(ip));
+        .is_some_and(|(ip, mac)| mac != our_mac && ownership(ip) == Ownership::Owned);
     match frame.solicitation() {
-        Some(s) if s.addressed_to(our_mac) && owns(s.target()) => Outcome::Answer {
-            reply: s.reply(our_mac),
-            conflict,
+        Some(s) if s.addressed_to(our_mac) => match ownership(s.target()) {
+            Ownership::Owned => Outcome::Answer {
+                reply: s.reply(our_mac),
+                conflict,
+            },
+            Ownership::Expired => Outcome::Unleased,
+            Ownership::NotOwned => Outcome::NotOurs { conflict },
         },
         Some(_) => Outcome::NotOurs { conflict },
         None => Outcome::Seen { conflict },
@@ -508,7 +557,11 @@ fn drain(
         let bytes = buf.get(..got.len).unwrap_or_default();
         let outcome = {
             let state = lock(&shared.state);
-            decide(bytes, got.packet_type, shared.mac, |ip| state.owns(ip))
+            // The lease is read at the moment of the answer, not at the start of the batch.
+            let now = Instant::now();
+            decide(bytes, got.packet_type, shared.mac, |ip| {
+                state.ownership(ip, now)
+            })
         };
         let conflict = match outcome {
             Outcome::Garbage => {
@@ -520,6 +573,11 @@ fn drain(
                 false
             }
             Outcome::Seen { conflict } => conflict,
+            Outcome::Unleased => {
+                bump(&c.requests);
+                bump(&c.unleased);
+                false
+            }
             Outcome::NotOurs { conflict } => {
                 bump(&c.requests);
                 conflict
@@ -568,8 +626,50 @@ mod tests {
         .to_bytes()
     }
 
-    fn owns_200(ip: IpAddr) -> bool {
-        ip == IpAddr::V4(Ipv4Addr::new(10, 0, 0, 200))
+    fn owns_200(ip: IpAddr) -> Ownership {
+        if ip == IpAddr::V4(Ipv4Addr::new(10, 0, 0, 200)) {
+            Ownership::Owned
+        } else {
+            Ownership::NotOwned
+        }
+    }
+
+    #[test]
+    fn an_expired_lease_is_not_answered_and_claims_no_conflict() {
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 200));
+        let t0 = Instant::now();
+        let mut s = State::default();
+        s.owned.insert(ip, 1);
+        s.valid_until = Some(t0 + Duration::from_millis(80));
+        assert_eq!(s.ownership(ip, t0), Ownership::Owned);
+        assert_eq!(
+            s.ownership(ip, t0 + Duration::from_millis(79)),
+            Ownership::Owned
+        );
+        let expired = t0 + Duration::from_millis(80);
+        assert_eq!(s.ownership(ip, expired), Ownership::Expired);
+        assert_eq!(
+            s.ownership(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 201)), expired),
+            Ownership::NotOwned
+        );
+        let req = arp_request(THEM, MacAddr::BROADCAST, [10, 0, 0, 2], [10, 0, 0, 200]);
+        assert_eq!(
+            decide(&req, PacketType::Broadcast, US, |i| s.ownership(i, expired)),
+            Outcome::Unleased
+        );
+        let theirs = announce(THEM, ip).to_bytes();
+        assert_eq!(
+            decide(&theirs, PacketType::Broadcast, US, |i| s
+                .ownership(i, expired)),
+            Outcome::Seen { conflict: false }
+        );
+        // Scheduled announcements do not go out past the lease either.
+        s.schedule(ip, 1, t0, &[Duration::ZERO, Duration::from_millis(100)]);
+        assert_eq!(s.due(t0).0, vec![ip]);
+        assert!(s.due(t0 + Duration::from_millis(100)).0.is_empty());
+        // Renewed: answered again.
+        s.valid_until = None;
+        assert_eq!(s.ownership(ip, expired), Ownership::Owned);
     }
 
     #[test]

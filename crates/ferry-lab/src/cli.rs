@@ -8,7 +8,8 @@ use clap::{Args, Subcommand};
 use crate::get::{self, NsFilter};
 use crate::manifests;
 use crate::ops;
-use crate::state::{prefix_flag, Ctx};
+use crate::show;
+use crate::state::Ctx;
 use crate::topology::{self, AgentAction};
 
 #[derive(Debug, Subcommand)]
@@ -138,18 +139,13 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
         LabCommand::BenchFailover(_) => Ok(0),
         LabCommand::Up { nodes, no_agents } => {
             let report = topology::up(&ctx, nodes, !no_agents)?;
-            print_up(&ctx, &report);
+            show::print_up(&ctx, &report);
             Ok(0)
         }
         LabCommand::Down => {
             let r = topology::down(&ctx)?;
             if r.existed {
-                println!(
-                    "lab {:?} down: {} processes stopped, {} namespaces deleted",
-                    ctx.prefix,
-                    r.processes,
-                    r.namespaces.len()
-                );
+                println!("{}", show::down_line(&ctx, &r));
             } else {
                 println!("lab {:?} is not up (nothing to do)", ctx.prefix);
             }
@@ -259,58 +255,17 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
     }
 }
 
-pub(crate) fn print_up(ctx: &Ctx, report: &topology::UpReport) {
-    let st = &report.state;
-    println!(
-        "lab {:?} up: {} nodes, client {} ({}), files in {}",
-        ctx.prefix,
-        st.nodes.len(),
-        st.client.ip,
-        st.client.ns,
-        ctx.dir().display()
-    );
-    for n in &st.nodes {
-        let agent = match topology::agent_pid(ctx, st, &n.name) {
-            Some(pid) => format!("agent pid {pid}"),
-            None if st.agents => "agent not running".to_string(),
-            None => "no agent".to_string(),
-        };
-        println!(
-            "  {:<18} {:<14} pods {:<14} netns {}  {agent}",
-            n.name, n.ip, n.pod_cidr, n.ns
-        );
-    }
-    for w in &report.warnings {
-        eprintln!("warning: {w}");
-    }
-    let p = prefix_flag(&ctx.prefix);
-    println!(
-        "next: ferry lab{p} apply -f FILE; ferry lab{p} get pods,svc -o wide; ferry lab{p} down"
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::{Cli, Command};
     use clap::{CommandFactory, Parser};
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(subcommand)]
-        command: Top,
-    }
-
-    #[derive(Debug, Subcommand)]
-    enum Top {
-        Lab(LabArgs),
-        Demo(crate::DemoArgs),
-    }
 
     fn parse(args: &[&str]) -> LabArgs {
         let cli = Cli::try_parse_from(args).expect("parses");
         match cli.command {
-            Top::Lab(a) => a,
-            Top::Demo(_) => panic!("demo"),
+            Command::Lab(a) => a,
+            other => panic!("{other:?}"),
         }
     }
 
@@ -342,6 +297,11 @@ mod tests {
         );
         let a = parse(&["ferry", "lab", "apply", "-f", "a.yaml", "-f", "dir"]);
         assert!(matches!(a.command, LabCommand::Apply { files } if files.len() == 2));
+        let cli = Cli::try_parse_from(["ferry", "demo", "--nodes", "3"]).expect("demo");
+        assert!(matches!(cli.command, Command::Demo(d) if d.nodes == 3 && d.prefix == "demo"));
+        let cli = Cli::try_parse_from(["ferry", "bench", "--services", "5", "--nft-command"])
+            .expect("bench");
+        assert!(matches!(cli.command, Command::Bench(b) if b.services == 5 && b.nft_command));
         let a = parse(&["ferry", "lab", "up", "--nodes", "3", "--no-agents"]);
         assert!(matches!(
             a.command,

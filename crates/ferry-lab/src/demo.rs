@@ -4,7 +4,7 @@
 //! from outside on 192.168.2.200, and a failover: the announcing node's link goes down while
 //! the client keeps curling, and the time until the client is served again is measured.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -14,21 +14,16 @@ use clap::Args;
 use crate::get::{self, NsFilter};
 use crate::manifests;
 use crate::ops;
+use crate::probe;
+use crate::show;
 use crate::state::{Ctx, LabState};
 use crate::sys;
 use crate::topology;
 
-pub const NEXTCLOUD_DEV: &str = include_str!("../manifests/seed/nextcloud-dev.yaml");
-pub const NEXTCLOUD_DEV_CLUSTERIP: &str =
-    include_str!("../manifests/seed/nextcloud-dev-clusterip.yaml");
-pub const NEXTCLOUD_DEV_NODEPORT: &str =
-    include_str!("../manifests/seed/nextcloud-dev-nodeport.yaml");
-pub const NEXTCLOUD_DEV_LOADBALANCER: &str =
-    include_str!("../manifests/seed/nextcloud-dev-loadbalancer.yaml");
-pub const METALLB_CONFIG: &str = include_str!("../manifests/seed/metallb-config.yaml");
-
-/// The seed's `kubectl run debian-bash --image debian bash`, as a Pod.
-pub const DEBIAN_BASH: &str = include_str!("../manifests/seed/debian-bash.yaml");
+pub use crate::seed::{
+    DEBIAN_BASH, METALLB_CONFIG, NEXTCLOUD_DEV, NEXTCLOUD_DEV_CLUSTERIP,
+    NEXTCLOUD_DEV_LOADBALANCER, NEXTCLOUD_DEV_NODEPORT,
+};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -81,7 +76,7 @@ pub fn run_demo(args: DemoArgs) -> Result<i32> {
     cmd(&format!("ferry lab up --nodes {nodes}"));
     let result = match topology::up(&ctx, nodes, true) {
         Ok(report) => {
-            crate::cli::print_up(&ctx, &report);
+            show::print_up(&ctx, &report);
             steps(&ctx).and_then(|()| load_balancer_steps(&ctx))
         }
         Err(e) => Err(e),
@@ -89,12 +84,7 @@ pub fn run_demo(args: DemoArgs) -> Result<i32> {
     println!();
     cmd("ferry lab down");
     match topology::down(&ctx) {
-        Ok(r) => println!(
-            "lab {:?} down: {} processes stopped, {} namespaces deleted",
-            ctx.prefix,
-            r.processes,
-            r.namespaces.len()
-        ),
+        Ok(r) => println!("{}", show::down_line(&ctx, &r)),
         Err(e) => eprintln!("ferry demo: down failed: {e:#}"),
     }
     match result {
@@ -274,25 +264,40 @@ fn agent_killed(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
     let killed = Instant::now();
     crate::topology::agent(ctx, &owner, crate::topology::AgentAction::Kill)?;
     let needle = format!("announcing {ip} on ");
-    let (mut ok, mut failed, mut took_over) = (0, 0, None);
-    while killed.elapsed() < Duration::from_secs(3) {
-        check_interrupted()?;
-        match curl_with_timeout(ctx, "client", url, "0.5")? {
-            Ok(_) => ok += 1,
-            Err(_) => failed += 1,
+    let client_ns = st.client.ns.clone();
+    let stop = AtomicBool::new(false);
+    let answered = AtomicUsize::new(0);
+    let (attempts, took_over) = std::thread::scope(|s| {
+        let probe = s.spawn(|| {
+            probe::probe_loop_with(&client_ns, url, killed, &stop, |a| {
+                if a.result.is_ok() {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        });
+        // Until another node announces the address and the client had 10 answers (at most 3 s).
+        let mut took_over = None;
+        while killed.elapsed() < Duration::from_secs(3) && !INTERRUPTED.load(Ordering::SeqCst) {
+            if took_over.is_none() {
+                took_over = logs.iter().find_map(|(n, off)| {
+                    agent_log(ctx, n)
+                        .get(*off..)
+                        .is_some_and(|t| t.contains(&needle))
+                        .then(|| (n.clone(), killed.elapsed()))
+                });
+            }
+            if took_over.is_some() && answered.load(Ordering::SeqCst) >= 10 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        if took_over.is_none() {
-            took_over = logs.iter().find_map(|(n, off)| {
-                agent_log(ctx, n)
-                    .get(*off..)
-                    .is_some_and(|t| t.contains(&needle))
-                    .then(|| (n.clone(), killed.elapsed()))
-            });
-        }
-        if took_over.is_some() && ok >= 10 {
-            break;
-        }
-    }
+        stop.store(true, Ordering::SeqCst);
+        (probe.join(), took_over)
+    });
+    let attempts = attempts.map_err(|_| anyhow::anyhow!("the probe loop panicked"))?;
+    check_interrupted()?;
+    let ok = attempts.iter().filter(|a| a.result.is_ok()).count();
+    let failed = attempts.len() - ok;
     match &took_over {
         Some((n, t)) => println!(
             "# {n} took over {ip} {} ms after the agent died (gratuitous ARP); the client: {ok} requests answered, {failed} failed ({owner} itself kept forwarding)",
@@ -398,13 +403,6 @@ fn one_announcer(ctx: &Ctx, st: &LabState, ip: &str, timeout: Duration) -> Resul
     }
 }
 
-/// One request of the client's probe loop.
-struct Probe {
-    began: Instant,
-    ended: Instant,
-    ok: bool,
-}
-
 /// Steps 13-14: the announcing node's link goes down while the client curls the address in a
 /// loop; the client is served again once another node announces it. Then the link comes back.
 fn failover(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
@@ -434,47 +432,26 @@ fn failover(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
     let client_ns = st.client.ns.clone();
     let lan_ns = st.lan_ns.clone();
     let stop = AtomicBool::new(false);
-    let cut_at: OnceLock<Instant> = OnceLock::new();
+    let start = Instant::now();
+    let cut_at: OnceLock<Duration> = OnceLock::new();
     let served_after_cut = AtomicBool::new(false);
-    let (probes, cut) = std::thread::scope(|s| -> Result<(Vec<Probe>, Instant)> {
+    let (attempts, cut) = std::thread::scope(|s| -> Result<(Vec<probe::Attempt>, Duration)> {
         let probe = s.spawn(|| {
-            let mut out = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                let began = Instant::now();
-                let ok = sys::exec_output(
-                    &client_ns,
-                    &[
-                        "curl",
-                        "-sS",
-                        "--connect-timeout",
-                        "0.25",
-                        "--max-time",
-                        "0.5",
-                        url,
-                    ],
-                )
-                .is_ok_and(|o| o.status.success());
-                if ok && cut_at.get().is_some_and(|c| began >= *c) {
+            probe::probe_loop_with(&client_ns, url, start, &stop, |a| {
+                if a.result.is_ok() && cut_at.get().is_some_and(|c| a.began >= *c) {
                     served_after_cut.store(true, Ordering::SeqCst);
                 }
-                out.push(Probe {
-                    began,
-                    ended: Instant::now(),
-                    ok,
-                });
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            out
+            })
         });
         std::thread::sleep(Duration::from_millis(500));
         cmd(&format!(
             "ferry lab exec lan -- ip link set {} down",
             node.lan_if
         ));
-        let cut = *cut_at.get_or_init(Instant::now);
+        let cut = *cut_at.get_or_init(|| start.elapsed());
         let down = sys::exec_output(&lan_ns, &["ip", "link", "set", &node.lan_if, "down"]);
         // Until a request that began after the cut succeeds (at most 5 s), then a little more.
-        let deadline = cut + Duration::from_secs(5);
+        let deadline = start + cut + Duration::from_secs(5);
         while Instant::now() < deadline
             && !served_after_cut.load(Ordering::SeqCst)
             && !INTERRUPTED.load(Ordering::SeqCst)
@@ -483,7 +460,7 @@ fn failover(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::SeqCst);
-        let probes = probe
+        let attempts = probe
             .join()
             .map_err(|_| anyhow::anyhow!("the probe loop panicked"))?;
         let down = down?;
@@ -494,20 +471,12 @@ fn failover(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
                 String::from_utf8_lossy(&down.stderr).trim()
             );
         }
-        Ok((probes, cut))
+        Ok((attempts, cut))
     })?;
     check_interrupted()?;
-    let failed = probes.iter().filter(|p| p.began >= cut && !p.ok).count();
-    let slowest = probes
-        .iter()
-        .filter(|p| p.ended >= cut)
-        .map(|p| p.ended.duration_since(p.began))
-        .max()
-        .unwrap_or_default();
-    let recovered = probes
-        .iter()
-        .find(|p| p.began >= cut && p.ok)
-        .map(|p| p.ended.duration_since(cut));
+    let failed = probe::failed_since(&attempts, cut);
+    let slowest = probe::slowest_since(&attempts, cut);
+    let recovered = probe::recovered_after(&attempts, cut);
     let took_over: Vec<String> = announcers(ctx, &st, ip)
         .into_iter()
         .filter(|n| *n != owner)

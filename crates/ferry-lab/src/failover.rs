@@ -53,7 +53,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
 use crate::api::{Lab, LabConfig};
-use crate::demo::{METALLB_CONFIG, NEXTCLOUD_DEV, NEXTCLOUD_DEV_LOADBALANCER};
+use crate::seed::{METALLB_CONFIG, NEXTCLOUD_DEV, NEXTCLOUD_DEV_LOADBALANCER};
 use crate::state::LabState;
 use crate::sys;
 use crate::topology;
@@ -789,7 +789,8 @@ fn start_keepalived(lab: &Lab, st: &LabState, procs: &mut Procs) -> Result<()> {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let pid = topology::spawn_in_ns(&n.ns, &ctx.exe, &args, &http_log)?;
+        let exe = ctx.require_exe(crate::state::LAB_EXE_NAME)?;
+        let pid = topology::spawn_in_ns(&n.ns, exe, &args, &http_log)?;
         procs.list.push((pid, n.ns.clone()));
         fs::write(
             ctx.pids().join(format!("http-{}.pid", n.name)),

@@ -7,66 +7,11 @@ use anyhow::{bail, Context, Result};
 
 use crate::state::{now_secs, Ctx, LabState};
 
-/// kubectl's short age: 23s, 5m3s, 3d5h, ...
-pub fn human_age(secs: u64) -> String {
-    let (m, h, d) = (secs / 60, secs / 3600, secs / 86_400);
-    if secs < 120 {
-        format!("{secs}s")
-    } else if m < 10 {
-        if secs.is_multiple_of(60) {
-            format!("{m}m")
-        } else {
-            format!("{m}m{}s", secs % 60)
-        }
-    } else if h < 3 {
-        format!("{m}m")
-    } else if h < 8 {
-        if m.is_multiple_of(60) {
-            format!("{h}h")
-        } else {
-            format!("{h}h{}m", m % 60)
-        }
-    } else if h < 48 {
-        format!("{h}h")
-    } else if h < 24 * 8 {
-        if h.is_multiple_of(24) {
-            format!("{d}d")
-        } else {
-            format!("{d}d{}h", h % 24)
-        }
-    } else if d < 365 * 2 {
-        format!("{d}d")
-    } else {
-        format!("{}y", d / 365)
-    }
-}
+pub use ferry_model::display::table;
 
-/// Left-aligned columns, three spaces apart, like kubectl.
-pub fn table(rows: &[Vec<String>]) -> String {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        let mut line = String::new();
-        for (c, cell) in r.iter().enumerate() {
-            if c + 1 == r.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(&format!("{cell:<w$}   ", w = widths[c]));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+/// kubectl's age, at `now`, of something created at `created` (seconds since the epoch).
+fn age(now: u64, created: u64) -> String {
+    ferry_model::display::human_age(std::time::Duration::from_secs(now.saturating_sub(created)))
 }
 
 /// Which kinds a `get` argument names.
@@ -167,7 +112,7 @@ pub fn get(ctx: &Ctx, st: &LabState, what: &str, wide: bool, ns: &NsFilter) -> R
 
 /// Runs `<ferry exe> get ARGS --manifests M --state-dir S`, returning stdout.
 pub fn ferry_get(ctx: &Ctx, args: &[&str]) -> Result<String> {
-    let out = Command::new(&ctx.exe)
+    let out = Command::new(ctx.require_exe(crate::state::FERRY_EXE_NAME)?)
         .arg("get")
         .args(args)
         .arg("--manifests")
@@ -277,7 +222,7 @@ fn pods_table(st: &LabState, wide: bool, ns: &NsFilter, multi: bool) -> Option<S
         row.push(if p.ready && alive { "1/1" } else { "0/1" }.to_string());
         row.push(if alive { "Running" } else { "Error" }.to_string());
         row.push("0".to_string());
-        row.push(human_age(now.saturating_sub(p.created)));
+        row.push(age(now, p.created));
         if wide {
             row.push(p.ip.to_string());
             row.push(p.node.clone());
@@ -321,7 +266,7 @@ fn deployments_table(st: &LabState, wide: bool, ns: &NsFilter, multi: bool) -> O
             format!("{ready}/{}", d.replicas),
             pods.len().to_string(),
             ready.to_string(),
-            human_age(now.saturating_sub(d.created)),
+            age(now, d.created),
         ];
         if wide {
             let sel: Vec<String> = d
@@ -358,7 +303,7 @@ fn nodes_table(st: &LabState, wide: bool, multi: bool) -> Option<String> {
                 "<none>"
             }
             .to_string(),
-            human_age(now.saturating_sub(st.created)),
+            age(now, st.created),
             "ferry-lab".to_string(),
         ];
         if wide {
@@ -373,25 +318,6 @@ fn nodes_table(st: &LabState, wide: bool, multi: bool) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ages() {
-        assert_eq!(human_age(23), "23s");
-        assert_eq!(human_age(119), "119s");
-        assert_eq!(human_age(303), "5m3s");
-        assert_eq!(human_age(54 * 60), "54m");
-        assert_eq!(human_age(3 * 86_400 + 5 * 3600), "3d5h");
-        assert_eq!(human_age(11 * 86_400), "11d");
-    }
-
-    #[test]
-    fn tables() {
-        let t = table(&[
-            vec!["NAME".into(), "AGE".into()],
-            vec!["a-long-name".into(), "1s".into()],
-        ]);
-        assert_eq!(t, "NAME          AGE\na-long-name   1s\n");
-    }
 
     #[test]
     fn prefixing() {

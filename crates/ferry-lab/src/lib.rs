@@ -1,12 +1,16 @@
-//! `ferry lab`: a Kubernetes-like cluster of network namespaces on one host, and `ferry demo`.
+//! `ferry lab`: a Kubernetes-like cluster of network namespaces on one host, `ferry demo`, and
+//! `ferry bench`, all in the `ferry-lab` binary ([`app`]), which `ferry` runs for them.
 //!
 //! Modules: [`state`] (paths, lab.json, lock), [`sys`] (iproute2, namespaces, processes),
 //! [`topology`] (LAN, nodes, client, agents, down), [`pods`], [`manifests`] (apply/delete,
-//! EndpointSlices), [`get`], [`serve`] (the pods' server), [`cli`], [`demo`], and [`api`] (the
-//! [`Lab`] handle for end-to-end tests); [`workloads`] reads the kinds the lab runs itself
-//! (Deployment, Pod).
+//! EndpointSlices), [`get`], [`serve`] (the pods' server), [`cli`], [`show`], [`seed`],
+//! [`demo`], [`probe`] (the client's curl loop), [`failover`] and [`bench`] (benchmarks), and
+//! [`api`] (the [`Lab`] handle for end-to-end tests); [`workloads`] reads the kinds the lab
+//! runs itself (Deployment, Pod).
 
 pub mod api;
+pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod failover;
@@ -14,7 +18,10 @@ pub mod get;
 pub mod manifests;
 pub mod ops;
 pub mod pods;
+pub mod probe;
+pub mod seed;
 pub mod serve;
+pub mod show;
 pub mod state;
 pub mod sys;
 pub mod topology;

@@ -175,7 +175,8 @@ fn build_pods(ctx: &Ctx, st: &mut LabState, new: &[PodInfo]) -> Result<()> {
             args.push("--udp".into());
             args.push(port.to_string());
         }
-        let pid = spawn_in_ns(&p.ns, &ctx.exe, &args, &ctx.pod_log(&p.name))?;
+        let exe = ctx.require_exe(crate::state::LAB_EXE_NAME)?;
+        let pid = spawn_in_ns(&p.ns, exe, &args, &ctx.pod_log(&p.name))?;
         write_atomic(&ctx.pod_pid_file(&p.name), format!("{pid}\n").as_bytes())?;
         if let Some(rec) = st.pods.iter_mut().find(|r| r.name == p.name) {
             rec.pid = Some(pid);

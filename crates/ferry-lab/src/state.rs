@@ -16,38 +16,72 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_DIR_ROOT: &str = "/run/ferry-lab";
 
 /// Everything a lab command needs to know before reading lab.json: which lab, where its files
-/// are, and which `ferry` executable runs agents and pods.
+/// are, which `ferry` executable runs the agents (and `ferry get`), and which `ferry-lab`
+/// executable runs the pods' server.
 #[derive(Debug, Clone)]
 pub struct Ctx {
     pub prefix: String,
     pub root: PathBuf,
     pub exe: PathBuf,
+    pub lab_exe: PathBuf,
 }
+
+/// The file name of the lab's executable (`ferry lab` and `ferry demo` run it).
+pub const LAB_EXE_NAME: &str = "ferry-lab";
+/// The file name of the agent's executable.
+pub const FERRY_EXE_NAME: &str = "ferry";
 
 impl Ctx {
     /// `dir_root` defaults to $FERRY_LAB_DIR_ROOT, then /run/ferry-lab; `exe` to $FERRY_EXE, then
-    /// the running executable.
+    /// `ferry` next to the running executable. The pods' server is $FERRY_LAB_EXE, else the
+    /// running executable when it is `ferry-lab`, else `ferry-lab` next to `exe`.
     pub fn new(prefix: &str, dir_root: Option<PathBuf>, exe: Option<PathBuf>) -> Result<Ctx> {
         validate_prefix(prefix)?;
         let root = match dir_root {
             Some(r) => r,
-            None => std::env::var_os("FERRY_LAB_DIR_ROOT")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR_ROOT)),
+            None => {
+                env_path("FERRY_LAB_DIR_ROOT").unwrap_or_else(|| PathBuf::from(DEFAULT_DIR_ROOT))
+            }
         };
-        let exe = match exe {
+        let me = std::env::current_exe().context("finding the running executable")?;
+        let exe = match exe.or_else(|| env_path("FERRY_EXE")) {
             Some(e) => e,
-            None => match std::env::var_os("FERRY_EXE").filter(|v| !v.is_empty()) {
-                Some(e) => PathBuf::from(e),
-                None => std::env::current_exe().context("finding the ferry executable")?,
-            },
+            None => me.with_file_name(FERRY_EXE_NAME),
+        };
+        let lab_exe = match env_path("FERRY_LAB_EXE") {
+            Some(e) => e,
+            None if me.file_name().is_some_and(|n| n == LAB_EXE_NAME) => me,
+            None => exe.with_file_name(LAB_EXE_NAME),
         };
         Ok(Ctx {
             prefix: prefix.to_string(),
             root,
             exe,
+            lab_exe,
         })
+    }
+
+    /// `exe` (which = "ferry") or `lab_exe` (which = "ferry-lab"), or a clear error when the
+    /// file is missing, saying how to build it.
+    pub fn require_exe(&self, which: &str) -> Result<&Path> {
+        let (path, package) = if which == LAB_EXE_NAME {
+            (&self.lab_exe, "ferry-lab")
+        } else {
+            (&self.exe, "ferry")
+        };
+        if !path.is_file() {
+            bail!(
+                "no {which} executable at {} (build it with `cargo build --release`, which builds \
+                 both ferry and ferry-lab, or `cargo build -p {package}`; or set {})",
+                path.display(),
+                if which == LAB_EXE_NAME {
+                    "FERRY_LAB_EXE"
+                } else {
+                    "FERRY_EXE"
+                }
+            );
+        }
+        Ok(path)
     }
 
     pub fn dir(&self) -> PathBuf {
@@ -151,13 +185,12 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
 }
 
 /// FNV-1a, 64 bit: a stable hash for names (template hashes, long namespace names).
-pub fn fnv64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
+pub use ferry_model::alloc::fnv1a as fnv64;
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 pub fn now_secs() -> u64 {
@@ -432,5 +465,25 @@ mod tests {
         assert!(ns.len() < 70, "{ns}");
         assert!(c.owns_ns_name(&ns));
         assert_ne!(c.pod_ns(&format!("{long}a")), c.pod_ns(&format!("{long}b")));
+    }
+
+    /// Pinned: template hashes (pod names) and long pod namespace names are persisted in
+    /// lab.json and compared with fresh ones after an upgrade.
+    #[test]
+    fn hashes_are_pinned() {
+        assert_eq!(fnv64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv64(b"foobar"), 0x85944171f73967e8);
+        assert_eq!(
+            ctx("t1").pod_ns(&"x".repeat(80)),
+            format!(
+                "t1-pod-{}-{:08x}",
+                "x".repeat(40),
+                0x6adea745_72a74465_u64 as u32
+            )
+        );
+        assert_eq!(
+            ctx("t1").pod_ns(&"x".repeat(80)),
+            "t1-pod-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx-72a74465"
+        );
     }
 }

@@ -308,6 +308,9 @@ pub fn agent_args(ctx: &Ctx, node: &str) -> Vec<String> {
         CLUSTER_CIDR.into(),
         "--service-cidr".into(),
         SERVICE_CIDR.into(),
+        // Each node's own loopback: `ferry lab exec NODE -- curl -s 127.0.0.1:10249/metrics`.
+        "--metrics-addr".into(),
+        "127.0.0.1:10249".into(),
     ]
 }
 
@@ -316,6 +319,7 @@ fn start_agent_locked(ctx: &Ctx, st: &LabState, node: &str) -> Result<u32> {
     if let Some(pid) = agent_pid(ctx, st, node) {
         bail!("the agent on {node} is running already (pid {pid})");
     }
+    let exe = ctx.require_exe(crate::state::FERRY_EXE_NAME)?;
     let log = ctx.agent_log(node);
     let args = agent_args(ctx, node);
     {
@@ -325,11 +329,11 @@ fn start_agent_locked(ctx: &Ctx, st: &LabState, node: &str) -> Result<u32> {
             "--- ferry lab {}: ip netns exec {} {} {}",
             rfc3339(now_secs()),
             n.ns,
-            ctx.exe.display(),
+            exe.display(),
             args.join(" ")
         )?;
     }
-    let pid = spawn_in_ns(&n.ns, &ctx.exe, &args, &log)?;
+    let pid = spawn_in_ns(&n.ns, exe, &args, &log)?;
     write_atomic(&ctx.agent_pid_file(node), format!("{pid}\n").as_bytes())?;
     Ok(pid)
 }

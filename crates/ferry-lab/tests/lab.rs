@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry_lab::{demo, require_root, Lab, LabConfig};
 
-const EXE: &str = env!("CARGO_BIN_EXE_ferry-lab-cli");
+const EXE: &str = env!("CARGO_BIN_EXE_ferry-lab");
 
 fn lab(nodes: usize) -> Lab {
     LabConfig::new(Lab::unique_prefix())

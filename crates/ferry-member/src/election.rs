@@ -15,13 +15,12 @@
 
 /// The stable rank of `node` for `key`: lower ranks are preferred.
 pub fn rank(node: &str, key: &str) -> u64 {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h = OFFSET;
-    for b in node.bytes().chain(std::iter::once(b'#')).chain(key.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(PRIME);
-    }
+    use std::hash::Hasher;
+    let mut f = fnv::FnvHasher::default();
+    f.write(node.as_bytes());
+    f.write(b"#");
+    f.write(key.as_bytes());
+    let mut h = f.finish();
     // SplitMix64 finalizer: full avalanche.
     h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -31,4 +31,4 @@ pub mod quorum;
 pub use election::{elect, preference_order};
 pub use engine::{NodeId, Peer, Stats};
 pub use member::{Error, MemberConfig, Membership, DEFAULT_PORT};
-pub use quorum::{has_quorum, has_quorum_of};
+pub use quorum::{has_quorum, has_quorum_of, quorum_lease, QuorumLease};

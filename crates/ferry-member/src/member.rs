@@ -283,6 +283,20 @@ impl Membership {
         names
     }
 
+    /// The configured [`MemberConfig::quorum_lease`].
+    pub fn quorum_lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// When each live peer was last heard from (peers never heard from are left out).
+    pub fn last_heard(&self) -> std::collections::BTreeMap<String, Instant> {
+        let p = self.inner.lock();
+        p.peers
+            .iter()
+            .filter_map(|peer| peer.last_heard.map(|t| (peer.name.clone(), t)))
+            .collect()
+    }
+
     /// [`Membership::heard_within`] the configured [`MemberConfig::quorum_lease`].
     pub fn lease_view(&self) -> BTreeSet<String> {
         self.heard_within(self.lease)

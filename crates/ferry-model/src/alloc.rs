@@ -86,14 +86,14 @@ fn key_of(r: &ObjectRef) -> String {
     format!("{}/{}", r.namespace, r.name)
 }
 
-/// FNV-1a, stable across builds (unlike std's hasher), used to spread start offsets.
+/// FNV-1a 64 (the `fnv` crate's hasher), stable across builds (unlike std's hasher): spreads
+/// start offsets here, and is ferry's one FNV for names elsewhere (the lab's hashes). Its values
+/// are persisted and compared across agents: never change it.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(bytes);
+    h.finish()
 }
 
 /// Size of the low band kept for explicit requests: min(max(16, size/16), 256), as Kubernetes.
@@ -453,6 +453,27 @@ mod tests {
         assert_eq!(st2, st);
         let (_, r3) = allocate(&AllocState::default(), &s, &cfg, 0, 1);
         assert_eq!(ok(&r3, "web"), a);
+    }
+
+    /// Pinned: agents of different builds must pick the same addresses and ports for the same
+    /// services (the picks start at an FNV-1a hash of the service's key).
+    #[test]
+    fn hashes_and_picks_are_pinned() {
+        // FNV-1a 64 test vectors.
+        assert_eq!(fnv1a(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x85944171f73967e8);
+        assert_eq!(fnv1a(b"default/web"), 0x9d2ba50824d634bb);
+        let s = vec![svc(
+            "web",
+            ServiceType::NodePort,
+            ClusterIpSpec::Auto,
+            &[(80, None)],
+        )];
+        let (_, r) = allocate(&AllocState::default(), &s, &AllocConfig::default(), 0, 1);
+        let a = ok(&r, "web");
+        assert_eq!(a.cluster_ip, Some(IpAddr::from([10, 43, 12, 129])));
+        assert_eq!(a.node_ports, [Some(32157)]);
     }
 
     #[test]

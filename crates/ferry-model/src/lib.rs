@@ -9,6 +9,7 @@
 
 pub mod alloc;
 pub mod cidr;
+pub mod display;
 pub mod lbipam;
 pub mod objects;
 pub mod pools;

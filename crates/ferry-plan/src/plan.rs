@@ -565,7 +565,7 @@ pub struct Planner {
 /// A stable 64-bit hash of everything planning reads from a service.
 fn service_hash(svc: &ResolvedService) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut h = crate::ir::Fnv::new();
+    let mut h = fnv::FnvHasher::default();
     svc.id.hash(&mut h);
     (svc.type_ as u8).hash(&mut h);
     svc.cluster_ip.hash(&mut h);

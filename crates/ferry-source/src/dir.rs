@@ -27,9 +27,6 @@ pub struct Snapshot {
     pub warnings: Vec<ManifestError>,
 }
 
-/// (path, mtime ns, size) of every manifest file: a cheap "did anything change" check.
-pub type DirStamp = Vec<(PathBuf, u128, u64)>;
-
 fn is_manifest(p: &Path) -> bool {
     matches!(
         p.extension().and_then(|e| e.to_str()),
@@ -65,16 +62,6 @@ fn mtime(meta: &std::fs::Metadata) -> u128 {
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .unwrap_or(0)
-}
-
-pub fn stamp(dir: &Path) -> std::io::Result<DirStamp> {
-    let mut v = Vec::new();
-    for f in manifest_files(dir)? {
-        if let Ok(m) = std::fs::metadata(&f) {
-            v.push((f, mtime(&m), m.len()));
-        }
-    }
-    Ok(v)
 }
 
 pub fn now_ms() -> u64 {
@@ -268,6 +255,5 @@ mod tests {
         assert!(snap.errors[0]
             .to_string()
             .starts_with("sub/b.yml document 0"));
-        assert_eq!(stamp(&dir.0).unwrap().len(), 3);
     }
 }

@@ -37,4 +37,4 @@ pub mod kinds;
 pub mod manifest;
 pub mod metallb;
 
-pub use dir::{manifest_files, now_ms, read_dir, stamp, DirStamp, Reader, Snapshot};
+pub use dir::{manifest_files, now_ms, read_dir, Reader, Snapshot};

@@ -1,24 +1,38 @@
-//! `ferry agent`: the node agent. Source (manifest directory) -> model (allocation, endpoints)
-//! -> plan -> dataplane, again whenever a manifest changes.
+//! `ferry agent`: the node agent, a thin async shell around pure parts.
+//!
+//! Data flows one way: source (manifest directory) -> allocation store -> model ([`compute`]:
+//! endpoints, plan) -> dataplane (one nftables transaction), and model -> the layer-2 thread
+//! (`announce.rs`). The shell wakes on events and deadlines only: inotify on the manifest
+//! directory, rtnetlink on interface and address changes, the core's timers
+//! (`agent_core.rs`: min-sync-period coalescing, retries, periodic resync), signals. A sync
+//! runs on a blocking thread of its own (it reads files, takes the allocation lock with a
+//! timeout, plans, commits to the kernel, runs `conntrack`); the layer-2 thread never waits for
+//! it.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ferry_model::alloc::AllocConfig;
+use ferry_announce::LbAddress;
+use ferry_model::alloc::{AllocConfig, AllocResults};
 use ferry_model::cidr::Cidr;
+use ferry_model::lbipam::LbResults;
+use ferry_model::pools::PoolConfig;
 use ferry_model::view::resolve;
 use ferry_nft::{Dataplane, Nft};
 use ferry_plan::plan::DEFAULT_MASQUERADE_MARK;
 use ferry_plan::PlanConfig;
 
-use crate::announce::Announcer;
+use crate::agent_core::{Core, Diagnostic, Reported, Severity, SyncConfig, SyncJob};
+use crate::announce::{Announcer, L2Config};
+use crate::metrics::Metrics;
+use crate::netwatch::{self, Wake};
 use crate::source::{self, Snapshot};
-use crate::state::StateDir;
+use crate::state::{AllocStore, StateDir};
 
 #[derive(Debug, Args, Clone)]
 pub struct AgentArgs {
@@ -40,15 +54,20 @@ pub struct AgentArgs {
     /// Node port range.
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     pub node_port_range: (u16, u16),
-    /// How often to look for manifest changes, in milliseconds.
+    /// Least time between the starts of two syncs, in milliseconds (kube-proxy's
+    /// min-sync-period): changes that arrive meanwhile are applied together.
     #[arg(long, default_value_t = 100)]
-    pub poll_ms: u64,
+    pub min_sync_ms: u64,
     /// UDP port of the agents' SWIM membership gossip (on the node's address).
     #[arg(long, default_value_t = 7946)]
     pub member_port: u16,
     /// Do not announce load-balancer addresses in layer 2 (no ARP/NDP, no membership).
     #[arg(long)]
     pub no_l2: bool,
+    /// Serve /healthz, /readyz and /metrics (Prometheus) here: IP:PORT, localhost:PORT or PORT
+    /// (127.0.0.1). Off unless given; kube-proxy uses 127.0.0.1:10249.
+    #[arg(long, value_parser = crate::http::parse_addr)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Re-read the kernel's table and repair it this often, in seconds (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_s: u64,
@@ -81,21 +100,6 @@ impl AgentArgs {
     }
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    let handler: extern "C" fn(libc::c_int) = on_signal;
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
-        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
-    }
-}
-
 pub fn timestamp() -> String {
     let ms = source::now_ms();
     let s = ms / 1000;
@@ -108,130 +112,114 @@ pub fn timestamp() -> String {
     )
 }
 
-/// The host's own unicast addresses (fallback when there is no Node object).
-pub fn host_addresses() -> Vec<IpAddr> {
-    let mut out: Vec<IpAddr> = interface_addresses()
-        .into_iter()
-        .map(|(_, ip)| ip)
-        .collect();
-    out.retain(|ip| match ip {
-        IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local(),
-        IpAddr::V6(a) => !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80,
-    });
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// The interface that holds `ip`.
-pub fn interface_of(ip: IpAddr) -> Option<String> {
-    interface_addresses()
-        .into_iter()
-        .find(|(_, a)| *a == ip)
-        .map(|(n, _)| n)
-}
-
-/// (interface name, address) for every address of this network namespace.
-fn interface_addresses() -> Vec<(String, IpAddr)> {
-    let mut out = Vec::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we walk read-only and free with freeifaddrs.
-    unsafe {
-        if libc::getifaddrs(&mut ifap) != 0 {
-            return out;
-        }
-        let mut p = ifap;
-        while !p.is_null() {
-            let ifa = &*p;
-            if !ifa.ifa_addr.is_null() {
-                match i32::from((*ifa.ifa_addr).sa_family) {
-                    libc::AF_INET => {
-                        let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                        let name = std::ffi::CStr::from_ptr(ifa.ifa_name)
-                            .to_string_lossy()
-                            .into_owned();
-                        out.push((
-                            name,
-                            IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes()),
-                        ));
-                    }
-                    libc::AF_INET6 => {
-                        let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                        let name = std::ffi::CStr::from_ptr(ifa.ifa_name)
-                            .to_string_lossy()
-                            .into_owned();
-                        out.push((name, IpAddr::from(sa.sin6_addr.s6_addr)));
-                    }
-                    _ => {}
-                }
-            }
-            p = ifa.ifa_next;
-        }
-        libc::freeifaddrs(ifap);
-    }
-    out
-}
-
-/// Everything one pass computes from a snapshot (exposed for `ferry plan`-style tools/tests).
+/// Everything one pass computes from a snapshot and its allocations.
 pub struct Pass {
     /// What the plan changed (the table itself is the planner's).
     pub touched: ferry_plan::plan::Touched,
     pub services: Vec<ferry_model::view::ResolvedService>,
     pub node_ips: Vec<IpAddr>,
-    /// Problems to report: rejected services, pending load balancers, pool errors.
-    pub rejected: Vec<String>,
-    pub pools: ferry_model::pools::PoolConfig,
-    /// Load-balancer addresses for the layer-2 election.
-    pub lb_addresses: Vec<crate::announce::LbAddress>,
+    /// Problems to report: bad manifests, rejected services, pending load balancers, pools.
+    pub diagnostics: Vec<Diagnostic>,
+    /// What the layer-2 election reads.
+    pub l2: L2Config,
+    /// Load-balancer address -> the services on it ("namespace/name").
+    pub lb_services: Vec<(IpAddr, String)>,
+    /// Per pool: (name, addresses in use, addresses in all).
+    pub pool_usage: Vec<(String, u64, u64)>,
 }
 
+/// The model and the plan from a snapshot, its pools and the store's allocations (pure: the
+/// I/O is the caller's). `host` is this namespace's (interface, address) list, the fallback
+/// for node addresses and where the announcing interface is found.
 pub fn compute(
     planner: &mut ferry_plan::plan::Planner,
     args: &AgentArgs,
-    state: &StateDir,
     snap: &Snapshot,
-    snapshot_ms: u64,
-) -> Result<Pass> {
-    let (pools, pool_errors) =
-        ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
-    let (results, lb) = state.sync(
-        &snap.services,
-        &snap.namespaces,
-        &pools,
-        &args.alloc_config(),
-        snapshot_ms,
-        source::now_ms(),
-    )?;
-    let mut rejected: Vec<String> = pool_errors.iter().map(|e| format!("pools: {e}")).collect();
+    pools: (PoolConfig, Vec<ferry_model::pools::PoolError>),
+    allocated: (AllocResults, LbResults),
+    host: &[(String, IpAddr)],
+) -> Pass {
+    let (pools, pool_errors) = pools;
+    let (results, lb) = allocated;
+    let mut diagnostics: Vec<Diagnostic> = Vec::new();
+    for e in &snap.errors {
+        diagnostics.push(Diagnostic {
+            severity: Severity::Error,
+            object: e.at.object.clone(),
+            reason: "InvalidManifest",
+            message: e.to_string(),
+        });
+    }
+    for w in &snap.warnings {
+        diagnostics.push(Diagnostic {
+            severity: Severity::Warning,
+            object: w.at.object.clone(),
+            reason: "Ignored",
+            message: w.to_string(),
+        });
+    }
+    for e in &pool_errors {
+        diagnostics.push(Diagnostic {
+            severity: Severity::Error,
+            object: None,
+            reason: "InvalidPool",
+            message: e.to_string(),
+        });
+    }
     let mut allocations = BTreeMap::new();
     for (r, res) in results {
         match res {
             Ok(a) => {
                 allocations.insert(r, a);
             }
-            Err(e) => rejected.push(format!("rejected: {e}")),
+            Err(e) => diagnostics.push(Diagnostic {
+                severity: Severity::Error,
+                object: Some(format!("Service {r}")),
+                reason: "Rejected",
+                message: e.to_string(),
+            }),
         }
     }
     // Load-balancer addresses become the services' ingress addresses.
     let mut services = snap.services.clone();
+    let mut lb_services = Vec::new();
+    let mut in_use: BTreeMap<&str, std::collections::BTreeSet<IpAddr>> = BTreeMap::new();
     for svc in &mut services {
         match lb.get(&svc.meta.object_ref()) {
-            Some(Ok(a)) => svc.load_balancer_ingress = a.ips.clone(),
+            Some(Ok(a)) => {
+                svc.load_balancer_ingress = a.ips.clone();
+                in_use.entry(&a.pool).or_default().extend(&a.ips);
+                for ip in &a.ips {
+                    lb_services.push((*ip, svc.meta.object_ref().to_string()));
+                }
+            }
             Some(Err(p)) => {
                 svc.load_balancer_ingress.clear();
-                rejected.push(format!(
-                    "Service {} pending: {}",
-                    svc.meta.object_ref(),
-                    p.reason
-                ));
+                diagnostics.push(Diagnostic {
+                    severity: Severity::Warning,
+                    object: Some(format!("Service {}", svc.meta.object_ref())),
+                    reason: "AllocationFailed",
+                    message: format!("Service {} pending: {}", svc.meta.object_ref(), p.reason),
+                });
             }
             None => {}
         }
     }
     let node_ips = match snap.nodes.iter().find(|n| n.meta.name == args.node) {
         Some(n) if !n.internal_ips().is_empty() => n.internal_ips(),
-        _ => host_addresses(),
+        _ => netwatch::host_addresses(host),
     };
+    let pool_usage = pools
+        .pools
+        .iter()
+        .map(|p| {
+            let total = p.ranges.iter().fold(0u64, |n, r| {
+                n.saturating_add(range_size(r.first(), r.last()))
+            });
+            let used = in_use.get(p.name.as_str()).map_or(0, |s| s.len() as u64);
+            (p.name.clone(), used, total)
+        })
+        .collect();
     let resolved = resolve(&services, &allocations, &snap.slices);
     let cfg = PlanConfig {
         node_name: args.node.clone(),
@@ -244,130 +232,52 @@ pub fn compute(
             .flat_map(|p| p.ranges.iter().map(|r| (r.first(), r.last())))
             .collect(),
     };
-    let lb_addresses = services
+    let addresses = services
         .iter()
         .filter(|s| !s.load_balancer_ingress.is_empty())
         .map(|s| {
             let r = resolved.iter().find(|r| r.id == s.meta.object_ref());
-            crate::announce::LbAddress::of(
+            LbAddress::of(
                 s.load_balancer_ingress.clone(),
                 s.external_traffic_policy,
                 r,
             )
         })
         .collect();
-    Ok(Pass {
-        lb_addresses,
+    let my_ip = node_ips
+        .iter()
+        .find(|i| i.is_ipv4())
+        .or(node_ips.first())
+        .copied();
+    let l2 = L2Config {
+        nodes: snap.nodes.clone(),
+        pools,
+        addresses,
+        my_ip,
+        default_iface: node_ips
+            .iter()
+            .find_map(|ip| netwatch::interface_of(host, *ip)),
+    };
+    Pass {
         touched: planner.update(&cfg, &resolved).1,
         services: resolved,
         node_ips,
-        rejected,
-        pools,
-    })
+        diagnostics,
+        l2,
+        lb_services,
+        pool_usage,
+    }
 }
 
-/// The agent's loop state: what it last applied and reported.
-struct Agent {
-    args: AgentArgs,
-    reader: source::Reader,
-    planner: ferry_plan::plan::Planner,
-    state: StateDir,
-    dp: Dataplane,
-    /// Problems reported on the last pass (each is logged once, not on every pass).
-    problems: Vec<String>,
-    node_ips: Vec<IpAddr>,
-    /// The services as last applied (to find UDP endpoints that went away).
-    served: Vec<ferry_model::view::ResolvedService>,
-    passes: u64,
-    /// Layer-2 announcement (None with --no-l2).
-    announcer: Option<Announcer>,
-    /// What the election reads, from the last pass.
-    nodes: Vec<ferry_model::Node>,
-    pools: ferry_model::pools::PoolConfig,
-    lb_addresses: Vec<crate::announce::LbAddress>,
-    /// The interface holding the node's address (where addresses are announced by default).
-    default_iface: Option<String>,
-}
-
-pub fn run(args: AgentArgs) -> Result<i32> {
-    install_signal_handlers();
-    let state = StateDir::new(&args.state_dir)?;
-    std::fs::metadata(&args.manifests)
-        .with_context(|| format!("manifest directory {}", args.manifests.display()))?;
-    let nft = Nft::new();
-    log!(
-        "ferry agent on node {} (pid {}): manifests {}, state {}, nftables via {}",
-        args.node,
-        std::process::id(),
-        args.manifests.display(),
-        args.state_dir.display(),
-        nft.backend_name()
-    );
-    warn_about_sysctls();
-    let announcer = (!args.no_l2)
-        .then(|| Announcer::new(&args.node, args.member_port, state.announcements_dir()));
-    let mut agent = Agent {
-        reader: source::Reader::new(&args.manifests),
-        planner: ferry_plan::plan::Planner::default(),
-        args,
-        state,
-        dp: Dataplane::new(nft),
-        problems: Vec::new(),
-        node_ips: Vec::new(),
-        served: Vec::new(),
-        passes: 0,
-        announcer,
-        nodes: Vec::new(),
-        pools: Default::default(),
-        lb_addresses: Vec::new(),
-        default_iface: None,
+/// Addresses from `first` to `last` (saturating: IPv6 pools can be huge).
+fn range_size(first: IpAddr, last: IpAddr) -> u64 {
+    let n = match (first, last) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => u128::from(u32::from(b).saturating_sub(u32::from(a))),
+        (IpAddr::V6(a), IpAddr::V6(b)) => u128::from(b).saturating_sub(u128::from(a)),
+        _ => return 0,
     };
-    let args = agent.args.clone();
-    let mut last_stamp: Option<source::DirStamp> = None;
-    let mut last_poll: Option<Instant> = None;
-    let mut retry_at: Option<Instant> = None;
-    let mut resync_at = Instant::now() + Duration::from_secs(args.resync_s.max(1));
-    while !STOP.load(Ordering::SeqCst) {
-        // Manifests: every poll interval.
-        if last_poll.is_none_or(|t| t.elapsed() >= Duration::from_millis(args.poll_ms.max(10))) {
-            last_poll = Some(Instant::now());
-            let stamp = source::stamp(&args.manifests).unwrap_or_default();
-            let due_retry = retry_at.is_some_and(|t| Instant::now() >= t);
-            let due_resync = args.resync_s > 0 && Instant::now() >= resync_at;
-            if last_stamp.as_ref() != Some(&stamp) || due_retry || due_resync {
-                if due_resync {
-                    // Re-read the kernel's table: repairs anything changed behind our back.
-                    agent.dp.resync();
-                    resync_at = Instant::now() + Duration::from_secs(args.resync_s);
-                }
-                match agent.pass(source::now_ms()) {
-                    Ok(()) => retry_at = None,
-                    Err(e) => {
-                        log!("error: {e:#} (retrying in 1s)");
-                        agent.dp.resync();
-                        retry_at = Some(Instant::now() + Duration::from_secs(1));
-                    }
-                }
-                last_stamp = Some(stamp);
-            }
-        }
-        // Layer 2: every tick, and at once when membership changes.
-        agent.announce();
-        match &agent.announcer {
-            Some(a) => a.wait(Duration::from_millis(L2_TICK_MS)),
-            None => std::thread::sleep(Duration::from_millis(args.poll_ms.max(10))),
-        }
-    }
-    if let Some(a) = agent.announcer.take() {
-        a.shutdown();
-    }
-    log!("stopping; ferry's rules stay in place (`ferry cleanup` removes them)");
-    Ok(0)
+    u64::try_from(n.saturating_add(1)).unwrap_or(u64::MAX)
 }
-
-/// How often the layer-2 election is re-evaluated (quorum leases expire between membership
-/// events).
-const L2_TICK_MS: u64 = 20;
 
 /// Forwarding must be on for pods and node ports; say so once if it is not.
 fn warn_about_sysctls() {
@@ -403,79 +313,416 @@ fn flush_udp_conntrack(addr: IpAddr, port: u16) {
     }
 }
 
-impl Agent {
-    /// Runs the layer-2 election with the latest view and applies it.
-    fn announce(&mut self) {
-        let Some(a) = &mut self.announcer else { return };
-        let (alive, lease) = a.views();
-        let d = crate::announce::decide(&crate::announce::L2Input {
-            me: &self.args.node,
-            nodes: &self.nodes,
-            alive: &alive,
-            lease: &lease,
-            pools: &self.pools,
-            addresses: &self.lb_addresses,
-        });
-        let iface = self.node_ips.iter().find_map(|ip| interface_of(*ip));
-        a.apply(&d, iface.as_deref());
+/// Services added, removed or changed, and endpoints added or removed, from `old` to `new`.
+fn changes_between(
+    old: &[ferry_model::view::ResolvedService],
+    new: &[ferry_model::view::ResolvedService],
+) -> (u64, u64) {
+    use std::collections::BTreeSet;
+    let endpoints = |s: &ferry_model::view::ResolvedService| -> BTreeSet<(IpAddr, u16)> {
+        s.ports
+            .iter()
+            .flat_map(|p| p.endpoints.iter().map(|e| (e.addr, e.port)))
+            .collect()
+    };
+    let before: BTreeMap<_, _> = old.iter().map(|s| (&s.id, s)).collect();
+    let after: BTreeMap<_, _> = new.iter().map(|s| (&s.id, s)).collect();
+    let (mut services, mut eps) = (0u64, 0u64);
+    for id in before.keys().chain(after.keys()).collect::<BTreeSet<_>>() {
+        let (a, b) = (before.get(id), after.get(id));
+        if a != b {
+            services += 1;
+            let ea = a.map(|s| endpoints(s)).unwrap_or_default();
+            let eb = b.map(|s| endpoints(s)).unwrap_or_default();
+            eps += ea.symmetric_difference(&eb).count() as u64;
+        }
     }
+    (services, eps)
+}
 
-    /// One pass: read the manifests, allocate, plan, apply what differs.
-    fn pass(&mut self, snapshot_ms: u64) -> Result<()> {
+/// Returns the heap a sync freed to the system (glibc keeps it otherwise: after a large sync
+/// an idle agent would hold its peak for good, and a Raspberry Pi has little memory).
+fn give_back_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// What a sync did.
+struct SyncOutcome {
+    services: usize,
+    endpoints: usize,
+    /// Services added, removed or changed by this sync, and endpoints added or removed.
+    service_changes: u64,
+    endpoint_changes: u64,
+    lb_services: Vec<(IpAddr, String)>,
+    pool_usage: Vec<(String, u64, u64)>,
+    diagnostics: Vec<Diagnostic>,
+    l2: L2Config,
+    node_ips: Vec<IpAddr>,
+    /// What changed in the kernel ("" when nothing did).
+    changes: String,
+    t_plan: Duration,
+    t_apply: Duration,
+}
+
+/// The I/O side of a sync: source, store, dataplane. Runs on a blocking thread; owned by the
+/// shell between syncs.
+struct Worker {
+    args: AgentArgs,
+    reader: source::Reader,
+    planner: ferry_plan::plan::Planner,
+    store: StateDir,
+    dp: Dataplane,
+    /// The services as last applied (to find UDP endpoints that went away).
+    served: Vec<ferry_model::view::ResolvedService>,
+}
+
+impl Worker {
+    fn sync(&mut self, job: SyncJob, host: &[(String, IpAddr)]) -> Result<SyncOutcome> {
         let args = &self.args;
         let t0 = Instant::now();
+        if job.reread_kernel {
+            // Re-read the kernel's table: repairs anything changed behind our back.
+            self.dp.resync();
+        }
         let snap = self
             .reader
             .read()
             .with_context(|| format!("reading {}", args.manifests.display()))?;
-        let p = compute(&mut self.planner, args, &self.state, &snap, snapshot_ms)?;
-        let mut problems: Vec<String> = snap.errors.iter().map(|e| format!("error: {e}")).collect();
-        problems.extend(snap.warnings.iter().map(|w| format!("warning: {w}")));
-        problems.extend(p.rejected.iter().cloned());
-        for pr in &problems {
-            if !self.problems.contains(pr) {
-                log!("{pr}");
-            }
-        }
-        self.problems = problems;
-        if p.node_ips != self.node_ips {
-            let shown: Vec<String> = p.node_ips.iter().map(|i| i.to_string()).collect();
-            log!("node ports served on {}", shown.join(", "));
-            self.node_ips = p.node_ips.clone();
-        }
+        let pools =
+            ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
+        let allocated = self.store.sync(
+            &snap.services,
+            &snap.namespaces,
+            &pools.0,
+            &args.alloc_config(),
+            source::now_ms(),
+            source::now_ms(),
+        )?;
+        let p = compute(&mut self.planner, args, &snap, pools, allocated, host);
         let t_plan = t0.elapsed();
         let changes = self.dp.apply_touched(self.planner.ruleset(), &p.touched)?;
         for (addr, port) in ferry_plan::plan::stale_udp_endpoints(&self.served, &p.services) {
             flush_udp_conntrack(addr, port);
         }
+        let endpoints = p
+            .services
+            .iter()
+            .flat_map(|s| s.ports.iter())
+            .map(|port| port.endpoints.len())
+            .sum();
+        let (service_changes, endpoint_changes) = changes_between(&self.served, &p.services);
         self.served = p.services;
-        self.pools = p.pools;
-        self.lb_addresses = p.lb_addresses;
-        self.default_iface = p.node_ips.iter().find_map(|ip| interface_of(*ip));
-        self.nodes = snap.nodes.clone();
-        if let Some(a) = &mut self.announcer {
-            let my_ip = p
-                .node_ips
-                .iter()
-                .find(|i| i.is_ipv4())
-                .or(p.node_ips.first())
-                .copied();
-            a.ensure_membership(my_ip, &self.nodes);
-        }
-        if !changes.is_empty() || self.passes == 0 {
-            let what = if changes.is_empty() {
-                "table already as planned, nothing to change".to_string()
+        Ok(SyncOutcome {
+            service_changes,
+            endpoint_changes,
+            services: snap.services.len(),
+            endpoints,
+            lb_services: p.lb_services,
+            pool_usage: p.pool_usage,
+            diagnostics: p.diagnostics,
+            l2: p.l2,
+            node_ips: p.node_ips,
+            changes: if changes.is_empty() {
+                String::new()
             } else {
                 changes.to_string()
+            },
+            t_plan,
+            t_apply: t0.elapsed() - t_plan,
+        })
+    }
+}
+
+pub fn run(args: AgentArgs) -> Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the agent's event loop")?;
+    rt.block_on(run_async(args))
+}
+
+/// The shell's state between events.
+struct Shell {
+    core: Core,
+    metrics: Arc<Metrics>,
+    /// Load-balancer address -> services, from the last sync (for the announced metric).
+    lb_services: Vec<(IpAddr, String)>,
+    takeovers_seen: u64,
+    responders_seen: Vec<String>,
+    /// The first change not yet handed to a sync, and the one the running sync carries
+    /// (for the network-programming latency).
+    changed_since: Option<Instant>,
+    syncing_since: Option<Instant>,
+    reported: Reported,
+    node_ips: Vec<IpAddr>,
+    syncs: u64,
+    l2_sent: Option<L2Config>,
+}
+
+async fn run_async(args: AgentArgs) -> Result<i32> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let state = StateDir::new(&args.state_dir)?;
+    std::fs::metadata(&args.manifests)
+        .with_context(|| format!("manifest directory {}", args.manifests.display()))?;
+    let nft = Nft::new();
+    log!(
+        "ferry agent on node {} (pid {}): manifests {}, state {}, nftables via {}",
+        args.node,
+        std::process::id(),
+        args.manifests.display(),
+        args.state_dir.display(),
+        nft.backend_name()
+    );
+    warn_about_sysctls();
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+
+    let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel::<Wake>();
+    let _watcher = netwatch::watch_manifests(&args.manifests, wake_tx.clone())
+        .with_context(|| format!("watching {}", args.manifests.display()))?;
+    if let Err(e) = netwatch::watch_addresses(wake_tx.clone()) {
+        log!("warning: cannot watch interface changes ({e}): addresses are read at every sync");
+    }
+    let mut host = netwatch::interface_addresses();
+
+    let status_changed = Arc::new(tokio::sync::Notify::new());
+    let announcer = if args.no_l2 {
+        None
+    } else {
+        let n = Arc::clone(&status_changed);
+        Some(
+            Announcer::start(&args.node, args.member_port, move || n.notify_one())
+                .context("starting the layer-2 thread")?,
+        )
+    };
+    let announcements = state.announcements_dir();
+    let state = state;
+    let status_file = announcements.join(format!("{}.json", args.node));
+    if announcer.is_some() {
+        let _ = std::fs::create_dir_all(&announcements);
+    }
+
+    let metrics = Arc::new(Metrics::new(&args.node));
+    if let Some(addr) = args.metrics_addr {
+        let listener = crate::http::bind(addr).await?;
+        log!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
+        tokio::spawn(crate::http::serve(listener, Arc::clone(&metrics)));
+    }
+    let mut shell = Shell {
+        core: Core::new(
+            SyncConfig {
+                min_interval: Duration::from_millis(args.min_sync_ms),
+                resync: (args.resync_s > 0).then(|| Duration::from_secs(args.resync_s)),
+                ..SyncConfig::default()
+            },
+            Instant::now(),
+        ),
+        reported: Reported::default(),
+        metrics: Arc::clone(&metrics),
+        lb_services: Vec::new(),
+        takeovers_seen: 0,
+        responders_seen: Vec::new(),
+        changed_since: None,
+        syncing_since: None,
+        node_ips: Vec::new(),
+        syncs: 0,
+        l2_sent: None,
+    };
+    // The worker lives on a thread of its own (libnftables' context stays on one thread):
+    // jobs go in, outcomes come back; the shell never waits on it.
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<(SyncJob, Vec<(String, IpAddr)>)>();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Result<SyncOutcome>>();
+    let worker_args = args.clone();
+    let worker_thread = std::thread::Builder::new()
+        .name("ferry-sync".into())
+        .spawn(move || {
+            let mut w = Worker {
+                reader: source::Reader::new(&worker_args.manifests),
+                planner: ferry_plan::plan::Planner::default(),
+                store: state,
+                dp: Dataplane::new(Nft::new()),
+                served: Vec::new(),
+                args: worker_args,
             };
-            log!(
-                "{} services: {what} (read+plan {:.1} ms, apply {:.1} ms)",
-                snap.services.len(),
-                t_plan.as_secs_f64() * 1e3,
-                (t0.elapsed() - t_plan).as_secs_f64() * 1e3
-            );
+            for (job, host) in job_rx {
+                let outcome = w.sync(job, &host);
+                give_back_memory();
+                if done_tx.send(outcome).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("starting the sync thread")?;
+    let mut in_flight = false;
+    let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        if !in_flight {
+            if let Some(job) = shell.core.poll_sync(Instant::now()) {
+                if job_tx.send((job, host.clone())).is_err() {
+                    anyhow::bail!("the sync thread is gone");
+                }
+                shell.syncing_since = shell.changed_since.take();
+                in_flight = true;
+            }
         }
-        self.passes += 1;
-        Ok(())
+        let deadline = shell
+            .core
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std);
+        tokio::select! {
+            Some(w) = wake_rx.recv() => {
+                let mut addresses = w == Wake::Addresses;
+                while let Ok(w) = wake_rx.try_recv() {
+                    addresses |= w == Wake::Addresses;
+                }
+                if addresses {
+                    let now = netwatch::interface_addresses();
+                    if now == host {
+                        continue;
+                    }
+                    host = now;
+                }
+                shell.core.handle_change();
+                shell.changed_since.get_or_insert_with(Instant::now);
+            }
+            done = done_rx.recv() => {
+                let Some(r) = done else {
+                    anyhow::bail!("the sync thread stopped (it panicked: see above)");
+                };
+                in_flight = false;
+                shell.finish_sync(r, announcer.as_ref());
+                shell.metrics.heartbeat("agent");
+            }
+            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {}
+            _ = status_changed.notified() => {
+                if let Some(a) = &announcer {
+                    crate::announce::write_status(&status_file, &args.node, &a.status().owned);
+                }
+            }
+            _ = status_tick.tick() => {
+                shell.metrics.heartbeat("agent");
+                if let Some(a) = &announcer {
+                    let st = a.status();
+                    crate::announce::write_status(&status_file, &args.node, &st.owned);
+                    shell.export_l2(&st);
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    if let Some(a) = announcer {
+        a.shutdown();
+        let _ = std::fs::remove_file(&status_file);
+    }
+    if in_flight {
+        // A sync that is under way finishes (its kernel transaction is atomic either way).
+        let _ = tokio::time::timeout(Duration::from_secs(10), done_rx.recv()).await;
+    }
+    drop(job_tx);
+    if !in_flight {
+        let _ = worker_thread.join();
+    }
+    log!("stopping; ferry's rules stay in place (`ferry cleanup` removes them)");
+    Ok(0)
+}
+
+impl Shell {
+    /// The layer-2 thread's state into the metrics; its liveness into the health check.
+    fn export_l2(&mut self, st: &crate::announce::L2Status) {
+        if st
+            .last_step
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(3))
+        {
+            self.metrics.heartbeat("layer2");
+        }
+        let announced = self
+            .lb_services
+            .iter()
+            .filter(|(ip, _)| st.owned.contains(ip))
+            .cloned();
+        self.metrics.set_announced(announced);
+        self.metrics
+            .set_membership(st.alive.len(), st.cluster_size, st.quorum);
+        for _ in self.takeovers_seen..st.takeovers {
+            self.metrics.inc_takeover();
+        }
+        self.takeovers_seen = st.takeovers;
+        for (iface, c) in &st.responders {
+            self.metrics.set_responder_counters(iface, *c);
+        }
+        for gone in self
+            .responders_seen
+            .iter()
+            .filter(|i| !st.responders.contains_key(*i))
+        {
+            self.metrics.remove_responder(gone);
+        }
+        self.responders_seen = st.responders.keys().cloned().collect();
+        if let Some(s) = st.member_stats {
+            self.metrics.set_member_stats(s);
+        }
+    }
+
+    fn finish_sync(&mut self, r: Result<SyncOutcome>, announcer: Option<&Announcer>) {
+        let now = Instant::now();
+        match r {
+            Ok(out) => {
+                self.core.handle_sync_done(now, true);
+                self.metrics.observe_sync(out.t_plan + out.t_apply, true);
+                self.metrics
+                    .set_programmed(out.services as u64, out.endpoints as u64);
+                self.metrics.set_pools(out.pool_usage.clone());
+                self.metrics
+                    .add_changes(out.service_changes, out.endpoint_changes);
+                if let Some(t) = self.syncing_since.take() {
+                    self.metrics.observe_network_programming(t.elapsed());
+                }
+                self.lb_services = out.lb_services.clone();
+                if self.core.ready() {
+                    self.metrics.set_ready();
+                }
+                let (new, _) = self.reported.update(out.diagnostics);
+                for d in new {
+                    log!("{d}");
+                }
+                if out.node_ips != self.node_ips {
+                    let shown: Vec<String> = out.node_ips.iter().map(|i| i.to_string()).collect();
+                    log!("node ports served on {}", shown.join(", "));
+                    self.node_ips = out.node_ips;
+                }
+                if !out.changes.is_empty() || self.syncs == 0 {
+                    let what = if out.changes.is_empty() {
+                        "table already as planned, nothing to change".to_string()
+                    } else {
+                        out.changes
+                    };
+                    log!(
+                        "{} services: {what} (read+plan {:.1} ms, apply {:.1} ms)",
+                        out.services,
+                        out.t_plan.as_secs_f64() * 1e3,
+                        out.t_apply.as_secs_f64() * 1e3
+                    );
+                }
+                self.syncs += 1;
+                if let Some(a) = announcer {
+                    if self.l2_sent.as_ref() != Some(&out.l2) {
+                        a.update(out.l2.clone());
+                        self.l2_sent = Some(out.l2);
+                    }
+                }
+            }
+            Err(e) => {
+                self.core.handle_sync_done(now, false);
+                self.metrics.observe_sync(now.elapsed(), false);
+                log!("error: {e:#} (retrying)");
+            }
+        }
     }
 }

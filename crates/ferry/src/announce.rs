@@ -1,189 +1,296 @@
-//! Layer-2 announcement of LoadBalancer addresses: which node answers ARP/NDP for which
-//! address ([`decide`], pure), and the I/O that makes it so ([`Announcer`]: SWIM membership,
-//! raw-socket responders, a status file for `ferry get svc -o wide`).
+//! The layer-2 edge: a thread of its own that runs membership, the election and the
+//! hold-down/hand-over timing ([`ferry_announce`]) and tells the raw-socket responders
+//! ([`ferry_l2::Responder`]) what to answer, and until when.
 //!
-//! Every agent runs the same deterministic election over the same inputs (the cluster's Node
-//! objects, the allocations in the shared state, and its SWIM view of who is alive), so they
-//! agree without exchanging messages about addresses. A node announces only while it hears from
-//! a majority of the cluster's nodes (a short lease, shorter than the time the others take to
-//! declare it dead), so in a partition at most one side announces an address.
+//! Nothing here waits for the dataplane: the sync loop only *sends* this thread the latest
+//! inputs ([`L2Config`]: Node objects, pools, addresses in use, the node's address and
+//! interface) and reads back its [`L2Status`]. The thread wakes on membership changes, new
+//! inputs, its own deadlines, and every [`RENEW`] while it owns anything, to renew the
+//! responders' ownership lease from what membership last heard. If the thread or membership
+//! ever stalls, the lease runs out and the responders fall silent by themselves: a node never
+//! keeps answering after the others may have taken over. It does no file I/O and writes no
+//! log line itself (lines are queued for the log writer thread).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_member::{election, quorum, MemberConfig, Membership};
+use ferry_announce::{decide, Event, Holder, L2Input, LbAddress, Timing};
+use ferry_member::{quorum_lease, MemberConfig, Membership};
 use ferry_model::pools::PoolConfig;
-use ferry_model::view::ResolvedService;
-use ferry_model::{Node, TrafficPolicy};
+use ferry_model::Node;
 
-/// Everything the election reads.
-pub struct L2Input<'a> {
-    pub me: &'a str,
-    pub nodes: &'a [Node],
-    /// Nodes the membership layer considers alive (including this one).
-    pub alive: &'a BTreeSet<String>,
-    /// Nodes heard from within the quorum lease (including this one).
-    pub lease: &'a BTreeSet<String>,
-    pub pools: &'a PoolConfig,
-    /// The load-balancer addresses in use.
-    pub addresses: &'a [LbAddress],
+/// How often the lease is renewed while this node owns something (membership heartbeats come
+/// every 20 ms; the lease is ~80 ms).
+pub const RENEW: Duration = Duration::from_millis(20);
+
+/// The longest the thread sleeps with nothing to do.
+const IDLE_STEP: Duration = Duration::from_secs(1);
+
+/// What the election reads from the model; sent by the sync loop after every sync.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct L2Config {
+    pub nodes: Vec<Node>,
+    pub pools: PoolConfig,
+    pub addresses: Vec<LbAddress>,
+    /// The node's address for gossip (IPv4 preferred).
+    pub my_ip: Option<IpAddr>,
+    /// The interface holding the node's address (default announcing interface).
+    pub default_iface: Option<String>,
 }
 
-/// A service's load-balancer addresses, as the election needs them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LbAddress {
-    pub ips: Vec<IpAddr>,
-    /// With externalTrafficPolicy Local: the nodes that hold a ready endpoint (only they may
-    /// announce). None: any node.
-    pub local_nodes: Option<BTreeSet<String>>,
-}
-
-impl LbAddress {
-    /// From an allocation and, when resolved, the service's endpoints.
-    pub fn of(ips: Vec<IpAddr>, policy: TrafficPolicy, svc: Option<&ResolvedService>) -> LbAddress {
-        let local_nodes = (policy == TrafficPolicy::Local).then(|| {
-            svc.into_iter()
-                .flat_map(|s| s.ports.iter())
-                .flat_map(|p| p.endpoints.iter())
-                .filter(|e| e.ready)
-                .filter_map(|e| e.node.clone())
-                .collect()
-        });
-        LbAddress { ips, local_nodes }
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct L2Decision {
-    /// Interface ("" = the interface of the node's address) -> addresses this node answers for.
-    pub owned: BTreeMap<String, BTreeSet<IpAddr>>,
-    /// Whether this node hears a majority of the cluster.
+/// What the thread did last, for the status file, metrics and logs.
+#[derive(Debug, Clone, Default)]
+pub struct L2Status {
+    pub owned: BTreeSet<IpAddr>,
     pub quorum: bool,
-    /// Address -> the elected node (None: no eligible node).
-    pub winners: BTreeMap<IpAddr, Option<String>>,
+    pub alive: BTreeSet<String>,
+    /// Addresses newly taken over since start.
+    pub takeovers: u64,
+    pub responders: BTreeMap<String, ferry_l2::Counters>,
+    pub member_stats: Option<ferry_member::Stats>,
+    /// Nodes in the cluster (Node objects; 1 without any).
+    pub cluster_size: usize,
+    /// When the thread last stepped (it steps at least every second).
+    pub last_step: Option<Instant>,
+    /// Bumped at every change of `owned`.
+    pub generation: u64,
 }
 
-/// Decides, for every layer-2 load-balancer address, which node announces it.
-///
-/// Eligible nodes for an address: alive, selected by an L2Advertisement that covers the
-/// address's pool, and — when a service on it has externalTrafficPolicy Local — holding a ready
-/// endpoint of that service. The winner is the first in the election's preference order.
-pub fn decide(inp: &L2Input) -> L2Decision {
-    let names: Vec<String> = inp.nodes.iter().map(|n| n.meta.name.clone()).collect();
-    // With no Node objects at all (a single machine), this node is the cluster.
-    let cluster: BTreeSet<String> = if names.is_empty() {
-        [inp.me.to_string()].into()
-    } else {
-        names.into_iter().collect()
-    };
-    let quorum_ok = quorum::has_quorum_of(inp.lease, &cluster);
-    let labels_of = |name: &str| {
-        inp.nodes
-            .iter()
-            .find(|n| n.meta.name == name)
-            .map(|n| n.meta.labels.clone())
-            .unwrap_or_default()
-    };
-
-    // Address -> (pool, nodes with a local endpoint if some service on it is Local).
-    let mut addrs: BTreeMap<IpAddr, (String, Option<BTreeSet<String>>)> = BTreeMap::new();
-    for a in inp.addresses {
-        for ip in &a.ips {
-            let Some(pool) = inp.pools.pool_of(*ip) else {
-                continue;
-            };
-            let entry = addrs
-                .entry(*ip)
-                .or_insert_with(|| (pool.name.clone(), None));
-            if let Some(local) = &a.local_nodes {
-                entry.1 = Some(match entry.1.take() {
-                    Some(prev) => prev.intersection(local).cloned().collect(),
-                    None => local.clone(),
-                });
-            }
-        }
-    }
-
-    let mut out = L2Decision {
-        quorum: quorum_ok,
-        ..L2Decision::default()
-    };
-    for (ip, (pool, local)) in addrs {
-        let eligible: Vec<&str> = cluster
-            .iter()
-            .filter(|n| inp.alive.contains(*n))
-            .filter(|n| inp.pools.l2_announcers(&pool, &labels_of(n)).is_some())
-            .filter(|n| local.as_ref().is_none_or(|l| l.contains(*n)))
-            .map(String::as_str)
-            .collect();
-        let key = ip.to_string();
-        let winner = election::elect(&key, &eligible).map(str::to_string);
-        if quorum_ok && winner.as_deref() == Some(inp.me) {
-            let ifaces = inp
-                .pools
-                .l2_announcers(&pool, &labels_of(inp.me))
-                .unwrap_or_default();
-            if ifaces.is_empty() {
-                out.owned.entry(String::new()).or_default().insert(ip);
-            } else {
-                for i in ifaces {
-                    out.owned.entry(i).or_default().insert(ip);
-                }
-            }
-        }
-        out.winners.insert(ip, winner);
-    }
-    out
+enum Msg {
+    Config(Box<L2Config>),
+    Membership,
+    Stop,
 }
 
-/// How long a node that has just gained a majority waits before taking addresses over.
-pub const HOLD_DOWN: Duration = Duration::from_millis(1000);
-
-/// How long a holder keeps an address after its new winner came back (a little less than
-/// [`HOLD_DOWN`], so the two never answer at once and the gap stays short).
-pub const HAND_OVER: Duration = Duration::from_millis(600);
-
-/// The I/O side: membership, responders, status file.
+/// Handle on the layer-2 thread.
 pub struct Announcer {
-    me: String,
-    port: u16,
-    membership: Option<(IpAddr, Membership)>,
-    /// Membership changes, to wake up at once.
-    events: Option<std::sync::mpsc::Receiver<BTreeSet<String>>>,
-    responders: BTreeMap<String, ferry_l2::Responder>,
-    owned: BTreeMap<String, BTreeSet<IpAddr>>,
-    quorum: Option<bool>,
-    /// Since when this node has heard a majority (None: it does not).
-    quorum_since: Option<Instant>,
-    /// Since when each node has been alive in our view.
-    alive_since: BTreeMap<String, Instant>,
-    status_file: PathBuf,
-    status_written: Option<Instant>,
+    tx: Sender<Msg>,
+    thread: Option<JoinHandle<()>>,
+    status: Arc<Mutex<L2Status>>,
 }
 
 impl Announcer {
-    pub fn new(me: &str, port: u16, status_dir: PathBuf) -> Announcer {
-        let _ = std::fs::create_dir_all(&status_dir);
-        Announcer {
+    /// Starts the thread; it announces nothing until it gets an [`L2Config`]. `changed` is
+    /// called (from the thread: it must not block) whenever the owned addresses change.
+    pub fn start(
+        me: &str,
+        port: u16,
+        changed: impl Fn() + Send + 'static,
+    ) -> std::io::Result<Announcer> {
+        let (tx, rx) = channel();
+        let status = Arc::new(Mutex::new(L2Status::default()));
+        let mut t = L2Thread {
             me: me.to_string(),
             port,
+            tx: tx.clone(),
+            holder: Holder::new(me, Timing::default()),
+            cfg: None,
             membership: None,
-            events: None,
             responders: BTreeMap::new(),
-            owned: BTreeMap::new(),
-            quorum: None,
-            quorum_since: None,
-            alive_since: BTreeMap::new(),
-            status_file: status_dir.join(format!("{me}.json")),
-            status_written: None,
+            status: Arc::clone(&status),
+            changed: Box::new(changed),
+            applied: BTreeMap::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("ferry-l2-control".into())
+            .spawn(move || t.run(rx))?;
+        Ok(Announcer {
+            tx,
+            thread: Some(thread),
+            status,
+        })
+    }
+
+    /// Replaces the election's inputs (never blocks).
+    pub fn update(&self, cfg: L2Config) {
+        let _ = self.tx.send(Msg::Config(Box::new(cfg)));
+    }
+
+    pub fn status(&self) -> L2Status {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Withdraws everything, leaves the membership and joins the thread.
+    pub fn shutdown(mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct L2Thread {
+    me: String,
+    port: u16,
+    tx: Sender<Msg>,
+    holder: Holder,
+    cfg: Option<L2Config>,
+    membership: Option<(IpAddr, Membership)>,
+    responders: BTreeMap<String, ferry_l2::Responder>,
+    status: Arc<Mutex<L2Status>>,
+    changed: Box<dyn Fn() + Send>,
+    /// What each responder was last given.
+    applied: BTreeMap<String, BTreeSet<IpAddr>>,
+}
+
+impl L2Thread {
+    fn run(&mut self, rx: Receiver<Msg>) {
+        loop {
+            let now = Instant::now();
+            // At least once a second (liveness), every RENEW while owning or gossiping.
+            let mut wake = now + IDLE_STEP;
+            if let Some(t) = self.holder.poll_timeout(now) {
+                wake = wake.min(t);
+            }
+            if !self.holder.owned().is_empty() || self.membership.is_some() {
+                wake = wake.min(now + RENEW);
+            }
+            let first = rx.recv_timeout(wake.saturating_duration_since(now));
+            let mut msgs: Vec<Msg> = Vec::new();
+            match first {
+                Ok(m) => msgs.push(m),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            msgs.extend(rx.try_iter());
+            let mut stop = false;
+            for m in msgs {
+                match m {
+                    Msg::Config(c) => {
+                        self.ensure_membership(c.my_ip, &c.nodes);
+                        self.cfg = Some(*c);
+                    }
+                    Msg::Membership => {}
+                    Msg::Stop => stop = true,
+                }
+            }
+            if stop {
+                break;
+            }
+            self.step(Instant::now());
+        }
+        self.stop();
+    }
+
+    /// One election and hand-over step, and the responders updated (or just renewed).
+    fn step(&mut self, now: Instant) {
+        let Some(cfg) = &self.cfg else { return };
+        let cluster: BTreeSet<String> = if cfg.nodes.is_empty() {
+            // With no Node objects at all (a single machine), this node is the cluster.
+            [self.me.clone()].into()
+        } else {
+            cfg.nodes.iter().map(|n| n.meta.name.clone()).collect()
+        };
+        let (mut alive, heard, lease_len) = match &self.membership {
+            Some((_, m)) => (m.alive(), m.last_heard(), m.quorum_lease()),
+            None => (BTreeSet::new(), BTreeMap::new(), Duration::ZERO),
+        };
+        alive.insert(self.me.clone());
+        // One reading of the last-heard times gives both the view the election counts and
+        // the deadline the responders enforce.
+        let lease = quorum_lease(&self.me, &heard, &cluster, lease_len, now);
+        let mut lease_view: BTreeSet<String> = heard
+            .iter()
+            .filter(|(_, t)| **t + lease_len > now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        lease_view.insert(self.me.clone());
+        let d = decide(&L2Input {
+            me: &self.me,
+            nodes: &cfg.nodes,
+            alive: &alive,
+            lease: &lease_view,
+            pools: &cfg.pools,
+            addresses: &cfg.addresses,
+        });
+        let default_iface = cfg.default_iface.clone();
+        let step = self
+            .holder
+            .step(now, &d, &alive, lease, default_iface.as_deref());
+        let mut takeovers = 0;
+        for e in &step.events {
+            match e {
+                Event::Announce { iface, ip } => {
+                    takeovers += 1;
+                    log!("announcing {ip} on {iface}");
+                }
+                Event::Withdraw { iface, ip } => log!("withdrawing {ip} from {iface}"),
+                Event::Quorum(true) => log!("membership: this node hears a majority of the cluster"),
+                Event::Quorum(false) => log!(
+                    "membership: this node does not hear a majority of the cluster: it announces nothing"
+                ),
+                Event::NoInterface(ips) => {
+                    log!("error: no interface holds this node's address; cannot announce {ips:?}")
+                }
+            }
+        }
+        self.apply(&step.owned, step.valid_until);
+        let owned: BTreeSet<IpAddr> = step.owned.values().flatten().copied().collect();
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = st.owned != owned;
+        st.owned = owned;
+        st.quorum = self.holder.quorum();
+        st.alive = alive;
+        st.takeovers += takeovers;
+        st.responders = self
+            .responders
+            .iter()
+            .map(|(i, r)| (i.clone(), r.counters()))
+            .collect();
+        st.member_stats = self.membership.as_ref().map(|(_, m)| m.stats());
+        st.cluster_size = cluster.len();
+        st.last_step = Some(now);
+        if changed {
+            st.generation += 1;
+        }
+        drop(st);
+        if changed {
+            (self.changed)();
+        }
+    }
+
+    /// Responders answer for exactly `owned`, until `valid_until`.
+    fn apply(&mut self, owned: &BTreeMap<String, BTreeSet<IpAddr>>, valid_until: Option<Instant>) {
+        let ifaces: BTreeSet<String> = owned.keys().chain(self.applied.keys()).cloned().collect();
+        for iface in ifaces {
+            let new = owned.get(&iface).cloned().unwrap_or_default();
+            if !self.responders.contains_key(&iface) {
+                if new.is_empty() {
+                    self.applied.remove(&iface);
+                    continue;
+                }
+                match ferry_l2::Responder::start(&iface) {
+                    Ok(r) => {
+                        self.responders.insert(iface.clone(), r);
+                    }
+                    Err(e) => {
+                        log!("error: cannot answer ARP/NDP on {iface}: {e}");
+                        continue;
+                    }
+                }
+            }
+            let Some(r) = self.responders.get(&iface) else {
+                continue;
+            };
+            if self.applied.get(&iface) == Some(&new) {
+                r.renew(valid_until);
+            } else {
+                r.set_owned_until(new.clone(), valid_until);
+                self.applied.insert(iface.clone(), new);
+            }
         }
     }
 
     /// Starts (or restarts, when this node's address changed) the membership layer, seeded
     /// with the other nodes' addresses.
-    pub fn ensure_membership(&mut self, my_ip: Option<IpAddr>, nodes: &[Node]) {
+    fn ensure_membership(&mut self, my_ip: Option<IpAddr>, nodes: &[Node]) {
         let Some(ip) = my_ip else { return };
         let seeds: Vec<SocketAddr> = nodes
             .iter()
@@ -195,12 +302,11 @@ impl Announcer {
             })
             .map(|a| SocketAddr::new(a, self.port))
             .collect();
-        match &self.membership {
-            Some((bound, m)) if *bound == ip => {
+        if let Some((bound, m)) = &self.membership {
+            if *bound == ip {
                 m.set_seeds(seeds);
                 return;
             }
-            _ => {}
         }
         if let Some((_, m)) = self.membership.take() {
             m.stop();
@@ -218,178 +324,28 @@ impl Announcer {
         match Membership::start(cfg) {
             Ok(m) => {
                 log!("membership: gossiping on {ip}:{} (SWIM)", self.port);
-                self.events = Some(m.subscribe());
+                // Membership changes wake this thread at once.
+                let events = m.subscribe();
+                let tx = self.tx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("ferry-l2-events".into())
+                    .spawn(move || {
+                        for _ in events {
+                            if tx.send(Msg::Membership).is_err() {
+                                break;
+                            }
+                        }
+                    });
                 self.membership = Some((ip, m));
             }
             Err(e) => log!("error: membership on {ip}:{}: {e}", self.port),
         }
     }
 
-    /// (alive, lease) views; without membership, only this node.
-    pub fn views(&mut self) -> (BTreeSet<String>, BTreeSet<String>) {
-        let (alive, lease) = self.current_views();
-        let now = Instant::now();
-        self.alive_since.retain(|n, _| alive.contains(n));
-        for n in &alive {
-            self.alive_since.entry(n.clone()).or_insert(now);
-        }
-        (alive, lease)
-    }
-
-    fn current_views(&self) -> (BTreeSet<String>, BTreeSet<String>) {
-        match &self.membership {
-            Some((_, m)) => {
-                let mut alive = m.alive();
-                alive.insert(self.me.clone());
-                let mut lease = m.lease_view();
-                lease.insert(self.me.clone());
-                (alive, lease)
-            }
-            None => {
-                let me: BTreeSet<String> = [self.me.clone()].into();
-                (me.clone(), me)
-            }
-        }
-    }
-
-    /// Waits `timeout`, or less when membership changes.
-    pub fn wait(&self, timeout: Duration) {
-        match &self.events {
-            Some(rx) => {
-                if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
-                    rx.recv_timeout(timeout)
-                {
-                    std::thread::sleep(timeout);
-                }
-            }
-            None => std::thread::sleep(timeout),
-        }
-    }
-
-    /// Applies a decision: responders answer for exactly the owned addresses.
-    ///
-    /// A node that has just (re)joined a majority waits [`HOLD_DOWN`] before claiming an
-    /// address it does not hold: the current holder needs that long to see it back and let go,
-    /// so a healing partition or a restarted agent never makes two nodes answer at once.
-    pub fn apply(&mut self, d: &L2Decision, default_iface: Option<&str>) {
-        match (d.quorum, self.quorum_since) {
-            (true, None) => self.quorum_since = Some(Instant::now()),
-            (false, Some(_)) => self.quorum_since = None,
-            _ => {}
-        }
-        let settled = self.quorum_since.is_some_and(|t| t.elapsed() >= HOLD_DOWN);
-        if self.quorum != Some(d.quorum) {
-            if d.quorum {
-                log!("membership: this node hears a majority of the cluster");
-            } else {
-                log!("membership: this node does not hear a majority of the cluster: it announces nothing");
-            }
-            self.quorum = Some(d.quorum);
-        }
-        let mut want: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
-        for (iface, ips) in &d.owned {
-            let name = if iface.is_empty() {
-                match default_iface {
-                    Some(n) => n.to_string(),
-                    None => {
-                        log!("error: no interface holds this node's address; cannot announce {ips:?}");
-                        continue;
-                    }
-                }
-            } else {
-                iface.clone()
-            };
-            let held = self.owned.get(&name).cloned().unwrap_or_default();
-            want.entry(name).or_default().extend(
-                ips.iter()
-                    .copied()
-                    .filter(|ip| settled || held.contains(ip)),
-            );
-        }
-        // Hand-over: an address we hold whose new winner has only just come back stays with us
-        // until shortly before that node's hold-down ends, so that somebody always answers.
-        if d.quorum {
-            for (iface, held) in &self.owned {
-                for ip in held {
-                    let newcomer = match d.winners.get(ip) {
-                        Some(Some(w)) if *w != self.me => self
-                            .alive_since
-                            .get(w)
-                            .is_some_and(|t| t.elapsed() < HAND_OVER),
-                        _ => false,
-                    };
-                    if newcomer {
-                        want.entry(iface.clone()).or_default().insert(*ip);
-                    }
-                }
-            }
-        }
-        let mut changed = false;
-        let ifaces: BTreeSet<String> = want.keys().chain(self.owned.keys()).cloned().collect();
-        for iface in ifaces {
-            let new = want.get(&iface).cloned().unwrap_or_default();
-            let old = self.owned.get(&iface).cloned().unwrap_or_default();
-            if new == old {
-                continue;
-            }
-            for ip in new.difference(&old) {
-                log!("announcing {ip} on {iface}");
-            }
-            for ip in old.difference(&new) {
-                log!("withdrawing {ip} from {iface}");
-            }
-            changed = true;
-            if !self.responders.contains_key(&iface) {
-                match ferry_l2::Responder::start(&iface) {
-                    Ok(r) => {
-                        self.responders.insert(iface.clone(), r);
-                    }
-                    Err(e) => {
-                        log!("error: cannot answer ARP/NDP on {iface}: {e}");
-                        continue;
-                    }
-                }
-            }
-            if let Some(r) = self.responders.get(&iface) {
-                r.set_owned(new.clone());
-            }
-            if new.is_empty() {
-                self.owned.remove(&iface);
-            } else {
-                self.owned.insert(iface, new);
-            }
-        }
-        self.write_status(changed);
-    }
-
-    /// `announcements/<node>.json`: what this node announces, refreshed every second so that
-    /// readers can tell a live claim from a dead agent's leftovers.
-    fn write_status(&mut self, force: bool) {
-        if !force
-            && self
-                .status_written
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            return;
-        }
-        let ips: BTreeSet<String> = self
-            .owned
-            .values()
-            .flatten()
-            .map(|i| i.to_string())
-            .collect();
-        let body = serde_json::json!({ "node": self.me, "addresses": ips });
-        let tmp = self.status_file.with_extension("tmp");
-        if std::fs::write(&tmp, body.to_string()).is_ok() {
-            let _ = std::fs::rename(&tmp, &self.status_file);
-        }
-        self.status_written = Some(Instant::now());
-    }
-
     /// Stops answering (agent shutdown): the other nodes take over when they see this one leave.
-    pub fn shutdown(mut self) {
-        for (iface, ips) in std::mem::take(&mut self.owned) {
-            for ip in ips {
+    fn stop(&mut self) {
+        for e in self.holder.withdraw_all() {
+            if let Event::Withdraw { iface, ip } = e {
                 log!("withdrawing {ip} from {iface}");
             }
         }
@@ -397,10 +353,25 @@ impl Announcer {
             r.set_owned(BTreeSet::new());
             r.stop();
         }
-        let _ = std::fs::remove_file(&self.status_file);
         if let Some((_, m)) = self.membership.take() {
             m.stop();
         }
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .owned
+            .clear();
+    }
+}
+
+/// Writes `announcements/<node>.json`: what this node announces (rewritten every second by the
+/// agent so that readers can tell a live claim from a dead agent's leftovers).
+pub fn write_status(path: &std::path::Path, node: &str, owned: &BTreeSet<IpAddr>) {
+    let ips: BTreeSet<String> = owned.iter().map(|i| i.to_string()).collect();
+    let body = serde_json::json!({ "node": node, "addresses": ips });
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, body.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
     }
 }
 
@@ -439,173 +410,4 @@ pub fn read_announcers(dir: &std::path::Path) -> BTreeMap<IpAddr, Vec<String>> {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ferry_model::{ConfigMap, Meta, NodeAddress};
-    use proptest::prelude::*;
-
-    const SEED_POOL: &str = "address-pools:\n- name: default\n  protocol: layer2\n  addresses:\n  - 192.168.2.200-192.168.2.225\n";
-
-    fn pools() -> PoolConfig {
-        let cm = ConfigMap {
-            meta: Meta {
-                name: "config".into(),
-                namespace: "metallb-system".into(),
-                ..Meta::default()
-            },
-            data: [("config".to_string(), SEED_POOL.to_string())].into(),
-        };
-        let (p, errs) = ferry_model::pools::load(&[cm], &[], &[]);
-        assert!(errs.is_empty(), "{errs:?}");
-        p
-    }
-
-    fn nodes(n: usize) -> Vec<Node> {
-        (0..n)
-            .map(|i| Node {
-                meta: Meta {
-                    name: format!("node-{i}"),
-                    ..Meta::default()
-                },
-                addresses: vec![NodeAddress {
-                    type_: "InternalIP".into(),
-                    address: format!("192.168.2.{}", 11 + i),
-                }],
-                pod_cidrs: vec![],
-            })
-            .collect()
-    }
-
-    fn addrs(k: usize) -> Vec<LbAddress> {
-        (0..k)
-            .map(|i| LbAddress {
-                ips: vec![format!("192.168.2.{}", 200 + i).parse().unwrap()],
-                local_nodes: None,
-            })
-            .collect()
-    }
-
-    fn decide_for(
-        me: &str,
-        nodes: &[Node],
-        alive: &BTreeSet<String>,
-        a: &[LbAddress],
-    ) -> L2Decision {
-        let p = pools();
-        decide(&L2Input {
-            me,
-            nodes,
-            alive,
-            lease: alive,
-            pools: &p,
-            addresses: a,
-        })
-    }
-
-    fn owned(d: &L2Decision) -> BTreeSet<IpAddr> {
-        d.owned.values().flatten().copied().collect()
-    }
-
-    #[test]
-    fn every_address_has_exactly_one_owner_and_all_agree() {
-        let ns = nodes(3);
-        let all: BTreeSet<String> = ns.iter().map(|n| n.meta.name.clone()).collect();
-        let a = addrs(20);
-        let mut seen: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
-        for n in &all {
-            let d = decide_for(n, &ns, &all, &a);
-            assert!(d.quorum);
-            for ip in owned(&d) {
-                seen.entry(ip).or_default().push(n.clone());
-            }
-        }
-        assert_eq!(seen.len(), 20);
-        assert!(seen.values().all(|o| o.len() == 1), "{seen:?}");
-        // Spread over more than one node.
-        let owners: BTreeSet<&String> = seen.values().flatten().collect();
-        assert!(owners.len() > 1);
-    }
-
-    #[test]
-    fn a_minority_announces_nothing_and_the_majority_takes_over() {
-        let ns = nodes(3);
-        let a = addrs(10);
-        // node-0 cut off: it sees only itself; the others see each other.
-        let alone: BTreeSet<String> = ["node-0".to_string()].into();
-        let rest: BTreeSet<String> = ["node-1".to_string(), "node-2".to_string()].into();
-        let d0 = decide_for("node-0", &ns, &alone, &a);
-        assert!(!d0.quorum);
-        assert!(owned(&d0).is_empty());
-        let mut union = BTreeSet::new();
-        for n in ["node-1", "node-2"] {
-            let d = decide_for(n, &ns, &rest, &a);
-            assert!(d.quorum);
-            let o = owned(&d);
-            assert!(union.is_disjoint(&o));
-            union.extend(o);
-        }
-        assert_eq!(union.len(), 10, "the majority covers every address");
-        // An even split: nobody announces.
-        let ns4 = nodes(4);
-        let half: BTreeSet<String> = ["node-0".to_string(), "node-1".to_string()].into();
-        assert!(owned(&decide_for("node-0", &ns4, &half, &a)).is_empty());
-    }
-
-    #[test]
-    fn external_traffic_policy_local_picks_only_nodes_with_local_endpoints() {
-        let ns = nodes(3);
-        let all: BTreeSet<String> = ns.iter().map(|n| n.meta.name.clone()).collect();
-        let a: Vec<LbAddress> = (0..10)
-            .map(|i| LbAddress {
-                ips: vec![format!("192.168.2.{}", 200 + i).parse().unwrap()],
-                local_nodes: Some(["node-2".to_string()].into()),
-            })
-            .collect();
-        assert_eq!(owned(&decide_for("node-2", &ns, &all, &a)).len(), 10);
-        assert!(owned(&decide_for("node-0", &ns, &all, &a)).is_empty());
-        // No local endpoint anywhere: nobody.
-        let none: Vec<LbAddress> = vec![LbAddress {
-            ips: vec!["192.168.2.200".parse().unwrap()],
-            local_nodes: Some(BTreeSet::new()),
-        }];
-        for n in &all {
-            assert!(owned(&decide_for(n, &ns, &all, &none)).is_empty());
-        }
-    }
-
-    #[test]
-    fn addresses_outside_pools_are_not_announced() {
-        let ns = nodes(1);
-        let all: BTreeSet<String> = ["node-0".to_string()].into();
-        let a = vec![LbAddress {
-            ips: vec!["10.9.9.9".parse().unwrap()],
-            local_nodes: None,
-        }];
-        assert!(owned(&decide_for("node-0", &ns, &all, &a)).is_empty());
-    }
-
-    proptest! {
-        /// Nodes that share a view of who is alive agree: every address has exactly one owner
-        /// when they are a majority, and none otherwise.
-        #[test]
-        fn identical_views_never_collide(n in 1usize..7, alive_mask in 0u32..128, k in 1usize..26) {
-            let ns = nodes(n);
-            let alive: BTreeSet<String> = ns.iter().enumerate()
-                .filter(|(i, _)| alive_mask & (1 << i) != 0)
-                .map(|(_, x)| x.meta.name.clone()).collect();
-            let a = addrs(k);
-            let mut seen: BTreeMap<IpAddr, usize> = BTreeMap::new();
-            for me in &alive {
-                for ip in owned(&decide_for(me, &ns, &alive, &a)) {
-                    *seen.entry(ip).or_default() += 1;
-                }
-            }
-            prop_assert!(seen.values().all(|c| *c == 1));
-            let quorum = alive.len() * 2 > n;
-            prop_assert_eq!(seen.len(), if quorum && !alive.is_empty() { k } else { 0 });
-        }
-    }
 }

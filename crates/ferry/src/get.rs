@@ -1,5 +1,6 @@
 //! `ferry get services`: kubectl's view of services, from a manifest directory and the shared
-//! allocation state (allocating, as the API server would, what nobody has allocated yet).
+//! allocation state. It only reads: values nobody has allocated yet show as `<none>` /
+//! `<pending>` until an agent allocates them.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::agent::parse_port_range;
 use crate::source;
-use crate::state::StateDir;
+use crate::state::{AllocStore, StateDir};
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
@@ -34,29 +35,6 @@ pub struct GetArgs {
     pub service_cidr: Vec<Cidr>,
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     pub node_port_range: (u16, u16),
-}
-
-/// kubectl's short durations: 54s, 2m27s, 12m, 5h3m, 3d5h, 11d.
-pub fn human_age(ms: u64) -> String {
-    let s = ms / 1000;
-    let (m, h, d) = (s / 60, s / 3600, s / 86400);
-    if s < 120 {
-        format!("{s}s")
-    } else if m < 10 {
-        format!("{m}m{}s", s % 60)
-    } else if h < 3 {
-        format!("{m}m")
-    } else if h < 8 {
-        format!("{h}h{}m", m % 60)
-    } else if h < 48 {
-        format!("{h}h")
-    } else if d < 8 {
-        format!("{d}d{}h", h % 24)
-    } else if d < 730 {
-        format!("{d}d")
-    } else {
-        format!("{}y{}d", d / 365, d % 365)
-    }
 }
 
 fn ports_text(svc: &Service, a: Option<&Allocation>) -> String {
@@ -115,7 +93,7 @@ fn selector_text(svc: &Service) -> String {
         .join(",")
 }
 
-pub use ferry_lab::get::table;
+use ferry_model::display::{human_age, table};
 
 fn service_json(svc: &Service, a: Option<&Allocation>) -> Value {
     let ports: Vec<Value> = svc
@@ -200,7 +178,8 @@ pub fn run(args: GetArgs) -> Result<i32> {
     for e in &pool_errors {
         eprintln!("warning: pools: {e}");
     }
-    let (results, lb) = state.sync(&snap.services, &snap.namespaces, &pools, &cfg, now, now)?;
+    // Read-only: what the agents allocated (services they have not seen yet show no values).
+    let (results, lb) = state.view(&snap.services, &snap.namespaces, &pools, &cfg, now)?;
     let announcers = crate::announce::read_announcers(&state.announcements_dir());
     // Load-balancer addresses as the services' ingress (what the API server's status holds).
     let mut snap = snap;
@@ -285,7 +264,7 @@ pub fn run(args: GetArgs) -> Result<i32> {
             cluster_ip_text(s, a),
             external_text(s),
             ports_text(s, a),
-            human_age(now.saturating_sub(born)),
+            human_age(std::time::Duration::from_millis(now.saturating_sub(born))),
         ]);
         if wide {
             row.push(selector_text(s));
@@ -304,30 +283,4 @@ pub fn run(args: GetArgs) -> Result<i32> {
     }
     print!("{}", table(&rows));
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ages_read_like_kubectl() {
-        assert_eq!(human_age(9_000), "9s");
-        assert_eq!(human_age(147_000), "2m27s");
-        assert_eq!(human_age(12 * 60_000), "12m");
-        assert_eq!(human_age((3 * 24 + 5) * 3_600_000), "3d5h");
-        assert_eq!(human_age(11 * 86_400_000), "11d");
-    }
-
-    #[test]
-    fn tables_pad_columns() {
-        let t = table(&[
-            vec!["NAME".into(), "TYPE".into()],
-            vec!["nextcloud-dev-nodeport".into(), "NodePort".into()],
-        ]);
-        assert_eq!(
-            t,
-            "NAME                     TYPE\nnextcloud-dev-nodeport   NodePort\n"
-        );
-    }
 }

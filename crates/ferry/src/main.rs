@@ -1,21 +1,29 @@
-//! The `ferry` binary: node agent, kubectl-style views, lab and demo.
+//! The `ferry` binary: node agent and kubectl-style views. `ferry lab`, `ferry demo` and
+//! `ferry bench` run the `ferry-lab` binary found next to this one.
 //!
 //! Data flows one way: source (manifests) -> model (allocation, endpoints) -> plan (nftables
 //! ruleset) -> dataplane (the kernel).
 
-/// Agent log lines: a wall-clock time, then the message (to stderr).
+/// Agent log lines: a wall-clock time, then the message (to stderr, from a writer thread:
+/// never blocks, never panics; see `logging`).
 macro_rules! log {
     ($($arg:tt)*) => {
-        eprintln!("{} {}", crate::agent::timestamp(), format!($($arg)*))
+        crate::logging::line(format!("{} {}", crate::agent::timestamp(), format_args!($($arg)*)))
     };
 }
 
 mod agent;
+mod agent_core;
 mod announce;
-mod bench;
 mod get;
+mod http;
+mod logging;
+mod metrics;
+mod netwatch;
 mod source;
 mod state;
+
+use std::ffi::OsString;
 
 use clap::{Parser, Subcommand};
 
@@ -40,12 +48,24 @@ enum Command {
     Cleanup,
     /// Print the planned nftables script for a manifest directory (nothing is applied).
     Plan(agent::AgentArgs),
-    /// Time plan + apply of many services in this network namespace (see bench/dataplane.sh).
-    Bench(bench::BenchArgs),
-    /// A cluster of network namespaces on this host.
-    Lab(ferry_lab::LabArgs),
-    /// Bring up a lab and replay the seed's walk through Service types.
-    Demo(ferry_lab::DemoArgs),
+    /// Time plan + apply of many services in this network namespace (runs `ferry-lab bench`).
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// A cluster of network namespaces on this host (runs `ferry-lab lab`).
+    #[command(disable_help_flag = true)]
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Bring up a lab and replay the seed's walk through Service types (runs `ferry-lab demo`).
+    #[command(disable_help_flag = true)]
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 fn main() {
@@ -55,10 +75,11 @@ fn main() {
         Command::Get(args) => get::run(args),
         Command::Cleanup => cleanup(),
         Command::Plan(args) => plan(args),
-        Command::Bench(args) => bench::run(args),
-        Command::Lab(args) => ferry_lab::run_lab(args),
-        Command::Demo(args) => ferry_lab::run_demo(args),
+        Command::Bench { args } => run_lab_binary("bench", &args),
+        Command::Lab { args } => run_lab_binary("lab", &args),
+        Command::Demo { args } => run_lab_binary("demo", &args),
     };
+    logging::flush(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -66,6 +87,34 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// `ferry lab|demo|bench ARGS...`: execs `ferry-lab lab|demo|bench ARGS...` ($FERRY_LAB_EXE,
+/// else `ferry-lab` next to this executable). Exec keeps the process, so its exit code and
+/// signals are the command's own. The lab runs this `ferry` for its agents ($FERRY_EXE).
+fn run_lab_binary(command: &str, args: &[OsString]) -> anyhow::Result<i32> {
+    use anyhow::Context as _;
+    use std::os::unix::process::CommandExt as _;
+    let me = std::env::current_exe().context("finding the running executable")?;
+    let lab = match std::env::var_os("FERRY_LAB_EXE").filter(|v| !v.is_empty()) {
+        Some(p) => std::path::PathBuf::from(p),
+        None => me.with_file_name("ferry-lab"),
+    };
+    if !lab.is_file() {
+        anyhow::bail!(
+            "`ferry {command}` runs the ferry-lab executable, and there is none at {}: build it \
+             with `cargo build --release` (which builds ferry and ferry-lab) or `cargo build -p \
+             ferry-lab`, or point FERRY_LAB_EXE at it",
+            lab.display()
+        );
+    }
+    let mut cmd = std::process::Command::new(&lab);
+    cmd.arg(command).args(args);
+    if std::env::var_os("FERRY_EXE").is_none_or(|v| v.is_empty()) {
+        cmd.env("FERRY_EXE", &me);
+    }
+    let err = cmd.exec();
+    Err(anyhow::Error::new(err).context(format!("running {}", lab.display())))
 }
 
 fn cleanup() -> anyhow::Result<i32> {
@@ -79,16 +128,57 @@ fn cleanup() -> anyhow::Result<i32> {
 }
 
 fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
+    use state::AllocStore;
     let state = state::StateDir::new(&args.state_dir)?;
     let snap = source::read_dir(&args.manifests)?;
-    for e in &snap.errors {
-        eprintln!("error: {e}");
-    }
+    let pools =
+        ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
+    // What the agents allocated; nothing is written.
+    let allocated = state.view(
+        &snap.services,
+        &snap.namespaces,
+        &pools.0,
+        &args.alloc_config(),
+        source::now_ms(),
+    )?;
     let mut planner = ferry_plan::plan::Planner::default();
-    let p = agent::compute(&mut planner, &args, &state, &snap, source::now_ms())?;
-    for r in &p.rejected {
-        eprintln!("rejected: {r}");
+    let host = netwatch::interface_addresses();
+    let p = agent::compute(&mut planner, &args, &snap, pools, allocated, &host);
+    for d in &p.diagnostics {
+        eprintln!("{d}");
     }
     print!("{}", planner.ruleset().render_full());
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn passed_on(argv: &[&str]) -> Vec<String> {
+        let cli = Cli::try_parse_from(argv).expect("parses");
+        let args = match cli.command {
+            Command::Lab { args } | Command::Demo { args } | Command::Bench { args } => args,
+            other => panic!("{other:?}"),
+        };
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// `ferry lab|demo|bench` hand every argument to ferry-lab as given, flags, `--` and
+    /// `--help` included.
+    #[test]
+    fn lab_commands_pass_their_arguments_on() {
+        assert_eq!(
+            passed_on(&["ferry", "lab", "--prefix", "x", "exec", "client", "--", "ip", "-br"]),
+            ["--prefix", "x", "exec", "client", "--", "ip", "-br"]
+        );
+        assert_eq!(passed_on(&["ferry", "demo", "--help"]), ["--help"]);
+        assert_eq!(
+            passed_on(&["ferry", "bench", "--services", "10", "-h"]),
+            ["--services", "10", "-h"]
+        );
+        assert!(passed_on(&["ferry", "lab"]).is_empty());
+    }
 }

@@ -1,13 +1,21 @@
-//! Allocation state shared through a state directory: `allocations.json`, changed only under an
-//! exclusive lock on `allocations.lock`, written atomically (temp file + rename). Every agent and
-//! `ferry get` sharing the directory sees the same values.
+//! Where allocations live: the [`AllocStore`] interface, and the file store of manifest mode.
+//!
+//! Cluster IPs, node ports (manifest mode only: in a cluster the API server allocates them)
+//! and load-balancer addresses are all allocated through an [`AllocStore`]. The file store
+//! keeps them in a state directory: `allocations.json` and `lb-allocations.json`, changed only
+//! under an exclusive lock on `allocations.lock` (taken with a timeout: a lock held elsewhere
+//! fails the sync, which is retried, instead of stalling the agent), written atomically (temp
+//! file + rename). Every agent sharing the directory sees the same values; `ferry get` only
+//! reads them ([`AllocStore::view`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
 use ferry_model::alloc::{allocate, AllocConfig, AllocResults, AllocState};
 use ferry_model::lbipam::{self, LbResults, LbState};
 use ferry_model::pools::PoolConfig;
@@ -21,23 +29,64 @@ pub struct StateDir {
     dir: PathBuf,
 }
 
+/// Allocation: what every service gets, kept where all agents see it.
+pub trait AllocStore {
+    /// Allocates what is missing and keeps it; returns every service's allocation.
+    fn sync(
+        &self,
+        services: &[Service],
+        namespaces: &[Namespace],
+        pools: &PoolConfig,
+        cfg: &AllocConfig,
+        snapshot_ms: u64,
+        now_ms: u64,
+    ) -> Result<(AllocResults, LbResults)>;
+
+    /// What is kept now, changing nothing: services nobody has allocated for yet are left out
+    /// (their cluster IP shows as `<none>`, their load-balancer address as `<pending>`).
+    fn view(
+        &self,
+        services: &[Service],
+        namespaces: &[Namespace],
+        pools: &PoolConfig,
+        cfg: &AllocConfig,
+        now_ms: u64,
+    ) -> Result<(AllocResults, LbResults)>;
+}
+
+/// How long a sync waits for the allocation lock before failing (and being retried).
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct Lock(File);
 
 impl Lock {
-    fn take(path: &Path) -> Result<Lock> {
+    fn take(path: &Path, timeout: Duration) -> Result<Lock> {
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock on a file descriptor we own; blocks until the lock is ours.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", path.display()));
+        let deadline = Instant::now() + timeout;
+        loop {
+            // SAFETY: flock on a file descriptor we own; LOCK_NB never blocks.
+            let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(Lock(f));
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(err).with_context(|| format!("locking {}", path.display()));
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} is held by another process for more than {:?}",
+                    path.display(),
+                    timeout
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(Lock(f))
     }
 }
 
@@ -77,9 +126,16 @@ impl StateDir {
         Ok(())
     }
 
+    /// Where agents say which addresses they announce (for `ferry get svc -o wide`).
+    pub fn announcements_dir(&self) -> PathBuf {
+        self.dir.join("announcements")
+    }
+}
+
+impl AllocStore for StateDir {
     /// Allocates cluster IPs, node ports and load-balancer addresses for `services` under the
     /// lock; writes the state back where it changed.
-    pub fn sync(
+    fn sync(
         &self,
         services: &[Service],
         namespaces: &[Namespace],
@@ -88,7 +144,7 @@ impl StateDir {
         snapshot_ms: u64,
         now_ms: u64,
     ) -> Result<(AllocResults, LbResults)> {
-        let _lock = Lock::take(&self.dir.join("allocations.lock"))?;
+        let _lock = Lock::take(&self.dir.join("allocations.lock"), LOCK_TIMEOUT)?;
         let old: AllocState = self.read("allocations.json")?;
         let (new, results) = allocate(&old, services, cfg, snapshot_ms, now_ms);
         if new != old {
@@ -110,8 +166,29 @@ impl StateDir {
         Ok((results, lb))
     }
 
-    /// Where agents say which addresses they announce (for `ferry get svc -o wide`).
-    pub fn announcements_dir(&self) -> PathBuf {
-        self.dir.join("announcements")
+    fn view(
+        &self,
+        services: &[Service],
+        namespaces: &[Namespace],
+        pools: &PoolConfig,
+        cfg: &AllocConfig,
+        now_ms: u64,
+    ) -> Result<(AllocResults, LbResults)> {
+        // The allocators run on a copy and nothing is written; only what was kept is shown.
+        let old: AllocState = self.read("allocations.json")?;
+        let (_, mut results) = allocate(&old, services, cfg, now_ms, now_ms);
+        results.retain(|r, _| old.services.contains_key(&r.to_string()));
+        let old_lb: LbState = self.read("lb-allocations.json")?;
+        let (_, mut lb) = lbipam::allocate(
+            &old_lb,
+            services,
+            namespaces,
+            pools,
+            Some(LOAD_BALANCER_CLASS),
+            now_ms,
+            now_ms,
+        );
+        lb.retain(|r, a| a.is_err() || old_lb.services.contains_key(&r.to_string()));
+        Ok((results, lb))
     }
 }

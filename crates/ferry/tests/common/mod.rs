@@ -19,8 +19,41 @@ pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 pub const CONVERGE: Duration = Duration::from_secs(10);
 
 /// True when the test may run (root); prints why it skips otherwise, panics when $CI is set.
+/// Makes sure the `ferry-lab` binary is built next to `ferry` first.
 pub fn root(test: &str) -> bool {
-    ferry_lab::require_root(test)
+    if !ferry_lab::require_root(test) {
+        return false;
+    }
+    build_lab_binary();
+    true
+}
+
+/// The lab's pods (and `ferry lab`/`ferry demo`) run the `ferry-lab` binary next to `ferry`, and
+/// cargo builds that only for ferry-lab's own tests: build it (once per test binary, a no-op
+/// when it is up to date) with the profile `ferry` was built with.
+fn build_lab_binary() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let ferry = std::path::Path::new(FERRY);
+        let profile = match ferry.parent().and_then(|d| d.file_name()) {
+            Some(d) if d == "debug" => "dev".to_string(),
+            Some(d) => d.to_string_lossy().into_owned(),
+            None => "dev".to_string(),
+        };
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "ferry-lab", "--bin", "ferry-lab"])
+            .args(["--profile", &profile])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build -p ferry-lab");
+        assert!(status.success(), "cargo build -p ferry-lab failed");
+        let lab = ferry.with_file_name("ferry-lab");
+        assert!(
+            lab.is_file(),
+            "no {} after building it (another target dir?)",
+            lab.display()
+        );
+    });
 }
 
 /// A lab with `nodes` nodes and agents, or None when the test must skip. Downed on drop.
@@ -499,89 +532,9 @@ pub fn udp_send(lab: &Lab, from: &str, to: std::net::SocketAddr) {
     .unwrap_or_else(|e| panic!("sending to {to} from {from}: {e}"));
 }
 
-/// One request of a probe loop.
-#[derive(Debug, Clone)]
-pub struct Attempt {
-    /// When it began and ended, from the probe's start.
-    pub began: Duration,
-    pub ended: Duration,
-    /// The body (a pod name) or curl's complaint.
-    pub result: Result<String, String>,
-}
-
-/// A curl loop from a target until `stop` is set: short timeouts, one request after another.
-pub fn probe_loop(
-    ns: &str,
-    url: &str,
-    start: Instant,
-    stop: &std::sync::atomic::AtomicBool,
-) -> Vec<Attempt> {
-    let mut out = Vec::new();
-    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        let began = start.elapsed();
-        let r = ferry_lab::sys::exec_output(
-            ns,
-            &[
-                "curl",
-                "-sS",
-                "--connect-timeout",
-                "0.25",
-                "--max-time",
-                "0.5",
-                url,
-            ],
-        );
-        let result = match r {
-            Ok(o) if o.status.success() => {
-                Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
-            }
-            Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
-            Err(e) => Err(format!("{e:#}")),
-        };
-        out.push(Attempt {
-            began,
-            ended: start.elapsed(),
-            result,
-        });
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    out
-}
-
-/// From a probe loop: how long after `cut` the first request that began at or after it
-/// succeeded (its end), if one did.
-pub fn recovered_after(attempts: &[Attempt], cut: Duration) -> Option<Duration> {
-    attempts
-        .iter()
-        .find(|a| a.began >= cut && a.result.is_ok())
-        .map(|a| a.ended.saturating_sub(cut))
-}
-
-/// From a probe loop: the longest stretch without an answer (from the start of the first
-/// failed request of a run of failures to the end of the next successful one) and the number
-/// of failed requests.
-pub fn longest_outage(attempts: &[Attempt]) -> (Duration, usize) {
-    let mut longest = Duration::ZERO;
-    let mut failed = 0;
-    let mut run_start: Option<Duration> = None;
-    for a in attempts {
-        match &a.result {
-            Err(_) => {
-                failed += 1;
-                run_start.get_or_insert(a.began);
-            }
-            Ok(_) => {
-                if let Some(s) = run_start.take() {
-                    longest = longest.max(a.ended.saturating_sub(s));
-                }
-            }
-        }
-    }
-    if let (Some(s), Some(last)) = (run_start, attempts.last()) {
-        longest = longest.max(last.ended.saturating_sub(s));
-    }
-    (longest, failed)
-}
+/// The client's curl loop and what to read from it: the lab's own (the demo uses it too).
+#[allow(unused_imports)] // not every test binary uses all of them
+pub use ferry_lab::probe::{longest_outage, probe_loop, recovered_after, Attempt};
 
 /// A raw socket on a target's eth0 receiving frames of `ethertype` (in and out) from now on;
 /// read them later with [`drain_frames`].

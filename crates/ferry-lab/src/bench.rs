@@ -1,6 +1,6 @@
-//! `ferry bench dataplane`: plan + apply N services with M endpoints each from scratch, then
-//! one endpoint change at a time, in the current network namespace (run it in a namespace of
-//! its own: `bench/dataplane.sh` does). Prints medians.
+//! `ferry bench` (the `ferry-lab` binary runs it): plan + apply N services with M endpoints
+//! each from scratch, then one endpoint change at a time, in the current network namespace (run
+//! it in a namespace of its own: `bench/dataplane.sh` does). Prints medians.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
