@@ -5,7 +5,8 @@
 //! [`topology`] (LAN, nodes, client, agents, down), [`pods`], [`manifests`] (apply/delete,
 //! EndpointSlices), [`get`], [`serve`] (the pods' server), [`cli`], [`show`], [`seed`],
 //! [`demo`], [`probe`] (the client's curl loop), [`failover`] and [`bench`] (benchmarks), and
-//! [`api`] (the [`Lab`] handle for end-to-end tests).
+//! [`api`] (the [`Lab`] handle for end-to-end tests); [`workloads`] reads the kinds the lab
+//! runs itself (Deployment, Pod).
 
 pub mod api;
 pub mod app;
@@ -24,6 +25,7 @@ pub mod show;
 pub mod state;
 pub mod sys;
 pub mod topology;
+pub mod workloads;
 
 pub use api::{require_root, Lab, LabConfig};
 pub use cli::{run_lab, LabArgs, LabCommand};

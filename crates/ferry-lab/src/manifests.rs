@@ -7,14 +7,18 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use ferry_model::manifest::parse_text;
-use ferry_model::{ContainerPort, Deployment, Object, Pod, Service, TargetPort};
-use serde::{Deserialize, Serialize};
-use serde_yaml::Value;
+use ferry_model::{Object, Service, TargetPort};
+use ferry_source::check::{
+    is_dns1123_label, is_dns1123_subdomain, quote, DNS1123_LABEL, DNS1123_SUBDOMAIN,
+};
+use ferry_source::manifest::{parse_object, split_objects, RawObject};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::pods::{create_pods, delete_pods, PodSpec};
 use crate::state::{fnv64, now_secs, write_atomic, Ctx, DeploymentInfo, LabState, PortInfo};
 use crate::topology::rfc3339;
+use crate::workloads::{self, ContainerPort, Deployment, Pod, Workload};
 
 /// Label on every EndpointSlice the lab writes.
 pub const MANAGED_BY: &str = "ferry-lab";
@@ -24,27 +28,13 @@ pub const MANAGED_BY: &str = "ferry-lab";
 pub struct Doc {
     pub file: String,
     pub index: usize,
+    /// Where the object is in its document: "" or `items[3]` for an item of a `List`.
+    pub base: String,
     pub value: Value,
     pub kind: String,
     pub api_version: String,
     pub name: String,
     pub namespace: String,
-}
-
-/// Kinds without a namespace.
-fn cluster_scoped(kind: &str) -> bool {
-    matches!(
-        kind,
-        "Node"
-            | "Namespace"
-            | "PersistentVolume"
-            | "ClusterRole"
-            | "ClusterRoleBinding"
-            | "StorageClass"
-            | "CustomResourceDefinition"
-            | "IngressClass"
-            | "PriorityClass"
-    )
 }
 
 impl Doc {
@@ -74,6 +64,17 @@ impl Doc {
     fn at(&self) -> String {
         format!("{} document {}", self.file, self.index)
     }
+    /// The object as ferry-source splits it.
+    fn raw(&self) -> RawObject {
+        RawObject {
+            file: self.file.clone(),
+            doc_index: self.index,
+            base: self.base.clone(),
+            kind: self.kind.clone(),
+            api_version: self.api_version.clone(),
+            value: self.value.clone(),
+        }
+    }
 }
 
 pub fn object_file_name(kind: &str, namespace: &str, name: &str) -> String {
@@ -93,134 +94,81 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     cur.as_str()
 }
 
-/// Whether `s` is a valid Kubernetes object name (DNS-1123 subdomain).
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
-}
-
-/// Splits a file (multi-document YAML or JSON, `List`s unpacked) into objects.
+/// Splits a file (multi-document YAML or JSON, `List`s unpacked) into objects, with
+/// ferry-source's splitter and name checks; every object needs a name.
 pub fn split_docs(file: &str, text: &str) -> (Vec<Doc>, Vec<String>) {
+    let (objects, split_errors) = split_objects(file, text);
+    let mut errors: Vec<String> = split_errors.iter().map(ToString::to_string).collect();
     let mut docs = Vec::new();
-    let mut errors = Vec::new();
-    for (index, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = match Value::deserialize(de) {
-            Ok(v) => v,
-            Err(e) => {
-                errors.push(format!("{file} document {index}: {e}"));
-                break;
-            }
+    for raw in objects {
+        let Some(name) = raw.name().map(str::to_string) else {
+            errors.push(raw.problem("metadata.name", "required").to_string());
+            continue;
         };
-        if value.is_null() {
+        if !is_dns1123_subdomain(&name) {
+            let message = format!("{DNS1123_SUBDOMAIN}; got {}", quote(&name));
+            errors.push(raw.problem("metadata.name", message).to_string());
             continue;
         }
-        // `List`, and `<Kind>List` whose items may leave out kind and apiVersion.
-        let list_kind = str_at(&value, &["kind"])
-            .and_then(|k| k.strip_suffix("List"))
-            .map(str::to_string);
-        let items = match (&list_kind, value.get("items").and_then(Value::as_sequence)) {
-            (Some(item_kind), Some(items)) => {
-                let api_version = value.get("apiVersion").cloned();
-                items
-                    .iter()
-                    .map(|item| {
-                        let mut item = item.clone();
-                        if let Some(m) = item.as_mapping_mut() {
-                            if !item_kind.is_empty() && !m.contains_key("kind") {
-                                m.insert("kind".into(), Value::from(item_kind.as_str()));
-                            }
-                            if let Some(av) = &api_version {
-                                if !m.contains_key("apiVersion") {
-                                    m.insert("apiVersion".into(), av.clone());
-                                }
-                            }
-                        }
-                        item
-                    })
-                    .collect()
-            }
-            (Some(_), None) => Vec::new(),
-            _ => vec![value],
-        };
-        for value in items {
-            let (Some(kind), Some(api_version)) = (
-                str_at(&value, &["kind"]).map(str::to_string),
-                str_at(&value, &["apiVersion"]).map(str::to_string),
-            ) else {
-                errors.push(format!(
-                    "{file} document {index}: apiVersion and kind are required"
-                ));
-                continue;
-            };
-            let Some(name) = str_at(&value, &["metadata", "name"]).map(str::to_string) else {
-                errors.push(format!(
-                    "{file} document {index} ({kind}): metadata.name is required"
-                ));
-                continue;
-            };
-            if !valid_name(&name) {
-                errors.push(format!(
-                    "{file} document {index} ({kind}): invalid metadata.name {name:?}"
-                ));
-                continue;
-            }
-            let namespace = if cluster_scoped(&kind) {
-                String::new()
-            } else {
-                str_at(&value, &["metadata", "namespace"])
-                    .unwrap_or("default")
-                    .to_string()
-            };
-            if !namespace.is_empty() && !valid_name(&namespace) {
-                errors.push(format!(
-                    "{file} document {index} ({kind} {name}): invalid metadata.namespace {namespace:?}"
-                ));
-                continue;
-            }
-            docs.push(Doc {
-                file: file.to_string(),
-                index,
-                value,
-                kind,
-                api_version,
-                name,
-                namespace,
-            });
+        let namespace = raw.namespace().to_string();
+        if !namespace.is_empty() && !is_dns1123_label(&namespace) {
+            let message = format!("{DNS1123_LABEL}; got {}", quote(&namespace));
+            errors.push(raw.problem("metadata.namespace", message).to_string());
+            continue;
         }
+        docs.push(Doc {
+            file: raw.file,
+            index: raw.doc_index,
+            base: raw.base,
+            value: raw.value,
+            kind: raw.kind,
+            api_version: raw.api_version,
+            name,
+            namespace,
+        });
     }
     (docs, errors)
 }
 
-/// The typed object of a document, via `ferry_model::manifest::parse_text`. Ok(None) for kinds
-/// the model does not know.
-pub fn typed(doc: &Doc) -> std::result::Result<Option<Object>, String> {
-    let text = serde_yaml::to_string(&doc.value).map_err(|e| format!("{}: {e}", doc.at()))?;
-    let parsed = parse_text(&doc.file, &text);
-    if !parsed.errors.is_empty() {
-        let msgs: Vec<String> = parsed
-            .errors
-            .iter()
-            .map(|e| {
-                if e.at.field.is_empty() {
-                    e.message.clone()
-                } else {
-                    format!("{}: {}", e.at.field, e.message)
-                }
-            })
-            .collect();
-        return Err(format!(
-            "{} ({} {}): {}",
-            doc.at(),
-            doc.kind,
-            doc.name,
-            msgs.join("; ")
-        ));
-    }
-    Ok(parsed.objects.into_iter().next())
+/// A document read: a kind ferry's model knows, or one the lab runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Typed {
+    Object(Object),
+    Workload(Workload),
+}
+
+/// The typed object of a document, via ferry-source (the lab's own kinds via
+/// [`crate::workloads`]). Ok(None) for kinds neither knows.
+pub fn typed(doc: &Doc) -> std::result::Result<Option<Typed>, String> {
+    let raw = doc.raw();
+    let errors = match workloads::parse(&raw) {
+        Some(Ok(w)) => return Ok(Some(Typed::Workload(w))),
+        Some(Err(errors)) => errors,
+        None => {
+            let parsed = parse_object(&raw);
+            if parsed.errors.is_empty() {
+                return Ok(parsed.objects.into_iter().next().map(Typed::Object));
+            }
+            parsed.errors
+        }
+    };
+    let msgs: Vec<String> = errors
+        .iter()
+        .map(|e| {
+            if e.at.field.is_empty() {
+                e.message.clone()
+            } else {
+                format!("{}: {}", e.at.field, e.message)
+            }
+        })
+        .collect();
+    Err(format!(
+        "{} ({} {}): {}",
+        doc.at(),
+        doc.kind,
+        doc.name,
+        msgs.join("; ")
+    ))
 }
 
 /// Reads `-f` arguments: files, directories (their *.yaml, *.yml, *.json) or `-` (stdin).
@@ -299,8 +247,10 @@ pub fn apply(ctx: &Ctx, st: &mut LabState, docs: &[Doc]) -> Report {
     for doc in docs {
         let r = match typed(doc) {
             Err(e) => Err(anyhow::anyhow!(e)),
-            Ok(Some(Object::Deployment(d))) => apply_deployment(ctx, st, doc, &d),
-            Ok(Some(Object::Pod(p))) => apply_pod(ctx, st, doc, &p),
+            Ok(Some(Typed::Workload(Workload::Deployment(d)))) => {
+                apply_deployment(ctx, st, doc, &d)
+            }
+            Ok(Some(Typed::Workload(Workload::Pod(p)))) => apply_pod(ctx, st, doc, &p),
             Ok(_) if doc.kind == "Deployment" || doc.kind == "Pod" => Err(anyhow::anyhow!(
                 "{}: cannot read this {}",
                 doc.at(),
@@ -320,14 +270,14 @@ fn apply_file_object(ctx: &Ctx, doc: &Doc) -> Result<String> {
     let path = ctx.manifests().join(doc.file_name());
     let old: Option<Value> = fs::read_to_string(&path)
         .ok()
-        .and_then(|t| serde_yaml::from_str(&t).ok());
+        .and_then(|t| ferry_model::yaml::from_str(&t).ok());
     let old_ts = old
         .as_ref()
         .and_then(|v| str_at(v, &["metadata", "creationTimestamp"]))
         .map(str::to_string);
     let mut value = doc.value.clone();
-    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_mapping_mut) {
-        let key = Value::from("creationTimestamp");
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        let key = "creationTimestamp".to_string();
         if !meta.contains_key(&key) {
             let ts = old_ts.unwrap_or_else(|| rfc3339(now_secs()));
             meta.insert(key, Value::from(ts));
@@ -339,7 +289,7 @@ fn apply_file_object(ctx: &Ctx, doc: &Doc) -> Result<String> {
         None => "created",
     };
     if verb != "unchanged" {
-        let text = serde_yaml::to_string(&value)?;
+        let text = serde_saphyr::to_string(&value)?;
         write_atomic(&path, text.as_bytes())?;
     }
     Ok(format!("{}/{} {verb}", doc.resource(), doc.name))
@@ -360,12 +310,12 @@ fn apply_deployment(ctx: &Ctx, st: &mut LabState, doc: &Doc, d: &Deployment) -> 
             doc.name
         );
     }
-    let manifest = serde_yaml::to_string(&doc.value)?;
+    let manifest = serde_saphyr::to_string(&doc.value)?;
     let template = doc
         .value
         .get("spec")
         .and_then(|s| s.get("template"))
-        .map(serde_yaml::to_string)
+        .map(serde_saphyr::to_string)
         .transpose()?
         .unwrap_or_default();
     let template_hash = hash10(&template);
@@ -475,12 +425,12 @@ fn apply_pod(ctx: &Ctx, st: &mut LabState, doc: &Doc, p: &Pod) -> Result<String>
     let mut without_labels = doc.value.clone();
     if let Some(meta) = without_labels
         .get_mut("metadata")
-        .and_then(Value::as_mapping_mut)
+        .and_then(Value::as_object_mut)
     {
         meta.remove("labels");
         meta.remove("annotations");
     }
-    let spec_hash = hash10(&serde_yaml::to_string(&without_labels)?);
+    let spec_hash = hash10(&serde_saphyr::to_string(&without_labels)?);
     if let Some(node) = &p.node_name {
         if st.node(node).is_none() {
             bail!(
@@ -628,6 +578,7 @@ pub fn delete_named(
         .map(|name| Doc {
             file: "<command line>".into(),
             index: 0,
+            base: String::new(),
             value: Value::Null,
             kind: kind.into(),
             api_version: api_version.into(),
@@ -660,7 +611,7 @@ pub fn manifest_services(ctx: &Ctx, st: &LabState) -> Result<Vec<Service>> {
         };
         let (docs, _) = split_docs(name, &text);
         for doc in docs.iter().filter(|d| d.kind == "Service") {
-            if let Ok(Some(Object::Service(s))) = typed(doc) {
+            if let Ok(Some(Typed::Object(Object::Service(s)))) = typed(doc) {
                 services.push(s);
             }
         }
@@ -809,7 +760,7 @@ fn slices_for(svc: &Service, st: &LabState) -> String {
         };
         text.push_str("---\n");
         // Serializing plain structs of strings, numbers and bools cannot fail.
-        text.push_str(&serde_yaml::to_string(&doc).unwrap_or_default());
+        text.push_str(&serde_saphyr::to_string(&doc).unwrap_or_default());
     }
     text
 }
@@ -901,7 +852,10 @@ mod tests {
             (docs[0].kind.as_str(), docs[0].api_version.as_str()),
             ("Service", "v1")
         );
-        assert!(matches!(typed(&docs[0]), Ok(Some(Object::Service(_)))));
+        assert!(matches!(
+            typed(&docs[0]),
+            Ok(Some(Typed::Object(Object::Service(_))))
+        ));
     }
 
     #[test]

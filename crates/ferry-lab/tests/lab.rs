@@ -38,11 +38,12 @@ fn slice_file(lab: &Lab, svc: &str) -> PathBuf {
         .join(format!("endpointslice-default-{svc}.yaml"))
 }
 
-fn read_yaml(path: &Path) -> serde_yaml::Value {
+fn read_yaml(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).expect("slice file");
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
-        .filter(|v: &serde_yaml::Value| !v.is_null())
+    let docs: Vec<serde_json::Value> = ferry_source::manifest::documents(&text)
+        .into_iter()
+        .map(|d| d.expect("yaml"))
+        .filter(|v| !v.is_null())
         .collect();
     assert_eq!(docs.len(), 1, "{text}");
     docs.into_iter().next().unwrap_or_default()
@@ -151,7 +152,7 @@ fn endpoint_slices_follow_services_and_pods() {
     assert_eq!(slice["addressType"], "IPv4");
     assert_eq!(slice["ports"][0]["port"], 80);
     assert_eq!(slice["ports"][0]["protocol"], "TCP");
-    let eps = slice["endpoints"].as_sequence().unwrap();
+    let eps = slice["endpoints"].as_array().unwrap();
     assert_eq!(eps.len(), 2);
     let pods = lab.pods();
     for ep in eps {
@@ -169,7 +170,7 @@ fn endpoint_slices_follow_services_and_pods() {
     lab.set_ready(&pods[0].name, false).unwrap();
     let slice = read_yaml(&slice_file(&lab, "nextcloud-dev-clusterip"));
     let ep = slice["endpoints"]
-        .as_sequence()
+        .as_array()
         .unwrap()
         .iter()
         .find(|e| e["targetRef"]["name"] == pods[0].name.as_str())
@@ -238,7 +239,7 @@ spec:
     };
     assert_eq!(nc(&lab), 3);
     let slice = read_yaml(&slice_file(&lab, "nextcloud-dev-clusterip"));
-    assert_eq!(slice["endpoints"].as_sequence().unwrap().len(), 3);
+    assert_eq!(slice["endpoints"].as_array().unwrap().len(), 3);
     lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap();
     assert_eq!(nc(&lab), 2);
 

@@ -1,6 +1,8 @@
-//! ferry's model: the Kubernetes objects it reads, how manifests become those objects, the
-//! validated internal model, allocation of cluster IPs and node ports, and LoadBalancer address
-//! pools (MetalLB's configuration) with their allocation.
+//! ferry's model: the objects it works with (Services, EndpointSlices, Nodes, MetalLB pools,
+//! ...), allocation of cluster IPs and node ports, and LoadBalancer address pools (MetalLB's
+//! configuration) with their allocation. Reading objects from a source (manifest files, the
+//! Kubernetes API) and checking them is `ferry-source`'s job; this crate holds types and
+//! policies.
 //!
 //! Everything here is pure: no sockets, no files (callers hand in text and state), no clocks
 //! (callers pass `now`). That keeps it unit- and property-testable.
@@ -9,9 +11,9 @@ pub mod alloc;
 pub mod cidr;
 pub mod display;
 pub mod lbipam;
-pub mod manifest;
 pub mod objects;
 pub mod pools;
 pub mod view;
+pub mod yaml;
 
 pub use objects::*;

@@ -245,37 +245,6 @@ pub struct ConfigMap {
     pub data: BTreeMap<String, String>,
 }
 
-/// A container port of a pod template (for named target ports in the lab).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerPort {
-    pub name: String,
-    pub container_port: u16,
-    pub protocol: Protocol,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodTemplate {
-    pub labels: BTreeMap<String, String>,
-    pub ports: Vec<ContainerPort>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Deployment {
-    pub meta: Meta,
-    pub replicas: u32,
-    pub selector: BTreeMap<String, String>,
-    pub template: PodTemplate,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pod {
-    pub meta: Meta,
-    pub node_name: Option<String>,
-    pub ports: Vec<ContainerPort>,
-    /// status.podIP if present.
-    pub pod_ip: Option<IpAddr>,
-}
-
 /// A v1 Namespace (its labels feed MetalLB's namespaceSelectors).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Namespace {
@@ -422,8 +391,6 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     Node(Node),
     ConfigMap(ConfigMap),
-    Deployment(Deployment),
-    Pod(Pod),
     Namespace(Namespace),
     IpAddressPool(IpAddressPool),
     L2Advertisement(L2Advertisement),
@@ -436,8 +403,6 @@ impl Object {
             Object::EndpointSlice(_) => "EndpointSlice",
             Object::Node(_) => "Node",
             Object::ConfigMap(_) => "ConfigMap",
-            Object::Deployment(_) => "Deployment",
-            Object::Pod(_) => "Pod",
             Object::Namespace(_) => "Namespace",
             Object::IpAddressPool(_) => "IPAddressPool",
             Object::L2Advertisement(_) => "L2Advertisement",
@@ -449,8 +414,6 @@ impl Object {
             Object::EndpointSlice(o) => &o.meta,
             Object::Node(o) => &o.meta,
             Object::ConfigMap(o) => &o.meta,
-            Object::Deployment(o) => &o.meta,
-            Object::Pod(o) => &o.meta,
             Object::Namespace(o) => &o.meta,
             Object::IpAddressPool(o) => &o.meta,
             Object::L2Advertisement(o) => &o.meta,

@@ -32,7 +32,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use serde_yaml::{Mapping, Value};
+use serde_json::Value;
+
+type Mapping = serde_json::Map<String, Value>;
 
 use crate::cidr::{from_u128, to_u128, Cidr};
 use crate::objects::{
@@ -700,16 +702,8 @@ fn describe(v: &Value) -> String {
         Value::Bool(b) => format!("boolean {b}"),
         Value::Number(n) => format!("number {n}"),
         Value::String(s) => format!("string {s:?}"),
-        Value::Sequence(_) => "a list".into(),
-        Value::Mapping(_) => "a mapping".into(),
-        Value::Tagged(t) => describe(&t.value),
-    }
-}
-
-fn untag(v: &Value) -> &Value {
-    match v {
-        Value::Tagged(t) => untag(&t.value),
-        other => other,
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "a mapping".into(),
     }
 }
 
@@ -729,18 +723,18 @@ fn legacy_pools(cm: &ConfigMap, out: &mut Vec<Candidate>, errors: &mut Vec<PoolE
         );
         return;
     };
-    let root: Value = match serde_yaml::from_str(text) {
+    let root: Value = match crate::yaml::from_str(text) {
         Ok(v) => v,
         Err(e) => {
             rep.err(base, format!("invalid YAML: {e}"));
             return;
         }
     };
-    let root = untag(&root);
+    let root = &root;
     let empty = Mapping::new();
     let top = match root {
         Value::Null => &empty,
-        Value::Mapping(m) => m,
+        Value::Object(m) => m,
         other => {
             rep.err(base, format!("must be a mapping, got {}", describe(other)));
             return;
@@ -748,10 +742,10 @@ fn legacy_pools(cm: &ConfigMap, out: &mut Vec<Candidate>, errors: &mut Vec<PoolE
     };
     let mut items: &[Value] = &[];
     for (k, v) in top {
-        let key = untag(k).as_str().unwrap_or("");
+        let key = k.as_str();
         match key {
-            "address-pools" => match untag(v) {
-                Value::Sequence(s) => items = s,
+            "address-pools" => match v {
+                Value::Array(s) => items = s,
                 Value::Null => {}
                 other => rep.err(
                     format!("{base}.address-pools"),
@@ -764,13 +758,16 @@ fn legacy_pools(cm: &ConfigMap, out: &mut Vec<Candidate>, errors: &mut Vec<PoolE
             ),
             _ => rep.warn(
                 base.clone(),
-                format!("unknown key {} ignored", describe(untag(k))),
+                format!(
+                    "unknown key {} ignored",
+                    describe(&Value::String(k.clone()))
+                ),
             ),
         }
     }
     for (i, item) in items.iter().enumerate() {
         let pbase = format!("{base}.address-pools[{i}]");
-        if let Some(c) = legacy_pool(&mut rep, &r, &pbase, untag(item)) {
+        if let Some(c) = legacy_pool(&mut rep, &r, &pbase, item) {
             out.push(c);
         }
     }
@@ -782,7 +779,7 @@ fn legacy_pool(
     base: &str,
     item: &Value,
 ) -> Option<Candidate> {
-    let Value::Mapping(m) = item else {
+    let Value::Object(m) = item else {
         rep.err(base, format!("must be a mapping, got {}", describe(item)));
         return None;
     };
@@ -794,9 +791,8 @@ fn legacy_pool(
     let mut auto_assign = true;
     let mut avoid_buggy_ips = false;
     for (k, v) in m {
-        let key = untag(k).as_str().unwrap_or("");
+        let key = k.as_str();
         let field = format!("{base}.{key}");
-        let v = untag(v);
         match key {
             "name" => match v {
                 Value::String(s) if !s.is_empty() => name = Some(s.clone()),
@@ -822,11 +818,11 @@ fn legacy_pool(
                 }
             }
             "addresses" => match v {
-                Value::Sequence(s) => {
+                Value::Array(s) => {
                     let mut list = Vec::new();
                     for (j, a) in s.iter().enumerate() {
                         let f = format!("{field}[{j}]");
-                        match untag(a) {
+                        match a {
                             Value::String(s) => list.push((s.clone(), f)),
                             other => {
                                 rep.err(f, format!("must be a string, got {}", describe(other)));
@@ -855,7 +851,13 @@ fn legacy_pool(
                 }
             },
             "bgp-advertisements" => rep.warn(field, "ignored: ferry does not speak BGP yet"),
-            _ => rep.warn(base, format!("unknown key {} ignored", describe(untag(k)))),
+            _ => rep.warn(
+                base,
+                format!(
+                    "unknown key {} ignored",
+                    describe(&Value::String(k.clone()))
+                ),
+            ),
         }
     }
     if name.is_none() {

@@ -214,7 +214,7 @@ pub fn run(args: GetArgs) -> Result<i32> {
             if args.output.as_deref() == Some("json") {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                print!("{}", serde_yaml::to_string(&list)?);
+                print!("{}", serde_saphyr::to_string(&list)?);
             }
             return Ok(0);
         }

@@ -1,0 +1,888 @@
+//! One conversion per kind: a typed Kubernetes object (from a manifest or, later, from the API)
+//! checked as the API server would on the fields ferry uses, into ferry-model's types.
+//! Problems go to the [`Ck`] with their field paths; the caller drops the object when there
+//! are errors.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ferry_model::cidr::Cidr;
+use ferry_model::{
+    AddressType, ClusterIpSpec, ConfigMap, Endpoint, EndpointConditions, EndpointPort,
+    EndpointSlice, IpAddressPool, L2Advertisement, Namespace, Node, NodeAddress, Protocol, Service,
+    ServiceAllocation, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+};
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::check::{
+    is_config_key, is_dns1123_label, is_dns1123_subdomain, is_iana_svc_name, join, label_selectors,
+    meta, non_empty, quote, Ck, NameRule, Scope, DNS1123_LABEL, DNS1123_SUBDOMAIN, IANA_SVC_NAME,
+};
+use crate::metallb;
+
+/// The label naming an EndpointSlice's Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+// ---------------------------------------------------------------------------------------------
+// Service
+
+pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
+    let meta = meta(ck, &svc.metadata, Scope::Namespaced, NameRule::Dns1035Label);
+    let default_spec = core::ServiceSpec::default();
+    let spec = svc.spec.as_ref().unwrap_or(&default_spec);
+
+    let type_ = match spec.type_.as_deref() {
+        None | Some("") | Some("ClusterIP") => ServiceType::ClusterIP,
+        Some("NodePort") => ServiceType::NodePort,
+        Some("LoadBalancer") => ServiceType::LoadBalancer,
+        Some("ExternalName") => ServiceType::ExternalName,
+        Some(other) => {
+            ck.err(
+                "spec.type",
+                format!(
+                    "must be ClusterIP, NodePort, LoadBalancer or ExternalName, got {}",
+                    quote(other)
+                ),
+            );
+            ServiceType::ClusterIP
+        }
+    };
+    let cluster_ip = service_cluster_ip(ck, spec, type_);
+    let headless = cluster_ip == ClusterIpSpec::None;
+    let ports = service_ports(ck, spec, type_);
+    let no_ports = spec.ports.as_ref().is_none_or(Vec::is_empty);
+    if no_ports && !headless && type_ != ServiceType::ExternalName {
+        ck.err(
+            "spec.ports",
+            "required: a Service needs at least one port unless it is headless \
+             (clusterIP: None) or of type ExternalName",
+        );
+    }
+    let selector = spec.selector.clone().unwrap_or_default();
+
+    let mut external_ips = Vec::new();
+    for (i, s) in spec.external_ips.iter().flatten().enumerate() {
+        if let Some(ip) = ck.ip(s, &format!("spec.externalIPs[{i}]")) {
+            external_ips.push(ip);
+        }
+    }
+    let load_balancer_ip = ck.opt_ip(spec.load_balancer_ip.as_deref(), "spec.loadBalancerIP");
+    let load_balancer_class = non_empty(spec.load_balancer_class.as_deref()).map(str::to_string);
+    if load_balancer_class.is_some() && type_ != ServiceType::LoadBalancer {
+        ck.err(
+            "spec.loadBalancerClass",
+            "may only be set when type is LoadBalancer",
+        );
+    }
+    let external_traffic_policy = match spec.external_traffic_policy.as_deref() {
+        // "Global" is the old spelling of "Cluster".
+        None | Some("") | Some("Cluster") | Some("Global") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            ck.err(
+                "spec.externalTrafficPolicy",
+                format!("must be Cluster or Local, got {}", quote(other)),
+            );
+            TrafficPolicy::Cluster
+        }
+    };
+    let internal_traffic_policy = match spec.internal_traffic_policy.as_deref() {
+        None | Some("") | Some("Cluster") => TrafficPolicy::Cluster,
+        Some("Local") => TrafficPolicy::Local,
+        Some(other) => {
+            ck.err(
+                "spec.internalTrafficPolicy",
+                format!("must be Cluster or Local, got {}", quote(other)),
+            );
+            TrafficPolicy::Cluster
+        }
+    };
+    let external_name = if type_ == ServiceType::ExternalName {
+        let name = spec.external_name.as_deref().unwrap_or("");
+        let trimmed = name.strip_suffix('.').unwrap_or(name);
+        if trimmed.is_empty() {
+            ck.err(
+                "spec.externalName",
+                "required for type ExternalName (a DNS name)",
+            );
+            None
+        } else {
+            if !is_dns1123_subdomain(trimmed) {
+                ck.err(
+                    "spec.externalName",
+                    format!("{DNS1123_SUBDOMAIN}; got {}", quote(name)),
+                );
+            }
+            Some(name.to_string())
+        }
+    } else {
+        None
+    };
+
+    let mut load_balancer_ingress = Vec::new();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        let path = format!("status.loadBalancer.ingress[{i}].ip");
+        if let Some(ip) = ck.opt_ip(ing.ip.as_deref(), &path) {
+            load_balancer_ingress.push(ip);
+        }
+    }
+
+    Service {
+        meta,
+        type_,
+        cluster_ip,
+        ports,
+        selector,
+        external_ips,
+        load_balancer_ip,
+        load_balancer_class,
+        load_balancer_ingress,
+        external_traffic_policy,
+        internal_traffic_policy,
+        external_name,
+    }
+}
+
+/// "" -> Auto, "None" -> headless, else an IP.
+fn cluster_ip_value(s: &str) -> Option<ClusterIpSpec> {
+    match s {
+        "" => Some(ClusterIpSpec::Auto),
+        "None" => Some(ClusterIpSpec::None),
+        _ => s.parse().ok().map(ClusterIpSpec::Ip),
+    }
+}
+
+const CLUSTER_IP_FORMS: &str = "must be an IP address, \"None\" (headless) or empty";
+
+/// spec.clusterIP and spec.clusterIPs.
+fn service_cluster_ip(ck: &mut Ck, spec: &core::ServiceSpec, type_: ServiceType) -> ClusterIpSpec {
+    let single = match spec.cluster_ip.as_deref() {
+        None => None,
+        Some(s) => match cluster_ip_value(s) {
+            Some(c) => Some(c),
+            None => {
+                ck.err(
+                    "spec.clusterIP",
+                    format!("{CLUSTER_IP_FORMS}, got {}", quote(s)),
+                );
+                return ClusterIpSpec::Auto;
+            }
+        },
+    };
+    let mut list = Vec::new();
+    let entries = spec.cluster_ips.as_deref().unwrap_or(&[]);
+    for (i, s) in entries.iter().enumerate() {
+        let path = format!("spec.clusterIPs[{i}]");
+        match cluster_ip_value(s) {
+            Some(ClusterIpSpec::Auto) | None => {
+                ck.err(
+                    path,
+                    format!(
+                        "must be an IP address or \"None\" (headless), got {}",
+                        quote(s)
+                    ),
+                );
+            }
+            Some(c) => list.push(c),
+        }
+    }
+    if entries.len() > 2 {
+        ck.err(
+            "spec.clusterIPs",
+            format!(
+                "at most two entries (one per IP family), got {}",
+                entries.len()
+            ),
+        );
+    } else if let [first, second] = list.as_slice() {
+        match (first, second) {
+            (ClusterIpSpec::Ip(a), ClusterIpSpec::Ip(b)) if a.is_ipv4() == b.is_ipv4() => {
+                ck.err(
+                    "spec.clusterIPs[1]",
+                    format!("must be of the other IP family than spec.clusterIPs[0] ({a})"),
+                );
+            }
+            (ClusterIpSpec::Ip(_), ClusterIpSpec::Ip(_)) => {}
+            _ => ck.err(
+                "spec.clusterIPs",
+                "\"None\" (headless) must be the only entry",
+            ),
+        }
+    }
+    let (result, field) = match (single, list.first()) {
+        (Some(s), Some(first)) if s != ClusterIpSpec::Auto => {
+            if s != *first {
+                ck.err(
+                    "spec.clusterIPs[0]",
+                    format!("must be equal to spec.clusterIP ({})", show_cluster_ip(&s)),
+                );
+            }
+            (s, "spec.clusterIP")
+        }
+        (_, Some(first)) => (first.clone(), "spec.clusterIPs"),
+        (Some(s), None) => (s, "spec.clusterIP"),
+        (None, None) => (ClusterIpSpec::Auto, "spec.clusterIP"),
+    };
+    match (type_, &result) {
+        (ServiceType::NodePort | ServiceType::LoadBalancer, ClusterIpSpec::None) => ck.err(
+            field,
+            format!("may not be \"None\" (headless) for type {}", type_.as_k8s()),
+        ),
+        (ServiceType::ExternalName, ClusterIpSpec::None | ClusterIpSpec::Ip(_)) => {
+            ck.err(field, "may not be set for type ExternalName")
+        }
+        _ => {}
+    }
+    result
+}
+
+fn show_cluster_ip(c: &ClusterIpSpec) -> String {
+    match c {
+        ClusterIpSpec::Auto => "\"\"".to_string(),
+        ClusterIpSpec::None => "\"None\"".to_string(),
+        ClusterIpSpec::Ip(ip) => ip.to_string(),
+    }
+}
+
+/// spec.ports.
+fn service_ports(ck: &mut Ck, spec: &core::ServiceSpec, type_: ServiceType) -> Vec<ServicePort> {
+    let items = spec.ports.as_deref().unwrap_or(&[]);
+    let many = items.len() > 1;
+    let mut ports = Vec::new();
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut seen: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
+    let mut node_ports: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
+    for (i, m) in items.iter().enumerate() {
+        let base = format!("spec.ports[{i}]");
+        let name = m.name.as_deref().unwrap_or("");
+        if name.is_empty() {
+            if many {
+                ck.err(
+                    join(&base, "name"),
+                    "required when the Service has more than one port",
+                );
+            }
+        } else if !is_dns1123_label(name) {
+            ck.err(
+                join(&base, "name"),
+                format!("{DNS1123_LABEL}; got {}", quote(name)),
+            );
+        } else if let Some(j) = names.insert(name, i) {
+            ck.err(
+                join(&base, "name"),
+                format!("duplicate port name {} (also spec.ports[{j}])", quote(name)),
+            );
+        }
+        let protocol = ck.protocol(m.protocol.as_deref(), &join(&base, "protocol"));
+        let port = ck.port(m.port, &join(&base, "port"));
+        let target_port = match &m.target_port {
+            None => None,
+            Some(IntOrString::String(s)) if s.is_empty() => None,
+            Some(IntOrString::String(s)) => {
+                if is_iana_svc_name(s) {
+                    Some(TargetPort::Name(s.clone()))
+                } else {
+                    ck.err(
+                        join(&base, "targetPort"),
+                        format!("{IANA_SVC_NAME}; got {}", quote(s)),
+                    );
+                    None
+                }
+            }
+            Some(IntOrString::Int(n)) => {
+                match ck.int_in(i64::from(*n), &join(&base, "targetPort"), 0, 65535) {
+                    Some(0) | None => None,
+                    Some(n) => u16::try_from(n).ok().map(TargetPort::Number),
+                }
+            }
+        };
+        let node_port = m
+            .node_port
+            .and_then(|n| ck.int_in(i64::from(n), &join(&base, "nodePort"), 0, 65535))
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|&n| n != 0);
+        if let Some(np) = node_port {
+            if type_ == ServiceType::ClusterIP {
+                ck.err(
+                    join(&base, "nodePort"),
+                    "may not be set when type is ClusterIP",
+                );
+            } else if let Some(j) = node_ports.insert((np, protocol), i) {
+                ck.err(
+                    join(&base, "nodePort"),
+                    format!(
+                        "duplicate node port {np}/{} (also spec.ports[{j}])",
+                        protocol.as_k8s()
+                    ),
+                );
+            }
+        }
+        let Some(port) = port else {
+            continue;
+        };
+        if let Some(j) = seen.insert((port, protocol), i) {
+            ck.err(
+                &base,
+                format!(
+                    "duplicate port {port}/{} (also spec.ports[{j}])",
+                    protocol.as_k8s()
+                ),
+            );
+        }
+        ports.push(ServicePort {
+            name: name.to_string(),
+            protocol,
+            port,
+            target_port: target_port.unwrap_or(TargetPort::Number(port)),
+            node_port,
+        });
+    }
+    ports
+}
+
+// ---------------------------------------------------------------------------------------------
+// EndpointSlice and Endpoints
+
+pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> EndpointSlice {
+    let meta = meta(
+        ck,
+        &slice.metadata,
+        Scope::Namespaced,
+        NameRule::Dns1123Subdomain,
+    );
+    let service_name = match meta.labels.get(SERVICE_NAME_LABEL) {
+        Some(s) if !s.is_empty() => s.clone(),
+        _ => {
+            ck.err(
+                "metadata.labels",
+                format!("the label {SERVICE_NAME_LABEL} (the Service's name) is required"),
+            );
+            String::new()
+        }
+    };
+    let address_type = match ck.required(&slice.address_type, "addressType") {
+        Some("IPv4") => Some(AddressType::IPv4),
+        Some("IPv6") => Some(AddressType::IPv6),
+        Some("FQDN") => Some(AddressType::Fqdn),
+        Some(other) => {
+            ck.err(
+                "addressType",
+                format!("must be IPv4, IPv6 or FQDN, got {}", quote(other)),
+            );
+            None
+        }
+        None => None,
+    };
+
+    let mut endpoints = Vec::new();
+    for (i, m) in slice.endpoints.iter().enumerate() {
+        let base = format!("endpoints[{i}]");
+        let addresses_path = join(&base, "addresses");
+        if m.addresses.is_empty() {
+            ck.err(&addresses_path, "required: at least one address");
+        }
+        let mut addresses = Vec::new();
+        for (j, s) in m.addresses.iter().enumerate() {
+            let path = format!("{addresses_path}[{j}]");
+            match address_type {
+                Some(AddressType::Fqdn) if !is_dns1123_subdomain(s) => {
+                    ck.err(path, format!("{DNS1123_SUBDOMAIN}; got {}", quote(s)));
+                }
+                Some(AddressType::Fqdn) | None => {}
+                Some(family) => match s.parse::<IpAddr>() {
+                    Ok(ip) if ip.is_ipv4() == (family == AddressType::IPv4) => addresses.push(ip),
+                    Ok(_) | Err(_) => {
+                        let want = if family == AddressType::IPv4 {
+                            "an IPv4"
+                        } else {
+                            "an IPv6"
+                        };
+                        ck.err(
+                            path,
+                            format!("must be {want} address (addressType), got {}", quote(s)),
+                        );
+                    }
+                },
+            }
+        }
+        let conditions = match &m.conditions {
+            Some(c) => {
+                let terminating = c.terminating.unwrap_or(false);
+                let ready = c.ready.unwrap_or(!terminating);
+                EndpointConditions {
+                    ready,
+                    serving: c.serving.unwrap_or(ready),
+                    terminating,
+                }
+            }
+            None => EndpointConditions {
+                ready: true,
+                serving: true,
+                terminating: false,
+            },
+        };
+        endpoints.push(Endpoint {
+            addresses,
+            conditions,
+            node_name: non_empty(m.node_name.as_deref()).map(str::to_string),
+            hostname: non_empty(m.hostname.as_deref()).map(str::to_string),
+            target_name: target_name(m.target_ref.as_ref()),
+        });
+    }
+    if address_type == Some(AddressType::Fqdn) && !endpoints.is_empty() {
+        ck.warn(
+            "addressType",
+            "FQDN EndpointSlice: ferry only routes to IP addresses; endpoint addresses ignored",
+        );
+    }
+
+    let mut ports = Vec::new();
+    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, m) in slice.ports.iter().flatten().enumerate() {
+        let base = format!("ports[{i}]");
+        let name = m.name.clone().unwrap_or_default();
+        if !name.is_empty() && !is_dns1123_label(&name) {
+            ck.err(
+                join(&base, "name"),
+                format!("{DNS1123_LABEL}; got {}", quote(&name)),
+            );
+        }
+        if let Some(j) = names.insert(name.clone(), i) {
+            ck.err(
+                join(&base, "name"),
+                format!("duplicate port name {} (also ports[{j}])", quote(&name)),
+            );
+        }
+        let protocol = ck.protocol(m.protocol.as_deref(), &join(&base, "protocol"));
+        let Some(port) = m.port else {
+            ck.warn(
+                join(&base, "port"),
+                "no port number: Kubernetes reads this as \"all ports\", which ferry does not \
+                 support; port entry ignored",
+            );
+            continue;
+        };
+        if let Some(port) = ck
+            .int_in(i64::from(port), &join(&base, "port"), 1, 65535)
+            .and_then(|n| u16::try_from(n).ok())
+        {
+            ports.push(EndpointPort {
+                name,
+                protocol,
+                port,
+            });
+        }
+    }
+
+    EndpointSlice {
+        meta,
+        service_name,
+        address_type: address_type.unwrap_or(AddressType::IPv4),
+        endpoints,
+        ports,
+    }
+}
+
+/// `targetRef.name`, if any.
+fn target_name(r: Option<&core::ObjectReference>) -> Option<String> {
+    non_empty(r?.name.as_deref()).map(str::to_string)
+}
+
+/// v1 Endpoints: one EndpointSlice per subset (two if it mixes IP families), see the
+/// [`crate::manifest`] documentation.
+#[allow(deprecated)] // Endpoints is deprecated in Kubernetes 1.33; files still hold them.
+pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
+    let meta = meta(
+        ck,
+        &eps.metadata,
+        Scope::Namespaced,
+        NameRule::Dns1123Subdomain,
+    );
+    let mut slices = Vec::new();
+    for (i, subset) in eps.subsets.iter().flatten().enumerate() {
+        let base = format!("subsets[{i}]");
+        let mut endpoints = Vec::new();
+        for (key, ready, list) in [
+            ("addresses", true, &subset.addresses),
+            ("notReadyAddresses", false, &subset.not_ready_addresses),
+        ] {
+            for (j, a) in list.iter().flatten().enumerate() {
+                let path = format!("{base}.{key}[{j}]");
+                let ip = ck
+                    .required(&a.ip, &join(&path, "ip"))
+                    .and_then(|s| ck.ip(s, &join(&path, "ip")));
+                if let Some(ip) = ip {
+                    endpoints.push(Endpoint {
+                        addresses: vec![ip],
+                        conditions: EndpointConditions {
+                            ready,
+                            serving: ready,
+                            terminating: false,
+                        },
+                        node_name: non_empty(a.node_name.as_deref()).map(str::to_string),
+                        hostname: non_empty(a.hostname.as_deref()).map(str::to_string),
+                        target_name: target_name(a.target_ref.as_ref()),
+                    });
+                }
+            }
+        }
+        let mut ports = Vec::new();
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        for (j, p) in subset.ports.iter().flatten().enumerate() {
+            let path = format!("{base}.ports[{j}]");
+            let name = p.name.clone().unwrap_or_default();
+            if !name.is_empty() && !is_dns1123_label(&name) {
+                ck.err(
+                    join(&path, "name"),
+                    format!("{DNS1123_LABEL}; got {}", quote(&name)),
+                );
+            }
+            if let Some(k) = names.insert(name.clone(), j) {
+                ck.err(
+                    join(&path, "name"),
+                    format!(
+                        "duplicate port name {} (also {base}.ports[{k}])",
+                        quote(&name)
+                    ),
+                );
+            }
+            let protocol = ck.protocol(p.protocol.as_deref(), &join(&path, "protocol"));
+            if let Some(port) = ck.port(p.port, &join(&path, "port")) {
+                ports.push(EndpointPort {
+                    name,
+                    protocol,
+                    port,
+                });
+            }
+        }
+
+        let (v4, v6): (Vec<Endpoint>, Vec<Endpoint>) = endpoints
+            .into_iter()
+            .partition(|e| e.addresses.iter().all(IpAddr::is_ipv4));
+        let split = !v4.is_empty() && !v6.is_empty();
+        for (family, eps, suffix) in [
+            (AddressType::IPv4, v4, "-ipv4"),
+            (AddressType::IPv6, v6, "-ipv6"),
+        ] {
+            if eps.is_empty() {
+                continue;
+            }
+            let mut slice_meta = meta.clone();
+            slice_meta.name = format!("{}-{i}{}", meta.name, if split { suffix } else { "" });
+            slice_meta.uid = None;
+            slice_meta
+                .labels
+                .insert(SERVICE_NAME_LABEL.to_string(), meta.name.clone());
+            slices.push(EndpointSlice {
+                meta: slice_meta,
+                service_name: meta.name.clone(),
+                address_type: family,
+                endpoints: eps,
+                ports: ports.clone(),
+            });
+        }
+    }
+    slices
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node, ConfigMap, Namespace
+
+pub fn node(ck: &mut Ck, node: &core::Node) -> Node {
+    let meta = meta(
+        ck,
+        &node.metadata,
+        Scope::Cluster,
+        NameRule::Dns1123Subdomain,
+    );
+    let mut addresses = Vec::new();
+    let list = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for (i, a) in list.into_iter().flatten().enumerate() {
+        let base = format!("status.addresses[{i}]");
+        let type_ = ck.required(&a.type_, &join(&base, "type"));
+        let address = ck.required(&a.address, &join(&base, "address"));
+        if let (Some(type_), Some(address)) = (type_, address) {
+            addresses.push(NodeAddress {
+                type_: type_.to_string(),
+                address: address.to_string(),
+            });
+        }
+    }
+    let mut pod_cidrs = Vec::new();
+    if let Some(spec) = &node.spec {
+        let single = non_empty(spec.pod_cidr.as_deref());
+        if let Some(s) = single {
+            if let Err(e) = s.parse::<Cidr>() {
+                ck.err("spec.podCIDR", format!("must be a CIDR: {e}"));
+            }
+        }
+        for (i, s) in spec.pod_cidrs.iter().flatten().enumerate() {
+            let path = format!("spec.podCIDRs[{i}]");
+            if let Err(e) = s.parse::<Cidr>() {
+                ck.err(&path, format!("must be a CIDR: {e}"));
+            } else if i == 0 && single.is_some_and(|p| p != s) {
+                ck.err(&path, "must be equal to spec.podCIDR");
+            }
+            pod_cidrs.push(s.to_string());
+        }
+        if pod_cidrs.is_empty() {
+            pod_cidrs.extend(single.map(str::to_string));
+        }
+    }
+    Node {
+        meta,
+        addresses,
+        pod_cidrs,
+    }
+}
+
+pub fn config_map(ck: &mut Ck, cm: &core::ConfigMap) -> ConfigMap {
+    let meta = meta(
+        ck,
+        &cm.metadata,
+        Scope::Namespaced,
+        NameRule::Dns1123Subdomain,
+    );
+    let data = cm.data.clone().unwrap_or_default();
+    for key in data.keys() {
+        if !is_config_key(key) {
+            ck.err(
+                format!("data[{key}]"),
+                "keys must consist of letters, digits, '-', '_' or '.'",
+            );
+        }
+    }
+    ConfigMap { meta, data }
+}
+
+pub fn namespace(ck: &mut Ck, ns: &core::Namespace) -> Namespace {
+    Namespace {
+        meta: meta(ck, &ns.metadata, Scope::Cluster, NameRule::Dns1123Label),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MetalLB
+
+pub fn ip_address_pool(ck: &mut Ck, pool: &metallb::IPAddressPool) -> IpAddressPool {
+    let meta = meta(
+        ck,
+        &pool.metadata,
+        Scope::Namespaced,
+        NameRule::Dns1123Subdomain,
+    );
+    let spec = &pool.spec;
+    let entries = spec.addresses.as_deref().unwrap_or(&[]);
+    if entries.is_empty() {
+        ck.err("spec.addresses", "required: at least one CIDR or IP range");
+    }
+    let mut addresses = Vec::new();
+    for (i, a) in entries.iter().enumerate() {
+        if let Err(e) = ferry_model::pools::parse_address_entry(a) {
+            ck.err(format!("spec.addresses[{i}]"), e);
+        }
+        addresses.push(a.clone());
+    }
+    let service_allocation = spec.service_allocation.as_ref().map(|sa| {
+        let base = "spec.serviceAllocation";
+        let priority = sa
+            .priority
+            .and_then(|n| {
+                ck.int_in(
+                    i64::from(n),
+                    &join(base, "priority"),
+                    0,
+                    i64::from(i32::MAX),
+                )
+            })
+            .and_then(|n| i32::try_from(n).ok());
+        let mut namespaces = Vec::new();
+        for (i, ns) in sa.namespaces.iter().flatten().enumerate() {
+            if !is_dns1123_label(ns) {
+                ck.err(
+                    format!("{base}.namespaces[{i}]"),
+                    format!("{DNS1123_LABEL}; got {}", quote(ns)),
+                );
+            }
+            namespaces.push(ns.clone());
+        }
+        ServiceAllocation {
+            priority,
+            namespaces,
+            namespace_selectors: label_selectors(
+                ck,
+                sa.namespace_selectors.as_ref(),
+                &join(base, "namespaceSelectors"),
+            ),
+            service_selectors: label_selectors(
+                ck,
+                sa.service_selectors.as_ref(),
+                &join(base, "serviceSelectors"),
+            ),
+        }
+    });
+    IpAddressPool {
+        meta,
+        addresses,
+        auto_assign: spec.auto_assign.unwrap_or(true),
+        avoid_buggy_ips: spec.avoid_buggy_ips.unwrap_or(false),
+        service_allocation,
+    }
+}
+
+pub fn l2_advertisement(ck: &mut Ck, l2: &metallb::L2Advertisement) -> L2Advertisement {
+    let meta = meta(
+        ck,
+        &l2.metadata,
+        Scope::Namespaced,
+        NameRule::Dns1123Subdomain,
+    );
+    let spec = l2.spec.clone().unwrap_or_default();
+    L2Advertisement {
+        meta,
+        ip_address_pools: spec.ip_address_pools.unwrap_or_default(),
+        ip_address_pool_selectors: label_selectors(
+            ck,
+            spec.ip_address_pool_selectors.as_ref(),
+            "spec.ipAddressPoolSelectors",
+        ),
+        node_selectors: label_selectors(ck, spec.node_selectors.as_ref(), "spec.nodeSelectors"),
+        interfaces: spec.interfaces.unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::parse_text;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    /// A Service as a Kubernetes API client hands it over (no YAML involved).
+    fn api_service(ports: Vec<core::ServicePort>) -> core::Service {
+        core::Service {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("shop".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(core::ServiceSpec {
+                type_: Some("LoadBalancer".into()),
+                ports: Some(ports),
+                selector: Some([("app".to_string(), "web".to_string())].into()),
+                ..core::ServiceSpec::default()
+            }),
+            ..core::Service::default()
+        }
+    }
+
+    #[test]
+    fn typed_objects_convert_without_yaml() {
+        let svc = api_service(vec![core::ServicePort {
+            name: Some("http".into()),
+            port: 80,
+            target_port: Some(IntOrString::String("http".into())),
+            ..core::ServicePort::default()
+        }]);
+        let mut ck = Ck::default();
+        let s = service(&mut ck, &svc);
+        assert!(ck.errors.is_empty(), "{:?}", ck.errors);
+        assert_eq!(s.meta.object_ref().to_string(), "shop/web");
+        assert_eq!(s.type_, ServiceType::LoadBalancer);
+        assert_eq!(s.ports[0].target_port, TargetPort::Name("http".into()));
+        assert_eq!(s.selector["app"], "web");
+
+        // The same checks as for a file: a port the API server would refuse.
+        let svc = api_service(vec![core::ServicePort {
+            port: 70000,
+            ..core::ServicePort::default()
+        }]);
+        let mut ck = Ck::default();
+        service(&mut ck, &svc);
+        assert_eq!(
+            ck.errors,
+            [(
+                "spec.ports[0].port".to_string(),
+                "must be between 1 and 65535, got 70000".to_string()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_manifest_and_its_typed_object_give_the_same_service() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+                    spec:\n  type: LoadBalancer\n  selector: {app: web}\n  ports:\n  \
+                    - {name: http, port: 80, targetPort: http}\n";
+        let p = parse_text("f", text);
+        let svc = api_service(vec![core::ServicePort {
+            name: Some("http".into()),
+            port: 80,
+            target_port: Some(IntOrString::String("http".into())),
+            ..core::ServicePort::default()
+        }]);
+        let mut ck = Ck::default();
+        assert_eq!(
+            p.objects,
+            [ferry_model::Object::Service(service(&mut ck, &svc))]
+        );
+    }
+
+    #[test]
+    fn fields_ferry_does_not_use_are_checked_by_type_and_unknown_fields_ignored() {
+        let base =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n";
+        // An unknown field is ignored, as the API server does without strict field validation.
+        let p = parse_text("f", &format!("{base}  frobnicate: [1, 2]\n"));
+        assert!(p.errors.is_empty(), "{p:#?}");
+        // A known field of the wrong type is refused even if ferry does not use it.
+        let p = parse_text("f", &format!("{base}  sessionAffinity: [ClientIP]\n"));
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        assert_eq!(p.errors[0].at.field, "spec.sessionAffinity");
+        assert_eq!(p.errors[0].message, "must be a string, got a list");
+        let p = parse_text(
+            "f",
+            &format!("{base}  allocateLoadBalancerNodePorts: maybe\n"),
+        );
+        assert_eq!(p.errors[0].at.field, "spec.allocateLoadBalancerNodePorts");
+        assert!(p.errors[0].message.starts_with("must be true or false"));
+        // A timestamp must be one.
+        let p = parse_text(
+            "f",
+            &base.replace("{name: web}", "{name: web, creationTimestamp: yesterday}"),
+        );
+        assert_eq!(p.errors[0].at.field, "metadata.creationTimestamp", "{p:#?}");
+        assert!(p.errors[0].message.starts_with("must be an RFC 3339 time"));
+    }
+
+    #[test]
+    fn null_labels_are_empty_strings() {
+        let text =
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, labels: {a: null, b: ~}}\n\
+                    data: {k: v}\n";
+        let p = parse_text("f", text);
+        let [ferry_model::Object::ConfigMap(c)] = p.objects.as_slice() else {
+            panic!("{p:#?}")
+        };
+        assert_eq!(c.meta.labels["a"], "");
+        assert_eq!(c.meta.labels["b"], "");
+    }
+
+    #[test]
+    fn metallb_kinds_decode_with_field_paths() {
+        let text = "apiVersion: metallb.io/v1beta1\nkind: IPAddressPool\nmetadata: {name: p}\n\
+                    spec:\n  addresses: [10.0.0.0/24]\n  serviceAllocation: {priority: high}\n";
+        let p = parse_text("f", text);
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        assert_eq!(p.errors[0].at.field, "spec.serviceAllocation.priority");
+        assert_eq!(
+            p.errors[0].message,
+            "must be an integer, got string \"high\""
+        );
+    }
+}
