@@ -132,12 +132,15 @@ impl Reader {
                         continue;
                     }
                 };
+                let mut parsed = parse_text(&shown, &text);
+                // Kept until the file changes: no spare capacity (most files hold one object).
+                parsed.objects.shrink_to_fit();
                 self.cache.insert(
                     f.clone(),
                     CachedFile {
                         mtime_ns: mt,
                         size,
-                        parsed: parse_text(&shown, &text),
+                        parsed,
                     },
                 );
             }
