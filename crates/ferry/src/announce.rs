@@ -269,6 +269,12 @@ impl L2Thread {
             addresses: &cfg.addresses,
         });
         let default_iface = cfg.default_iface.clone();
+        if !cfg.addresses.is_empty() {
+            // Ready before this node wins anything: a takeover is then one set_owned.
+            if let Some(i) = &default_iface {
+                self.ensure_responder(i);
+            }
+        }
         let step = self
             .holder
             .step(now, &d, &alive, lease, default_iface.as_deref());
@@ -318,27 +324,18 @@ impl L2Thread {
         }
     }
 
-    /// Responders answer for exactly `owned`, until `valid_until`.
+    /// Responders answer for exactly `owned`, until `valid_until`. A responder, once started,
+    /// stays (answering for nothing when it owns nothing): a takeover then costs no socket or
+    /// thread start.
     fn apply(&mut self, owned: &BTreeMap<String, BTreeSet<IpAddr>>, valid_until: Option<Instant>) {
         let ifaces: BTreeSet<String> = owned.keys().chain(self.applied.keys()).cloned().collect();
         for iface in ifaces {
             let new = owned.get(&iface).cloned().unwrap_or_default();
-            if !self.responders.contains_key(&iface) {
-                if new.is_empty() {
-                    self.applied.remove(&iface);
-                    continue;
-                }
-                match ferry_l2::Responder::start(&iface) {
-                    Ok(r) => {
-                        self.responders.insert(iface.clone(), r);
-                    }
-                    Err(e) => {
-                        log!("error: cannot answer ARP/NDP on {iface}: {e}");
-                        continue;
-                    }
-                }
+            if !new.is_empty() {
+                self.ensure_responder(&iface);
             }
             let Some(r) = self.responders.get(&iface) else {
+                self.applied.remove(&iface);
                 continue;
             };
             if self.applied.get(&iface) == Some(&new) {
@@ -347,6 +344,19 @@ impl L2Thread {
                 r.set_owned_until(new.clone(), valid_until);
                 self.applied.insert(iface.clone(), new);
             }
+        }
+    }
+
+    /// Starts a responder on `iface` unless one runs there.
+    fn ensure_responder(&mut self, iface: &str) {
+        if self.responders.contains_key(iface) {
+            return;
+        }
+        match ferry_l2::Responder::start(iface) {
+            Ok(r) => {
+                self.responders.insert(iface.to_string(), r);
+            }
+            Err(e) => log!("error: cannot answer ARP/NDP on {iface}: {e}"),
         }
     }
 
