@@ -37,6 +37,9 @@ const NFT_CTX_OUTPUT_JSON: c_uint = 1 << 4;
 struct LibNft {
     _lib: libloading::Library,
     ctx: *mut c_void,
+    new: CtxNew,
+    buf_out: CtxInt,
+    buf_err: CtxInt,
     free: CtxFree,
     get_out: CtxBuf,
     get_err: CtxBuf,
@@ -72,23 +75,53 @@ impl LibNft {
             let run: RunCmd = *lib
                 .get(b"nft_run_cmd_from_buffer\0")
                 .map_err(|e| e.to_string())?;
-            let ctx = new(0);
-            if ctx.is_null() {
-                return Err("nft_ctx_new failed".into());
-            }
-            if buf_out(ctx) != 0 || buf_err(ctx) != 0 {
-                free(ctx);
-                return Err("cannot buffer libnftables output".into());
-            }
+            let ctx = Self::new_ctx(new, buf_out, buf_err, free)?;
             Ok(LibNft {
                 _lib: lib,
                 ctx,
+                new,
+                buf_out,
+                buf_err,
                 free,
                 get_out,
                 get_err,
                 set_flags,
                 run,
             })
+        }
+    }
+
+    /// A context with buffered output and error.
+    ///
+    /// # Safety
+    /// The functions must be libnftables' own.
+    unsafe fn new_ctx(
+        new: CtxNew,
+        buf_out: CtxInt,
+        buf_err: CtxInt,
+        free: CtxFree,
+    ) -> Result<*mut c_void, String> {
+        let ctx = new(0);
+        if ctx.is_null() {
+            return Err("nft_ctx_new failed".into());
+        }
+        if buf_out(ctx) != 0 || buf_err(ctx) != 0 {
+            free(ctx);
+            return Err("cannot buffer libnftables output".into());
+        }
+        Ok(ctx)
+    }
+
+    /// Replaces the context with a fresh one: libnftables keeps a copy of the ruleset it last
+    /// read in its context (megabytes at thousands of services) for as long as it lives.
+    fn reset(&mut self) {
+        // SAFETY: the functions were loaded from libnftables in `open`; the old context is
+        // freed once, and only after its replacement exists.
+        unsafe {
+            if let Ok(ctx) = Self::new_ctx(self.new, self.buf_out, self.buf_err, self.free) {
+                (self.free)(self.ctx);
+                self.ctx = ctx;
+            }
         }
     }
 
@@ -158,6 +191,14 @@ impl Nft {
         match self.backend {
             Backend::Lib(_) => "libnftables",
             Backend::Command => "nft command",
+        }
+    }
+
+    /// Frees what the backend caches between scripts (libnftables' copy of the ruleset); the
+    /// next script fetches what it needs again.
+    pub fn release_cache(&mut self) {
+        if let Backend::Lib(l) = &mut self.backend {
+            l.reset();
         }
     }
 

@@ -549,6 +549,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
             };
             for (job, host) in job_rx {
                 let outcome = w.sync(job, &host);
+                w.dp.nft().release_cache();
                 give_back_memory();
                 if done_tx.send(outcome).is_err() {
                     break;
