@@ -259,33 +259,8 @@ mod tests {
     use super::*;
     use ferry_source::manifest::split_objects;
 
-    const DEPLOYMENT_SEED: &str = r#"# nextcloud-dev.yaml
----
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: nextcloud-dev
-  labels:
-    app: nextcloud
-    environment: dev
-spec:
-  replicas: 2
-  selector:
-    matchLabels:
-      app: nextcloud
-      environment: dev
-  template:
-    metadata:
-      labels:
-        app: nextcloud
-        environment: dev
-    spec:
-      containers:
-      - name: nextcloud
-        image: nextcloud:latest
-        ports:
-        - containerPort: 80
-"#;
+    /// The seed's Deployment, as the lab ships it.
+    const DEPLOYMENT_SEED: &str = crate::seed::NEXTCLOUD_DEV;
 
     fn strings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

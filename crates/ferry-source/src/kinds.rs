@@ -448,18 +448,7 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
     for (i, m) in slice.ports.iter().flatten().enumerate() {
         let base = format!("ports[{i}]");
         let name = m.name.clone().unwrap_or_default();
-        if !name.is_empty() && !is_dns1123_label(&name) {
-            ck.err(
-                join(&base, "name"),
-                format!("{DNS1123_LABEL}; got {}", quote(&name)),
-            );
-        }
-        if let Some(j) = names.insert(name.clone(), i) {
-            ck.err(
-                join(&base, "name"),
-                format!("duplicate port name {} (also ports[{j}])", quote(&name)),
-            );
-        }
+        check_port_name(ck, &base, "ports", &name, i, &mut names);
         let protocol = ck.protocol(m.protocol.as_deref(), &join(&base, "protocol"));
         let Some(port) = m.port else {
             ck.warn(
@@ -538,21 +527,7 @@ pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
         for (j, p) in subset.ports.iter().flatten().enumerate() {
             let path = format!("{base}.ports[{j}]");
             let name = p.name.clone().unwrap_or_default();
-            if !name.is_empty() && !is_dns1123_label(&name) {
-                ck.err(
-                    join(&path, "name"),
-                    format!("{DNS1123_LABEL}; got {}", quote(&name)),
-                );
-            }
-            if let Some(k) = names.insert(name.clone(), j) {
-                ck.err(
-                    join(&path, "name"),
-                    format!(
-                        "duplicate port name {} (also {base}.ports[{k}])",
-                        quote(&name)
-                    ),
-                );
-            }
+            check_port_name(ck, &path, &format!("{base}.ports"), &name, j, &mut names);
             let protocol = ck.protocol(p.protocol.as_deref(), &join(&path, "protocol"));
             if let Some(port) = ck.port(p.port, &join(&path, "port")) {
                 ports.push(EndpointPort {
@@ -883,6 +858,30 @@ mod tests {
         assert_eq!(
             p.errors[0].message,
             "must be an integer, got string \"high\""
+        );
+    }
+}
+
+/// An endpoint port's name at `path` (the `index`-th of `list`): a DNS-1123 label or empty,
+/// and not used twice in one list (`seen` holds the names so far).
+fn check_port_name(
+    ck: &mut Ck,
+    path: &str,
+    list: &str,
+    name: &str,
+    index: usize,
+    seen: &mut BTreeMap<String, usize>,
+) {
+    if !name.is_empty() && !is_dns1123_label(name) {
+        ck.err(
+            join(path, "name"),
+            format!("{DNS1123_LABEL}; got {}", quote(name)),
+        );
+    }
+    if let Some(first) = seen.insert(name.to_string(), index) {
+        ck.err(
+            join(path, "name"),
+            format!("duplicate port name {} (also {list}[{first}])", quote(name)),
         );
     }
 }

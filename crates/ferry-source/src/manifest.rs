@@ -862,33 +862,8 @@ mod tests {
     use std::collections::BTreeMap;
     use std::net::IpAddr;
 
-    const DEPLOYMENT_SEED: &str = r#"# nextcloud-dev.yaml
----
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: nextcloud-dev
-  labels:
-    app: nextcloud
-    environment: dev
-spec:
-  replicas: 2
-  selector:
-    matchLabels:
-      app: nextcloud
-      environment: dev
-  template:
-    metadata:
-      labels:
-        app: nextcloud
-        environment: dev
-    spec:
-      containers:
-      - name: nextcloud
-        image: nextcloud:latest
-        ports:
-        - containerPort: 80
-"#;
+    /// The seed's Deployment (a kind the agent does not read), as the lab ships it.
+    const DEPLOYMENT_SEED: &str = include_str!("../../ferry-lab/manifests/seed/nextcloud-dev.yaml");
 
     const SERVICE_SEED: &str = r#"# nextcloud-dev-clusterip
 ---
