@@ -733,6 +733,30 @@ pub fn l2_advertisement(ck: &mut Ck, l2: &metallb::L2Advertisement) -> L2Adverti
     }
 }
 
+/// An endpoint port's name at `path` (the `index`-th of `list`): a DNS-1123 label or empty,
+/// and not used twice in one list (`seen` holds the names so far).
+fn check_port_name(
+    ck: &mut Ck,
+    path: &str,
+    list: &str,
+    name: &str,
+    index: usize,
+    seen: &mut BTreeMap<String, usize>,
+) {
+    if !name.is_empty() && !is_dns1123_label(name) {
+        ck.err(
+            join(path, "name"),
+            format!("{DNS1123_LABEL}; got {}", quote(name)),
+        );
+    }
+    if let Some(first) = seen.insert(name.to_string(), index) {
+        ck.err(
+            join(path, "name"),
+            format!("duplicate port name {} (also {list}[{first}])", quote(name)),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -858,30 +882,6 @@ mod tests {
         assert_eq!(
             p.errors[0].message,
             "must be an integer, got string \"high\""
-        );
-    }
-}
-
-/// An endpoint port's name at `path` (the `index`-th of `list`): a DNS-1123 label or empty,
-/// and not used twice in one list (`seen` holds the names so far).
-fn check_port_name(
-    ck: &mut Ck,
-    path: &str,
-    list: &str,
-    name: &str,
-    index: usize,
-    seen: &mut BTreeMap<String, usize>,
-) {
-    if !name.is_empty() && !is_dns1123_label(name) {
-        ck.err(
-            join(path, "name"),
-            format!("{DNS1123_LABEL}; got {}", quote(name)),
-        );
-    }
-    if let Some(first) = seen.insert(name.to_string(), index) {
-        ck.err(
-            join(path, "name"),
-            format!("duplicate port name {} (also {list}[{first}])", quote(name)),
         );
     }
 }
