@@ -575,6 +575,12 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
             .core
             .poll_timeout()
             .map(tokio::time::Instant::from_std);
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             Some(w) = wake_rx.recv() => {
                 let mut addresses = w == Wake::Addresses;
@@ -597,9 +603,9 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                 };
                 in_flight = false;
                 shell.finish_sync(r, announcer.as_ref());
-                shell.metrics.heartbeat("agent");
+                shell.metrics.heartbeat("sync");
             }
-            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {}
+            _ = timer => {}
             _ = status_changed.notified() => {
                 if let Some(a) = &announcer {
                     crate::announce::write_status(&status_file, &args.node, &a.status().owned);
@@ -607,6 +613,10 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
             }
             _ = status_tick.tick() => {
                 shell.metrics.heartbeat("agent");
+                // A sync that has been running for over a minute makes /healthz fail.
+                if !in_flight {
+                    shell.metrics.heartbeat("sync");
+                }
                 if let Some(a) = &announcer {
                     let st = a.status();
                     crate::announce::write_status(&status_file, &args.node, &st.owned);
