@@ -7,12 +7,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use ferry_model::alloc::{AllocConfig, Allocation};
-use ferry_model::cidr::Cidr;
+use ferry_model::alloc::Allocation;
 use ferry_model::{ObjectRef, Service, ServiceType};
 use serde_json::{json, Value};
 
-use crate::agent::parse_port_range;
 use crate::source;
 use crate::state::{AllocStore, StateDir};
 
@@ -31,10 +29,6 @@ pub struct GetArgs {
     pub namespace: String,
     #[arg(short = 'A', long)]
     pub all_namespaces: bool,
-    #[arg(long, default_value = "10.43.0.0/16", value_delimiter = ',')]
-    pub service_cidr: Vec<Cidr>,
-    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
-    pub node_port_range: (u16, u16),
 }
 
 fn ports_text(svc: &Service, a: Option<&Allocation>) -> String {
@@ -167,11 +161,7 @@ pub fn run(args: GetArgs) -> Result<i32> {
     for e in &snap.errors {
         eprintln!("error: {e}");
     }
-    let state = StateDir::new(&args.state_dir)?;
-    let cfg = AllocConfig {
-        service_cidrs: args.service_cidr.clone(),
-        node_port_range: args.node_port_range.0..=args.node_port_range.1,
-    };
+    let state = StateDir::at(&args.state_dir);
     let now = source::now_ms();
     let (pools, pool_errors) =
         ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
@@ -179,7 +169,7 @@ pub fn run(args: GetArgs) -> Result<i32> {
         eprintln!("warning: pools: {e}");
     }
     // Read-only: what the agents allocated (services they have not seen yet show no values).
-    let (results, lb) = state.view(&snap.services, &snap.namespaces, &pools, &cfg, now)?;
+    let (results, lb) = state.view(&snap.services, &snap.namespaces, &pools, now)?;
     let announcers = crate::announce::read_announcers(&state.announcements_dir());
     // Load-balancer addresses as the services' ingress (what the API server's status holds).
     let mut snap = snap;

@@ -129,18 +129,12 @@ fn cleanup() -> anyhow::Result<i32> {
 
 fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
     use state::AllocStore;
-    let state = state::StateDir::new(&args.state_dir)?;
+    let state = state::StateDir::at(&args.state_dir);
     let snap = source::read_dir(&args.manifests)?;
     let pools =
         ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
     // What the agents allocated; nothing is written.
-    let allocated = state.view(
-        &snap.services,
-        &snap.namespaces,
-        &pools.0,
-        &args.alloc_config(),
-        source::now_ms(),
-    )?;
+    let allocated = state.view(&snap.services, &snap.namespaces, &pools.0, source::now_ms())?;
     let mut planner = ferry_plan::plan::Planner::default();
     let host = netwatch::interface_addresses();
     let p = agent::compute(&mut planner, &args, &snap, pools, allocated, &host);

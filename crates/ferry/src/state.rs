@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry_model::alloc::{allocate, AllocConfig, AllocResults, AllocState};
-use ferry_model::lbipam::{self, LbResults, LbState};
+use ferry_model::alloc::{allocate, port_key, AllocConfig, AllocResults, AllocState, Allocation};
+use ferry_model::lbipam::{self, LbAllocation, LbResults, LbState};
 use ferry_model::pools::PoolConfig;
 use ferry_model::{Namespace, Service};
 use serde::{de::DeserializeOwned, Serialize};
@@ -49,7 +49,6 @@ pub trait AllocStore {
         services: &[Service],
         namespaces: &[Namespace],
         pools: &PoolConfig,
-        cfg: &AllocConfig,
         now_ms: u64,
     ) -> Result<(AllocResults, LbResults)>;
 }
@@ -98,6 +97,14 @@ impl Drop for Lock {
 }
 
 impl StateDir {
+    /// A state directory to read only (a missing one reads as empty; nothing is created).
+    pub fn at(dir: &Path) -> StateDir {
+        StateDir {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The agent's state directory, created if missing.
     pub fn new(dir: &Path) -> Result<StateDir> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating state dir {}", dir.display()))?;
@@ -171,13 +178,28 @@ impl AllocStore for StateDir {
         services: &[Service],
         namespaces: &[Namespace],
         pools: &PoolConfig,
-        cfg: &AllocConfig,
         now_ms: u64,
     ) -> Result<(AllocResults, LbResults)> {
-        // The allocators run on a copy and nothing is written; only what was kept is shown.
-        let old: AllocState = self.read("allocations.json")?;
-        let (_, mut results) = allocate(&old, services, cfg, now_ms, now_ms);
-        results.retain(|r, _| old.services.contains_key(&r.to_string()));
+        // What was kept, as it was kept (even where this command's flags would allocate
+        // differently); services nobody allocated for yet are left out. Nothing is written.
+        let kept: AllocState = self.read("allocations.json")?;
+        let results: AllocResults = services
+            .iter()
+            .filter_map(|svc| {
+                let r = svc.meta.object_ref();
+                let a = kept.services.get(&r.to_string())?;
+                let node_ports = svc
+                    .ports
+                    .iter()
+                    .map(|p| a.node_ports.get(&port_key(p.port, p.protocol)).copied())
+                    .collect();
+                let allocation = Allocation {
+                    cluster_ip: a.cluster_ip,
+                    node_ports,
+                };
+                Some((r, Ok(allocation)))
+            })
+            .collect();
         let old_lb: LbState = self.read("lb-allocations.json")?;
         let (_, mut lb) = lbipam::allocate(
             &old_lb,
@@ -188,6 +210,16 @@ impl AllocStore for StateDir {
             now_ms,
             now_ms,
         );
+        // Kept addresses as kept; for the rest only why they are pending (an address the
+        // allocator would pick here is nobody's yet).
+        for (r, a) in lb.iter_mut() {
+            if let Some(e) = old_lb.services.get(&r.to_string()) {
+                *a = Ok(LbAllocation {
+                    ips: e.ips.clone(),
+                    pool: e.pool.clone(),
+                });
+            }
+        }
         lb.retain(|r, a| a.is_err() || old_lb.services.contains_key(&r.to_string()));
         Ok((results, lb))
     }
