@@ -118,13 +118,33 @@ impl Reader {
                     continue;
                 }
             };
+            // Only regular files (symlinks followed): a FIFO would block the read forever, a
+            // device (a link to /dev/zero) would never end.
+            if !meta.is_file() {
+                snap.errors.push(file_problem(
+                    &shown,
+                    "not a regular file (a FIFO, device or socket): skipped".into(),
+                ));
+                continue;
+            }
+            if meta.len() > MAX_FILE_BYTES {
+                snap.errors.push(file_problem(
+                    &shown,
+                    format!(
+                        "{} bytes: larger than the {} MiB a manifest file may have: skipped",
+                        meta.len(),
+                        MAX_FILE_BYTES >> 20
+                    ),
+                ));
+                continue;
+            }
             let (mt, size) = (mtime(&meta), meta.len());
             let fresh = self
                 .cache
                 .get(&f)
                 .is_some_and(|c| c.mtime_ns == mt && c.size == size);
             if !fresh {
-                let text = match std::fs::read_to_string(&f) {
+                let text = match read_bounded(&f) {
                     Ok(t) => t,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => {
@@ -184,7 +204,31 @@ impl Reader {
     }
 }
 
+/// The largest manifest file read (the API server takes objects of up to ~1.5 MB; a file may
+/// hold many).
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Reads a file of at most [`MAX_FILE_BYTES`] (one that grew past it meanwhile is an error).
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than the {} MiB a manifest file may have",
+            MAX_FILE_BYTES >> 20
+        )));
+    }
+    Ok(text)
+}
+
 fn file_error(shown: &str, e: std::io::Error) -> ManifestError {
+    file_problem(shown, format!("cannot read: {e}"))
+}
+
+fn file_problem(shown: &str, message: String) -> ManifestError {
     ManifestError {
         at: crate::manifest::Location {
             file: shown.to_string(),
@@ -192,7 +236,7 @@ fn file_error(shown: &str, e: std::io::Error) -> ManifestError {
             object: None,
             field: String::new(),
         },
-        message: format!("cannot read: {e}"),
+        message,
     }
 }
 
@@ -223,6 +267,70 @@ mod tests {
 
     const SVC: &str =
         "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n";
+
+    #[test]
+    fn fifos_devices_and_huge_files_are_skipped_with_an_error() {
+        let dir = TempDir::new("special");
+        std::fs::write(dir.0.join("a.yaml"), SVC).unwrap();
+        let fifo =
+            std::ffi::CString::new(dir.0.join("x.yaml").to_string_lossy().as_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        std::os::unix::fs::symlink("/dev/zero", dir.0.join("zero.yaml")).unwrap();
+        let big = std::fs::File::create(dir.0.join("big.json")).unwrap();
+        big.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let mut reader = Reader::new(&dir.0);
+        // Returns (a FIFO would block here, /dev/zero would read until memory runs out).
+        let snap = reader.read().unwrap();
+        assert_eq!(snap.services.len(), 1, "the good file still counts");
+        let errors: Vec<String> = snap.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        for (file, what) in [
+            ("x.yaml", "not a regular file"),
+            ("zero.yaml", "not a regular file"),
+            ("big.json", "larger than the 16 MiB"),
+        ] {
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.starts_with(file) && e.contains(what)),
+                "{file}: {errors:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stall() {
+        // 100,000 levels: refused by the parsers' depth limits.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        for file in ["deep.json", "deep.yaml"] {
+            let p = parse_text(file, &deep);
+            assert!(p.objects.is_empty());
+            assert_eq!(p.errors.len(), 1, "{file}: {:#?}", p.errors);
+        }
+    }
+
+    #[test]
+    fn a_list_of_many_nulls_is_one_error_each_and_reading_stays_linear() {
+        let dir = TempDir::new("nulls");
+        let items = vec!["null"; 100_000].join(",");
+        std::fs::write(
+            dir.0.join("list.json"),
+            format!(r#"{{"apiVersion": "v1", "kind": "List", "items": [{items}]}}"#),
+        )
+        .unwrap();
+        std::fs::write(dir.0.join("a.yaml"), SVC).unwrap();
+        let mut reader = Reader::new(&dir.0);
+        let t = std::time::Instant::now();
+        let snap = reader.read().unwrap();
+        assert_eq!(snap.services.len(), 1);
+        assert_eq!(snap.errors.len() + snap.warnings.len(), 100_000);
+        // A change to another file re-reads only that file.
+        std::fs::write(dir.0.join("a.yaml"), SVC.replace("80", "81")).unwrap();
+        let snap = reader.read().unwrap();
+        assert_eq!(snap.services[0].ports[0].port, 81);
+        eprintln!("100,000 nulls: read twice in {:?}", t.elapsed());
+    }
 
     #[test]
     fn reads_a_directory_and_rereads_changed_files() {
