@@ -1,0 +1,167 @@
+//! End to end: faults around a single agent in a network namespace of the test's own — a reader
+//! of its stderr that goes away, and files in its manifest directory that would block or never
+//! end a read (a FIFO, a link to /dev/zero). The agent keeps running and keeps applying changes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{CONVERGE, FERRY};
+
+/// A network namespace and an agent in it; both gone on drop (the agent by PID).
+struct Node {
+    ns: String,
+    dir: PathBuf,
+    agent: Option<Child>,
+}
+
+impl Node {
+    fn new(tag: &str) -> Node {
+        let ns = format!("ff-{tag}-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {ns}");
+        let dir = std::env::temp_dir().join(&ns);
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        Node {
+            ns,
+            dir,
+            agent: None,
+        }
+    }
+
+    fn manifests(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    /// Starts the agent with its stderr going to `stderr`.
+    fn start(&mut self, stderr: Stdio) -> &mut Child {
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, FERRY, "agent", "--no-l2", "--node", "n1",
+            ])
+            .arg("--manifests")
+            .arg(self.manifests())
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        self.agent.insert(child)
+    }
+
+    fn table(&self) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, "nft", "list", "table", "inet", "ferry",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits (bounded) until the agent's table mentions `needle`.
+    fn wait_table(&self, needle: &str) {
+        let deadline = Instant::now() + CONVERGE;
+        while !self.table().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{needle} never reached the table:\n{}",
+                self.table()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.agent
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(&mut self) -> Option<i32> {
+        let mut c = self.agent.take()?;
+        // SAFETY: kill(2) on the PID of our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().ok().and_then(|s| s.code())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn service(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec: {{clusterIP: {ip}, selector: {{app: {name}}}, ports: [{{port: 80}}]}}\n"
+    )
+}
+
+fn write(dir: &Path, file: &str, text: &str) {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join(file)).unwrap();
+}
+
+#[test]
+fn a_closed_stderr_does_not_stop_the_agent() {
+    if !common::root("a_closed_stderr_does_not_stop_the_agent") {
+        return;
+    }
+    let mut node = Node::new("stderr");
+    write(&node.manifests(), "a.yaml", &service("a", "10.43.0.21"));
+    // stderr is a pipe whose reader has gone before the agent writes its first line.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    node.start(Stdio::from(writer));
+    node.wait_table("10.43.0.21");
+    // Many log lines later (each change logs), it is still there and still applying.
+    for i in 0..20 {
+        write(
+            &node.manifests(),
+            "b.yaml",
+            &service("b", &format!("10.43.1.{}", 10 + i)),
+        );
+        node.wait_table(&format!("10.43.1.{}", 10 + i));
+    }
+    assert!(node.alive(), "the agent died when its stderr closed");
+    assert_eq!(node.stop(), Some(0), "SIGTERM: a clean exit");
+}
+
+#[test]
+fn fifos_and_endless_files_neither_block_nor_stop_the_agent() {
+    if !common::root("fifos_and_endless_files_neither_block_nor_stop_the_agent") {
+        return;
+    }
+    let mut node = Node::new("fifo");
+    let m = node.manifests();
+    write(&m, "a.yaml", &service("a", "10.43.0.31"));
+    node.start(Stdio::null());
+    node.wait_table("10.43.0.31");
+    let fifo = std::ffi::CString::new(m.join("x.yaml").to_string_lossy().as_bytes()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    std::os::unix::fs::symlink("/dev/zero", m.join("zero.yaml")).unwrap();
+    // Changes after them still arrive.
+    write(&m, "b.yaml", &service("b", "10.43.0.32"));
+    node.wait_table("10.43.0.32");
+    write(&m, "b.yaml", &service("b", "10.43.0.33"));
+    node.wait_table("10.43.0.33");
+    assert!(node.alive());
+    assert_eq!(node.stop(), Some(0));
+}
