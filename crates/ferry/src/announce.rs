@@ -66,8 +66,6 @@ pub struct L2Status {
     pub cluster_size: usize,
     /// When the thread last stepped (it steps at least every second).
     pub last_step: Option<Instant>,
-    /// Bumped at every change of `owned`.
-    pub generation: u64,
 }
 
 enum Msg {
@@ -315,9 +313,6 @@ impl L2Thread {
         st.member_stats = self.membership.as_ref().map(|(_, m)| m.stats());
         st.cluster_size = cluster.len();
         st.last_step = Some(now);
-        if changed {
-            st.generation += 1;
-        }
         drop(st);
         if changed {
             (self.changed)();
