@@ -318,6 +318,7 @@ pub fn read_live(nft: &mut Nft) -> Result<LiveState, NftError> {
                     LiveChain {
                         base,
                         fingerprint: None,
+                        rules: 0,
                     },
                 );
             }
@@ -327,6 +328,7 @@ pub fn read_live(nft: &mut Nft) -> Result<LiveState, NftError> {
                     continue;
                 };
                 if let Some(c) = live.chains.get_mut(chain) {
+                    c.rules += 1;
                     if c.fingerprint.is_none() {
                         c.fingerprint = Some(
                             o["comment"]

@@ -12,6 +12,9 @@ pub struct LiveChain {
     pub base: Option<BaseChain>,
     /// From the first rule's comment; None when the chain has no rule or no fingerprint.
     pub fingerprint: Option<String>,
+    /// How many rules the chain holds: a rule deleted or added behind ferry's back leaves the
+    /// first rule's fingerprint as it was, but not the count.
+    pub rules: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -45,6 +48,7 @@ impl LiveState {
                         LiveChain {
                             base: c.base,
                             fingerprint: fp,
+                            rules: c.rules.len(),
                         },
                     )
                 })
@@ -82,6 +86,7 @@ impl LiveState {
                         LiveChain {
                             base: x.base,
                             fingerprint: (!x.rules.is_empty()).then(|| x.fingerprint()),
+                            rules: x.rules.len(),
                         },
                     );
                 }
@@ -302,7 +307,10 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
             None => c.render_rules(&mut out),
             Some(l) => {
                 let want = (!c.rules.is_empty()).then(|| c.fingerprint());
-                if l.fingerprint != want || want.is_none() && !c.rules.is_empty() {
+                if l.fingerprint != want
+                    || want.is_none() && !c.rules.is_empty()
+                    || l.rules != c.rules.len()
+                {
                     let _ = writeln!(out, "flush chain {FAMILY} {TABLE} {}", c.name);
                     c.render_rules(&mut out);
                     ch.chains_changed += 1;

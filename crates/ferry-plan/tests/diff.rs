@@ -253,6 +253,7 @@ impl Kernel {
                         LiveChain {
                             base,
                             fingerprint: fp,
+                            rules: rules.len(),
                         },
                     )
                 })
@@ -337,6 +338,24 @@ fn nothing_changed_means_an_empty_script() {
         let ch = diff(&LiveState::of(&rs), &rs);
         assert!(ch.is_empty(), "{}", ch.script);
         assert_eq!(ch, Changes::default());
+    }
+}
+
+#[test]
+fn a_rule_deleted_or_added_behind_our_back_is_repaired() {
+    let rs = planned(&many_services(10));
+    let name = "service-default/app-4/tcp/80";
+    for drift in [-1i64, 1] {
+        // The first rule (and its fingerprint) is intact; the count is not.
+        let mut live = LiveState::of(&rs);
+        let c = live.chains.get_mut(name).expect("planned chain");
+        c.rules = (c.rules as i64 + drift) as usize;
+        let ch = diff(&live, &rs);
+        assert_eq!(ch.chains_changed, 1, "{}", ch.script);
+        assert_eq!(
+            lines(&ch.script)[0],
+            format!("flush chain inet ferry {name}")
+        );
     }
 }
 

@@ -351,6 +351,7 @@ fn live_state(json: &Json) -> LiveState {
                 LiveChain {
                     base,
                     fingerprint: None,
+                    rules: 0,
                 },
             );
         } else if let Some(r) = item.get("rule") {
@@ -360,6 +361,9 @@ fn live_state(json: &Json) -> LiveState {
                 .expect("chain")
                 .to_string();
             let comment = r.get("comment").and_then(Json::str).map(String::from);
+            if let Some(c) = live.chains.get_mut(&chain) {
+                c.rules += 1;
+            }
             first_comment.entry(chain).or_insert(comment);
         } else if let Some(s) = item.get("set").or_else(|| item.get("map")) {
             let name = s.get("name").and_then(Json::str).expect("name").to_string();

@@ -487,6 +487,12 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     if let Err(e) = netwatch::watch_addresses(wake_tx.clone()) {
         log!("warning: cannot watch interface changes ({e}): addresses are read at every sync");
     }
+    if let Err(e) = netwatch::watch_nftables(wake_tx.clone()) {
+        log!(
+            "warning: cannot watch nftables changes ({e}): the table is checked every {} s",
+            args.resync_s
+        );
+    }
     let mut host = netwatch::interface_addresses();
 
     let status_changed = Arc::new(tokio::sync::Notify::new());
@@ -583,19 +589,25 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
         };
         tokio::select! {
             Some(w) = wake_rx.recv() => {
-                let mut addresses = w == Wake::Addresses;
+                let mut wakes = vec![w];
                 while let Ok(w) = wake_rx.try_recv() {
-                    addresses |= w == Wake::Addresses;
+                    wakes.push(w);
                 }
-                if addresses {
+                if wakes.contains(&Wake::Kernel) {
+                    shell.core.handle_kernel_changed();
+                }
+                let mut changed = wakes.contains(&Wake::Manifests);
+                if wakes.contains(&Wake::Addresses) {
                     let now = netwatch::interface_addresses();
-                    if now == host {
-                        continue;
+                    if now != host {
+                        host = now;
+                        changed = true;
                     }
-                    host = now;
                 }
-                shell.core.handle_change();
-                shell.changed_since.get_or_insert_with(Instant::now);
+                if changed {
+                    shell.core.handle_change();
+                    shell.changed_since.get_or_insert_with(Instant::now);
+                }
             }
             done = done_rx.recv() => {
                 let Some(r) = done else {

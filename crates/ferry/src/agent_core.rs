@@ -82,6 +82,13 @@ impl Core {
         self.dirty = true;
     }
 
+    /// Another process changed the nftables ruleset: the next sync re-reads ferry's table from
+    /// the kernel and repairs what differs (a deleted table, a deleted or foreign rule).
+    pub fn handle_kernel_changed(&mut self) {
+        self.dirty = true;
+        self.reread_next = true;
+    }
+
     /// Whether the first sync has reached the kernel.
     pub fn ready(&self) -> bool {
         self.synced_once
@@ -285,6 +292,32 @@ mod tests {
         c.handle_sync_done(at(t0, 11_050), true);
         assert!(c.ready());
         assert_eq!(c.poll_sync(at(t0, 20_000)), None);
+    }
+
+    #[test]
+    fn a_foreign_change_to_the_ruleset_rereads_the_kernel_in_the_next_sync() {
+        let t0 = Instant::now();
+        let mut c = Core::new(cfg(), t0);
+        c.poll_sync(t0).unwrap();
+        c.handle_sync_done(at(t0, 10), true);
+        c.handle_kernel_changed();
+        // Coalesced like any change: at the min interval after the last start.
+        assert_eq!(c.poll_sync(at(t0, 50)), None);
+        assert_eq!(
+            c.poll_sync(at(t0, 100)),
+            Some(SyncJob {
+                reread_kernel: true
+            })
+        );
+        c.handle_sync_done(at(t0, 110), true);
+        c.handle_change();
+        assert_eq!(
+            c.poll_sync(at(t0, 300)),
+            Some(SyncJob {
+                reread_kernel: false
+            }),
+            "once only"
+        );
     }
 
     #[test]

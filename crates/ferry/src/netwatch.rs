@@ -1,6 +1,8 @@
 //! What wakes the agent besides its own timers: manifest files changing (inotify, through the
-//! `notify` crate) and the host's interfaces and addresses changing (an rtnetlink multicast
-//! subscription). Both only send a wake-up; the sync reads what it needs.
+//! `notify` crate), the host's interfaces and addresses changing (an rtnetlink multicast
+//! subscription), and the nftables ruleset changed by another process (the nf_tables netlink
+//! multicast group: a firewall reload, `nft flush ruleset`, a hand edit of ferry's table).
+//! They only send a wake-up; the sync reads what it needs.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -13,6 +15,8 @@ use tokio::sync::mpsc::UnboundedSender;
 pub enum Wake {
     Manifests,
     Addresses,
+    /// Another process committed an nftables transaction in this network namespace.
+    Kernel,
 }
 
 /// Watches `dir` recursively; every change sends [`Wake::Manifests`]. The watcher lives as long
@@ -73,6 +77,80 @@ pub fn watch_addresses(tx: UnboundedSender<Wake>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `NFNLGRP_NFTABLES`: the multicast group of nf_tables' change notifications.
+const NFNLGRP_NFTABLES: u32 = 7;
+/// Message type of the notification that ends every committed transaction:
+/// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWGEN` (10 and 15).
+const NFT_NEWGEN: u16 = (10 << 8) | 15;
+/// `NFTA_GEN_PROC_PID`: the process that committed it.
+const NFTA_GEN_PROC_PID: u16 = 2;
+
+/// Watches this namespace's nftables ruleset: every transaction committed by another process
+/// sends [`Wake::Kernel`] (ferry's own commits carry its PID and are ignored). A thread of its
+/// own blocks on the netlink socket; it ends when the receiver is gone.
+pub fn watch_nftables(tx: UnboundedSender<Wake>) -> std::io::Result<()> {
+    use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+    let mut sock = Socket::new(NETLINK_NETFILTER)?;
+    sock.bind(&SocketAddr::new(0, 0))?;
+    sock.add_membership(NFNLGRP_NFTABLES)?;
+    let me = std::process::id();
+    std::thread::Builder::new()
+        .name("ferry-nft-events".into())
+        .spawn(move || {
+            let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+            loop {
+                buf.clear();
+                match sock.recv(&mut buf, 0) {
+                    Ok(_) => {
+                        let foreign = commit_pids(&buf).into_iter().any(|pid| pid != me);
+                        if foreign && tx.send(Wake::Kernel).is_err() {
+                            return;
+                        }
+                    }
+                    // ENOBUFS: notifications were lost; something changed, so look.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                        if tx.send(Wake::Kernel).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// The committing PIDs of the NEWGEN notifications in a netlink datagram (pure; garbage and
+/// truncated messages are skipped).
+pub fn commit_pids(datagram: &[u8]) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let mut rest = datagram;
+    while rest.len() >= 16 {
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        if len < 16 || len > rest.len() {
+            break;
+        }
+        if kind == NFT_NEWGEN {
+            // nfgenmsg (4 bytes), then attributes: length, type, value, padded to 4.
+            let mut attrs = rest.get(20..len).unwrap_or_default();
+            while attrs.len() >= 4 {
+                let alen = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
+                let atype = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+                if alen < 4 || alen > attrs.len() {
+                    break;
+                }
+                if atype == NFTA_GEN_PROC_PID && alen >= 8 {
+                    pids.push(u32::from_be_bytes([attrs[4], attrs[5], attrs[6], attrs[7]]));
+                }
+                attrs = attrs.get(alen.next_multiple_of(4)..).unwrap_or_default();
+            }
+        }
+        rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
+    }
+    pids
+}
+
 /// (interface name, address) for every address of this network namespace.
 pub fn interface_addresses() -> Vec<(String, IpAddr)> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
@@ -114,6 +192,46 @@ pub fn interface_of(all: &[(String, IpAddr)], ip: IpAddr) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A NEWGEN notification as the kernel sends it (gen id, pid, process name).
+    fn newgen(pid: u32) -> Vec<u8> {
+        let mut attrs = Vec::new();
+        for (t, v) in [
+            (1u16, 77u32.to_be_bytes().to_vec()),
+            (2, pid.to_be_bytes().to_vec()),
+        ] {
+            attrs.extend_from_slice(&(4 + v.len() as u16).to_ne_bytes());
+            attrs.extend_from_slice(&t.to_ne_bytes());
+            attrs.extend_from_slice(&v);
+        }
+        attrs.extend_from_slice(&8u16.to_ne_bytes());
+        attrs.extend_from_slice(&3u16.to_ne_bytes());
+        attrs.extend_from_slice(b"nft\0");
+        let len = 16 + 4 + attrs.len();
+        let mut m = Vec::new();
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&NFT_NEWGEN.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(&[0; 4]);
+        m.extend_from_slice(&attrs);
+        m
+    }
+
+    #[test]
+    fn commit_pids_reads_newgen_notifications_and_skips_the_rest() {
+        let mut d = newgen(4242);
+        // Another message type (a NEWRULE notification), then a second NEWGEN.
+        let mut other = newgen(1);
+        other[4..6].copy_from_slice(&((10u16 << 8) | 6).to_ne_bytes());
+        d.extend_from_slice(&other);
+        d.extend_from_slice(&newgen(7));
+        assert_eq!(commit_pids(&d), vec![4242, 7]);
+        // Truncated or garbage: whatever can be read, never a panic.
+        for cut in 0..d.len() {
+            let _ = commit_pids(&d[..cut]);
+        }
+        assert!(commit_pids(&[0xff; 40]).is_empty());
+    }
 
     #[test]
     fn host_addresses_skip_loopback_and_link_local() {

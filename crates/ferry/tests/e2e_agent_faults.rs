@@ -1,6 +1,8 @@
 //! End to end: faults around a single agent in a network namespace of the test's own — a reader
-//! of its stderr that goes away, and files in its manifest directory that would block or never
-//! end a read (a FIFO, a link to /dev/zero). The agent keeps running and keeps applying changes.
+//! of its stderr that goes away, files in its manifest directory that would block or never end
+//! a read (a FIFO, a link to /dev/zero), and its table changed behind its back (a rule deleted,
+//! a foreign rule added, the table deleted, `nft flush ruleset`). The agent keeps running,
+//! keeps applying changes and repairs its table at once.
 
 mod common;
 
@@ -77,6 +79,35 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Runs `nft ARGS` in the namespace (as another process would).
+    fn nft(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nft"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nft {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits (bounded) until `check` holds for the table; returns how long it took.
+    fn until_table(&self, what: &str, check: impl Fn(&str) -> bool) -> Duration {
+        let t0 = Instant::now();
+        while !check(&self.table()) {
+            assert!(
+                t0.elapsed() < CONVERGE,
+                "{what}: never repaired:\n{}",
+                self.table()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t0.elapsed()
     }
 
     fn alive(&mut self) -> bool {
@@ -162,6 +193,65 @@ fn fifos_and_endless_files_neither_block_nor_stop_the_agent() {
     node.wait_table("10.43.0.32");
     write(&m, "b.yaml", &service("b", "10.43.0.33"));
     node.wait_table("10.43.0.33");
+    assert!(node.alive());
+    assert_eq!(node.stop(), Some(0));
+}
+
+#[test]
+fn a_table_changed_behind_the_agents_back_is_repaired_at_once() {
+    if !common::root("a_table_changed_behind_the_agents_back_is_repaired_at_once") {
+        return;
+    }
+    let mut node = Node::new("drift");
+    let m = node.manifests();
+    write(&m, "a.yaml", &service("a", "10.43.0.41"));
+    write(
+        &m,
+        "a-slice.yaml",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: a-1, namespace: default, labels: {kubernetes.io/service-name: a}}\n\
+         addressType: IPv4\nports: [{port: 80, protocol: TCP}]\n\
+         endpoints: [{addresses: [10.42.0.5], conditions: {ready: true}}]\n",
+    );
+    node.start(Stdio::null());
+    node.wait_table("10.42.0.5");
+    let dnat = |t: &str| t.contains("dnat ip to 10.42.0.5:80");
+    assert!(dnat(&node.table()));
+
+    // 1. The DNAT rule deleted by handle (the chain's first rule, with the fingerprint, stays).
+    let chain = "service-default/a/tcp/80";
+    let listing = node.nft(&["-a", "list", "chain", "inet", "ferry", chain]);
+    let handle = listing
+        .lines()
+        .find(|l| l.contains("dnat ip to 10.42.0.5:80"))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .map(|h| h.trim().to_string())
+        .expect("the dnat rule and its handle");
+    node.nft(&["delete", "rule", "inet", "ferry", chain, "handle", &handle]);
+    let t1 = node.until_table("deleted rule", dnat);
+
+    // 2. A foreign rule in ferry's base chain.
+    node.nft(&[
+        "add",
+        "rule",
+        "inet",
+        "ferry",
+        "nat-prerouting",
+        "tcp",
+        "dport",
+        "9999",
+        "drop",
+    ]);
+    let t2 = node.until_table("foreign rule", |t| !t.contains("9999"));
+
+    // 3. The table deleted; 4. the whole ruleset flushed (a firewall reload).
+    node.nft(&["delete", "table", "inet", "ferry"]);
+    let t3 = node.until_table("deleted table", dnat);
+    node.nft(&["flush", "ruleset"]);
+    let t4 = node.until_table("flushed ruleset", dnat);
+    eprintln!(
+        "repaired: deleted rule in {t1:?}, foreign rule in {t2:?}, deleted table in {t3:?}, flushed ruleset in {t4:?}"
+    );
     assert!(node.alive());
     assert_eq!(node.stop(), Some(0));
 }
