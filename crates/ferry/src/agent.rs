@@ -68,6 +68,10 @@ pub struct AgentArgs {
     /// (127.0.0.1). Off unless given; kube-proxy uses 127.0.0.1:10249.
     #[arg(long, value_parser = crate::http::parse_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// When another agent already runs in this network namespace, wait this long for it to stop
+    /// (a rolling update) before refusing to start.
+    #[arg(long, default_value_t = 60)]
+    pub wait_for_previous_s: u64,
     /// Re-read the kernel's table and repair it this often, in seconds (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_s: u64,
@@ -465,6 +469,7 @@ struct Shell {
 
 async fn run_async(args: AgentArgs) -> Result<i32> {
     use tokio::signal::unix::{signal, SignalKind};
+    let _one_agent = crate::singleton::claim(Duration::from_secs(args.wait_for_previous_s))?;
     let state = StateDir::new(&args.state_dir)?;
     std::fs::metadata(&args.manifests)
         .with_context(|| format!("manifest directory {}", args.manifests.display()))?;

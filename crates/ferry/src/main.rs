@@ -20,6 +20,7 @@ mod http;
 mod logging;
 mod metrics;
 mod netwatch;
+mod singleton;
 mod source;
 mod state;
 

@@ -42,20 +42,24 @@ impl Node {
 
     /// Starts the agent with its stderr going to `stderr`.
     fn start(&mut self, stderr: Stdio) -> &mut Child {
-        let child = Command::new("ip")
-            .args([
-                "netns", "exec", &self.ns, FERRY, "agent", "--no-l2", "--node", "n1",
-            ])
-            .arg("--manifests")
-            .arg(self.manifests())
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
+        let child = self.agent_command(&[]).stderr(stderr).spawn().unwrap();
         self.agent.insert(child)
+    }
+
+    /// `ferry agent` in the namespace, with `extra` arguments.
+    fn agent_command(&self, extra: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns", "exec", &self.ns, FERRY, "agent", "--no-l2", "--node", "n1",
+        ])
+        .arg("--manifests")
+        .arg(self.manifests())
+        .arg("--state-dir")
+        .arg(self.dir.join("state"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+        cmd
     }
 
     fn table(&self) -> String {
@@ -253,5 +257,51 @@ fn a_table_changed_behind_the_agents_back_is_repaired_at_once() {
         "repaired: deleted rule in {t1:?}, foreign rule in {t2:?}, deleted table in {t3:?}, flushed ruleset in {t4:?}"
     );
     assert!(node.alive());
+    assert_eq!(node.stop(), Some(0));
+}
+
+#[test]
+fn a_second_agent_in_the_namespace_waits_for_the_first_or_refuses() {
+    if !common::root("a_second_agent_in_the_namespace_waits_for_the_first_or_refuses") {
+        return;
+    }
+    let mut node = Node::new("two");
+    let m = node.manifests();
+    write(&m, "a.yaml", &service("a", "10.43.0.51"));
+    node.start(Stdio::null());
+    node.wait_table("10.43.0.51");
+
+    // A second agent that may wait 1 s: refuses, and leaves the first one's table alone.
+    let out = node
+        .agent_command(&["--wait-for-previous-s", "1"])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another ferry agent runs in this network namespace"),
+        "{err}"
+    );
+    assert!(node.alive());
+    assert!(node.table().contains("10.43.0.51"));
+
+    // A rolling update: the new agent waits; the old one stops; the new one takes over.
+    let next = node
+        .agent_command(&["--wait-for-previous-s", "30"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut next = next;
+    assert!(next.try_wait().unwrap().is_none(), "the new agent waits");
+    assert_eq!(node.stop(), Some(0));
+    node.agent = Some(next);
+    write(&m, "b.yaml", &service("b", "10.43.0.52"));
+    node.wait_table("10.43.0.52");
+    assert!(
+        node.table().contains("10.43.0.51"),
+        "the old rules were kept meanwhile"
+    );
     assert_eq!(node.stop(), Some(0));
 }
