@@ -69,6 +69,19 @@ impl Ck {
         }
     }
 
+    /// An IP address a host can be reached at, as the API server checks `externalIPs`: not
+    /// unspecified, loopback, link-local, multicast or broadcast.
+    pub fn unicast_ip(&mut self, s: &str, path: &str) -> Option<IpAddr> {
+        let ip = self.ip(s, path)?;
+        match special_ip(ip) {
+            Some(why) => {
+                self.err(path, format!("{ip} may not be {why}"));
+                None
+            }
+            None => Some(ip),
+        }
+    }
+
     /// An optional IP address ("" counts as missing).
     pub fn opt_ip(&mut self, s: Option<&str>, path: &str) -> Option<IpAddr> {
         let s = non_empty(s)?;
@@ -87,6 +100,24 @@ impl Ck {
 }
 
 /// `Some(s)` unless missing or empty.
+/// Why `ip` cannot be a service address, if it cannot.
+pub fn special_ip(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(a) if a.is_unspecified() => Some("unspecified (0.0.0.0)"),
+        IpAddr::V4(a) if a.is_loopback() => Some("in the loopback range (127.0.0.0/8)"),
+        IpAddr::V4(a) if a.is_link_local() => Some("in the link-local range (169.254.0.0/16)"),
+        IpAddr::V4(a) if a.is_multicast() => Some("a multicast address (224.0.0.0/4)"),
+        IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V6(a) if a.is_unspecified() => Some("unspecified (::)"),
+        IpAddr::V6(a) if a.is_loopback() => Some("the loopback address (::1)"),
+        IpAddr::V6(a) if a.is_multicast() => Some("a multicast address (ff00::/8)"),
+        IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80 => {
+            Some("in the link-local range (fe80::/10)")
+        }
+        _ => None,
+    }
+}
+
 pub fn non_empty(s: Option<&str>) -> Option<&str> {
     s.filter(|s| !s.is_empty())
 }

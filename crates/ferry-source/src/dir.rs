@@ -34,15 +34,35 @@ fn is_manifest(p: &Path) -> bool {
     )
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Paths that could not be walked or read, with why.
+type Skipped = Vec<(PathBuf, String)>;
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, skipped: &mut Skipped) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let ft = entry.file_type()?;
         let path = entry.path();
+        // Hidden entries are not read: editors' temporary files, and the `..data` /
+        // `..2026_...` directories of a ConfigMap mounted as a volume, whose files are also
+        // linked at the top (read there, once).
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         if ft.is_dir() {
-            // A directory that vanished meanwhile is not an error.
-            let _ = walk(&path, out);
-        } else if is_manifest(&path) && !entry.file_name().to_string_lossy().starts_with('.') {
+            match walk(&path, out, skipped) {
+                Ok(()) => {}
+                // A directory that vanished meanwhile is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => skipped.push((path, format!("cannot read this directory: {e}"))),
+            }
+        } else if is_manifest(&path) {
+            if ft.is_symlink() && std::fs::metadata(&path).is_err() {
+                let target = std::fs::read_link(&path)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_default();
+                skipped.push((path, format!("a dangling symlink (to {target:?}): skipped")));
+                continue;
+            }
             out.push(path);
         }
     }
@@ -50,10 +70,17 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    Ok(manifest_files_and_skipped(dir)?.0)
+}
+
+/// The manifest files under `dir` in path order, and the paths that were skipped, with why.
+pub fn manifest_files_and_skipped(dir: &Path) -> std::io::Result<(Vec<PathBuf>, Skipped)> {
     let mut files = Vec::new();
-    walk(dir, &mut files)?;
+    let mut skipped = Vec::new();
+    walk(dir, &mut files, &mut skipped)?;
     files.sort();
-    Ok(files)
+    skipped.sort();
+    Ok((files, skipped))
 }
 
 fn mtime(meta: &std::fs::Metadata) -> u128 {
@@ -105,7 +132,15 @@ impl Reader {
         let dir = self.dir.clone();
         let mut snap = Snapshot::default();
         let mut seen: BTreeMap<(String, ObjectRef), String> = BTreeMap::new();
-        let files = manifest_files(&dir)?;
+        let (files, skipped) = manifest_files_and_skipped(&dir)?;
+        for (path, why) in skipped {
+            let shown = path
+                .strip_prefix(&dir)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            snap.errors.push(file_problem(&shown, why));
+        }
         self.cache.retain(|p, _| files.binary_search(p).is_ok());
         for f in files {
             let shown = f.strip_prefix(&dir).unwrap_or(&f).display().to_string();
@@ -297,6 +332,50 @@ mod tests {
                 "{file}: {errors:#?}"
             );
         }
+    }
+
+    #[test]
+    fn a_configmap_mount_is_read_once_and_broken_paths_are_reported() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let dir = TempDir::new("cm");
+        // The layout of a ConfigMap volume: x.yaml -> ..data/x.yaml, ..data -> ..2026_11_30.
+        std::fs::create_dir_all(dir.0.join("..2026_11_30")).unwrap();
+        std::fs::write(dir.0.join("..2026_11_30/x.yaml"), SVC).unwrap();
+        symlink("..2026_11_30", dir.0.join("..data")).unwrap();
+        symlink("..data/x.yaml", dir.0.join("x.yaml")).unwrap();
+        symlink("gone.yaml", dir.0.join("dangling.yaml")).unwrap();
+        std::fs::create_dir_all(dir.0.join("locked")).unwrap();
+        std::fs::write(dir.0.join("locked/y.yaml"), SVC.replace("web", "other")).unwrap();
+        std::fs::set_permissions(dir.0.join("locked"), std::fs::Permissions::from_mode(0o000))
+            .unwrap();
+        let snap = Reader::new(&dir.0).read().unwrap();
+        std::fs::set_permissions(dir.0.join("locked"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        // root reads any directory: the locked one is only unreadable for other users.
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let web = snap
+            .services
+            .iter()
+            .filter(|s| s.meta.name == "web")
+            .count();
+        assert_eq!(web, 1, "read once: {:#?}", snap.warnings);
+        assert_eq!(snap.services.len(), 1 + usize::from(root));
+        assert!(snap.warnings.is_empty(), "{:#?}", snap.warnings);
+        let errors: Vec<String> = snap.errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("dangling.yaml") && e.contains("dangling symlink")),
+            "{errors:#?}"
+        );
+        assert_eq!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("locked") && e.contains("cannot read this directory")),
+            !root,
+            "{errors:#?}"
+        );
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
 
     let mut external_ips = Vec::new();
     for (i, s) in spec.external_ips.iter().flatten().enumerate() {
-        if let Some(ip) = ck.ip(s, &format!("spec.externalIPs[{i}]")) {
+        if let Some(ip) = ck.unicast_ip(s, &format!("spec.externalIPs[{i}]")) {
             external_ips.push(ip);
         }
     }

@@ -49,7 +49,7 @@ pub struct AgentArgs {
     #[arg(long, default_value = "10.42.0.0/16", value_delimiter = ',')]
     pub cluster_cidr: Vec<Cidr>,
     /// Service CIDR(s), comma-separated: cluster IPs come from the first.
-    #[arg(long, default_value = "10.43.0.0/16", value_delimiter = ',')]
+    #[arg(long, default_value = "10.43.0.0/16", value_delimiter = ',', value_parser = parse_service_cidr)]
     pub service_cidr: Vec<Cidr>,
     /// Node port range.
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
@@ -75,6 +75,19 @@ pub struct AgentArgs {
     /// Re-read the kernel's table and repair it this often, in seconds (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_s: u64,
+}
+
+/// A service CIDR as kube-apiserver accepts one: at most 20 host bits (IPv4 /12 or longer,
+/// IPv6 /108 or longer), so that a typo such as 0.0.0.0/0 cannot hand out every address.
+pub fn parse_service_cidr(s: &str) -> Result<Cidr, String> {
+    let c: Cidr = s.trim().parse().map_err(|e| format!("{e}"))?;
+    let min = if c.is_ipv4() { 12 } else { 108 };
+    if c.prefix_len() < min {
+        return Err(format!(
+            "{s:?} is too large: a service CIDR has at most 20 host bits (/{min} or longer)"
+        ));
+    }
+    Ok(c)
 }
 
 pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -751,5 +764,22 @@ impl Shell {
                 log!("error: {e:#} (retrying)");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_cidrs_are_bounded_as_the_api_server_bounds_them() {
+        assert!(parse_service_cidr("10.43.0.0/16").is_ok());
+        assert!(parse_service_cidr("10.0.0.0/12").is_ok());
+        assert!(parse_service_cidr("fd00:43::/108").is_ok());
+        for bad in ["0.0.0.0/0", "10.0.0.0/8", "fd00::/64", "bogus"] {
+            assert!(parse_service_cidr(bad).is_err(), "{bad}");
+        }
+        let e = parse_service_cidr("0.0.0.0/0").unwrap_err();
+        assert!(e.contains("too large"), "{e}");
     }
 }

@@ -59,9 +59,11 @@ fn writer(rx: Receiver<Msg>) {
     }
 }
 
-/// Queues one line (already formatted, with its timestamp).
+/// Queues one line (already formatted, with its timestamp). Control characters (a newline in
+/// an object's name, an escape sequence) are escaped: one event, one line, nothing that moves
+/// a terminal's cursor.
 pub fn line(text: String) {
-    match sender().try_send(Msg::Line(text)) {
+    match sender().try_send(Msg::Line(escape_controls(text))) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
             DROPPED.fetch_add(1, Ordering::Relaxed);
@@ -69,10 +71,39 @@ pub fn line(text: String) {
     }
 }
 
+fn escape_controls(text: String) -> String {
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Waits (at most `timeout`) until the lines queued so far are written.
 pub fn flush(timeout: Duration) {
     let (tx, rx) = sync_channel(1);
     if sender().send(Msg::Flush(tx)).is_ok() {
         let _ = rx.recv_timeout(timeout);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_controls("plain: ok".into()), "plain: ok");
+        assert_eq!(
+            escape_controls("Service default/we\nb\x1b[2J: bad".into()),
+            "Service default/we\\nb\\u{1b}[2J: bad"
+        );
     }
 }
