@@ -18,10 +18,6 @@ use common::{demo, pods_of, Lab, CONVERGE};
 /// black hole (which times out) cannot pass for a refusal.
 const REFUSED_WITHIN: Duration = Duration::from_millis(1500);
 
-fn names(pods: &[common::PodInfo]) -> Vec<String> {
-    pods.iter().map(|p| p.name.clone()).collect()
-}
-
 /// One `curl -sSv --max-time 3 URL` from `from`: Ok(elapsed) when it was refused (exit 7 and
 /// "Connection refused" in curl's verbose output), Err(what happened) otherwise.
 fn refused_once(lab: &Lab, from: &str, url: &str) -> Result<Duration, String> {
@@ -220,7 +216,7 @@ spec:
 
     // Endpoints appear: both start answering, from every pod.
     lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap();
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     assert_eq!(pods.len(), 2);
     common::until_all_answer(&lab, &from, &cluster_url, &pods);
     for i in 0..2 {
@@ -403,7 +399,7 @@ fn no_loss_across_agent_restarts() {
     let node_urls: Vec<String> = (0..2)
         .map(|i| format!("http://{}:{port}/", lab.node_ip(i)))
         .collect();
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     common::until_all_answer(&lab, &from, &cluster_url, &pods);
     for u in &node_urls {
         common::until_all_answer(&lab, "client", u, &pods);
@@ -492,7 +488,7 @@ fn bad_manifest_isolated() {
     // Let the lab write the EndpointSlices of the services in the new file.
     lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap();
 
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     for (svc, p) in [("good-a", 8080), ("good-b", 8081)] {
         let (ip, _) = common::svc_addr(&lab, svc);
         common::until_all_answer(&lab, &from, &format!("http://{ip}:{p}/"), &pods);
@@ -586,7 +582,7 @@ fn service_deleted_and_recreated_keeps_working() {
     lab.apply_yaml(demo::NEXTCLOUD_DEV_CLUSTERIP).unwrap();
     lab.apply_yaml(demo::NEXTCLOUD_DEV_NODEPORT).unwrap();
     let from = common::debian(&lab);
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     let (mut ip, _) = common::svc_addr(&lab, "nextcloud-dev-clusterip");
     let mut port = common::node_port(&lab, "nextcloud-dev-nodeport");
     common::until_all_answer(&lab, &from, &format!("http://{ip}:8080/"), &pods);
@@ -632,7 +628,7 @@ fn external_ips() {
         "  - port: 8080\n    targetPort: 80\n",
     ))
     .unwrap();
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     let url = format!("http://{ext}:8080/");
     // Nobody owns 192.168.2.50 on the LAN: the client sends it to a node, as a router would.
     for i in 0..2 {
@@ -694,7 +690,7 @@ fn restart_adopts_without_flush() {
     lab.apply_yaml(demo::NEXTCLOUD_DEV_CLUSTERIP).unwrap();
     lab.apply_yaml(demo::NEXTCLOUD_DEV_NODEPORT).unwrap();
     let from = common::debian(&lab);
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     let (ip, _) = common::svc_addr(&lab, "nextcloud-dev-clusterip");
     let port = common::node_port(&lab, "nextcloud-dev-nodeport");
     common::until_all_answer(&lab, &from, &format!("http://{ip}:8080/"), &pods);

@@ -37,10 +37,6 @@ fn vip() -> Ipv4Addr {
     VIP.parse().unwrap()
 }
 
-fn names(pods: &[common::PodInfo]) -> Vec<String> {
-    pods.iter().map(|p| p.name.clone()).collect()
-}
-
 /// The seed: the Deployment, the LoadBalancer Service and the MetalLB ConfigMap; waits until
 /// the Service has 192.168.2.200, both pods answer on it from the client and exactly one node
 /// announces it. The announcer.
@@ -49,7 +45,7 @@ fn seed_lb(lab: &Lab) -> String {
     lab.apply_yaml(demo::NEXTCLOUD_DEV_LOADBALANCER).unwrap();
     lab.apply_yaml(demo::METALLB_CONFIG).unwrap();
     wait_external_ips(lab, LB, &[VIP]);
-    let pods = names(&pods_of(lab, "nextcloud-dev"));
+    let pods = common::pod_names(lab, "nextcloud-dev", 2);
     common::until_all_answer(lab, "client", VIP_URL, &pods);
     wait_one_announcer(lab, VIP, Duration::from_millis(300))
 }
@@ -113,7 +109,7 @@ fn seed_pending_then_assigned() {
     );
     let first = common::curl_ok(&lab, "client", VIP_URL);
     let reachable = applied.elapsed();
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     assert!(pods.contains(&first), "{first} is not one of {pods:?}");
     let seen = common::until_all_answer(&lab, "client", VIP_URL, &pods);
     assert_eq!(seen, pods.iter().cloned().collect::<BTreeSet<_>>());
@@ -161,7 +157,7 @@ fn same_with_crds() {
     lab.apply_yaml(demo::NEXTCLOUD_DEV_LOADBALANCER).unwrap();
     lab.apply_yaml(CRD_POOL).unwrap();
     wait_external_ips(&lab, LB, &[VIP]);
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     common::until_all_answer(&lab, "client", VIP_URL, &pods);
 
     lab.apply_yaml(&lb_named("second")).unwrap();
@@ -376,6 +372,7 @@ fn failover_link_down() {
         .filter(|p| p.node != owner)
         .map(|p| p.name)
         .collect();
+    assert!(!pods.is_empty(), "every nextcloud-dev pod runs on {owner}");
     common::until_all_answer(&lab, "client", VIP_URL, &pods);
     let client_ns = ns_of(&lab, "client");
 
@@ -443,9 +440,13 @@ fn failover_link_down() {
     assert_eq!(a.macs(), [eth0_mac(&lab, &last)].into(), "{}", a.output);
     assert_eq!(a.replies.len(), 3, "{}", a.output);
     let (outage, failed) = common::longest_outage(&attempts);
-    let mut note = String::new();
-    if last == owner {
-        // It took the address back only after its hold-down.
+    // The address ranks `owner` first: once back with a majority it takes the address back,
+    // only after its hold-down.
+    assert_eq!(
+        last, owner,
+        "{owner} is back and ranks first for {VIP}, yet {last} answers"
+    );
+    let note = {
         let (t_major, _) = wait_log_since(
             &lab,
             &owner,
@@ -466,15 +467,15 @@ fn failover_link_down() {
             "withdrawing 192.168.2.200",
             CONVERGE,
         );
-        note = format!(
+        format!(
             "; {owner} rejoined after {} ms, {new_owner} withdrew after {} ms, {owner} announced \
              after {} ms (hold-down {held} ms; {} ms without an announcer)",
             ms_between(up_ms, t_major),
             ms_between(up_ms, t_gone),
             ms_between(up_ms, t_back),
             ms_between(t_gone, t_back)
-        );
-    }
+        )
+    };
     println!(
         "link up on {owner}: one announcer ({last}){note}; ARP samples: {} ({} unanswered, none \
          by two MACs); curl: {} requests, {failed} failed, longest outage {} ms",
@@ -967,7 +968,7 @@ fn pool_shrink_and_pending_reason() {
     );
     let a = arping(&lab, "client", "192.168.2.201", &["-c", "2", "-W", "0.3"]);
     assert!(a.replies.is_empty(), "{}", a.output);
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     common::until_all_answer(&lab, "client", VIP_URL, &pods);
 
     // Deleting the first hands the address to the second.
