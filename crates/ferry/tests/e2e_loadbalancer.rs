@@ -245,9 +245,12 @@ fn arp_answered_by_exactly_one_mac() {
     println!("arp: {VIP} answered 3/3 by {owner} ({owner_mac}); .220, .226, .99 unanswered");
 }
 
+/// How soon after an announcer's agent dies the client's neighbour entry must have moved.
+const SWITCH_WITHIN: Duration = Duration::from_millis(600);
+
 /// (4) SIGKILL of the announcing node's agent: another node announces and the client's
-/// neighbour entry moves to its MAC (gratuitous ARP) within 2 s; the client keeps being
-/// served (the dead agent's rules stay in its node's kernel).
+/// neighbour entry moves to its MAC (gratuitous ARP) within [`SWITCH_WITHIN`]; the client
+/// keeps being served (the dead agent's rules stay in its node's kernel).
 #[test]
 fn failover_agent_killed() {
     let _serial = serial();
@@ -311,9 +314,12 @@ fn failover_agent_killed() {
         mac, new_mac,
         "the client's entry moved to the new announcer"
     );
+    // The agent's LAN timings take over after 161-244 ms in virtual time (ferry-member's
+    // engine tests); measured here 170-190 ms. The limit leaves room for a loaded machine but
+    // not for a lost second (it was 2 s).
     assert!(
-        switch_after < Duration::from_secs(2),
-        "neighbour entry switched only after {switch_after:?}"
+        switch_after < SWITCH_WITHIN,
+        "neighbour entry switched only after {switch_after:?} (limit {SWITCH_WITHIN:?})"
     );
     // The switch came from the new owner's gratuitous ARPs (the watch only listens).
     let since_cut =
@@ -339,9 +345,10 @@ fn failover_agent_killed() {
         attempts.len(),
         ms(outage)
     );
+    // The dead agent's rules stay in its node's kernel: measured 0 ms without an answer.
     assert!(
-        outage < Duration::from_secs(2),
-        "the client went unserved for {outage:?}"
+        outage < SWITCH_WITHIN,
+        "the client went unserved for {outage:?} (limit {SWITCH_WITHIN:?})"
     );
     assert_eq!(log_announcers(&lab, VIP), vec![new_owner]);
 }
