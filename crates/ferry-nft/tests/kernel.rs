@@ -18,7 +18,7 @@ use ferry_model::view::ResolvedEndpoint;
 use ferry_model::Protocol;
 use ferry_nft::{read_live, Dataplane, Nft};
 use ferry_plan::diff::LiveState;
-use ferry_plan::{diff, plan, PlanConfig, Ruleset};
+use ferry_plan::{diff, plan, Ruleset};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::TestRunner;
 
@@ -149,30 +149,6 @@ fn in_kernel<T: Send>(test: &str, f: impl FnOnce(&mut Dataplane) -> T + Send) ->
 
 // ---- pools and read-back ----
 
-/// Load-balancer pools of every shape the kernel stores differently: ranges that are not
-/// prefixes, prefixes (the kernel lists those as `prefix`), single addresses (listed as plain
-/// addresses), IPv4 and IPv6.
-fn pools() -> Vec<(std::net::IpAddr, std::net::IpAddr)> {
-    [
-        ("192.168.2.200", "192.168.2.225"),
-        ("192.168.5.0", "192.168.5.255"),
-        ("192.168.7.7", "192.168.7.7"),
-        ("10.99.0.0", "10.99.1.255"),
-        ("fd00:200::10", "fd00:200::1f"),
-        ("fd00:300::5", "fd00:300::9"),
-        ("fd00:400::", "fd00:400::ffff:ffff"),
-        ("2001:db8:7::7", "2001:db8:7::7"),
-    ]
-    .iter()
-    .map(|(a, b)| (ip(a), ip(b)))
-    .collect()
-}
-
-fn with_pools(mut cfg: PlanConfig) -> PlanConfig {
-    cfg.lb_pools = pools();
-    cfg
-}
-
 /// What the kernel holds, read through the production path by a fresh backend (no cache).
 fn read_back() -> LiveState {
     let mut nft = Nft::new();
@@ -217,12 +193,12 @@ fn realistic(runner: &mut TestRunner, n: usize) -> Vec<ferry_model::view::Resolv
 #[test]
 fn the_pools_read_back_as_planned() {
     in_kernel("the_pools_read_back_as_planned", |dp| {
-        let rs = plan(&with_pools(dual_stack_config()), &seed_services());
+        let rs = plan(&with_lb_pools(dual_stack_config()), &seed_services());
         // Every pool is in the plan, as ferry writes it.
         let planned = |set: &str| LiveState::of(&rs).sets[set].elements.len();
         assert_eq!(
             planned("lb-pools-v4") + planned("lb-pools-v6"),
-            pools().len()
+            lb_pools().len()
         );
         let ch = dp.apply(&rs).expect("full load");
         assert!(ch.full, "{ch}");
@@ -244,7 +220,7 @@ fn a_realistic_table_loads_and_reads_back_as_planned() {
         let mut runner = TestRunner::deterministic();
         let services = realistic(&mut runner, 50);
         assert!(services.iter().any(|s| s.cluster_ip.unwrap().is_ipv6()));
-        let rs = plan(&with_pools(dual_stack_config()), &services);
+        let rs = plan(&with_lb_pools(dual_stack_config()), &services);
         dp.apply(&rs).expect("full load");
         assert_kernel_holds(&rs);
     });
@@ -267,7 +243,7 @@ fn incremental_changes_apply_on_top_of_what_the_kernel_has() {
                 );
                 let changes = sample(&mut runner, proptest::collection::vec(change(), 45));
                 // The pools change too: every other round drops one and adds another.
-                let cfg_a = with_pools(dual_stack_config());
+                let cfg_a = with_lb_pools(dual_stack_config());
                 let mut cfg_b = cfg_a.clone();
                 if round % 2 == 1 {
                     cfg_b.lb_pools.remove(round % cfg_b.lb_pools.len());
@@ -307,7 +283,7 @@ fn incremental_changes_apply_on_top_of_what_the_kernel_has() {
 #[test]
 fn a_changed_layout_is_replaced_in_one_transaction() {
     in_kernel("a_changed_layout_is_replaced_in_one_transaction", |dp| {
-        let rs = plan(&with_pools(config()), &seed_services());
+        let rs = plan(&with_lb_pools(config()), &seed_services());
         // What an older ferry might have left: its base chains at other priorities.
         let mut old = rs.clone();
         let mut moved = 0;
@@ -331,7 +307,7 @@ fn leftover_maps_pointing_at_leftover_chains_are_removed() {
     in_kernel(
         "leftover_maps_pointing_at_leftover_chains_are_removed",
         |dp| {
-            let b = plan(&with_pools(config()), &seed_services());
+            let b = plan(&with_lb_pools(config()), &seed_services());
             let a = with_leftovers(b.clone());
             dp.apply(&a).expect("load A");
             assert_eq!(read_back(), LiveState::of(&a));
@@ -358,7 +334,7 @@ fn comments_and_names_at_their_longest_load() {
             )
             .external_ip("192.168.2.60")
             .build();
-        let rs = plan(&with_pools(config()), &[svc]);
+        let rs = plan(&with_lb_pools(config()), &[svc]);
         dp.apply(&rs).expect("load");
         assert_kernel_holds(&rs);
     });
@@ -373,7 +349,7 @@ fn changed_verdicts_at_the_same_key_apply() {
                 .external_ip("192.168.2.50")
         };
         let local_pod = [ep("10.42.0.85", 80).on(NODE)];
-        let cfg = with_pools(config());
+        let cfg = with_lb_pools(config());
         // No endpoints: reject -> drop. With one: goto external-... -> goto local-...
         let steps = [
             plan(&cfg, &[web(&[]).build()]),
@@ -396,10 +372,10 @@ fn changed_verdicts_at_the_same_key_apply() {
 #[test]
 fn release_cache_keeps_applying() {
     in_kernel("release_cache_keeps_applying", |dp| {
-        let a = plan(&with_pools(config()), &seed_services());
+        let a = plan(&with_lb_pools(config()), &seed_services());
         let mut sb = seed_services();
         sb[0].ports[0].endpoints.pop();
-        let b = plan(&with_pools(config()), &sb);
+        let b = plan(&with_lb_pools(config()), &sb);
         dp.apply(&a).expect("load");
         dp.nft().release_cache();
         let ch = dp.apply(&b).expect("after release_cache");
