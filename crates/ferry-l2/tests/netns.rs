@@ -44,19 +44,54 @@ fn root(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    assert!(
-        std::env::var_os("CI").is_none_or(|v| v.is_empty()),
-        "{test}: needs root (network namespaces), and CI is set: not skipping"
-    );
-    eprintln!("skipping {test}: needs root (network namespaces)");
+    skip(test, "needs root (network namespaces)");
     false
 }
 
-fn installed(tool: &str) -> bool {
-    Command::new("sh")
+/// Whether `tool` is installed; when it is not, the part of `test` that needs it [`skip`]s
+/// (fails under CI).
+fn installed(test: &str, tool: &str) -> bool {
+    let found = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
-        .is_ok_and(|o| o.status.success())
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        skip(
+            test,
+            &format!("{tool} is not installed (scripts/install-deps.sh)"),
+        );
+    }
+    found
+}
+
+/// True when `CI` is set to something non-empty (an empty `CI` counts as unset everywhere).
+fn ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// Skips (part of) `test` because of `why`, or panics when [`ci`] holds. A skip writes one
+/// line `ferry-test-skipped: BINARY/THREAD/TEST: WHY` (the harness names a test's thread after
+/// the test) straight to the process's stderr, past the test harness's capture, so that
+/// `.ci/run` counts it, once per test, even for a passing test.
+fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    if ci() {
+        panic!("{test}: {why}, and CI is set: not skipping");
+    }
+    let exe = std::env::args()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    let key = format!(
+        "{exe}/{}/{test}",
+        std::thread::current().name().unwrap_or("?")
+    )
+    .replace(": ", ":");
+    let _ = writeln!(std::io::stderr(), "ferry-test-skipped: {key}: {why}");
 }
 
 fn run(args: &[&str]) -> Output {
@@ -475,7 +510,10 @@ fn arp_requests_for_owned_addresses_are_answered_with_our_mac() {
         (mac("a"), VIP4, mac("b"), v4("b"))
     );
 
-    if installed("arping") {
+    if installed(
+        "arp_requests_for_owned_addresses_are_answered_with_our_mac",
+        "arping",
+    ) {
         let out = lab.exec(
             "b",
             &[
@@ -551,7 +589,7 @@ fn addresses_not_owned_are_never_answered() {
     assert!(lab
         .ask("b", ns("b", VIP6, Some(mac("a"))), VIP6.into(), short)
         .is_empty());
-    if installed("arping") {
+    if installed("addresses_not_owned_are_never_answered", "arping") {
         let out = lab.exec(
             "b",
             &[
@@ -656,7 +694,7 @@ fn neighbor_solicitations_are_answered() {
     assert!(na.solicited && na.override_flag && !na.router, "{na:?}");
     assert_eq!(na.target_mac, Some(mac("a")));
 
-    if installed("ndisc6") {
+    if installed("neighbor_solicitations_are_answered", "ndisc6") {
         let out = lab.exec(
             "b",
             &[

@@ -630,6 +630,10 @@ fn curl_until_all_answered(
     pods: &[String],
     through: &str,
 ) -> Result<()> {
+    if pods.is_empty() {
+        // Waiting for nobody would pass at once.
+        bail!("no nextcloud pods to wait for on {url}");
+    }
     wait_for_agents(ctx, target, url)?;
     let mut seen = std::collections::BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(40);

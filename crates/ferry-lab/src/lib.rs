@@ -27,7 +27,7 @@ pub mod sys;
 pub mod topology;
 pub mod workloads;
 
-pub use api::{require_root, Lab, LabConfig};
+pub use api::{ci, require_root, skip, Lab, LabConfig};
 pub use cli::{run_lab, LabArgs, LabCommand};
 pub use demo::{run_demo, DemoArgs};
 pub use state::{LabState, NodeInfo, PodInfo};

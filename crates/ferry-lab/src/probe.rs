@@ -122,6 +122,58 @@ pub fn slowest_since(attempts: &[Attempt], cut: Duration) -> Duration {
         .unwrap_or_default()
 }
 
+/// The answers seen while waiting for every pod of a set to answer. Done when each wanted pod
+/// has answered since the last answer that came from elsewhere (a pod not in the set, or any
+/// other body): stray answers are allowed while the cluster converges, but not in the final
+/// round. An empty set is refused: waiting for nobody would pass at once.
+#[derive(Debug, Clone)]
+pub struct AnswerTally {
+    want: std::collections::BTreeSet<String>,
+    seen: std::collections::BTreeSet<String>,
+    strays: Vec<String>,
+}
+
+impl AnswerTally {
+    /// Errs when `want` is empty.
+    pub fn new(want: &[String]) -> Result<Self, String> {
+        if want.is_empty() {
+            return Err("no pods to wait for: an empty set would pass at once".into());
+        }
+        Ok(Self {
+            want: want.iter().cloned().collect(),
+            seen: Default::default(),
+            strays: Vec::new(),
+        })
+    }
+
+    /// One answer's body (trimmed here).
+    pub fn record(&mut self, body: &str) {
+        let body = body.trim();
+        if self.want.contains(body) {
+            self.seen.insert(body.to_string());
+        } else {
+            // Start over: all wanted pods must answer after the last stray.
+            self.seen.clear();
+            self.strays.push(body.to_string());
+        }
+    }
+
+    /// Every wanted pod answered since the last stray answer.
+    pub fn done(&self) -> bool {
+        self.seen == self.want
+    }
+
+    /// The wanted pods that answered since the last stray answer.
+    pub fn seen(&self) -> &std::collections::BTreeSet<String> {
+        &self.seen
+    }
+
+    /// Answers that came from outside the set, in order.
+    pub fn strays(&self) -> &[String] {
+        &self.strays
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +214,32 @@ mod tests {
             (ms(500), 1)
         );
         assert_eq!(longest_outage(&[]), (Duration::ZERO, 0));
+    }
+
+    #[test]
+    fn tally_needs_every_wanted_pod_after_the_last_stray() {
+        let v = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(AnswerTally::new(&[]).is_err());
+        let mut t = AnswerTally::new(&v(&["a", "b"])).unwrap();
+        assert!(!t.done());
+        t.record("a\n");
+        assert!(!t.done());
+        t.record("x"); // not wanted: a must answer again
+        t.record("b");
+        assert!(!t.done(), "{:?}", t.seen());
+        t.record("a");
+        assert!(t.done());
+        assert_eq!(t.strays(), ["x"]);
+        // Answers from a single pod never satisfy a set of two.
+        let mut t = AnswerTally::new(&v(&["a", "b"])).unwrap();
+        for _ in 0..100 {
+            t.record("a");
+        }
+        assert!(!t.done());
+        // An empty body is a stray too.
+        let mut t = AnswerTally::new(&v(&["a"])).unwrap();
+        t.record("");
+        assert!(!t.done());
+        assert_eq!(t.strays(), [""]);
     }
 }

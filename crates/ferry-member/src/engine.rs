@@ -512,13 +512,18 @@ mod tests {
 
     impl Sim {
         fn new(n: usize, seed: u64) -> Sim {
+            Sim::with_timings(n, seed, |c| c)
+        }
+
+        /// `n` nodes whose configurations go through `timings` (e.g. the agent's LAN timings).
+        fn with_timings(n: usize, seed: u64, timings: fn(MemberConfig) -> MemberConfig) -> Sim {
             let t0 = Instant::now();
             let addrs: Vec<SocketAddr> = (0..n)
                 .map(|i| format!("10.0.0.{}:7946", i + 1).parse().expect("addr"))
                 .collect();
             let nodes = (0..n)
                 .map(|i| {
-                    let c = cfg(&format!("node-{i}"), &addrs);
+                    let c = timings(cfg(&format!("node-{i}"), &addrs));
                     Some(Engine::new(&c, addrs[i], 1000, seed + i as u64, t0))
                 })
                 .collect();
@@ -708,47 +713,75 @@ mod tests {
         }
     }
 
+    /// The margin that prevents two holders, in virtual time with the agent's LAN timings
+    /// (lease 81 ms, earliest takeover 135 ms) and with the library's defaults (126 / 210 ms):
+    /// the cut-off node sees less than a majority in its lease view strictly before any other
+    /// node declares it down, and both happen within tight bounds of the configured values.
     #[test]
     fn isolated_holder_loses_its_lease_before_the_majority_can_take_over() {
-        // The margin that prevents two holders: the cut-off node must see less than a majority
-        // in its lease view strictly before any other node declares it down.
-        let c = MemberConfig::new("x", "127.0.0.1:1".parse().expect("addr"));
-        let lease = c.quorum_lease();
-        for seed in 0..10u64 {
-            let mut sim = Sim::new(3, seed * 7 + 1);
-            let all = names(&[0, 1, 2]);
-            sim.run_until_all(Duration::from_secs(1), |_, e, _| e.alive() == all)
-                .expect("converge");
-            sim.run_until(sim.elapsed() + Duration::from_millis(100 + seed * 37));
-            sim.isolated.insert(2);
-            let cut = sim.now;
-            let mut stepped_down: Option<Duration> = None;
-            let mut taken_over: Option<Duration> = None;
-            while taken_over.is_none() && sim.now < cut + Duration::from_secs(2) {
-                let step = sim.elapsed() + Duration::from_millis(1);
-                sim.run_until(step);
-                let now = sim.now;
-                let c_view = sim.nodes[2].as_ref().expect("c").heard_within(now, lease);
-                if stepped_down.is_none() && !crate::has_quorum(c_view.len(), 3) {
-                    stepped_down = Some(now - cut);
+        let lan: fn(MemberConfig) -> MemberConfig = MemberConfig::with_lan_timings;
+        let defaults: fn(MemberConfig) -> MemberConfig = |c| c;
+        for (what, timings) in [("LAN (agent)", lan), ("defaults", defaults)] {
+            let c = timings(MemberConfig::new("x", "127.0.0.1:1".parse().expect("addr")));
+            let lease = c.quorum_lease();
+            let heartbeat = c.heartbeat_period.expect("heartbeats");
+            let step = Duration::from_millis(1);
+            let (mut downs, mut takes) = (Vec::new(), Vec::new());
+            for seed in 0..10u64 {
+                let mut sim = Sim::with_timings(3, seed * 7 + 1, timings);
+                let all = names(&[0, 1, 2]);
+                sim.run_until_all(Duration::from_secs(1), |_, e, _| e.alive() == all)
+                    .expect("converge");
+                sim.run_until(sim.elapsed() + Duration::from_millis(100 + seed * 37));
+                sim.isolated.insert(2);
+                let cut = sim.now;
+                let mut stepped_down: Option<Duration> = None;
+                let mut taken_over: Option<Duration> = None;
+                while taken_over.is_none() && sim.now < cut + Duration::from_secs(2) {
+                    let until = sim.elapsed() + step;
+                    sim.run_until(until);
+                    let now = sim.now;
+                    let c_view = sim.nodes[2].as_ref().expect("c").heard_within(now, lease);
+                    if stepped_down.is_none() && !crate::has_quorum(c_view.len(), 3) {
+                        stepped_down = Some(now - cut);
+                    }
+                    let down_somewhere = sim.nodes[..2]
+                        .iter()
+                        .flatten()
+                        .any(|e| !e.alive().contains("node-2"));
+                    if down_somewhere {
+                        taken_over = Some(now - cut);
+                    }
                 }
-                let down_somewhere = sim.nodes[..2]
-                    .iter()
-                    .flatten()
-                    .any(|e| !e.alive().contains("node-2"));
-                if down_somewhere {
-                    taken_over = Some(now - cut);
-                }
+                let t = taken_over.expect("taken over");
+                let s = stepped_down.unwrap_or_else(|| {
+                    panic!(
+                        "{what}, seed {seed}: the majority declared node-2 down after {t:?}, \
+                         while it still held its lease ({lease:?})"
+                    )
+                });
+                eprintln!("{what}, seed {seed}: isolated node steps down after {s:?}, majority declares it down after {t:?}");
+                assert!(
+                    s < t,
+                    "{what}, seed {seed}: step-down {s:?} not before takeover {t:?}"
+                );
+                // Virtual time, so tight: the last hearing was at most a heartbeat before the
+                // cut, so the lease runs out between lease - heartbeat and lease (+ a step);
+                assert!(
+                    s + heartbeat + step >= lease && s <= lease + step,
+                    "{what}, seed {seed}: step-down after {s:?}, lease {lease:?}, heartbeat \
+                     {heartbeat:?}"
+                );
+                // nobody declares it down before the earliest takeover.
+                assert!(
+                    t >= c.min_takeover(),
+                    "{what}, seed {seed}: taken over after {t:?}, before {:?}",
+                    c.min_takeover()
+                );
+                downs.push(s);
+                takes.push(t);
             }
-            let (s, t) = (
-                stepped_down.expect("stepped down"),
-                taken_over.expect("taken over"),
-            );
-            eprintln!("seed {seed}: isolated node steps down after {s:?}, majority declares it down after {t:?}");
-            assert!(
-                s < t,
-                "seed {seed}: step-down {s:?} not before takeover {t:?}"
-            );
+            eprintln!("{what}: step-downs {downs:?}, takeovers {takes:?}");
         }
     }
 

@@ -151,10 +151,37 @@ fn median(v: &[Duration]) -> Duration {
 }
 
 fn skip_or_fail(why: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("netns partition test cannot run under CI: {why}");
+    skip("partition_keeps_the_majority_and_heals", why);
+}
+
+/// True when `CI` is set to something non-empty (an empty `CI` counts as unset everywhere).
+fn ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// Skips (part of) `test` because of `why`, or panics when [`ci`] holds. A skip writes one
+/// line `ferry-test-skipped: BINARY/THREAD/TEST: WHY` (the harness names a test's thread after
+/// the test) straight to the process's stderr, past the test harness's capture, so that
+/// `.ci/run` counts it, once per test, even for a passing test.
+fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    if ci() {
+        panic!("{test}: {why}, and CI is set: not skipping");
     }
-    eprintln!("SKIPPED netns partition test: {why}");
+    let exe = std::env::args()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    let key = format!(
+        "{exe}/{}/{test}",
+        std::thread::current().name().unwrap_or("?")
+    )
+    .replace(": ", ":");
+    let _ = writeln!(std::io::stderr(), "ferry-test-skipped: {key}: {why}");
 }
 
 #[test]
@@ -177,14 +204,16 @@ fn partition_keeps_the_majority_and_heals() {
     // Declared after the guard: dropped (leaving the cluster) before the namespaces go.
     let members: Vec<Membership> = (0..3)
         .map(|i| {
-            let mut c = MemberConfig::new(names[i], addrs[i]);
+            let mut c = MemberConfig::new(names[i], addrs[i]).with_lan_timings();
             c.seeds = addrs.clone();
             start_in(&nodes[i], c)
         })
         .collect();
     let (a, b, c) = (&members[0], &members[1], &members[2]);
     let all = set(&names);
-    let lease = MemberConfig::new("x", addrs[0]).quorum_lease();
+    let lease = MemberConfig::new("x", addrs[0])
+        .with_lan_timings()
+        .quorum_lease();
 
     let wait_all = |limit: Duration| {
         let t0 = Instant::now();
@@ -204,111 +233,130 @@ fn partition_keeps_the_majority_and_heals() {
     });
     eprintln!("netns: converged in {t:?}");
 
-    let (mut step_down, mut detect, mut c_alone, mut heals) = (vec![], vec![], vec![], vec![]);
-    let runs = [Cut::Filter, Cut::Filter, Cut::Filter, Cut::LinkDown];
-    let mut link_heal = None;
-    for (run, how) in runs.into_iter().enumerate() {
-        let run = run as u64;
-        std::thread::sleep(Duration::from_millis(300 + run * 41));
-        assert!(
-            members.iter().all(|m| has_quorum(m.lease_view().len(), 3)),
-            "run {run}: quorum before the cut"
-        );
-        cut(&br, how).expect("cut");
-        let cut = Instant::now();
-        let (mut s, mut d, mut alone) = (None, None, None);
-        while cut.elapsed() < Duration::from_secs(3)
-            && (s.is_none() || d.is_none() || alone.is_none())
-        {
-            if s.is_none() && !has_quorum(c.lease_view().len(), 3) {
-                s = Some(cut.elapsed());
-            }
-            if d.is_none()
-                && a.alive() == set(&["node-a", "node-b"])
-                && b.alive() == set(&["node-a", "node-b"])
+    // Real time on a shared machine: the medians of four cuts must stay near what the
+    // configuration promises (virtual time, engine.rs, pins the exact bounds); one retry of
+    // all four cuts absorbs a badly loaded moment.
+    let cfg = MemberConfig::new("x", addrs[0]).with_lan_timings();
+    let step_down_limit = cfg.quorum_lease() + Duration::from_millis(25);
+    // Virtual time: 161-244 ms with these timings; measured here: medians 245-267 ms.
+    let detect_limit = Duration::from_millis(350);
+    for attempt in 0..2 {
+        let (mut step_down, mut detect, mut c_alone, mut heals) = (vec![], vec![], vec![], vec![]);
+        let runs = [Cut::Filter, Cut::Filter, Cut::Filter, Cut::LinkDown];
+        let mut link_heal = None;
+        for (run, how) in runs.into_iter().enumerate() {
+            let run = run as u64;
+            std::thread::sleep(Duration::from_millis(300 + run * 41));
+            assert!(
+                members.iter().all(|m| has_quorum(m.lease_view().len(), 3)),
+                "run {run}: quorum before the cut"
+            );
+            cut(&br, how).expect("cut");
+            let cut = Instant::now();
+            let (mut s, mut d, mut alone) = (None, None, None);
+            while cut.elapsed() < Duration::from_secs(3)
+                && (s.is_none() || d.is_none() || alone.is_none())
             {
-                d = Some(cut.elapsed());
+                if s.is_none() && !has_quorum(c.lease_view().len(), 3) {
+                    s = Some(cut.elapsed());
+                }
+                if d.is_none()
+                    && a.alive() == set(&["node-a", "node-b"])
+                    && b.alive() == set(&["node-a", "node-b"])
+                {
+                    d = Some(cut.elapsed());
+                }
+                if alone.is_none() && c.alive() == set(&["node-c"]) {
+                    alone = Some(cut.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-            if alone.is_none() && c.alive() == set(&["node-c"]) {
-                alone = Some(cut.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let s =
-            s.unwrap_or_else(|| panic!("run {run}: c kept its lease quorum: {:?}", c.lease_view()));
-        let d = d.unwrap_or_else(|| {
-            panic!(
-                "run {run}: a/b did not drop c: {:?} {:?}",
-                a.alive(),
-                b.alive()
-            )
-        });
-        let alone = alone.unwrap_or_else(|| panic!("run {run}: c still sees {:?}", c.alive()));
-        // The majority side keeps announcing; the isolated node stopped, and did so before the
-        // majority could have taken its addresses over.
-        assert!(has_quorum(a.alive().len(), 3) && has_quorum(b.alive().len(), 3));
-        assert!(has_quorum(a.lease_view().len(), 3) && has_quorum(b.lease_view().len(), 3));
-        assert!(!has_quorum(c.alive().len(), 3));
-        assert!(!has_quorum(c.lease_view().len(), 3));
-        assert!(
-            s < d,
-            "run {run}: c stepped down after {s:?}, a/b took over after {d:?}"
-        );
-        step_down.push(s);
-        detect.push(d);
-        c_alone.push(alone);
+            let s = s.unwrap_or_else(|| {
+                panic!("run {run}: c kept its lease quorum: {:?}", c.lease_view())
+            });
+            let d = d.unwrap_or_else(|| {
+                panic!(
+                    "run {run}: a/b did not drop c: {:?} {:?}",
+                    a.alive(),
+                    b.alive()
+                )
+            });
+            let alone = alone.unwrap_or_else(|| panic!("run {run}: c still sees {:?}", c.alive()));
+            // The majority side keeps announcing; the isolated node stopped, and did so before the
+            // majority could have taken its addresses over.
+            assert!(has_quorum(a.alive().len(), 3) && has_quorum(b.alive().len(), 3));
+            assert!(has_quorum(a.lease_view().len(), 3) && has_quorum(b.lease_view().len(), 3));
+            assert!(!has_quorum(c.alive().len(), 3));
+            assert!(!has_quorum(c.lease_view().len(), 3));
+            assert!(
+                s < d,
+                "run {run}: c stepped down after {s:?}, a/b took over after {d:?}"
+            );
+            step_down.push(s);
+            detect.push(d);
+            c_alone.push(alone);
 
-        heal(&br, how).expect("heal");
-        // Until healed, a and b keep their majority (no blip while identities are renewed).
-        let t0 = Instant::now();
-        let h = loop {
-            if members.iter().all(|m| m.alive() == all) {
-                break t0.elapsed();
+            heal(&br, how).expect("heal");
+            // Until healed, a and b keep their majority (no blip while identities are renewed).
+            let t0 = Instant::now();
+            let h = loop {
+                if members.iter().all(|m| m.alive() == all) {
+                    break t0.elapsed();
+                }
+                let (va, vb) = (a.alive(), b.alive());
+                assert!(
+                    has_quorum(va.len(), 3) && has_quorum(vb.len(), 3),
+                    "run {run}: majority lost while healing: {va:?} {vb:?}"
+                );
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "run {run}: no heal: {:?}",
+                    members.iter().map(Membership::alive).collect::<Vec<_>>()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            match how {
+                Cut::Filter => heals.push(h),
+                Cut::LinkDown => link_heal = Some(h),
             }
-            let (va, vb) = (a.alive(), b.alive());
-            assert!(
-                has_quorum(va.len(), 3) && has_quorum(vb.len(), 3),
-                "run {run}: majority lost while healing: {va:?} {vb:?}"
-            );
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "run {run}: no heal: {:?}",
-                members.iter().map(Membership::alive).collect::<Vec<_>>()
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        match how {
-            Cut::Filter => heals.push(h),
-            Cut::LinkDown => link_heal = Some(h),
+            let t0 = Instant::now();
+            while !members.iter().all(|m| m.heard_within(lease).len() == 3) {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(2),
+                    "lease views after heal"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
-        let t0 = Instant::now();
-        while !members.iter().all(|m| m.heard_within(lease).len() == 3) {
-            assert!(
-                t0.elapsed() < Duration::from_secs(2),
-                "lease views after heal"
-            );
-            std::thread::sleep(Duration::from_millis(5));
+        eprintln!(
+            "netns: c lost its lease quorum after {step_down:?}, median {:?}",
+            median(&step_down)
+        );
+        eprintln!(
+            "netns: a and b dropped c after {detect:?}, median {:?}",
+            median(&detect)
+        );
+        eprintln!(
+            "netns: c saw itself alone after {c_alone:?}, median {:?}",
+            median(&c_alone)
+        );
+        eprintln!(
+            "netns: healed (filter removed) in {heals:?}, median {:?}",
+            median(&heals)
+        );
+        eprintln!("netns: healed (link up) in {link_heal:?}");
+        eprintln!("netns: stats a={:?} c={:?}", a.stats(), c.stats());
+        let (s, d) = (median(&step_down), median(&detect));
+        if s <= step_down_limit && d <= detect_limit {
+            break;
         }
+        assert!(
+            attempt == 0,
+            "medians: step-down {s:?} (limit {step_down_limit:?}), detection {d:?} (limit \
+             {detect_limit:?}), twice"
+        );
+        eprintln!("netns: medians {s:?} / {d:?} over the limits: once more");
     }
-    eprintln!(
-        "netns: c lost its lease quorum after {step_down:?}, median {:?}",
-        median(&step_down)
-    );
-    eprintln!(
-        "netns: a and b dropped c after {detect:?}, median {:?}",
-        median(&detect)
-    );
-    eprintln!(
-        "netns: c saw itself alone after {c_alone:?}, median {:?}",
-        median(&c_alone)
-    );
-    eprintln!(
-        "netns: healed (filter removed) in {heals:?}, median {:?}",
-        median(&heals)
-    );
-    eprintln!("netns: healed (link up) in {link_heal:?}");
-    eprintln!("netns: stats a={:?} c={:?}", a.stats(), c.stats());
-    assert!(median(&detect) < Duration::from_millis(700));
     drop(members);
     drop(guard);
 }

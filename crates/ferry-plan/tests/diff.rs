@@ -522,7 +522,7 @@ proptest! {
         other in service_specs(20),
         changes in proptest::collection::vec(change(), 20),
     ) {
-        let cfg = dual_stack_config();
+        let cfg = with_lb_pools(dual_stack_config());
         let ra = plan(&cfg, &services_from_specs(&a));
         let rb = plan(&cfg, &evolve(&a, &other, &changes));
         let ch = check_transition(&ra, &rb);
@@ -565,7 +565,7 @@ proptest! {
     ) {
         use ferry_plan::diff::diff_touched;
         use ferry_plan::plan::Planner;
-        let cfg = dual_stack_config();
+        let cfg = with_lb_pools(dual_stack_config());
         let history = [
             services_from_specs(&a),
             evolve(&a, &other, &c1),

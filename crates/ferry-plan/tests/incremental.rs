@@ -15,7 +15,7 @@ proptest! {
         changes in proptest::collection::vec(change(), 0..14),
         changes2 in proptest::collection::vec(change(), 0..14),
     ) {
-        let cfg = config();
+        let cfg = with_lb_pools(config());
         let sa = services_from_specs(&a);
         let sb = evolve(&a, &b, &changes);
         let sc = evolve(&b, &a, &changes2);

@@ -378,16 +378,11 @@ impl L2Thread {
         if let Some((_, m)) = self.membership.take() {
             m.stop();
         }
-        let mut cfg = MemberConfig::new(self.me.clone(), SocketAddr::new(ip, self.port));
+        // LAN timings for sub-second failover (lease 81 ms, earliest takeover 135 ms); the
+        // membership tests run with the same values.
+        let mut cfg =
+            MemberConfig::new(self.me.clone(), SocketAddr::new(ip, self.port)).with_lan_timings();
         cfg.seeds = seeds;
-        // LAN timings for sub-second failover: a dead node is suspected after a missed 25 ms
-        // ack and declared down 100 ms later; heartbeats every 20 ms keep the quorum lease
-        // (3/5 of the earliest takeover, ~80 ms) well fed.
-        cfg.probe_period = Duration::from_millis(60);
-        cfg.probe_rtt = Duration::from_millis(25);
-        cfg.suspect_to_down_after = Duration::from_millis(100);
-        cfg.gossip_period = Duration::from_millis(30);
-        cfg.heartbeat_period = Some(Duration::from_millis(20));
         match Membership::start(cfg) {
             Ok(m) => {
                 log!("membership: gossiping on {ip}:{} (SWIM)", self.port);

@@ -519,11 +519,10 @@ mod tests {
     #[tokio::test]
     async fn promtool_accepts_the_scrape() {
         if Command::new("promtool").arg("--version").output().is_err() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "promtool is missing (apt-get install prometheus; scripts/install-deps.sh)"
+            ferry_lab::skip(
+                "promtool_accepts_the_scrape",
+                "promtool is missing (apt-get install prometheus; scripts/install-deps.sh)",
             );
-            eprintln!("skipped: promtool not installed");
             return;
         }
         let addr = start(populated()).await;

@@ -2,7 +2,9 @@
 //! endpoints and unknown cluster-IP ports, node ports on nodes without a local pod
 //! (masquerade), hairpin, no lost requests across agent restarts, a bad manifest document that
 //! spoils nothing else, `ferry cleanup`, deleted and recreated services, external IPs, and a
-//! restarted agent adopting the kernel's table instead of flushing it.
+//! restarted agent adopting the kernel's table instead of flushing it; a UDP socket reaching a
+//! new endpoint once its old one left (conntrack flushed), pool addresses refusing ports no
+//! Service uses, and the 1/n split of connections over endpoints (a statistical bound).
 //!
 //! Each test brings up its own lab (downed on drop, also on panic) and bounds every wait.
 
@@ -17,10 +19,6 @@ use common::{demo, pods_of, Lab, CONVERGE};
 /// How long a refused connection may take: well under curl's 3 s --max-time, so that a
 /// black hole (which times out) cannot pass for a refusal.
 const REFUSED_WITHIN: Duration = Duration::from_millis(1500);
-
-fn names(pods: &[common::PodInfo]) -> Vec<String> {
-    pods.iter().map(|p| p.name.clone()).collect()
-}
 
 /// One `curl -sSv --max-time 3 URL` from `from`: Ok(elapsed) when it was refused (exit 7 and
 /// "Connection refused" in curl's verbose output), Err(what happened) otherwise.
@@ -220,7 +218,7 @@ spec:
 
     // Endpoints appear: both start answering, from every pod.
     lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap();
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     assert_eq!(pods.len(), 2);
     common::until_all_answer(&lab, &from, &cluster_url, &pods);
     for i in 0..2 {
@@ -403,7 +401,7 @@ fn no_loss_across_agent_restarts() {
     let node_urls: Vec<String> = (0..2)
         .map(|i| format!("http://{}:{port}/", lab.node_ip(i)))
         .collect();
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     common::until_all_answer(&lab, &from, &cluster_url, &pods);
     for u in &node_urls {
         common::until_all_answer(&lab, "client", u, &pods);
@@ -492,7 +490,7 @@ fn bad_manifest_isolated() {
     // Let the lab write the EndpointSlices of the services in the new file.
     lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap();
 
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     for (svc, p) in [("good-a", 8080), ("good-b", 8081)] {
         let (ip, _) = common::svc_addr(&lab, svc);
         common::until_all_answer(&lab, &from, &format!("http://{ip}:{p}/"), &pods);
@@ -586,7 +584,7 @@ fn service_deleted_and_recreated_keeps_working() {
     lab.apply_yaml(demo::NEXTCLOUD_DEV_CLUSTERIP).unwrap();
     lab.apply_yaml(demo::NEXTCLOUD_DEV_NODEPORT).unwrap();
     let from = common::debian(&lab);
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     let (mut ip, _) = common::svc_addr(&lab, "nextcloud-dev-clusterip");
     let mut port = common::node_port(&lab, "nextcloud-dev-nodeport");
     common::until_all_answer(&lab, &from, &format!("http://{ip}:8080/"), &pods);
@@ -632,7 +630,7 @@ fn external_ips() {
         "  - port: 8080\n    targetPort: 80\n",
     ))
     .unwrap();
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     let url = format!("http://{ext}:8080/");
     // Nobody owns 192.168.2.50 on the LAN: the client sends it to a node, as a router would.
     for i in 0..2 {
@@ -694,7 +692,7 @@ fn restart_adopts_without_flush() {
     lab.apply_yaml(demo::NEXTCLOUD_DEV_CLUSTERIP).unwrap();
     lab.apply_yaml(demo::NEXTCLOUD_DEV_NODEPORT).unwrap();
     let from = common::debian(&lab);
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     let (ip, _) = common::svc_addr(&lab, "nextcloud-dev-clusterip");
     let port = common::node_port(&lab, "nextcloud-dev-nodeport");
     common::until_all_answer(&lab, &from, &format!("http://{ip}:8080/"), &pods);
@@ -721,4 +719,188 @@ fn restart_adopts_without_flush() {
         assert_eq!(before, after, "{node}: table changed by the restart");
     }
     common::until_all_answer(&lab, &from, &format!("http://{ip}:8080/"), &pods);
+}
+
+/// A UDP "connection" (one source port) to a Service keeps its conntrack entry, and so its
+/// endpoint, for as long as it keeps sending: when that endpoint leaves the Service the agents
+/// delete the entries, so the same socket reaches the new endpoint (the pod that left still
+/// runs and would answer otherwise).
+#[test]
+fn udp_conntrack_flushed_when_endpoint_goes() {
+    let Some(lab) = common::lab("udp_conntrack_flushed_when_endpoint_goes", 2) else {
+        return;
+    };
+    lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap();
+    lab.apply_yaml(&nextcloud_svc(
+        "dns",
+        "",
+        "  - {name: dns, protocol: UDP, port: 53, targetPort: 80}\n",
+    ))
+    .unwrap();
+    let from = common::debian(&lab);
+    let (ip, _) = common::svc_addr(&lab, "dns");
+    let to = SocketAddr::from((ip, 53));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
+    let (a, b) = (&pods[0], &pods[1]);
+    // Both pods answer first (both started and ready) ...
+    let deadline = Instant::now() + CONVERGE;
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        if let Ok(x) = lab.udp(&from, to, b"q", Duration::from_millis(300)) {
+            seen.insert(x.trim().to_string());
+        }
+        assert!(Instant::now() < deadline, "{to}: only {seen:?} answered");
+    }
+    // ... then only a is an endpoint: fresh sockets (new conntrack entries) reach a only.
+    lab.set_ready(b, false).unwrap();
+    let deadline = Instant::now() + CONVERGE;
+    let mut run = 0;
+    while run < 8 {
+        let got = lab.udp(&from, to, b"q", Duration::from_millis(300));
+        run = if matches!(&got, Ok(x) if x.trim() == a) {
+            run + 1
+        } else {
+            0
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{to} never answered by {a} only: {got:?}"
+        );
+    }
+    // One socket, one source port, one conntrack entry: answered by a.
+    let ns = common::ns_of(&lab, &from);
+    let sock = ferry_lab::sys::in_netns(&ns, || std::net::UdpSocket::bind(("0.0.0.0", 0)))
+        .unwrap()
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let ask = |sock: &std::net::UdpSocket| -> Result<String, String> {
+        sock.send_to(b"q", to).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 512];
+        let (n, _) = sock.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    };
+    assert_eq!(ask(&sock).as_deref(), Ok(a.as_str()));
+    // Swap the endpoints: b in, a out. The socket keeps sending (the entry never idles out).
+    lab.set_ready(b, true).unwrap();
+    lab.set_ready(a, false).unwrap();
+    let t0 = Instant::now();
+    let mut answers = Vec::new();
+    loop {
+        let got = ask(&sock);
+        if got.as_deref() == Ok(b.as_str()) {
+            break;
+        }
+        answers.push(got);
+        assert!(
+            t0.elapsed() < CONVERGE,
+            "the same UDP socket still reaches {a} (not an endpoint) after {:?}: last answers \
+             {:?}; log of the client's node:\n{}",
+            t0.elapsed(),
+            &answers[answers.len().saturating_sub(5)..],
+            lab.agent_log(&lab.pod(&from).unwrap().node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "udp_conntrack_flushed_when_endpoint_goes: the same socket reached {b} after {:?} \
+         ({} answers before)",
+        t0.elapsed(),
+        answers.len()
+    );
+}
+
+/// Traffic to a load-balancer pool address on a port no Service uses there is refused at
+/// once (not forwarded, not black-holed): an address of the pool no Service has, and the
+/// Service's own address on another port.
+#[test]
+fn pool_addresses_refuse_ports_without_service() {
+    let Some(lab) = common::lab("pool_addresses_refuse_ports_without_service", 2) else {
+        return;
+    };
+    lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap();
+    lab.apply_yaml(demo::NEXTCLOUD_DEV_LOADBALANCER).unwrap();
+    lab.apply_yaml(demo::METALLB_CONFIG).unwrap();
+    common::wait_external_ips(&lab, "nextcloud-dev-loadbalancer", &["192.168.2.200"]);
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
+    // Send both addresses to node 0, as a router would (no layer 2 needed here).
+    let node_ip = lab.node_ip(0).to_string();
+    for dst in ["192.168.2.200/32", "192.168.2.201/32"] {
+        common::run_ok(
+            &lab,
+            "client",
+            &["ip", "route", "replace", dst, "via", &node_ip],
+        );
+    }
+    // The route works: the Service answers on its port.
+    common::until_all_answer(&lab, "client", "http://192.168.2.200/", &pods);
+    for url in ["http://192.168.2.200:8081/", "http://192.168.2.201/"] {
+        let slowest = refused_quickly(&lab, "client", url);
+        eprintln!("pool_addresses_refuse_ports_without_service: {url} refused within {slowest:?}");
+    }
+}
+
+/// Each of n endpoints gets 1/n of new connections, measured on real TCP connections to a
+/// cluster IP. Bound: Hoeffding, P(|count - N/n| >= t) <= 2 exp(-2 t^2 / N) per endpoint; with
+/// the union over n endpoints, t = sqrt(N ln(2n * 10^6) / 2) makes a false failure rarer than
+/// once in a million runs. It still catches the classic skew (1/2, 1/4, 1/4 of three).
+#[test]
+fn connections_split_evenly_over_endpoints() {
+    let Some(lab) = common::lab("connections_split_evenly_over_endpoints", 2) else {
+        return;
+    };
+    const N: usize = 900;
+    lab.apply_yaml(&demo::NEXTCLOUD_DEV.replace("replicas: 2", "replicas: 3"))
+        .unwrap();
+    lab.apply_yaml(demo::NEXTCLOUD_DEV_CLUSTERIP).unwrap();
+    let from = common::debian(&lab);
+    let (ip, _) = common::svc_addr(&lab, "nextcloud-dev-clusterip");
+    let pods = common::pod_names(&lab, "nextcloud-dev", 3);
+    common::until_all_answer(&lab, &from, &format!("http://{ip}:8080/"), &pods);
+    let to = SocketAddr::from((ip, 8080));
+    let ns = common::ns_of(&lab, &from);
+    let bodies = ferry_lab::sys::in_netns(&ns, || -> Result<Vec<String>, String> {
+        use std::io::{Read, Write};
+        (0..N)
+            .map(|i| {
+                // A new connection each time: a new source port, a new conntrack entry.
+                let mut c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                    .map_err(|e| format!("connection {i}: {e}"))?;
+                c.set_read_timeout(Some(Duration::from_secs(2)))
+                    .map_err(|e| e.to_string())?;
+                c.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+                    .map_err(|e| format!("connection {i}: {e}"))?;
+                let mut text = String::new();
+                c.read_to_string(&mut text)
+                    .map_err(|e| format!("connection {i}: {e}"))?;
+                let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+                Ok(body.trim().to_string())
+            })
+            .collect()
+    })
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{e}"));
+    let n = pods.len() as f64;
+    let t = (N as f64 * (2.0 * n * 1e6).ln() / 2.0).sqrt();
+    let expected = N as f64 / n;
+    let mut counts = std::collections::BTreeMap::new();
+    for b in &bodies {
+        *counts.entry(b.as_str()).or_insert(0usize) += 1;
+    }
+    eprintln!(
+        "connections_split_evenly_over_endpoints: {N} connections: {counts:?} (expected \
+         {expected:.0} each, allowed +-{t:.0})"
+    );
+    assert_eq!(
+        counts.len(),
+        pods.len(),
+        "answers from {counts:?}, pods {pods:?}"
+    );
+    for p in &pods {
+        let got = counts.get(p.as_str()).copied().unwrap_or(0) as f64;
+        assert!(
+            (got - expected).abs() < t,
+            "{p}: {got} of {N} connections, expected {expected:.0} +- {t:.0}: {counts:?}"
+        );
+    }
 }

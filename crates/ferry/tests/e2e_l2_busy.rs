@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{
-    arp_watch, demo, eth0_mac, log_line_since, log_lines, ms_between, ms_of_day_now, ns_of,
-    pods_of, run_ok, wait_external_ips, wait_one_announcer, ArpWatch, Lab, FERRY,
+    arp_watch, demo, eth0_mac, log_line_since, log_lines, ms_between, ms_of_day_now, ns_of, run_ok,
+    wait_external_ips, wait_one_announcer, ArpWatch, Lab, FERRY,
 };
 
 const LB: &str = "nextcloud-dev-loadbalancer";
@@ -94,10 +94,7 @@ fn busy_announcer_cut_off_from_gossip_never_two_macs() {
     lab.apply_yaml(demo::NEXTCLOUD_DEV_LOADBALANCER).unwrap();
     lab.apply_yaml(demo::METALLB_CONFIG).unwrap();
     wait_external_ips(&lab, LB, &[VIP]);
-    let pods: Vec<String> = pods_of(&lab, "nextcloud-dev")
-        .into_iter()
-        .map(|p| p.name)
-        .collect();
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     common::until_all_answer(&lab, "client", VIP_URL, &pods);
     let owner = wait_one_announcer(&lab, VIP, Duration::from_millis(300));
 

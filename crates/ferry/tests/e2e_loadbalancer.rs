@@ -37,10 +37,6 @@ fn vip() -> Ipv4Addr {
     VIP.parse().unwrap()
 }
 
-fn names(pods: &[common::PodInfo]) -> Vec<String> {
-    pods.iter().map(|p| p.name.clone()).collect()
-}
-
 /// The seed: the Deployment, the LoadBalancer Service and the MetalLB ConfigMap; waits until
 /// the Service has 192.168.2.200, both pods answer on it from the client and exactly one node
 /// announces it. The announcer.
@@ -49,7 +45,7 @@ fn seed_lb(lab: &Lab) -> String {
     lab.apply_yaml(demo::NEXTCLOUD_DEV_LOADBALANCER).unwrap();
     lab.apply_yaml(demo::METALLB_CONFIG).unwrap();
     wait_external_ips(lab, LB, &[VIP]);
-    let pods = names(&pods_of(lab, "nextcloud-dev"));
+    let pods = common::pod_names(lab, "nextcloud-dev", 2);
     common::until_all_answer(lab, "client", VIP_URL, &pods);
     wait_one_announcer(lab, VIP, Duration::from_millis(300))
 }
@@ -113,7 +109,7 @@ fn seed_pending_then_assigned() {
     );
     let first = common::curl_ok(&lab, "client", VIP_URL);
     let reachable = applied.elapsed();
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     assert!(pods.contains(&first), "{first} is not one of {pods:?}");
     let seen = common::until_all_answer(&lab, "client", VIP_URL, &pods);
     assert_eq!(seen, pods.iter().cloned().collect::<BTreeSet<_>>());
@@ -161,7 +157,7 @@ fn same_with_crds() {
     lab.apply_yaml(demo::NEXTCLOUD_DEV_LOADBALANCER).unwrap();
     lab.apply_yaml(CRD_POOL).unwrap();
     wait_external_ips(&lab, LB, &[VIP]);
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     common::until_all_answer(&lab, "client", VIP_URL, &pods);
 
     lab.apply_yaml(&lb_named("second")).unwrap();
@@ -249,9 +245,12 @@ fn arp_answered_by_exactly_one_mac() {
     println!("arp: {VIP} answered 3/3 by {owner} ({owner_mac}); .220, .226, .99 unanswered");
 }
 
+/// How soon after an announcer's agent dies the client's neighbour entry must have moved.
+const SWITCH_WITHIN: Duration = Duration::from_millis(600);
+
 /// (4) SIGKILL of the announcing node's agent: another node announces and the client's
-/// neighbour entry moves to its MAC (gratuitous ARP) within 2 s; the client keeps being
-/// served (the dead agent's rules stay in its node's kernel).
+/// neighbour entry moves to its MAC (gratuitous ARP) within [`SWITCH_WITHIN`]; the client
+/// keeps being served (the dead agent's rules stay in its node's kernel).
 #[test]
 fn failover_agent_killed() {
     let _serial = serial();
@@ -315,9 +314,12 @@ fn failover_agent_killed() {
         mac, new_mac,
         "the client's entry moved to the new announcer"
     );
+    // The agent's LAN timings take over after 161-244 ms in virtual time (ferry-member's
+    // engine tests); measured here 170-190 ms. The limit leaves room for a loaded machine but
+    // not for a lost second (it was 2 s).
     assert!(
-        switch_after < Duration::from_secs(2),
-        "neighbour entry switched only after {switch_after:?}"
+        switch_after < SWITCH_WITHIN,
+        "neighbour entry switched only after {switch_after:?} (limit {SWITCH_WITHIN:?})"
     );
     // The switch came from the new owner's gratuitous ARPs (the watch only listens).
     let since_cut =
@@ -343,9 +345,10 @@ fn failover_agent_killed() {
         attempts.len(),
         ms(outage)
     );
+    // The dead agent's rules stay in its node's kernel: measured 0 ms without an answer.
     assert!(
-        outage < Duration::from_secs(2),
-        "the client went unserved for {outage:?}"
+        outage < SWITCH_WITHIN,
+        "the client went unserved for {outage:?} (limit {SWITCH_WITHIN:?})"
     );
     assert_eq!(log_announcers(&lab, VIP), vec![new_owner]);
 }
@@ -376,6 +379,7 @@ fn failover_link_down() {
         .filter(|p| p.node != owner)
         .map(|p| p.name)
         .collect();
+    assert!(!pods.is_empty(), "every nextcloud-dev pod runs on {owner}");
     common::until_all_answer(&lab, "client", VIP_URL, &pods);
     let client_ns = ns_of(&lab, "client");
 
@@ -443,9 +447,13 @@ fn failover_link_down() {
     assert_eq!(a.macs(), [eth0_mac(&lab, &last)].into(), "{}", a.output);
     assert_eq!(a.replies.len(), 3, "{}", a.output);
     let (outage, failed) = common::longest_outage(&attempts);
-    let mut note = String::new();
-    if last == owner {
-        // It took the address back only after its hold-down.
+    // The address ranks `owner` first: once back with a majority it takes the address back,
+    // only after its hold-down.
+    assert_eq!(
+        last, owner,
+        "{owner} is back and ranks first for {VIP}, yet {last} answers"
+    );
+    let note = {
         let (t_major, _) = wait_log_since(
             &lab,
             &owner,
@@ -466,15 +474,15 @@ fn failover_link_down() {
             "withdrawing 192.168.2.200",
             CONVERGE,
         );
-        note = format!(
+        format!(
             "; {owner} rejoined after {} ms, {new_owner} withdrew after {} ms, {owner} announced \
              after {} ms (hold-down {held} ms; {} ms without an announcer)",
             ms_between(up_ms, t_major),
             ms_between(up_ms, t_gone),
             ms_between(up_ms, t_back),
             ms_between(t_gone, t_back)
-        );
-    }
+        )
+    };
     println!(
         "link up on {owner}: one announcer ({last}){note}; ARP samples: {} ({} unanswered, none \
          by two MACs); curl: {} requests, {failed} failed, longest outage {} ms",
@@ -967,7 +975,7 @@ fn pool_shrink_and_pending_reason() {
     );
     let a = arping(&lab, "client", "192.168.2.201", &["-c", "2", "-W", "0.3"]);
     assert!(a.replies.is_empty(), "{}", a.output);
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     common::until_all_answer(&lab, "client", VIP_URL, &pods);
 
     // Deleting the first hands the address to the second.

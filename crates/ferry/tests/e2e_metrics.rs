@@ -37,11 +37,10 @@ fn promtool(text: &str) -> Option<(i32, String)> {
     {
         Ok(c) => c,
         Err(e) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "promtool is missing under CI ({e}): scripts/install-deps.sh installs prometheus"
+            ferry_lab::skip(
+                "the promtool check",
+                &format!("promtool is missing ({e}): scripts/install-deps.sh installs prometheus"),
             );
-            eprintln!("skipping the promtool check: {e}");
             return None;
         }
     };

@@ -5,11 +5,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{demo, pods_of};
-
-fn names(pods: &[common::PodInfo]) -> Vec<String> {
-    pods.iter().map(|p| p.name.clone()).collect()
-}
+use common::demo;
 
 #[test]
 fn cluster_ip_reaches_every_pod_from_a_pod() {
@@ -22,7 +18,7 @@ fn cluster_ip_reaches_every_pod_from_a_pod() {
     let (ip, _) = common::svc_addr(&lab, "nextcloud-dev-clusterip");
     assert!(ip.octets()[..2] == [10, 43], "{ip}");
     let url = format!("http://{ip}:8080/");
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     common::until_all_answer(&lab, &from, &url, &pods);
     // Also from a node (host-originated traffic) and from a backend pod itself (hairpin).
     for from in [lab.node_name(0), lab.node_name(1), pods[0].clone()] {
@@ -42,7 +38,7 @@ fn node_port_answers_on_every_node_from_outside() {
     lab.apply_yaml(demo::NEXTCLOUD_DEV_NODEPORT).unwrap();
     let port = common::node_port(&lab, "nextcloud-dev-nodeport");
     assert!((30000..=32767).contains(&port), "{port}");
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     for i in 0..2 {
         let url = format!("http://{}:{port}/", lab.node_ip(i));
         common::until_all_answer(&lab, "client", &url, &pods);
@@ -68,7 +64,7 @@ spec:
     .unwrap();
     let from = common::debian(&lab);
     let (ip, _) = common::svc_addr(&lab, "dns");
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     let deadline = std::time::Instant::now() + common::CONVERGE;
     let answer = loop {
         match lab.udp(
@@ -94,22 +90,19 @@ fn endpoints_follow_readiness_scaling_and_deletion() {
     let from = common::debian(&lab);
     let (ip, _) = common::svc_addr(&lab, "nextcloud-dev-clusterip");
     let url = format!("http://{ip}:8080/");
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     common::until_all_answer(&lab, &from, &url, &pods);
 
     // A pod marked not ready gets no new connections.
     lab.set_ready(&pods[0], false).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let got = common::answers(&lab, &from, &url, 12);
-    assert!(got.iter().all(|a| *a == pods[1]), "{got:?}");
+    common::until_only(&lab, &from, &url, &pods[1], 12);
     lab.set_ready(&pods[0], true).unwrap();
     common::until_all_answer(&lab, &from, &url, &pods);
 
     // Scaling up adds endpoints.
     lab.apply_yaml(&demo::NEXTCLOUD_DEV.replace("replicas: 2", "replicas: 3"))
         .unwrap();
-    let three = names(&pods_of(&lab, "nextcloud-dev"));
-    assert_eq!(three.len(), 3);
+    let three = common::pod_names(&lab, "nextcloud-dev", 3);
     common::until_all_answer(&lab, &from, &url, &three);
 
     // Deleting the service stops it.
@@ -138,7 +131,7 @@ fn agents_restart_and_catch_up() {
     lab.apply_yaml(demo::NEXTCLOUD_DEV_CLUSTERIP).unwrap();
     lab.agent_start(&node0).unwrap();
     let (ip, _) = common::svc_addr(&lab, "nextcloud-dev-clusterip");
-    let pods = names(&pods_of(&lab, "nextcloud-dev"));
+    let pods = common::pod_names(&lab, "nextcloud-dev", 2);
     common::until_all_answer(&lab, &node0, &format!("http://{ip}:8080/"), &pods);
 
     // A restart keeps serving.

@@ -41,6 +41,31 @@ pub fn dual_stack_config() -> PlanConfig {
     c
 }
 
+/// Load-balancer pools of every shape the kernel stores differently: ranges that are not
+/// prefixes, prefixes (listed back as `prefix`), single addresses (listed back as plain
+/// addresses), IPv4 and IPv6.
+pub fn lb_pools() -> Vec<(IpAddr, IpAddr)> {
+    [
+        ("192.168.2.200", "192.168.2.225"),
+        ("192.168.5.0", "192.168.5.255"),
+        ("192.168.7.7", "192.168.7.7"),
+        ("10.99.0.0", "10.99.1.255"),
+        ("fd00:200::10", "fd00:200::1f"),
+        ("fd00:300::5", "fd00:300::9"),
+        ("fd00:400::", "fd00:400::ffff:ffff"),
+        ("2001:db8:7::7", "2001:db8:7::7"),
+    ]
+    .iter()
+    .map(|(a, b)| (ip(a), ip(b)))
+    .collect()
+}
+
+/// `cfg` with [`lb_pools`].
+pub fn with_lb_pools(mut cfg: PlanConfig) -> PlanConfig {
+    cfg.lb_pools = lb_pools();
+    cfg
+}
+
 // ---- endpoints ----
 
 /// A ready endpoint on another node.

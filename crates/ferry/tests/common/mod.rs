@@ -142,26 +142,62 @@ pub fn curl_ok(lab: &Lab, from: &str, url: &str) -> String {
         .to_string()
 }
 
-/// Curls repeatedly until every pod in `want` has answered (bounded); the set of answers.
+/// Curls repeatedly until every pod in `want` has answered since the last answer from anybody
+/// else (bounded; see [`ferry_lab::probe::AnswerTally`]); the set of answers. Panics on an
+/// empty `want`, and when a pod outside `want` still answers at the deadline.
 pub fn until_all_answer(lab: &Lab, from: &str, url: &str, want: &[String]) -> BTreeSet<String> {
+    let mut tally = ferry_lab::probe::AnswerTally::new(want)
+        .unwrap_or_else(|e| panic!("{url} from {from}: {e}"));
     let deadline = Instant::now() + CONVERGE;
-    let mut seen = BTreeSet::new();
     let mut last_err = String::new();
     while Instant::now() < deadline {
         match lab.curl(from, url) {
-            Ok(body) => {
-                seen.insert(body.trim().to_string());
-            }
+            Ok(body) => tally.record(&body),
             Err(e) => last_err = format!("{e:#}"),
         }
-        if want.iter().all(|w| seen.contains(w)) {
-            return seen;
+        if tally.done() {
+            return tally.seen().clone();
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let strays = tally.strays();
     panic!(
-        "{url} from {from}: wanted answers from {want:?}, got {seen:?} (last error: {last_err})"
+        "{url} from {from}: wanted answers from {want:?}, got {:?} since the last stray; \
+         strays (last 5): {:?} (last error: {last_err})",
+        tally.seen(),
+        &strays[strays.len().saturating_sub(5)..]
     );
+}
+
+/// Curls until `n` answers in a row all come from `pod` (bounded); panics otherwise.
+pub fn until_only(lab: &Lab, from: &str, url: &str, pod: &str, n: usize) {
+    let deadline = Instant::now() + CONVERGE;
+    let mut run = 0;
+    let mut last = Vec::new();
+    while Instant::now() < deadline {
+        let got = lab.curl(from, url).map(|b| b.trim().to_string());
+        let ok = matches!(&got, Ok(b) if b == pod);
+        run = if ok { run + 1 } else { 0 };
+        if run >= n {
+            return;
+        }
+        last.push(format!("{got:?}"));
+        if last.len() > 12 {
+            last.remove(0);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{url} from {from}: never {n} answers in a row from {pod} only; last: {last:?}");
+}
+
+/// The names of the pods of `deployment` (see [`pods_of`]); panics unless there are `n`.
+pub fn pod_names(lab: &Lab, deployment: &str, n: usize) -> Vec<String> {
+    let pods: Vec<String> = pods_of(lab, deployment)
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(pods.len(), n, "pods of {deployment}: {pods:?}");
+    pods
 }
 
 /// Waits until `url` stops answering from `from` (bounded); panics if it keeps answering.

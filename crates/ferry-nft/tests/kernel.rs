@@ -1,0 +1,385 @@
+//! The production backend against the real kernel: planned tables applied through
+//! [`Dataplane`] (libnftables) and read back with [`read_live`], each test in a network
+//! namespace of its own (deleted afterwards, also when the test fails), with load-balancer
+//! pools (interval sets: ranges, prefixes and single addresses, IPv4 and IPv6).
+//!
+//! Needs root and libnftables. Without either the tests print a `ferry-test-skipped:` line and
+//! pass, unless the environment variable CI is set: then they fail.
+
+#[path = "../../ferry-plan/tests/common/mod.rs"]
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use ferry_model::view::ResolvedEndpoint;
+use ferry_model::Protocol;
+use ferry_nft::{read_live, Dataplane, Nft};
+use ferry_plan::diff::LiveState;
+use ferry_plan::{diff, plan, Ruleset};
+use proptest::strategy::{Strategy, ValueTree};
+use proptest::test_runner::TestRunner;
+
+// ---- a network namespace per test ----
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// True when `CI` is set to something non-empty (an empty `CI` counts as unset everywhere).
+fn ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// Skips `test` because of `why`, or panics when [`ci`] holds. A skip writes one line
+/// `ferry-test-skipped: BINARY/THREAD/TEST: WHY` (the harness names a test's thread after the
+/// test) straight to the process's stderr, past the test harness's capture, so that `.ci/run`
+/// counts it, once per test, even for a passing test.
+fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    if ci() {
+        panic!("{test}: {why}, and CI is set: not skipping");
+    }
+    let exe = std::env::args()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    let key = format!(
+        "{exe}/{}/{test}",
+        std::thread::current().name().unwrap_or("?")
+    )
+    .replace(": ", ":");
+    let _ = writeln!(std::io::stderr(), "ferry-test-skipped: {key}: {why}");
+}
+
+/// A fresh network namespace, deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// None (after saying so) when not root; fails instead when $CI is set.
+    fn new() -> Option<Netns> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            skip("kernel", "needs root (network namespaces)");
+            return None;
+        }
+        let name = format!(
+            "ferrynft-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("running ip netns add");
+        assert!(
+            out.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(Netns { name })
+    }
+
+    /// Runs `f` on a thread of its own that has entered the namespace (so the netlink sockets
+    /// libnftables opens there talk to this namespace's nftables), re-raising its panic.
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        std::thread::scope(|s| {
+            let h = std::thread::Builder::new()
+                .name(std::thread::current().name().unwrap_or("kernel").into())
+                .spawn_scoped(s, move || {
+                    // SAFETY: setns on a namespace fd we own, on this thread only.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .expect("spawning a thread");
+            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        match Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
+            Ok(o) if o.status.success() => {}
+            other => eprintln!("could not delete netns {}: {other:?}", self.name),
+        }
+    }
+}
+
+/// The production backend (libnftables), or None after a skip (fails under CI) when the
+/// library is missing.
+fn libnft(test: &str) -> Option<Nft> {
+    let nft = Nft::new();
+    if nft.backend_name() != "libnftables" {
+        skip(test, "libnftables is not installed (libnftables1)");
+        return None;
+    }
+    Some(nft)
+}
+
+/// One test at a time talks to libnftables: two threads using it at once (even with contexts
+/// of their own, in namespaces of their own) were seen to read a set element of one protocol
+/// back as another (`sctp` as `tcp`): its name lookups are not thread-safe. The agent has one
+/// thread on it.
+static LIBNFT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f` with the production backend in a namespace of its own; None when skipped.
+fn in_kernel<T: Send>(test: &str, f: impl FnOnce(&mut Dataplane) -> T + Send) -> Option<T> {
+    let _one = LIBNFT.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = Netns::new()?;
+    // Checked inside the namespace: the same library, but a skip must come before any state.
+    libnft(test)?;
+    Some(ns.run(|| {
+        let nft = Nft::new();
+        f(&mut Dataplane::new(nft))
+    }))
+}
+
+// ---- pools and read-back ----
+
+/// What the kernel holds, read through the production path by a fresh backend (no cache).
+fn read_back() -> LiveState {
+    let mut nft = Nft::new();
+    read_live(&mut nft).expect("read_live")
+}
+
+/// The kernel holds exactly `rs`: the same chains (bases, fingerprints in the first rules),
+/// sets and elements (the pools' intervals among them), so the differ has nothing to do, and a
+/// new dataplane adopts the table without a change.
+fn assert_kernel_holds(rs: &Ruleset) {
+    let live = read_back();
+    let want = LiveState::of(rs);
+    for (name, s) in &want.sets {
+        assert_eq!(live.sets.get(name), Some(s), "set {name}");
+    }
+    assert_eq!(
+        live.chains.keys().collect::<Vec<_>>(),
+        want.chains.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(live, want);
+    let again = diff(&live, rs);
+    assert!(again.is_empty(), "read back, still differs: {again}");
+    let mut fresh = Dataplane::new(Nft::new());
+    let ch = fresh.apply(rs).expect("adopting");
+    assert!(ch.is_empty(), "a new dataplane changed the table: {ch}");
+}
+
+fn sample<S: Strategy>(runner: &mut TestRunner, s: S) -> S::Value {
+    s.new_tree(runner).expect("a value").current()
+}
+
+/// The seed's services and `n` random ones (about a quarter IPv6).
+fn realistic(runner: &mut TestRunner, n: usize) -> Vec<ferry_model::view::ResolvedService> {
+    let specs = sample(runner, proptest::collection::vec(service_spec(), n));
+    let mut services = seed_services();
+    services.extend(services_from_specs(&specs));
+    services
+}
+
+// ---- tests ----
+
+#[test]
+fn the_pools_read_back_as_planned() {
+    in_kernel("the_pools_read_back_as_planned", |dp| {
+        let rs = plan(&with_lb_pools(dual_stack_config()), &seed_services());
+        // Every pool is in the plan, as ferry writes it.
+        let planned = |set: &str| LiveState::of(&rs).sets[set].elements.len();
+        assert_eq!(
+            planned("lb-pools-v4") + planned("lb-pools-v6"),
+            lb_pools().len()
+        );
+        let ch = dp.apply(&rs).expect("full load");
+        assert!(ch.full, "{ch}");
+        let live = read_back();
+        for set in ["lb-pools-v4", "lb-pools-v6"] {
+            assert_eq!(
+                live.sets.get(set).map(|s| &s.elements),
+                Some(&LiveState::of(&rs).sets[set].elements),
+                "{set} as read back"
+            );
+        }
+        assert_kernel_holds(&rs);
+    });
+}
+
+#[test]
+fn a_realistic_table_loads_and_reads_back_as_planned() {
+    in_kernel("a_realistic_table_loads_and_reads_back_as_planned", |dp| {
+        let mut runner = TestRunner::deterministic();
+        let services = realistic(&mut runner, 50);
+        assert!(services.iter().any(|s| s.cluster_ip.unwrap().is_ipv6()));
+        let rs = plan(&with_lb_pools(dual_stack_config()), &services);
+        dp.apply(&rs).expect("full load");
+        assert_kernel_holds(&rs);
+    });
+}
+
+#[test]
+fn incremental_changes_apply_on_top_of_what_the_kernel_has() {
+    in_kernel(
+        "incremental_changes_apply_on_top_of_what_the_kernel_has",
+        |dp| {
+            let mut runner = TestRunner::deterministic();
+            for round in 0..6 {
+                let a = sample(
+                    &mut runner,
+                    proptest::collection::vec(service_spec(), 10..40),
+                );
+                let other = sample(
+                    &mut runner,
+                    proptest::collection::vec(service_spec(), 10..45),
+                );
+                let changes = sample(&mut runner, proptest::collection::vec(change(), 45));
+                // The pools change too: every other round drops one and adds another.
+                let cfg_a = with_lb_pools(dual_stack_config());
+                let mut cfg_b = cfg_a.clone();
+                if round % 2 == 1 {
+                    cfg_b.lb_pools.remove(round % cfg_b.lb_pools.len());
+                    cfg_b
+                        .lb_pools
+                        .push((ip("fd00:500::100"), ip("fd00:500::1ff")));
+                    cfg_b.lb_pools.push((ip("172.16.9.3"), ip("172.16.9.40")));
+                }
+                let mut sa = seed_services();
+                sa.extend(services_from_specs(&a));
+                let mut sb = seed_services();
+                sb.extend(evolve(&a, &other, &changes));
+                // The seed changes too: nextcloud loses a pod, then all pods.
+                if round % 2 == 1 {
+                    sb[0].ports[0].endpoints.pop();
+                    sb[1].ports[0].endpoints.clear();
+                }
+                let (ra, rb) = (plan(&cfg_a, &sa), plan(&cfg_b, &sb));
+
+                dp.nft().run("flush ruleset\n").expect("flush ruleset");
+                dp.resync();
+                dp.apply(&ra)
+                    .unwrap_or_else(|e| panic!("round {round}: loading A refused: {e}"));
+                assert_kernel_holds(&ra);
+                for (to, what) in [(&rb, "A->B"), (&ra, "B->A")] {
+                    let ch = dp
+                        .apply(to)
+                        .unwrap_or_else(|e| panic!("round {round} {what} refused: {e}"));
+                    assert!(!ch.full, "round {round} {what}: {ch}");
+                    assert_kernel_holds(to);
+                }
+            }
+        },
+    );
+}
+
+#[test]
+fn a_changed_layout_is_replaced_in_one_transaction() {
+    in_kernel("a_changed_layout_is_replaced_in_one_transaction", |dp| {
+        let rs = plan(&with_lb_pools(config()), &seed_services());
+        // What an older ferry might have left: its base chains at other priorities.
+        let mut old = rs.clone();
+        let mut moved = 0;
+        for c in old.chains.values_mut() {
+            if let Some(b) = std::sync::Arc::make_mut(c).base.as_mut() {
+                b.priority += 5;
+                moved += 1;
+            }
+        }
+        assert!(moved > 0);
+        dp.apply(&old).expect("load the old layout");
+        dp.resync();
+        let ch = dp.apply(&rs).expect("replace the table");
+        assert!(ch.full, "{ch}");
+        assert_kernel_holds(&rs);
+    });
+}
+
+#[test]
+fn leftover_maps_pointing_at_leftover_chains_are_removed() {
+    in_kernel(
+        "leftover_maps_pointing_at_leftover_chains_are_removed",
+        |dp| {
+            let b = plan(&with_lb_pools(config()), &seed_services());
+            let a = with_leftovers(b.clone());
+            dp.apply(&a).expect("load A");
+            assert_eq!(read_back(), LiveState::of(&a));
+            dp.resync();
+            dp.apply(&b).expect("A -> B");
+            assert_kernel_holds(&b);
+        },
+    );
+}
+
+#[test]
+fn comments_and_names_at_their_longest_load() {
+    in_kernel("comments_and_names_at_their_longest_load", |dp| {
+        // Namespace and name at Kubernetes' 63-character limit, a named SCTP port at 65535.
+        let long = "a".repeat(63);
+        let svc = Svc::new(&long, "10.43.9.9")
+            .namespace(&"n".repeat(63))
+            .named_port(
+                &"p".repeat(15),
+                Protocol::Sctp,
+                65535,
+                Some(32767),
+                &[ep("10.42.0.9", 65535)],
+            )
+            .external_ip("192.168.2.60")
+            .build();
+        let rs = plan(&with_lb_pools(config()), &[svc]);
+        dp.apply(&rs).expect("load");
+        assert_kernel_holds(&rs);
+    });
+}
+
+#[test]
+fn changed_verdicts_at_the_same_key_apply() {
+    in_kernel("changed_verdicts_at_the_same_key_apply", |dp| {
+        let web = |eps: &[ResolvedEndpoint]| {
+            Svc::new("web", "10.43.2.1")
+                .node_port(Protocol::Tcp, 80, 30080, eps)
+                .external_ip("192.168.2.50")
+        };
+        let local_pod = [ep("10.42.0.85", 80).on(NODE)];
+        let cfg = with_lb_pools(config());
+        // No endpoints: reject -> drop. With one: goto external-... -> goto local-...
+        let steps = [
+            plan(&cfg, &[web(&[]).build()]),
+            plan(&cfg, &[web(&[]).external_policy_local().build()]),
+            plan(&cfg, &[web(&local_pod).external_policy_local().build()]),
+            plan(&cfg, &[web(&local_pod).build()]),
+            plan(&cfg, &[web(&[]).build()]),
+        ];
+        dp.apply(&steps[0]).expect("load");
+        for (i, next) in steps.iter().enumerate().skip(1) {
+            let ch = dp
+                .apply(next)
+                .unwrap_or_else(|e| panic!("step {i} refused: {e}"));
+            assert!(ch.elements_deleted > 0 && !ch.full, "step {i}: {ch}");
+            assert_kernel_holds(next);
+        }
+    });
+}
+
+#[test]
+fn release_cache_keeps_applying() {
+    in_kernel("release_cache_keeps_applying", |dp| {
+        let a = plan(&with_lb_pools(config()), &seed_services());
+        let mut sb = seed_services();
+        sb[0].ports[0].endpoints.pop();
+        let b = plan(&with_lb_pools(config()), &sb);
+        dp.apply(&a).expect("load");
+        dp.nft().release_cache();
+        let ch = dp.apply(&b).expect("after release_cache");
+        assert!(!ch.is_empty() && !ch.full, "{ch}");
+        assert_kernel_holds(&b);
+    });
+}
