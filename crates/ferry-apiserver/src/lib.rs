@@ -1,0 +1,54 @@
+//! A **test double of kube-apiserver** for ferry's lab — not a product, not a Kubernetes API
+//! server anyone should run a cluster on.
+//!
+//! No real kube-apiserver can run on the lab machine, so the lab gets this small in-process
+//! server that behaves like the real one *for the calls real clients make* (kubectl, the
+//! official Python client, kube-rs): plain HTTP on loopback, JSON only.
+//!
+//! What it does:
+//! - Discovery: `/api`, `/api/v1`, `/apis`, `/apis/<group>`, `/apis/<group>/<version>`
+//!   (APIResourceLists with verbs, namespaced, kind, shortNames and `*/status`), `/version`.
+//! - Resources (see [`resources::RESOURCES`]): v1 namespaces, nodes, services, endpoints,
+//!   configmaps, pods, events; discovery.k8s.io/v1 endpointslices; apps/v1 deployments;
+//!   coordination.k8s.io/v1 leases; events.k8s.io/v1 events; metallb.io/v1beta1
+//!   ipaddresspools, l2advertisements, bgpadvertisements; metallb.io/v1beta2 bgppeers.
+//! - One global, monotonically increasing resourceVersion; `uid`, `creationTimestamp`,
+//!   `generation` (grows when anything outside metadata and status changes).
+//! - List (always with `metadata.resourceVersion`; `labelSelector` with `=`, `==`, `!=`, `in`,
+//!   `notin`, exists, `!`exists; `fieldSelector` `=`/`!=` on any dotted path, e.g.
+//!   `metadata.name`), get, create (409 AlreadyExists, `generateName`), update (409 Conflict on
+//!   a stale resourceVersion, none means unconditional), delete (returns the object;
+//!   `preconditions.resourceVersion` honoured).
+//! - The `/status` subresource: status writes change only `status`, main writes ignore it;
+//!   `status` is dropped on create (except Nodes), Namespaces get `status.phase: Active`.
+//! - PATCH: `json-patch+json`, `merge-patch+json`, `strategic-merge-patch+json` (built-in kinds
+//!   only, as the real server; merge keys for Service `ports` by `port`, containers, `env`,
+//!   `volumes` by `name`, container `ports` by `containerPort`, `conditions` by `type`, ...;
+//!   `$patch`, `$setElementOrder`, `$retainKeys`, `$deleteFromPrimitiveList`), and
+//!   `apply-patch+yaml` answered as *create, or merge into the existing object* (see below).
+//! - Watch: `?watch=true&resourceVersion=N&allowWatchBookmarks=true&timeoutSeconds=S`,
+//!   newline-delimited JSON events ADDED/MODIFIED/DELETED/BOOKMARK; a resourceVersion older
+//!   than the bounded history gives HTTP 200 and one `ERROR` event with Status 410 Expired;
+//!   `resourceVersion` 0 or absent starts with synthetic ADDED events for what exists; an
+//!   object leaving a selector is sent as DELETED, one entering it as ADDED.
+//! - Errors are `kind: Status` objects with kube-apiserver's codes and reasons.
+//!
+//! What it does **not** do: TLS, authentication, authorization, admission (namespaces need not
+//! exist; nothing is validated beyond names, kinds and apiVersions), defaulting (no cluster IP
+//! or node port allocation, no defaults filled into specs), finalizers and graceful deletion,
+//! garbage collection, controllers of any kind, pagination (`limit`/`continue` are ignored:
+//! a list is always complete), `deletecollection`, Table output (`kubectl get` prints NAME and
+//! AGE only), protobuf, `/openapi` (use `kubectl --validate=false`), WatchList
+//! (`sendInitialEvents`), field managers and apply conflicts (server-side apply is a plain
+//! merge), and conversion between versions (core/v1 and events.k8s.io/v1 Events are stored
+//! separately). Watchers that fall too far behind (4096 events) are disconnected, as a real
+//! server may do; clients re-watch.
+
+pub mod error;
+pub mod patch;
+pub mod resources;
+pub mod selector;
+pub mod store;
+
+pub use error::ApiError;
+pub use store::Store;
