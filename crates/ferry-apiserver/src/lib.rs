@@ -52,3 +52,6 @@ pub mod store;
 
 pub use error::ApiError;
 pub use store::Store;
+pub mod server;
+
+pub use server::{kubeconfig, serve, ApiServer, Config, Running};

@@ -1,1 +1,60 @@
-fn main() {}
+//! `ferry-apiserver`: the lab's test double of kube-apiserver (plain HTTP, no auth).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// A test double of kube-apiserver for ferry's lab (not a product: no TLS, no auth, no
+/// admission, no defaulting). See the crate docs for what it serves.
+#[derive(Parser, Debug)]
+#[command(name = "ferry-apiserver", version)]
+struct Args {
+    /// Address to listen on (plain HTTP; keep it on loopback), e.g. 127.0.0.1:6443.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    /// Write a kubeconfig pointing at the server here.
+    #[arg(long)]
+    kubeconfig_out: Option<PathBuf>,
+    /// Events kept for watches resuming from a resourceVersion (older ones get 410 Expired).
+    #[arg(long, default_value_t = 1000)]
+    history: usize,
+    /// Seconds between BOOKMARK events on watches that allow them.
+    #[arg(long, default_value_t = 10.0)]
+    bookmark_seconds: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !(args.bookmark_seconds.is_finite() && args.bookmark_seconds > 0.0) {
+        anyhow::bail!(
+            "--bookmark-seconds must be a positive number, got {}",
+            args.bookmark_seconds
+        );
+    }
+    let config = ferry_apiserver::Config {
+        history: args.history,
+        bookmark_interval: Duration::from_secs_f64(args.bookmark_seconds),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding --listen {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let url = format!("http://{addr}");
+        if let Some(path) = &args.kubeconfig_out {
+            std::fs::write(path, ferry_apiserver::kubeconfig(&url))
+                .with_context(|| format!("writing --kubeconfig-out {}", path.display()))?;
+        }
+        println!("ferry-apiserver (a test double of kube-apiserver) listening on {url}");
+        ferry_apiserver::serve(listener, ferry_apiserver::ApiServer::new(config)).await?;
+        Ok(())
+    })
+}

@@ -81,8 +81,9 @@ pub enum Part {
 pub enum WatchStart {
     /// The current objects (to send as synthetic ADDED events), then live events after `rv`.
     Snapshot { objects: Vec<Value>, rv: u64 },
-    /// Events from the history after the requested resourceVersion, then live events.
-    Replay { events: Vec<Arc<Event>> },
+    /// Events from the history after the requested resourceVersion, then live events after
+    /// `rv` (the store's resourceVersion when the watch started).
+    Replay { events: Vec<Arc<Event>>, rv: u64 },
 }
 
 struct Inner {
@@ -428,6 +429,7 @@ impl Store {
                         .filter(|e| e.rv > rv && in_scope(&e.key))
                         .cloned()
                         .collect(),
+                    rv: inner.rv,
                 }
             }
         };
@@ -704,7 +706,7 @@ mod tests {
         }
         let (ws, _rx) = s.watch(svc(), Some("default"), Some(start)).unwrap();
         match ws {
-            WatchStart::Replay { events } => assert_eq!(events.len(), 2),
+            WatchStart::Replay { events, .. } => assert_eq!(events.len(), 2),
             WatchStart::Snapshot { .. } => panic!("expected a replay"),
         }
         for i in 2..6 {
@@ -720,7 +722,7 @@ mod tests {
         let oldest = s.oldest_watchable();
         let (ws, _rx) = s.watch(svc(), None, Some(oldest)).unwrap();
         match ws {
-            WatchStart::Replay { events } => assert_eq!(events.len(), 3),
+            WatchStart::Replay { events, .. } => assert_eq!(events.len(), 3),
             WatchStart::Snapshot { .. } => panic!("expected a replay"),
         }
         let (ws, _rx) = s.watch(svc(), Some("other"), None).unwrap();
