@@ -31,24 +31,38 @@
 //!   than the bounded history gives HTTP 200 and one `ERROR` event with Status 410 Expired;
 //!   `resourceVersion` 0 or absent starts with synthetic ADDED events for what exists; an
 //!   object leaving a selector is sent as DELETED, one entering it as ADDED.
+//! - `meta.k8s.io/v1` Tables when the client asks for them (`kubectl get`, also on watches):
+//!   Services show TYPE, CLUSTER-IP, EXTERNAL-IP (`<pending>` until `status.loadBalancer` has
+//!   an address), PORT(S); Leases HOLDER; Events, Pods and EndpointSlices their usual columns;
+//!   other kinds NAME and AGE.
+//! - A minimal `/openapi/v3` (PATCH operations with their group/version/kind and the
+//!   `fieldValidation` parameter, no schemas), so kubectl leaves validation to the server and
+//!   `kubectl apply -f` needs no `--validate=false`; kubectl then builds strategic merge
+//!   patches from its compiled-in types.
 //! - Errors are `kind: Status` objects with kube-apiserver's codes and reasons.
 //!
 //! What it does **not** do: TLS, authentication, authorization, admission (namespaces need not
 //! exist; nothing is validated beyond names, kinds and apiVersions), defaulting (no cluster IP
 //! or node port allocation, no defaults filled into specs), finalizers and graceful deletion,
 //! garbage collection, controllers of any kind, pagination (`limit`/`continue` are ignored:
-//! a list is always complete), `deletecollection`, Table output (`kubectl get` prints NAME and
-//! AGE only), protobuf, `/openapi` (use `kubectl --validate=false`), WatchList
-//! (`sendInitialEvents`), field managers and apply conflicts (server-side apply is a plain
-//! merge), and conversion between versions (core/v1 and events.k8s.io/v1 Events are stored
-//! separately). Watchers that fall too far behind (4096 events) are disconnected, as a real
-//! server may do; clients re-watch.
+//! a list is always complete), `deletecollection`, `dryRun` (refused with 400), field
+//! validation (`fieldValidation=Strict` is accepted and unknown fields are kept), protobuf,
+//! OpenAPI schemas and `/openapi/v2` (`kubectl explain` does not work), WatchList
+//! (`sendInitialEvents`), field managers and apply conflicts (server-side apply is *create,
+//! or strategic/JSON merge into the existing object*: fields dropped from the applied
+//! manifest stay, and nothing conflicts — so lease libraries built on server-side apply
+//! conflicts, such as kube-lease-manager, are not safe against it), and conversion between
+//! versions (core/v1 and events.k8s.io/v1 Events are stored separately, so an Event written
+//! through one is not listed through the other). Watchers that fall too far behind (4096
+//! events) are disconnected, as a real server may do; clients re-watch. State lives in
+//! memory only and is lost when the process ends.
 
 pub mod error;
 pub mod patch;
 pub mod resources;
 pub mod selector;
 pub mod store;
+pub mod table;
 
 pub use error::ApiError;
 pub use store::Store;

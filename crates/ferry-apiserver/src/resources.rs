@@ -246,6 +246,77 @@ pub fn resource_list(group: &str, version: &str) -> Option<serde_json::Value> {
     }))
 }
 
+/// The `/openapi/v3` index: one entry per group/version, as kube-apiserver serves it.
+pub fn openapi_v3_index() -> serde_json::Value {
+    let mut paths = serde_json::Map::new();
+    let mut gvs: Vec<(&str, &str)> = Vec::new();
+    for r in RESOURCES {
+        if !gvs.contains(&(r.group, r.version)) {
+            gvs.push((r.group, r.version));
+        }
+    }
+    for (g, v) in gvs {
+        let key = gv_path(g, v);
+        paths.insert(
+            key.clone(),
+            serde_json::json!({ "serverRelativeURL": format!("/openapi/v3/{key}") }),
+        );
+    }
+    serde_json::json!({ "paths": paths })
+}
+
+fn gv_path(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
+}
+
+/// A minimal OpenAPI v3 document for one group/version: only the PATCH operations, with
+/// their group/version/kind and the `fieldValidation` parameter. That is what kubectl looks
+/// for to leave validation to the server (which this test double does not do: it accepts
+/// unknown fields), so `kubectl apply -f` works without `--validate=false`. No schemas:
+/// kubectl then builds strategic merge patches from its compiled-in types.
+pub fn openapi_v3_doc(group: &str, version: &str) -> Option<serde_json::Value> {
+    let mut paths = serde_json::Map::new();
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        let base = gv_path(group, version);
+        let path = if r.namespaced {
+            format!("/{base}/namespaces/{{namespace}}/{}/{{name}}", r.resource)
+        } else {
+            format!("/{base}/{}/{{name}}", r.resource)
+        };
+        paths.insert(
+            path,
+            serde_json::json!({
+                "patch": {
+                    "operationId": format!("patch{}", r.kind),
+                    "x-kubernetes-group-version-kind": {
+                        "group": r.group, "version": r.version, "kind": r.kind,
+                    },
+                    "parameters": [
+                        {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+                        {"name": "fieldManager", "in": "query", "schema": {"type": "string"}},
+                    ],
+                    "responses": {"200": {"description": "OK"}},
+                }
+            }),
+        );
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    Some(serde_json::json!({
+        "openapi": "3.0.0",
+        "info": {"title": "ferry-apiserver (a test double of kube-apiserver)", "version": "v1.32.0"},
+        "paths": paths,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

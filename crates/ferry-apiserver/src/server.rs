@@ -19,6 +19,7 @@ use crate::patch::{self, PatchType};
 use crate::resources::{self, Resource};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::store::{Event, EventType, Part, Store, WatchStart};
+use crate::table;
 
 /// The response body: a whole JSON document, or a watch stream.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -155,12 +156,18 @@ fn url_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-struct Query(Vec<(String, String)>);
+struct Query {
+    params: Vec<(String, String)>,
+    /// The client accepts `meta.k8s.io` Tables (`kubectl get`).
+    table: bool,
+}
 
 impl Query {
     fn parse(q: Option<&str>) -> Self {
-        Query(
-            q.unwrap_or("")
+        Query {
+            table: false,
+            params: q
+                .unwrap_or("")
                 .split('&')
                 .filter(|p| !p.is_empty())
                 .map(|p| match p.split_once('=') {
@@ -168,11 +175,11 @@ impl Query {
                     None => (url_decode(p), String::new()),
                 })
                 .collect(),
-        )
+        }
     }
 
     fn get(&self, key: &str) -> Option<&str> {
-        self.0
+        self.params
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
@@ -185,7 +192,12 @@ impl Query {
 
 async fn handle(server: Arc<ApiServer>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let query = Query::parse(req.uri().query());
+    let mut query = Query::parse(req.uri().query());
+    query.table = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"));
     let segs: Vec<String> = path
         .split('/')
         .filter(|s| !s.is_empty())
@@ -240,6 +252,13 @@ async fn route(
             );
             Ok(r)
         }
+        ["openapi", "v3"] if get => Ok(ok(&resources::openapi_v3_index())),
+        ["openapi", "v3", "api", v] if get => resources::openapi_v3_doc("", v)
+            .map(|d| ok(&d))
+            .ok_or_else(|| not_found_path(path)),
+        ["openapi", "v3", "apis", g, v] if get => resources::openapi_v3_doc(g, v)
+            .map(|d| ok(&d))
+            .ok_or_else(|| not_found_path(path)),
         ["api"] if get => Ok(ok(&json!({
             "kind": "APIVersions", "versions": ["v1"],
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}],
@@ -350,6 +369,9 @@ async fn resource_request(
                 return watch(server, res, ns, labels, fields, query);
             }
             let (items, rv) = store.list(res, ns, &|o| labels.matches(o) && fields.matches(o));
+            if query.table {
+                return Ok(ok(&table::table(res, &items, Some(rv), true)));
+            }
             Ok(ok(&json!({
                 "kind": format!("{}List", res.kind),
                 "apiVersion": res.api_version(),
@@ -369,7 +391,13 @@ async fn resource_request(
                 .create(res, namespace, obj)
                 .map(|o| full(StatusCode::CREATED, &o))
         }
-        (2, Method::GET) | (3, Method::GET) => store.get(res, namespace, rest[1]).map(|o| ok(&o)),
+        (2, Method::GET) | (3, Method::GET) => {
+            let o = store.get(res, namespace, rest[1])?;
+            if query.table {
+                return Ok(ok(&table::table(res, &[o], None, true)));
+            }
+            Ok(ok(&o))
+        }
         (2, Method::PUT) | (3, Method::PUT) => {
             let obj = parse_body(body, &format!("body of {} {:?}", res.kind, rest[1]))?;
             store
@@ -537,6 +565,7 @@ fn watch(
         })?),
     };
     let bookmarks = query.flag("allowWatchBookmarks");
+    let as_table = query.table;
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let (start, mut events) = match server.store.watch(res, ns, since) {
         Ok(x) => x,
@@ -551,6 +580,16 @@ fn watch(
     let ns = ns.map(str::to_string);
     let interval = server.config.bookmark_interval;
     tokio::spawn(async move {
+        let mut first = true;
+        let mut encode = move |kind: &str, o: &Value| {
+            if as_table && kind != "BOOKMARK" {
+                let t = table::table(res, std::slice::from_ref(o), None, first);
+                first = false;
+                line(kind, &t)
+            } else {
+                line(kind, o)
+            }
+        };
         let in_scope = |ev: &Event| {
             ev.key.group == res.group
                 && ev.key.version == res.version
@@ -563,7 +602,7 @@ fn watch(
                     .iter()
                     .filter(|o| labels.matches(o) && fields.matches(o))
                 {
-                    if tx.send(line("ADDED", o)).await.is_err() {
+                    if tx.send(encode("ADDED", o)).await.is_err() {
                         return;
                     }
                 }
@@ -572,7 +611,7 @@ fn watch(
             WatchStart::Replay { events, rv } => {
                 for ev in events {
                     if let Some(kind) = view(&ev, &labels, &fields) {
-                        if tx.send(line(kind, &ev.object)).await.is_err() {
+                        if tx.send(encode(kind, &ev.object)).await.is_err() {
                             return;
                         }
                     }
@@ -593,7 +632,7 @@ fn watch(
                         seen = ev.rv;
                         if !in_scope(&ev) { continue; }
                         if let Some(kind) = view(&ev, &labels, &fields) {
-                            if tx.send(line(kind, &ev.object)).await.is_err() { return; }
+                            if tx.send(encode(kind, &ev.object)).await.is_err() { return; }
                         }
                     }
                     // Too far behind, or the server is going away: end the watch, the client re-watches.
@@ -605,7 +644,7 @@ fn watch(
                         "apiVersion": res.api_version(),
                         "metadata": {"resourceVersion": seen.to_string()},
                     });
-                    if tx.send(line("BOOKMARK", &bm)).await.is_err() { return; }
+                    if tx.send(encode("BOOKMARK", &bm)).await.is_err() { return; }
                 }
             }
         }

@@ -82,12 +82,12 @@ fn create_get_label_status_watch_delete() {
     let Some(k) = Kubectl::new() else { return };
     let f = k.lab.write("web.yaml", WEB);
     let f = f.to_str().expect("utf-8 path");
-    let out = k.ok(&["create", "--validate=false", "-f", f]);
+    let out = k.ok(&["create", "-f", f]);
     assert!(out.contains("service/web created"), "{out}");
     let stored = k.svc("web").expect("stored");
     assert_eq!(stored["spec"]["ports"][1]["targetPort"], 8443);
 
-    let again = k.run(&["create", "--validate=false", "-f", f]);
+    let again = k.run(&["create", "-f", f]);
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(
@@ -95,8 +95,43 @@ fn create_get_label_status_watch_delete() {
         "{err}"
     );
 
+    // kubectl asks for a Table: the columns of a real cluster.
     let out = k.ok(&["get", "svc"]);
-    assert!(out.lines().any(|l| l.starts_with("web ")), "{out}");
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ],
+        "{out}"
+    );
+    let row: Vec<&str> = out
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row[..5],
+        [
+            "web",
+            "LoadBalancer",
+            "<none>",
+            "<pending>",
+            "80/TCP,443/TCP"
+        ],
+        "{out}"
+    );
     let yaml = k.ok(&["get", "svc", "web", "-o", "yaml"]);
     let rv = stored["metadata"]["resourceVersion"].as_str().expect("rv");
     assert!(
@@ -219,6 +254,13 @@ fn create_get_label_status_watch_delete() {
         "jsonpath={.status.loadBalancer.ingress[0].ip}",
     ]);
     assert_eq!(ip, "192.0.2.10");
+    let out = k.ok(&["get", "svc", "web"]);
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l.split_whitespace().nth(3) == Some("192.0.2.10")),
+        "{out}"
+    );
 
     let out = k.ok(&["delete", "svc", "web"]);
     assert!(out.contains("service \"web\" deleted"), "{out}");
@@ -233,7 +275,7 @@ fn apply_creates_then_patches_with_merge_keys() {
     let Some(k) = Kubectl::new() else { return };
     let f = k.lab.write("web.yaml", WEB);
     let f = f.to_str().expect("utf-8 path");
-    let out = k.ok(&["apply", "--validate=false", "-f", f]);
+    let out = k.ok(&["apply", "-f", f]);
     assert!(out.contains("service/web created"), "{out}");
     let created = k.svc("web").expect("stored");
     assert!(
@@ -261,7 +303,7 @@ fn apply_creates_then_patches_with_merge_keys() {
         "web.yaml",
         &WEB.replace("targetPort: 8443", "targetPort: 9443"),
     );
-    let out = k.ok(&["apply", "--validate=false", "-f", f]);
+    let out = k.ok(&["apply", "-f", f]);
     assert!(out.contains("service/web configured"), "{out}");
     let s = k.svc("web").expect("stored");
     let ports = s["spec"]["ports"].as_array().expect("ports");
@@ -275,13 +317,13 @@ fn apply_creates_then_patches_with_merge_keys() {
     // Dropping a port from the manifest removes it (a $patch: delete element).
     let one_port = WEB.replace("  - {name: https, port: 443, targetPort: 8443}\n", "");
     k.lab.write("web.yaml", &one_port);
-    k.ok(&["apply", "--validate=false", "-f", f]);
+    k.ok(&["apply", "-f", f]);
     let ports = k.svc("web").expect("stored")["spec"]["ports"].clone();
     assert_eq!(
         ports,
         json!([{"name": "http", "port": 80, "targetPort": 8080}])
     );
-    let out = k.ok(&["apply", "--validate=false", "-f", f]);
+    let out = k.ok(&["apply", "-f", f]);
     assert!(out.contains("service/web unchanged"), "{out}");
 }
 
@@ -349,6 +391,29 @@ spec: {myASN: 64500, peerASN: 64501, peerAddress: 192.0.2.254}
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // Server-side apply (served as create, then a merge: no field managers).
+    let cm = k.lab.write(
+        "cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: config, namespace: metallb-system}\ndata: {config: 'a: 1'}\n",
+    );
+    let cm = cm.to_str().expect("utf-8 path");
+    let out = k.ok(&["apply", "--server-side", "-f", cm]);
+    assert!(out.contains("configmap/config serverside-applied"), "{out}");
+    k.lab.write(
+        "cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: config, namespace: metallb-system}\ndata: {config: 'a: 2'}\n",
+    );
+    k.ok(&["apply", "--server-side", "-f", cm]);
+    let got = k.ok(&[
+        "get",
+        "cm",
+        "-n",
+        "metallb-system",
+        "config",
+        "-o",
+        "jsonpath={.data.config}",
+    ]);
+    assert_eq!(got, "a: 2");
     let out = k.ok(&["delete", "-f", f]);
     assert!(
         out.contains("l2advertisement.metallb.io \"lab\" deleted"),
