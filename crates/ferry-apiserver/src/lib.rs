@@ -19,6 +19,13 @@
 //!   `metadata.name`), get, create (409 AlreadyExists, `generateName`), update (409 Conflict on
 //!   a stale resourceVersion, none means unconditional), delete (returns the object;
 //!   `preconditions.resourceVersion` honoured).
+//! - Services are defaulted and allocated as kube-apiserver does it (IPv4 only): `type`,
+//!   port `protocol` and `targetPort`, `sessionAffinity`, traffic policies, IP families; a
+//!   cluster IP from the service CIDR (default 10.43.0.0/16, K3s's; first free address above
+//!   the static band, where the real server picks at random) and node ports for NodePort and
+//!   LoadBalancer Services (30000-32767); explicit values are honoured when in range and free
+//!   (422 Invalid otherwise); an update that leaves them out keeps them; the cluster IP is
+//!   immutable. Deleting a Service frees what it held.
 //! - The `/status` subresource: status writes change only `status`, main writes ignore it;
 //!   `status` is dropped on create (except Nodes), Namespaces get `status.phase: Active`.
 //! - PATCH: `json-patch+json`, `merge-patch+json`, `strategic-merge-patch+json` (built-in kinds
@@ -42,8 +49,9 @@
 //! - Errors are `kind: Status` objects with kube-apiserver's codes and reasons.
 //!
 //! What it does **not** do: TLS, authentication, authorization, admission (namespaces need not
-//! exist; nothing is validated beyond names, kinds and apiVersions), defaulting (no cluster IP
-//! or node port allocation, no defaults filled into specs), finalizers and graceful deletion,
+//! exist; nothing is validated beyond names, kinds, apiVersions and the Service fields
+//! above), defaulting of any other kind (Pods, Deployments, ... are stored as sent),
+//! IPv6 and dual-stack Services, finalizers and graceful deletion,
 //! garbage collection, controllers of any kind, pagination (`limit`/`continue` are ignored:
 //! a list is always complete), `deletecollection`, `dryRun` (refused with 400), field
 //! validation (`fieldValidation=Strict` is accepted and unknown fields are kept), protobuf,
@@ -61,6 +69,7 @@ pub mod error;
 pub mod patch;
 pub mod resources;
 pub mod selector;
+pub mod service;
 pub mod store;
 pub mod table;
 

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 
 /// A test double of kube-apiserver for ferry's lab (not a product: no TLS, no auth, no
-/// admission, no defaulting). See the crate docs for what it serves.
+/// admission, no defaulting beyond Services). See the crate docs for what it serves.
 #[derive(Parser, Debug)]
 #[command(name = "ferry-apiserver", version)]
 struct Args {
@@ -21,6 +21,12 @@ struct Args {
     /// Events kept for watches resuming from a resourceVersion (older ones get 410 Expired).
     #[arg(long, default_value_t = 1000)]
     history: usize,
+    /// Service CIDR (IPv4) that cluster IPs come from.
+    #[arg(long, default_value = "10.43.0.0/16")]
+    service_cidr: String,
+    /// Node-port range, FIRST-LAST.
+    #[arg(long, default_value = "30000-32767")]
+    service_node_port_range: String,
     /// Seconds between BOOKMARK events on watches that allow them.
     #[arg(long, default_value_t = 10.0)]
     bookmark_seconds: f64,
@@ -34,7 +40,25 @@ fn main() -> anyhow::Result<()> {
             args.bookmark_seconds
         );
     }
+    let (first, last) = args
+        .service_node_port_range
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+        .filter(|(a, b)| a <= b)
+        .with_context(|| {
+            format!(
+                "--service-node-port-range {:?}: expected FIRST-LAST, e.g. 30000-32767",
+                args.service_node_port_range
+            )
+        })?;
+    let services = ferry_apiserver::service::ServiceConfig {
+        node_ports: first..=last,
+        ..Default::default()
+    }
+    .with_cidr(&args.service_cidr)
+    .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
     let config = ferry_apiserver::Config {
+        services,
         history: args.history,
         bookmark_interval: Duration::from_secs_f64(args.bookmark_seconds),
         ..Default::default()

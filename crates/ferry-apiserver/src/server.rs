@@ -36,6 +36,8 @@ pub struct Config {
     pub bookmark_interval: Duration,
     /// Watch length when the client gives no `timeoutSeconds`.
     pub default_watch_timeout: Duration,
+    /// Service CIDR and node-port range for Services.
+    pub services: crate::service::ServiceConfig,
 }
 
 impl Default for Config {
@@ -44,6 +46,7 @@ impl Default for Config {
             history: 1000,
             bookmark_interval: Duration::from_secs(10),
             default_watch_timeout: Duration::from_secs(1800),
+            services: crate::service::ServiceConfig::default(),
         }
     }
 }
@@ -58,7 +61,7 @@ impl ApiServer {
     /// A server with the namespaces a fresh cluster has (`default`, `kube-system`,
     /// `kube-public`, `kube-node-lease`).
     pub fn new(config: Config) -> Arc<Self> {
-        let store = Store::new(config.history);
+        let store = Store::with_services(config.history, config.services.clone());
         if let Some(ns) = resources::find("", "v1", "namespaces") {
             for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
                 // Fresh store: these cannot already exist.

@@ -9,6 +9,7 @@ use tokio::sync::broadcast;
 
 use crate::error::ApiError;
 use crate::resources::Resource;
+use crate::service::{self, ServiceConfig};
 
 /// Where an object lives.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -98,12 +99,18 @@ struct Inner {
 pub struct Store {
     inner: Mutex<Inner>,
     history_cap: usize,
+    services: ServiceConfig,
     tx: broadcast::Sender<Arc<Event>>,
 }
 
 impl Store {
     /// A store that keeps the last `history_cap` events for watches.
     pub fn new(history_cap: usize) -> Self {
+        Self::with_services(history_cap, ServiceConfig::default())
+    }
+
+    /// A store whose Services get cluster IPs and node ports from `services`.
+    pub fn with_services(history_cap: usize, services: ServiceConfig) -> Self {
         let (tx, _) = broadcast::channel(4096);
         Store {
             inner: Mutex::new(Inner {
@@ -113,6 +120,7 @@ impl Store {
                 compacted: 0,
             }),
             history_cap: history_cap.max(1),
+            services,
             tx,
         }
     }
@@ -221,9 +229,18 @@ impl Store {
         meta.insert("creationTimestamp".into(), json!(now()));
         meta.insert("generation".into(), json!(1));
         meta.remove("deletionTimestamp");
+        if is_service(res) {
+            let others = inner
+                .objects
+                .iter()
+                .filter(|(k, _)| k.is(res))
+                .map(|(_, v)| v);
+            service::prepare(&mut obj, None, others, &self.services)
+                .map_err(|e| ApiError::invalid(res.group, res.resource, &name, e))?;
+        }
         inner.rv += 1;
         let rv = inner.rv;
-        meta.insert("resourceVersion".into(), json!(rv.to_string()));
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         inner.objects.insert(key.clone(), obj.clone());
         self.record(&mut inner, key, EventType::Added, obj.clone(), None);
         Ok(obj)
@@ -342,11 +359,19 @@ impl Store {
             };
         }
         merged.insert("metadata".into(), Value::Object(meta));
-        let merged = Value::Object(merged);
+        let mut merged = Value::Object(merged);
+        if part == Part::Main && is_service(res) {
+            let others = inner
+                .objects
+                .iter()
+                .filter(|(k, _)| k.is(res) && **k != key)
+                .map(|(_, v)| v);
+            service::prepare(&mut merged, Some(&old), others, &self.services)
+                .map_err(|e| ApiError::invalid(res.group, res.resource, name, e))?;
+        }
         if merged == old {
             return Ok(old);
         }
-        let mut merged = merged;
         if spec_changed(&old, &merged) {
             let gen = old_meta
                 .get("generation")
@@ -467,6 +492,10 @@ impl Store {
     }
 }
 
+fn is_service(res: &Resource) -> bool {
+    res.group.is_empty() && res.resource == "services"
+}
+
 fn check_type(res: &Resource, map: &Map<String, Value>) -> Result<(), ApiError> {
     if let Some(kind) = map.get("kind").and_then(Value::as_str) {
         if kind != res.kind {
@@ -573,7 +602,7 @@ mod tests {
             .create(
                 svc(),
                 "default",
-                json!({"metadata": {"name": "a"}, "spec": {}, "status": {"x": 1}}),
+                json!({"metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}, "status": {"x": 1}}),
             )
             .unwrap();
         assert_eq!(a["kind"], "Service");
@@ -583,30 +612,42 @@ mod tests {
         assert!(a.get("status").is_none(), "status is dropped on create");
         assert_eq!(rv(&a), s.resource_version());
         let e = s
-            .create(svc(), "default", json!({"metadata": {"name": "a"}}))
+            .create(
+                svc(),
+                "default",
+                json!({"metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}}),
+            )
             .unwrap_err();
         assert_eq!((e.code, e.reason), (409, "AlreadyExists"));
         // Same name in another namespace is another object.
-        s.create(svc(), "other", json!({"metadata": {"name": "a"}}))
-            .unwrap();
+        s.create(
+            svc(),
+            "other",
+            json!({"metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}}),
+        )
+        .unwrap();
         let g = s
             .create(
                 svc(),
                 "default",
-                json!({"metadata": {"generateName": "web-"}}),
+                json!({"metadata": {"generateName": "web-"}, "spec": {"ports": [{"port": 80}]}}),
             )
             .unwrap();
         let name = g["metadata"]["name"].as_str().unwrap();
         assert!(name.starts_with("web-") && name.len() == 9, "{name}");
         let bad = s
-            .create(svc(), "default", json!({"metadata": {"name": "Bad_Name"}}))
+            .create(
+                svc(),
+                "default",
+                json!({"metadata": {"name": "Bad_Name"}, "spec": {"ports": [{"port": 80}]}}),
+            )
             .unwrap_err();
         assert_eq!(bad.code, 422);
         let ns_mismatch = s
             .create(
                 svc(),
                 "default",
-                json!({"metadata": {"name": "b", "namespace": "x"}}),
+                json!({"metadata": {"name": "b", "namespace": "x"}, "spec": {"ports": [{"port": 80}]}}),
             )
             .unwrap_err();
         assert_eq!(ns_mismatch.code, 400);
@@ -619,7 +660,7 @@ mod tests {
             .create(
                 svc(),
                 "default",
-                json!({"metadata": {"name": "a"}, "spec": {"type": "ClusterIP"}}),
+                json!({"metadata": {"name": "a"}, "spec": {"type": "ClusterIP", "ports": [{"port": 80}]}}),
             )
             .unwrap();
         let mut b = a.clone();
@@ -657,7 +698,7 @@ mod tests {
             .create(
                 svc(),
                 "default",
-                json!({"metadata": {"name": "a"}, "spec": {"type": "LoadBalancer"}}),
+                json!({"metadata": {"name": "a"}, "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}}),
             )
             .unwrap();
         let mut st = a.clone();
@@ -682,7 +723,11 @@ mod tests {
     fn delete_returns_object_and_checks_precondition() {
         let s = Store::new(10);
         let a = s
-            .create(svc(), "default", json!({"metadata": {"name": "a"}}))
+            .create(
+                svc(),
+                "default",
+                json!({"metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}}),
+            )
             .unwrap();
         let e = s.delete(svc(), "default", "a", Some("1")).unwrap_err();
         assert_eq!(e.code, 409);
@@ -700,7 +745,7 @@ mod tests {
             s.create(
                 svc(),
                 "default",
-                json!({"metadata": {"name": format!("s{i}")}}),
+                json!({"metadata": {"name": format!("s{i}")}, "spec": {"ports": [{"port": 80}]}}),
             )
             .unwrap();
         }
@@ -713,7 +758,7 @@ mod tests {
             s.create(
                 svc(),
                 "default",
-                json!({"metadata": {"name": format!("s{i}")}}),
+                json!({"metadata": {"name": format!("s{i}")}, "spec": {"ports": [{"port": 80}]}}),
             )
             .unwrap();
         }

@@ -121,14 +121,15 @@ fn create_get_label_status_watch_delete() {
         .unwrap_or_default()
         .split_whitespace()
         .collect();
+    // The server allocated the cluster IP (K3s's default range) and the node ports.
     assert_eq!(
         row[..5],
         [
             "web",
             "LoadBalancer",
-            "<none>",
+            "10.43.1.1",
             "<pending>",
-            "80/TCP,443/TCP"
+            "80:30000/TCP,443:30001/TCP"
         ],
         "{out}"
     );
@@ -283,18 +284,25 @@ fn apply_creates_then_patches_with_merge_keys() {
             .is_string()
     );
 
-    // Another writer (as the API server's allocator and a load-balancer controller would)
-    // sets fields the manifest does not have; apply must keep them.
+    // The server allocated a cluster IP and node ports (not in the manifest), and a
+    // load-balancer controller writes status; apply must keep all of them.
+    let ip = created["spec"]["clusterIP"]
+        .as_str()
+        .expect("a cluster IP")
+        .to_string();
+    assert!(ip.starts_with("10.43."), "{ip}");
+    let node_ports: Vec<u64> = created["spec"]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .map(|p| p["nodePort"].as_u64().expect("a node port"))
+        .collect();
     let res = find("", "v1", "services").expect("services");
     let store = &k.lab.server.server().store;
-    let mut with_ip = created.clone();
-    with_ip["spec"]["clusterIP"] = json!("10.96.0.10");
-    let mut with_ip = store
-        .update(res, "default", "web", with_ip, Part::Main)
-        .expect("set clusterIP");
-    with_ip["status"] = json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}});
+    let mut with_status = created.clone();
+    with_status["status"] = json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}});
     store
-        .update(res, "default", "web", with_ip, Part::Status)
+        .update(res, "default", "web", with_status, Part::Status)
         .expect("set status");
 
     // Change only the https port's targetPort: kubectl sends a strategic merge patch with
@@ -310,9 +318,11 @@ fn apply_creates_then_patches_with_merge_keys() {
     assert_eq!(ports.len(), 2, "{ports:?}");
     assert_eq!(ports[0]["targetPort"], 8080);
     assert_eq!(ports[1]["targetPort"], 9443);
-    assert_eq!(s["spec"]["clusterIP"], "10.96.0.10");
+    assert_eq!(s["spec"]["clusterIP"], json!(ip));
+    assert_eq!(ports[0]["nodePort"], node_ports[0]);
+    assert_eq!(ports[1]["nodePort"], node_ports[1]);
     assert_eq!(s["status"]["loadBalancer"]["ingress"][0]["ip"], "192.0.2.1");
-    assert_eq!(s["metadata"]["generation"], 3);
+    assert_eq!(s["metadata"]["generation"], 2);
 
     // Dropping a port from the manifest removes it (a $patch: delete element).
     let one_port = WEB.replace("  - {name: https, port: 443, targetPort: 8443}\n", "");
@@ -321,7 +331,7 @@ fn apply_creates_then_patches_with_merge_keys() {
     let ports = k.svc("web").expect("stored")["spec"]["ports"].clone();
     assert_eq!(
         ports,
-        json!([{"name": "http", "port": 80, "targetPort": 8080}])
+        json!([{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "nodePort": node_ports[0]}])
     );
     let out = k.ok(&["apply", "-f", f]);
     assert!(out.contains("service/web unchanged"), "{out}");
