@@ -2,8 +2,9 @@
 //! server anyone should run a cluster on.
 //!
 //! No real kube-apiserver can run on the lab machine, so the lab gets this small in-process
-//! server that behaves like the real one *for the calls real clients make* (kubectl, the
-//! official Python client, kube-rs): plain HTTP on loopback, JSON only.
+//! server that behaves like the real one *for the calls real clients make*: plain HTTP on
+//! loopback, JSON only. Its tests drive it with the real clients: kubectl 1.32, the official
+//! Python client, and kube-rs 5 (ferry's own).
 //!
 //! What it does:
 //! - Discovery: `/api`, `/api/v1`, `/apis`, `/apis/<group>`, `/apis/<group>/<version>`
@@ -46,6 +47,9 @@
 //!   `fieldValidation` parameter, no schemas), so kubectl leaves validation to the server and
 //!   `kubectl apply -f` needs no `--validate=false`; kubectl then builds strategic merge
 //!   patches from its compiled-in types.
+//! - Events: core/v1 and events.k8s.io/v1 share one storage (kube-apiserver's field
+//!   renames: `involvedObject`/`regarding`, `message`/`note`, ...), so what kube-rs's
+//!   `Recorder` writes shows in `kubectl get events`.
 //! - Errors are `kind: Status` objects with kube-apiserver's codes and reasons.
 //!
 //! What it does **not** do: TLS, authentication, authorization, admission (namespaces need not
@@ -60,12 +64,12 @@
 //! or strategic/JSON merge into the existing object*: fields dropped from the applied
 //! manifest stay, and nothing conflicts — so lease libraries built on server-side apply
 //! conflicts, such as kube-lease-manager, are not safe against it), and conversion between
-//! versions (core/v1 and events.k8s.io/v1 Events are stored separately, so an Event written
-//! through one is not listed through the other). Watchers that fall too far behind (4096
+//! versions other than Events'. Watchers that fall too far behind (4096
 //! events) are disconnected, as a real server may do; clients re-watch. State lives in
 //! memory only and is lost when the process ends.
 
 pub mod error;
+pub mod events;
 pub mod patch;
 pub mod resources;
 pub mod selector;

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::error::ApiError;
+use crate::events::{from_storage, storage_of, to_storage};
 use crate::patch::{self, PatchType};
 use crate::resources::{self, Resource};
 use crate::selector::{FieldSelector, LabelSelector};
@@ -356,6 +357,8 @@ async fn resource_request(
         ));
     }
     let store = &server.store;
+    // Where the objects live (core/v1 Events are stored as events.k8s.io/v1 Events).
+    let sres = storage_of(res);
     let namespace = ns.unwrap_or("");
     let part = match rest.get(2) {
         None => Part::Main,
@@ -371,7 +374,11 @@ async fn resource_request(
             if query.flag("watch") {
                 return watch(server, res, ns, labels, fields, query);
             }
-            let (items, rv) = store.list(res, ns, &|o| labels.matches(o) && fields.matches(o));
+            let (items, rv) = store.list(sres, ns, &|o| {
+                let o = from_storage(res, o.clone());
+                labels.matches(&o) && fields.matches(&o)
+            });
+            let items: Vec<Value> = items.into_iter().map(|o| from_storage(res, o)).collect();
             if query.table {
                 return Ok(ok(&table::table(res, &items, Some(rv), true)));
             }
@@ -391,11 +398,11 @@ async fn resource_request(
             }
             let obj = parse_body(body, &format!("body of the new {}", res.kind))?;
             store
-                .create(res, namespace, obj)
-                .map(|o| full(StatusCode::CREATED, &o))
+                .create(sres, namespace, to_storage(res, obj))
+                .map(|o| full(StatusCode::CREATED, &from_storage(res, o)))
         }
         (2, Method::GET) | (3, Method::GET) => {
-            let o = store.get(res, namespace, rest[1])?;
+            let o = from_storage(res, store.get(sres, namespace, rest[1])?);
             if query.table {
                 return Ok(ok(&table::table(res, &[o], None, true)));
             }
@@ -404,8 +411,8 @@ async fn resource_request(
         (2, Method::PUT) | (3, Method::PUT) => {
             let obj = parse_body(body, &format!("body of {} {:?}", res.kind, rest[1]))?;
             store
-                .update(res, namespace, rest[1], obj, part)
-                .map(|o| ok(&o))
+                .update(sres, namespace, rest[1], to_storage(res, obj), part)
+                .map(|o| ok(&from_storage(res, o)))
         }
         (2, Method::PATCH) | (3, Method::PATCH) => patch_request(
             server,
@@ -426,7 +433,9 @@ async fn resource_request(
             let pre = opts
                 .pointer("/preconditions/resourceVersion")
                 .and_then(Value::as_str);
-            store.delete(res, namespace, rest[1], pre).map(|o| ok(&o))
+            store
+                .delete(sres, namespace, rest[1], pre)
+                .map(|o| ok(&from_storage(res, o)))
         }
         _ => Err(ApiError::method_not_allowed(format!(
             "{method} is not supported on {path}"
@@ -454,13 +463,20 @@ fn patch_request(
     let p = parse_body(body, &format!("patch of {} {name:?}", res.kind))?;
     let store = &server.store;
     let what = |e: String| ApiError::invalid(res.group, res.resource, name, e);
+    let sres = storage_of(res);
+    // Patches apply to the object in the form the client addressed.
+    let patched = |old: &Value, f: &dyn Fn(&Value) -> Result<Value, String>| {
+        f(&from_storage(res, old.clone()))
+            .map(|v| to_storage(res, v))
+            .map_err(what)
+    };
     if pt == PatchType::Apply {
         if query.get("fieldManager").is_none_or(str::is_empty) {
             return Err(ApiError::bad_request(
                 "PATCH with application/apply-patch+yaml requires the fieldManager parameter",
             ));
         }
-        return match store.get(res, namespace, name) {
+        return match store.get(sres, namespace, name) {
             Err(e) if e.code == 404 => {
                 let mut obj = p;
                 if obj.pointer("/metadata/name").is_none() {
@@ -470,32 +486,32 @@ fn patch_request(
                     m.remove("resourceVersion");
                 }
                 store
-                    .create(res, namespace, obj)
-                    .map(|o| full(StatusCode::CREATED, &o))
+                    .create(sres, namespace, to_storage(res, obj))
+                    .map(|o| full(StatusCode::CREATED, &from_storage(res, o)))
             }
             Err(e) => Err(e),
             Ok(_) => store
-                .update_with(res, namespace, name, part, |old| {
-                    if res.builtin {
-                        patch::strategic_merge_patch(old, &p)
-                    } else {
-                        patch::merge_patch(old, &p)
-                    }
-                    .map_err(what)
+                .update_with(sres, namespace, name, part, |old| {
+                    patched(old, &|cur| {
+                        if res.builtin {
+                            patch::strategic_merge_patch(cur, &p)
+                        } else {
+                            patch::merge_patch(cur, &p)
+                        }
+                    })
                 })
-                .map(|o| ok(&o)),
+                .map(|o| ok(&from_storage(res, o))),
         };
     }
     store
-        .update_with(res, namespace, name, part, |old| {
-            match pt {
-                PatchType::Json => patch::json_patch(old, &p),
-                PatchType::Merge => patch::merge_patch(old, &p),
-                PatchType::Strategic | PatchType::Apply => patch::strategic_merge_patch(old, &p),
-            }
-            .map_err(what)
+        .update_with(sres, namespace, name, part, |old| {
+            patched(old, &|cur| match pt {
+                PatchType::Json => patch::json_patch(cur, &p),
+                PatchType::Merge => patch::merge_patch(cur, &p),
+                PatchType::Strategic | PatchType::Apply => patch::strategic_merge_patch(cur, &p),
+            })
         })
-        .map(|o| ok(&o))
+        .map(|o| ok(&from_storage(res, o)))
 }
 
 /// A body fed by a channel: each message is one chunk of a watch stream.
@@ -529,8 +545,16 @@ fn stream_response(rx: mpsc::Receiver<Bytes>) -> Response<Body> {
 }
 
 /// What a watcher with these selectors sees of one event, if anything.
-fn view(ev: &Event, labels: &LabelSelector, fields: &FieldSelector) -> Option<&'static str> {
-    let m = |o: &Value| labels.matches(o) && fields.matches(o);
+fn view(
+    res: &Resource,
+    ev: &Event,
+    labels: &LabelSelector,
+    fields: &FieldSelector,
+) -> Option<&'static str> {
+    let m = |o: &Value| {
+        let o = from_storage(res, o.clone());
+        labels.matches(&o) && fields.matches(&o)
+    };
     let now = m(&ev.object);
     match ev.kind {
         EventType::Added | EventType::Deleted => now.then(|| ev.kind.as_str()),
@@ -570,7 +594,8 @@ fn watch(
     let bookmarks = query.flag("allowWatchBookmarks");
     let as_table = query.table;
     let (tx, rx) = mpsc::channel::<Bytes>(256);
-    let (start, mut events) = match server.store.watch(res, ns, since) {
+    let sres = storage_of(res);
+    let (start, mut events) = match server.store.watch(sres, ns, since) {
         Ok(x) => x,
         Err(e) if e.code == 410 => {
             // As kube-apiserver: HTTP 200 and one ERROR event.
@@ -585,26 +610,30 @@ fn watch(
     tokio::spawn(async move {
         let mut first = true;
         let mut encode = move |kind: &str, o: &Value| {
-            if as_table && kind != "BOOKMARK" {
-                let t = table::table(res, std::slice::from_ref(o), None, first);
+            if kind == "BOOKMARK" {
+                return line(kind, o);
+            }
+            let o = from_storage(res, o.clone());
+            if as_table {
+                let t = table::table(res, std::slice::from_ref(&o), None, first);
                 first = false;
                 line(kind, &t)
             } else {
-                line(kind, o)
+                line(kind, &o)
             }
         };
         let in_scope = |ev: &Event| {
-            ev.key.group == res.group
-                && ev.key.version == res.version
-                && ev.key.resource == res.resource
+            ev.key.group == sres.group
+                && ev.key.version == sres.version
+                && ev.key.resource == sres.resource
                 && ns.as_ref().is_none_or(|n| *n == ev.key.namespace)
         };
         let mut seen = match start {
             WatchStart::Snapshot { objects, rv } => {
-                for o in objects
-                    .iter()
-                    .filter(|o| labels.matches(o) && fields.matches(o))
-                {
+                for o in objects.iter().filter(|o| {
+                    let c = from_storage(res, (*o).clone());
+                    labels.matches(&c) && fields.matches(&c)
+                }) {
                     if tx.send(encode("ADDED", o)).await.is_err() {
                         return;
                     }
@@ -613,7 +642,7 @@ fn watch(
             }
             WatchStart::Replay { events, rv } => {
                 for ev in events {
-                    if let Some(kind) = view(&ev, &labels, &fields) {
+                    if let Some(kind) = view(res, &ev, &labels, &fields) {
                         if tx.send(encode(kind, &ev.object)).await.is_err() {
                             return;
                         }
@@ -634,7 +663,7 @@ fn watch(
                         if ev.rv <= seen { continue; }
                         seen = ev.rv;
                         if !in_scope(&ev) { continue; }
-                        if let Some(kind) = view(&ev, &labels, &fields) {
+                        if let Some(kind) = view(res, &ev, &labels, &fields) {
                             if tx.send(encode(kind, &ev.object)).await.is_err() { return; }
                         }
                     }

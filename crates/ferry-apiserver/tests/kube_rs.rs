@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Lab;
+use common::{kubectl_path, Lab};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
@@ -147,6 +147,79 @@ async fn kube_rs_writes_leases_and_watches() {
         .spec
         .and_then(|s| s.holder_identity);
     assert_eq!(holder.as_deref(), Some("node-b"));
+}
+
+/// kube-rs's Recorder writes events.k8s.io/v1 Events (create, then a merge patch for a
+/// series); they are read back through core/v1, as `kubectl get events` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorder_events_are_visible_as_core_events() {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    use kube::Resource;
+
+    let lab = Lab::quick();
+    let client = client(&lab).await;
+    let svcs: Api<Service> = Api::namespaced(client.clone(), "default");
+    let svc = svcs
+        .create(&PostParams::default(), &service("web"))
+        .await
+        .expect("create");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "ferry".into(),
+            instance: Some("node-a".into()),
+        },
+    );
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "IPAllocated".into(),
+        note: Some("Assigned IP [\"192.0.2.1\"]".into()),
+        action: "Allocate".into(),
+        secondary: None,
+    };
+    let reference = svc.object_ref(&());
+    recorder.publish(&ev, &reference).await.expect("publish");
+    recorder
+        .publish(&ev, &reference)
+        .await
+        .expect("publish again (a series)");
+
+    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+    let list = core
+        .list(&kube::api::ListParams::default().fields("involvedObject.name=web"))
+        .await
+        .expect("list core/v1 events");
+    assert_eq!(list.items.len(), 1, "{:?}", list.items);
+    let e = &list.items[0];
+    assert_eq!(e.reason.as_deref(), Some("IPAllocated"));
+    assert_eq!(e.message.as_deref(), Some("Assigned IP [\"192.0.2.1\"]"));
+    assert_eq!(e.involved_object.kind.as_deref(), Some("Service"));
+    assert_eq!(e.reporting_component.as_deref(), Some("ferry"));
+    assert_eq!(e.series.as_ref().and_then(|s| s.count), Some(2));
+
+    if let Some(kubectl) = kubectl_path() {
+        let out = std::process::Command::new(kubectl)
+            .arg("--kubeconfig")
+            .arg(&lab.kubeconfig)
+            .args(["get", "events"])
+            .output()
+            .expect("run kubectl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let row = text.lines().nth(1).unwrap_or_default();
+        assert!(
+            row.contains("Normal")
+                && row.contains("IPAllocated")
+                && row.contains("service/web")
+                && row.contains("Assigned IP"),
+            "{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
