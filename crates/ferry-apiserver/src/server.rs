@@ -74,12 +74,17 @@ impl ApiServer {
 }
 
 /// Serves connections from `listener` until the future is dropped.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    server: Arc<ApiServer>,
-) -> std::io::Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, server: Arc<ApiServer>) {
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: not a reason to stop serving.
+                eprintln!("ferry-apiserver: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let server = server.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
