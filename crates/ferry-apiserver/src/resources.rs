@@ -224,6 +224,13 @@ pub fn resource_list(group: &str, version: &str) -> Option<serde_json::Value> {
         if !r.short_names.is_empty() {
             item["shortNames"] = serde_json::json!(r.short_names);
         }
+        // `kubectl get all`.
+        if matches!(
+            (r.group, r.resource),
+            ("", "services") | ("", "pods") | ("apps", "deployments")
+        ) {
+            item["categories"] = serde_json::json!(["all"]);
+        }
         items.push(item);
         if r.status {
             items.push(serde_json::json!({

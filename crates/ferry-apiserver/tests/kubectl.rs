@@ -146,6 +146,17 @@ fn create_get_label_status_watch_delete() {
     let json_out: Value =
         serde_json::from_str(&k.ok(&["get", "svc", "-o", "json"])).expect("a JSON list");
     assert_eq!(json_out["items"][0]["metadata"]["name"], "web");
+    // Categories ("all") and describe (which also lists the Service's Events).
+    assert_eq!(k.ok(&["get", "all", "-o", "name"]).trim(), "service/web");
+    let described = k.ok(&["describe", "svc", "web"]);
+    assert!(
+        described.contains("IP:                       10.43.1.1"),
+        "{described}"
+    );
+    assert!(
+        described.contains("NodePort:                 https  30001/TCP"),
+        "{described}"
+    );
     // Short names come from discovery.
     assert!(k
         .ok(&["get", "ns", "-o", "name"])
