@@ -46,37 +46,54 @@ fn call(addr: SocketAddr, method: &str, path: &str, ct: &str, body: &Value) -> (
 const JSON: &str = "application/json";
 const SVCS: &str = "/api/v1/namespaces/default/services";
 
-/// Reads watch events (one JSON per line) until `n` arrived or the stream ended.
-fn events(stream: TcpStream, n: usize) -> (u16, Vec<Value>, bool) {
-    let mut r = BufReader::new(stream);
-    let mut line = String::new();
-    r.read_line(&mut line).expect("status line");
-    let code = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("code");
-    loop {
-        line.clear();
-        r.read_line(&mut line).expect("header");
-        if line.trim().is_empty() {
-            break;
-        }
-    }
-    let mut out = Vec::new();
-    let mut ended = false;
-    while out.len() < n {
-        line.clear();
-        match r.read_line(&mut line) {
-            Ok(0) => {
-                ended = true;
+/// A watch response being read: the status code, then one JSON event per line.
+struct Watch {
+    code: u16,
+    r: BufReader<TcpStream>,
+}
+
+impl Watch {
+    fn open(stream: TcpStream) -> Watch {
+        let mut r = BufReader::new(stream);
+        let mut line = String::new();
+        r.read_line(&mut line).expect("status line");
+        let code = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("code");
+        loop {
+            line.clear();
+            r.read_line(&mut line).expect("header");
+            if line.trim().is_empty() {
                 break;
             }
-            Ok(_) => out.push(serde_json::from_str(line.trim()).expect("a JSON event")),
+        }
+        Watch { code, r }
+    }
+
+    /// The next event, or None when the server ended the stream.
+    fn next(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.r.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(serde_json::from_str(line.trim()).expect("a JSON event")),
             Err(e) => panic!("reading the watch: {e}"),
         }
     }
-    (code, out, ended)
+}
+
+/// Reads up to `n` events: (status code, events, whether the stream ended).
+fn events(stream: TcpStream, n: usize) -> (u16, Vec<Value>, bool) {
+    let mut w = Watch::open(stream);
+    let mut out = Vec::new();
+    while out.len() < n {
+        match w.next() {
+            Some(e) => out.push(e),
+            None => return (w.code, out, true),
+        }
+    }
+    (w.code, out, false)
 }
 
 fn svc(name: &str, labels: Value) -> Value {
@@ -241,7 +258,10 @@ fn watch_semantics() {
         JSON,
         "",
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // The first event (the synthetic ADDED) shows the watch is in place before the writes.
+    let mut w = Watch::open(w);
+    assert_eq!(w.code, 200);
+    let mut evs = vec![w.next().expect("the synthetic ADDED")];
     call(
         a,
         "PATCH",
@@ -256,8 +276,7 @@ fn watch_semantics() {
         "application/merge-patch+json",
         &json!({"metadata": {"labels": {"app": "x"}}}),
     );
-    let (code, evs, _) = events(w, 3);
-    assert_eq!(code, 200);
+    evs.extend((0..2).map(|_| w.next().expect("an event")));
     let seen: Vec<(String, String)> = evs
         .iter()
         .map(|e| {
