@@ -52,9 +52,13 @@
 //!   `Recorder` writes shows in `kubectl get events`.
 //! - Errors are `kind: Status` objects with kube-apiserver's codes and reasons.
 //!
-//! What it does **not** do: TLS, authentication, authorization, admission (namespaces need not
-//! exist; nothing is validated beyond names, kinds, apiVersions and the Service fields
-//! above), defaulting of any other kind (Pods, Deployments, ... are stored as sent),
+//! - Namespaces: `default`, `kube-system`, `kube-public` and `kube-node-lease` exist from the
+//!   start; creating in a missing namespace is 404 (as the NamespaceLifecycle admission
+//!   plugin); deleting a namespace deletes what is in it at once (no Terminating phase).
+//!
+//! What it does **not** do: TLS, authentication, authorization, admission other than the
+//! namespace rule (nothing is validated beyond names, kinds, apiVersions and the Service
+//! fields above), defaulting of any other kind (Pods, Deployments, ... are stored as sent),
 //! IPv6 and dual-stack Services, finalizers and graceful deletion,
 //! garbage collection, controllers of any kind, pagination (`limit`/`continue` are ignored:
 //! a list is always complete), `deletecollection`, `dryRun` (refused with 400), field

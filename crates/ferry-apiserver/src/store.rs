@@ -217,6 +217,17 @@ impl Store {
             },
         };
         validate_name(res, &name)?;
+        let ns_key = ObjKey {
+            group: String::new(),
+            version: "v1".into(),
+            resource: "namespaces".into(),
+            namespace: String::new(),
+            name: namespace.into(),
+        };
+        if res.namespaced && !inner.objects.contains_key(&ns_key) {
+            // As the NamespaceLifecycle admission plugin.
+            return Err(ApiError::not_found("", "namespaces", namespace));
+        }
         let key = ObjKey::new(res, namespace, &name);
         if inner.objects.contains_key(&key) {
             return Err(ApiError::already_exists(res.group, res.resource, &name));
@@ -417,6 +428,22 @@ impl Store {
         inner.rv += 1;
         old["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
         self.record(&mut inner, key, EventType::Deleted, old.clone(), None);
+        if is_namespace(res) {
+            // What the namespace controller does (at once here, with no Terminating phase).
+            let inside: Vec<ObjKey> = inner
+                .objects
+                .keys()
+                .filter(|k| k.namespace == name)
+                .cloned()
+                .collect();
+            for k in inside {
+                if let Some(mut o) = inner.objects.remove(&k) {
+                    inner.rv += 1;
+                    o["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+                    self.record(&mut inner, k, EventType::Deleted, o, None);
+                }
+            }
+        }
         Ok(old)
     }
 
@@ -490,6 +517,10 @@ impl Store {
         // No receivers is fine.
         let _ = self.tx.send(ev);
     }
+}
+
+fn is_namespace(res: &Resource) -> bool {
+    res.group.is_empty() && res.resource == "namespaces"
 }
 
 fn is_service(res: &Resource) -> bool {
@@ -583,6 +614,64 @@ mod tests {
     use super::*;
     use crate::resources::find;
 
+    /// A store with the namespaces the tests use.
+    fn store(cap: usize) -> Store {
+        let s = Store::new(cap);
+        let ns = find("", "v1", "namespaces").unwrap();
+        for n in ["default", "other"] {
+            s.create(ns, "", json!({"metadata": {"name": n}})).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn namespaces_must_exist_and_take_their_objects_along() {
+        let s = store(100);
+        let e = s
+            .create(
+                svc(),
+                "nope",
+                json!({"metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}}),
+            )
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (404, "namespaces \"nope\" not found")
+        );
+        s.create(
+            svc(),
+            "other",
+            json!({"metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}}),
+        )
+        .unwrap();
+        s.create(
+            svc(),
+            "default",
+            json!({"metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}}),
+        )
+        .unwrap();
+        let ns = find("", "v1", "namespaces").unwrap();
+        let (_, mut rx) = s.watch(svc(), None, None).unwrap();
+        s.delete(ns, "", "other", None).unwrap();
+        assert_eq!(s.get(svc(), "other", "a").unwrap_err().code, 404);
+        assert!(s.get(svc(), "default", "a").is_ok());
+        let mut deleted = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            deleted.push((ev.key.resource.clone(), ev.key.name.clone(), ev.kind));
+        }
+        assert_eq!(
+            deleted,
+            vec![
+                (
+                    "namespaces".to_string(),
+                    "other".to_string(),
+                    EventType::Deleted
+                ),
+                ("services".to_string(), "a".to_string(), EventType::Deleted),
+            ]
+        );
+    }
+
     fn svc() -> &'static Resource {
         find("", "v1", "services").unwrap()
     }
@@ -597,7 +686,7 @@ mod tests {
 
     #[test]
     fn create_stamps_metadata_and_rejects_duplicates() {
-        let s = Store::new(10);
+        let s = store(10);
         let a = s
             .create(
                 svc(),
@@ -655,7 +744,7 @@ mod tests {
 
     #[test]
     fn resource_versions_grow_and_stale_updates_conflict() {
-        let s = Store::new(10);
+        let s = store(10);
         let a = s
             .create(
                 svc(),
@@ -693,7 +782,7 @@ mod tests {
 
     #[test]
     fn status_and_main_writes_touch_only_their_part() {
-        let s = Store::new(10);
+        let s = store(10);
         let a = s
             .create(
                 svc(),
@@ -721,7 +810,7 @@ mod tests {
 
     #[test]
     fn delete_returns_object_and_checks_precondition() {
-        let s = Store::new(10);
+        let s = store(10);
         let a = s
             .create(
                 svc(),
@@ -739,7 +828,7 @@ mod tests {
 
     #[test]
     fn watch_replays_history_and_expires_old_versions() {
-        let s = Store::new(3);
+        let s = store(3);
         let start = s.resource_version();
         for i in 0..2 {
             s.create(

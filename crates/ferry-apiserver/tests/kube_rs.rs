@@ -109,6 +109,13 @@ async fn kube_rs_writes_leases_and_watches() {
 
     // A Lease as client-go-style leader election uses it: create, then GET + PUT with the
     // resourceVersion; the loser of a race gets 409.
+    // Namespaces must exist first (the NamespaceLifecycle admission's rule).
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns = serde_json::from_value(json!({"metadata": {"name": "ferry-system"}})).expect("ns");
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create the namespace");
     let leases: Api<Lease> = Api::namespaced(client.clone(), "ferry-system");
     let lease: Lease = serde_json::from_value(json!({
         "metadata": {"name": "ferry-controller"},

@@ -368,7 +368,22 @@ kind: BGPPeer
 metadata: {name: router, namespace: metallb-system}
 spec: {myASN: 64500, peerASN: 64501, peerAddress: 192.0.2.254}
 ";
+    // The namespace first: creating in a missing one is 404, as on a real cluster.
+    let ns = k.lab.write(
+        "ns.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: metallb-system}\n",
+    );
+    let ns = ns.to_str().expect("utf-8 path");
     let f = k.lab.write("pool.yaml", pool);
+    let missing = k.run(&["apply", "-f", f.to_str().expect("utf-8 path")]);
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("namespaces \"metallb-system\" not found"),
+        "{err}"
+    );
+    let out = k.ok(&["apply", "-f", ns]);
+    assert!(out.contains("namespace/metallb-system created"), "{out}");
     let f = f.to_str().expect("utf-8 path");
     let out = k.ok(&["apply", "--validate=false", "-f", f]);
     assert!(
@@ -440,4 +455,8 @@ spec: {myASN: 64500, peerASN: 64501, peerAddress: 192.0.2.254}
         out.contains("l2advertisement.metallb.io \"lab\" deleted"),
         "{out}"
     );
+    // Deleting the namespace deletes what is in it.
+    k.ok(&["delete", "-f", ns]);
+    let out = k.ok(&["get", "cm", "-A", "-o", "name"]);
+    assert_eq!(out.trim(), "", "{out}");
 }
