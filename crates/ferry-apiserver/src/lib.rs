@@ -50,11 +50,10 @@
 //! - Events: core/v1 and events.k8s.io/v1 share one storage (kube-apiserver's field
 //!   renames: `involvedObject`/`regarding`, `message`/`note`, ...), so what kube-rs's
 //!   `Recorder` writes shows in `kubectl get events`.
-//! - Errors are `kind: Status` objects with kube-apiserver's codes and reasons.
-//!
 //! - Namespaces: `default`, `kube-system`, `kube-public` and `kube-node-lease` exist from the
 //!   start; creating in a missing namespace is 404 (as the NamespaceLifecycle admission
 //!   plugin); deleting a namespace deletes what is in it at once (no Terminating phase).
+//! - Errors are `kind: Status` objects with kube-apiserver's codes and reasons.
 //!
 //! What it does **not** do: TLS, authentication, authorization, admission other than the
 //! namespace rule (nothing is validated beyond names, kinds, apiVersions and the Service
@@ -71,18 +70,21 @@
 //! versions other than Events'. Watchers that fall too far behind (4096
 //! events) are disconnected, as a real server may do; clients re-watch. State lives in
 //! memory only and is lost when the process ends.
+//!
+//! Use: the `ferry-apiserver --listen 127.0.0.1:PORT --kubeconfig-out PATH` binary, or in
+//! process [`Running::start`] (its own thread and tokio runtime; [`Running::write_kubeconfig`]),
+//! or [`serve`] on a listener of your own. Then `kubectl --kubeconfig PATH ...`.
 
 pub mod error;
 pub mod events;
 pub mod patch;
 pub mod resources;
 pub mod selector;
+pub mod server;
 pub mod service;
 pub mod store;
 pub mod table;
 
 pub use error::ApiError;
-pub use store::Store;
-pub mod server;
-
 pub use server::{kubeconfig, serve, ApiServer, Config, Running};
+pub use store::Store;
