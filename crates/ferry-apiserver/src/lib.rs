@@ -69,7 +69,11 @@
 //! conflicts, such as kube-lease-manager, are not safe against it), and conversion between
 //! versions other than Events'. Watchers that fall too far behind (4096
 //! events) are disconnected, as a real server may do; clients re-watch. State lives in
-//! memory only and is lost when the process ends.
+//! memory, and is lost when the process ends unless `--state FILE` ([`Config::state`]) is
+//! given: then every write saves all objects to that file (fine at lab scale, slow for
+//! thousands of objects) and a restarted server loads them, with their resourceVersions; the
+//! watch history is not kept, so watches from before the restart get 410 and clients list
+//! again.
 //!
 //! Use: the `ferry-apiserver --listen 127.0.0.1:PORT --kubeconfig-out PATH` binary, or in
 //! process [`Running::start`] (its own thread and tokio runtime; [`Running::write_kubeconfig`]),

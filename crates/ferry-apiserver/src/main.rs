@@ -27,6 +27,10 @@ struct Args {
     /// Node-port range, FIRST-LAST.
     #[arg(long, default_value = "30000-32767")]
     service_node_port_range: String,
+    /// Keep the objects in this file, so that a restarted server still has them (as a real
+    /// one keeps them in etcd). Without it, everything is lost when the process ends.
+    #[arg(long)]
+    state: Option<PathBuf>,
     /// Seconds between BOOKMARK events on watches that allow them.
     #[arg(long, default_value_t = 10.0)]
     bookmark_seconds: f64,
@@ -59,6 +63,7 @@ fn main() -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
     let config = ferry_apiserver::Config {
         services,
+        state: args.state.clone(),
         history: args.history,
         bookmark_interval: Duration::from_secs_f64(args.bookmark_seconds),
         ..Default::default()
@@ -67,6 +72,8 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let server =
+        ferry_apiserver::ApiServer::new(config).map_err(|e| anyhow::anyhow!("--state: {e}"))?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -78,7 +85,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("writing --kubeconfig-out {}", path.display()))?;
         }
         println!("ferry-apiserver (a test double of kube-apiserver) listening on {url}");
-        ferry_apiserver::serve(listener, ferry_apiserver::ApiServer::new(config)).await;
+        ferry_apiserver::serve(listener, server).await;
         Ok(())
     })
 }

@@ -39,6 +39,8 @@ pub struct Config {
     pub default_watch_timeout: Duration,
     /// Service CIDR and node-port range for Services.
     pub services: crate::service::ServiceConfig,
+    /// Keep the objects in this file across restarts (see [`Store::open`]).
+    pub state: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             bookmark_interval: Duration::from_secs(10),
             default_watch_timeout: Duration::from_secs(1800),
             services: crate::service::ServiceConfig::default(),
+            state: None,
         }
     }
 }
@@ -61,15 +64,21 @@ pub struct ApiServer {
 impl ApiServer {
     /// A server with the namespaces a fresh cluster has (`default`, `kube-system`,
     /// `kube-public`, `kube-node-lease`).
-    pub fn new(config: Config) -> Arc<Self> {
-        let store = Store::with_services(config.history, config.services.clone());
+    ///
+    /// With `config.state`, the objects are loaded from and saved to that file; reading a
+    /// state file that exists but is not valid is an error.
+    pub fn new(config: Config) -> Result<Arc<Self>, String> {
+        let store = match &config.state {
+            Some(path) => Store::open(config.history, config.services.clone(), path)?,
+            None => Store::with_services(config.history, config.services.clone()),
+        };
         if let Some(ns) = resources::find("", "v1", "namespaces") {
             for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-                // Fresh store: these cannot already exist.
+                // Already there when loaded from a state file.
                 let _ = store.create(ns, "", json!({"metadata": {"name": name}}));
             }
         }
-        Arc::new(ApiServer { store, config })
+        Ok(Arc::new(ApiServer { store, config }))
     }
 }
 
@@ -703,7 +712,7 @@ impl Running {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let server = ApiServer::new(config);
+        let server = ApiServer::new(config).map_err(std::io::Error::other)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

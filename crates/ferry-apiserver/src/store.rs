@@ -2,6 +2,7 @@
 //! global monotonically increasing resourceVersion, and a bounded event history for watches.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{json, Map, Value};
@@ -101,6 +102,8 @@ pub struct Store {
     history_cap: usize,
     services: ServiceConfig,
     tx: broadcast::Sender<Arc<Event>>,
+    /// A file the objects are saved to after every write (see [`Store::open`]).
+    state: Option<PathBuf>,
 }
 
 impl Store {
@@ -122,6 +125,82 @@ impl Store {
             history_cap: history_cap.max(1),
             services,
             tx,
+            state: None,
+        }
+    }
+
+    /// A store kept in the file `state`: loaded from it when it exists, and saved to it (write
+    /// to a temporary file, then rename) after every write, so that the server can be stopped
+    /// and started again as a real one (whose objects live in etcd). The watch history is not
+    /// kept: after a restart, a watch from an older resourceVersion gets 410 Expired and its
+    /// client lists again, finding the same objects with the same resourceVersions.
+    pub fn open(history_cap: usize, services: ServiceConfig, state: &Path) -> Result<Self, String> {
+        let mut store = Self::with_services(history_cap, services);
+        match std::fs::read(state) {
+            Ok(bytes) => {
+                let what = || format!("state file {}", state.display());
+                let doc: Value =
+                    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", what()))?;
+                let rv = doc["resourceVersion"]
+                    .as_str()
+                    .and_then(|r| r.parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        format!("{}: resourceVersion: expected a number in a string", what())
+                    })?;
+                let mut inner = store.lock();
+                inner.rv = rv;
+                inner.compacted = rv;
+                for (i, entry) in doc["objects"].as_array().into_iter().flatten().enumerate() {
+                    let field = |f: &str| {
+                        entry[f].as_str().map(str::to_string).ok_or_else(|| {
+                            format!("{}: objects[{i}].{f}: expected a string", what())
+                        })
+                    };
+                    let key = ObjKey {
+                        group: field("group")?,
+                        version: field("version")?,
+                        resource: field("resource")?,
+                        namespace: field("namespace")?,
+                        name: field("name")?,
+                    };
+                    if !entry["object"].is_object() {
+                        return Err(format!(
+                            "{}: objects[{i}].object: expected an object",
+                            what()
+                        ));
+                    }
+                    inner.objects.insert(key, entry["object"].clone());
+                }
+                drop(inner);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("reading state file {}: {e}", state.display())),
+        }
+        store.state = Some(state.to_path_buf());
+        Ok(store)
+    }
+
+    fn save(&self, inner: &Inner) {
+        let Some(path) = &self.state else { return };
+        let objects: Vec<Value> = inner
+            .objects
+            .iter()
+            .map(|(k, v)| {
+                json!({
+                    "group": k.group, "version": k.version, "resource": k.resource,
+                    "namespace": k.namespace, "name": k.name, "object": v,
+                })
+            })
+            .collect();
+        let doc = json!({"resourceVersion": inner.rv.to_string(), "objects": objects});
+        let tmp = path.with_extension("tmp");
+        let result = serde_json::to_vec(&doc)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = result {
+            // The write itself succeeded in memory; a lab that cannot save is told loudly.
+            eprintln!("ferry-apiserver: saving state to {}: {e}", path.display());
         }
     }
 
@@ -514,6 +593,7 @@ impl Store {
                 inner.compacted = dropped.rv;
             }
         }
+        self.save(inner);
         // No receivers is fine.
         let _ = self.tx.send(ev);
     }
@@ -622,6 +702,46 @@ mod tests {
             s.create(ns, "", json!({"metadata": {"name": n}})).unwrap();
         }
         s
+    }
+
+    #[test]
+    fn state_file_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let s = Store::open(10, ServiceConfig::default(), &path).unwrap();
+        let ns = find("", "v1", "namespaces").unwrap();
+        s.create(ns, "", json!({"metadata": {"name": "default"}}))
+            .unwrap();
+        let a = s
+            .create(
+                svc(),
+                "default",
+                json!({"metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}}),
+            )
+            .unwrap();
+        let rv = s.resource_version();
+        drop(s);
+        let s = Store::open(10, ServiceConfig::default(), &path).unwrap();
+        assert_eq!(s.resource_version(), rv);
+        assert_eq!(s.get(svc(), "default", "a").unwrap(), a);
+        // The history is gone: older resourceVersions are expired, the current one is not.
+        assert_eq!(s.watch(svc(), None, Some(rv - 1)).unwrap_err().code, 410);
+        assert!(s.watch(svc(), None, Some(rv)).is_ok());
+        // The allocator sees what was loaded.
+        let b = s
+            .create(
+                svc(),
+                "default",
+                json!({"metadata": {"name": "b"}, "spec": {"ports": [{"port": 80}]}}),
+            )
+            .unwrap();
+        assert_ne!(b["spec"]["clusterIP"], a["spec"]["clusterIP"]);
+        assert!(s.resource_version() > rv);
+        std::fs::write(&path, "{").unwrap();
+        match Store::open(10, ServiceConfig::default(), &path) {
+            Err(e) => assert!(e.contains("state.json"), "{e}"),
+            Ok(_) => panic!("a broken state file must not load"),
+        }
     }
 
     #[test]
