@@ -12,3 +12,8 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# The official Kubernetes Python client, for ferry-apiserver's real-client tests.
+if command -v python3 >/dev/null && ! python3 -c 'import kubernetes' 2>/dev/null; then
+  python3 -m pip install -q 'kubernetes==37.0.2' \
+    || python3 -m pip install -q --break-system-packages 'kubernetes==37.0.2'
+fi
