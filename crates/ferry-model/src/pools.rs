@@ -138,6 +138,39 @@ pub fn is_buggy_ip(ip: IpAddr) -> bool {
     }
 }
 
+/// The block of addresses no host can be given that `ip` falls in, as (first, last), if any:
+/// IPv4 0.0.0.0/8 ("this network"), loopback, link-local, multicast, reserved and broadcast
+/// (224.0.0.0-255.255.255.255); IPv6 unspecified, loopback, link-local and multicast. Never
+/// handed out, whatever the pool says (a pool of 0.0.0.0/0 starts at 1.0.0.0).
+pub fn unassignable_block(ip: IpAddr) -> Option<(IpAddr, IpAddr)> {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let v4 = |a: [u8; 4], b: [u8; 4]| Some((Ipv4Addr::from(a).into(), Ipv4Addr::from(b).into()));
+    match ip {
+        IpAddr::V4(a) => match a.octets() {
+            [0, ..] => v4([0, 0, 0, 0], [0, 255, 255, 255]),
+            [127, ..] => v4([127, 0, 0, 0], [127, 255, 255, 255]),
+            [169, 254, ..] => v4([169, 254, 0, 0], [169, 254, 255, 255]),
+            [224..=255, ..] => v4([224, 0, 0, 0], [255, 255, 255, 255]),
+            _ => None,
+        },
+        IpAddr::V6(a) => {
+            let x = u128::from(a);
+            let block = |first: u128, last: u128| {
+                Some((Ipv6Addr::from(first).into(), Ipv6Addr::from(last).into()))
+            };
+            if x <= 1 {
+                block(0, 1)
+            } else if a.segments()[0] & 0xffc0 == 0xfe80 {
+                block(0xfe80 << 112, (0xfebf << 112) | ((1u128 << 112) - 1))
+            } else if a.segments()[0] & 0xff00 == 0xff00 {
+                block(0xff00 << 112, u128::MAX)
+            } else {
+                None
+            }
+        }
+    }
+}
+
 /// One entry of a pool's address list: `a.b.c.d/len`, `x::/len` or `first-last`.
 /// The error is a complete sentence naming the entry.
 pub fn parse_address_entry(s: &str) -> Result<IpRange, String> {
@@ -234,7 +267,9 @@ impl Pool {
     }
     /// Whether `ip` may be handed out: inside the pool and not avoided.
     pub fn is_assignable(&self, ip: IpAddr) -> bool {
-        self.contains(ip) && !(self.avoid_buggy_ips && is_buggy_ip(ip))
+        self.contains(ip)
+            && !(self.avoid_buggy_ips && is_buggy_ip(ip))
+            && unassignable_block(ip).is_none()
     }
     /// Every assignable address, IPv4 first, lowest first. Lazy: pools may be huge.
     pub fn addresses(&self) -> Addresses<'_> {
@@ -332,6 +367,17 @@ impl Iterator for Addresses<'_> {
                 self.next = Some(cur + 1);
             }
             let ip = from_u128(cur, r.is_ipv4());
+            if let Some((_, last)) = unassignable_block(ip) {
+                // Skip the whole block at once (it may hold millions of addresses).
+                let end = to_u128(last);
+                if end >= r.hi() {
+                    self.idx += 1;
+                    self.next = None;
+                } else {
+                    self.next = Some(end + 1);
+                }
+                continue;
+            }
             if self.avoid_buggy && is_buggy_ip(ip) {
                 continue;
             }
@@ -1021,6 +1067,34 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn unassignable_addresses_are_never_handed_out() {
+        let cm = legacy(
+            "address-pools:\n- name: p\n  protocol: layer2\n  \
+             addresses: [0.0.0.0/0, '::/126', 'fe80::/120', 'ff02::/120', 'fd00::/127']\n",
+        );
+        let (cfg, errs) = load(&[cm], &[], &[]);
+        assert!(errs.is_empty(), "{errs:?}");
+        let p = &cfg.pools[0];
+        // 0.0.0.0/0 starts at 1.0.0.0 (0.0.0.0/8 skipped at once, not one by one).
+        let v4: Vec<IpAddr> = p.addresses_of(false).take(2).collect();
+        assert_eq!(v4, vec![ip("1.0.0.0"), ip("1.0.0.1")]);
+        for bad in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "169.254.1.1",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(p.contains(ip(bad)) && !p.is_assignable(ip(bad)), "{bad}");
+        }
+        assert!(p.is_assignable(ip("192.168.2.200")));
+        let v6: Vec<IpAddr> = p.addresses_of(true).collect();
+        assert_eq!(v6, vec![ip("::2"), ip("::3"), ip("fd00::"), ip("fd00::1")]);
+    }
+
+    #[test]
     fn avoid_buggy_ips() {
         let cm = legacy(
             "address-pools:\n- name: p\n  protocol: layer2\n  avoid-buggy-ips: true\n  \
@@ -1058,7 +1132,8 @@ pub(crate) mod tests {
             ranges: vec![full],
             ..p.clone()
         };
-        assert_eq!(p.addresses().nth(1), Some(ip("::1")));
+        // :: and ::1 are never handed out.
+        assert_eq!(p.addresses().nth(1), Some(ip("::3")));
     }
 
     #[test]

@@ -154,7 +154,7 @@ pub fn compute(
     snap: &Snapshot,
     pools: (PoolConfig, Vec<ferry_model::pools::PoolError>),
     allocated: (AllocResults, LbResults),
-    host: &[(String, IpAddr)],
+    host: &netwatch::HostNet,
 ) -> Pass {
     let (pools, pool_errors) = pools;
     let (results, lb) = allocated;
@@ -224,7 +224,7 @@ pub fn compute(
     }
     let node_ips = match snap.nodes.iter().find(|n| n.meta.name == args.node) {
         Some(n) if !n.internal_ips().is_empty() => n.internal_ips(),
-        _ => netwatch::host_addresses(host),
+        _ => netwatch::host_addresses(&host.addrs),
     };
     let pool_usage = pools
         .pools
@@ -237,17 +237,33 @@ pub fn compute(
             (p.name.clone(), used, total)
         })
         .collect();
+    let mut never_announce = BTreeMap::new();
+    for n in &snap.nodes {
+        for ip in n.internal_ips() {
+            never_announce.insert(ip, format!("the address of node {}", n.meta.name));
+        }
+    }
+    for gw in &host.gateways {
+        never_announce.insert(*gw, "a gateway of this node".to_string());
+    }
+    for (iface, ip) in &host.addrs {
+        never_announce.insert(*ip, format!("this node's own address (on {iface})"));
+    }
     let resolved = resolve(&services, &allocations, &snap.slices);
     let cfg = PlanConfig {
         node_name: args.node.clone(),
         node_ips: node_ips.clone(),
         cluster_cidrs: args.cluster_cidr.clone(),
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
-        lb_pools: pools
-            .pools
-            .iter()
-            .flat_map(|p| p.ranges.iter().map(|r| (r.first(), r.last())))
-            .collect(),
+        // Traffic to unused pool addresses is refused, except to this node's own addresses,
+        // its gateways and the nodes: a pool over the LAN must not cut the node off.
+        lb_pools: punch_holes(
+            pools
+                .pools
+                .iter()
+                .flat_map(|p| p.ranges.iter().map(|r| (r.first(), r.last()))),
+            never_announce.keys(),
+        ),
     };
     let addresses = services
         .iter()
@@ -267,13 +283,14 @@ pub fn compute(
         .or(node_ips.first())
         .copied();
     let l2 = L2Config {
+        never_announce,
         nodes: snap.nodes.clone(),
         pools,
         addresses,
         my_ip,
         default_iface: node_ips
             .iter()
-            .find_map(|ip| netwatch::interface_of(host, *ip)),
+            .find_map(|ip| netwatch::interface_of(&host.addrs, *ip)),
     };
     Pass {
         touched: planner.update(&cfg, &resolved).1,
@@ -284,6 +301,50 @@ pub fn compute(
         lb_services,
         pool_usage,
     }
+}
+
+/// `ranges` without the addresses in `holes` (split around them).
+fn punch_holes<'a>(
+    ranges: impl IntoIterator<Item = (IpAddr, IpAddr)>,
+    holes: impl IntoIterator<Item = &'a IpAddr>,
+) -> Vec<(IpAddr, IpAddr)> {
+    use ferry_model::cidr::to_u128;
+    let holes: Vec<IpAddr> = holes.into_iter().copied().collect();
+    let back = |x: u128, v4: bool| -> IpAddr {
+        if v4 {
+            IpAddr::from((x as u32).to_be_bytes())
+        } else {
+            IpAddr::from(x.to_be_bytes())
+        }
+    };
+    let mut out = Vec::new();
+    for (first, last) in ranges {
+        let v4 = first.is_ipv4();
+        let (mut lo, hi) = (to_u128(first), to_u128(last));
+        let mut inside: Vec<u128> = holes
+            .iter()
+            .filter(|h| h.is_ipv4() == v4)
+            .map(|h| to_u128(*h))
+            .filter(|h| (lo..=hi).contains(h))
+            .collect();
+        inside.sort_unstable();
+        inside.dedup();
+        let mut done = false;
+        for h in inside {
+            if h > lo {
+                out.push((back(lo, v4), back(h - 1, v4)));
+            }
+            if h == hi {
+                done = true;
+                break;
+            }
+            lo = h + 1;
+        }
+        if !done {
+            out.push((back(lo, v4), back(hi, v4)));
+        }
+    }
+    out
 }
 
 /// Addresses from `first` to `last` (saturating: IPv6 pools can be huge).
@@ -398,7 +459,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn sync(&mut self, job: SyncJob, host: &[(String, IpAddr)]) -> Result<SyncOutcome> {
+    fn sync(&mut self, job: SyncJob, host: &netwatch::HostNet) -> Result<SyncOutcome> {
         let args = &self.args;
         let t0 = Instant::now();
         if job.reread_kernel {
@@ -511,7 +572,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
             args.resync_s
         );
     }
-    let mut host = netwatch::interface_addresses();
+    let mut host = netwatch::host_net();
 
     let status_changed = Arc::new(tokio::sync::Notify::new());
     let announcer = if args.no_l2 {
@@ -557,7 +618,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     };
     // The worker lives on a thread of its own (libnftables' context stays on one thread):
     // jobs go in, outcomes come back; the shell never waits on it.
-    let (job_tx, job_rx) = std::sync::mpsc::channel::<(SyncJob, Vec<(String, IpAddr)>)>();
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<(SyncJob, netwatch::HostNet)>();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Result<SyncOutcome>>();
     let worker_args = args.clone();
     let worker_thread = std::thread::Builder::new()
@@ -616,7 +677,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                 }
                 let mut changed = wakes.contains(&Wake::Manifests);
                 if wakes.contains(&Wake::Addresses) {
-                    let now = netwatch::interface_addresses();
+                    let now = netwatch::host_net();
                     if now != host {
                         host = now;
                         changed = true;
@@ -770,6 +831,37 @@ impl Shell {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holes_are_punched_into_pool_ranges() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let r = |a: &str, b: &str| (ip(a), ip(b));
+        let holes = [
+            ip("192.168.60.1"),
+            ip("192.168.60.7"),
+            ip("10.0.0.1"),
+            ip("fd00::5"),
+        ];
+        assert_eq!(
+            punch_holes(
+                [
+                    r("192.168.60.0", "192.168.60.7"),
+                    r("fd00::", "fd00::5"),
+                    r("10.0.0.1", "10.0.0.1")
+                ],
+                holes.iter()
+            ),
+            vec![
+                r("192.168.60.0", "192.168.60.0"),
+                r("192.168.60.2", "192.168.60.6"),
+                r("fd00::", "fd00::4"),
+            ]
+        );
+        assert_eq!(
+            punch_holes([r("192.168.2.200", "192.168.2.225")], holes.iter()),
+            vec![r("192.168.2.200", "192.168.2.225")]
+        );
+    }
 
     #[test]
     fn service_cidrs_are_bounded_as_the_api_server_bounds_them() {

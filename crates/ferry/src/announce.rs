@@ -50,6 +50,10 @@ pub struct L2Config {
     pub my_ip: Option<IpAddr>,
     /// The interface holding the node's address (default announcing interface).
     pub default_iface: Option<String>,
+    /// Addresses this node must never answer for, with why: its own addresses, its gateways,
+    /// every node's address. A pool that covers them (a typo, a pool over the LAN) must not
+    /// make this node claim its router or a neighbour.
+    pub never_announce: BTreeMap<IpAddr, String>,
 }
 
 /// What the thread did last, for the status file, metrics and logs.
@@ -106,6 +110,7 @@ impl Announcer {
             last_full: None,
             valid_until: None,
             deadline: None,
+            refused: BTreeSet::new(),
         };
         let thread = std::thread::Builder::new()
             .name("ferry-l2-control".into())
@@ -157,6 +162,8 @@ struct L2Thread {
     valid_until: Option<Instant>,
     /// The holder's next deadline as of the last full step.
     deadline: Option<Instant>,
+    /// Addresses won but refused (reported once each).
+    refused: BTreeSet<IpAddr>,
 }
 
 impl L2Thread {
@@ -266,6 +273,26 @@ impl L2Thread {
             pools: &cfg.pools,
             addresses: &cfg.addresses,
         });
+        // Never claim this node's own addresses, its gateways or another node's address.
+        let mut d = d;
+        let mut refused = BTreeSet::new();
+        for ips in d.owned.values_mut() {
+            ips.retain(|ip| match cfg.never_announce.get(ip) {
+                Some(why) => {
+                    refused.insert((*ip, why.clone()));
+                    false
+                }
+                None => true,
+            });
+        }
+        d.owned.retain(|_, ips| !ips.is_empty());
+        for (ip, why) in &refused {
+            if self.refused.insert(*ip) {
+                log!("error: not announcing {ip}: it is {why}; remove it from its address pool");
+            }
+        }
+        self.refused
+            .retain(|ip| refused.iter().any(|(r, _)| r == ip));
         let default_iface = cfg.default_iface.clone();
         if !cfg.addresses.is_empty() {
             // Ready before this node wins anything: a takeover is then one set_owned.

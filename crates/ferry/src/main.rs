@@ -137,7 +137,7 @@ fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
     // What the agents allocated; nothing is written.
     let allocated = state.view(&snap.services, &snap.namespaces, &pools.0, source::now_ms())?;
     let mut planner = ferry_plan::plan::Planner::default();
-    let host = netwatch::interface_addresses();
+    let host = netwatch::host_net();
     let p = agent::compute(&mut planner, &args, &snap, pools, allocated, &host);
     for d in &p.diagnostics {
         eprintln!("{d}");

@@ -56,15 +56,21 @@ pub fn watch_manifests(
     Ok(Box::new(w))
 }
 
-/// Subscribes to link and address changes of this network namespace; every change sends
+/// Subscribes to link, address and route changes of this network namespace; every change sends
 /// [`Wake::Addresses`]. Runs until the receiver is gone.
 pub fn watch_addresses(tx: UnboundedSender<Wake>) -> std::io::Result<()> {
-    use rtnetlink::constants::{RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK};
+    use rtnetlink::constants::{
+        RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK,
+    };
     use rtnetlink::sys::{AsyncSocket, SocketAddr};
     let (mut conn, _handle, mut messages) = rtnetlink::new_connection()?;
     conn.socket_mut().socket_mut().bind(&SocketAddr::new(
         0,
-        RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
+        RTMGRP_LINK
+            | RTMGRP_IPV4_IFADDR
+            | RTMGRP_IPV6_IFADDR
+            | RTMGRP_IPV4_ROUTE
+            | RTMGRP_IPV6_ROUTE,
     ))?;
     tokio::spawn(conn);
     tokio::spawn(async move {
@@ -151,6 +157,52 @@ pub fn commit_pids(datagram: &[u8]) -> Vec<u32> {
     pids
 }
 
+/// What the agent knows of this network namespace's own addressing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostNet {
+    /// (interface, address) for every address.
+    pub addrs: Vec<(String, IpAddr)>,
+    /// The next hops of its routes (its gateways).
+    pub gateways: Vec<IpAddr>,
+}
+
+/// Reads [`HostNet`] now.
+pub fn host_net() -> HostNet {
+    let mut gateways = gateways_v4(&std::fs::read_to_string("/proc/net/route").unwrap_or_default());
+    gateways.extend(gateways_v6(
+        &std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default(),
+    ));
+    gateways.sort();
+    gateways.dedup();
+    HostNet {
+        addrs: interface_addresses(),
+        gateways,
+    }
+}
+
+/// Gateways in `/proc/net/route` (third column, little-endian hex; 0 means none).
+fn gateways_v4(table: &str) -> Vec<IpAddr> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter_map(|g| u32::from_str_radix(g, 16).ok())
+        .filter(|g| *g != 0)
+        .map(|g| IpAddr::from(g.to_le_bytes()))
+        .collect()
+}
+
+/// Next hops in `/proc/net/ipv6_route` (fifth column, 32 hex digits; all zero means none).
+fn gateways_v6(table: &str) -> Vec<IpAddr> {
+    table
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter_map(|g| u128::from_str_radix(g, 16).ok())
+        .filter(|g| *g != 0)
+        .map(|g| IpAddr::from(std::net::Ipv6Addr::from(g)))
+        .collect()
+}
+
 /// (interface name, address) for every address of this network namespace.
 pub fn interface_addresses() -> Vec<(String, IpAddr)> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
@@ -215,6 +267,21 @@ mod tests {
         m.extend_from_slice(&[0; 4]);
         m.extend_from_slice(&attrs);
         m
+    }
+
+    #[test]
+    fn gateways_from_the_kernels_route_tables() {
+        let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                  eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\n\
+                  eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n";
+        assert_eq!(
+            gateways_v4(v4),
+            vec!["192.0.2.1".parse::<IpAddr>().unwrap()]
+        );
+        let v6 = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fd000000000000000000000000000001 00000400 00000001 00000000 00000003 eth0\n\
+                  fd000000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 eth0\n";
+        assert_eq!(gateways_v6(v6), vec!["fd00::1".parse::<IpAddr>().unwrap()]);
+        assert!(gateways_v4("garbage").is_empty() && gateways_v6("x y z").is_empty());
     }
 
     #[test]

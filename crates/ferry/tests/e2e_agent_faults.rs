@@ -305,3 +305,133 @@ fn a_second_agent_in_the_namespace_waits_for_the_first_or_refuses() {
     );
     assert_eq!(node.stop(), Some(0));
 }
+
+/// The agent's log so far (its stderr went to `log`).
+fn read_log(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+#[test]
+fn a_pool_over_the_lan_never_makes_the_node_claim_its_gateway_or_itself() {
+    if !common::root("a_pool_over_the_lan_never_makes_the_node_claim_its_gateway_or_itself") {
+        return;
+    }
+    // The agent's namespace with eth0 192.168.60.2/24 and a default route via .1, which lives
+    // in a second namespace (the "router").
+    let mut node = Node::new("gw");
+    let router = format!("{}-r", node.ns);
+    let sh = |args: &[&str]| {
+        let ok = Command::new("ip").args(args).status().unwrap();
+        assert!(ok.success(), "ip {args:?}");
+    };
+    sh(&["netns", "add", &router]);
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _router = Gone(router.clone());
+    sh(&[
+        "-n", &node.ns, "link", "add", "eth0", "type", "veth", "peer", "name", "r0", "netns",
+        &router,
+    ]);
+    sh(&[
+        "-n",
+        &node.ns,
+        "addr",
+        "add",
+        "192.168.60.2/24",
+        "dev",
+        "eth0",
+    ]);
+    sh(&["-n", &node.ns, "link", "set", "eth0", "up"]);
+    sh(&["-n", &node.ns, "link", "set", "lo", "up"]);
+    sh(&[
+        "-n",
+        &node.ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        "192.168.60.1",
+    ]);
+    sh(&["-n", &router, "addr", "add", "192.168.60.1/24", "dev", "r0"]);
+    sh(&["-n", &router, "link", "set", "r0", "up"]);
+
+    // A pool over the start of the LAN, and three LoadBalancer services: they get .0, .1 (the
+    // gateway) and .2 (the node itself).
+    let m = node.manifests();
+    write(
+        &m,
+        "pool.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: config, namespace: metallb-system}\n\
+         data:\n  config: |\n    address-pools:\n    - name: lan\n      protocol: layer2\n\
+         \x20     addresses: [192.168.60.0/29]\n",
+    );
+    for (i, name) in ["s0", "s1", "s2"].iter().enumerate() {
+        write(
+            &m,
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default, \
+                 creationTimestamp: '2026-01-01T00:00:0{i}Z'}}\n\
+                 spec: {{type: LoadBalancer, selector: {{app: x}}, ports: [{{port: 80}}]}}\n"
+            ),
+        );
+    }
+    let log = node.dir.join("agent.log");
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &node.ns,
+        FERRY,
+        "agent",
+        "--node",
+        "n1",
+        "--manifests",
+    ])
+    .arg(&m)
+    .arg("--state-dir")
+    .arg(node.dir.join("state"))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap());
+    node.agent = Some(cmd.spawn().unwrap());
+
+    // The first address is announced (after the 1 s hold-down); the gateway and the node's
+    // own address are refused, with the reason.
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let text = read_log(&log);
+        let done = text.contains("announcing 192.168.60.0 on eth0")
+            && text.contains("not announcing 192.168.60.1: it is a gateway of this node")
+            && text.contains("not announcing 192.168.60.2: it is this node's own address");
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent log:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let text = read_log(&log);
+    for never in ["announcing 192.168.60.1 on", "announcing 192.168.60.2 on"] {
+        assert!(!text.contains(never), "{never}:\n{text}");
+    }
+    // Unused pool addresses are refused, but not the gateway's or the node's own: the pool set
+    // the refusal rule reads has holes there.
+    let listing = node.nft(&["list", "set", "inet", "ferry", "lb-pools-v4"]);
+    let elements: String = listing
+        .split_once("elements = {")
+        .map(|(_, rest)| rest.split('}').next().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    let elements: Vec<&str> = elements.split(',').map(str::trim).collect();
+    assert_eq!(
+        elements,
+        ["192.168.60.0", "192.168.60.3-192.168.60.7"],
+        "{listing}"
+    );
+    assert!(node.alive());
+    assert_eq!(node.stop(), Some(0));
+}
