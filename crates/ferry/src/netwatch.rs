@@ -98,6 +98,7 @@ pub fn watch_nftables(tx: UnboundedSender<Wake>) -> std::io::Result<()> {
     use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
     let mut sock = Socket::new(NETLINK_NETFILTER)?;
     sock.bind(&SocketAddr::new(0, 0))?;
+    only_newgen(&sock)?;
     sock.add_membership(NFNLGRP_NFTABLES)?;
     let me = std::process::id();
     std::thread::Builder::new()
@@ -123,6 +124,48 @@ pub fn watch_nftables(tx: UnboundedSender<Wake>) -> std::io::Result<()> {
                 }
             }
         })?;
+    Ok(())
+}
+
+/// Lets the kernel queue only NEWGEN notifications on `sock` (a classic BPF filter on the
+/// message type): a transaction sends one notification per object it touches, and a cold load
+/// of thousands of services would otherwise overflow the socket (and wake this thread for
+/// each), when one per transaction says all the agent needs.
+fn only_newgen(sock: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
+    // `ldh` reads in network byte order; nlmsg_type is in host order.
+    let want = u32::from(u16::from_be_bytes(NFT_NEWGEN.to_ne_bytes()));
+    let code = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let mut prog = [
+        // A = nlmsg_type (offset 4 of the netlink header)
+        code((libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16, 0, 0, 4),
+        // A == NEWGEN ? next : skip one
+        code(
+            (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            0,
+            1,
+            want,
+        ),
+        code((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0xffff_ffff),
+        code((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0),
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr(),
+    };
+    // SAFETY: setsockopt with a valid fd and a sock_fprog pointing at `prog`, which outlives
+    // the call (the kernel copies the program).
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 
