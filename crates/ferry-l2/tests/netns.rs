@@ -64,35 +64,7 @@ fn installed(test: &str, tool: &str) -> bool {
     found
 }
 
-/// True when `CI` is set to something non-empty (an empty `CI` counts as unset everywhere).
-fn ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-}
-
-/// Skips (part of) `test` because of `why`, or panics when [`ci`] holds. A skip writes one
-/// line `ferry-test-skipped: BINARY/THREAD/TEST: WHY` (the harness names a test's thread after
-/// the test) straight to the process's stderr, past the test harness's capture, so that
-/// `.ci/run` counts it, once per test, even for a passing test.
-fn skip(test: &str, why: &str) {
-    use std::io::Write;
-    if ci() {
-        panic!("{test}: {why}, and CI is set: not skipping");
-    }
-    let exe = std::env::args()
-        .next()
-        .and_then(|a| {
-            std::path::Path::new(&a)
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-        })
-        .unwrap_or_default();
-    let key = format!(
-        "{exe}/{}/{test}",
-        std::thread::current().name().unwrap_or("?")
-    )
-    .replace(": ", ":");
-    let _ = writeln!(std::io::stderr(), "ferry-test-skipped: {key}: {why}");
-}
+use ferry_testkit::skip;
 
 fn run(args: &[&str]) -> Output {
     Command::new(args[0])
