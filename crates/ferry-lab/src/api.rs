@@ -30,6 +30,20 @@ pub struct LabConfig {
     pub dir_root: Option<PathBuf>,
     /// Down any leftover lab with this prefix first.
     pub fresh: bool,
+    /// Run the lab API server and runtime; agents watch the API (`ferry lab up --api`).
+    /// Default: $FERRY_LAB_API (`1`/`true` or `0`/`false`), else off.
+    pub api: bool,
+}
+
+/// Whether labs run an API server unless told otherwise: $FERRY_LAB_API, else no.
+pub fn api_default() -> bool {
+    match std::env::var("FERRY_LAB_API") {
+        Ok(v) => matches!(
+            v.trim().to_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        ),
+        Err(_) => false,
+    }
 }
 
 impl LabConfig {
@@ -41,7 +55,12 @@ impl LabConfig {
             exe: None,
             dir_root: None,
             fresh: false,
+            api: api_default(),
         }
+    }
+    pub fn api(mut self, on: bool) -> Self {
+        self.api = on;
+        self
     }
     pub fn nodes(mut self, n: usize) -> Self {
         self.nodes = n;
@@ -97,7 +116,7 @@ impl Lab {
         if cfg.fresh {
             topology::down(&ctx)?;
         }
-        let report = topology::up(&ctx, cfg.nodes, cfg.agents)?;
+        let report = topology::up_with(&ctx, cfg.nodes, cfg.agents, cfg.api)?;
         Ok(Lab {
             ctx,
             keep: false,
@@ -144,6 +163,27 @@ impl Lab {
     }
     pub fn state_dir(&self) -> PathBuf {
         self.ctx.state_dir()
+    }
+
+    /// The host kubeconfig (kubectl) of a lab with an API server.
+    pub fn kubeconfig(&self) -> Result<PathBuf> {
+        let st = self.state()?;
+        crate::cluster::kubeconfig_path(&self.ctx, &st)
+    }
+
+    /// Whether this lab runs an API server.
+    pub fn api(&self) -> bool {
+        self.state().is_ok_and(|s| s.api.is_some())
+    }
+
+    /// The lab API server's log so far.
+    pub fn api_log(&self) -> String {
+        std::fs::read_to_string(self.ctx.proc_log(crate::cluster::API_PROC)).unwrap_or_default()
+    }
+
+    /// The lab runtime's log so far.
+    pub fn runtime_log(&self) -> String {
+        std::fs::read_to_string(self.ctx.proc_log(crate::cluster::RUNTIME_PROC)).unwrap_or_default()
     }
 
     /// lab.json.

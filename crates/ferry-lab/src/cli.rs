@@ -21,7 +21,16 @@ pub enum LabCommand {
         /// Do not start agents (for tests of the lab itself).
         #[arg(long)]
         no_agents: bool,
+        /// Run the lab API server (a test double of kube-apiserver) and the lab runtime
+        /// (kubelet, EndpointSlice controller); agents watch the API (`--kubeconfig`), and
+        /// `kubectl --kubeconfig "$(ferry lab kubeconfig)"` works on the lab. Default:
+        /// $FERRY_LAB_API (1 or 0), else off.
+        #[arg(long, default_missing_value = "true", num_args = 0..=1,
+              action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+        api: Option<bool>,
     },
+    /// Print the path of the lab's kubeconfig (for kubectl; labs brought up with --api).
+    Kubeconfig,
     /// Stop every process of the lab and delete its namespaces and files (safe to repeat, works
     /// after a crash).
     Down,
@@ -77,6 +86,21 @@ pub enum LabCommand {
     /// down -> first successful request) in a fresh 3-node lab, for ferry or keepalived. Uses
     /// prefix `fo` unless --prefix names another (never the default lab `ferry`).
     BenchFailover(crate::failover::FailoverArgs),
+    /// (internal) The lab API server (`up --api` starts it).
+    #[command(hide = true)]
+    ServeApi {
+        #[arg(long)]
+        dir_root: PathBuf,
+        /// Port on 127.0.0.1 (0: a free one).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
+    /// (internal) The lab runtime: kubelet and EndpointSlice controller (`up --api`).
+    #[command(hide = true)]
+    ServeRuntime {
+        #[arg(long)]
+        dir_root: PathBuf,
+    },
     /// (internal) The server inside every lab pod.
     #[command(hide = true)]
     ServePod {
@@ -130,15 +154,32 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
         crate::serve::serve_pod(name, tcp, udp)?;
         return Ok(0);
     }
+    if let LabCommand::ServeApi { dir_root, port } = &args.command {
+        let ctx = Ctx::new(&args.prefix, Some(dir_root.clone()), None)?;
+        crate::cluster::serve_api(&ctx, *port)?;
+        return Ok(0);
+    }
+    if let LabCommand::ServeRuntime { dir_root } = &args.command {
+        let ctx = Ctx::new(&args.prefix, Some(dir_root.clone()), None)?;
+        crate::runtime::serve_runtime(&ctx)?;
+        return Ok(0);
+    }
     if let LabCommand::BenchFailover(opts) = &args.command {
         return crate::failover::run(&args.prefix, opts);
     }
     let ctx = Ctx::new(&args.prefix, None, None)?;
     match args.command {
-        LabCommand::ServePod { .. } => Ok(0),
-        LabCommand::BenchFailover(_) => Ok(0),
-        LabCommand::Up { nodes, no_agents } => {
-            let report = topology::up(&ctx, nodes, !no_agents)?;
+        LabCommand::ServePod { .. }
+        | LabCommand::BenchFailover(_)
+        | LabCommand::ServeApi { .. }
+        | LabCommand::ServeRuntime { .. } => Ok(0),
+        LabCommand::Up {
+            nodes,
+            no_agents,
+            api,
+        } => {
+            let api = api.unwrap_or_else(crate::api::api_default);
+            let report = topology::up_with(&ctx, nodes, !no_agents, api)?;
             show::print_up(&ctx, &report);
             Ok(0)
         }
@@ -187,6 +228,11 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
             }
             let report = ops::delete_named(&ctx, &resource, &namespace, &names)?;
             Ok(print_report(&report))
+        }
+        LabCommand::Kubeconfig => {
+            let st = ops::state(&ctx)?;
+            println!("{}", crate::cluster::kubeconfig_path(&ctx, &st)?.display());
+            Ok(0)
         }
         LabCommand::Exec { target, command } => ops::exec_interactive(&ctx, &target, &command),
         LabCommand::Get {
@@ -307,8 +353,27 @@ mod tests {
             a.command,
             LabCommand::Up {
                 nodes: 3,
-                no_agents: true
+                no_agents: true,
+                api: None,
             }
         ));
+        let a = parse(&["ferry", "lab", "up", "--api"]);
+        assert!(matches!(
+            a.command,
+            LabCommand::Up {
+                api: Some(true),
+                ..
+            }
+        ));
+        let a = parse(&["ferry", "lab", "up", "--api=false", "--no-agents"]);
+        assert!(matches!(
+            a.command,
+            LabCommand::Up {
+                api: Some(false),
+                ..
+            }
+        ));
+        let a = parse(&["ferry", "lab", "kubeconfig", "--prefix", "p"]);
+        assert!(matches!(a.command, LabCommand::Kubeconfig) && a.prefix == "p");
     }
 }

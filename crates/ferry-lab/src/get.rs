@@ -67,8 +67,27 @@ pub fn get(ctx: &Ctx, st: &LabState, what: &str, wide: bool, ns: &NsFilter) -> R
     let mut stderr = String::new();
     let mut ok = true;
     for kind in kinds {
+        let api = st.api.is_some();
         let section = match kind {
             Kind::Pods => pods_table(st, wide, ns, multi),
+            Kind::Deployments if api => {
+                match crate::client::deployments_table(ctx, ns, wide, multi) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        stderr.push_str(&format!("{e:#}\n"));
+                        ok = false;
+                        None
+                    }
+                }
+            }
+            Kind::Services if api => match crate::client::services_table(ctx, ns, wide, multi) {
+                Ok(t) => t,
+                Err(e) => {
+                    stderr.push_str(&format!("{e:#}\n"));
+                    ok = false;
+                    None
+                }
+            },
             Kind::Deployments => deployments_table(st, wide, ns, multi),
             Kind::Nodes => nodes_table(st, wide, multi),
             Kind::Services => {
@@ -93,7 +112,7 @@ pub fn get(ctx: &Ctx, st: &LabState, what: &str, wide: bool, ns: &NsFilter) -> R
         };
         match section {
             Some(s) if !s.trim().is_empty() => sections.push(s),
-            _ if !multi && kind != Kind::Services => {
+            _ if !multi && (kind != Kind::Services || st.api.is_some()) && ok => {
                 let where_ = match ns {
                     NsFilter::One(n) => format!(" in {n} namespace"),
                     NsFilter::All => String::new(),
@@ -112,6 +131,9 @@ pub fn get(ctx: &Ctx, st: &LabState, what: &str, wide: bool, ns: &NsFilter) -> R
 
 /// Runs `<ferry exe> get ARGS --manifests M --state-dir S`, returning stdout.
 pub fn ferry_get(ctx: &Ctx, args: &[&str]) -> Result<String> {
+    if crate::state::load_state(ctx)?.is_some_and(|s| s.api.is_some()) {
+        return crate::client::ferry_get(ctx, args);
+    }
     let out = Command::new(ctx.require_exe(crate::state::FERRY_EXE_NAME)?)
         .arg("get")
         .args(args)

@@ -24,11 +24,24 @@ fn with_state<T>(ctx: &Ctx, f: impl FnOnce(&mut LabState) -> Result<T>) -> Resul
     r
 }
 
+/// lab.json when the lab runs an API server (then objects go through it, and the lock is not
+/// held while the lab runtime acts on them).
+fn api_state(ctx: &Ctx) -> Result<Option<LabState>> {
+    let st = state(ctx)?;
+    Ok(st.api.is_some().then_some(st))
+}
+
 pub fn apply(ctx: &Ctx, docs: &[Doc]) -> Result<Report> {
+    if let Some(st) = api_state(ctx)? {
+        return crate::client::apply(ctx, &st, docs);
+    }
     with_state(ctx, |st| Ok(manifests::apply(ctx, st, docs)))
 }
 
 pub fn delete(ctx: &Ctx, docs: &[Doc]) -> Result<Report> {
+    if api_state(ctx)?.is_some() {
+        return crate::client::delete(ctx, docs);
+    }
     with_state(ctx, |st| Ok(manifests::delete(ctx, st, docs)))
 }
 
@@ -38,12 +51,19 @@ pub fn delete_named(
     namespace: &str,
     names: &[String],
 ) -> Result<Report> {
+    if api_state(ctx)?.is_some() {
+        let docs = manifests::named_docs(resource, namespace, names)?;
+        return crate::client::delete(ctx, &docs);
+    }
     with_state(ctx, |st| {
         manifests::delete_named(ctx, st, resource, namespace, names)
     })
 }
 
 pub fn set_ready(ctx: &Ctx, pod: &str, ready: bool) -> Result<String> {
+    if let Some(st) = api_state(ctx)? {
+        return crate::client::set_ready(ctx, &st, pod, ready);
+    }
     with_state(ctx, |st| manifests::set_ready(ctx, st, pod, ready))
 }
 

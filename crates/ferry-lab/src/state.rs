@@ -117,6 +117,33 @@ impl Ctx {
     pub fn pod_pid_file(&self, pod: &str) -> PathBuf {
         self.pids().join(format!("pod-{pod}.pid"))
     }
+    /// The kubeconfig for the host (kubectl): the API server on 127.0.0.1.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir().join("kubeconfig")
+    }
+    /// The kubeconfig for the nodes' agents: the API server on the LAN (192.168.2.5:6443).
+    pub fn kubeconfig_nodes(&self) -> PathBuf {
+        self.dir().join("kubeconfig-nodes")
+    }
+    /// The lab API server's objects (its `--state` file), kept across its restarts.
+    pub fn api_state_file(&self) -> PathBuf {
+        self.dir().join("apiserver-state.json")
+    }
+    /// Where the lab API server writes the host address it listens on, once it does.
+    pub fn api_addr_file(&self) -> PathBuf {
+        self.dir().join("apiserver.addr")
+    }
+    /// What the lab runtime has reconciled (see [`crate::runtime::Synced`]).
+    pub fn runtime_synced_file(&self) -> PathBuf {
+        self.dir().join("runtime.json")
+    }
+    /// `apiserver` or `runtime`: the lab's processes in the root network namespace.
+    pub fn proc_log(&self, which: &str) -> PathBuf {
+        self.logs().join(format!("{which}.log"))
+    }
+    pub fn proc_pid_file(&self, which: &str) -> PathBuf {
+        self.pids().join(format!("{which}.pid"))
+    }
 
     /// Name of the namespace holding the LAN bridge.
     pub fn lan_ns(&self) -> String {
@@ -279,6 +306,24 @@ impl DeploymentInfo {
     }
 }
 
+/// The lab API server of a lab brought up with `--api`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiInfo {
+    /// Port on 127.0.0.1 in the root network namespace (kubectl, the lab runtime).
+    pub host_port: u16,
+    /// Address on the LAN bridge inside the lan namespace (the agents).
+    pub lan_addr: std::net::SocketAddr,
+}
+
+impl ApiInfo {
+    pub fn host_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.host_port)
+    }
+    pub fn lan_url(&self) -> String {
+        format!("http://{}", self.lan_addr)
+    }
+}
+
 /// lab.json
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LabState {
@@ -302,6 +347,10 @@ pub struct LabState {
     /// EndpointSlice files the lab generated (names inside manifests/).
     #[serde(default)]
     pub slice_files: Vec<String>,
+    /// Set when the lab runs an API server (`up --api`): objects live there, the agents run
+    /// with `--kubeconfig`, and the lab runtime makes pods and EndpointSlices.
+    #[serde(default)]
+    pub api: Option<ApiInfo>,
 }
 
 impl LabState {

@@ -71,6 +71,7 @@ fn plan(ctx: &Ctx, nodes: usize, agents: bool) -> LabState {
         namespaces,
         next_veth: 1,
         slice_files: Vec::new(),
+        api: None,
     }
 }
 
@@ -83,6 +84,12 @@ pub struct UpReport {
 
 /// `ferry lab up`. Fails if the lab (or any of its namespaces) exists already.
 pub fn up(ctx: &Ctx, nodes: usize, agents: bool) -> Result<UpReport> {
+    up_with(ctx, nodes, agents, false)
+}
+
+/// `ferry lab up [--api]`: with `api`, the lab runs its API server and runtime, and the
+/// agents (if any) watch the API server (see [`crate::cluster`]).
+pub fn up_with(ctx: &Ctx, nodes: usize, agents: bool, api: bool) -> Result<UpReport> {
     if nodes == 0 || nodes > MAX_NODES {
         bail!("--nodes must be between 1 and {MAX_NODES}");
     }
@@ -116,7 +123,21 @@ pub fn up(ctx: &Ctx, nodes: usize, agents: bool) -> Result<UpReport> {
         let _ = down_locked(ctx);
         return Err(e.context(format!("building lab {:?} (rolled back)", ctx.prefix)));
     }
-    write_nodes_yaml(ctx, &state)?;
+    if api {
+        match crate::cluster::bring_up(ctx, &state) {
+            Ok(info) => state.api = Some(info),
+            Err(e) => {
+                let _ = down_locked(ctx);
+                return Err(e.context(format!(
+                    "starting the API server of lab {:?} (rolled back)",
+                    ctx.prefix
+                )));
+            }
+        }
+        save_state(ctx, &state)?;
+    } else {
+        write_nodes_yaml(ctx, &state)?;
+    }
     let mut warnings = Vec::new();
     if agents {
         let mut started = Vec::new();
@@ -295,11 +316,24 @@ fn node_or_err<'a>(st: &'a LabState, node: &str) -> Result<&'a NodeInfo> {
     })
 }
 
+/// The agent's arguments on `node`: `--kubeconfig` in a lab with an API server, else
+/// `--manifests`.
 pub fn agent_args(ctx: &Ctx, node: &str) -> Vec<String> {
-    vec![
-        "agent".into(),
-        "--manifests".into(),
-        ctx.manifests().display().to_string(),
+    let api = load_state(ctx)
+        .ok()
+        .flatten()
+        .is_some_and(|s| s.api.is_some());
+    agent_args_for(ctx, api, node)
+}
+
+fn agent_args_for(ctx: &Ctx, api: bool, node: &str) -> Vec<String> {
+    let mut args = vec!["agent".to_string()];
+    if api {
+        args.extend(crate::cluster::agent_source_args(ctx));
+    } else {
+        args.extend(["--manifests".into(), ctx.manifests().display().to_string()]);
+    }
+    args.extend([
         "--node".into(),
         node.into(),
         "--state-dir".into(),
@@ -311,7 +345,8 @@ pub fn agent_args(ctx: &Ctx, node: &str) -> Vec<String> {
         // Each node's own loopback: `ferry lab exec NODE -- curl -s 127.0.0.1:10249/metrics`.
         "--metrics-addr".into(),
         "127.0.0.1:10249".into(),
-    ]
+    ]);
+    args
 }
 
 fn start_agent_locked(ctx: &Ctx, st: &LabState, node: &str) -> Result<u32> {
@@ -321,7 +356,7 @@ fn start_agent_locked(ctx: &Ctx, st: &LabState, node: &str) -> Result<u32> {
     }
     let exe = ctx.require_exe(crate::state::FERRY_EXE_NAME)?;
     let log = ctx.agent_log(node);
-    let args = agent_args(ctx, node);
+    let args = agent_args_for(ctx, st.api.is_some(), node);
     {
         let mut f = OpenOptions::new().create(true).append(true).open(&log)?;
         writeln!(
@@ -463,6 +498,13 @@ pub(crate) fn down_locked(ctx: &Ctx) -> Result<DownReport> {
         );
     }
 
+    // The runtime first (it would make pods), the API server last; both live in the root
+    // namespace and are recognized by their command line.
+    let mut processes = usize::from(crate::cluster::stop_proc(
+        ctx,
+        crate::cluster::RUNTIME_PROC,
+        false,
+    ));
     let mut pids: BTreeSet<u32> = pids_from_files(&ctx.pids()).into_iter().collect();
     if let Some(st) = &state {
         pids.extend(st.pods.iter().filter_map(|p| p.pid));
@@ -471,9 +513,14 @@ pub(crate) fn down_locked(ctx: &Ctx) -> Result<DownReport> {
         pids.extend(sys::netns_pids(ns));
     }
     let pids: Vec<u32> = pids.into_iter().collect();
-    let processes = sys::stop_pids(&pids, false, Duration::from_secs(5), |pid| {
+    processes += sys::stop_pids(&pids, false, Duration::from_secs(5), |pid| {
         namespaces.iter().any(|ns| sys::pid_in_netns(pid, ns))
     });
+    processes += usize::from(crate::cluster::stop_proc(
+        ctx,
+        crate::cluster::API_PROC,
+        false,
+    ));
 
     let ns_list: Vec<String> = namespaces.iter().cloned().collect();
     sys::del_netns(&ns_list)?;
