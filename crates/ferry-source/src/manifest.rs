@@ -107,9 +107,16 @@ pub struct Location {
 
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} document {}", self.file, self.doc_index)?;
-        if let Some(o) = &self.object {
-            write!(f, " ({o})")?;
+        // Objects from the Kubernetes API have no file: they are named by kind and name alone.
+        match (&self.object, self.file.is_empty()) {
+            (Some(o), true) => write!(f, "{o}")?,
+            (None, true) => write!(f, "an object")?,
+            (o, false) => {
+                write!(f, "{} document {}", self.file, self.doc_index)?;
+                if let Some(o) = o {
+                    write!(f, " ({o})")?;
+                }
+            }
         }
         if !self.field.is_empty() {
             write!(f, " field {}", self.field)?;
