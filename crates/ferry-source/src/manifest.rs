@@ -1615,6 +1615,38 @@ status:
     }
 
     #[test]
+    fn proxy_mode_ingress_is_not_forwarded() {
+        let p = parse(&format!(
+            "{}status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.7, ipMode: Proxy}}, {{ip: 192.0.2.8, ipMode: VIP}}, {{ip: 192.0.2.9}}]}}}}\n",
+            svc("{ports: [{port: 1}]}")
+        ));
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let Object::Service(s) = &p.objects[0] else {
+            panic!("{:?}", p.objects)
+        };
+        let want: Vec<std::net::IpAddr> =
+            vec!["192.0.2.8".parse().unwrap(), "192.0.2.9".parse().unwrap()];
+        assert_eq!(s.load_balancer_ingress, want);
+    }
+
+    #[test]
+    fn objects_from_the_api_are_named_without_a_file() {
+        let raw = RawObject {
+            file: String::new(),
+            doc_index: 0,
+            base: String::new(),
+            kind: "Service".into(),
+            api_version: "v1".into(),
+            value: serde_json::json!({"metadata": {"name": "web", "namespace": "shop"}, "spec": {"ports": [{"port": 0}]}}),
+        };
+        let p = parse_object(&raw);
+        assert_eq!(
+            p.errors[0].to_string(),
+            "Service shop/web field spec.ports[0].port: must be between 1 and 65535, got 0 (required: missing or 0)"
+        );
+    }
+
+    #[test]
     fn several_errors_in_one_object() {
         let p = parse(&svc("{type: Foo, ports: [{port: 0}, {port: 70000}]}"));
         assert!(p.objects.is_empty());

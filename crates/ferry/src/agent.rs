@@ -193,7 +193,11 @@ impl AgentArgs {
     pub fn lease_namespace(&self) -> String {
         self.lease_namespace
             .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
+            .or_else(|| {
+                std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
             .unwrap_or_else(|| "ferry-system".to_string())
     }
 
@@ -297,16 +301,29 @@ pub fn compute(
     let mut lb_services = Vec::new();
     let mut in_use: BTreeMap<&str, std::collections::BTreeSet<IpAddr>> = BTreeMap::new();
     for svc in &mut services {
+        // Addresses in status that no pool of ours holds were written by another
+        // load-balancer controller: forwarded as they are, as kube-proxy does.
+        let foreign: Vec<IpAddr> = svc
+            .load_balancer_ingress
+            .iter()
+            .filter(|ip| pools.pool_of(**ip).is_none())
+            .copied()
+            .collect();
         match lb.get(&svc.meta.object_ref()) {
             Some(Ok(a)) => {
                 svc.load_balancer_ingress = a.ips.clone();
+                for ip in foreign {
+                    if !svc.load_balancer_ingress.contains(&ip) {
+                        svc.load_balancer_ingress.push(ip);
+                    }
+                }
                 in_use.entry(&a.pool).or_default().extend(&a.ips);
                 for ip in &a.ips {
                     lb_services.push((*ip, svc.meta.object_ref().to_string()));
                 }
             }
             Some(Err(p)) => {
-                svc.load_balancer_ingress.clear();
+                svc.load_balancer_ingress = foreign;
                 diagnostics.push(Diagnostic {
                     severity: Severity::Warning,
                     object: Some(format!("Service {}", svc.meta.object_ref())),
@@ -663,8 +680,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     let state = StateDir::new(&args.state_dir)?;
     let source_kind = args.source()?;
     if let SourceKind::Manifests(dir) = &source_kind {
-        std::fs::metadata(dir)
-            .with_context(|| format!("manifest directory {}", dir.display()))?;
+        std::fs::metadata(dir).with_context(|| format!("manifest directory {}", dir.display()))?;
     }
     let nft = Nft::new();
     log!(
