@@ -128,6 +128,11 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref());
     for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        // ipMode Proxy: the load balancer itself delivers to the nodes, which must not
+        // DNAT the address (KEP-1860).
+        if ing.ip_mode.as_deref() == Some("Proxy") {
+            continue;
+        }
         let path = format!("status.loadBalancer.ingress[{i}].ip");
         if let Some(ip) = ck.opt_ip(ing.ip.as_deref(), &path) {
             load_balancer_ingress.push(ip);

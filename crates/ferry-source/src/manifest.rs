@@ -107,9 +107,16 @@ pub struct Location {
 
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} document {}", self.file, self.doc_index)?;
-        if let Some(o) = &self.object {
-            write!(f, " ({o})")?;
+        // Objects from the Kubernetes API have no file: they are named by kind and name alone.
+        match (&self.object, self.file.is_empty()) {
+            (Some(o), true) => write!(f, "{o}")?,
+            (None, true) => write!(f, "an object")?,
+            (o, false) => {
+                write!(f, "{} document {}", self.file, self.doc_index)?;
+                if let Some(o) = o {
+                    write!(f, " ({o})")?;
+                }
+            }
         }
         if !self.field.is_empty() {
             write!(f, " field {}", self.field)?;
@@ -1604,6 +1611,38 @@ status:
             ),
             "status.loadBalancer.ingress[0].ip",
             "must be an IP address",
+        );
+    }
+
+    #[test]
+    fn proxy_mode_ingress_is_not_forwarded() {
+        let p = parse(&format!(
+            "{}status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.7, ipMode: Proxy}}, {{ip: 192.0.2.8, ipMode: VIP}}, {{ip: 192.0.2.9}}]}}}}\n",
+            svc("{ports: [{port: 1}]}")
+        ));
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let Object::Service(s) = &p.objects[0] else {
+            panic!("{:?}", p.objects)
+        };
+        let want: Vec<std::net::IpAddr> =
+            vec!["192.0.2.8".parse().unwrap(), "192.0.2.9".parse().unwrap()];
+        assert_eq!(s.load_balancer_ingress, want);
+    }
+
+    #[test]
+    fn objects_from_the_api_are_named_without_a_file() {
+        let raw = RawObject {
+            file: String::new(),
+            doc_index: 0,
+            base: String::new(),
+            kind: "Service".into(),
+            api_version: "v1".into(),
+            value: serde_json::json!({"metadata": {"name": "web", "namespace": "shop"}, "spec": {"ports": [{"port": 0}]}}),
+        };
+        let p = parse_object(&raw);
+        assert_eq!(
+            p.errors[0].to_string(),
+            "Service shop/web field spec.ports[0].port: must be between 1 and 65535, got 0 (required: missing or 0)"
         );
     }
 

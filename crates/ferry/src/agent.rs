@@ -34,11 +34,59 @@ use crate::netwatch::{self, Wake};
 use crate::source::{self, Snapshot};
 use crate::state::{AllocStore, StateDir};
 
+/// What an agent does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Role {
+    /// kube-proxy and MetalLB in one: Service rules, load-balancer addresses, announcement.
+    #[default]
+    All,
+    /// MetalLB's part only, beside an existing kube-proxy: addresses and their announcement,
+    /// no Service rules.
+    LoadBalancer,
+    /// kube-proxy's part only: Service rules (load-balancer addresses others wrote included),
+    /// no address allocation, no announcement.
+    Proxy,
+}
+
+impl Role {
+    pub fn proxies(self) -> bool {
+        self != Role::LoadBalancer
+    }
+    pub fn balances(self) -> bool {
+        self != Role::Proxy
+    }
+}
+
+/// Where the objects come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    Manifests(PathBuf),
+    /// The Kubernetes API: a kubeconfig file, or the in-cluster configuration (None).
+    Api(Option<PathBuf>),
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct AgentArgs {
-    /// Directory of Kubernetes-format manifests (*.yaml, *.yml, *.json, read recursively).
+    /// Directory of Kubernetes-format manifests (*.yaml, *.yml, *.json, read recursively):
+    /// the source on a machine without Kubernetes.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Watch a Kubernetes API server given by this kubeconfig file. Without --kubeconfig and
+    /// --manifests, inside a pod: the in-cluster configuration (service account).
     #[arg(long)]
-    pub manifests: PathBuf,
+    pub kubeconfig: Option<PathBuf>,
+    /// all: replaces kube-proxy and MetalLB; load-balancer: MetalLB's part only, beside
+    /// kube-proxy; proxy: kube-proxy's part only.
+    #[arg(long, value_enum, default_value_t = Role::All)]
+    pub role: Role,
+    /// MetalLB's legacy ConfigMap (NAMESPACE/NAME); the metallb.io objects are read from the
+    /// same namespace.
+    #[arg(long, default_value = "metallb-system/config", value_parser = parse_object_ref)]
+    pub metallb_config: ferry_model::ObjectRef,
+    /// Namespace of the load-balancer controller's Lease (API mode): default $POD_NAMESPACE,
+    /// else ferry-system. The agent never creates it.
+    #[arg(long)]
+    pub lease_namespace: Option<String>,
     /// This node's name: its Node object gives the addresses node ports are served on.
     #[arg(long)]
     pub node: String,
@@ -90,6 +138,16 @@ pub fn parse_service_cidr(s: &str) -> Result<Cidr, String> {
     Ok(c)
 }
 
+/// "namespace/name".
+pub fn parse_object_ref(s: &str) -> Result<ferry_model::ObjectRef, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(ferry_model::ObjectRef::new(ns, name))
+        }
+        _ => Err(format!("{s:?}: expected NAMESPACE/NAME")),
+    }
+}
+
 pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s
         .split_once('-')
@@ -109,6 +167,47 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
 }
 
 impl AgentArgs {
+    /// Where objects come from: --manifests, --kubeconfig, or in a pod the cluster itself.
+    pub fn source(&self) -> Result<SourceKind> {
+        if let Some(m) = &self.manifests {
+            return Ok(SourceKind::Manifests(m.clone()));
+        }
+        if let Some(k) = &self.kubeconfig {
+            return Ok(SourceKind::Api(Some(k.clone())));
+        }
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+            return Ok(SourceKind::Api(None));
+        }
+        anyhow::bail!(
+            "no source: give --manifests DIR (a directory of manifests) or --kubeconfig PATH (a cluster); inside a pod the in-cluster configuration is used"
+        )
+    }
+
+    /// The manifest directory, for commands that only read one (`ferry plan`).
+    pub fn manifest_dir(&self) -> Result<&std::path::Path> {
+        self.manifests
+            .as_deref()
+            .context("this command reads a manifest directory: give --manifests DIR")
+    }
+
+    pub fn lease_namespace(&self) -> String {
+        self.lease_namespace
+            .clone()
+            .or_else(|| {
+                std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
+            .unwrap_or_else(|| "ferry-system".to_string())
+    }
+
+    pub fn source_config(&self) -> ferry_kube::SourceConfig {
+        ferry_kube::SourceConfig {
+            metallb_namespace: self.metallb_config.namespace.clone(),
+            metallb_config: self.metallb_config.clone(),
+        }
+    }
+
     pub fn alloc_config(&self) -> AllocConfig {
         AllocConfig {
             service_cidrs: self.service_cidr.clone(),
@@ -202,16 +301,29 @@ pub fn compute(
     let mut lb_services = Vec::new();
     let mut in_use: BTreeMap<&str, std::collections::BTreeSet<IpAddr>> = BTreeMap::new();
     for svc in &mut services {
+        // Addresses in status that no pool of ours holds were written by another
+        // load-balancer controller: forwarded as they are, as kube-proxy does.
+        let foreign: Vec<IpAddr> = svc
+            .load_balancer_ingress
+            .iter()
+            .filter(|ip| pools.pool_of(**ip).is_none())
+            .copied()
+            .collect();
         match lb.get(&svc.meta.object_ref()) {
             Some(Ok(a)) => {
                 svc.load_balancer_ingress = a.ips.clone();
+                for ip in foreign {
+                    if !svc.load_balancer_ingress.contains(&ip) {
+                        svc.load_balancer_ingress.push(ip);
+                    }
+                }
                 in_use.entry(&a.pool).or_default().extend(&a.ips);
                 for ip in &a.ips {
                     lb_services.push((*ip, svc.meta.object_ref().to_string()));
                 }
             }
             Some(Err(p)) => {
-                svc.load_balancer_ingress.clear();
+                svc.load_balancer_ingress = foreign;
                 diagnostics.push(Diagnostic {
                     severity: Severity::Warning,
                     object: Some(format!("Service {}", svc.meta.object_ref())),
@@ -450,7 +562,7 @@ struct SyncOutcome {
 /// shell between syncs.
 struct Worker {
     args: AgentArgs,
-    reader: source::Reader,
+    source: WorkerSource,
     planner: ferry_plan::plan::Planner,
     store: StateDir,
     dp: Dataplane,
@@ -458,31 +570,52 @@ struct Worker {
     served: Vec<ferry_model::view::ResolvedService>,
 }
 
+/// A sync's source: a manifest directory (allocations in the state directory) or the API
+/// (allocations as the API server and the load-balancer controller wrote them).
+enum WorkerSource {
+    Dir(source::Reader, PathBuf),
+    Api(ferry_kube::ApiSource),
+}
+
 impl Worker {
     fn sync(&mut self, job: SyncJob, host: &netwatch::HostNet) -> Result<SyncOutcome> {
         let args = &self.args;
         let t0 = Instant::now();
-        if job.reread_kernel {
+        let proxies = args.role.proxies();
+        if job.reread_kernel && proxies {
             // Re-read the kernel's table: repairs anything changed behind our back.
             self.dp.resync();
         }
-        let snap = self
-            .reader
-            .read()
-            .with_context(|| format!("reading {}", args.manifests.display()))?;
+        let (snap, from_api) = match &mut self.source {
+            WorkerSource::Dir(reader, dir) => (
+                reader
+                    .read()
+                    .with_context(|| format!("reading {}", dir.display()))?,
+                false,
+            ),
+            WorkerSource::Api(api) => (api.snapshot(), true),
+        };
         let pools =
             ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
-        let allocated = self.store.sync(
-            &snap.services,
-            &snap.namespaces,
-            &pools.0,
-            &args.alloc_config(),
-            source::now_ms(),
-            source::now_ms(),
-        )?;
+        let allocated = if from_api {
+            ferry_kube::status::from_api(&snap.services, &pools.0)
+        } else {
+            self.store.sync(
+                &snap.services,
+                &snap.namespaces,
+                &pools.0,
+                &args.alloc_config(),
+                source::now_ms(),
+                source::now_ms(),
+            )?
+        };
         let p = compute(&mut self.planner, args, &snap, pools, allocated, host);
         let t_plan = t0.elapsed();
-        let changes = self.dp.apply_touched(self.planner.ruleset(), &p.touched)?;
+        let changes = if proxies {
+            self.dp.apply_touched(self.planner.ruleset(), &p.touched)?
+        } else {
+            Default::default()
+        };
         for (addr, port) in ferry_plan::plan::stale_udp_endpoints(&self.served, &p.services) {
             flush_udp_conntrack(addr, port);
         }
@@ -545,24 +678,48 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     use tokio::signal::unix::{signal, SignalKind};
     let _one_agent = crate::singleton::claim(Duration::from_secs(args.wait_for_previous_s))?;
     let state = StateDir::new(&args.state_dir)?;
-    std::fs::metadata(&args.manifests)
-        .with_context(|| format!("manifest directory {}", args.manifests.display()))?;
+    let source_kind = args.source()?;
+    if let SourceKind::Manifests(dir) = &source_kind {
+        std::fs::metadata(dir).with_context(|| format!("manifest directory {}", dir.display()))?;
+    }
     let nft = Nft::new();
     log!(
-        "ferry agent on node {} (pid {}): manifests {}, state {}, nftables via {}",
+        "ferry agent on node {} (pid {}, role {:?}): {}, state {}, nftables via {}",
         args.node,
         std::process::id(),
-        args.manifests.display(),
+        args.role,
+        match &source_kind {
+            SourceKind::Manifests(d) => format!("manifests {}", d.display()),
+            SourceKind::Api(Some(k)) => format!("Kubernetes API from {}", k.display()),
+            SourceKind::Api(None) => "Kubernetes API (in-cluster)".to_string(),
+        },
         args.state_dir.display(),
         nft.backend_name()
     );
-    warn_about_sysctls();
+    if args.role.proxies() {
+        warn_about_sysctls();
+    }
     let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel::<Wake>();
-    let _watcher = netwatch::watch_manifests(&args.manifests, wake_tx.clone())
-        .with_context(|| format!("watching {}", args.manifests.display()))?;
+    let mut _dir_watcher = None;
+    let mut api: Option<ApiSide> = None;
+    let worker_source = match &source_kind {
+        SourceKind::Manifests(dir) => {
+            _dir_watcher = Some(
+                netwatch::watch_manifests(dir, wake_tx.clone())
+                    .with_context(|| format!("watching {}", dir.display()))?,
+            );
+            WorkerSource::Dir(source::Reader::new(dir), dir.clone())
+        }
+        SourceKind::Api(kubeconfig) => {
+            let side = ApiSide::start(&args, kubeconfig.as_deref(), wake_tx.clone()).await?;
+            let src = side.source.clone();
+            api = Some(side);
+            WorkerSource::Api(src)
+        }
+    };
     if let Err(e) = netwatch::watch_addresses(wake_tx.clone()) {
         log!("warning: cannot watch interface changes ({e}): addresses are read at every sync");
     }
@@ -575,7 +732,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     let mut host = netwatch::host_net();
 
     let status_changed = Arc::new(tokio::sync::Notify::new());
-    let announcer = if args.no_l2 {
+    let announcer = if args.no_l2 || !args.role.balances() {
         None
     } else {
         let n = Arc::clone(&status_changed);
@@ -625,7 +782,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
         .name("ferry-sync".into())
         .spawn(move || {
             let mut w = Worker {
-                reader: source::Reader::new(&worker_args.manifests),
+                source: worker_source,
                 planner: ferry_plan::plan::Planner::default(),
                 store: state,
                 dp: Dataplane::new(Nft::new()),
@@ -646,8 +803,20 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     let mut status_tick = tokio::time::interval(Duration::from_secs(1));
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let mut waiting_logged = false;
     loop {
-        if !in_flight {
+        // From the API, nothing is done until every watch has its first list.
+        let source_ready = api.as_ref().is_none_or(|a| a.source.ready());
+        if !source_ready && !waiting_logged {
+            if let Some(a) = &api {
+                log!(
+                    "waiting for the first lists of: {} (rules and announcements stay as they are)",
+                    a.source.waiting_for().join(", ")
+                );
+            }
+            waiting_logged = true;
+        }
+        if !in_flight && source_ready {
             if let Some(job) = shell.core.poll_sync(Instant::now()) {
                 if job_tx.send((job, host.clone())).is_err() {
                     anyhow::bail!("the sync thread is gone");
@@ -712,6 +881,9 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                     let st = a.status();
                     crate::announce::write_status(&status_file, &args.node, &st.owned);
                     shell.export_l2(&st);
+                    if let Some(side) = &api {
+                        side.announced(&st.owned, &shell.lb_services);
+                    }
                 }
             }
             _ = sigterm.recv() => break,
@@ -721,6 +893,9 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     if let Some(a) = announcer {
         a.shutdown();
         let _ = std::fs::remove_file(&status_file);
+    }
+    if let Some(side) = api {
+        side.stop().await;
     }
     if in_flight {
         // A sync that is under way finishes (its kernel transaction is atomic either way).
@@ -733,6 +908,146 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     log!("stopping; ferry's rules stay in place (`ferry cleanup` removes them)");
     Ok(0)
 }
+
+/// The API side of an agent: the source's watchers, and (unless a proxy only) the Lease
+/// election and the load-balancer controller, all on the agent's event loop.
+struct ApiSide {
+    source: ferry_kube::ApiSource,
+    client: kube::Client,
+    node: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    lease_task: Option<tokio::task::JoinHandle<()>>,
+    controller_task: Option<tokio::task::JoinHandle<()>>,
+    recorder: kube::runtime::events::Recorder,
+    /// Addresses this node announced at the last look (for `nodeAssigned` Events).
+    announced: std::sync::Mutex<std::collections::BTreeSet<IpAddr>>,
+}
+
+impl ApiSide {
+    async fn start(
+        args: &AgentArgs,
+        kubeconfig: Option<&std::path::Path>,
+        wake: tokio::sync::mpsc::UnboundedSender<Wake>,
+    ) -> Result<ApiSide> {
+        use ferry_kube::{controller, lease};
+        let client = ferry_kube::client(kubeconfig).await?;
+        let (changed_tx, changed_rx) = tokio::sync::watch::channel(());
+        let source = ferry_kube::ApiSource::start(
+            client.clone(),
+            args.source_config(),
+            move || {
+                let _ = wake.send(Wake::Manifests);
+                changed_tx.send_replace(());
+            },
+            |line| log!("{line}"),
+        );
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let (mut lease_task, mut controller_task) = (None, None);
+        if args.role.balances() {
+            let ns = args.lease_namespace();
+            let (leader_tx, leader_rx) = tokio::sync::watch::channel(None);
+            log!(
+                "load-balancer controller: elected with Lease {ns}/{LEASE_NAME} (held by the leading node)"
+            );
+            lease_task = Some(tokio::spawn(lease::run(
+                kube::Api::namespaced(client.clone(), &ns),
+                LEASE_NAME.to_string(),
+                lease::Elector::new(&args.node, lease::Timings::default()),
+                leader_tx,
+                stop_rx,
+                |line| log!("{line}"),
+            )));
+            controller_task = Some(tokio::spawn(controller::run(
+                client.clone(),
+                source.clone(),
+                leader_rx,
+                changed_rx,
+                controller::ControllerConfig {
+                    our_class: Some(crate::state::LOAD_BALANCER_CLASS.to_string()),
+                    reporter: kube::runtime::events::Reporter {
+                        controller: "ferry-controller".into(),
+                        instance: Some(args.node.clone()),
+                    },
+                    resync: Duration::from_secs(30),
+                },
+                |line| log!("{line}"),
+            )));
+        }
+        let recorder = kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "ferry-agent".into(),
+                instance: Some(args.node.clone()),
+            },
+        );
+        Ok(ApiSide {
+            source,
+            client,
+            node: args.node.clone(),
+            stop,
+            lease_task,
+            controller_task,
+            recorder,
+            announced: Default::default(),
+        })
+    }
+
+    /// Records `nodeAssigned` on the Services whose addresses this node started announcing.
+    fn announced(
+        &self,
+        owned: &std::collections::BTreeSet<IpAddr>,
+        lb_services: &[(IpAddr, String)],
+    ) {
+        let mut seen = self.announced.lock().unwrap_or_else(|e| e.into_inner());
+        let new: Vec<IpAddr> = owned.difference(&seen).copied().collect();
+        *seen = owned.clone();
+        for ip in new {
+            for (_, svc) in lb_services.iter().filter(|(i, _)| *i == ip) {
+                let Some((ns, name)) = svc.split_once('/') else {
+                    continue;
+                };
+                let reference = k8s_openapi::api::core::v1::ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Service".into()),
+                    namespace: Some(ns.to_string()),
+                    name: Some(name.to_string()),
+                    ..Default::default()
+                };
+                let ev = kube::runtime::events::Event {
+                    type_: kube::runtime::events::EventType::Normal,
+                    reason: "nodeAssigned".into(),
+                    note: Some(format!(
+                        "announcing from node \"{}\" with protocol \"layer2\"",
+                        self.node
+                    )),
+                    action: "Announce".into(),
+                    secondary: None,
+                };
+                let recorder = self.recorder.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = recorder.publish(&ev, &reference).await {
+                        log!("recording event nodeAssigned: {e}");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Stops the controller and gives the Lease up (so another node takes over at once).
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.controller_task {
+            t.abort();
+        }
+        if let Some(t) = self.lease_task {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+        }
+        drop(self.client);
+    }
+}
+
+/// The load-balancer controller's Lease.
+pub const LEASE_NAME: &str = "ferry-lb-controller";
 
 impl Shell {
     /// The layer-2 thread's state into the metrics; its liveness into the health check.

@@ -131,7 +131,7 @@ fn cleanup() -> anyhow::Result<i32> {
 fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
     use state::AllocStore;
     let state = state::StateDir::at(&args.state_dir);
-    let snap = source::read_dir(&args.manifests)?;
+    let snap = source::read_dir(args.manifest_dir()?)?;
     let pools =
         ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
     // What the agents allocated; nothing is written.
