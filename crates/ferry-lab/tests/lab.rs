@@ -19,6 +19,18 @@ fn lab(nodes: usize) -> Lab {
         .expect("lab up")
 }
 
+/// A lab without an API server, whatever $FERRY_LAB_API says: for tests of the manifest
+/// directory (the files the lab writes for the agents).
+fn manifest_lab(nodes: usize) -> Lab {
+    LabConfig::new(Lab::unique_prefix())
+        .nodes(nodes)
+        .agents(false)
+        .api(false)
+        .exe(EXE)
+        .up()
+        .expect("lab up")
+}
+
 /// Namespaces whose name starts with "<prefix>-".
 fn namespaces_of(prefix: &str) -> Vec<String> {
     let out = Command::new("ip")
@@ -127,7 +139,7 @@ fn endpoint_slices_follow_services_and_pods() {
     if !require_root("endpoint_slices_follow_services_and_pods") {
         return;
     }
-    let lab = lab(2);
+    let lab = manifest_lab(2);
     lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap();
     assert_eq!(
         lab.apply_yaml(demo::NEXTCLOUD_DEV_CLUSTERIP).unwrap(),
@@ -281,7 +293,7 @@ fn pods_honour_node_name_and_labels() {
     if !require_root("pods_honour_node_name_and_labels") {
         return;
     }
-    let lab = lab(3);
+    let lab = manifest_lab(3);
     let pod = |node: &str, app: &str| {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p1\n  labels: {{app: {app}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    image: x\n"
