@@ -312,6 +312,23 @@ impl Lab {
     pub fn agent_kill(&self, node: &str) -> Result<()> {
         topology::agent(&self.ctx, node, AgentAction::Kill).map(|_| ())
     }
+    /// Stops the lab API server (SIGTERM); the agents and the runtime keep what they have.
+    pub fn api_stop(&self) -> Result<()> {
+        crate::cluster::api_action(&self.ctx, crate::cluster::ApiAction::Stop).map(|_| ())
+    }
+    /// Starts the lab API server again (same address, same objects).
+    pub fn api_start(&self) -> Result<()> {
+        crate::cluster::api_action(&self.ctx, crate::cluster::ApiAction::Start).map(|_| ())
+    }
+    /// Kills the lab API server (SIGKILL).
+    pub fn api_kill(&self) -> Result<()> {
+        crate::cluster::api_action(&self.ctx, crate::cluster::ApiAction::Kill).map(|_| ())
+    }
+    /// PID of the running lab API server.
+    pub fn api_pid(&self) -> Option<u32> {
+        crate::cluster::proc_pid(&self.ctx, crate::cluster::API_PROC)
+    }
+
     /// PID of the running agent on `node`.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
         let st = self.state().ok()?;

@@ -74,7 +74,13 @@ pub enum LabCommand {
         #[command(subcommand)]
         action: AgentCmd,
     },
-    /// Print the log of a node's agent (or of a pod's server).
+    /// Start, stop (SIGTERM), restart or kill (SIGKILL) the lab API server (labs brought up
+    /// with --api); it keeps its objects across restarts.
+    Api {
+        #[command(subcommand)]
+        action: ApiCmd,
+    },
+    /// Print the log of a node's agent (or of a pod's server; `apiserver`, `runtime`).
     Logs { target: String },
     /// Lab-only readiness switch: `set-ready POD false` marks the pod's endpoints not ready.
     SetReady {
@@ -119,6 +125,14 @@ pub enum AgentCmd {
     Stop { node: String },
     Restart { node: String },
     Kill { node: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiCmd {
+    Start,
+    Stop,
+    Restart,
+    Kill,
 }
 
 #[derive(Debug, Args)]
@@ -273,18 +287,34 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
             }
             Ok(0)
         }
+        LabCommand::Api { action } => {
+            use crate::cluster::ApiAction;
+            let action = match action {
+                ApiCmd::Start => ApiAction::Start,
+                ApiCmd::Stop => ApiAction::Stop,
+                ApiCmd::Restart => ApiAction::Restart,
+                ApiCmd::Kill => ApiAction::Kill,
+            };
+            for l in crate::cluster::api_action(&ctx, action)? {
+                println!("{l}");
+            }
+            Ok(0)
+        }
         LabCommand::Logs { target } => {
             let st = ops::state(&ctx)?;
-            let path = if st.node(&target).is_some() {
-                ctx.agent_log(&target)
-            } else if st.pod(&target).is_some() {
-                ctx.pod_log(&target)
-            } else {
-                anyhow::bail!(
-                    "no node or pod {target:?} (nodes: {})",
-                    st.node_names().join(", ")
-                );
-            };
+            let path =
+                if target == crate::cluster::API_PROC || target == crate::cluster::RUNTIME_PROC {
+                    ctx.proc_log(&target)
+                } else if st.node(&target).is_some() {
+                    ctx.agent_log(&target)
+                } else if st.pod(&target).is_some() {
+                    ctx.pod_log(&target)
+                } else {
+                    anyhow::bail!(
+                        "no node or pod {target:?} (nodes: {})",
+                        st.node_names().join(", ")
+                    );
+                };
             match std::fs::read_to_string(&path) {
                 Ok(text) => print!("{text}"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

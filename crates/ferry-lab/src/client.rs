@@ -2,6 +2,7 @@
 //! kubectl would, then (for the kinds the lab runtime acts on) waiting until the runtime has
 //! caught up, so that a Deployment's pods exist when `apply` returns, as in manifest mode.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -329,7 +330,9 @@ pub fn services_table(ctx: &Ctx, ns: &NsFilter, wide: bool, multi: bool) -> Resu
         .collect();
     if wide {
         header.push("SELECTOR".into());
+        header.push("ANNOUNCED-BY".into());
     }
+    let announcers = read_announcers(ctx);
     let mut rows = vec![header];
     let mut items: Vec<&Value> = t["rows"].as_array().into_iter().flatten().collect();
     items.sort_by_key(|r| {
@@ -387,10 +390,59 @@ pub fn services_table(ctx: &Ctx, ns: &NsFilter, wide: bool, multi: bool) -> Resu
             } else {
                 sel.join(",")
             });
+            let by: Vec<String> = r
+                .pointer("/object/status/loadBalancer/ingress")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["ip"].as_str().and_then(|s| s.parse::<IpAddr>().ok()))
+                .flat_map(|ip| announcers.get(&ip).cloned().unwrap_or_default())
+                .collect();
+            row.push(if by.is_empty() {
+                "<none>".into()
+            } else {
+                by.join(",")
+            });
         }
         rows.push(row);
     }
     Ok(Some(table(&rows)))
+}
+
+/// Which nodes announce which addresses: the agents' status files in the lab's state dir
+/// (`announcements/<node>.json`, rewritten every second; older than 3 s means stale), as
+/// `ferry get svc -o wide` reads them for its ANNOUNCED-BY column.
+fn read_announcers(ctx: &Ctx) -> std::collections::BTreeMap<IpAddr, Vec<String>> {
+    let mut out: std::collections::BTreeMap<IpAddr, Vec<String>> = Default::default();
+    let Ok(entries) = std::fs::read_dir(ctx.state_dir().join("announcements")) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("json") {
+            continue;
+        }
+        let fresh = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < Duration::from_secs(3));
+        let Some(v) = fresh
+            .then(|| std::fs::read_to_string(&path).ok())
+            .flatten()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        else {
+            continue;
+        };
+        let node = v["node"].as_str().unwrap_or_default().to_string();
+        for a in v["addresses"].as_array().into_iter().flatten() {
+            if let Some(ip) = a.as_str().and_then(|s| s.parse().ok()) {
+                out.entry(ip).or_default().push(node.clone());
+            }
+        }
+    }
+    out
 }
 
 /// The Services as a v1 List (what `ferry get svc -o json` prints).

@@ -372,3 +372,53 @@ pub fn kubeconfig_path(ctx: &Ctx, st: &LabState) -> Result<std::path::PathBuf> {
     }
     Ok(path)
 }
+
+/// What `ferry lab api start|stop|restart|kill` does to the lab API server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiAction {
+    Start,
+    Stop,
+    Restart,
+    Kill,
+}
+
+/// Starts, stops (SIGTERM), restarts or kills (SIGKILL) the lab API server. It comes back on
+/// the same host port with the objects it had (its `--state` file), so kubeconfigs stay valid;
+/// clients' watches end and they list again, as after a real control-plane restart.
+pub fn api_action(ctx: &Ctx, action: ApiAction) -> Result<Vec<String>> {
+    let _lock = crate::state::LabLock::acquire(ctx)?;
+    let st = crate::state::require_state(ctx)?;
+    let Some(info) = &st.api else {
+        bail!(
+            "lab {:?} runs without an API server (bring one up with `ferry lab{} up --api`)",
+            ctx.prefix,
+            crate::state::prefix_flag(&ctx.prefix)
+        );
+    };
+    let mut lines = Vec::new();
+    if action != ApiAction::Start {
+        let pid = proc_pid(ctx, API_PROC);
+        let hard = action == ApiAction::Kill;
+        match pid {
+            Some(pid) => {
+                stop_proc(ctx, API_PROC, hard);
+                lines.push(format!(
+                    "API server (pid {pid}) {}",
+                    if hard { "killed" } else { "stopped" }
+                ));
+            }
+            None if action == ApiAction::Restart => lines.push("API server was not running".into()),
+            None => bail!("the lab API server is not running"),
+        }
+    }
+    if matches!(action, ApiAction::Start | ApiAction::Restart) {
+        start_api(ctx, info.host_port)?;
+        let pid = proc_pid(ctx, API_PROC).unwrap_or(0);
+        lines.push(format!(
+            "API server started (pid {pid}) on {} and {}",
+            info.host_url(),
+            info.lan_url()
+        ));
+    }
+    Ok(lines)
+}

@@ -279,6 +279,31 @@ fn kubectl_drives_pods_and_endpoint_slices() {
         lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap(),
         "deployment.apps/nextcloud-dev unchanged"
     );
+    // The API server restarted keeps its objects and its address; the runtime carries on.
+    let before = lab.pod_names();
+    let old_pid = lab.api_pid().expect("API server running");
+    lab.api_stop().unwrap();
+    assert!(!kubectl(&lab, &["get", "svc"]).status.success());
+    assert!(lab.api_stop().is_err());
+    lab.api_start().unwrap();
+    assert_ne!(lab.api_pid(), Some(old_pid));
+    let svc = json(&lab, &["get", "svc", "nextcloud-dev-clusterip"]);
+    assert_eq!(svc["spec"]["clusterIP"], cip.as_str());
+    assert_eq!(lab.pod_names(), before);
+    kubectl_ok(
+        &lab,
+        &[
+            "patch",
+            "deployment",
+            "nextcloud-dev",
+            "-p",
+            r#"{"spec":{"replicas":1}}"#,
+        ],
+    );
+    wait_for("one endpoint after the restart", || {
+        (endpoints(&lab, "nextcloud-dev-clusterip").len() == 1 && lab.pods().len() == 1)
+            .then_some(())
+    });
     // Deleting the Deployment removes its pods; the slice stays, empty.
     kubectl_ok(&lab, &["delete", "deployment", "nextcloud-dev"]);
     wait_for("no pods and no endpoints", || {
