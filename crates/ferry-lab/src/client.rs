@@ -184,6 +184,23 @@ fn wait_synced(ctx: &Ctx, rv: u64, keys: &[String]) -> Result<Vec<String>> {
     }
 }
 
+/// Waits until the lab runtime has caught up with everything written so far (after writes
+/// made by someone else, e.g. kubectl). At most one resync period longer when the last write
+/// was of a kind the runtime does not watch.
+pub fn wait_caught_up(ctx: &Ctx) -> Result<()> {
+    let rv = block_on(async {
+        let client = client(ctx).await?;
+        let v = get_raw(&client, "/api/v1/namespaces", false).await?;
+        anyhow::Ok(
+            v.pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .and_then(|r| r.parse::<u64>().ok())
+                .unwrap_or(0),
+        )
+    })??;
+    wait_synced(ctx, rv, &[]).map(|_| ())
+}
+
 /// `apply` through the API.
 pub fn apply(ctx: &Ctx, st: &LabState, docs: &[Doc]) -> Result<Report> {
     let mut report = Report::default();
@@ -576,5 +593,32 @@ pub fn ferry_get(ctx: &Ctx, args: &[&str]) -> Result<String> {
         Some("wide") => Ok(services_table(ctx, &ns, true, false)?.unwrap_or_default()),
         None => Ok(services_table(ctx, &ns, false, false)?.unwrap_or_default()),
         Some(o) => bail!("`ferry get svc -o {o}`: only json and wide"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_of_kinds() {
+        let (ar, namespaced) = api_resource("apps/v1", "Deployment").unwrap();
+        assert_eq!((ar.plural.as_str(), namespaced), ("deployments", true));
+        let (ar, namespaced) = api_resource("v1", "Node").unwrap();
+        assert_eq!((ar.plural.as_str(), namespaced), ("nodes", false));
+        assert!(api_resource("v1", "Deployment").is_none());
+        assert!(api_resource("example.com/v1", "Frob").is_none());
+    }
+
+    #[test]
+    fn list_paths() {
+        assert_eq!(
+            list_path("/api/v1", "services", &NsFilter::One("x".into())),
+            "/api/v1/namespaces/x/services"
+        );
+        assert_eq!(
+            list_path("/apis/apps/v1", "deployments", &NsFilter::All),
+            "/apis/apps/v1/deployments"
+        );
     }
 }

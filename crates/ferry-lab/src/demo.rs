@@ -33,6 +33,50 @@ pub struct DemoArgs {
     /// link-down hears no majority (1 of 2) and announces nothing, so it is skipped.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=10))]
     pub nodes: u16,
+    /// Run the lab with its API server (`ferry lab up --api`); the steps are then the seed's
+    /// own kubectl commands when kubectl is installed. Default: $FERRY_LAB_API, else off.
+    #[arg(long, default_missing_value = "true", num_args = 0..=1,
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub api: Option<bool>,
+}
+
+/// kubectl, when the lab runs an API server and kubectl is installed: the demo then shows
+/// (and runs) the seed's own kubectl commands, with KUBECONFIG set to the lab's.
+static KUBECTL: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+
+fn kubectl(ctx: &Ctx) -> Option<std::path::PathBuf> {
+    KUBECTL
+        .get_or_init(|| {
+            let st = ops::state(ctx).ok()?;
+            let kc = crate::cluster::kubeconfig_path(ctx, &st).ok()?;
+            let ok = std::process::Command::new("kubectl")
+                .args(["version", "--client"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(kc)
+        })
+        .clone()
+}
+
+/// Runs `kubectl ARGS` (shown as such) against the lab; its output, or an error with it.
+fn run_kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("kubectl")
+        .env("KUBECONFIG", kubeconfig)
+        .args(args)
+        .output()
+        .context("running kubectl")?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -73,10 +117,19 @@ pub fn run_demo(args: DemoArgs) -> Result<i32> {
         "# ferry demo: a {nodes}-node lab (prefix {:?}) replaying the seed's Services walk-through",
         ctx.prefix
     );
-    cmd(&format!("ferry lab up --nodes {nodes}"));
-    let result = match topology::up(&ctx, nodes, true) {
+    let api = args.api.unwrap_or_else(crate::api::api_default);
+    cmd(&format!(
+        "ferry lab up --nodes {nodes}{}",
+        if api { " --api" } else { "" }
+    ));
+    let result = match topology::up_with(&ctx, nodes, true, api) {
         Ok(report) => {
             show::print_up(&ctx, &report);
+            if let Some(kc) = kubectl(&ctx) {
+                println!();
+                cmd("export KUBECONFIG=\"$(ferry lab kubeconfig)\"");
+                println!("# (= {})", kc.display());
+            }
             steps(&ctx).and_then(|()| load_balancer_steps(&ctx))
         }
         Err(e) => Err(e),
@@ -106,6 +159,23 @@ fn cmd(line: &str) {
 fn apply(ctx: &Ctx, file: &str, text: &str) -> Result<()> {
     check_interrupted()?;
     println!();
+    if let Some(kc) = kubectl(ctx) {
+        let dir = ctx.dir().join("demo");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(file);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        cmd(&format!("kubectl apply -f {file}"));
+        run_kubectl(&kc, &["apply", "-f", &path.display().to_string()])?;
+        // As `ferry lab apply` does: wait until the lab's pods and EndpointSlices follow.
+        let (docs, _) = manifests::split_docs(file, text);
+        if docs
+            .iter()
+            .any(|d| matches!(d.kind.as_str(), "Deployment" | "Pod" | "Service"))
+        {
+            crate::client::wait_caught_up(ctx)?;
+        }
+        return Ok(());
+    }
     cmd(&format!("ferry lab apply -f {file}"));
     let (docs, errors) = manifests::split_docs(file, text);
     if !errors.is_empty() {
@@ -125,6 +195,10 @@ fn apply(ctx: &Ctx, file: &str, text: &str) -> Result<()> {
 fn get_pods_svc(ctx: &Ctx) -> Result<()> {
     check_interrupted()?;
     println!();
+    if let Some(kc) = kubectl(ctx) {
+        cmd("kubectl get pods,svc -o wide");
+        return run_kubectl(&kc, &["get", "pods,svc", "-o", "wide"]);
+    }
     cmd("ferry lab get pods,svc -o wide");
     let st = ops::state(ctx)?;
     let out = get::get(ctx, &st, "pods,svc", true, &NsFilter::One("default".into()))?;
@@ -610,6 +684,11 @@ fn curl_with_timeout(
 fn delete_service(ctx: &Ctx, name: &str) -> Result<()> {
     check_interrupted()?;
     println!();
+    if let Some(kc) = kubectl(ctx) {
+        cmd(&format!("kubectl delete service {name}"));
+        run_kubectl(&kc, &["delete", "service", name])?;
+        return crate::client::wait_caught_up(ctx);
+    }
     cmd(&format!("ferry lab delete service {name}"));
     let report = ops::delete_named(ctx, "service", "default", &[name.to_string()])?;
     for l in &report.lines {

@@ -689,3 +689,65 @@ async fn write_pod(client: &Client, st: &LabState, p: &Pod, info: &PodInfo) -> R
         .with_context(|| format!("writing the status of pod {name}"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(v: Value) -> Pod {
+        serde_json::from_value(v).expect("pod")
+    }
+
+    #[test]
+    fn spec_hash_ignores_the_node_the_lab_wrote() {
+        let a = pod(json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}}));
+        let b = pod(json!({"metadata": {"name": "p"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]}}));
+        let c = pod(json!({"metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80}]}]}}));
+        assert_eq!(pod_spec_hash(&a), pod_spec_hash(&b));
+        assert_ne!(pod_spec_hash(&a), pod_spec_hash(&c));
+        // A Deployment's pod: its template hash.
+        let d = pod(
+            json!({"metadata": {"name": "p", "labels": {"pod-template-hash": "abc"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "d",
+                                 "uid": "u", "controller": true}]},
+            "spec": {"containers": [{"name": "c"}]}}),
+        );
+        assert_eq!(pod_spec_hash(&d), "abc");
+        assert_eq!(owner_uid(&d).as_deref(), Some("u"));
+        assert_eq!(owner_uid(&a), None);
+    }
+
+    #[test]
+    fn normalized_comparison() {
+        assert_eq!(normalize(None), normalize(Some(&json!([]))));
+        assert_eq!(
+            normalize(Some(&json!({"a": 1, "b": null}))),
+            normalize(Some(&json!({"a": 1})))
+        );
+        assert_ne!(
+            normalize(Some(&json!([{"a": 1}]))),
+            normalize(Some(&json!([{"a": 2}])))
+        );
+    }
+
+    #[test]
+    fn services_from_the_api_read_as_manifests() {
+        let s: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"selector": {"app": "web"}, "clusterIP": "10.43.1.1",
+                     "ports": [{"port": 80, "targetPort": "http", "protocol": "TCP"}]},
+        }))
+        .unwrap();
+        let m = model_service(&s).unwrap();
+        assert_eq!(m.meta.name, "web");
+        assert_eq!(m.selector.get("app").map(String::as_str), Some("web"));
+        let bad: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"ports": [{"port": 0}]},
+        }))
+        .unwrap();
+        assert!(model_service(&bad).unwrap_err().contains("port"));
+    }
+}
