@@ -29,6 +29,8 @@
 //!   immutable. Deleting a Service frees what it held.
 //! - The `/status` subresource: status writes change only `status`, main writes ignore it;
 //!   `status` is dropped on create (except Nodes), Namespaces get `status.phase: Active`.
+//! - The `/scale` subresource of Deployments (autoscaling/v1 Scale, `kubectl scale`): GET,
+//!   PUT and PATCH; a write sets `spec.replicas`.
 //! - PATCH: `json-patch+json`, `merge-patch+json`, `strategic-merge-patch+json` (built-in kinds
 //!   only, as the real server; merge keys for Service `ports` by `port`, containers, `env`,
 //!   `volumes` by `name`, container `ports` by `containerPort`, `conditions` by `type`, ...;

@@ -202,6 +202,11 @@ pub const VERBS: &[&str] = &[
     "create", "delete", "get", "list", "patch", "update", "watch",
 ];
 
+/// Whether a resource has the `/scale` subresource (autoscaling/v1 Scale): Deployments.
+pub fn has_scale(r: &Resource) -> bool {
+    r.group == "apps" && r.resource == "deployments"
+}
+
 /// An `APIResourceList` for one group/version, with `*/status` subresources.
 pub fn resource_list(group: &str, version: &str) -> Option<serde_json::Value> {
     let gv = if group.is_empty() {
@@ -238,6 +243,17 @@ pub fn resource_list(group: &str, version: &str) -> Option<serde_json::Value> {
                 "singularName": "",
                 "namespaced": r.namespaced,
                 "kind": r.kind,
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        if has_scale(r) {
+            items.push(serde_json::json!({
+                "name": format!("{}/scale", r.resource),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
                 "verbs": ["get", "patch", "update"],
             }));
         }

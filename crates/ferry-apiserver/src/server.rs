@@ -374,6 +374,9 @@ async fn resource_request(
     // Where the objects live (core/v1 Events are stored as events.k8s.io/v1 Events).
     let sres = storage_of(res);
     let namespace = ns.unwrap_or("");
+    if rest.get(2) == Some(&"scale") && resources::has_scale(res) {
+        return scale_request(server, res, namespace, rest[1], method, content_type, body);
+    }
     let part = match rest.get(2) {
         None => Part::Main,
         Some(&"status") if res.status => Part::Status,
@@ -526,6 +529,98 @@ fn patch_request(
             })
         })
         .map(|o| ok(&from_storage(res, o)))
+}
+
+/// The autoscaling/v1 Scale of a Deployment: `spec.replicas`, and in status the replicas and
+/// the selector (as kube-apiserver's deployments/scale).
+fn scale_of(o: &Value) -> Value {
+    let selector: Vec<String> = o
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+        .collect();
+    let mut meta = serde_json::Map::new();
+    for f in [
+        "name",
+        "namespace",
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+    ] {
+        if let Some(v) = o.pointer(&format!("/metadata/{f}")) {
+            meta.insert(f.into(), v.clone());
+        }
+    }
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": meta,
+        "spec": {"replicas": o.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1)},
+        "status": {
+            "replicas": o.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0),
+            "selector": selector.join(","),
+        },
+    })
+}
+
+/// The new Scale from the current one.
+type ScaleFn<'a> = Box<dyn Fn(&Value) -> Result<Value, ApiError> + 'a>;
+
+/// GET, PUT and PATCH on `deployments/NAME/scale` (`kubectl scale`): a write sets the
+/// Deployment's `spec.replicas`.
+fn scale_request(
+    server: &Arc<ApiServer>,
+    res: &'static Resource,
+    namespace: &str,
+    name: &str,
+    method: &Method,
+    content_type: &str,
+    body: &Bytes,
+) -> Result<Response<Body>, ApiError> {
+    let store = &server.store;
+    let what = |e: String| ApiError::invalid(res.group, res.resource, name, e);
+    let new_scale: ScaleFn<'_> = match *method {
+        Method::GET => return Ok(ok(&scale_of(&store.get(res, namespace, name)?))),
+        Method::PUT => {
+            let p = parse_body(body, &format!("Scale of {} {name:?}", res.kind))?;
+            Box::new(move |_| Ok(p.clone()))
+        }
+        Method::PATCH => {
+            let pt = PatchType::from_content_type(content_type)
+                .ok_or_else(|| ApiError::unsupported_media_type(content_type))?;
+            let p = parse_body(
+                body,
+                &format!("patch of the Scale of {} {name:?}", res.kind),
+            )?;
+            Box::new(move |cur| {
+                match pt {
+                    PatchType::Json => patch::json_patch(cur, &p),
+                    _ => patch::merge_patch(cur, &p),
+                }
+                .map_err(what)
+            })
+        }
+        _ => {
+            return Err(ApiError::method_not_allowed(format!(
+                "{method} is not supported on the scale subresource"
+            )))
+        }
+    };
+    store
+        .update_with(res, namespace, name, Part::Main, |old| {
+            let scale = new_scale(&scale_of(old))?;
+            let replicas = scale
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .filter(|r| (0..=i64::from(i32::MAX)).contains(r))
+                .ok_or_else(|| what("spec.replicas: Invalid value: must be 0 or more".into()))?;
+            let mut new = old.clone();
+            new["spec"]["replicas"] = json!(replicas);
+            Ok(new)
+        })
+        .map(|o| ok(&scale_of(&o)))
 }
 
 /// A body fed by a channel: each message is one chunk of a watch stream.

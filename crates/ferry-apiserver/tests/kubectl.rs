@@ -460,3 +460,60 @@ spec: {myASN: 64500, peerASN: 64501, peerAddress: 192.0.2.254}
     let out = k.ok(&["get", "cm", "-A", "-o", "name"]);
     assert_eq!(out.trim(), "", "{out}");
 }
+
+#[test]
+fn scale_a_deployment() {
+    let Some(k) = Kubectl::new() else { return };
+    let f = k.lab.write(
+        "deploy.yaml",
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: c, image: x}]}
+",
+    );
+    k.ok(&["apply", "-f", f.to_str().expect("utf-8 path")]);
+    let out = k.ok(&["scale", "deployment", "web", "--replicas=5"]);
+    assert!(out.contains("deployment.apps/web scaled"), "{out}");
+    let got = k.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ]);
+    assert_eq!(got, "5");
+    // The Scale itself, and a precondition that does not hold.
+    let scale: Value = serde_json::from_str(&k.ok(&[
+        "get",
+        "--raw",
+        "/apis/apps/v1/namespaces/default/deployments/web/scale",
+    ]))
+    .expect("Scale JSON");
+    assert_eq!(scale["kind"], "Scale");
+    assert_eq!(scale["spec"]["replicas"], 5);
+    assert_eq!(scale["status"]["selector"], "app=web");
+    let o = k.run(&[
+        "scale",
+        "deployment",
+        "web",
+        "--current-replicas=2",
+        "--replicas=1",
+    ]);
+    assert!(!o.status.success());
+    let got = k.ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ]);
+    assert_eq!(got, "5");
+    let o = k.run(&["scale", "deployment", "missing", "--replicas=1"]);
+    assert!(!o.status.success());
+}
