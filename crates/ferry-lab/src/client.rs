@@ -475,7 +475,7 @@ pub fn services_json(ctx: &Ctx, ns: &NsFilter) -> Result<String> {
     }))?)
 }
 
-/// `get deployments` from the API: NAME READY UP-TO-DATE AVAILABLE AGE [SELECTOR].
+/// `get deployments` from the API: NAME READY UP-TO-DATE AVAILABLE AGE (and SELECTOR).
 pub fn deployments_table(
     ctx: &Ctx,
     ns: &NsFilter,

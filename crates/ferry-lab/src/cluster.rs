@@ -3,7 +3,7 @@
 //! namespaces a cluster would have, and the lab's processes in the root network namespace
 //! (the API server and the runtime), which `down` finds by PID file and command line.
 //!
-//! The API server listens on 127.0.0.1:<free port> in the root network namespace (kubectl,
+//! The API server listens on `127.0.0.1:<free port>` in the root network namespace (kubectl,
 //! the lab runtime) and on 192.168.2.5:6443 on the LAN bridge inside the lan namespace (the
 //! agents; K3s's port). The second socket is made by a thread that entered the lan namespace:
 //! a socket stays in the namespace it was made in. Nothing is added to the root namespace.

@@ -7,6 +7,13 @@
 //! [`demo`], [`probe`] (the client's curl loop), [`failover`] and [`bench`] (benchmarks), and
 //! [`api`] (the [`Lab`] handle for end-to-end tests); [`workloads`] reads the kinds the lab
 //! runs itself (Deployment, Pod).
+//!
+//! A lab brought up with `--api` ([`LabConfig::api`], `$FERRY_LAB_API`) takes a cluster's path
+//! instead of the manifest directory: [`cluster`] runs the lab API server (ferry-apiserver, a
+//! test double of kube-apiserver) and registers the Nodes, the agents run with `--kubeconfig`,
+//! [`runtime`] plays kubelet, Deployment and EndpointSlice controllers, and [`client`] makes
+//! `ferry lab apply/delete/get/set-ready` go through the API (`kubectl --kubeconfig "$(ferry lab
+//! kubeconfig)"` works the same).
 
 pub mod api;
 pub mod app;

@@ -686,7 +686,7 @@ fn slices_for(svc: &Service, st: &LabState) -> String {
     text
 }
 
-/// The EndpointSlices of one Service over `pods` (named `<svc>-lab`, `<svc>-lab-2`, ...), labelled
+/// The EndpointSlices of one Service over `pods` (named `SVC-lab`, `SVC-lab-2`, ...), labelled
 /// as managed by `managed_by`.
 pub(crate) fn slice_docs(svc: &Service, pods: &[PodInfo], managed_by: &str) -> Vec<SliceDoc> {
     let mut groups: BTreeMap<Vec<SlicePort>, Vec<SliceEndpoint>> = BTreeMap::new();

@@ -3,7 +3,7 @@
 //!
 //! It watches Deployments, Pods, Services and EndpointSlices on the lab API server; every
 //! change (and every few seconds) starts a *pass*, which lists them and makes the lab match:
-//! - Deployments get Pod objects (`<name>-<template hash>-<5 letters>`, the template's labels
+//! - Deployments get Pod objects (`NAME-TEMPLATEHASH-XXXXX`, the template's labels
 //!   plus `pod-template-hash`, an ownerReference to the Deployment): scaled, replaced when the
 //!   template changes, deleted with their Deployment (the API server has no garbage collector);
 //! - every Pod object gets a lab pod (network namespace, veth, `ferry lab serve-pod`; see

@@ -240,13 +240,7 @@ fn kubectl_drives_pods_and_endpoint_slices() {
     // Scale up: a third pod and endpoint.
     kubectl_ok(
         &lab,
-        &[
-            "patch",
-            "deployment",
-            "nextcloud-dev",
-            "-p",
-            r#"{"spec":{"replicas":3}}"#,
-        ],
+        &["scale", "deployment", "nextcloud-dev", "--replicas=3"],
     );
     wait_for("three endpoints", || {
         (endpoints(&lab, "nextcloud-dev-clusterip").len() == 3 && lab.pods().len() == 3)
