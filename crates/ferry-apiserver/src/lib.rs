@@ -43,8 +43,8 @@
 //!   object leaving a selector is sent as DELETED, one entering it as ADDED.
 //! - `meta.k8s.io/v1` Tables when the client asks for them (`kubectl get`, also on watches):
 //!   Services show TYPE, CLUSTER-IP, EXTERNAL-IP (`<pending>` until `status.loadBalancer` has
-//!   an address), PORT(S); Leases HOLDER; Events, Pods and EndpointSlices their usual columns;
-//!   other kinds NAME and AGE.
+//!   an address), PORT(S); Leases HOLDER; Events, Pods, EndpointSlices, Deployments and Nodes
+//!   their usual columns; other kinds NAME and AGE.
 //! - A minimal `/openapi/v3` (PATCH operations with their group/version/kind and the
 //!   `fieldValidation` parameter, no schemas), so kubectl leaves validation to the server and
 //!   `kubectl apply -f` needs no `--validate=false`; kubectl then builds strategic merge

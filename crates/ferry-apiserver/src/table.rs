@@ -190,6 +190,57 @@ fn columns(res: &Resource, o: &Value) -> (Vec<&'static str>, Vec<String>) {
                 created,
             ],
         ),
+        ("apps", "deployments") => {
+            let n = |ptr: &str| o.pointer(ptr).and_then(Value::as_i64).unwrap_or(0);
+            let want = o
+                .pointer("/spec/replicas")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            (
+                vec!["Name", "Ready", "Up-to-date", "Available", "Age"],
+                vec![
+                    name,
+                    format!("{}/{want}", n("/status/readyReplicas")),
+                    n("/status/updatedReplicas").to_string(),
+                    n("/status/availableReplicas").to_string(),
+                    created,
+                ],
+            )
+        }
+        ("", "nodes") => {
+            let ready = o
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+                .map(|c| c["status"] == "True");
+            let status = match ready {
+                Some(true) => "Ready",
+                Some(false) => "NotReady",
+                None => "Unknown",
+            };
+            let mut roles: Vec<&str> = o
+                .pointer("/metadata/labels")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .filter_map(|(k, _)| k.strip_prefix("node-role.kubernetes.io/"))
+                .collect();
+            roles.sort_unstable();
+            (
+                vec!["Name", "Status", "Roles", "Age", "Version"],
+                vec![
+                    name,
+                    status.to_string(),
+                    if roles.is_empty() {
+                        "<none>".to_string()
+                    } else {
+                        roles.join(",")
+                    },
+                    created,
+                    or_none(s(o, "/status/nodeInfo/kubeletVersion")),
+                ],
+            )
+        }
         _ => (vec!["Name", "Age"], vec![name, created]),
     }
 }
@@ -241,6 +292,47 @@ pub fn table(res: &Resource, objects: &[Value], rv: Option<u64>, with_columns: b
 mod tests {
     use super::*;
     use crate::resources::find;
+
+    #[test]
+    fn deployment_and_node_columns() {
+        let d = json!({
+            "metadata": {"name": "web", "creationTimestamp": "2020-01-01T00:00:00Z"},
+            "spec": {"replicas": 3},
+            "status": {"readyReplicas": 2, "updatedReplicas": 3, "availableReplicas": 2},
+        });
+        let t = table(find("apps", "v1", "deployments").unwrap(), &[d], None, true);
+        let cells = &t["rows"][0]["cells"];
+        assert_eq!(cells[1], "2/3");
+        assert_eq!((&cells[2], &cells[3]), (&json!("3"), &json!("2")));
+        assert_eq!(t["columnDefinitions"][2]["name"], "Up-to-date");
+        let fresh = json!({"metadata": {"name": "new"}, "spec": {"replicas": 2}});
+        let t = table(
+            find("apps", "v1", "deployments").unwrap(),
+            &[fresh],
+            None,
+            false,
+        );
+        assert_eq!(t["rows"][0]["cells"][1], "0/2");
+        let n = json!({
+            "metadata": {"name": "n1", "labels": {"node-role.kubernetes.io/master": "true",
+                "node-role.kubernetes.io/control-plane": "true"}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}],
+                       "nodeInfo": {"kubeletVersion": "v1.33.0"}},
+        });
+        let t = table(find("", "v1", "nodes").unwrap(), &[n], None, true);
+        let cells = &t["rows"][0]["cells"];
+        assert_eq!(cells[1], "Ready");
+        assert_eq!(cells[2], "control-plane,master");
+        assert_eq!(cells[4], "v1.33.0");
+        let t = table(
+            find("", "v1", "nodes").unwrap(),
+            &[json!({"metadata": {"name": "n2"}})],
+            None,
+            false,
+        );
+        assert_eq!(t["rows"][0]["cells"][1], "Unknown");
+        assert_eq!(t["rows"][0]["cells"][2], "<none>");
+    }
 
     #[test]
     fn service_columns() {
