@@ -115,7 +115,10 @@ async fn run(ctx: &Ctx) -> Result<()> {
             Ok(synced) => {
                 if synced.errors != last_errors {
                     for (k, e) in &synced.errors {
-                        eprintln!("{k}: {e}");
+                        if last_errors.get(k) != Some(e) {
+                            eprintln!("{k}: {e}");
+                            warn_event(&client, k, e).await;
+                        }
                     }
                     last_errors.clone_from(&synced.errors);
                 }
@@ -132,6 +135,40 @@ async fn run(ctx: &Ctx) -> Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
         while rx.try_recv().is_ok() {}
+    }
+}
+
+/// A Warning Event on the object the runtime could not run (`kubectl get events`, `kubectl
+/// describe`), as a kubelet or controller would record one.
+async fn warn_event(client: &Client, key: &str, message: &str) {
+    let mut parts = key.splitn(3, '/');
+    let (Some(kind), Some(ns), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        return;
+    };
+    let api_version = if kind == "Deployment" {
+        "apps/v1"
+    } else {
+        "v1"
+    };
+    let now = rfc3339(now_secs());
+    let event = json!({
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": format!("{name}."), "namespace": ns},
+        "involvedObject": {"apiVersion": api_version, "kind": kind, "namespace": ns, "name": name},
+        "reason": "FailedCreate", "type": "Warning", "message": message,
+        "source": {"component": "ferry-lab-runtime"},
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    });
+    let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    let r = match serde_json::from_value(event) {
+        Ok(ev) => api.create(&PostParams::default(), &ev).await.map(|_| ()),
+        Err(e) => {
+            eprintln!("event for {key}: {e}");
+            return;
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("recording an event for {key}: {e}");
     }
 }
 

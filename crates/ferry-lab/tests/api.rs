@@ -273,6 +273,28 @@ fn kubectl_drives_pods_and_endpoint_slices() {
         lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap(),
         "deployment.apps/nextcloud-dev unchanged"
     );
+    // A Pod the lab cannot run (no such node): a Warning Event says why; `ferry lab apply`
+    // refuses it up front; nothing else changes.
+    let lost = "apiVersion: v1\nkind: Pod\nmetadata: {name: lost}\nspec:\n  nodeName: nowhere\n  containers: [{name: c, image: x}]\n";
+    let err = lab.apply_yaml(lost).unwrap_err().to_string();
+    assert!(err.contains("nodeName \"nowhere\" is not a node"), "{err}");
+    kubectl_apply(&lab, lost);
+    let ev = wait_for("the FailedCreate event", || {
+        let ev = kubectl_ok(
+            &lab,
+            &[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=lost",
+            ],
+        );
+        ev.contains("FailedCreate").then_some(ev)
+    });
+    assert!(ev.contains("nowhere"), "{ev}");
+    assert!(lab.pod("lost").is_none());
+    assert_eq!(lab.pods().len(), 2);
+    kubectl_ok(&lab, &["delete", "pod", "lost"]);
     // The API server restarted keeps its objects and its address; the runtime carries on.
     let before = lab.pod_names();
     let old_pid = lab.api_pid().expect("API server running");
