@@ -110,9 +110,13 @@ async fn run(ctx: &Ctx) -> Result<()> {
     trigger::<EndpointSlice>(&client, tx.clone());
     println!("ferry lab {}: runtime started", ctx.prefix);
     let mut last_errors = BTreeMap::new();
+    let mut last_failure: Option<String> = None;
     loop {
         match pass(ctx, &client).await {
             Ok(synced) => {
+                if last_failure.take().is_some() {
+                    eprintln!("{} pass succeeded again", rfc3339(now_secs()));
+                }
                 if synced.errors != last_errors {
                     for (k, e) in &synced.errors {
                         if last_errors.get(k) != Some(e) {
@@ -126,7 +130,12 @@ async fn run(ctx: &Ctx) -> Result<()> {
                 write_atomic(&ctx.runtime_synced_file(), text.as_bytes())?;
             }
             Err(e) => {
-                eprintln!("{} pass failed: {e:#}", rfc3339(now_secs()));
+                // Once per distinct failure (the API server stopped: every 500 ms otherwise).
+                let text = format!("{e:#}");
+                if last_failure.as_deref() != Some(text.as_str()) {
+                    eprintln!("{} pass failed (retrying): {text}", rfc3339(now_secs()));
+                    last_failure = Some(text);
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }

@@ -29,6 +29,16 @@ pub fn print_up(ctx: &Ctx, report: &topology::UpReport) {
         eprintln!("warning: {w}");
     }
     let p = prefix_flag(&ctx.prefix);
+    if let Some(api) = &st.api {
+        println!(
+            "  API server (a test double of kube-apiserver) on {} (host) and {} (LAN); \
+             kubeconfig {}",
+            api.host_url(),
+            api.lan_url(),
+            ctx.kubeconfig().display()
+        );
+        println!("next: kubectl --kubeconfig \"$(ferry lab{p} kubeconfig)\" apply -f FILE");
+    }
     println!(
         "next: ferry lab{p} apply -f FILE; ferry lab{p} get pods,svc -o wide; ferry lab{p} down"
     );
