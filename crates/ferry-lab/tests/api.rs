@@ -483,3 +483,115 @@ fn seed_journey_with_agents_on_the_api() {
         .unwrap_or_else(|e| panic!("LoadBalancer: {e:#}"));
     assert!(pods.contains(&body), "{body}");
 }
+
+/// The lab API server stopped for 10 s while the client keeps requesting through a ClusterIP,
+/// a NodePort and the LoadBalancer address: no request fails (rules and announcements stay as
+/// they are); after it returns, the agents and the runtime watch again and a change is applied.
+#[test]
+fn api_server_outage_changes_nothing_on_the_nodes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let test = "api_server_outage_changes_nothing_on_the_nodes";
+    if !require_root(test) || !kubectl_present(test) {
+        return;
+    }
+    let lab = LabConfig::new(Lab::unique_prefix())
+        .nodes(2)
+        .api(true)
+        .exe(ferry_exe())
+        .up()
+        .expect("lab up --api with agents");
+    kubectl_apply(
+        &lab,
+        &[
+            demo::NEXTCLOUD_DEV,
+            demo::NEXTCLOUD_DEV_CLUSTERIP,
+            demo::NEXTCLOUD_DEV_NODEPORT,
+            demo::DEBIAN_BASH,
+            demo::METALLB_CONFIG,
+            demo::NEXTCLOUD_DEV_LOADBALANCER,
+        ]
+        .join("\n---\n"),
+    );
+    let cip = json(&lab, &["get", "svc", "nextcloud-dev-clusterip"])["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let np = json(&lab, &["get", "svc", "nextcloud-dev-nodeport"])["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .unwrap();
+    let lb = wait_for("the load-balancer address", || {
+        json(&lab, &["get", "svc", "nextcloud-dev-loadbalancer"])
+            .pointer("/status/loadBalancer/ingress/0/ip")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    });
+    let st = lab.state().unwrap();
+    let debian_ns = st.target_ns("debian-bash").unwrap();
+    let probes = [
+        (debian_ns, format!("http://{cip}:8080/")),
+        (
+            st.client.ns.clone(),
+            format!("http://{}:{np}/", lab.node_ip(0)),
+        ),
+        (st.client.ns.clone(), format!("http://{lb}/")),
+    ];
+    for (ns, url) in &probes {
+        wait_for(&format!("{url} answering"), || {
+            ferry_lab::probe::curl_once(ns, url).ok()
+        });
+    }
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = probes
+            .iter()
+            .map(|(ns, url)| s.spawn(|| ferry_lab::probe::probe_loop(ns, url, start, &stop)))
+            .collect();
+        std::thread::sleep(Duration::from_secs(1));
+        lab.api_stop().expect("stopping the API server");
+        std::thread::sleep(Duration::from_secs(10));
+        lab.api_start().expect("starting the API server");
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::SeqCst);
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("probe thread"))
+            .collect::<Vec<_>>()
+    });
+    for ((_, url), attempts) in probes.iter().zip(&results) {
+        let failed: Vec<_> = attempts.iter().filter(|a| a.result.is_err()).collect();
+        assert!(
+            attempts.len() > 50,
+            "{url}: only {} requests",
+            attempts.len()
+        );
+        assert!(
+            failed.is_empty(),
+            "{url}: {} of {} requests failed, first {:?}",
+            failed.len(),
+            attempts.len(),
+            failed.first()
+        );
+    }
+    // After the outage a change is applied: a third pod answers on the LoadBalancer address.
+    kubectl_ok(
+        &lab,
+        &["scale", "deployment", "nextcloud-dev", "--replicas=3"],
+    );
+    let pods = wait_for("three pods", || {
+        let p: Vec<String> = lab
+            .pods()
+            .into_iter()
+            .filter(|p| p.name.starts_with("nextcloud-dev-"))
+            .map(|p| p.name)
+            .collect();
+        (p.len() == 3).then_some(p)
+    });
+    let mut tally = ferry_lab::probe::AnswerTally::new(&pods).unwrap();
+    wait_for("every pod answering on the LoadBalancer address", || {
+        if let Ok(body) = ferry_lab::probe::curl_once(&st.client.ns, &format!("http://{lb}/")) {
+            tally.record(&body);
+        }
+        tally.done().then_some(())
+    });
+}
