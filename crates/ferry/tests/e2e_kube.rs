@@ -1,0 +1,622 @@
+//! End to end through the Kubernetes API: the lab API server (`ferry-apiserver`) and agents
+//! started with `--kubeconfig`, in two network namespaces of the test's own joined by a veth
+//! pair (the "LAN" 192.168.60.0/24: node n1 .1 also hosts the API server, node n2 .2), driven
+//! with kubectl as a user would.
+//!
+//! - the seed's path: a LoadBalancer Service pending, then an address from the ConfigMap pool
+//!   written into its status by the elected controller (`kubectl get svc`), Events
+//!   (`IPAllocated`, `nodeAssigned`), the Lease naming the leader, rules on both nodes;
+//! - addresses already in status (a cluster moving from MetalLB) are kept, even where the
+//!   allocator alone would have given them to an older Service;
+//! - the leader stopped (SIGTERM: the Lease is released) or killed (SIGKILL: it expires):
+//!   another node leads, no address changes, the new leader assigns new Services;
+//! - the API server away for 10 s: the kernel table and the announcement stay exactly as they
+//!   were; when it is back (its watch history gone: watches get 410 and list again), a change
+//!   made meanwhile is applied.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::FERRY;
+
+const API: &str = "192.168.60.1:6443";
+
+struct Cluster {
+    tag: String,
+    dir: PathBuf,
+    /// Namespaces: [n1 (with the API server), n2].
+    ns: [String; 2],
+    api: Option<Child>,
+    apiserver: PathBuf,
+    agents: [Option<Child>; 2],
+}
+
+const NODES: [&str; 2] = ["n1", "n2"];
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0]).args(&args[1..]).status().unwrap();
+    assert!(st.success(), "{args:?}");
+}
+
+impl Cluster {
+    fn new(tag: &str) -> Option<Cluster> {
+        if !common::root(tag) {
+            return None;
+        }
+        let apiserver = common::build_binary("ferry-apiserver", "ferry-apiserver");
+        let tag = format!("fk{}-{}", tag, std::process::id());
+        let ns = [format!("{tag}-n1"), format!("{tag}-n2")];
+        let dir = std::env::temp_dir().join(&tag);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = Cluster {
+            tag,
+            dir,
+            ns: ns.clone(),
+            api: None,
+            apiserver,
+            agents: [None, None],
+        };
+        for n in &ns {
+            sh(&["ip", "netns", "add", n]);
+            sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        }
+        sh(&[
+            "ip", "-n", &ns[0], "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+            "netns", &ns[1],
+        ]);
+        for (i, n) in ns.iter().enumerate() {
+            let addr = format!("192.168.60.{}/24", i + 1);
+            sh(&["ip", "-n", n, "addr", "add", &addr, "dev", "eth0"]);
+            sh(&["ip", "-n", n, "link", "set", "eth0", "up"]);
+        }
+        std::fs::write(
+            c.kubeconfig(),
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster: {{server: 'http://{API}'}}\nusers:\n- name: lab\n  user: {{}}\ncontexts:\n- name: lab\n  context: {{cluster: lab, user: lab, namespace: default}}\ncurrent-context: lab\n"
+            ),
+        )
+        .unwrap();
+        Some(c)
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    fn log(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("agent-{}.log", NODES[i]))
+    }
+
+    fn start_api(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("api.log"))
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns[0]])
+            .arg(&self.apiserver)
+            .args(["--listen", API, "--state"])
+            .arg(self.dir.join("api-state.json"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.api = Some(child);
+        let t0 = Instant::now();
+        while self.try_kubectl(&["get", "--raw", "/version"]).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "API server never up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill_api(&mut self) {
+        if let Some(mut c) = self.api.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn start_agent(&mut self, i: usize) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(i))
+            .unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns[i],
+                FERRY,
+                "agent",
+                "--node",
+                NODES[i],
+            ])
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .arg("--state-dir")
+            .arg(self.dir.join(format!("state-{}", NODES[i])))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agents[i] = Some(child);
+    }
+
+    /// Ends agent `i` with `signal` and waits for it.
+    fn stop_agent(&mut self, i: usize, signal: i32) {
+        if let Some(mut c) = self.agents[i].take() {
+            // SAFETY: kill(2) on the PID of our own child.
+            unsafe { libc::kill(c.id() as i32, signal) };
+            let _ = c.wait();
+        }
+    }
+
+    fn try_kubectl(&self, args: &[&str]) -> Result<String, String> {
+        self.kubectl_with(args, None)
+    }
+
+    fn kubectl_with(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns[0], "kubectl", "--kubeconfig"])
+            .arg(self.kubeconfig())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        let mut child = cmd.spawn().unwrap();
+        if let Some(text) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "kubectl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        self.try_kubectl(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn apply(&self, yaml: &str) {
+        self.kubectl_with(&["apply", "-f", "-"], Some(yaml))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The addresses in a Service's status.
+    fn ingress(&self, svc: &str) -> String {
+        self.kubectl(&[
+            "get",
+            "svc",
+            svc,
+            "-o",
+            "jsonpath={.status.loadBalancer.ingress[*].ip}",
+        ])
+    }
+
+    fn wait_ingress(&self, svc: &str, want: &str, within: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            let got = self.ingress(svc);
+            if got == want {
+                return t0.elapsed();
+            }
+            assert!(
+                t0.elapsed() < within,
+                "{svc}: status has {got:?}, want {want:?}\nn1:\n{}\nn2:\n{}",
+                self.read_log(0),
+                self.read_log(1)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn holder(&self) -> String {
+        self.try_kubectl(&[
+            "-n",
+            "ferry-system",
+            "get",
+            "lease",
+            "ferry-lb-controller",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .unwrap_or_default()
+    }
+
+    fn read_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log(i)).unwrap_or_default()
+    }
+
+    fn table(&self, i: usize) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns[i],
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "ferry",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_table(&self, i: usize, what: &str, check: impl Fn(&str) -> bool) {
+        let t0 = Instant::now();
+        while !check(&self.table(i)) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "{what} never on {}:\n{}\nlog:\n{}",
+                NODES[i],
+                self.table(i),
+                self.read_log(i)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The cluster's base objects: namespaces, both Nodes, the seed's pool (as a ConfigMap).
+    fn base(&self) {
+        self.apply(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ferry-system}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: metallb-system}\n",
+        );
+        let mut nodes = String::new();
+        for (i, n) in NODES.iter().enumerate() {
+            nodes.push_str(&format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata: {{name: {n}, labels: {{kubernetes.io/hostname: {n}}}}}\nstatus:\n  addresses: [{{type: InternalIP, address: 192.168.60.{}}}]\n",
+                i + 1
+            ));
+        }
+        self.apply(&nodes);
+        self.apply(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: config, namespace: metallb-system}\ndata:\n  config: |\n    address-pools:\n    - name: default\n      protocol: layer2\n      addresses:\n      - 192.168.60.200-192.168.60.203\n",
+        );
+    }
+}
+
+fn lb_service(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: LoadBalancer\n  selector: {{app: {name}}}\n  ports: [{{port: 80, targetPort: 8080}}]\n"
+    )
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..2 {
+            if let Some(mut c) = self.agents[i].take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        self.kill_api();
+        for n in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("{}: logs kept in {}", self.tag, self.dir.display());
+        }
+    }
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+fn wait_log(c: &Cluster, i: usize, needle: &str, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    while !c.read_log(i).contains(needle) {
+        assert!(
+            t0.elapsed() < within,
+            "{} never logged {needle:?}:\n{}",
+            NODES[i],
+            c.read_log(i)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t0.elapsed()
+}
+
+#[test]
+fn seed_journey_through_the_api() {
+    let Some(mut c) = Cluster::new("seed") else {
+        return;
+    };
+    c.start_api();
+    c.base();
+    c.apply(&lb_service("web"));
+    // Nobody assigns it before an agent runs: pending, as `kubectl get svc` shows.
+    let svc = c.kubectl(&["get", "svc", "web"]);
+    assert!(svc.contains("<pending>"), "{svc}");
+    c.start_agent(0);
+    c.start_agent(1);
+    let took = c.wait_ingress("web", "192.168.60.200", Duration::from_secs(20));
+    eprintln!("address written {took:?} after the agents started");
+    let svc = c.kubectl(&["get", "svc", "web"]);
+    assert!(svc.contains("192.168.60.200"), "{svc}");
+    let mode = c.kubectl(&[
+        "get",
+        "svc",
+        "web",
+        "-o",
+        "jsonpath={.status.loadBalancer.ingress[0].ipMode}",
+    ]);
+    assert_eq!(mode, "VIP");
+    let holder = c.holder();
+    assert!(NODES.contains(&holder.as_str()), "lease holder {holder:?}");
+    // Cluster IP and node port as the API server allocated them, on both nodes.
+    let cip = c.kubectl(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    let np = c.kubectl(&[
+        "get",
+        "svc",
+        "web",
+        "-o",
+        "jsonpath={.spec.ports[0].nodePort}",
+    ]);
+    for i in 0..2 {
+        c.wait_table(i, "cluster IP, node port and LB address", |t| {
+            t.contains(&cip) && t.contains(&np) && t.contains("192.168.60.200")
+        });
+    }
+    // Exactly one node announces it, and says so in an Event.
+    let t0 = Instant::now();
+    let announcers = loop {
+        let a: Vec<usize> = (0..2)
+            .filter(|i| c.read_log(*i).contains("announcing 192.168.60.200"))
+            .collect();
+        if !a.is_empty() || t0.elapsed() > Duration::from_secs(10) {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(announcers.len(), 1, "announcers {announcers:?}");
+    let t0 = Instant::now();
+    let events = loop {
+        let ev = c.kubectl(&["get", "events"]);
+        if ev.contains("nodeAssigned") || t0.elapsed() > Duration::from_secs(10) {
+            break ev;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(events.contains("IPAllocated"), "{events}");
+    assert!(
+        events.contains(r#"Assigned IP ["192.168.60.200"]"#),
+        "{events}"
+    );
+    assert!(
+        events.contains(&format!(
+            r#"announcing from node "{}""#,
+            NODES[announcers[0]]
+        )),
+        "{events}"
+    );
+    // The pool runs dry: pending, with the reason in an Event.
+    for n in ["b", "c", "d", "e"] {
+        c.apply(&lb_service(n));
+    }
+    c.wait_ingress("d", "192.168.60.203", Duration::from_secs(10));
+    let t0 = Instant::now();
+    loop {
+        let ev = c.kubectl(&["get", "events", "--field-selector", "involvedObject.name=e"]);
+        if ev.contains("AllocationFailed") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no AllocationFailed: {ev}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(c.ingress("e"), "");
+    // Deleting a Service frees its address for the pending one.
+    c.kubectl(&["delete", "svc", "b"]);
+    c.wait_ingress("e", "192.168.60.201", Duration::from_secs(10));
+    // A Service of another loadBalancerClass is never touched.
+    c.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: other}\nspec:\n  type: LoadBalancer\n  loadBalancerClass: example.com/other\n  ports: [{port: 80}]\n",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.ingress("other"), "");
+    // Deleted from the API: gone from the kernel.
+    c.kubectl(&["delete", "svc", "web"]);
+    for i in 0..2 {
+        c.wait_table(i, "web removed", |t| !t.contains(&cip));
+    }
+}
+
+#[test]
+fn addresses_in_status_are_kept() {
+    let Some(mut c) = Cluster::new("keep") else {
+        return;
+    };
+    c.start_api();
+    c.base();
+    // "older" is created first: alone, the allocator would give it the pool's first address.
+    c.apply(&lb_service("older"));
+    std::thread::sleep(Duration::from_millis(1100));
+    c.apply(&lb_service("migrated"));
+    // MetalLB had given "migrated" .200 (and another controller gave "foreign" an address
+    // outside ferry's pools).
+    c.kubectl(&[
+        "patch",
+        "svc",
+        "migrated",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"loadBalancer":{"ingress":[{"ip":"192.168.60.200","ipMode":"VIP"}]}}}"#,
+    ]);
+    c.start_agent(0);
+    c.wait_ingress("older", "192.168.60.201", Duration::from_secs(20));
+    assert_eq!(
+        c.ingress("migrated"),
+        "192.168.60.200",
+        "the address stayed"
+    );
+    // Restarting the controller changes nothing.
+    c.stop_agent(0, libc::SIGTERM);
+    c.start_agent(0);
+    wait_log(
+        &c,
+        0,
+        "services: table already as planned",
+        Duration::from_secs(15),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.ingress("migrated"), "192.168.60.200");
+    assert_eq!(c.ingress("older"), "192.168.60.201");
+    assert_eq!(
+        count(&c.read_log(0), "assigned 192.168.60.20"),
+        1,
+        "{}",
+        c.read_log(0)
+    );
+}
+
+#[test]
+fn leader_stopped_or_killed_another_takes_over_and_no_address_moves() {
+    let Some(mut c) = Cluster::new("lead") else {
+        return;
+    };
+    c.start_api();
+    c.base();
+    c.apply(&lb_service("a"));
+    c.start_agent(0);
+    c.wait_ingress("a", "192.168.60.200", Duration::from_secs(20));
+    assert_eq!(c.holder(), "n1");
+    c.start_agent(1);
+    wait_log(
+        &c,
+        1,
+        "the load-balancer controller runs on n1",
+        Duration::from_secs(10),
+    );
+
+    // SIGTERM: the Lease is released, n2 leads at its next attempt (every 2 s).
+    let t0 = Instant::now();
+    c.stop_agent(0, libc::SIGTERM);
+    while c.holder() != "n2" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(6),
+            "n2 never took the released lease"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("released lease taken after {:?}", t0.elapsed());
+    c.apply(&lb_service("b"));
+    c.wait_ingress("b", "192.168.60.201", Duration::from_secs(10));
+    assert_eq!(c.ingress("a"), "192.168.60.200");
+
+    // SIGKILL: nobody releases; the Lease expires (15 s unchanged) and n1 takes it.
+    c.start_agent(0);
+    wait_log(
+        &c,
+        0,
+        "the load-balancer controller runs on n2",
+        Duration::from_secs(10),
+    );
+    let t0 = Instant::now();
+    c.stop_agent(1, libc::SIGKILL);
+    while c.holder() != "n1" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(25),
+            "n1 never took the lease over"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("expired lease taken after {:?}", t0.elapsed());
+    c.apply(&lb_service("c"));
+    c.wait_ingress("c", "192.168.60.202", Duration::from_secs(10));
+    assert_eq!(c.ingress("a"), "192.168.60.200");
+    assert_eq!(c.ingress("b"), "192.168.60.201");
+}
+
+#[test]
+fn api_server_away_changes_nothing_and_changes_apply_when_back() {
+    let Some(mut c) = Cluster::new("away") else {
+        return;
+    };
+    c.start_api();
+    c.base();
+    c.apply(&lb_service("web"));
+    c.start_agent(0);
+    c.start_agent(1);
+    c.wait_ingress("web", "192.168.60.200", Duration::from_secs(20));
+    for i in 0..2 {
+        c.wait_table(i, "web", |t| t.contains("192.168.60.200"));
+    }
+    let announcer = |c: &Cluster| -> Vec<usize> {
+        (0..2)
+            .filter(|i| {
+                let log = c.read_log(*i);
+                log.rfind("announcing 192.168.60.200") > log.rfind("withdrawing 192.168.60.200")
+            })
+            .collect()
+    };
+    let t0 = Instant::now();
+    while announcer(&c).len() != 1 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no announcer");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before: Vec<String> = (0..2).map(|i| c.table(i)).collect();
+    let who = announcer(&c);
+    c.kill_api();
+    // 10 s without the API server: nothing moves.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        for i in 0..2 {
+            assert_eq!(c.table(i), before[i], "{} changed its table", NODES[i]);
+        }
+        assert_eq!(announcer(&c), who, "the announcer changed");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for i in 0..2 {
+        assert!(
+            c.read_log(i).contains("objects kept as last seen"),
+            "{}",
+            c.read_log(i)
+        );
+    }
+    // Back, with its objects but not its watch history: watches get 410 and list again.
+    c.start_api();
+    c.apply(&lb_service("later"));
+    c.wait_ingress("later", "192.168.60.201", Duration::from_secs(30));
+    for i in 0..2 {
+        c.wait_table(i, "the Service made after the API server came back", |t| {
+            t.contains("192.168.60.201")
+        });
+        // Everything else as it was.
+        assert!(c.table(i).contains("192.168.60.200"));
+    }
+    assert_eq!(c.ingress("web"), "192.168.60.200");
+}
