@@ -66,11 +66,16 @@ fn sorted(ips: &[IpAddr]) -> Vec<IpAddr> {
 
 /// Decides every status write for one snapshot. `our_class` is the loadBalancerClass ferry
 /// also serves (Services without a class are always ours).
+///
+/// `previous` holds addresses from before the API was the source (manifest mode's state):
+/// a Service without an address in its status gets its previous one back when nobody's
+/// status holds it.
 pub fn plan(
     services: &[Service],
     namespaces: &[Namespace],
     pools: &PoolConfig,
     our_class: Option<&str>,
+    previous: &LbState,
     now_ms: u64,
 ) -> Plan {
     // The addresses in status are the state the allocator keeps.
@@ -95,6 +100,29 @@ pub fn plan(
                 updated_ms: 0,
             },
         );
+    }
+    let held: std::collections::BTreeSet<IpAddr> = kept
+        .services
+        .values()
+        .flat_map(|e| e.ips.iter().copied())
+        .collect();
+    for svc in services.iter().filter(|s| lbipam::is_ours(s, our_class)) {
+        let r = svc.meta.object_ref();
+        let key = format!("{}/{}", r.namespace, r.name);
+        if kept.services.contains_key(&key) {
+            continue;
+        }
+        if let Some(e) = previous.services.get(&key) {
+            if !e.ips.is_empty() && e.ips.iter().all(|ip| !held.contains(ip)) {
+                kept.services.insert(
+                    key,
+                    LbEntry {
+                        updated_ms: 0,
+                        ..e.clone()
+                    },
+                );
+            }
+        }
     }
     let (_, results) = lbipam::allocate(
         &kept, services, namespaces, pools, our_class, now_ms, now_ms,
@@ -141,6 +169,8 @@ pub struct ControllerConfig {
     pub reporter: Reporter,
     /// Re-plan this often even without changes (retries of failed writes).
     pub resync: Duration,
+    /// Addresses from before the API was the source (see [`plan`]).
+    pub previous: LbState,
 }
 
 /// Runs the controller: whenever this agent leads and the source is ready, plan and write.
@@ -181,6 +211,7 @@ pub async fn run(
                 &snap.namespaces,
                 &pools,
                 cfg.our_class.as_deref(),
+                &cfg.previous,
                 now_ms,
             );
             for w in &p.writes {
@@ -380,7 +411,7 @@ mod tests {
             lb("new", "2026-01-01T00:00:00Z", &[]),
             lb("old", "2026-02-01T00:00:00Z", &["192.168.2.200"]),
         ];
-        let p = plan(&svcs, &[], &pools(TWO), None, 1);
+        let p = plan(&svcs, &[], &pools(TWO), None, &LbState::default(), 1);
         assert_eq!(p.writes.len(), 1, "{p:?}");
         let w = &p.writes[0];
         assert_eq!(w.service.name, "new");
@@ -394,7 +425,10 @@ mod tests {
             lb("a", "2026-01-01T00:00:00Z", &["192.168.2.201"]),
             lb("b", "2026-01-02T00:00:00Z", &["192.168.2.200"]),
         ];
-        assert_eq!(plan(&svcs, &[], &pools(TWO), None, 1), Plan::default());
+        assert_eq!(
+            plan(&svcs, &[], &pools(TWO), None, &LbState::default(), 1),
+            Plan::default()
+        );
     }
 
     #[test]
@@ -404,7 +438,7 @@ mod tests {
             lb("b", "2026-01-02T00:00:00Z", &["192.168.2.200"]),
             lb("c", "2026-01-03T00:00:00Z", &[]),
         ];
-        let p = plan(&svcs, &[], &pools(TWO), None, 1);
+        let p = plan(&svcs, &[], &pools(TWO), None, &LbState::default(), 1);
         assert!(p.writes.is_empty());
         let why = &p.pending[&ObjectRef::new("default", "c")];
         assert!(
@@ -422,7 +456,7 @@ mod tests {
             lb("fresh", "2026-01-02T00:00:00Z", &[]),
             other,
         ];
-        let p = plan(&svcs, &[], &pools(TWO), None, 1);
+        let p = plan(&svcs, &[], &pools(TWO), None, &LbState::default(), 1);
         assert!(
             p.writes.iter().all(|w| w.service.name != "other"),
             "other classes untouched"
@@ -436,10 +470,43 @@ mod tests {
     }
 
     #[test]
+    fn addresses_from_manifest_mode_come_back_unless_taken() {
+        let svcs = [
+            lb("a", "2026-01-01T00:00:00Z", &[]),
+            lb("b", "2026-01-02T00:00:00Z", &[]),
+            lb("c", "2026-01-03T00:00:00Z", &["192.168.2.200"]),
+        ];
+        let mut previous = LbState::default();
+        for (k, ip) in [
+            ("default/b", "192.168.2.201"),
+            ("default/a", "192.168.2.200"),
+        ] {
+            previous.services.insert(
+                k.into(),
+                LbEntry {
+                    ips: vec![ip.parse().unwrap()],
+                    pool: "lan".into(),
+                    sharing: None,
+                    updated_ms: 5,
+                },
+            );
+        }
+        let p = plan(&svcs, &[], &pools(TWO), None, &previous, 1);
+        let got: Vec<(&str, Vec<IpAddr>)> = p
+            .writes
+            .iter()
+            .map(|w| (w.service.name.as_str(), w.ips.clone()))
+            .collect();
+        // b gets its old address back; a's was taken by c's status: a waits.
+        assert_eq!(got, vec![("b", vec!["192.168.2.201".parse().unwrap()])]);
+        assert!(p.pending.contains_key(&ObjectRef::new("default", "a")));
+    }
+
+    #[test]
     fn a_service_that_is_no_longer_a_load_balancer_is_cleared() {
         let mut s = lb("was", "2026-01-01T00:00:00Z", &["192.168.2.200"]);
         s.type_ = ServiceType::ClusterIP;
-        let p = plan(&[s], &[], &pools(TWO), None, 1);
+        let p = plan(&[s], &[], &pools(TWO), None, &LbState::default(), 1);
         assert_eq!(p.writes.len(), 1);
         assert!(p.writes[0].ips.is_empty());
     }

@@ -969,6 +969,9 @@ impl ApiSide {
                         instance: Some(args.node.clone()),
                     },
                     resync: Duration::from_secs(30),
+                    previous: StateDir::at(&args.state_dir)
+                        .manifest_lb_allocations()
+                        .unwrap_or_default(),
                 },
                 |line| log!("{line}"),
             )));

@@ -113,6 +113,12 @@ impl StateDir {
         })
     }
 
+    /// The load-balancer addresses manifest mode kept here (read only): a node moving to the
+    /// Kubernetes API hands them to the controller, so addresses survive the switch.
+    pub fn manifest_lb_allocations(&self) -> Result<LbState> {
+        self.read("lb-allocations.json")
+    }
+
     fn read<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T> {
         let path = self.dir.join(name);
         match std::fs::read_to_string(&path) {

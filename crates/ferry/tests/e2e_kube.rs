@@ -7,7 +7,8 @@
 //!   written into its status by the elected controller (`kubectl get svc`), Events
 //!   (`IPAllocated`, `nodeAssigned`), the Lease naming the leader, rules on both nodes;
 //! - addresses already in status (a cluster moving from MetalLB) are kept, even where the
-//!   allocator alone would have given them to an older Service;
+//!   allocator alone would have given them to an older Service, and so are those a node kept
+//!   in manifest mode (a switch from manifests to the API);
 //! - the leader stopped (SIGTERM: the Lease is released) or killed (SIGKILL: it expires):
 //!   another node leads, no address changes, the new leader assigns new Services;
 //! - the API server away for 10 s: the kernel table and the announcement stay exactly as they
@@ -476,6 +477,16 @@ fn addresses_in_status_are_kept() {
         "-p",
         r#"{"status":{"loadBalancer":{"ingress":[{"ip":"192.168.60.200","ipMode":"VIP"}]}}}"#,
     ]);
+    // "switched" ran in manifest mode on this node, which kept .203 for it in its state dir
+    // (the allocator alone would give it .202).
+    c.apply(&lb_service("switched"));
+    let state = c.dir.join("state-n1");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        state.join("lb-allocations.json"),
+        r#"{"services":{"default/switched":{"ips":["192.168.60.203"],"pool":"default","updated_ms":1}}}"#,
+    )
+    .unwrap();
     c.start_agent(0);
     c.wait_ingress("older", "192.168.60.201", Duration::from_secs(20));
     assert_eq!(
@@ -483,6 +494,7 @@ fn addresses_in_status_are_kept() {
         "192.168.60.200",
         "the address stayed"
     );
+    c.wait_ingress("switched", "192.168.60.203", Duration::from_secs(5));
     // Restarting the controller changes nothing.
     c.stop_agent(0, libc::SIGTERM);
     c.start_agent(0);
@@ -495,9 +507,10 @@ fn addresses_in_status_are_kept() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(c.ingress("migrated"), "192.168.60.200");
     assert_eq!(c.ingress("older"), "192.168.60.201");
+    assert_eq!(c.ingress("switched"), "192.168.60.203");
     assert_eq!(
         count(&c.read_log(0), "assigned 192.168.60.20"),
-        1,
+        2,
         "{}",
         c.read_log(0)
     );
