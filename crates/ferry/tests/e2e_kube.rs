@@ -127,6 +127,10 @@ impl Cluster {
     }
 
     fn start_agent(&mut self, i: usize) {
+        self.start_agent_with(i, &[]);
+    }
+
+    fn start_agent_with(&mut self, i: usize, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -146,6 +150,7 @@ impl Cluster {
             .arg(self.kubeconfig())
             .arg("--state-dir")
             .arg(self.dir.join(format!("state-{}", NODES[i])))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -632,4 +637,88 @@ fn api_server_away_changes_nothing_and_changes_apply_when_back() {
         assert!(c.table(i).contains("192.168.60.200"));
     }
     assert_eq!(c.ingress("web"), "192.168.60.200");
+}
+
+#[test]
+fn roles_load_balancer_only_and_proxy_only() {
+    let Some(mut c) = Cluster::new("roles") else {
+        return;
+    };
+    c.start_api();
+    c.base();
+    c.apply(&lb_service("web"));
+    // Beside kube-proxy: addresses and announcement, no nftables at all.
+    for i in 0..2 {
+        c.start_agent_with(i, &["--role", "load-balancer"]);
+    }
+    c.wait_ingress("web", "192.168.60.200", Duration::from_secs(20));
+    let t0 = Instant::now();
+    while !(0..2).any(|i| c.read_log(i).contains("announcing 192.168.60.200")) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "nobody announces");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..2 {
+        assert_eq!(
+            c.table(i),
+            "",
+            "role load-balancer wrote rules on {}",
+            NODES[i]
+        );
+    }
+    for i in 0..2 {
+        c.stop_agent(i, libc::SIGTERM);
+    }
+    // kube-proxy's part only: the rules, for addresses someone else wrote too; no Lease, no
+    // announcement, no status writes.
+    c.kubectl(&[
+        "patch",
+        "svc",
+        "web",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"loadBalancer":{"ingress":[{"ip":"203.0.113.7"}]}}}"#,
+    ]);
+    let holder_before = c.kubectl(&[
+        "-n",
+        "ferry-system",
+        "get",
+        "lease",
+        "ferry-lb-controller",
+        "-o",
+        "jsonpath={.spec.renewTime}",
+    ]);
+    let logs_before: Vec<usize> = (0..2).map(|i| c.read_log(i).len()).collect();
+    for i in 0..2 {
+        c.start_agent_with(i, &["--role", "proxy"]);
+    }
+    for i in 0..2 {
+        c.wait_table(i, "the address another controller wrote", |t| {
+            t.contains("203.0.113.7")
+        });
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        c.ingress("web"),
+        "203.0.113.7",
+        "a proxy never writes status"
+    );
+    let renew_after = c.kubectl(&[
+        "-n",
+        "ferry-system",
+        "get",
+        "lease",
+        "ferry-lb-controller",
+        "-o",
+        "jsonpath={.spec.renewTime}",
+    ]);
+    assert_eq!(
+        renew_after, holder_before,
+        "a proxy never touches the Lease"
+    );
+    for i in 0..2 {
+        let new = &c.read_log(i)[logs_before[i]..];
+        assert!(!new.contains("announcing"), "{new}");
+        assert!(!new.contains("membership"), "{new}");
+    }
 }
