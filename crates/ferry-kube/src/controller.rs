@@ -187,6 +187,7 @@ pub async fn run(
     // What was last said per Service, so an Event is recorded once per change of mind.
     let mut said: BTreeMap<ObjectRef, String> = BTreeMap::new();
     let mut leading = false;
+    let previous = std::sync::Arc::new(cfg.previous.clone());
     loop {
         let until = *leadership.borrow_and_update();
         let now_leading = until.is_some_and(|u| u > Instant::now());
@@ -197,23 +198,36 @@ pub async fn run(
             }
         }
         if leading && source.ready() {
-            let snap = source.snapshot();
-            let (pools, _) = ferry_model::pools::load(
-                &snap.config_maps,
-                &snap.ip_pools,
-                &snap.l2_advertisements,
+            // Snapshot and plan off the event loop (thousands of Services take a while).
+            let (src, class, previous) = (
+                source.clone(),
+                cfg.our_class.clone(),
+                std::sync::Arc::clone(&previous),
             );
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let p = plan(
-                &snap.services,
-                &snap.namespaces,
-                &pools,
-                cfg.our_class.as_deref(),
-                &cfg.previous,
-                now_ms,
-            );
+            let Ok((snap, p)) = tokio::task::spawn_blocking(move || {
+                let snap = src.snapshot();
+                let (pools, _) = ferry_model::pools::load(
+                    &snap.config_maps,
+                    &snap.ip_pools,
+                    &snap.l2_advertisements,
+                );
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let p = plan(
+                    &snap.services,
+                    &snap.namespaces,
+                    &pools,
+                    class.as_deref(),
+                    &previous,
+                    now_ms,
+                );
+                (snap, p)
+            })
+            .await
+            else {
+                return;
+            };
             for w in &p.writes {
                 // Only while the lease is ours.
                 if !leadership.borrow().is_some_and(|u| u > Instant::now()) {
