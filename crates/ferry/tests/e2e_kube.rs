@@ -93,6 +93,10 @@ impl Cluster {
     }
 
     fn start_api(&mut self) {
+        self.start_api_with(&[]);
+    }
+
+    fn start_api_with(&mut self, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -103,6 +107,7 @@ impl Cluster {
             .arg(&self.apiserver)
             .args(["--listen", API, "--state"])
             .arg(self.dir.join("api-state.json"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -131,6 +136,11 @@ impl Cluster {
     }
 
     fn start_agent_with(&mut self, i: usize, extra: &[&str]) {
+        let kubeconfig = self.kubeconfig();
+        self.start_agent_kc(i, &kubeconfig, extra);
+    }
+
+    fn start_agent_kc(&mut self, i: usize, kubeconfig: &std::path::Path, extra: &[&str]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -147,7 +157,7 @@ impl Cluster {
                 NODES[i],
             ])
             .arg("--kubeconfig")
-            .arg(self.kubeconfig())
+            .arg(kubeconfig)
             .arg("--state-dir")
             .arg(self.dir.join(format!("state-{}", NODES[i])))
             .args(extra)
@@ -720,5 +730,152 @@ fn roles_load_balancer_only_and_proxy_only() {
         let new = &c.read_log(i)[logs_before[i]..];
         assert!(!new.contains("announcing"), "{new}");
         assert!(!new.contains("membership"), "{new}");
+    }
+}
+
+/// The (apiGroup, resource, verb) triples the roles bound to ferry's ServiceAccount in
+/// deploy/ferry.yaml grant.
+fn granted_by_deploy() -> std::collections::BTreeSet<(String, String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/ferry.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let mut out = std::collections::BTreeSet::new();
+    for d in docs {
+        if !matches!(d["kind"].as_str(), Some("Role" | "ClusterRole")) {
+            continue;
+        }
+        for r in d["rules"].as_array().unwrap() {
+            let list = |k: &str| -> Vec<String> {
+                r[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            };
+            for g in list("apiGroups") {
+                for res in list("resources") {
+                    for v in list("verbs") {
+                        out.insert((g.clone(), res.clone(), v));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let Some(mut c) = Cluster::new("rbac") else {
+        return;
+    };
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/ferry.yaml");
+    c.start_api_with(&[
+        "--authorize",
+        deploy,
+        "--token",
+        "agent-token=system:serviceaccount:ferry-system:ferry",
+    ]);
+    c.base();
+    // The agents present the ServiceAccount's token.
+    let kc = c.dir.join("agent-kubeconfig");
+    std::fs::write(
+        &kc,
+        std::fs::read_to_string(c.kubeconfig())
+            .unwrap()
+            .replace("user: {}", "user: {token: agent-token}"),
+    )
+    .unwrap();
+    c.apply(&lb_service("web"));
+    c.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: np}\nspec:\n  type: NodePort\n  selector: {app: np}\n  ports: [{port: 80}]\n",
+    );
+    for i in 0..2 {
+        c.start_agent_kc(i, &kc, &[]);
+    }
+    c.wait_ingress("web", "192.168.60.200", Duration::from_secs(20));
+    let announcer = |c: &Cluster| -> Option<usize> {
+        (0..2).find(|i| {
+            let log = c.read_log(*i);
+            log.rfind("announcing 192.168.60.200") > log.rfind("withdrawing 192.168.60.200")
+        })
+    };
+    let wait_announcer = |c: &Cluster, not: Option<usize>| -> usize {
+        let t0 = Instant::now();
+        loop {
+            if let Some(a) = announcer(c).filter(|a| Some(*a) != not) {
+                return a;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no announcer");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // The other node stops: no majority of two, so the announcer withdraws; it comes back
+    // and the same node (the election is deterministic) announces again: its second
+    // nodeAssigned Event is the same as its first, so its recorder patches it (a series).
+    let t0 = Instant::now();
+    while !c.kubectl(&["get", "events"]).contains("nodeAssigned") {
+        assert!(t0.elapsed() < Duration::from_secs(15), "no nodeAssigned");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let first = wait_announcer(&c, None);
+    let other = 1 - first;
+    c.stop_agent(other, libc::SIGTERM);
+    let t0 = Instant::now();
+    while announcer(&c).is_some() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no withdrawal without a majority"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.start_agent_kc(other, &kc, &[]);
+    assert_eq!(
+        wait_announcer(&c, None),
+        first,
+        "the election moved the address"
+    );
+    let t0 = Instant::now();
+    while count(&c.read_log(first), "announcing 192.168.60.200") < 2
+        || !c
+            .kubectl(&["get", "events", "-o", "yaml"])
+            .contains("count: 2")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no second nodeAssigned: {}",
+            c.kubectl(&["get", "events", "-o", "yaml"])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let seen: serde_json::Value =
+        serde_json::from_str(&c.kubectl(&["get", "--raw", "/debug/ferry/authz"])).unwrap();
+    let accesses = seen["accesses"].as_array().unwrap();
+    assert!(!accesses.is_empty());
+    let refused: Vec<&serde_json::Value> = accesses
+        .iter()
+        .filter(|a| a["allowed"] == serde_json::Value::Bool(false))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the agent needed more than deploy/ferry.yaml grants: {refused:#?}"
+    );
+    let used: std::collections::BTreeSet<(String, String, String)> = accesses
+        .iter()
+        .map(|a| {
+            (
+                a["apiGroup"].as_str().unwrap().to_string(),
+                a["resource"].as_str().unwrap().to_string(),
+                a["verb"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let unused: Vec<_> = granted_by_deploy().difference(&used).cloned().collect();
+    assert!(
+        unused.is_empty(),
+        "deploy/ferry.yaml grants what no request used: {unused:?}\nused: {used:?}"
+    );
+    for i in 0..2 {
+        assert!(!c.read_log(i).contains("Forbidden"), "{}", c.read_log(i));
     }
 }
