@@ -667,13 +667,8 @@ fn roles_load_balancer_only_and_proxy_only() {
         assert!(t0.elapsed() < Duration::from_secs(10), "nobody announces");
         std::thread::sleep(Duration::from_millis(100));
     }
-    for i in 0..2 {
-        assert_eq!(
-            c.table(i),
-            "",
-            "role load-balancer wrote rules on {}",
-            NODES[i]
-        );
+    for (i, node) in NODES.iter().enumerate() {
+        assert_eq!(c.table(i), "", "role load-balancer wrote rules on {node}");
     }
     for i in 0..2 {
         c.stop_agent(i, libc::SIGTERM);
@@ -726,8 +721,8 @@ fn roles_load_balancer_only_and_proxy_only() {
         renew_after, holder_before,
         "a proxy never touches the Lease"
     );
-    for i in 0..2 {
-        let new = &c.read_log(i)[logs_before[i]..];
+    for (i, before) in logs_before.iter().enumerate() {
+        let new = &c.read_log(i)[*before..];
         assert!(!new.contains("announcing"), "{new}");
         assert!(!new.contains("membership"), "{new}");
     }
