@@ -251,7 +251,11 @@ pub async fn run(
                         }
                     }
                     Ok(None) => {} // changed meanwhile: planned again on its event
-                    Err(e) => log(format!("Service {}: writing status: {e}", w.service)),
+                    Err(e) => log(format!(
+                        "Service {}: writing status: {}",
+                        w.service,
+                        crate::describe(&e)
+                    )),
                 }
             }
             for (r, reason) in &p.pending {
@@ -344,7 +348,7 @@ async fn publish(
         secondary: None,
     };
     if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
-        log(format!("recording event {reason}: {e}"));
+        log(format!("recording event {reason}: {}", crate::describe(&e)));
     }
 }
 

@@ -874,3 +874,208 @@ fn rbac_is_least_privilege() {
         assert!(!c.read_log(i).contains("Forbidden"), "{}", c.read_log(i));
     }
 }
+
+/// `podman` with the settings this kind of machine needs: runc (crun refuses hybrid
+/// cgroups), cgroupfs, and rlimits within the sandbox's own (podman's defaults exceed them).
+fn podman(args: &[&str]) -> std::process::Output {
+    let nofile = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        })
+        .unwrap_or_else(|| "1024".into());
+    let mut cmd = Command::new("podman");
+    cmd.args(["--cgroup-manager=cgroupfs"]).args(args);
+    if args.first() == Some(&"run") {
+        // Only for `run`: the flags go after the subcommand.
+        cmd = Command::new("podman");
+        let ulimit = format!("nofile={nofile}:{nofile}");
+        cmd.args(["--cgroup-manager=cgroupfs", "run", "--runtime", "runc"])
+            .args([
+                "--pull",
+                "never",
+                "--ulimit",
+                &ulimit,
+                "--ulimit",
+                "nproc=4096:4096",
+            ])
+            .args(&args[1..]);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn image_runs_the_agent_and_the_node_forwards_a_node_port() {
+    let Some(mut c) = Cluster::new("image") else {
+        return;
+    };
+    for tool in ["podman", "umoci", "skopeo", "runc"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if !found {
+            assert!(
+                std::env::var_os("CI").is_none_or(|v| v.is_empty()),
+                "{tool} is missing (CI installs it)"
+            );
+            println!("ferry-test-skipped: image test: {tool} is not installed");
+            return;
+        }
+    }
+    // The image, from the binary under test (stripped), nothing pulled.
+    let tag = format!("test-{}", std::process::id());
+    let out = c.dir.join("image");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/build-image.sh");
+    let built = Command::new(script)
+        .args(["--binary", FERRY, "--tag", &tag, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "build-image.sh: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let report = String::from_utf8_lossy(&built.stdout).into_owned();
+    eprintln!("{report}");
+    assert!(report.contains("libnftables.so.1"), "{report}");
+    let image = format!("localhost/ferry:{tag}");
+    let tar = out.join("ferry-image.tar");
+    let loaded = podman(&["load", "-q", "-i", tar.to_str().unwrap()]);
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = podman(&["rm", "-f", &self.0]);
+            let _ = podman(&["rmi", "-f", &self.1]);
+        }
+    }
+    let name = format!("ferry-{tag}");
+    let _cleanup = Cleanup(name.clone(), image.clone());
+
+    c.start_api();
+    c.base();
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &c.ns[0],
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    // The endpoint: a web server on the other node's address (no agent there).
+    let mut server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.ns[1],
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+        ])
+        .args(["--bind", "192.168.60.2"])
+        .current_dir(&c.dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  ports: [{port: 80, targetPort: 8080}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nendpoints:\n- addresses: [192.168.60.2]\n  conditions: {ready: true}\nports: [{port: 8080, protocol: TCP}]\n",
+    );
+    // The agent as the DaemonSet runs it: host network (the node's namespace), only
+    // NET_ADMIN and NET_RAW, a read-only root.
+    let state = c.dir.join("image-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let netns = format!("ns:/run/netns/{}", c.ns[0]);
+    let kc = format!("{}:/kubeconfig:ro", c.kubeconfig().display());
+    let st = format!("{}:/var/lib/ferry", state.display());
+    let run = podman(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--network",
+        &netns,
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        "NET_ADMIN,NET_RAW",
+        "--read-only",
+        "-v",
+        &kc,
+        "-v",
+        &st,
+        &image,
+        "agent",
+        "--kubeconfig",
+        "/kubeconfig",
+        "--node",
+        "n1",
+        "--state-dir",
+        "/var/lib/ferry",
+        "--metrics-addr",
+        "127.0.0.1:10249",
+    ]);
+    assert!(
+        run.status.success(),
+        "podman run: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let np = c.kubectl(&[
+        "get",
+        "svc",
+        "web",
+        "-o",
+        "jsonpath={.spec.ports[0].nodePort}",
+    ]);
+    let url = format!("http://192.168.60.1:{np}/");
+    let t0 = Instant::now();
+    let answered = loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &c.ns[1], "curl", "-s", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}", "--max-time", "2", &url])
+            .output()
+            .unwrap();
+        let code = String::from_utf8_lossy(&out.stdout).into_owned();
+        if code == "200" {
+            break true;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let logs = podman(&["logs", &name]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        answered,
+        "node port {url} never answered; agent log:\n{}{}",
+        String::from_utf8_lossy(&logs.stdout),
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    // Its health endpoint answers where the DaemonSet's probes look.
+    let health = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.ns[0],
+            "curl",
+            "-s",
+            "http://127.0.0.1:10249/readyz",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(health.status.code(), Some(0));
+}
