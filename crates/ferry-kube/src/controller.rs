@@ -98,6 +98,7 @@ pub fn plan(
                 pool,
                 sharing: lbipam::sharing_of(svc),
                 updated_ms: 0,
+                gone_since_ms: None,
             },
         );
     }
@@ -506,6 +507,7 @@ mod tests {
                     pool: "lan".into(),
                     sharing: None,
                     updated_ms: 5,
+                    gone_since_ms: None,
                 },
             );
         }

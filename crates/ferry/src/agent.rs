@@ -120,6 +120,12 @@ pub struct AgentArgs {
     /// (a rolling update) before refusing to start.
     #[arg(long, default_value_t = 60)]
     pub wait_for_previous_s: u64,
+    /// Manifest mode: what a Service held (cluster IP, node ports, load-balancer address) is
+    /// released only after it has been missing for this long, in seconds, so that a file
+    /// rewritten non-atomically or moved aside for a moment moves no address (0: at once). In
+    /// API mode a deleted Service is deleted: this does not apply.
+    #[arg(long, default_value_t = 30)]
+    pub release_grace_s: u64,
     /// Re-read the kernel's table and repair it this often, in seconds (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_s: u64,
@@ -212,6 +218,7 @@ impl AgentArgs {
         AllocConfig {
             service_cidrs: self.service_cidr.clone(),
             node_port_range: self.node_port_range.0..=self.node_port_range.1,
+            release_grace_ms: self.release_grace_s.saturating_mul(1000),
         }
     }
 }

@@ -164,7 +164,7 @@ impl AllocStore for StateDir {
             self.write("allocations.json", &new)?;
         }
         let old_lb: LbState = self.read("lb-allocations.json")?;
-        let (new_lb, lb) = lbipam::allocate(
+        let (new_lb, lb) = lbipam::allocate_with_grace(
             &old_lb,
             services,
             namespaces,
@@ -172,6 +172,7 @@ impl AllocStore for StateDir {
             Some(LOAD_BALANCER_CLASS),
             snapshot_ms,
             now_ms,
+            cfg.release_grace_ms,
         );
         if new_lb != old_lb {
             self.write("lb-allocations.json", &new_lb)?;
