@@ -172,6 +172,8 @@ pub struct ControllerConfig {
     pub resync: Duration,
     /// Addresses from before the API was the source (see [`plan`]).
     pub previous: LbState,
+    /// Pools overlapping these are not used (cluster IPs come from there).
+    pub service_cidrs: Vec<ferry_model::cidr::Cidr>,
 }
 
 /// Runs the controller: whenever this agent leads and the source is ready, plan and write.
@@ -200,10 +202,11 @@ pub async fn run(
         }
         if leading && source.ready() {
             // Snapshot and plan off the event loop (thousands of Services take a while).
-            let (src, class, previous) = (
+            let (src, class, previous, cidrs) = (
                 source.clone(),
                 cfg.our_class.clone(),
                 std::sync::Arc::clone(&previous),
+                cfg.service_cidrs.clone(),
             );
             let Ok((snap, p)) = tokio::task::spawn_blocking(move || {
                 let snap = src.snapshot();
@@ -212,6 +215,7 @@ pub async fn run(
                     &snap.ip_pools,
                     &snap.l2_advertisements,
                 );
+                let (pools, _) = ferry_model::pools::without_service_cidrs(pools, &cidrs);
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);

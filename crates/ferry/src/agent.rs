@@ -466,6 +466,18 @@ fn punch_holes<'a>(
     out
 }
 
+/// The pools of a snapshot, without those overlapping a service CIDR (each an error).
+pub fn load_pools(
+    snap: &Snapshot,
+    service_cidrs: &[Cidr],
+) -> (PoolConfig, Vec<ferry_model::pools::PoolError>) {
+    let (pools, mut errors) =
+        ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
+    let (pools, more) = ferry_model::pools::without_service_cidrs(pools, service_cidrs);
+    errors.extend(more);
+    (pools, errors)
+}
+
 /// Addresses from `first` to `last` (saturating: IPv6 pools can be huge).
 fn range_size(first: IpAddr, last: IpAddr) -> u64 {
     let n = match (first, last) {
@@ -602,8 +614,7 @@ impl Worker {
             ),
             WorkerSource::Api(api) => (api.snapshot(), true),
         };
-        let pools =
-            ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
+        let pools = load_pools(&snap, &args.service_cidr);
         let allocated = if from_api {
             ferry_kube::status::from_api(&snap.services, &pools.0)
         } else {
@@ -976,6 +987,7 @@ impl ApiSide {
                         instance: Some(args.node.clone()),
                     },
                     resync: Duration::from_secs(30),
+                    service_cidrs: args.service_cidr.clone(),
                     previous: StateDir::at(&args.state_dir)
                         .manifest_lb_allocations()
                         .unwrap_or_default(),
