@@ -891,6 +891,9 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
             }
             _ = status_tick.tick() => {
                 shell.metrics.heartbeat("agent");
+                if let Some(side) = &api {
+                    shell.metrics.set_leader(side.leads());
+                }
                 // A sync that has been running for over a minute makes /healthz fail.
                 if !in_flight {
                     shell.metrics.heartbeat("sync");
@@ -937,6 +940,8 @@ struct ApiSide {
     lease_task: Option<tokio::task::JoinHandle<()>>,
     controller_task: Option<tokio::task::JoinHandle<()>>,
     recorder: kube::runtime::events::Recorder,
+    /// Until when this agent leads the load-balancer controller (None: it does not).
+    leadership: Option<ferry_kube::lease::Leadership>,
     /// Addresses this node announced at the last look (for `nodeAssigned` Events).
     announced: std::sync::Mutex<std::collections::BTreeSet<IpAddr>>,
 }
@@ -960,10 +965,11 @@ impl ApiSide {
             |line| log!("{line}"),
         );
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let (mut lease_task, mut controller_task) = (None, None);
+        let (mut lease_task, mut controller_task, mut leadership) = (None, None, None);
         if args.role.balances() {
             let ns = args.lease_namespace();
             let (leader_tx, leader_rx) = tokio::sync::watch::channel(None);
+            leadership = Some(leader_rx.clone());
             log!(
                 "load-balancer controller: elected with Lease {ns}/{LEASE_NAME} (held by the leading node)"
             );
@@ -1010,8 +1016,15 @@ impl ApiSide {
             lease_task,
             controller_task,
             recorder,
+            leadership,
             announced: Default::default(),
         })
+    }
+
+    fn leads(&self) -> bool {
+        self.leadership
+            .as_ref()
+            .is_some_and(|l| l.borrow().is_some_and(|until| until > Instant::now()))
     }
 
     /// Records `nodeAssigned` on the Services whose addresses this node started announcing.

@@ -160,6 +160,7 @@ impl Cluster {
             .arg(kubeconfig)
             .arg("--state-dir")
             .arg(self.dir.join(format!("state-{}", NODES[i])))
+            .args(["--metrics-addr", "127.0.0.1:10249"])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -549,6 +550,37 @@ fn leader_stopped_or_killed_another_takes_over_and_no_address_moves() {
         "the load-balancer controller runs on n1",
         Duration::from_secs(10),
     );
+    // The metrics say who leads.
+    let leader_metric = |i: usize| -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &c.ns[i],
+                "curl",
+                "-s",
+                "http://127.0.0.1:10249/metrics",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("ferry_lb_controller_leader "))
+            .unwrap_or("")
+            .to_string()
+    };
+    let t0 = Instant::now();
+    while leader_metric(0) != "ferry_lb_controller_leader 1"
+        || leader_metric(1) != "ferry_lb_controller_leader 0"
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{} / {}",
+            leader_metric(0),
+            leader_metric(1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // SIGTERM: the Lease is released, n2 leads at its next attempt (every 2 s).
     let t0 = Instant::now();
