@@ -37,8 +37,9 @@ export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
 cargo build --release --target "$TARGET" -p ferry
 cargo build --release -p ferry
-ARM="target/$TARGET/release/ferry"
-X86="target/release/ferry"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+ARM="$TARGET_DIR/$TARGET/release/ferry"
+X86="$TARGET_DIR/release/ferry"
 file "$ARM" 2>/dev/null || true
 
 run_arm() { qemu-aarch64-static -L /usr/aarch64-linux-gnu "$ARM" "$@"; }

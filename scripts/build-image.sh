@@ -33,7 +33,7 @@ done
 
 if [ -z "$BINARY" ]; then
     cargo build --release -p ferry
-    BINARY=target/release/ferry
+    BINARY="${CARGO_TARGET_DIR:-target}/release/ferry"
 fi
 [ -x "$BINARY" ] || { echo "build-image: no executable at $BINARY" >&2; exit 1; }
 
