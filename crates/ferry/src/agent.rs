@@ -1181,6 +1181,64 @@ impl Shell {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<AgentArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).map(|c| c.agent)
+    }
+
+    #[test]
+    fn the_source_is_the_flag_given_or_the_cluster_around_the_pod() {
+        let a = parse(&["--node", "n1", "--manifests", "/m"]).unwrap();
+        assert_eq!(a.source().unwrap(), SourceKind::Manifests("/m".into()));
+        let a = parse(&["--node", "n1", "--kubeconfig", "/k"]).unwrap();
+        assert_eq!(a.source().unwrap(), SourceKind::Api(Some("/k".into())));
+        assert!(
+            parse(&["--node", "n1", "--kubeconfig", "/k", "--manifests", "/m"]).is_err(),
+            "one source at a time"
+        );
+        let a = parse(&["--node", "n1"]).unwrap();
+        // Outside a pod (no KUBERNETES_SERVICE_HOST in the test's environment): a clear error.
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+            let e = a.source().unwrap_err().to_string();
+            assert!(
+                e.contains("--manifests DIR") && e.contains("--kubeconfig PATH"),
+                "{e}"
+            );
+        }
+        assert_eq!(a.role, Role::All);
+        let a = parse(&[
+            "--node",
+            "n1",
+            "--kubeconfig",
+            "/k",
+            "--role",
+            "load-balancer",
+        ])
+        .unwrap();
+        assert!(a.role.balances() && !a.role.proxies());
+        let a = parse(&["--node", "n1", "--kubeconfig", "/k", "--role", "proxy"]).unwrap();
+        assert!(a.role.proxies() && !a.role.balances());
+        assert!(parse(&["--node", "n1", "--role", "both"]).is_err());
+        let a = parse(&[
+            "--node",
+            "n1",
+            "--metallb-config",
+            "lb/cfg",
+            "--lease-namespace",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(a.metallb_config, ferry_model::ObjectRef::new("lb", "cfg"));
+        assert_eq!(a.lease_namespace(), "x");
+        assert!(parse(&["--node", "n1", "--metallb-config", "cfg"]).is_err());
+    }
 
     #[test]
     fn holes_are_punched_into_pool_ranges() {
