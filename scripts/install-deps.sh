@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what ferry and its tests need on Debian/Ubuntu (as root): nftables (and its
-# library, which ferry uses in-process), iproute2 for the lab's namespaces, curl as the client.
+# library, which ferry uses in-process), iproute2 for the lab's namespaces, curl as the client;
+# podman, runc, umoci and skopeo build and run the container image (scripts/build-image.sh).
 set -euo pipefail
-pkgs=(nftables libnftables1 iproute2 curl conntrack procps arping ndisc6 keepalived prometheus)
+pkgs=(nftables libnftables1 iproute2 curl conntrack procps arping ndisc6 keepalived prometheus
+      podman runc umoci skopeo ca-certificates binutils python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -57,7 +57,13 @@
 //!   plugin); deleting a namespace deletes what is in it at once (no Terminating phase).
 //! - Errors are `kind: Status` objects with kube-apiserver's codes and reasons.
 //!
-//! What it does **not** do: TLS, authentication, authorization, admission other than the
+//! - RBAC, on request ([`authz`]): with RBAC objects and tokens (`--authorize FILE --token
+//!   TOKEN=USER`), requests bearing a token are authorized as kube-apiserver's RBAC
+//!   authorizer does for resource requests (403 Forbidden otherwise, 401 for an unknown
+//!   token), and every access is recorded at `/debug/ferry/authz`; requests without a token
+//!   are the administrator's. This proves the ClusterRole in `deploy/`.
+//!
+//! What it does **not** do: TLS, authentication beyond those tokens, admission other than the
 //! namespace rule (nothing is validated beyond names, kinds, apiVersions and the Service
 //! fields above), defaulting of any other kind (Pods, Deployments, ... are stored as sent),
 //! IPv6 and dual-stack Services, finalizers and graceful deletion,
@@ -81,6 +87,7 @@
 //! process [`Running::start`] (its own thread and tokio runtime; [`Running::write_kubeconfig`]),
 //! or [`serve`] on a listener of your own. Then `kubectl --kubeconfig PATH ...`.
 
+pub mod authz;
 pub mod error;
 pub mod events;
 pub mod patch;

@@ -1,4 +1,5 @@
-//! `ferry-apiserver`: the lab's test double of kube-apiserver (plain HTTP, no auth).
+//! `ferry-apiserver`: the lab's test double of kube-apiserver (plain HTTP; RBAC for token
+//! holders with --authorize).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +32,16 @@ struct Args {
     /// one keeps them in etcd). Without it, everything is lost when the process ends.
     #[arg(long)]
     state: Option<PathBuf>,
+    /// Authorize clients that present a bearer token with the RBAC objects (Role, ClusterRole,
+    /// RoleBinding, ClusterRoleBinding) in this file, e.g. deploy/ferry.yaml; other kinds in
+    /// it are ignored. Every access is recorded at /debug/ferry/authz.
+    #[arg(long)]
+    authorize: Option<PathBuf>,
+    /// A bearer token and the user it names, TOKEN=USER (repeatable), e.g.
+    /// `agent=system:serviceaccount:ferry-system:ferry`. Requests without a token are not
+    /// checked (the administrator).
+    #[arg(long = "token")]
+    tokens: Vec<String>,
     /// Seconds between BOOKMARK events on watches that allow them.
     #[arg(long, default_value_t = 10.0)]
     bookmark_seconds: f64,
@@ -61,8 +72,23 @@ fn main() -> anyhow::Result<()> {
     }
     .with_cidr(&args.service_cidr)
     .map_err(|e| anyhow::anyhow!("--service-cidr: {e}"))?;
+    let authz = match &args.authorize {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --authorize {}", path.display()))?;
+            Some(std::sync::Arc::new(
+                ferry_apiserver::authz::Authorizer::from_documents(&text, &args.tokens)
+                    .map_err(|e| anyhow::anyhow!("--authorize {}: {e}", path.display()))?,
+            ))
+        }
+        None if !args.tokens.is_empty() => {
+            anyhow::bail!("--token needs --authorize FILE (the roles to check tokens against)")
+        }
+        None => None,
+    };
     let config = ferry_apiserver::Config {
         services,
+        authz,
         state: args.state.clone(),
         history: args.history,
         bookmark_interval: Duration::from_secs_f64(args.bookmark_seconds),

@@ -41,6 +41,8 @@ pub struct Config {
     pub services: crate::service::ServiceConfig,
     /// Keep the objects in this file across restarts (see [`Store::open`]).
     pub state: Option<std::path::PathBuf>,
+    /// RBAC for clients with a bearer token (see [`crate::authz`]).
+    pub authz: Option<Arc<crate::authz::Authorizer>>,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             default_watch_timeout: Duration::from_secs(1800),
             services: crate::service::ServiceConfig::default(),
             state: None,
+            authz: None,
         }
     }
 }
@@ -178,12 +181,15 @@ struct Query {
     params: Vec<(String, String)>,
     /// The client accepts `meta.k8s.io` Tables (`kubectl get`).
     table: bool,
+    /// The user a bearer token named (None: the administrator).
+    user: Option<String>,
 }
 
 impl Query {
     fn parse(q: Option<&str>) -> Self {
         Query {
             table: false,
+            user: None,
             params: q
                 .unwrap_or("")
                 .split('&')
@@ -223,6 +229,24 @@ async fn handle(server: Arc<ApiServer>, req: Request<Incoming>) -> Response<Body
         .collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let method = req.method().clone();
+    // Who asks: a bearer token this server knows names a user whose requests are checked;
+    // no token is the administrator.
+    let token = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    let user = match (&server.config.authz, token) {
+        (Some(a), Some(t)) => match a.user_of(&t) {
+            Some(u) => Some(u.to_string()),
+            None => {
+                return error(&ApiError::new(401, "Unauthorized", "Unauthorized"));
+            }
+        },
+        _ => None,
+    };
+    query.user = user;
     let content_type = req
         .headers()
         .get(hyper::header::CONTENT_TYPE)
@@ -269,6 +293,15 @@ async fn route(
                 hyper::header::HeaderValue::from_static("text/plain"),
             );
             Ok(r)
+        }
+        ["debug", "ferry", "authz"] if get => {
+            let seen = server
+                .config
+                .authz
+                .as_ref()
+                .map(|a| a.seen())
+                .unwrap_or_default();
+            Ok(ok(&json!({"accesses": seen})))
         }
         ["openapi", "v3"] if get => Ok(ok(&resources::openapi_v3_index())),
         ["openapi", "v3", "api", v] if get => resources::openapi_v3_doc("", v)
@@ -369,6 +402,42 @@ async fn resource_request(
         return Err(ApiError::bad_request(
             "dryRun is not supported by this test double of kube-apiserver",
         ));
+    }
+    if let (Some(authz), Some(user)) = (&server.config.authz, &query.user) {
+        let name = rest.get(1).copied().unwrap_or("");
+        let verb = crate::authz::verb(method.as_str(), !name.is_empty(), query.flag("watch"));
+        let resource = match rest.get(2) {
+            Some(sub) => format!("{}/{sub}", rest[0]),
+            None => rest[0].to_string(),
+        };
+        let access = crate::authz::Access {
+            user: user.clone(),
+            verb: verb.to_string(),
+            group: group.to_string(),
+            resource: resource.clone(),
+            namespace: ns.unwrap_or("").to_string(),
+            name: name.to_string(),
+            allowed: false,
+        };
+        if !authz.check(access) {
+            let what = if name.is_empty() {
+                format!("{resource}.{group}")
+            } else {
+                format!("{resource}.{group} {name:?}")
+            };
+            let scope = match ns {
+                Some(ns) => format!("in the namespace {ns:?}"),
+                None => "at the cluster scope".to_string(),
+            };
+            return Err(ApiError::new(
+                403,
+                "Forbidden",
+                format!(
+                    "{what} is forbidden: User {user:?} cannot {verb} resource {:?} in API group {group:?} {scope}",
+                    rest[0]
+                ),
+            ));
+        }
     }
     let store = &server.store;
     // Where the objects live (core/v1 Events are stored as events.k8s.io/v1 Events).

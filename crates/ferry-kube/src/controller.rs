@@ -66,11 +66,16 @@ fn sorted(ips: &[IpAddr]) -> Vec<IpAddr> {
 
 /// Decides every status write for one snapshot. `our_class` is the loadBalancerClass ferry
 /// also serves (Services without a class are always ours).
+///
+/// `previous` holds addresses from before the API was the source (manifest mode's state):
+/// a Service without an address in its status gets its previous one back when nobody's
+/// status holds it.
 pub fn plan(
     services: &[Service],
     namespaces: &[Namespace],
     pools: &PoolConfig,
     our_class: Option<&str>,
+    previous: &LbState,
     now_ms: u64,
 ) -> Plan {
     // The addresses in status are the state the allocator keeps.
@@ -93,8 +98,32 @@ pub fn plan(
                 pool,
                 sharing: lbipam::sharing_of(svc),
                 updated_ms: 0,
+                gone_since_ms: None,
             },
         );
+    }
+    let held: std::collections::BTreeSet<IpAddr> = kept
+        .services
+        .values()
+        .flat_map(|e| e.ips.iter().copied())
+        .collect();
+    for svc in services.iter().filter(|s| lbipam::is_ours(s, our_class)) {
+        let r = svc.meta.object_ref();
+        let key = format!("{}/{}", r.namespace, r.name);
+        if kept.services.contains_key(&key) {
+            continue;
+        }
+        if let Some(e) = previous.services.get(&key) {
+            if !e.ips.is_empty() && e.ips.iter().all(|ip| !held.contains(ip)) {
+                kept.services.insert(
+                    key,
+                    LbEntry {
+                        updated_ms: 0,
+                        ..e.clone()
+                    },
+                );
+            }
+        }
     }
     let (_, results) = lbipam::allocate(
         &kept, services, namespaces, pools, our_class, now_ms, now_ms,
@@ -141,6 +170,10 @@ pub struct ControllerConfig {
     pub reporter: Reporter,
     /// Re-plan this often even without changes (retries of failed writes).
     pub resync: Duration,
+    /// Addresses from before the API was the source (see [`plan`]).
+    pub previous: LbState,
+    /// Pools overlapping these are not used (cluster IPs come from there).
+    pub service_cidrs: Vec<ferry_model::cidr::Cidr>,
 }
 
 /// Runs the controller: whenever this agent leads and the source is ready, plan and write.
@@ -157,6 +190,7 @@ pub async fn run(
     // What was last said per Service, so an Event is recorded once per change of mind.
     let mut said: BTreeMap<ObjectRef, String> = BTreeMap::new();
     let mut leading = false;
+    let previous = std::sync::Arc::new(cfg.previous.clone());
     loop {
         let until = *leadership.borrow_and_update();
         let now_leading = until.is_some_and(|u| u > Instant::now());
@@ -167,22 +201,38 @@ pub async fn run(
             }
         }
         if leading && source.ready() {
-            let snap = source.snapshot();
-            let (pools, _) = ferry_model::pools::load(
-                &snap.config_maps,
-                &snap.ip_pools,
-                &snap.l2_advertisements,
+            // Snapshot and plan off the event loop (thousands of Services take a while).
+            let (src, class, previous, cidrs) = (
+                source.clone(),
+                cfg.our_class.clone(),
+                std::sync::Arc::clone(&previous),
+                cfg.service_cidrs.clone(),
             );
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let p = plan(
-                &snap.services,
-                &snap.namespaces,
-                &pools,
-                cfg.our_class.as_deref(),
-                now_ms,
-            );
+            let Ok((snap, p)) = tokio::task::spawn_blocking(move || {
+                let snap = src.snapshot();
+                let (pools, _) = ferry_model::pools::load(
+                    &snap.config_maps,
+                    &snap.ip_pools,
+                    &snap.l2_advertisements,
+                );
+                let (pools, _) = ferry_model::pools::without_service_cidrs(pools, &cidrs);
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let p = plan(
+                    &snap.services,
+                    &snap.namespaces,
+                    &pools,
+                    class.as_deref(),
+                    &previous,
+                    now_ms,
+                );
+                (snap, p)
+            })
+            .await
+            else {
+                return;
+            };
             for w in &p.writes {
                 // Only while the lease is ours.
                 if !leadership.borrow().is_some_and(|u| u > Instant::now()) {
@@ -206,7 +256,11 @@ pub async fn run(
                         }
                     }
                     Ok(None) => {} // changed meanwhile: planned again on its event
-                    Err(e) => log(format!("Service {}: writing status: {e}", w.service)),
+                    Err(e) => log(format!(
+                        "Service {}: writing status: {}",
+                        w.service,
+                        crate::describe(&e)
+                    )),
                 }
             }
             for (r, reason) in &p.pending {
@@ -299,7 +353,7 @@ async fn publish(
         secondary: None,
     };
     if let Err(e) = recorder.publish(&ev, &obj.object_ref(&())).await {
-        log(format!("recording event {reason}: {e}"));
+        log(format!("recording event {reason}: {}", crate::describe(&e)));
     }
 }
 
@@ -380,7 +434,7 @@ mod tests {
             lb("new", "2026-01-01T00:00:00Z", &[]),
             lb("old", "2026-02-01T00:00:00Z", &["192.168.2.200"]),
         ];
-        let p = plan(&svcs, &[], &pools(TWO), None, 1);
+        let p = plan(&svcs, &[], &pools(TWO), None, &LbState::default(), 1);
         assert_eq!(p.writes.len(), 1, "{p:?}");
         let w = &p.writes[0];
         assert_eq!(w.service.name, "new");
@@ -394,7 +448,10 @@ mod tests {
             lb("a", "2026-01-01T00:00:00Z", &["192.168.2.201"]),
             lb("b", "2026-01-02T00:00:00Z", &["192.168.2.200"]),
         ];
-        assert_eq!(plan(&svcs, &[], &pools(TWO), None, 1), Plan::default());
+        assert_eq!(
+            plan(&svcs, &[], &pools(TWO), None, &LbState::default(), 1),
+            Plan::default()
+        );
     }
 
     #[test]
@@ -404,7 +461,7 @@ mod tests {
             lb("b", "2026-01-02T00:00:00Z", &["192.168.2.200"]),
             lb("c", "2026-01-03T00:00:00Z", &[]),
         ];
-        let p = plan(&svcs, &[], &pools(TWO), None, 1);
+        let p = plan(&svcs, &[], &pools(TWO), None, &LbState::default(), 1);
         assert!(p.writes.is_empty());
         let why = &p.pending[&ObjectRef::new("default", "c")];
         assert!(
@@ -422,7 +479,7 @@ mod tests {
             lb("fresh", "2026-01-02T00:00:00Z", &[]),
             other,
         ];
-        let p = plan(&svcs, &[], &pools(TWO), None, 1);
+        let p = plan(&svcs, &[], &pools(TWO), None, &LbState::default(), 1);
         assert!(
             p.writes.iter().all(|w| w.service.name != "other"),
             "other classes untouched"
@@ -436,10 +493,44 @@ mod tests {
     }
 
     #[test]
+    fn addresses_from_manifest_mode_come_back_unless_taken() {
+        let svcs = [
+            lb("a", "2026-01-01T00:00:00Z", &[]),
+            lb("b", "2026-01-02T00:00:00Z", &[]),
+            lb("c", "2026-01-03T00:00:00Z", &["192.168.2.200"]),
+        ];
+        let mut previous = LbState::default();
+        for (k, ip) in [
+            ("default/b", "192.168.2.201"),
+            ("default/a", "192.168.2.200"),
+        ] {
+            previous.services.insert(
+                k.into(),
+                LbEntry {
+                    ips: vec![ip.parse().unwrap()],
+                    pool: "lan".into(),
+                    sharing: None,
+                    updated_ms: 5,
+                    gone_since_ms: None,
+                },
+            );
+        }
+        let p = plan(&svcs, &[], &pools(TWO), None, &previous, 1);
+        let got: Vec<(&str, Vec<IpAddr>)> = p
+            .writes
+            .iter()
+            .map(|w| (w.service.name.as_str(), w.ips.clone()))
+            .collect();
+        // b gets its old address back; a's was taken by c's status: a waits.
+        assert_eq!(got, vec![("b", vec!["192.168.2.201".parse().unwrap()])]);
+        assert!(p.pending.contains_key(&ObjectRef::new("default", "a")));
+    }
+
+    #[test]
     fn a_service_that_is_no_longer_a_load_balancer_is_cleared() {
         let mut s = lb("was", "2026-01-01T00:00:00Z", &["192.168.2.200"]);
         s.type_ = ServiceType::ClusterIP;
-        let p = plan(&[s], &[], &pools(TWO), None, 1);
+        let p = plan(&[s], &[], &pools(TWO), None, &LbState::default(), 1);
         assert_eq!(p.writes.len(), 1);
         assert!(p.writes[0].ips.is_empty());
     }

@@ -266,6 +266,13 @@ pub async fn run(
                     kube::Error::Api(s) if s.code == 409 => {
                         "another candidate wrote it first".to_string()
                     }
+                    kube::Error::Api(s) if s.code == 404 && s.message.contains("namespace") => {
+                        format!(
+                            "{} (the agent never creates its namespace: deploy/ferry.yaml does)",
+                            s.message
+                        )
+                    }
+                    kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
                     e => e.to_string(),
                 };
                 if last_error.as_deref() != Some(&msg) {

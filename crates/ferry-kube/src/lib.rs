@@ -37,3 +37,11 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube
     };
     kube::Client::try_from(config).context("creating the Kubernetes client")
 }
+
+/// An API error in a line a user reads (kube's Display of a Status is its Debug form).
+pub fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({} {})", s.message, s.code, s.reason),
+        e => e.to_string(),
+    }
+}

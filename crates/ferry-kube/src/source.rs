@@ -451,10 +451,14 @@ fn apply_event(
             changed
         }
         Err(e) => {
-            let msg = format!(
-                "watching {}s: {e} (retrying; objects kept as last seen)",
-                w.kind
-            );
+            let what = match &e {
+                watcher::Error::InitialListFailed(k) => format!("listing: {}", crate::describe(k)),
+                watcher::Error::WatchStartFailed(k) | watcher::Error::WatchFailed(k) => {
+                    format!("watching: {}", crate::describe(k))
+                }
+                e => e.to_string(),
+            };
+            let msg = format!("{}s: {what} (retrying; objects kept as last seen)", w.kind);
             if ks.last_error.as_deref() != Some(&msg) {
                 log(msg.clone());
                 ks.last_error = Some(msg);

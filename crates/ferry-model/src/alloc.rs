@@ -30,6 +30,8 @@ pub struct AllocConfig {
     /// Service CIDRs; dynamic cluster IPs come from the first one.
     pub service_cidrs: Vec<Cidr>,
     pub node_port_range: RangeInclusive<u16>,
+    /// How long a Service must be gone before what it held is released (ms; 0: at once).
+    pub release_grace_ms: u64,
 }
 
 impl Default for AllocConfig {
@@ -37,6 +39,7 @@ impl Default for AllocConfig {
         AllocConfig {
             service_cidrs: vec![Cidr::new(IpAddr::from([10, 43, 0, 0]), 16).expect("valid")],
             node_port_range: 30000..=32767,
+            release_grace_ms: 0,
         }
     }
 }
@@ -51,6 +54,9 @@ pub struct ServiceAlloc {
     pub node_ports: BTreeMap<String, u16>,
     /// When this entry was last changed (ms since the epoch, as passed in).
     pub updated_ms: u64,
+    /// Since when its Service has been missing from the snapshots (held for the grace period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone_since_ms: Option<u64>,
 }
 
 /// The shared allocation state, keyed by "namespace/name".
@@ -96,6 +102,16 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
+/// For an entry whose Service is missing: `Some(since when it is gone)` while it is held for
+/// the grace period (the first snapshot without it starts the period), None once released.
+pub fn still_in_grace(gone_since_ms: Option<u64>, grace_ms: u64, now_ms: u64) -> Option<u64> {
+    if grace_ms == 0 {
+        return None;
+    }
+    let since = gone_since_ms.unwrap_or(now_ms);
+    (now_ms.saturating_sub(since) < grace_ms).then_some(since)
+}
+
 /// Size of the low band kept for explicit requests: min(max(16, size/16), 256), as Kubernetes.
 fn static_band(size: u128) -> u128 {
     (size / 16).clamp(16, 256).min(size / 2)
@@ -124,11 +140,20 @@ pub fn allocate(
     });
     let present: BTreeSet<String> = order.iter().map(|s| key_of(&s.meta.object_ref())).collect();
 
-    // Keep the entries of present services, and of absent ones that a newer snapshot might see.
+    // Keep the entries of present services, of absent ones that a newer snapshot might see,
+    // and of those gone for less than the grace period (a file rewritten, an agent restarted).
     let mut next = AllocState::default();
     for (k, v) in &state.services {
         if present.contains(k) || v.updated_ms >= snapshot_ms {
             next.services.insert(k.clone(), v.clone());
+        } else if let Some(gone) = still_in_grace(v.gone_since_ms, cfg.release_grace_ms, now_ms) {
+            next.services.insert(
+                k.clone(),
+                ServiceAlloc {
+                    gone_since_ms: Some(gone),
+                    ..v.clone()
+                },
+            );
         }
     }
 
@@ -179,6 +204,7 @@ pub fn allocate(
                     } else {
                         old.updated_ms
                     },
+                    gone_since_ms: None,
                     ..entry
                 };
                 if stored.cluster_ip.is_none() && stored.node_ports.is_empty() {
@@ -327,6 +353,7 @@ fn allocate_one(
             cluster_ip,
             node_ports,
             updated_ms: old.updated_ms,
+            gone_since_ms: None,
         },
         Allocation {
             cluster_ip,
@@ -609,10 +636,53 @@ mod tests {
     }
 
     #[test]
+    fn values_of_vanished_services_are_held_for_the_grace_period() {
+        let cfg = AllocConfig {
+            service_cidrs: vec!["10.43.0.0/30".parse().unwrap()],
+            node_port_range: 30000..=30000,
+            release_grace_ms: 5_000,
+        };
+        let a = svc(
+            "a",
+            ServiceType::NodePort,
+            ClusterIpSpec::Auto,
+            &[(80, None)],
+        );
+        let b = svc(
+            "b",
+            ServiceType::NodePort,
+            ClusterIpSpec::Auto,
+            &[(80, None)],
+        );
+        let (st, r) = allocate(
+            &AllocState::default(),
+            std::slice::from_ref(&a),
+            &cfg,
+            1_000,
+            1_000,
+        );
+        let held = ok(&r, "a");
+        // a vanishes; b cannot have the only node port while a may come back.
+        let (st, r) = allocate(&st, std::slice::from_ref(&b), &cfg, 2_000, 2_000);
+        assert!(r[&ObjectRef::new("default", "b")].is_err());
+        assert_eq!(st.services["default/a"].gone_since_ms, Some(2_000));
+        let (back, r) = allocate(&st, std::slice::from_ref(&a), &cfg, 6_000, 6_000);
+        assert_eq!(ok(&r, "a"), held, "the same values after coming back");
+        assert_eq!(back.services["default/a"].gone_since_ms, None);
+        let (_, r) = allocate(&st, std::slice::from_ref(&b), &cfg, 7_000, 7_000);
+        assert_eq!(
+            ok(&r, "b").node_ports,
+            vec![Some(30000)],
+            "released after the grace period"
+        );
+    }
+
+    #[test]
     fn tiny_ranges_fill_up_with_a_clear_error() {
         let cfg = AllocConfig {
             service_cidrs: vec!["10.43.0.0/29".parse().unwrap()],
             node_port_range: 30000..=30001,
+            ..AllocConfig::default()
         };
         let list: Vec<Service> = (0..8)
             .map(|i| {
@@ -646,6 +716,7 @@ mod tests {
             let cfg = AllocConfig {
                 service_cidrs: vec!["10.43.0.0/27".parse().unwrap()],
                 node_port_range: 30000..=30019,
+                ..AllocConfig::default()
             };
             let mut list: Vec<Service> = specs.iter().enumerate().map(|(i, (t, ipo, npo))| {
                 let t = [ServiceType::ClusterIP, ServiceType::NodePort, ServiceType::LoadBalancer, ServiceType::ClusterIP][*t as usize];

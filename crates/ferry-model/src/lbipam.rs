@@ -88,6 +88,9 @@ pub struct LbEntry {
     pub sharing: Option<Sharing>,
     /// When this entry was last changed (ms since the epoch, as passed in).
     pub updated_ms: u64,
+    /// Since when its Service has been missing from the snapshots (held for the grace period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone_since_ms: Option<u64>,
 }
 
 /// The shared LoadBalancer allocation state, keyed by "namespace/name".
@@ -290,6 +293,31 @@ pub fn allocate(
     snapshot_ms: u64,
     now_ms: u64,
 ) -> (LbState, LbResults) {
+    allocate_with_grace(
+        state,
+        services,
+        namespaces,
+        pools,
+        our_class,
+        snapshot_ms,
+        now_ms,
+        0,
+    )
+}
+
+/// [`allocate`], holding the addresses of Services gone for less than `grace_ms` (nobody else
+/// gets them meanwhile; Services that want one wait).
+#[allow(clippy::too_many_arguments)]
+pub fn allocate_with_grace(
+    state: &LbState,
+    services: &[Service],
+    namespaces: &[Namespace],
+    pools: &PoolConfig,
+    our_class: Option<&str>,
+    snapshot_ms: u64,
+    now_ms: u64,
+    grace_ms: u64,
+) -> (LbState, LbResults) {
     let ns_by_name: BTreeMap<&str, &BTreeMap<String, String>> = namespaces
         .iter()
         .map(|n| (n.meta.name.as_str(), &n.meta.labels))
@@ -328,7 +356,18 @@ pub fn allocate(
     let mut next = LbState::default();
     let mut holders = Holders::new();
     for (k, e) in &state.services {
-        if !present.contains(k.as_str()) && e.updated_ms >= snapshot_ms {
+        if present.contains(k.as_str()) {
+            continue;
+        }
+        let kept = if e.updated_ms >= snapshot_ms {
+            Some(e.clone())
+        } else {
+            crate::alloc::still_in_grace(e.gone_since_ms, grace_ms, now_ms).map(|since| LbEntry {
+                gone_since_ms: Some(since),
+                ..e.clone()
+            })
+        };
+        if let Some(e) = kept {
             next.services.insert(k.clone(), e.clone());
             for ip in &e.ips {
                 holders
@@ -404,6 +443,7 @@ pub fn allocate(
             pool: a.pool.clone(),
             sharing: w.sharing.clone(),
             updated_ms: now_ms,
+            gone_since_ms: None,
         };
         if let Some(old) = old {
             let same =
@@ -756,6 +796,51 @@ mod tests {
         let (st3, r3) = allocate(&st, &svc, &[], &cfg2, None, 4, 5);
         assert_eq!(r3, r);
         assert_eq!(st3, st);
+    }
+
+    #[test]
+    fn addresses_of_vanished_services_are_held_for_the_grace_period() {
+        // One address: "a" holds it; it vanishes (a file truncated for a moment).
+        let cfg = pools(&[crd("p", &["10.0.0.1/32"])]);
+        let a = lb("default", "a");
+        let mut b = lb("default", "b");
+        b.meta.creation_timestamp = Some("2027-01-01T00:00:00Z".into());
+        let grace = 5_000;
+        let run = |st: &LbState, svcs: &[Service], now: u64| {
+            allocate_with_grace(st, svcs, &[], &cfg, None, now, now, grace)
+        };
+        let (st, r) = run(&LbState::default(), &[a.clone(), b.clone()], 1_000);
+        assert_eq!(
+            r[&a.meta.object_ref()].clone().unwrap().ips,
+            [ip("10.0.0.1")]
+        );
+        assert!(r[&b.meta.object_ref()].is_err());
+        // a is gone: b waits while a might come back.
+        let (st, r) = run(&st, std::slice::from_ref(&b), 2_000);
+        assert!(
+            r[&b.meta.object_ref()].is_err(),
+            "taken during the grace period"
+        );
+        assert_eq!(st.services["default/a"].gone_since_ms, Some(2_000));
+        let (st2, r) = run(&st, std::slice::from_ref(&b), 6_999);
+        assert!(r[&b.meta.object_ref()].is_err());
+        // a comes back within it: the same address, no longer marked gone.
+        let (back, r) = run(&st2, &[a.clone(), b.clone()], 6_999);
+        assert_eq!(
+            r[&a.meta.object_ref()].clone().unwrap().ips,
+            [ip("10.0.0.1")]
+        );
+        assert_eq!(back.services["default/a"].gone_since_ms, None);
+        // Past the grace period the address is free again.
+        let (st3, r) = run(&st2, std::slice::from_ref(&b), 7_000);
+        assert_eq!(
+            r[&b.meta.object_ref()].clone().unwrap().ips,
+            [ip("10.0.0.1")]
+        );
+        assert!(!st3.services.contains_key("default/a"));
+        // Without a grace period: at once (MetalLB's behaviour, and the API mode's).
+        let (_, r) = allocate(&st, std::slice::from_ref(&b), &[], &cfg, None, 2_000, 2_000);
+        assert!(r[&b.meta.object_ref()].is_ok());
     }
 
     #[test]

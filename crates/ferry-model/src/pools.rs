@@ -487,6 +487,39 @@ impl fmt::Display for PoolError {
 
 impl std::error::Error for PoolError {}
 
+/// Drops the pools that overlap a service CIDR, with an error each: an address there could be
+/// a Service's cluster IP too, and traffic to it would reach the wrong Service. (MetalLB does
+/// not know the service CIDR; kube-apiserver does, and so does ferry.)
+pub fn without_service_cidrs(
+    mut cfg: PoolConfig,
+    service_cidrs: &[crate::cidr::Cidr],
+) -> (PoolConfig, Vec<PoolError>) {
+    let mut errors = Vec::new();
+    cfg.pools.retain(|p| {
+        let hit = service_cidrs.iter().find(|c| {
+            let cr = IpRange::from_cidr(c);
+            p.ranges.iter().any(|r| r.overlaps(&cr))
+        });
+        match hit {
+            Some(c) => {
+                errors.push(PoolError {
+                    severity: Severity::Error,
+                    object: p.source.to_string(),
+                    field: String::new(),
+                    message: format!(
+                        "pool {:?} overlaps the service CIDR {c} (cluster IPs come from there): \
+                         the pool is not used; give it addresses outside {c}",
+                        p.name
+                    ),
+                });
+                false
+            }
+            None => true,
+        }
+    });
+    (cfg, errors)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Loading
 
@@ -948,6 +981,32 @@ fn legacy_pool(
 pub(crate) mod tests {
     use super::*;
     use crate::objects::{LabelSelectorRequirement, Meta, SelectorOperator};
+
+    #[test]
+    fn pools_overlapping_the_service_cidr_are_refused() {
+        let cm = ConfigMap {
+            meta: Meta {
+                name: "config".into(),
+                namespace: "metallb-system".into(),
+                ..Meta::default()
+            },
+            data: [(
+                "config".to_string(),
+                "address-pools:\n- name: bad\n  protocol: layer2\n  addresses: [10.43.255.0/24]\n- name: good\n  protocol: layer2\n  addresses: [192.168.2.200/29]\n".to_string(),
+            )]
+            .into(),
+        };
+        let (cfg, errs) = load(&[cm], &[], &[]);
+        assert!(errs.is_empty(), "{errs:?}");
+        let (cfg, errs) = without_service_cidrs(cfg, &["10.43.0.0/16".parse().unwrap()]);
+        let names: Vec<&str> = cfg.pools.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["good"]);
+        assert_eq!(errs.len(), 1);
+        assert_eq!(
+            errs[0].to_string(),
+            "ConfigMap metallb-system/config: pool \"bad\" overlaps the service CIDR 10.43.0.0/16 (cluster IPs come from there): the pool is not used; give it addresses outside 10.43.0.0/16"
+        );
+    }
     use proptest::prelude::*;
 
     fn ip(s: &str) -> IpAddr {

@@ -120,6 +120,12 @@ pub struct AgentArgs {
     /// (a rolling update) before refusing to start.
     #[arg(long, default_value_t = 60)]
     pub wait_for_previous_s: u64,
+    /// Manifest mode: what a Service held (cluster IP, node ports, load-balancer address) is
+    /// released only after it has been missing for this long, in seconds, so that a file
+    /// rewritten non-atomically or moved aside for a moment moves no address (0: at once). In
+    /// API mode a deleted Service is deleted: this does not apply.
+    #[arg(long, default_value_t = 30)]
+    pub release_grace_s: u64,
     /// Re-read the kernel's table and repair it this often, in seconds (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_s: u64,
@@ -212,6 +218,7 @@ impl AgentArgs {
         AllocConfig {
             service_cidrs: self.service_cidr.clone(),
             node_port_range: self.node_port_range.0..=self.node_port_range.1,
+            release_grace_ms: self.release_grace_s.saturating_mul(1000),
         }
     }
 }
@@ -459,6 +466,18 @@ fn punch_holes<'a>(
     out
 }
 
+/// The pools of a snapshot, without those overlapping a service CIDR (each an error).
+pub fn load_pools(
+    snap: &Snapshot,
+    service_cidrs: &[Cidr],
+) -> (PoolConfig, Vec<ferry_model::pools::PoolError>) {
+    let (pools, mut errors) =
+        ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
+    let (pools, more) = ferry_model::pools::without_service_cidrs(pools, service_cidrs);
+    errors.extend(more);
+    (pools, errors)
+}
+
 /// Addresses from `first` to `last` (saturating: IPv6 pools can be huge).
 fn range_size(first: IpAddr, last: IpAddr) -> u64 {
     let n = match (first, last) {
@@ -595,8 +614,7 @@ impl Worker {
             ),
             WorkerSource::Api(api) => (api.snapshot(), true),
         };
-        let pools =
-            ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
+        let pools = load_pools(&snap, &args.service_cidr);
         let allocated = if from_api {
             ferry_kube::status::from_api(&snap.services, &pools.0)
         } else {
@@ -873,6 +891,9 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
             }
             _ = status_tick.tick() => {
                 shell.metrics.heartbeat("agent");
+                if let Some(side) = &api {
+                    shell.metrics.set_leader(side.leads());
+                }
                 // A sync that has been running for over a minute makes /healthz fail.
                 if !in_flight {
                     shell.metrics.heartbeat("sync");
@@ -919,6 +940,8 @@ struct ApiSide {
     lease_task: Option<tokio::task::JoinHandle<()>>,
     controller_task: Option<tokio::task::JoinHandle<()>>,
     recorder: kube::runtime::events::Recorder,
+    /// Until when this agent leads the load-balancer controller (None: it does not).
+    leadership: Option<ferry_kube::lease::Leadership>,
     /// Addresses this node announced at the last look (for `nodeAssigned` Events).
     announced: std::sync::Mutex<std::collections::BTreeSet<IpAddr>>,
 }
@@ -942,10 +965,11 @@ impl ApiSide {
             |line| log!("{line}"),
         );
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let (mut lease_task, mut controller_task) = (None, None);
+        let (mut lease_task, mut controller_task, mut leadership) = (None, None, None);
         if args.role.balances() {
             let ns = args.lease_namespace();
             let (leader_tx, leader_rx) = tokio::sync::watch::channel(None);
+            leadership = Some(leader_rx.clone());
             log!(
                 "load-balancer controller: elected with Lease {ns}/{LEASE_NAME} (held by the leading node)"
             );
@@ -969,6 +993,10 @@ impl ApiSide {
                         instance: Some(args.node.clone()),
                     },
                     resync: Duration::from_secs(30),
+                    service_cidrs: args.service_cidr.clone(),
+                    previous: StateDir::at(&args.state_dir)
+                        .manifest_lb_allocations()
+                        .unwrap_or_default(),
                 },
                 |line| log!("{line}"),
             )));
@@ -988,8 +1016,15 @@ impl ApiSide {
             lease_task,
             controller_task,
             recorder,
+            leadership,
             announced: Default::default(),
         })
+    }
+
+    fn leads(&self) -> bool {
+        self.leadership
+            .as_ref()
+            .is_some_and(|l| l.borrow().is_some_and(|until| until > Instant::now()))
     }
 
     /// Records `nodeAssigned` on the Services whose addresses this node started announcing.
@@ -1146,6 +1181,64 @@ impl Shell {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<AgentArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).map(|c| c.agent)
+    }
+
+    #[test]
+    fn the_source_is_the_flag_given_or_the_cluster_around_the_pod() {
+        let a = parse(&["--node", "n1", "--manifests", "/m"]).unwrap();
+        assert_eq!(a.source().unwrap(), SourceKind::Manifests("/m".into()));
+        let a = parse(&["--node", "n1", "--kubeconfig", "/k"]).unwrap();
+        assert_eq!(a.source().unwrap(), SourceKind::Api(Some("/k".into())));
+        assert!(
+            parse(&["--node", "n1", "--kubeconfig", "/k", "--manifests", "/m"]).is_err(),
+            "one source at a time"
+        );
+        let a = parse(&["--node", "n1"]).unwrap();
+        // Outside a pod (no KUBERNETES_SERVICE_HOST in the test's environment): a clear error.
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+            let e = a.source().unwrap_err().to_string();
+            assert!(
+                e.contains("--manifests DIR") && e.contains("--kubeconfig PATH"),
+                "{e}"
+            );
+        }
+        assert_eq!(a.role, Role::All);
+        let a = parse(&[
+            "--node",
+            "n1",
+            "--kubeconfig",
+            "/k",
+            "--role",
+            "load-balancer",
+        ])
+        .unwrap();
+        assert!(a.role.balances() && !a.role.proxies());
+        let a = parse(&["--node", "n1", "--kubeconfig", "/k", "--role", "proxy"]).unwrap();
+        assert!(a.role.proxies() && !a.role.balances());
+        assert!(parse(&["--node", "n1", "--role", "both"]).is_err());
+        let a = parse(&[
+            "--node",
+            "n1",
+            "--metallb-config",
+            "lb/cfg",
+            "--lease-namespace",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(a.metallb_config, ferry_model::ObjectRef::new("lb", "cfg"));
+        assert_eq!(a.lease_namespace(), "x");
+        assert!(parse(&["--node", "n1", "--metallb-config", "cfg"]).is_err());
+    }
 
     #[test]
     fn holes_are_punched_into_pool_ranges() {

@@ -132,8 +132,7 @@ fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
     use state::AllocStore;
     let state = state::StateDir::at(&args.state_dir);
     let snap = source::read_dir(args.manifest_dir()?)?;
-    let pools =
-        ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
+    let pools = agent::load_pools(&snap, &args.service_cidr);
     // What the agents allocated; nothing is written.
     let allocated = state.view(&snap.services, &snap.namespaces, &pools.0, source::now_ms())?;
     let mut planner = ferry_plan::plan::Planner::default();

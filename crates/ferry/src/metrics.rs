@@ -22,6 +22,7 @@
 //! | `ferry_l2_takeovers_total` | counter | [`Metrics::inc_takeover`] |
 //! | `ferry_l2_*_total{interface}` | counter | [`Metrics::set_responder_counters`] |
 //! | `ferry_ready` | gauge | [`Metrics::set_ready`] |
+//! | `ferry_lb_controller_leader` | gauge | [`Metrics::set_leader`] (API mode) |
 //!
 //! MetalLB's two allocator gauges end in `_total` (as MetalLB names them); `promtool check
 //! metrics` reports that as a lint warning, nothing else.
@@ -348,6 +349,7 @@ pub struct Metrics {
     responders: ResponderFamilies,
     responder_last: Mutex<HashMap<String, Counters>>,
     ready_gauge: Gauge,
+    leader_gauge: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -399,6 +401,7 @@ impl Metrics {
             responders: ResponderFamilies::default(),
             responder_last: Mutex::new(HashMap::new()),
             ready_gauge: Gauge::default(),
+            leader_gauge: Gauge::default(),
         };
         m.register();
         m
@@ -490,6 +493,11 @@ impl Metrics {
             "ferry_ready",
             "1 once the first full sync is in the kernel, else 0",
             self.ready_gauge.clone(),
+        );
+        r.register(
+            "ferry_lb_controller_leader",
+            "1 while this agent holds the load-balancer controller's Lease, else 0",
+            self.leader_gauge.clone(),
         );
     }
 
@@ -619,6 +627,11 @@ impl Metrics {
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
         self.ready_gauge.set(1);
+    }
+
+    /// Whether this agent leads the load-balancer controller.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader_gauge.set(i64::from(leading));
     }
 
     pub fn is_ready(&self) -> bool {

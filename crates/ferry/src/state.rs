@@ -113,6 +113,12 @@ impl StateDir {
         })
     }
 
+    /// The load-balancer addresses manifest mode kept here (read only): a node moving to the
+    /// Kubernetes API hands them to the controller, so addresses survive the switch.
+    pub fn manifest_lb_allocations(&self) -> Result<LbState> {
+        self.read("lb-allocations.json")
+    }
+
     fn read<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T> {
         let path = self.dir.join(name);
         match std::fs::read_to_string(&path) {
@@ -158,7 +164,7 @@ impl AllocStore for StateDir {
             self.write("allocations.json", &new)?;
         }
         let old_lb: LbState = self.read("lb-allocations.json")?;
-        let (new_lb, lb) = lbipam::allocate(
+        let (new_lb, lb) = lbipam::allocate_with_grace(
             &old_lb,
             services,
             namespaces,
@@ -166,6 +172,7 @@ impl AllocStore for StateDir {
             Some(LOAD_BALANCER_CLASS),
             snapshot_ms,
             now_ms,
+            cfg.release_grace_ms,
         );
         if new_lb != old_lb {
             self.write("lb-allocations.json", &new_lb)?;

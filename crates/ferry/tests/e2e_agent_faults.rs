@@ -42,7 +42,11 @@ impl Node {
 
     /// Starts the agent with its stderr going to `stderr`.
     fn start(&mut self, stderr: Stdio) -> &mut Child {
-        let child = self.agent_command(&[]).stderr(stderr).spawn().unwrap();
+        let extra: Vec<String> = std::env::var("FERRY_TEST_AGENT_ARGS")
+            .map(|a| a.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let child = self.agent_command(&extra).stderr(stderr).spawn().unwrap();
         self.agent.insert(child)
     }
 
@@ -434,4 +438,67 @@ fn a_pool_over_the_lan_never_makes_the_node_claim_its_gateway_or_itself() {
     );
     assert!(node.alive());
     assert_eq!(node.stop(), Some(0));
+}
+
+/// Issue 7, repro 5: with a full pool, the Services' file truncated for half a second and
+/// written back (a non-atomic rewrite) moves no address and hands none to the pending one.
+/// (Without the grace period, everything is allocated afresh in name order when the file comes
+/// back: the pending "a" would take .200, "b" move to .201 and "c" lose its address.)
+#[test]
+fn a_file_truncated_for_a_moment_moves_no_address() {
+    if !common::root("a_file_truncated_for_a_moment_moves_no_address") {
+        return;
+    }
+    let mut node = Node::new("trunc");
+    let m = node.manifests();
+    write(
+        &m,
+        "pool.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: config, namespace: metallb-system}\n\
+         data:\n  config: |\n    address-pools:\n    - name: two\n      protocol: layer2\n\
+         \x20     addresses: [198.51.100.200-198.51.100.201]\n",
+    );
+    let svc = |name: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{type: LoadBalancer, selector: {{app: x}}, ports: [{{port: 80}}]}}\n"
+        )
+    };
+    let state = node.dir.join("state").join("lb-allocations.json");
+    let holders = || -> Vec<(String, String)> {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&state).unwrap_or_default())
+                .unwrap_or_default();
+        let mut out: Vec<(String, String)> = v["services"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, e)| (k.clone(), e["ips"].to_string()))
+            .collect();
+        out.sort();
+        out
+    };
+    write(&m, "services.yaml", &(svc("b") + &svc("c")));
+    node.start(Stdio::null());
+    node.wait_table("198.51.100.201");
+    // "a" comes later: the pool is full, it waits.
+    let text = svc("a") + &svc("b") + &svc("c");
+    write(&m, "services.yaml", &text);
+    std::thread::sleep(Duration::from_secs(1));
+    let before = holders();
+    assert_eq!(
+        before,
+        [
+            ("default/b".to_string(), r#"["198.51.100.200"]"#.to_string()),
+            ("default/c".to_string(), r#"["198.51.100.201"]"#.to_string()),
+        ]
+    );
+    // Truncated in place (as an editor or `>` would), then written back 0.5 s later.
+    std::fs::write(m.join("services.yaml"), "").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(m.join("services.yaml"), &text).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(holders(), before, "an address moved");
+    let table = node.table();
+    assert!(table.contains("198.51.100.200") && table.contains("198.51.100.201"));
 }

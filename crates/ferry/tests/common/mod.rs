@@ -34,26 +34,32 @@ pub fn root(test: &str) -> bool {
 fn build_lab_binary() {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     BUILT.get_or_init(|| {
-        let ferry = std::path::Path::new(FERRY);
-        let profile = match ferry.parent().and_then(|d| d.file_name()) {
-            Some(d) if d == "debug" => "dev".to_string(),
-            Some(d) => d.to_string_lossy().into_owned(),
-            None => "dev".to_string(),
-        };
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "ferry-lab", "--bin", "ferry-lab"])
-            .args(["--profile", &profile])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("running cargo build -p ferry-lab");
-        assert!(status.success(), "cargo build -p ferry-lab failed");
-        let lab = ferry.with_file_name("ferry-lab");
-        assert!(
-            lab.is_file(),
-            "no {} after building it (another target dir?)",
-            lab.display()
-        );
+        build_binary("ferry-lab", "ferry-lab");
     });
+}
+
+/// Builds another package's binary next to `ferry` (same profile); returns its path.
+pub fn build_binary(package: &str, bin: &str) -> std::path::PathBuf {
+    let ferry = std::path::Path::new(FERRY);
+    let profile = match ferry.parent().and_then(|d| d.file_name()) {
+        Some(d) if d == "debug" => "dev".to_string(),
+        Some(d) => d.to_string_lossy().into_owned(),
+        None => "dev".to_string(),
+    };
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", package, "--bin", bin])
+        .args(["--profile", &profile])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build -p {package} failed");
+    let path = ferry.with_file_name(bin);
+    assert!(
+        path.is_file(),
+        "no {} after building it (another target dir?)",
+        path.display()
+    );
+    path
 }
 
 /// A lab with `nodes` nodes and agents, or None when the test must skip. Downed on drop.
