@@ -671,9 +671,10 @@ async fn write_pod(client: &Client, st: &LabState, p: &Pod, info: &PodInfo) -> R
     let name = info.name.clone();
     if p.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(info.node.as_str()) {
         let patch = json!({"spec": {"nodeName": info.node}});
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .with_context(|| format!("writing spec.nodeName of pod {name}"))?;
+        let r = api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await;
+        gone_is_fine(r).with_context(|| format!("writing spec.nodeName of pod {name}"))?;
     }
     let alive = info.pid.is_some_and(crate::sys::pid_alive);
     let ready = info.ready && alive;
@@ -730,10 +731,20 @@ async fn write_pod(client: &Client, st: &LabState, p: &Pod, info: &PodInfo) -> R
         .collect();
     status["containerStatuses"] = Value::Array(containers);
     let patch = json!({"status": status});
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .with_context(|| format!("writing the status of pod {name}"))?;
+    let r = api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await;
+    gone_is_fine(r).with_context(|| format!("writing the status of pod {name}"))?;
     Ok(())
+}
+
+/// An object deleted since the pass listed it is no error: the next pass sees it gone.
+fn gone_is_fine<T>(r: kube::Result<T>) -> kube::Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
