@@ -126,6 +126,10 @@ pub struct AgentArgs {
     /// API mode a deleted Service is deleted: this does not apply.
     #[arg(long, default_value_t = 30)]
     pub release_grace_s: u64,
+    /// On SIGTERM/SIGINT, remove ferry's nftables table too (addresses are always withdrawn).
+    /// For uninstalling only: without it the rules stay, so an upgrade never drops traffic.
+    #[arg(long)]
+    pub cleanup_on_exit: bool,
     /// Re-read the kernel's table and repair it this often, in seconds (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_s: u64,
@@ -926,7 +930,16 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     if !in_flight {
         let _ = worker_thread.join();
     }
-    log!("stopping; ferry's rules stay in place (`ferry cleanup` removes them)");
+    if args.cleanup_on_exit && args.role.proxies() {
+        // Uninstalling: the table goes with the agent (the announcer has withdrawn above).
+        match ferry_nft::cleanup(&mut Nft::new()) {
+            Ok(true) => log!("stopping; --cleanup-on-exit: removed table inet ferry"),
+            Ok(false) => log!("stopping; --cleanup-on-exit: no table inet ferry to remove"),
+            Err(e) => log!("stopping; --cleanup-on-exit: removing table inet ferry: {e}"),
+        }
+    } else {
+        log!("stopping; ferry's rules stay in place (`ferry cleanup` removes them)");
+    }
     Ok(0)
 }
 

@@ -15,6 +15,7 @@ macro_rules! log {
 mod agent;
 mod agent_core;
 mod announce;
+mod explain;
 mod get;
 mod http;
 mod logging;
@@ -45,6 +46,9 @@ enum Command {
     Agent(agent::AgentArgs),
     /// kubectl-style listing: `ferry get svc [-o wide|yaml|json]`.
     Get(get::GetArgs),
+    /// Where a new connection goes on a node, and why: `ferry explain --node N --manifests DIR
+    /// --from 192.168.2.100 --to 192.168.2.200:80` (or --kubeconfig). Changes nothing.
+    Explain(explain::ExplainArgs),
     /// Remove ferry's nftables table from this network namespace.
     Cleanup,
     /// Print the planned nftables script for a manifest directory (nothing is applied).
@@ -74,6 +78,7 @@ fn main() {
     let result = match cli.command {
         Command::Agent(args) => agent::run(args),
         Command::Get(args) => get::run(args),
+        Command::Explain(args) => explain::run(args),
         Command::Cleanup => cleanup(),
         Command::Plan(args) => plan(args),
         Command::Bench { args } => run_lab_binary("bench", &args),

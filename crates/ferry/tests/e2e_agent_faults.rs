@@ -502,3 +502,31 @@ fn a_file_truncated_for_a_moment_moves_no_address() {
     let table = node.table();
     assert!(table.contains("198.51.100.200") && table.contains("198.51.100.201"));
 }
+
+/// Uninstalling: with --cleanup-on-exit a stopped agent takes its table with it; without it
+/// (upgrades, restarts) the rules stay.
+#[test]
+fn cleanup_on_exit_removes_the_table_and_only_then() {
+    if !common::root("cleanup_on_exit_removes_the_table_and_only_then") {
+        return;
+    }
+    let mut node = Node::new("cleanup");
+    write(&node.manifests(), "a.yaml", &service("a", "10.43.0.41"));
+    node.start(Stdio::null());
+    node.wait_table("10.43.0.41");
+    assert_eq!(node.stop(), Some(0));
+    assert!(
+        node.table().contains("10.43.0.41"),
+        "a plain stop keeps the rules"
+    );
+    let child = node
+        .agent_command(&["--cleanup-on-exit"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    node.agent = Some(child);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(node.table().contains("10.43.0.41"));
+    assert_eq!(node.stop(), Some(0));
+    assert_eq!(node.table(), "", "the table is gone");
+}

@@ -437,6 +437,28 @@ fn seed_journey_through_the_api() {
         )),
         "{events}"
     );
+    // `ferry explain` asks the API too: the address is web's, which has no endpoints.
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.ns[0],
+            FERRY,
+            "explain",
+            "--node",
+            "n1",
+            "--kubeconfig",
+        ])
+        .arg(c.kubeconfig())
+        .args(["--from", "192.168.60.99", "--to", "192.168.60.200:80"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("service default/web") && text.contains("rejected"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The pool runs dry: pending, with the reason in an Event.
     for n in ["b", "c", "d", "e"] {
         c.apply(&lb_service(n));

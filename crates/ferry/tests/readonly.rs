@@ -147,3 +147,67 @@ fn get_and_plan_never_write_the_state() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// `ferry explain` traces a connection through the node's planned rules, from the manifests
+/// and the kept allocations, and writes nothing.
+#[test]
+fn explain_traces_a_connection_and_writes_nothing() {
+    let tmp = std::env::temp_dir().join(format!("ferry-explain-{}", std::process::id()));
+    let (manifests, state) = (tmp.join("manifests"), tmp.join("state"));
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(manifests.join("svc.yaml"), SERVICES).unwrap();
+    std::fs::write(
+        manifests.join("slices.yaml"),
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: known-1\n  \
+         namespace: default\n  labels: {kubernetes.io/service-name: known}\naddressType: IPv4\n\
+         endpoints:\n- addresses: [10.42.0.5]\n  conditions: {ready: true}\n- addresses: [10.42.1.6]\n  \
+         conditions: {ready: true}\nports: [{port: 80, protocol: TCP}]\n\
+         ---\napiVersion: v1\nkind: Node\nmetadata: {name: n1}\n\
+         status: {addresses: [{type: InternalIP, address: 192.168.2.11}]}\n",
+    )
+    .unwrap();
+    std::fs::write(state.join("allocations.json"), ALLOCATIONS).unwrap();
+    let before = files(&state);
+    let (m, s) = (manifests.to_str().unwrap(), state.to_str().unwrap());
+    let base = [
+        "explain",
+        "--manifests",
+        m,
+        "--state-dir",
+        s,
+        "--node",
+        "n1",
+    ];
+    // From a client outside the cluster to the node port: two endpoints, half each, masqueraded.
+    let mut args = base.to_vec();
+    args.extend(["--from", "192.168.2.100", "--to", "192.168.2.11:30777"]);
+    let out = ferry(&args);
+    assert!(out.contains("service default/known"), "{out}");
+    for ep in ["10.42.0.5:80", "10.42.1.6:80"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(ep))
+            .unwrap_or_else(|| panic!("{ep} missing:\n{out}"));
+        assert!(
+            line.contains(" 50.0%") && line.contains("masqueraded"),
+            "{line}"
+        );
+    }
+    assert!(out.contains("chains: "), "{out}");
+    // From a pod to the cluster IP: not masqueraded.
+    let mut args = base.to_vec();
+    args.extend(["--from", "10.42.0.9", "--to", "10.43.7.7:80"]);
+    let out = ferry(&args);
+    assert!(out.contains("source kept"), "{out}");
+    // Not a service address: left alone.
+    let mut args = base.to_vec();
+    args.extend(["--from", "192.168.2.100", "--to", "192.168.2.50:80"]);
+    assert!(ferry(&args).contains("left alone"));
+    assert_eq!(
+        files(&state),
+        before,
+        "explain wrote to the state directory"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}
