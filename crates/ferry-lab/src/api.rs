@@ -38,11 +38,11 @@ pub struct LabConfig {
 /// Whether labs run an API server unless told otherwise: $FERRY_LAB_API, else no.
 pub fn api_default() -> bool {
     match std::env::var("FERRY_LAB_API") {
-        Ok(v) => matches!(
+        Ok(v) => !matches!(
             v.trim().to_lowercase().as_str(),
-            "1" | "true" | "yes" | "on"
+            "0" | "false" | "no" | "off"
         ),
-        Err(_) => false,
+        Err(_) => true,
     }
 }
 

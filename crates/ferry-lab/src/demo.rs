@@ -266,12 +266,13 @@ fn load_balancer_steps(ctx: &Ctx) -> Result<()> {
         NEXTCLOUD_DEV_LOADBALANCER,
     )?;
     get_svc_wide(ctx)?;
-    // What the agents say about it (each logs it once).
-    if let Some((node, offset)) = since.first() {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        let needle = format!("Service default/{LB_SERVICE} pending:");
-        while Instant::now() < deadline {
-            check_interrupted()?;
+    // Why, in the allocator's words: every agent in manifest mode, the node running the
+    // load-balancer controller with the API.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let needle = format!("Service default/{LB_SERVICE} pending:");
+    'wait: while Instant::now() < deadline {
+        check_interrupted()?;
+        for (node, offset) in &since {
             let log = agent_log(ctx, node);
             if let Some(line) = log
                 .get(*offset..)
@@ -280,10 +281,10 @@ fn load_balancer_steps(ctx: &Ctx) -> Result<()> {
                 println!();
                 cmd(&format!("ferry lab logs {node} | grep pending"));
                 println!("{line}");
-                break;
+                break 'wait;
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
+        std::thread::sleep(Duration::from_millis(50));
     }
 
     // 11: MetalLB's configuration: the Service gets the pool's first address, one node

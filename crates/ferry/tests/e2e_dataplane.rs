@@ -467,7 +467,8 @@ fn no_loss_across_agent_restarts() {
 
 #[test]
 fn bad_manifest_isolated() {
-    let Some(lab) = common::lab("bad_manifest_isolated", 2) else {
+    // It writes files into the manifest directory: the manifest mode's test.
+    let Some(lab) = common::lab_manifests("bad_manifest_isolated", 2) else {
         return;
     };
     lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap();

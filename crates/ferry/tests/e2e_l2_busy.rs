@@ -77,7 +77,9 @@ const SYNC_END_LIMIT: Duration = Duration::from_secs(20);
 
 #[test]
 fn busy_announcer_cut_off_from_gossip_never_two_macs() {
-    let Some(lab) = common::lab("busy_announcer_cut_off_from_gossip_never_two_macs", 3) else {
+    // Its agents restart on private copies of the manifest directory: manifest mode.
+    let Some(lab) = common::lab_manifests("busy_announcer_cut_off_from_gossip_never_two_macs", 3)
+    else {
         return;
     };
     let load = match std::env::var("FERRY_L2_BUSY_SERVICES") {

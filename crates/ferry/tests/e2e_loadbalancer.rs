@@ -82,20 +82,18 @@ fn seed_pending_then_assigned() {
     lab.apply_yaml(demo::NEXTCLOUD_DEV).unwrap();
     let out = lab.apply_yaml(demo::NEXTCLOUD_DEV_LOADBALANCER).unwrap();
     assert_eq!(out.trim(), format!("service/{LB} created"));
-    // `ferry get svc`: <pending>, and every agent says why.
+    // `ferry get svc`: <pending>, and the allocator says why (every agent in manifest mode,
+    // the load-balancer controller with the API).
     assert_eq!(
         svc_column(&lab, LB, "EXTERNAL-IP", false).as_deref(),
         Some("<pending>")
     );
-    for n in lab.node_names() {
-        wait_log_since(
-            &lab,
-            &n,
-            t0,
-            &format!("Service default/{LB} pending: no address pool"),
-            CONVERGE,
-        );
-    }
+    common::wait_any_log_since(
+        &lab,
+        t0,
+        &format!("Service default/{LB} pending: no address pool"),
+        CONVERGE,
+    );
     assert!(lab.curl("client", VIP_URL).is_err());
 
     let applied = Instant::now();
@@ -687,7 +685,8 @@ fn ipv6_pool_via_ndp() {
     use ferry_l2::socket::PacketType;
 
     let _serial = serial();
-    let Some(lab) = common::lab("ipv6_pool_via_ndp", 3) else {
+    // The lab API server has no IPv6 Services: manifest mode.
+    let Some(lab) = common::lab_manifests("ipv6_pool_via_ndp", 3) else {
         return;
     };
     const IP6: &str = "fd00:2::200";
@@ -959,13 +958,10 @@ fn pool_shrink_and_pending_reason() {
         svc_column(&lab, "second", "EXTERNAL-IP", false).as_deref(),
         Some("<pending>")
     );
-    let mut reason = String::new();
-    for n in lab.node_names() {
-        let (_, line) = wait_log_since(&lab, &n, t, "Service default/second pending:", CONVERGE);
-        assert!(line.contains("pool small is exhausted"), "{n}: {line}");
-        println!("{n}: {line}");
-        reason = line;
-    }
+    let (n, _, reason) =
+        common::wait_any_log_since(&lab, t, "Service default/second pending:", CONVERGE);
+    assert!(reason.contains("pool small is exhausted"), "{n}: {reason}");
+    println!("{n}: {reason}");
     wait_log_since(
         &lab,
         &owner201,

@@ -63,12 +63,23 @@ pub fn build_binary(package: &str, bin: &str) -> std::path::PathBuf {
 }
 
 /// A lab with `nodes` nodes and agents, or None when the test must skip. Downed on drop.
+/// The lab's default source ($FERRY_LAB_API; the API server unless it says 0).
 pub fn lab(test: &str, nodes: usize) -> Option<Lab> {
+    lab_with(test, nodes, ferry_lab::api::api_default())
+}
+
+/// A lab whose agents read a manifest directory (for tests of that mode).
+pub fn lab_manifests(test: &str, nodes: usize) -> Option<Lab> {
+    lab_with(test, nodes, false)
+}
+
+fn lab_with(test: &str, nodes: usize, api: bool) -> Option<Lab> {
     if !root(test) {
         return None;
     }
     let lab = LabConfig::new(Lab::unique_prefix())
         .nodes(nodes)
+        .api(api)
         .exe(FERRY)
         .up()
         .expect("lab up");
@@ -306,6 +317,26 @@ pub fn wait_log_since(
 
 /// The first line, on any node, stamped at or after `since` whose message contains `needle`:
 /// (node, milliseconds of day, message).
+/// Waits (bounded) until some node's agent logs `needle` after `since`: (node, time, message).
+pub fn wait_any_log_since(
+    lab: &Lab,
+    since: u64,
+    needle: &str,
+    timeout: Duration,
+) -> (String, u64, String) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(hit) = any_log_since(lab, since, needle) {
+            return hit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no agent logged {needle:?} within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn any_log_since(lab: &Lab, since: u64, needle: &str) -> Option<(String, u64, String)> {
     lab.node_names()
         .into_iter()
