@@ -26,6 +26,15 @@ if ! [[ $seconds =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 
+# libfuzzer-sys compiles libFuzzer (C++).
+if ! command -v c++ >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++
+    else
+        echo "fuzz: needs a C++ compiler for libFuzzer (apt-get install g++)" >&2
+        exit 1
+    fi
+fi
 if ! cargo fuzz --version 2>/dev/null | grep -qxF "cargo-fuzz $CARGO_FUZZ_VERSION"; then
     cargo install --locked --version "$CARGO_FUZZ_VERSION" cargo-fuzz
 fi
