@@ -29,7 +29,7 @@ fi
 # libfuzzer-sys compiles libFuzzer (C++).
 if ! command -v c++ >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++
     else
         echo "fuzz: needs a C++ compiler for libFuzzer (apt-get install g++)" >&2
         exit 1
