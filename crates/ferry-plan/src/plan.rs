@@ -47,6 +47,7 @@ pub mod names {
     use super::Family;
     pub const SERVICES: &str = "services";
     pub const SERVICE_CHECKS: &str = "service-checks";
+    pub const POOL_CHECKS: &str = "pool-checks";
     pub const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
     pub const MASQUERADING: &str = "masquerading";
     pub const REJECT: &str = "reject-service";
@@ -197,6 +198,14 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
             vec![],
             Action::Verdict(Verdict::Jump(target.into())),
         ));
+        if name == "filter-prerouting" {
+            // Arriving traffic only: the node's own connections to its LAN are never refused
+            // because a pool happens to cover the neighbour's address.
+            c.push(Rule::new(
+                vec![],
+                Action::Verdict(Verdict::Jump(POOL_CHECKS.into())),
+            ));
+        }
         rs.add_chain(c);
     }
 
@@ -224,6 +233,14 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
             )
             .with_comment("a cluster IP on a port its service lacks"),
         );
+    }
+    rs.add_chain(c);
+
+    let mut c = Chain::new(
+        POOL_CHECKS,
+        "refuse arriving connections to pool addresses no service uses",
+    );
+    for f in FAMILIES {
         c.push(
             Rule::new(
                 vec![

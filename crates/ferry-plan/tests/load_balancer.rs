@@ -53,6 +53,12 @@ fn pool_addresses_without_a_service_on_that_port_are_rejected() {
     // Outside the pool: left alone.
     let f = only_fate(&trace(&rs, &tcp("192.168.2.100", "192.168.2.226", 80)));
     assert_eq!(f, Fate::Untouched { masquerade: false });
+    // The node's own connection to a LAN neighbour whose address a pool covers: never refused
+    // (issue 7: a pool over the LAN must not cut the node off).
+    let mut own = tcp("192.168.2.11", "192.168.2.210", 80);
+    own.local_origin = true;
+    let f = only_fate(&trace(&rs, &own));
+    assert!(matches!(f, Fate::Untouched { .. }), "{f:?}");
 }
 
 #[test]

@@ -436,6 +436,50 @@ fn a_pool_over_the_lan_never_makes_the_node_claim_its_gateway_or_itself() {
         ["192.168.60.0", "192.168.60.3-192.168.60.7"],
         "{listing}"
     );
+    // A LAN neighbour whose address the pool covers (.5, unused by any service) stays
+    // reachable from the node: the refusal applies to arriving traffic only.
+    sh(&["-n", &router, "addr", "add", "192.168.60.5/24", "dev", "r0"]);
+    let mut server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &router,
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+        ])
+        .args(["--bind", "192.168.60.5"])
+        .current_dir(&node.dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + CONVERGE;
+    let code = loop {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node.ns, "curl", "-s", "-o", "/dev/null"])
+            .args([
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "2",
+                "http://192.168.60.5:8080/",
+            ])
+            .output()
+            .unwrap();
+        let code = String::from_utf8_lossy(&out.stdout).into_owned();
+        if code == "200" || Instant::now() > deadline {
+            break code;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        code, "200",
+        "the node cannot reach its neighbour 192.168.60.5"
+    );
     assert!(node.alive());
     assert_eq!(node.stop(), Some(0));
 }
