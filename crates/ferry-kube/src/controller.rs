@@ -216,6 +216,9 @@ pub async fn run(
                     &snap.l2_advertisements,
                 );
                 let (pools, _) = ferry_model::pools::without_service_cidrs(pools, &cidrs);
+                // A node's own address is never a Service's.
+                let nodes: Vec<IpAddr> = snap.nodes.iter().flat_map(|n| n.internal_ips()).collect();
+                let (pools, _) = ferry_model::pools::without_addresses(pools, &nodes);
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);

@@ -487,6 +487,64 @@ impl fmt::Display for PoolError {
 
 impl std::error::Error for PoolError {}
 
+/// The pools without `holes` (the nodes' own addresses): a pool over the LAN never hands a
+/// node's address to a Service (nobody could announce it). A pool left with no address is
+/// dropped, with an error.
+pub fn without_addresses(mut cfg: PoolConfig, holes: &[IpAddr]) -> (PoolConfig, Vec<PoolError>) {
+    let mut errors = Vec::new();
+    let mut holes: Vec<IpAddr> = holes.to_vec();
+    holes.sort_by_key(|ip| (ip.is_ipv6(), to_u128(*ip)));
+    holes.dedup();
+    cfg.pools.retain_mut(|p| {
+        let mut out = Vec::with_capacity(p.ranges.len());
+        for r in &p.ranges {
+            let v4 = r.is_ipv4();
+            let (mut lo, hi) = (r.lo(), r.hi());
+            let mut done = false;
+            let inside: Vec<u128> = holes
+                .iter()
+                .filter(|h| h.is_ipv4() == v4)
+                .map(|h| to_u128(*h))
+                .filter(|h| (lo..=hi).contains(h))
+                .collect();
+            for h in inside {
+                if h > lo {
+                    out.push(IpRange {
+                        first: from_u128(lo, v4),
+                        last: from_u128(h - 1, v4),
+                    });
+                }
+                if h == hi {
+                    done = true;
+                    break;
+                }
+                lo = h + 1;
+            }
+            if !done {
+                out.push(IpRange {
+                    first: from_u128(lo, v4),
+                    last: from_u128(hi, v4),
+                });
+            }
+        }
+        if out.is_empty() {
+            errors.push(PoolError {
+                severity: Severity::Error,
+                object: p.source.to_string(),
+                field: String::new(),
+                message: format!(
+                    "pool {:?} holds only node addresses: the pool is not used",
+                    p.name
+                ),
+            });
+            return false;
+        }
+        p.ranges = out;
+        true
+    });
+    (cfg, errors)
+}
+
 /// Drops the pools that overlap a service CIDR, with an error each: an address there could be
 /// a Service's cluster IP too, and traffic to it would reach the wrong Service. (MetalLB does
 /// not know the service CIDR; kube-apiserver does, and so does ferry.)
@@ -1044,6 +1102,46 @@ pub(crate) mod tests {
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(
             errs[0].message.contains("10.0.0.4/31 overlaps 10.0.0.4/32"),
+            "{}",
+            errs[0]
+        );
+    }
+
+    #[test]
+    fn node_addresses_are_never_in_a_pool() {
+        let cm = ConfigMap {
+            meta: Meta {
+                name: "config".into(),
+                namespace: "metallb-system".into(),
+                ..Meta::default()
+            },
+            data: [(
+                "config".to_string(),
+                "address-pools:\n- name: lan\n  protocol: layer2\n  addresses: [192.168.50.0/29]\n- name: one\n  protocol: layer2\n  addresses: [192.168.50.20/32]\n".to_string(),
+            )]
+            .into(),
+        };
+        let (cfg, errs) = load(&[cm], &[], &[]);
+        assert!(errs.is_empty(), "{errs:?}");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (cfg, errs) = without_addresses(
+            cfg,
+            &[
+                ip("192.168.50.1"),
+                ip("192.168.50.7"),
+                ip("192.168.50.20"),
+                ip("fd00::1"),
+            ],
+        );
+        assert_eq!(cfg.pools.len(), 1);
+        let ranges: Vec<String> = cfg.pools[0].ranges.iter().map(|r| r.to_string()).collect();
+        assert_eq!(ranges, ["192.168.50.0/32", "192.168.50.2-192.168.50.6"]);
+        assert!(!cfg.pools[0].contains(ip("192.168.50.1")));
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0]
+                .message
+                .contains("\"one\" holds only node addresses"),
             "{}",
             errs[0]
         );

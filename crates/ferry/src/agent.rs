@@ -470,14 +470,24 @@ fn punch_holes<'a>(
     out
 }
 
-/// The pools of a snapshot, without those overlapping a service CIDR (each an error).
+/// The pools of a snapshot, without those overlapping a service CIDR (each an error), and
+/// without the nodes' addresses: the Nodes' InternalIPs, or this host's own addresses when the
+/// snapshot has no Node objects (the same for every agent sharing a state directory, which
+/// must agree on what is allocatable).
 pub fn load_pools(
     snap: &Snapshot,
     service_cidrs: &[Cidr],
+    host: &netwatch::HostNet,
 ) -> (PoolConfig, Vec<ferry_model::pools::PoolError>) {
     let (pools, mut errors) =
         ferry_model::pools::load(&snap.config_maps, &snap.ip_pools, &snap.l2_advertisements);
     let (pools, more) = ferry_model::pools::without_service_cidrs(pools, service_cidrs);
+    errors.extend(more);
+    let mut nodes: Vec<IpAddr> = snap.nodes.iter().flat_map(|n| n.internal_ips()).collect();
+    if snap.nodes.is_empty() {
+        nodes = netwatch::host_addresses(&host.addrs);
+    }
+    let (pools, more) = ferry_model::pools::without_addresses(pools, &nodes);
     errors.extend(more);
     (pools, errors)
 }
@@ -618,7 +628,7 @@ impl Worker {
             ),
             WorkerSource::Api(api) => (api.snapshot(), true),
         };
-        let pools = load_pools(&snap, &args.service_cidr);
+        let pools = load_pools(&snap, &args.service_cidr, host);
         let allocated = if from_api {
             ferry_kube::status::from_api(&snap.services, &pools.0)
         } else {

@@ -52,7 +52,8 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
         SourceKind::Api(kubeconfig) => list_from_api(a, kubeconfig.as_deref())?,
     };
     let from_api = a.manifests.is_none();
-    let pools = agent::load_pools(&snap, &a.service_cidr);
+    let host = netwatch::host_net();
+    let pools = agent::load_pools(&snap, &a.service_cidr, &host);
     let allocated = if from_api {
         ferry_kube::status::from_api(&snap.services, &pools.0)
     } else {
@@ -64,7 +65,6 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
             crate::source::now_ms(),
         )?
     };
-    let host = netwatch::host_net();
     let mut planner = ferry_plan::plan::Planner::default();
     let pass = agent::compute(&mut planner, a, &snap, pools, allocated, &host);
     let saddr = match (args.from, args.local) {

@@ -137,11 +137,11 @@ fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
     use state::AllocStore;
     let state = state::StateDir::at(&args.state_dir);
     let snap = source::read_dir(args.manifest_dir()?)?;
-    let pools = agent::load_pools(&snap, &args.service_cidr);
+    let host = netwatch::host_net();
+    let pools = agent::load_pools(&snap, &args.service_cidr, &host);
     // What the agents allocated; nothing is written.
     let allocated = state.view(&snap.services, &snap.namespaces, &pools.0, source::now_ms())?;
     let mut planner = ferry_plan::plan::Planner::default();
-    let host = netwatch::host_net();
     let p = agent::compute(&mut planner, &args, &snap, pools, allocated, &host);
     for d in &p.diagnostics {
         eprintln!("{d}");

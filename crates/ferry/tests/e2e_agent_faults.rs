@@ -364,7 +364,8 @@ fn a_pool_over_the_lan_never_makes_the_node_claim_its_gateway_or_itself() {
     sh(&["-n", &router, "link", "set", "r0", "up"]);
 
     // A pool over the start of the LAN, and three LoadBalancer services: they get .0, .1 (the
-    // gateway) and .2 (the node itself).
+    // gateway, which only this node knows) and .3: never .2, the node's own address (no Node
+    // objects here, so the host's addresses are the node's).
     let m = node.manifests();
     write(
         &m,
@@ -410,8 +411,8 @@ fn a_pool_over_the_lan_never_makes_the_node_claim_its_gateway_or_itself() {
     loop {
         let text = read_log(&log);
         let done = text.contains("announcing 192.168.60.0 on eth0")
-            && text.contains("not announcing 192.168.60.1: it is a gateway of this node")
-            && text.contains("not announcing 192.168.60.2: it is this node's own address");
+            && text.contains("announcing 192.168.60.3 on eth0")
+            && text.contains("not announcing 192.168.60.1: it is a gateway of this node");
         if done {
             break;
         }
@@ -420,9 +421,18 @@ fn a_pool_over_the_lan_never_makes_the_node_claim_its_gateway_or_itself() {
     }
     std::thread::sleep(Duration::from_millis(1500));
     let text = read_log(&log);
-    for never in ["announcing 192.168.60.1 on", "announcing 192.168.60.2 on"] {
+    for never in [
+        "announcing 192.168.60.1 on",
+        "announcing 192.168.60.2 on",
+        "not announcing 192.168.60.2",
+    ] {
         assert!(!text.contains(never), "{never}:\n{text}");
     }
+    let kept = std::fs::read_to_string(node.dir.join("state").join("lb-allocations.json")).unwrap();
+    assert!(
+        !kept.contains("\"192.168.60.2\""),
+        "the node's address was handed out: {kept}"
+    );
     // Unused pool addresses are refused, but not the gateway's or the node's own: the pool set
     // the refusal rule reads has holes there.
     let listing = node.nft(&["list", "set", "inet", "ferry", "lb-pools-v4"]);
