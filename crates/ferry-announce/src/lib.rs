@@ -8,6 +8,7 @@
 //! The agent's layer-2 thread feeds both from membership and the model; the raw-socket
 //! responders (`ferry-l2`) do what the [`holder::Step`] says.
 
+pub mod claims;
 pub mod decide;
 pub mod holder;
 

@@ -426,40 +426,10 @@ pub fn services_table(ctx: &Ctx, ns: &NsFilter, wide: bool, multi: bool) -> Resu
     Ok(Some(table(&rows)))
 }
 
-/// Which nodes announce which addresses: the agents' status files in the lab's state dir
-/// (`announcements/<node>.json`, rewritten every second; older than 3 s means stale), as
-/// `ferry get svc -o wide` reads them for its ANNOUNCED-BY column.
+/// Which nodes announce which addresses: the agents' announcement files in the lab's state
+/// dir, as `ferry get svc -o wide` reads them for its ANNOUNCED-BY column.
 fn read_announcers(ctx: &Ctx) -> std::collections::BTreeMap<IpAddr, Vec<String>> {
-    let mut out: std::collections::BTreeMap<IpAddr, Vec<String>> = Default::default();
-    let Ok(entries) = std::fs::read_dir(ctx.state_dir().join("announcements")) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.extension().and_then(|x| x.to_str()) != Some("json") {
-            continue;
-        }
-        let fresh = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age < Duration::from_secs(3));
-        let Some(v) = fresh
-            .then(|| std::fs::read_to_string(&path).ok())
-            .flatten()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        else {
-            continue;
-        };
-        let node = v["node"].as_str().unwrap_or_default().to_string();
-        for a in v["addresses"].as_array().into_iter().flatten() {
-            if let Some(ip) = a.as_str().and_then(|s| s.parse().ok()) {
-                out.entry(ip).or_default().push(node.clone());
-            }
-        }
-    }
-    out
+    ferry_announce::claims::read(&ctx.state_dir().join("announcements"))
 }
 
 /// The Services as a v1 List (what `ferry get svc -o json` prints).

@@ -453,50 +453,13 @@ impl L2Thread {
     }
 }
 
-/// Writes `announcements/<node>.json`: what this node announces (rewritten every second by the
-/// agent so that readers can tell a live claim from a dead agent's leftovers).
+/// Writes `announcements/<node>.json`: what this node announces (see
+/// [`ferry_announce::claims`]).
 pub fn write_status(path: &std::path::Path, node: &str, owned: &BTreeSet<IpAddr>) {
-    let ips: BTreeSet<String> = owned.iter().map(|i| i.to_string()).collect();
-    let body = serde_json::json!({ "node": node, "addresses": ips });
-    let tmp = path.with_extension("tmp");
-    if std::fs::write(&tmp, body.to_string()).is_ok() {
-        let _ = std::fs::rename(&tmp, path);
-    }
+    ferry_announce::claims::write(path, node, owned);
 }
 
-/// Which nodes announce which addresses, from the agents' status files (those refreshed in the
-/// last 3 seconds: agents rewrite theirs every second and at every change).
+/// Which nodes announce which addresses (see [`ferry_announce::claims`]).
 pub fn read_announcers(dir: &std::path::Path) -> BTreeMap<IpAddr, Vec<String>> {
-    let mut out: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.extension().and_then(|x| x.to_str()) != Some("json") {
-            continue;
-        }
-        let fresh = e
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age < Duration::from_secs(3));
-        if !fresh {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-            continue;
-        };
-        let node = v["node"].as_str().unwrap_or_default().to_string();
-        for a in v["addresses"].as_array().into_iter().flatten() {
-            if let Some(ip) = a.as_str().and_then(|s| s.parse().ok()) {
-                out.entry(ip).or_default().push(node.clone());
-            }
-        }
-    }
-    out
+    ferry_announce::claims::read(dir)
 }
