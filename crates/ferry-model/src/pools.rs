@@ -487,46 +487,53 @@ impl fmt::Display for PoolError {
 
 impl std::error::Error for PoolError {}
 
+/// `ranges` without the addresses in `holes`, each range split around them (ranges of
+/// either family; holes of the other family are ignored).
+pub fn split_around(ranges: impl IntoIterator<Item = IpRange>, holes: &[IpAddr]) -> Vec<IpRange> {
+    let mut holes: Vec<IpAddr> = holes.to_vec();
+    holes.sort_by_key(|ip| (ip.is_ipv6(), to_u128(*ip)));
+    holes.dedup();
+    let mut out = Vec::new();
+    for r in ranges {
+        let v4 = r.is_ipv4();
+        let (mut lo, hi) = (r.lo(), r.hi());
+        let inside: Vec<u128> = holes
+            .iter()
+            .filter(|h| h.is_ipv4() == v4)
+            .map(|h| to_u128(*h))
+            .filter(|h| (lo..=hi).contains(h))
+            .collect();
+        let mut done = false;
+        for h in inside {
+            if h > lo {
+                out.push(IpRange {
+                    first: from_u128(lo, v4),
+                    last: from_u128(h - 1, v4),
+                });
+            }
+            if h == hi {
+                done = true;
+                break;
+            }
+            lo = h + 1;
+        }
+        if !done {
+            out.push(IpRange {
+                first: from_u128(lo, v4),
+                last: from_u128(hi, v4),
+            });
+        }
+    }
+    out
+}
+
 /// The pools without `holes` (the nodes' own addresses): a pool over the LAN never hands a
 /// node's address to a Service (nobody could announce it). A pool left with no address is
 /// dropped, with an error.
 pub fn without_addresses(mut cfg: PoolConfig, holes: &[IpAddr]) -> (PoolConfig, Vec<PoolError>) {
     let mut errors = Vec::new();
-    let mut holes: Vec<IpAddr> = holes.to_vec();
-    holes.sort_by_key(|ip| (ip.is_ipv6(), to_u128(*ip)));
-    holes.dedup();
     cfg.pools.retain_mut(|p| {
-        let mut out = Vec::with_capacity(p.ranges.len());
-        for r in &p.ranges {
-            let v4 = r.is_ipv4();
-            let (mut lo, hi) = (r.lo(), r.hi());
-            let mut done = false;
-            let inside: Vec<u128> = holes
-                .iter()
-                .filter(|h| h.is_ipv4() == v4)
-                .map(|h| to_u128(*h))
-                .filter(|h| (lo..=hi).contains(h))
-                .collect();
-            for h in inside {
-                if h > lo {
-                    out.push(IpRange {
-                        first: from_u128(lo, v4),
-                        last: from_u128(h - 1, v4),
-                    });
-                }
-                if h == hi {
-                    done = true;
-                    break;
-                }
-                lo = h + 1;
-            }
-            if !done {
-                out.push(IpRange {
-                    first: from_u128(lo, v4),
-                    last: from_u128(hi, v4),
-                });
-            }
-        }
+        let out = split_around(p.ranges.iter().copied(), holes);
         if out.is_empty() {
             errors.push(PoolError {
                 severity: Severity::Error,
@@ -1089,14 +1096,7 @@ pub(crate) mod tests {
             text.push_str(&format!("  - {ip}/32\n"));
         }
         text.push_str("  - 10.0.0.4-10.0.0.5\n");
-        let cm = ConfigMap {
-            meta: Meta {
-                name: "config".into(),
-                namespace: "metallb-system".into(),
-                ..Meta::default()
-            },
-            data: [("config".to_string(), text)].into(),
-        };
+        let cm = legacy(&text);
         let (cfg, errs) = load(&[cm], &[], &[]);
         assert!(cfg.pools.is_empty());
         assert_eq!(errs.len(), 1, "{errs:?}");
@@ -1109,18 +1109,7 @@ pub(crate) mod tests {
 
     #[test]
     fn node_addresses_are_never_in_a_pool() {
-        let cm = ConfigMap {
-            meta: Meta {
-                name: "config".into(),
-                namespace: "metallb-system".into(),
-                ..Meta::default()
-            },
-            data: [(
-                "config".to_string(),
-                "address-pools:\n- name: lan\n  protocol: layer2\n  addresses: [192.168.50.0/29]\n- name: one\n  protocol: layer2\n  addresses: [192.168.50.20/32]\n".to_string(),
-            )]
-            .into(),
-        };
+        let cm = legacy("address-pools:\n- name: lan\n  protocol: layer2\n  addresses: [192.168.50.0/29]\n- name: one\n  protocol: layer2\n  addresses: [192.168.50.20/32]\n");
         let (cfg, errs) = load(&[cm], &[], &[]);
         assert!(errs.is_empty(), "{errs:?}");
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
@@ -1149,18 +1138,7 @@ pub(crate) mod tests {
 
     #[test]
     fn pools_overlapping_the_service_cidr_are_refused() {
-        let cm = ConfigMap {
-            meta: Meta {
-                name: "config".into(),
-                namespace: "metallb-system".into(),
-                ..Meta::default()
-            },
-            data: [(
-                "config".to_string(),
-                "address-pools:\n- name: bad\n  protocol: layer2\n  addresses: [10.43.255.0/24]\n- name: good\n  protocol: layer2\n  addresses: [192.168.2.200/29]\n".to_string(),
-            )]
-            .into(),
-        };
+        let cm = legacy("address-pools:\n- name: bad\n  protocol: layer2\n  addresses: [10.43.255.0/24]\n- name: good\n  protocol: layer2\n  addresses: [192.168.2.200/29]\n");
         let (cfg, errs) = load(&[cm], &[], &[]);
         assert!(errs.is_empty(), "{errs:?}");
         let (cfg, errs) = without_service_cidrs(cfg, &["10.43.0.0/16".parse().unwrap()]);

@@ -426,48 +426,20 @@ pub fn compute(
     }
 }
 
-/// `ranges` without the addresses in `holes` (split around them).
+/// `ranges` without the addresses in `holes` (split around them; see
+/// [`ferry_model::pools::split_around`]).
 fn punch_holes<'a>(
     ranges: impl IntoIterator<Item = (IpAddr, IpAddr)>,
     holes: impl IntoIterator<Item = &'a IpAddr>,
 ) -> Vec<(IpAddr, IpAddr)> {
-    use ferry_model::cidr::to_u128;
     let holes: Vec<IpAddr> = holes.into_iter().copied().collect();
-    let back = |x: u128, v4: bool| -> IpAddr {
-        if v4 {
-            IpAddr::from((x as u32).to_be_bytes())
-        } else {
-            IpAddr::from(x.to_be_bytes())
-        }
-    };
-    let mut out = Vec::new();
-    for (first, last) in ranges {
-        let v4 = first.is_ipv4();
-        let (mut lo, hi) = (to_u128(first), to_u128(last));
-        let mut inside: Vec<u128> = holes
-            .iter()
-            .filter(|h| h.is_ipv4() == v4)
-            .map(|h| to_u128(*h))
-            .filter(|h| (lo..=hi).contains(h))
-            .collect();
-        inside.sort_unstable();
-        inside.dedup();
-        let mut done = false;
-        for h in inside {
-            if h > lo {
-                out.push((back(lo, v4), back(h - 1, v4)));
-            }
-            if h == hi {
-                done = true;
-                break;
-            }
-            lo = h + 1;
-        }
-        if !done {
-            out.push((back(lo, v4), back(hi, v4)));
-        }
-    }
-    out
+    let ranges = ranges
+        .into_iter()
+        .filter_map(|(a, b)| ferry_model::pools::IpRange::new(a, b));
+    ferry_model::pools::split_around(ranges, &holes)
+        .into_iter()
+        .map(|r| (r.first(), r.last()))
+        .collect()
 }
 
 /// The pools of a snapshot, without those overlapping a service CIDR (each an error), and

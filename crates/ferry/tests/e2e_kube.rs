@@ -266,6 +266,16 @@ impl Cluster {
         .unwrap_or_default()
     }
 
+    /// Waits (bounded) until `node` holds the Lease; how long it took.
+    fn wait_holder(&self, node: &str, within: Duration) -> Duration {
+        let t0 = Instant::now();
+        while self.holder() != node {
+            assert!(t0.elapsed() < within, "{node} never took the lease");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        t0.elapsed()
+    }
+
     fn read_log(&self, i: usize) -> String {
         std::fs::read_to_string(self.log(i)).unwrap_or_default()
     }
@@ -605,16 +615,9 @@ fn leader_stopped_or_killed_another_takes_over_and_no_address_moves() {
     }
 
     // SIGTERM: the Lease is released, n2 leads at its next attempt (every 2 s).
-    let t0 = Instant::now();
     c.stop_agent(0, libc::SIGTERM);
-    while c.holder() != "n2" {
-        assert!(
-            t0.elapsed() < Duration::from_secs(6),
-            "n2 never took the released lease"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!("released lease taken after {:?}", t0.elapsed());
+    let took = c.wait_holder("n2", Duration::from_secs(6));
+    eprintln!("released lease taken after {took:?}");
     c.apply(&lb_service("b"));
     c.wait_ingress("b", "192.168.60.201", Duration::from_secs(10));
     assert_eq!(c.ingress("a"), "192.168.60.200");
@@ -627,16 +630,9 @@ fn leader_stopped_or_killed_another_takes_over_and_no_address_moves() {
         "the load-balancer controller runs on n2",
         Duration::from_secs(10),
     );
-    let t0 = Instant::now();
     c.stop_agent(1, libc::SIGKILL);
-    while c.holder() != "n1" {
-        assert!(
-            t0.elapsed() < Duration::from_secs(25),
-            "n1 never took the lease over"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    eprintln!("expired lease taken after {:?}", t0.elapsed());
+    let took = c.wait_holder("n1", Duration::from_secs(25));
+    eprintln!("expired lease taken after {took:?}");
     c.apply(&lb_service("c"));
     c.wait_ingress("c", "192.168.60.202", Duration::from_secs(10));
     assert_eq!(c.ingress("a"), "192.168.60.200");
