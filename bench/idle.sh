@@ -5,37 +5,42 @@
 # agent runs as on a node: its Node object `n1` gives it that address, it gossips (a cluster of
 # one) and announces the LoadBalancer addresses on eth0.
 # The services: every 100th LoadBalancer (a MetalLB layer-2 pool), every 10th NodePort, the
-# rest ClusterIP; each with an EndpointSlice of 3 ready endpoints; one file per object, as
+# rest ClusterIP; each with an EndpointSlice of E ready endpoints (3 unless --endpoints); one file per object, as
 # `ferry lab` lays them out.
 # Method: start the agent, wait for its first sync ("N services: ..." in its log) and SETTLE
 # seconds more (the address announcements' bursts), then read /proc/PID/stat (utime + stime, all
 # threads) at the start and the end of SECONDS seconds, and /proc/PID/status VmRSS every second.
 # Goal (issue 6): under 0.5% of one core, RSS under 20 MiB.
-# Needs root. Usage: bench/idle.sh [--services N] [--seconds S] [--settle S] [--exe PATH]
+# Also reported: the peak RSS (VmHWM: the first sync's high-water mark, with everything read).
+# Needs root. Usage: bench/idle.sh [--services N] [--endpoints E] [--seconds S] [--settle S]
+# [--exe PATH]
 # (without --exe: builds and measures target/release/ferry).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 services=1000
+endpoints=3
 seconds=60
 settle=3
 exe=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --services) services="$2"; shift 2 ;;
+    --endpoints) endpoints="$2"; shift 2 ;;
     --seconds) seconds="$2"; shift 2 ;;
     --settle) settle="$2"; shift 2 ;;
     --exe) exe="$2"; shift 2 ;;
-    *) echo "bench/idle.sh: unknown argument $1 (--services N, --seconds S, --settle S, --exe PATH)" >&2; exit 2 ;;
+    *) echo "bench/idle.sh: unknown argument $1 (--services N, --endpoints E, --seconds S, --settle S, --exe PATH)" >&2; exit 2 ;;
   esac
 done
-for v in "$services" "$seconds" "$settle"; do
+for v in "$services" "$endpoints" "$seconds" "$settle"; do
   case "$v" in
     ''|*[!0-9]*) echo "bench/idle.sh: $v is not a whole number" >&2; exit 2 ;;
   esac
 done
-if [ "$services" -lt 1 ] || [ "$services" -gt 20000 ] || [ "$seconds" -lt 1 ]; then
-  echo "bench/idle.sh: --services must be 1..20000 and --seconds at least 1" >&2
+if [ "$services" -lt 1 ] || [ "$services" -gt 20000 ] || [ "$seconds" -lt 1 ] ||
+  [ "$endpoints" -lt 1 ] || [ "$endpoints" -gt 100 ]; then
+  echo "bench/idle.sh: --services must be 1..20000, --endpoints 1..100, --seconds at least 1" >&2
   exit 2
 fi
 if [ "$(id -u)" != 0 ]; then
@@ -62,6 +67,7 @@ cleanup() {
     wait "$pid" 2>/dev/null || true
   fi
   ip netns del "$ns" 2>/dev/null || true
+  if [ -n "${KEEP_LOG:-}" ]; then cp "$dir/agent.log" "$KEEP_LOG" 2>/dev/null || true; fi
   rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -105,9 +111,9 @@ for ((i = 0; i < services; i++)); do
   {
     printf 'apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: %s-idle\n  namespace: default\n  labels:\n    kubernetes.io/service-name: %s\naddressType: IPv4\nendpoints:\n' \
       "$name" "$name"
-    for e in 0 1 2; do
-      k=$((i * 3 + e))
-      printf -- '- addresses: ["10.42.%d.%d"]\n  conditions: {ready: true}\n  nodeName: n1\n' $((k / 250 % 200)) $((k % 250 + 2))
+    for ((e = 0; e < endpoints; e++)); do
+      k=$((i * endpoints + e))
+      printf -- '- addresses: ["10.%d.%d.%d"]\n  conditions: {ready: true}\n  nodeName: n1\n' $((42 + k / 50000)) $((k / 250 % 200)) $((k % 250 + 2))
     done
     printf 'ports:\n- name: http\n  protocol: TCP\n  port: 8080\n'
   } >"$m/endpointslice-default-$name.yaml"
@@ -183,4 +189,5 @@ if [ "$problems" -gt 0 ]; then
   grep -m5 -E 'error|warning' "$log" | sed 's/^/  /'
 fi
 echo "agent's log: $(grep -c 'announcing ' "$log" || true) addresses announced, $(grep -c 'membership: ' "$log" || true) membership lines, $(wc -l <"$log") lines"
-echo "idle CPU: ${cpu}% of one core over ${seconds} s, RSS: $(mib "$median_kib") MiB (median of samples)"
+hwm_kib=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status")
+echo "idle CPU: ${cpu}% of one core over ${seconds} s, RSS: $(mib "$median_kib") MiB (median of samples), peak RSS: $(mib "$hwm_kib") MiB ($services services x $endpoints endpoints)"

@@ -2,7 +2,9 @@
 //!
 //! - [`Nft`] runs `nft` scripts, in-process through libnftables (no process start, one netlink
 //!   transaction per script) or, where that library is missing, through the `nft` command;
-//! - [`read_live`] reads ferry's table back from the kernel so an agent adopts what it finds;
+//! - [`read_live`] reads ferry's table back from the kernel so an agent adopts what it finds,
+//!   over nf_tables netlink ([`netlink`]; libnftables' JSON listing, [`read_live_json`], where
+//!   netlink is unavailable);
 //! - [`Dataplane`] applies a planned [`Ruleset`] as one atomic transaction that touches only
 //!   what differs from the kernel's table.
 
@@ -14,6 +16,8 @@ use ferry_plan::diff::{fingerprint_of_comment, LiveChain, LiveSet};
 use ferry_plan::ir::{BaseChain, ChainType, Hook, Verdict, FAMILY, TABLE};
 use ferry_plan::{diff, Changes, LiveState, Ruleset};
 use serde_json::Value as Json;
+
+pub mod netlink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -257,6 +261,10 @@ impl Default for Nft {
 
 /// Whether ferry's table exists.
 pub fn table_exists(nft: &mut Nft) -> Result<bool, NftError> {
+    match netlink::table_exists() {
+        Err(NftError::Unavailable(_)) => {}
+        other => return other,
+    }
     let v = nft.run_json(&format!("list tables {FAMILY}"))?;
     let found = items(&v).any(|(k, o)| k == "table" && o["name"] == TABLE);
     Ok(found)
@@ -271,8 +279,18 @@ fn items(v: &Json) -> impl Iterator<Item = (&str, &Json)> {
         .flat_map(|o| o.iter().map(|(k, v)| (k.as_str(), v)))
 }
 
-/// Reads ferry's table from the kernel (empty state when there is none).
+/// Reads ferry's table from the kernel (empty state when there is none): over netlink, or
+/// through `nft`'s JSON listing where netlink sockets are refused.
 pub fn read_live(nft: &mut Nft) -> Result<LiveState, NftError> {
+    match netlink::read_live() {
+        Err(NftError::Unavailable(_)) => read_live_json(nft),
+        other => other,
+    }
+}
+
+/// Reads ferry's table through `nft -j list table` (empty state when there is none); what
+/// [`read_live`] did before it read netlink, kept as its fallback and its reference in tests.
+pub fn read_live_json(nft: &mut Nft) -> Result<LiveState, NftError> {
     // One listing (listing is the slow part at 100,000 rules); "no such table" is an empty state.
     let v = match nft.run_json(&format!("list table {FAMILY} {TABLE}")) {
         Ok(v) => v,

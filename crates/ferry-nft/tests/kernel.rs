@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use common::*;
 use ferry_model::view::ResolvedEndpoint;
 use ferry_model::Protocol;
-use ferry_nft::{read_live, Dataplane, Nft};
+use ferry_nft::{read_live, read_live_json, Dataplane, Nft};
 use ferry_plan::diff::LiveState;
 use ferry_plan::{diff, plan, Ruleset};
 use proptest::strategy::{Strategy, ValueTree};
@@ -121,10 +121,56 @@ fn in_kernel<T: Send>(test: &str, f: impl FnOnce(&mut Dataplane) -> T + Send) ->
 
 // ---- pools and read-back ----
 
-/// What the kernel holds, read through the production path by a fresh backend (no cache).
+/// What the kernel holds, read through the production path (netlink) by a fresh backend (no
+/// cache), and checked against libnftables' own reading of the same table (its JSON listing).
 fn read_back() -> LiveState {
     let mut nft = Nft::new();
-    read_live(&mut nft).expect("read_live")
+    let live = read_live(&mut nft).expect("read_live");
+    assert_eq!(
+        live,
+        ferry_nft::netlink::read_live().expect("netlink"),
+        "read_live is the netlink reader"
+    );
+    let json = read_live_json(&mut nft).expect("read_live_json");
+    assert_readers_agree(&live, &json);
+    live
+}
+
+fn assert_readers_agree(netlink: &LiveState, json: &LiveState) {
+    assert_eq!(netlink.table, json.table);
+    assert_eq!(
+        netlink.chains.keys().collect::<Vec<_>>(),
+        json.chains.keys().collect::<Vec<_>>()
+    );
+    for (name, c) in &json.chains {
+        assert_eq!(netlink.chains.get(name), Some(c), "chain {name}");
+    }
+    assert_eq!(
+        netlink.sets.keys().collect::<Vec<_>>(),
+        json.sets.keys().collect::<Vec<_>>()
+    );
+    let ferry_types = [
+        "ipv4_addr",
+        "ipv6_addr",
+        "inet_proto",
+        "inet_service",
+        "verdict",
+    ];
+    for (name, s) in &json.sets {
+        let ours = s
+            .signature
+            .split([' ', '.', ':'])
+            .filter(|t| !t.is_empty())
+            .all(|t| ferry_types.contains(&t));
+        if ours {
+            assert_eq!(netlink.sets.get(name), Some(s), "set {name}");
+        } else {
+            // A type ferry never plans: the netlink reader names it by number, so the set
+            // differs from every planned one (and is replaced) with either reader.
+            let n = &netlink.sets[name];
+            assert!(n.signature.contains("type#"), "set {name}: {n:?} / {s:?}");
+        }
+    }
 }
 
 /// The kernel holds exactly `rs`: the same chains (bases, fingerprints in the first rules),
@@ -354,4 +400,86 @@ fn release_cache_keeps_applying() {
         assert!(!ch.is_empty() && !ch.full, "{ch}");
         assert_kernel_holds(&b);
     });
+}
+
+#[test]
+fn netlink_and_json_readers_agree_on_foreign_additions() {
+    in_kernel(
+        "netlink_and_json_readers_agree_on_foreign_additions",
+        |dp| {
+            // No table: both read an empty state.
+            assert_eq!(read_back(), LiveState::default());
+            let rs = plan(&with_lb_pools(dual_stack_config()), &seed_services());
+            dp.apply(&rs).expect("load");
+            // What a careless operator or another tool might add inside ferry's table.
+            dp.nft()
+                .run(concat!(
+                    "add chain inet ferry stray-input { type filter hook input priority 0; }\n",
+                    "add chain inet ferry stray-empty\n",
+                    "add rule inet ferry stray-empty tcp dport { 22, 80 } accept comment \"x [zz]\"\n",
+                    "add rule inet ferry stray-empty counter\n",
+                    "add rule inet ferry services tcp dport 9999 drop\n",
+                    "add set inet ferry stray-ranges { type ipv4_addr; flags interval; }\n",
+                    "add element inet ferry stray-ranges { 0.0.0.0-0.0.0.9, 10.0.0.0/24, ",
+                    "10.0.1.0-10.0.1.7, 10.0.3.3, 250.0.0.0-255.255.255.255 }\n",
+                    "add set inet ferry stray-ranges6 { type ipv6_addr; flags interval; }\n",
+                    "add element inet ferry stray-ranges6 { fd00::/64, fd01::1, ::-::3 }\n",
+                    "add map inet ferry stray-map { type ipv4_addr : ipv4_addr; }\n",
+                    "add element inet ferry stray-map { 10.1.1.1 : 10.2.2.2 }\n",
+                    "add set inet ferry stray-ether { type ether_addr; }\n",
+                    "add element inet ferry stray-ether { 02:00:00:00:00:01 }\n",
+                    "add set inet ferry stray-pairs { type ipv6_addr . inet_service; }\n",
+                    "add element inet ferry stray-pairs { fd00::5 . 443 comment \"c\" }\n",
+                    "add map inet ferry stray-vmap { type inet_proto . inet_service : verdict; }\n",
+                    "add element inet ferry stray-vmap { udp . 53 : accept, tcp . 1 : drop, ",
+                    "sctp . 2 : jump stray-empty, udp . 3 : return }\n",
+                    "add set inet ferry stray-timeout { type ipv4_addr; flags dynamic,timeout; timeout 1h; }\n",
+                    "add element inet ferry stray-timeout { 10.9.9.9 }\n",
+                ))
+                .expect("foreign additions");
+            let live = read_back();
+            assert_eq!(live.chains["stray-empty"].rules, 2);
+            assert_eq!(
+                live.chains["stray-empty"].fingerprint.as_deref(),
+                Some("zz")
+            );
+            assert_eq!(
+                live.chains["services"].rules,
+                LiveState::of(&rs).chains["services"].rules + 1
+            );
+            assert_eq!(
+                live.sets["stray-ranges"]
+                    .elements
+                    .keys()
+                    .collect::<Vec<_>>(),
+                [
+                    "0.0.0.0-0.0.0.9",
+                    "10.0.0.0-10.0.0.255",
+                    "10.0.1.0-10.0.1.7",
+                    "10.0.3.3",
+                    "250.0.0.0-255.255.255.255"
+                ]
+            );
+            // And once the differ has put everything back, both read the plan.
+            dp.resync();
+            dp.apply(&rs).expect("repair");
+            assert_kernel_holds(&rs);
+            // A protocol nft names from /etc/protocols reads back as its number, which the
+            // differ's delete takes as well.
+            dp.nft()
+                .run("add element inet ferry service-ips-v4 { 10.0.0.1 . 58 . 3 : drop }\n")
+                .expect("a stray element");
+            let live = ferry_nft::netlink::read_live().expect("netlink");
+            assert_eq!(
+                live.sets["service-ips-v4"]
+                    .elements
+                    .get("10.0.0.1 . 58 . 3"),
+                Some(&Some(ferry_plan::ir::Verdict::Drop))
+            );
+            dp.resync();
+            let ch = dp.apply(&rs).expect("repair");
+            assert_eq!(ch.elements_deleted, 1, "{ch}");
+            assert_kernel_holds(&rs);
+        },
+    );
 }

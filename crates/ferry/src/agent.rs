@@ -783,7 +783,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Result<SyncOutcome>>();
     let worker_args = args.clone();
     let worker_thread = std::thread::Builder::new()
-        .name("ferry-sync".into())
+        .name(netwatch::SYNC_THREAD.into())
         .spawn(move || {
             let mut w = Worker {
                 source: worker_source,

@@ -88,11 +88,34 @@ const NFNLGRP_NFTABLES: u32 = 7;
 /// Message type of the notification that ends every committed transaction:
 /// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWGEN` (10 and 15).
 const NFT_NEWGEN: u16 = (10 << 8) | 15;
-/// `NFTA_GEN_PROC_PID`: the process that committed it.
+/// `NFTA_GEN_PROC_PID` and `NFTA_GEN_PROC_NAME`: the task that committed it (the kernel's
+/// own view: the thread's ID in the initial PID namespace, and the thread's name).
 const NFTA_GEN_PROC_PID: u16 = 2;
+const NFTA_GEN_PROC_NAME: u16 = 3;
+
+/// The name of the thread that commits ferry's transactions. The kernel reports commits with
+/// the committing thread's ID as the initial PID namespace sees it, which is neither the
+/// agent's PID nor, inside a container, any ID the agent can see: the thread's name is what
+/// tells the agent's own commits apart (a second agent in the namespace is refused anyway).
+pub const SYNC_THREAD: &str = "ferry-sync";
+
+/// One committed transaction: who committed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    pub pid: u32,
+    pub name: String,
+}
+
+impl Commit {
+    /// Whether the agent itself committed it (its sync thread, or its PID where the two PID
+    /// namespaces are the same).
+    pub fn is_own(&self, my_pid: u32) -> bool {
+        self.pid == my_pid || self.name == SYNC_THREAD
+    }
+}
 
 /// Watches this namespace's nftables ruleset: every transaction committed by another process
-/// sends [`Wake::Kernel`] (ferry's own commits carry its PID and are ignored). A thread of its
+/// sends [`Wake::Kernel`] (ferry's own commits, by its [`SYNC_THREAD`], are ignored). A thread of its
 /// own blocks on the netlink socket; it ends when the receiver is gone.
 pub fn watch_nftables(tx: UnboundedSender<Wake>) -> std::io::Result<()> {
     use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
@@ -109,7 +132,7 @@ pub fn watch_nftables(tx: UnboundedSender<Wake>) -> std::io::Result<()> {
                 buf.clear();
                 match sock.recv(&mut buf, 0) {
                     Ok(_) => {
-                        let foreign = commit_pids(&buf).into_iter().any(|pid| pid != me);
+                        let foreign = commits(&buf).iter().any(|c| !c.is_own(me));
                         if foreign && tx.send(Wake::Kernel).is_err() {
                             return;
                         }
@@ -169,10 +192,10 @@ fn only_newgen(sock: &impl std::os::fd::AsRawFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The committing PIDs of the NEWGEN notifications in a netlink datagram (pure; garbage and
+/// The commits announced by the NEWGEN notifications in a netlink datagram (pure; garbage and
 /// truncated messages are skipped).
-pub fn commit_pids(datagram: &[u8]) -> Vec<u32> {
-    let mut pids = Vec::new();
+pub fn commits(datagram: &[u8]) -> Vec<Commit> {
+    let mut out = Vec::new();
     let mut rest = datagram;
     while rest.len() >= 16 {
         let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
@@ -183,6 +206,10 @@ pub fn commit_pids(datagram: &[u8]) -> Vec<u32> {
         if kind == NFT_NEWGEN {
             // nfgenmsg (4 bytes), then attributes: length, type, value, padded to 4.
             let mut attrs = rest.get(20..len).unwrap_or_default();
+            let mut commit = Commit {
+                pid: 0,
+                name: String::new(),
+            };
             while attrs.len() >= 4 {
                 let alen = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
                 let atype = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
@@ -190,14 +217,20 @@ pub fn commit_pids(datagram: &[u8]) -> Vec<u32> {
                     break;
                 }
                 if atype == NFTA_GEN_PROC_PID && alen >= 8 {
-                    pids.push(u32::from_be_bytes([attrs[4], attrs[5], attrs[6], attrs[7]]));
+                    commit.pid = u32::from_be_bytes([attrs[4], attrs[5], attrs[6], attrs[7]]);
+                }
+                if atype == NFTA_GEN_PROC_NAME {
+                    let v = &attrs[4..alen];
+                    let end = v.iter().position(|&b| b == 0).unwrap_or(v.len());
+                    commit.name = String::from_utf8_lossy(&v[..end]).into_owned();
                 }
                 attrs = attrs.get(alen.next_multiple_of(4)..).unwrap_or_default();
             }
+            out.push(commit);
         }
         rest = rest.get(len.next_multiple_of(4)..).unwrap_or_default();
     }
-    pids
+    out
 }
 
 /// What the agent knows of this network namespace's own addressing.
@@ -290,18 +323,22 @@ mod tests {
 
     /// A NEWGEN notification as the kernel sends it (gen id, pid, process name).
     fn newgen(pid: u32) -> Vec<u8> {
+        newgen_by(pid, b"nft\0")
+    }
+
+    /// `name` as the kernel puts it: NUL-terminated, the attribute padded to 4 bytes.
+    fn newgen_by(pid: u32, name: &[u8]) -> Vec<u8> {
         let mut attrs = Vec::new();
         for (t, v) in [
             (1u16, 77u32.to_be_bytes().to_vec()),
             (2, pid.to_be_bytes().to_vec()),
+            (3, name.to_vec()),
         ] {
             attrs.extend_from_slice(&(4 + v.len() as u16).to_ne_bytes());
             attrs.extend_from_slice(&t.to_ne_bytes());
             attrs.extend_from_slice(&v);
+            attrs.resize(attrs.len().next_multiple_of(4), 0);
         }
-        attrs.extend_from_slice(&8u16.to_ne_bytes());
-        attrs.extend_from_slice(&3u16.to_ne_bytes());
-        attrs.extend_from_slice(b"nft\0");
         let len = 16 + 4 + attrs.len();
         let mut m = Vec::new();
         m.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -335,12 +372,31 @@ mod tests {
         other[4..6].copy_from_slice(&((10u16 << 8) | 6).to_ne_bytes());
         d.extend_from_slice(&other);
         d.extend_from_slice(&newgen(7));
-        assert_eq!(commit_pids(&d), vec![4242, 7]);
+        let pids: Vec<u32> = commits(&d).iter().map(|c| c.pid).collect();
+        assert_eq!(pids, vec![4242, 7]);
+        assert!(commits(&d).iter().all(|c| c.name == "nft"));
         // Truncated or garbage: whatever can be read, never a panic.
         for cut in 0..d.len() {
-            let _ = commit_pids(&d[..cut]);
+            let _ = commits(&d[..cut]);
         }
-        assert!(commit_pids(&[0xff; 40]).is_empty());
+        assert!(commits(&[0xff; 40]).is_empty());
+    }
+
+    #[test]
+    fn own_commits_are_told_apart_by_thread_name_or_pid() {
+        let me = 100;
+        let c = |d: Vec<u8>| commits(&d).remove(0);
+        // nft run by someone else: foreign.
+        assert!(!c(newgen(4242)).is_own(me));
+        // The agent's PID (the nft-command fallback never commits as the agent itself, but a
+        // single-threaded commit would).
+        assert!(c(newgen(me)).is_own(me));
+        // The sync thread, whatever ID the kernel gives it (a thread ID, another namespace's).
+        let commit = c(newgen_by(98765, b"ferry-sync\0"));
+        assert_eq!(commit.name, SYNC_THREAD);
+        assert!(commit.is_own(me));
+        // Another thread of a process of the same name is not the sync thread.
+        assert!(!c(newgen_by(98765, b"ferry\0")).is_own(me));
     }
 
     #[test]
