@@ -309,6 +309,13 @@ impl Lab {
     pub fn agent_restart(&self, node: &str) -> Result<()> {
         topology::agent(&self.ctx, node, AgentAction::Restart).map(|_| ())
     }
+    /// Restarts `node`'s agent with `args` added to its own (kept for later starts; an empty
+    /// list goes back to the lab's arguments alone).
+    pub fn agent_restart_with(&self, node: &str, args: &[&str]) -> Result<()> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        topology::set_extra_agent_args(&self.ctx, node, true, &args)?;
+        self.agent_restart(node)
+    }
     pub fn agent_kill(&self, node: &str) -> Result<()> {
         topology::agent(&self.ctx, node, AgentAction::Kill).map(|_| ())
     }

@@ -121,10 +121,30 @@ pub enum LabCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AgentCmd {
-    Start { node: String },
-    Stop { node: String },
-    Restart { node: String },
-    Kill { node: String },
+    /// Start NODE's agent; arguments after `--` are added to the agent's own and kept for this
+    /// node (`ferry lab agent restart n1 -- --nodeport-addresses 0.0.0.0/0`).
+    Start {
+        node: String,
+        /// Forget the extra arguments given before.
+        #[arg(long)]
+        reset_args: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    Stop {
+        node: String,
+    },
+    /// Stop and start NODE's agent (with extra arguments after `--`, as for start).
+    Restart {
+        node: String,
+        #[arg(long)]
+        reset_args: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    Kill {
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -273,9 +293,23 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
         }
         LabCommand::Agent { action } => {
             let (node, action) = match action {
-                AgentCmd::Start { node } => (node, AgentAction::Start),
+                AgentCmd::Start {
+                    node,
+                    reset_args,
+                    args,
+                } => {
+                    topology::set_extra_agent_args(&ctx, &node, reset_args, &args)?;
+                    (node, AgentAction::Start)
+                }
                 AgentCmd::Stop { node } => (node, AgentAction::Stop),
-                AgentCmd::Restart { node } => (node, AgentAction::Restart),
+                AgentCmd::Restart {
+                    node,
+                    reset_args,
+                    args,
+                } => {
+                    topology::set_extra_agent_args(&ctx, &node, reset_args, &args)?;
+                    (node, AgentAction::Restart)
+                }
                 AgentCmd::Kill { node } => (node, AgentAction::Kill),
             };
             let (lines, warnings) = topology::agent(&ctx, &node, action)?;

@@ -108,6 +108,10 @@ impl Ctx {
     pub fn agent_log(&self, node: &str) -> PathBuf {
         self.logs().join(format!("agent-{node}.log"))
     }
+    /// Extra arguments for the node's agent, one per line (`ferry lab agent start NODE -- ...`).
+    pub fn agent_args_file(&self, node: &str) -> PathBuf {
+        self.dir().join(format!("agent-{node}.args"))
+    }
     pub fn agent_pid_file(&self, node: &str) -> PathBuf {
         self.pids().join(format!("agent-{node}.pid"))
     }

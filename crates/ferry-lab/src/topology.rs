@@ -346,7 +346,42 @@ fn agent_args_for(ctx: &Ctx, api: bool, node: &str) -> Vec<String> {
         "--metrics-addr".into(),
         "127.0.0.1:10249".into(),
     ]);
+    args.extend(extra_agent_args(ctx, node));
     args
+}
+
+/// The extra arguments kept for `node`'s agent.
+pub fn extra_agent_args(ctx: &Ctx, node: &str) -> Vec<String> {
+    fs::read_to_string(ctx.agent_args_file(node))
+        .map(|t| {
+            t.lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Keeps `args` as extra arguments of `node`'s agent (from its next start): replaces what was
+/// kept when `args` is not empty, forgets it with `reset`.
+pub fn set_extra_agent_args(ctx: &Ctx, node: &str, reset: bool, args: &[String]) -> Result<()> {
+    let file = ctx.agent_args_file(node);
+    if reset {
+        match fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", file.display())),
+        }
+    }
+    if args.is_empty() {
+        return Ok(());
+    }
+    if let Some(bad) = args.iter().find(|a| a.contains('\n')) {
+        bail!("agent argument {bad:?} holds a line break");
+    }
+    let mut text = args.join("\n");
+    text.push('\n');
+    write_atomic(&file, text.as_bytes()).with_context(|| format!("writing {}", file.display()))
 }
 
 fn start_agent_locked(ctx: &Ctx, st: &LabState, node: &str) -> Result<u32> {

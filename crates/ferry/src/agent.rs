@@ -102,6 +102,11 @@ pub struct AgentArgs {
     /// Node port range.
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     pub node_port_range: (u16, u16),
+    /// Which of this node's addresses serve node ports (kube-proxy's flag): `primary` (the
+    /// Node's InternalIPs; kube-proxy's nftables default), or CIDRs, comma-separated: every
+    /// address of this node's interfaces inside one of them (`0.0.0.0/0,::/0`: all of them).
+    #[arg(long, default_value = "primary", value_parser = NodePortAddresses::parse)]
+    pub nodeport_addresses: NodePortAddresses,
     /// Least time between the starts of two syncs, in milliseconds (kube-proxy's
     /// min-sync-period): changes that arrive meanwhile are applied together.
     #[arg(long, default_value_t = 100)]
@@ -133,6 +138,76 @@ pub struct AgentArgs {
     /// Re-read the kernel's table and repair it this often, in seconds (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_s: u64,
+}
+
+/// `--nodeport-addresses`: which of this node's addresses serve node ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The Node's InternalIPs (the host's addresses when there is no Node object).
+    Primary,
+    /// Every interface address inside one of these CIDRs.
+    Cidrs(Vec<Cidr>),
+}
+
+impl NodePortAddresses {
+    /// `primary`, or CIDRs separated by commas (as kube-proxy takes them; `primary` stands
+    /// alone).
+    pub fn parse(s: &str) -> Result<NodePortAddresses, String> {
+        let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+        if parts.iter().any(|p| p.eq_ignore_ascii_case("primary")) {
+            return if parts.len() == 1 {
+                Ok(NodePortAddresses::Primary)
+            } else {
+                Err("`primary` cannot be combined with CIDRs".into())
+            };
+        }
+        let mut cidrs = Vec::new();
+        for p in parts {
+            if p.is_empty() {
+                return Err(
+                    "an empty entry (use `primary`, or CIDRs such as 192.168.1.0/24)".into(),
+                );
+            }
+            let c: Cidr = p
+                .parse()
+                .map_err(|e| format!("{p:?} is neither `primary` nor a CIDR: {e}"))?;
+            cidrs.push(c);
+        }
+        Ok(NodePortAddresses::Cidrs(cidrs))
+    }
+
+    /// The addresses node ports are served on, from the node's primary addresses and the
+    /// addresses of its interfaces (loopback ones never: nftables cannot DNAT a packet that
+    /// stays on the host's loopback to a pod without route_localnet, which kube-proxy's
+    /// nftables mode does not set either).
+    pub fn select(&self, primary: &[IpAddr], interfaces: &[(String, IpAddr)]) -> Vec<IpAddr> {
+        match self {
+            NodePortAddresses::Primary => primary.to_vec(),
+            NodePortAddresses::Cidrs(cidrs) => {
+                let mut out: Vec<IpAddr> = interfaces
+                    .iter()
+                    .map(|(_, ip)| *ip)
+                    .filter(|ip| !ip.is_loopback())
+                    .filter(|ip| cidrs.iter().any(|c| c.contains(*ip)))
+                    .collect();
+                out.sort();
+                out.dedup();
+                out
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for NodePortAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodePortAddresses::Primary => f.write_str("primary"),
+            NodePortAddresses::Cidrs(c) => {
+                let parts: Vec<String> = c.iter().map(|c| c.to_string()).collect();
+                f.write_str(&parts.join(","))
+            }
+        }
+    }
 }
 
 /// A service CIDR as kube-apiserver accepts one: at most 20 host bits (IPv4 /12 or longer,
@@ -349,6 +424,18 @@ pub fn compute(
         Some(n) if !n.internal_ips().is_empty() => n.internal_ips(),
         _ => netwatch::host_addresses(&host.addrs),
     };
+    let nodeport_ips = args.nodeport_addresses.select(&node_ips, &host.addrs);
+    if nodeport_ips.is_empty() {
+        diagnostics.push(Diagnostic {
+            severity: Severity::Warning,
+            object: None,
+            reason: "NoNodePortAddresses",
+            message: format!(
+                "no address of this node matches --nodeport-addresses {}: node ports are not served",
+                args.nodeport_addresses
+            ),
+        });
+    }
     let pool_usage = pools
         .pools
         .iter()
@@ -375,7 +462,7 @@ pub fn compute(
     let resolved = resolve(&services, &allocations, &snap.slices);
     let cfg = PlanConfig {
         node_name: args.node.clone(),
-        node_ips: node_ips.clone(),
+        node_ips: nodeport_ips.clone(),
         cluster_cidrs: args.cluster_cidr.clone(),
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
         // Traffic to unused pool addresses is refused, except to this node's own addresses,
@@ -418,7 +505,7 @@ pub fn compute(
     Pass {
         touched: planner.update(&cfg, &resolved).1,
         services: resolved,
-        node_ips,
+        node_ips: nodeport_ips,
         diagnostics,
         l2,
         lb_services,
@@ -1186,6 +1273,61 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<AgentArgs, clap::Error> {
         Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).map(|c| c.agent)
+    }
+
+    #[test]
+    fn nodeport_addresses_as_kube_proxy_takes_them() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = parse(&["--node", "n1"]).unwrap();
+        assert_eq!(a.nodeport_addresses, NodePortAddresses::Primary);
+        let ifaces = vec![
+            ("lo".to_string(), ip("127.0.0.1")),
+            ("eth0".to_string(), ip("192.168.2.11")),
+            ("eth0".to_string(), ip("192.168.2.99")),
+            ("eth1".to_string(), ip("10.0.5.1")),
+            ("eth0".to_string(), ip("fd00:2::11")),
+        ];
+        let primary = [ip("192.168.2.11")];
+        assert_eq!(a.nodeport_addresses.select(&primary, &ifaces), primary);
+        let sel = |flag: &str| {
+            parse(&["--node", "n1", "--nodeport-addresses", flag])
+                .unwrap()
+                .nodeport_addresses
+                .select(&primary, &ifaces)
+        };
+        assert_eq!(
+            sel("192.168.2.0/24"),
+            [ip("192.168.2.11"), ip("192.168.2.99")]
+        );
+        assert_eq!(
+            sel("192.168.2.99/32,fd00:2::/64"),
+            [ip("192.168.2.99"), ip("fd00:2::11")]
+        );
+        // All addresses of a family; never loopback.
+        assert_eq!(
+            sel("0.0.0.0/0"),
+            [ip("10.0.5.1"), ip("192.168.2.11"), ip("192.168.2.99")]
+        );
+        assert!(sel("172.16.0.0/12").is_empty());
+        assert_eq!(
+            parse(&["--node", "n1", "--nodeport-addresses", "PRIMARY"])
+                .unwrap()
+                .nodeport_addresses,
+            NodePortAddresses::Primary
+        );
+        for bad in [
+            "primary,10.0.0.0/8",
+            "10.0.0.0/33",
+            "nonsense",
+            "10.0.0.0/8,",
+        ] {
+            let e = parse(&["--node", "n1", "--nodeport-addresses", bad]).err();
+            assert!(e.is_some(), "{bad} accepted");
+        }
+        let shown = NodePortAddresses::parse("10.0.0.0/8, fd00::/8")
+            .unwrap()
+            .to_string();
+        assert_eq!(shown, "10.0.0.0/8,fd00::/8");
     }
 
     #[test]
