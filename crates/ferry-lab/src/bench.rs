@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Use the `nft` command instead of libnftables.
     #[arg(long)]
     pub nft_command: bool,
+    /// Cold loads through libnftables' text, as before full loads went over netlink.
+    #[arg(long)]
+    pub text_loads: bool,
     /// Also time kube-proxy's layout (one anonymous numgen vmap per service) for comparison.
     #[arg(long)]
     pub kube_proxy_layout: bool,
@@ -135,11 +138,16 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     };
     let base = services(args.services, args.endpoints_per_service, 0);
     println!(
-        "ferry dataplane benchmark: {} services x {} endpoints = {} endpoints, nftables via {}",
+        "ferry dataplane benchmark: {} services x {} endpoints = {} endpoints, nftables via {}, full loads {}",
         args.services,
         args.endpoints_per_service,
         args.services * args.endpoints_per_service,
-        nft().backend_name()
+        nft().backend_name(),
+        if args.text_loads {
+            "as libnftables text"
+        } else {
+            "over netlink"
+        }
     );
 
     let mut cold_plan = Vec::new();
@@ -147,6 +155,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     for _ in 0..args.cold_runs.max(1) {
         ferry_nft::cleanup(&mut nft())?;
         let mut dp = Dataplane::new(nft());
+        if args.text_loads {
+            dp = dp.text_only();
+        }
         let t0 = Instant::now();
         let rs = plan(&cfg, &base);
         let t1 = Instant::now();

@@ -17,6 +17,7 @@ use ferry_plan::ir::{BaseChain, ChainType, Hook, Verdict, FAMILY, TABLE};
 use ferry_plan::{diff, Changes, LiveState, Ruleset};
 use serde_json::Value as Json;
 
+pub mod encode;
 pub mod netlink;
 
 #[derive(Debug, thiserror::Error)]
@@ -484,11 +485,40 @@ pub struct Dataplane {
     nft: Nft,
     /// What the kernel holds, as far as we know; None forces a read before the next apply.
     live: Option<LiveState>,
+    /// Full loads go over netlink ([`encode`]) rather than through libnftables.
+    netlink_loads: bool,
 }
 
 impl Dataplane {
     pub fn new(nft: Nft) -> Dataplane {
-        Dataplane { nft, live: None }
+        Dataplane {
+            nft,
+            live: None,
+            netlink_loads: true,
+        }
+    }
+
+    /// Full loads through libnftables' text too (for comparison: benchmarks and tests).
+    pub fn text_only(mut self) -> Dataplane {
+        self.netlink_loads = false;
+        self
+    }
+
+    /// Replaces the table with `desired` in one netlink transaction; what the encoder does not
+    /// know, and a netlink socket refused, go through libnftables' text instead.
+    fn load_full(&mut self, desired: &Ruleset, replace: bool) -> Result<(), NftError> {
+        // What the encoder does not know (Unsupported) goes through libnftables below.
+        if let Ok(batch) = encode::full_load(desired, replace) {
+            match netlink::send_batch(&batch) {
+                Err(NftError::Unavailable(_)) => {}
+                other => return other,
+            }
+        }
+        let live = LiveState {
+            table: replace,
+            ..LiveState::default()
+        };
+        self.nft.run(&diff(&live, desired).script).map(|_| ())
     }
 
     pub fn nft(&mut self) -> &mut Nft {
@@ -509,7 +539,12 @@ impl Dataplane {
         };
         let changes = diff(&live, desired);
         if !changes.is_empty() {
-            if let Err(e) = self.nft.run(&changes.script) {
+            let done = if changes.full && self.netlink_loads {
+                self.load_full(desired, live.table)
+            } else {
+                self.nft.run(&changes.script).map(|_| ())
+            };
+            if let Err(e) = done {
                 self.live = None;
                 return Err(e);
             }

@@ -786,6 +786,106 @@ pub fn read_live() -> Result<LiveState, NftError> {
     ))
 }
 
+/// Sends a batch built by [`crate::encode`] as one transaction; Ok once the kernel committed
+/// it, else the kernel's error with the message it refused.
+pub fn send_batch(batch: &[u8]) -> Result<(), NftError> {
+    use std::os::fd::AsRawFd;
+    let mut s = Socket::open()?;
+    // The whole batch is one datagram: the send buffer must hold it (SO_SNDBUFFORCE needs
+    // CAP_NET_ADMIN, which writing nftables needs anyway).
+    let size = libc::c_int::try_from(batch.len() + 65536).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on the socket's own descriptor with a c_int value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(NftError::Failed(format!(
+            "cannot size the netlink send buffer for a batch of {} bytes: {}",
+            batch.len(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    let batch_msgs = messages(batch).count() as u32;
+    s.seq = batch_msgs + 1;
+    s.sock.send(batch, 0).map_err(|e| {
+        NftError::Failed(format!("netlink send of a {} byte batch: {e}", batch.len()))
+    })?;
+    // The kernel handles the batch while we send it: its errors are queued before the answer to
+    // a request sent after it.
+    s.seq += 1;
+    let probe = s.seq;
+    s.sock
+        .send(&request(NFT_MSG_GETGEN, 0, probe, &[]), 0)
+        .map_err(|e| NftError::Failed(format!("netlink send: {e}")))?;
+    let mut first_error: Option<(i32, u32)> = None;
+    loop {
+        s.buf.clear();
+        s.sock
+            .recv(&mut s.buf, 0)
+            .map_err(|e| NftError::Failed(format!("netlink receive: {e}")))?;
+        for m in messages(&s.buf) {
+            if m.kind == NLMSG_ERROR {
+                let code = m
+                    .payload
+                    .get(..4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(i32::from_ne_bytes)
+                    .unwrap_or(-libc::EPROTO);
+                let seq = m
+                    .payload
+                    .get(12..16)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_ne_bytes)
+                    .unwrap_or(0);
+                if code != 0 && first_error.is_none() {
+                    first_error = Some((code, seq));
+                }
+                if m.seq == probe {
+                    break;
+                }
+            }
+            if m.seq == probe && m.kind != NLMSG_ERROR {
+                return match first_error {
+                    None => Ok(()),
+                    Some((code, seq)) => Err(refused(batch, code, seq)),
+                };
+            }
+        }
+    }
+}
+
+/// The kernel's error for the batch message with sequence number `seq`, naming that message.
+fn refused(batch: &[u8], code: i32, seq: u32) -> NftError {
+    let err = std::io::Error::from_raw_os_error(-code);
+    let what = messages(batch)
+        .find(|m| m.seq == seq)
+        .map(|m| {
+            let kind = match m.kind & 0xff {
+                0 => "table",
+                2 => "table deletion",
+                3 => "chain",
+                6 => "rule",
+                9 => "set",
+                12 => "set elements",
+                _ => "message",
+            };
+            let names: Vec<&str> = nft_attrs(m.payload)
+                .filter(|(k, _)| (1..=3).contains(k))
+                .filter_map(|(_, v)| string(v))
+                .filter(|s| !s.is_empty() && s.is_ascii())
+                .collect();
+            format!("{kind} {}", names.join(" "))
+        })
+        .unwrap_or_else(|| format!("message {seq}"));
+    NftError::Failed(format!("the kernel refused the {what}: {err}"))
+}
+
 /// Whether ferry's table exists.
 pub fn table_exists() -> Result<bool, NftError> {
     let mut s = Socket::open()?;

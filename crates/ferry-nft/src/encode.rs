@@ -1,0 +1,958 @@
+//! ferry's table encoded as one nf_tables netlink batch (pure: a [`Ruleset`] in, bytes out).
+//!
+//! A full load through libnftables renders ~100 MB of `nft` text at 10,000 services and has
+//! libnftables parse it back into a tree many times that size before it builds these same
+//! messages; here the messages are built straight from the typed IR. Each construct encodes to
+//! the expressions `nft` itself generates for it (checked by `nft --debug=netlink` when this
+//! was written, and by `tests/kernel.rs`, which loads the same tables both ways and compares
+//! `nft list table` of the two, text for text), so the kernel holds the same table and
+//! `nft list table inet ferry` reads the same whichever path loaded it.
+//!
+//! What it does not know (a construct added to the IR later) is [`Unsupported`]: the caller
+//! then loads through libnftables as before.
+
+use std::net::IpAddr;
+
+use ferry_model::Protocol;
+use ferry_plan::ir::{
+    quote, Action, BaseChain, Chain, ChainType, Element, Family, Hook, KeyType, Match, Rule, Set,
+    Value, Verdict, TABLE,
+};
+use ferry_plan::Ruleset;
+
+/// A construct the encoder does not know: load through libnftables instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not encodable as netlink: {0}")]
+pub struct Unsupported(pub String);
+
+// linux/netfilter/nfnetlink.h, nf_tables.h, netfilter.h
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_APPEND: u16 = 0x800;
+const NLA_F_NESTED: u16 = 0x8000;
+const NFPROTO_INET: u8 = 1;
+
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFTA_TABLE_USERDATA: u16 = 6;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_CHAIN_USERDATA: u16 = 12;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_RULE_USERDATA: u16 = 7;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_DATA_LEN: u16 = 7;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFT_SET_MAP: u32 = 0x8;
+const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFTA_SET_ELEM_USERDATA: u16 = 6;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+
+// libnftnl's userdata TLVs (the comment is type 0 for tables, chains, rules and elements).
+const UDATA_COMMENT: u8 = 0;
+const UDATA_SET_KEYBYTEORDER: u8 = 0;
+const UDATA_SET_DATABYTEORDER: u8 = 1;
+const UDATA_SET_COMMENT: u8 = 7;
+/// nft's `BYTEORDER_BIG_ENDIAN`.
+const BYTEORDER_BIG_ENDIAN: u32 = 2;
+
+// Registers: the verdict, the 16-byte NFT_REG_1/2, and the 4-byte NFT_REG32_00.. (8..).
+const REG_VERDICT: u32 = 0;
+const REG_1: u32 = 1;
+const REG_2: u32 = 2;
+const REG32_00: u32 = 8;
+
+/// The largest payload of one attribute (its length is 16 bits).
+const MAX_ATTR: usize = 0xffff - 4;
+
+/// Builds netlink messages into one buffer.
+#[derive(Default)]
+struct Writer {
+    buf: Vec<u8>,
+    seq: u32,
+}
+
+impl Writer {
+    fn msg_start(&mut self, kind: u16, flags: u16, family: u8, res_id: u16) -> usize {
+        let at = self.buf.len();
+        self.seq = self.seq.wrapping_add(1);
+        self.buf.extend_from_slice(&0u32.to_ne_bytes());
+        self.buf.extend_from_slice(&kind.to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
+        self.buf.extend_from_slice(&self.seq.to_ne_bytes());
+        self.buf.extend_from_slice(&0u32.to_ne_bytes());
+        self.buf.push(family);
+        self.buf.push(0);
+        self.buf.extend_from_slice(&res_id.to_be_bytes());
+        at
+    }
+
+    fn msg_end(&mut self, at: usize) {
+        let len = (self.buf.len() - at) as u32;
+        self.buf[at..at + 4].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn nft_msg(&mut self, kind: u16, flags: u16) -> usize {
+        self.msg_start(NFNL_SUBSYS_NFTABLES << 8 | kind, flags, NFPROTO_INET, 0)
+    }
+
+    fn attr(&mut self, kind: u16, value: &[u8]) {
+        self.buf
+            .extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+        self.buf.extend_from_slice(&kind.to_ne_bytes());
+        self.buf.extend_from_slice(value);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        let n = (self.buf.len() + 3) & !3;
+        self.buf.resize(n, 0);
+    }
+
+    fn str(&mut self, kind: u16, s: &str) {
+        let mut v = Vec::with_capacity(s.len() + 1);
+        v.extend_from_slice(s.as_bytes());
+        v.push(0);
+        self.attr(kind, &v);
+    }
+
+    fn be32(&mut self, kind: u16, v: u32) {
+        self.attr(kind, &v.to_be_bytes());
+    }
+
+    fn nest(&mut self, kind: u16) -> usize {
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&0u16.to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        at
+    }
+
+    fn nest_end(&mut self, at: usize) -> Result<(), Unsupported> {
+        let len = self.buf.len() - at;
+        if len > MAX_ATTR {
+            return Err(Unsupported(format!("a nested attribute of {len} bytes")));
+        }
+        self.buf[at..at + 2].copy_from_slice(&(len as u16).to_ne_bytes());
+        Ok(())
+    }
+
+    /// `NFTA_DATA_VALUE` inside `kind`.
+    fn data(&mut self, kind: u16, value: &[u8]) -> Result<(), Unsupported> {
+        let n = self.nest(kind);
+        self.attr(NFTA_DATA_VALUE, value);
+        self.nest_end(n)
+    }
+
+    fn verdict(&mut self, kind: u16, v: &Verdict) -> Result<(), Unsupported> {
+        let n = self.nest(kind);
+        let d = self.nest(NFTA_DATA_VERDICT);
+        let (code, chain) = match v {
+            Verdict::Accept => (1i32, None),
+            Verdict::Drop => (0, None),
+            Verdict::Return => (-5, None),
+            Verdict::Jump(c) => (-3, Some(c)),
+            Verdict::Goto(c) => (-4, Some(c)),
+        };
+        self.be32(NFTA_VERDICT_CODE, code as u32);
+        if let Some(c) = chain {
+            self.str(NFTA_VERDICT_CHAIN, c);
+        }
+        self.nest_end(d)?;
+        self.nest_end(n)
+    }
+
+    /// One expression: `name` and its attributes written by `body`.
+    fn expr(
+        &mut self,
+        name: &str,
+        body: impl FnOnce(&mut Writer) -> Result<(), Unsupported>,
+    ) -> Result<(), Unsupported> {
+        let e = self.nest(NFTA_LIST_ELEM);
+        self.str(NFTA_EXPR_NAME, name);
+        let d = self.nest(NFTA_EXPR_DATA);
+        body(self)?;
+        self.nest_end(d)?;
+        self.nest_end(e)
+    }
+}
+
+/// A userdata blob of one comment TLV (cleaned as [`quote`] cleans it; NUL-terminated).
+fn comment_udata(kind: u8, comment: &str) -> Vec<u8> {
+    let q = quote(comment);
+    let text = &q[1..q.len() - 1];
+    let mut v = vec![kind, (text.len() + 1) as u8];
+    v.extend_from_slice(text.as_bytes());
+    v.push(0);
+    v
+}
+
+// ---- expressions ----
+
+mod expr {
+    // nft_meta keys, nft_ct keys, payload bases, cmp ops, nat types, reject types.
+    pub const META_MARK: u32 = 3;
+    pub const META_NFPROTO: u32 = 15;
+    pub const META_L4PROTO: u32 = 16;
+    pub const CT_STATE: u32 = 0;
+    pub const CT_STATUS: u32 = 2;
+    pub const BASE_NETWORK: u32 = 1;
+    pub const BASE_TRANSPORT: u32 = 2;
+    pub const CMP_EQ: u32 = 0;
+    pub const CMP_NEQ: u32 = 1;
+    pub const NAT_DNAT: u32 = 1;
+    pub const NG_RANDOM: u32 = 1;
+    pub const LOOKUP_F_INV: u32 = 1;
+    pub const REJECT_TCP_RST: u32 = 1;
+    pub const REJECT_ICMPX_UNREACH: u32 = 2;
+    pub const REJECT_ICMPX_PORT_UNREACH: u8 = 1;
+    pub const CT_STATE_NEW: u32 = 8;
+    pub const IPS_DST_NAT: u32 = 0x20;
+    pub const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
+    pub const NF_NAT_RANGE_PROTO_RANDOM_FULLY: u32 = 0x10;
+}
+
+/// Rule encoding: the writer, the sets created in this batch (for their IDs), and what the
+/// rule has established so far (nft adds `meta nfproto` before the first `ip`/`ip6` field).
+struct RuleCtx<'a> {
+    w: &'a mut Writer,
+    set_ids: &'a std::collections::BTreeMap<String, u32>,
+    family: Option<Family>,
+}
+
+fn nfproto(f: Family) -> u8 {
+    match f {
+        Family::V4 => 2,
+        Family::V6 => 10,
+    }
+}
+
+fn addr_len(f: Family) -> u32 {
+    match f {
+        Family::V4 => 4,
+        Family::V6 => 16,
+    }
+}
+
+/// Offsets of the source and destination address in the network header.
+fn addr_offset(f: Family, source: bool) -> u32 {
+    match (f, source) {
+        (Family::V4, true) => 12,
+        (Family::V4, false) => 16,
+        (Family::V6, true) => 8,
+        (Family::V6, false) => 24,
+    }
+}
+
+fn proto_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Sctp => 132,
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+impl RuleCtx<'_> {
+    fn meta(&mut self, key: u32, dreg: u32) -> Result<(), Unsupported> {
+        self.w.expr("meta", |w| {
+            w.be32(1, dreg);
+            w.be32(2, key);
+            Ok(())
+        })
+    }
+
+    fn cmp(&mut self, op: u32, value: &[u8]) -> Result<(), Unsupported> {
+        self.w.expr("cmp", |w| {
+            w.be32(1, REG_1);
+            w.be32(2, op);
+            w.data(3, value)
+        })
+    }
+
+    fn payload(&mut self, base: u32, offset: u32, len: u32, dreg: u32) -> Result<(), Unsupported> {
+        self.w.expr("payload", |w| {
+            w.be32(1, dreg);
+            w.be32(2, base);
+            w.be32(3, offset);
+            w.be32(4, len);
+            Ok(())
+        })
+    }
+
+    fn bitwise(&mut self, mask: &[u8], xor: &[u8]) -> Result<(), Unsupported> {
+        self.w.expr("bitwise", |w| {
+            w.be32(1, REG_1);
+            w.be32(2, REG_1);
+            w.be32(3, mask.len() as u32);
+            w.data(4, mask)?;
+            w.data(5, xor)
+        })
+    }
+
+    fn lookup(&mut self, set: &str, dreg: Option<u32>, invert: bool) -> Result<(), Unsupported> {
+        let id = self.set_ids.get(set).copied();
+        self.w.expr("lookup", |w| {
+            w.str(1, set);
+            w.be32(2, REG_1);
+            if let Some(d) = dreg {
+                w.be32(3, d);
+            }
+            if let Some(id) = id {
+                w.be32(4, id);
+            }
+            if invert {
+                w.be32(5, expr::LOOKUP_F_INV);
+            }
+            Ok(())
+        })
+    }
+
+    fn immediate_value(&mut self, dreg: u32, value: &[u8]) -> Result<(), Unsupported> {
+        self.w.expr("immediate", |w| {
+            w.be32(1, dreg);
+            w.data(2, value)
+        })
+    }
+
+    /// `meta nfproto ipv4|ipv6`, once per rule.
+    fn family(&mut self, f: Family) -> Result<(), Unsupported> {
+        match self.family {
+            Some(known) if known == f => Ok(()),
+            Some(_) => Err(Unsupported("ip and ip6 matches in one rule".into())),
+            None => {
+                self.meta(expr::META_NFPROTO, REG_1)?;
+                self.cmp(expr::CMP_EQ, &[nfproto(f)])?;
+                self.family = Some(f);
+                Ok(())
+            }
+        }
+    }
+
+    /// `ip daddr . meta l4proto . th dport` into REG_1 and the registers after it.
+    fn service_tuple(&mut self, f: Family) -> Result<(), Unsupported> {
+        self.family(f)?;
+        self.payload(
+            expr::BASE_NETWORK,
+            addr_offset(f, false),
+            addr_len(f),
+            REG_1,
+        )?;
+        let next = REG32_00 + addr_len(f) / 4;
+        self.meta(expr::META_L4PROTO, next)?;
+        self.payload(expr::BASE_TRANSPORT, 2, 2, next + 1)
+    }
+
+    fn matches(&mut self, m: &Match) -> Result<(), Unsupported> {
+        match m {
+            Match::CtStateNew | Match::CtStatusDnat => {
+                let (key, bit) = if *m == Match::CtStateNew {
+                    (expr::CT_STATE, expr::CT_STATE_NEW)
+                } else {
+                    (expr::CT_STATUS, expr::IPS_DST_NAT)
+                };
+                self.w.expr("ct", |w| {
+                    w.be32(1, REG_1);
+                    w.be32(2, key);
+                    Ok(())
+                })?;
+                self.bitwise(&bit.to_ne_bytes(), &[0; 4])?;
+                self.cmp(expr::CMP_NEQ, &[0; 4])
+            }
+            Match::L4Proto(p) => {
+                self.meta(expr::META_L4PROTO, REG_1)?;
+                self.cmp(expr::CMP_EQ, &[proto_number(*p)])
+            }
+            Match::SaddrNotIn(c) => {
+                let f = Family::of(c.network());
+                self.family(f)?;
+                let len = u32::from(c.prefix_len());
+                let net = ip_bytes(c.network());
+                if len == 0 {
+                    return Err(Unsupported(format!("ip saddr != {c}")));
+                }
+                if len % 8 == 0 {
+                    // nft loads only the whole bytes of a byte-aligned prefix.
+                    self.payload(expr::BASE_NETWORK, addr_offset(f, true), len / 8, REG_1)?;
+                    self.cmp(expr::CMP_NEQ, &net[..(len / 8) as usize])
+                } else {
+                    self.payload(expr::BASE_NETWORK, addr_offset(f, true), addr_len(f), REG_1)?;
+                    let mut mask = vec![0u8; net.len()];
+                    for (i, b) in mask.iter_mut().enumerate() {
+                        let bits = len.saturating_sub(8 * i as u32).min(8);
+                        *b = (0xff00u16 >> bits) as u8;
+                    }
+                    self.bitwise(&mask, &vec![0; net.len()])?;
+                    self.cmp(expr::CMP_NEQ, &net)
+                }
+            }
+            Match::DaddrInSet(f, s) => {
+                self.family(*f)?;
+                self.payload(
+                    expr::BASE_NETWORK,
+                    addr_offset(*f, false),
+                    addr_len(*f),
+                    REG_1,
+                )?;
+                self.lookup(s, None, false)
+            }
+            Match::ServiceTupleNotIn(f, s) => {
+                self.service_tuple(*f)?;
+                self.lookup(s, None, true)
+            }
+            Match::AddrPairInSet(f, s) => {
+                self.family(*f)?;
+                self.payload(
+                    expr::BASE_NETWORK,
+                    addr_offset(*f, true),
+                    addr_len(*f),
+                    REG_1,
+                )?;
+                let next = REG32_00 + addr_len(*f) / 4;
+                self.payload(
+                    expr::BASE_NETWORK,
+                    addr_offset(*f, false),
+                    addr_len(*f),
+                    next,
+                )?;
+                self.lookup(s, None, false)
+            }
+            Match::Random { modulus, value } => {
+                self.w.expr("numgen", |w| {
+                    w.be32(1, REG_1);
+                    w.be32(2, *modulus);
+                    w.be32(3, expr::NG_RANDOM);
+                    Ok(())
+                })?;
+                self.cmp(expr::CMP_EQ, &value.to_ne_bytes())
+            }
+            Match::MarkHas(bits) | Match::MarkLacks(bits) => {
+                self.meta(expr::META_MARK, REG_1)?;
+                self.bitwise(&bits.to_ne_bytes(), &[0; 4])?;
+                let want = if matches!(m, Match::MarkHas(_)) {
+                    *bits
+                } else {
+                    0
+                };
+                self.cmp(expr::CMP_EQ, &want.to_ne_bytes())
+            }
+        }
+    }
+
+    fn action(&mut self, a: &Action) -> Result<(), Unsupported> {
+        match a {
+            Action::Verdict(v) => self.w.expr("immediate", |w| {
+                w.be32(1, REG_VERDICT);
+                w.verdict(2, v)
+            }),
+            Action::ServiceTupleVmap(f, map) => {
+                self.service_tuple(*f)?;
+                self.lookup(map, Some(REG_VERDICT), false)
+            }
+            Action::ProtoPortVmap(map) => {
+                self.meta(expr::META_L4PROTO, REG_1)?;
+                self.payload(expr::BASE_TRANSPORT, 2, 2, REG32_00 + 1)?;
+                self.lookup(map, Some(REG_VERDICT), false)
+            }
+            Action::SetMark(bits) | Action::ToggleMark(bits) => {
+                self.meta(expr::META_MARK, REG_1)?;
+                let mask = if matches!(a, Action::SetMark(_)) {
+                    !bits
+                } else {
+                    u32::MAX
+                };
+                self.bitwise(&mask.to_ne_bytes(), &bits.to_ne_bytes())?;
+                self.w.expr("meta", |w| {
+                    w.be32(2, expr::META_MARK);
+                    w.be32(3, REG_1);
+                    Ok(())
+                })
+            }
+            Action::Dnat { addr, port } => {
+                self.immediate_value(REG_1, &ip_bytes(*addr))?;
+                self.immediate_value(REG_2, &port.to_be_bytes())?;
+                let family = match addr {
+                    IpAddr::V4(_) => 2,
+                    IpAddr::V6(_) => 10,
+                };
+                self.w.expr("nat", |w| {
+                    w.be32(1, expr::NAT_DNAT);
+                    w.be32(2, family);
+                    w.be32(3, REG_1);
+                    w.be32(5, REG_2);
+                    w.be32(7, expr::NF_NAT_RANGE_PROTO_SPECIFIED);
+                    Ok(())
+                })
+            }
+            Action::Masquerade { fully_random } => self.w.expr("masq", |w| {
+                if *fully_random {
+                    w.be32(1, expr::NF_NAT_RANGE_PROTO_RANDOM_FULLY);
+                }
+                Ok(())
+            }),
+            Action::RejectTcpReset => self.w.expr("reject", |w| {
+                w.be32(1, expr::REJECT_TCP_RST);
+                w.attr(2, &[0]);
+                Ok(())
+            }),
+            Action::RejectIcmpx => self.w.expr("reject", |w| {
+                w.be32(1, expr::REJECT_ICMPX_UNREACH);
+                w.attr(2, &[expr::REJECT_ICMPX_PORT_UNREACH]);
+                Ok(())
+            }),
+        }
+    }
+}
+
+// ---- sets and elements ----
+
+fn type_id(k: KeyType) -> u32 {
+    match k {
+        KeyType::Ipv4Addr => 7,
+        KeyType::Ipv6Addr => 8,
+        KeyType::InetProto => 12,
+        KeyType::InetService => 13,
+    }
+}
+
+fn width(k: KeyType) -> usize {
+    match k {
+        KeyType::Ipv4Addr => 4,
+        KeyType::Ipv6Addr => 16,
+        KeyType::InetProto => 1,
+        KeyType::InetService => 2,
+    }
+}
+
+/// A key's bytes: the fields in their registers (4-byte aligned) when concatenated.
+fn key_bytes(types: &[KeyType], key: &[Value]) -> Result<Vec<u8>, Unsupported> {
+    if types.len() != key.len() {
+        return Err(Unsupported(format!(
+            "a key of {} fields for {types:?}",
+            key.len()
+        )));
+    }
+    let mut out = Vec::new();
+    for (t, v) in types.iter().zip(key) {
+        let bytes = match (t, v) {
+            (KeyType::Ipv4Addr | KeyType::Ipv6Addr, Value::Ip(ip)) => ip_bytes(*ip),
+            (KeyType::InetProto, Value::Proto(p)) => vec![proto_number(*p)],
+            (KeyType::InetService, Value::Port(p)) => p.to_be_bytes().to_vec(),
+            _ => return Err(Unsupported(format!("value {v} for a {t:?} field"))),
+        };
+        if bytes.len() != width(*t) {
+            return Err(Unsupported(format!("value {v} for a {t:?} field")));
+        }
+        out.extend_from_slice(&bytes);
+        if types.len() > 1 {
+            out.resize((out.len() + 3) & !3, 0);
+        }
+    }
+    Ok(out)
+}
+
+/// An element's key bytes, whether it marks the end of a range, and the planned element.
+type RawElement<'a> = (Vec<u8>, bool, &'a Element);
+
+/// An interval set's elements as the kernel keeps them: a start element per range, an
+/// end-marked element at the address after it (none when the range runs to the last address),
+/// and the end marker nft puts at 0 when no range starts there.
+fn interval_elements(set: &Set) -> Result<Vec<RawElement<'_>>, Unsupported> {
+    let mut ranges = Vec::new();
+    for e in set.elements.values() {
+        let (a, b) = match e.key.as_slice() {
+            [Value::Range(a, b)] => (*a, *b),
+            [Value::Ip(a)] => (*a, *a),
+            _ => return Err(Unsupported(format!("interval element {:?}", e.key))),
+        };
+        ranges.push((ip_bytes(a), ip_bytes(b), e));
+    }
+    ranges.sort_by(|x, y| x.0.cmp(&y.0));
+    let mut out = Vec::new();
+    if let Some((first, _, e)) = ranges.first() {
+        if first.iter().any(|b| *b != 0) {
+            out.push((vec![0; first.len()], true, *e));
+        }
+    }
+    for (a, b, e) in ranges {
+        out.push((a, false, e));
+        if let Some(next) = plus_one(&b) {
+            out.push((next, true, e));
+        }
+    }
+    Ok(out)
+}
+
+/// The big-endian number one more than `v`; None past the last.
+fn plus_one(v: &[u8]) -> Option<Vec<u8>> {
+    let mut out = v.to_vec();
+    for b in out.iter_mut().rev() {
+        if *b < 0xff {
+            *b += 1;
+            return Some(out);
+        }
+        *b = 0;
+    }
+    None
+}
+
+// ---- the batch ----
+
+/// The batch that replaces ferry's table with `rs` in one transaction (`replace`: the table
+/// exists and is deleted first), and the number of messages in it besides the batch markers.
+pub fn full_load(rs: &Ruleset, replace: bool) -> Result<Vec<u8>, Unsupported> {
+    let mut w = Writer::default();
+    let b = w.msg_start(NFNL_MSG_BATCH_BEGIN, 0, 0, NFNL_SUBSYS_NFTABLES);
+    w.msg_end(b);
+    if replace {
+        let m = w.nft_msg(NFT_MSG_DELTABLE, 0);
+        w.str(NFTA_TABLE_NAME, TABLE);
+        w.msg_end(m);
+    }
+    let m = w.nft_msg(NFT_MSG_NEWTABLE, NLM_F_CREATE);
+    w.str(NFTA_TABLE_NAME, TABLE);
+    w.be32(NFTA_TABLE_FLAGS, 0);
+    w.attr(
+        NFTA_TABLE_USERDATA,
+        &comment_udata(UDATA_COMMENT, "managed by ferry"),
+    );
+    w.msg_end(m);
+
+    let mut set_ids = std::collections::BTreeMap::new();
+    for (i, s) in rs.sets.values().enumerate() {
+        let id = i as u32 + 1;
+        set_ids.insert(s.name.clone(), id);
+        set_def(&mut w, s, id);
+    }
+    for c in rs.chains.values() {
+        chain_def(&mut w, c);
+    }
+    for c in rs.chains.values() {
+        let fp = c.fingerprint();
+        for (i, r) in c.rules.iter().enumerate() {
+            let comment = if i == 0 {
+                Some(match &r.comment {
+                    Some(c) => format!("{} [{fp}]", c.chars().take(100).collect::<String>()),
+                    None => format!("[{fp}]"),
+                })
+            } else {
+                r.comment.clone()
+            };
+            rule(&mut w, &set_ids, &c.name, r, comment.as_deref())?;
+        }
+    }
+    for s in rs.sets.values() {
+        elements(&mut w, s, set_ids[&s.name])?;
+    }
+    let e = w.msg_start(NFNL_MSG_BATCH_END, 0, 0, NFNL_SUBSYS_NFTABLES);
+    w.msg_end(e);
+    Ok(w.buf)
+}
+
+fn set_def(w: &mut Writer, s: &Set, id: u32) {
+    let m = w.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE);
+    w.str(NFTA_SET_TABLE, TABLE);
+    w.str(NFTA_SET_NAME, &s.name);
+    let mut flags = 0;
+    if s.is_vmap {
+        flags |= NFT_SET_MAP;
+    }
+    if s.interval {
+        flags |= NFT_SET_INTERVAL;
+    }
+    w.be32(NFTA_SET_FLAGS, flags);
+    let key_type = s.key.iter().fold(0u32, |t, k| (t << 6) | type_id(*k));
+    w.be32(NFTA_SET_KEY_TYPE, key_type);
+    let key_len: usize = if s.key.len() > 1 {
+        s.key.iter().map(|k| (width(*k) + 3) & !3).sum()
+    } else {
+        s.key.iter().map(|k| width(*k)).sum()
+    };
+    w.be32(NFTA_SET_KEY_LEN, key_len as u32);
+    if s.is_vmap {
+        w.be32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
+        w.be32(NFTA_SET_DATA_LEN, 0);
+    }
+    w.be32(NFTA_SET_ID, id);
+    let mut udata = Vec::new();
+    let byteorder = if s.key.len() == 1 && s.key[0] != KeyType::InetProto {
+        BYTEORDER_BIG_ENDIAN
+    } else {
+        0
+    };
+    udata.extend_from_slice(&[UDATA_SET_KEYBYTEORDER, 4]);
+    udata.extend_from_slice(&byteorder.to_ne_bytes());
+    if s.is_vmap {
+        udata.extend_from_slice(&[UDATA_SET_DATABYTEORDER, 4]);
+        udata.extend_from_slice(&0u32.to_ne_bytes());
+    }
+    if !s.comment.is_empty() {
+        udata.extend(comment_udata(UDATA_SET_COMMENT, &s.comment));
+    }
+    w.attr(NFTA_SET_USERDATA, &udata);
+    w.msg_end(m);
+}
+
+fn chain_def(w: &mut Writer, c: &Chain) {
+    let m = w.nft_msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE);
+    w.str(NFTA_CHAIN_TABLE, TABLE);
+    w.str(NFTA_CHAIN_NAME, &c.name);
+    if let Some(BaseChain {
+        type_,
+        hook,
+        priority,
+    }) = c.base
+    {
+        let h = w.nest(NFTA_CHAIN_HOOK);
+        let num = match hook {
+            Hook::Prerouting => 0,
+            Hook::Output => 3,
+            Hook::Postrouting => 4,
+        };
+        w.be32(NFTA_HOOK_HOOKNUM, num);
+        w.be32(NFTA_HOOK_PRIORITY, priority as u32);
+        // A hook nest is a few bytes: never too long.
+        let _ = w.nest_end(h);
+        w.be32(NFTA_CHAIN_POLICY, 1);
+        w.str(
+            NFTA_CHAIN_TYPE,
+            match type_ {
+                ChainType::Filter => "filter",
+                ChainType::Nat => "nat",
+            },
+        );
+    }
+    w.attr(
+        NFTA_CHAIN_USERDATA,
+        &comment_udata(UDATA_COMMENT, &c.comment),
+    );
+    w.msg_end(m);
+}
+
+fn rule(
+    w: &mut Writer,
+    set_ids: &std::collections::BTreeMap<String, u32>,
+    chain: &str,
+    r: &Rule,
+    comment: Option<&str>,
+) -> Result<(), Unsupported> {
+    let m = w.nft_msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
+    w.str(NFTA_RULE_TABLE, TABLE);
+    w.str(NFTA_RULE_CHAIN, chain);
+    let list = w.nest(NFTA_RULE_EXPRESSIONS);
+    let mut ctx = RuleCtx {
+        w: &mut *w,
+        set_ids,
+        family: None,
+    };
+    for x in &r.matches {
+        ctx.matches(x)?;
+    }
+    ctx.action(&r.action)?;
+    w.nest_end(list)?;
+    if let Some(c) = comment {
+        w.attr(NFTA_RULE_USERDATA, &comment_udata(UDATA_COMMENT, c));
+    }
+    w.msg_end(m);
+    Ok(())
+}
+
+/// The set's elements, in messages whose element lists stay under the attribute size limit.
+fn elements(w: &mut Writer, s: &Set, id: u32) -> Result<(), Unsupported> {
+    let list: Vec<RawElement<'_>> = if s.interval {
+        interval_elements(s)?
+    } else {
+        s.elements
+            .values()
+            .map(|e| key_bytes(&s.key, &e.key).map(|k| (k, false, e)))
+            .collect::<Result<_, _>>()?
+    };
+    let mut it = list.into_iter().peekable();
+    while it.peek().is_some() {
+        let m = w.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE);
+        w.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+        w.str(NFTA_SET_ELEM_LIST_SET, &s.name);
+        w.be32(NFTA_SET_ELEM_LIST_SET_ID, id);
+        let els = w.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+        // Room for one more element of at most ~600 bytes (a 16-byte key, a chain name and a
+        // comment of at most 128 bytes each).
+        while w.buf.len() - els < MAX_ATTR - 1024 {
+            let Some((key, end, e)) = it.next() else {
+                break;
+            };
+            let one = w.nest(NFTA_LIST_ELEM);
+            w.data(NFTA_SET_ELEM_KEY, &key)?;
+            if end {
+                w.be32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+            } else {
+                if let Some(v) = &e.verdict {
+                    w.verdict(NFTA_SET_ELEM_DATA, v)?;
+                }
+                if !e.comment.is_empty() {
+                    w.attr(
+                        NFTA_SET_ELEM_USERDATA,
+                        &comment_udata(UDATA_COMMENT, &e.comment),
+                    );
+                }
+            }
+            w.nest_end(one)?;
+        }
+        w.nest_end(els)?;
+        w.msg_end(m);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::{attrs, messages};
+
+    #[test]
+    fn keys_sit_in_registers() {
+        let k = key_bytes(
+            &[KeyType::Ipv4Addr, KeyType::InetProto, KeyType::InetService],
+            &[
+                Value::Ip("10.96.0.10".parse().unwrap()),
+                Value::Proto(Protocol::Tcp),
+                Value::Port(80),
+            ],
+        )
+        .unwrap();
+        assert_eq!(k, [10, 96, 0, 10, 6, 0, 0, 0, 0, 80, 0, 0]);
+        let one = key_bytes(&[KeyType::InetService], &[Value::Port(443)]).unwrap();
+        assert_eq!(one, [1, 187]);
+        assert!(key_bytes(&[KeyType::InetService], &[Value::Proto(Protocol::Udp)]).is_err());
+    }
+
+    #[test]
+    fn ranges_become_start_and_end_elements() {
+        let mut s = Set::ranges("pools", KeyType::Ipv4Addr, "");
+        let ip = |t: &str| t.parse::<IpAddr>().unwrap();
+        s.insert(
+            vec![Value::Range(ip("10.0.0.0"), ip("10.0.0.255"))],
+            None,
+            String::new(),
+        );
+        s.insert(
+            vec![Value::Range(ip("250.0.0.0"), ip("255.255.255.255"))],
+            None,
+            String::new(),
+        );
+        s.insert(
+            vec![Value::Range(ip("10.0.3.3"), ip("10.0.3.3"))],
+            None,
+            String::new(),
+        );
+        let got: Vec<(Vec<u8>, bool)> = interval_elements(&s)
+            .unwrap()
+            .into_iter()
+            .map(|(k, end, _)| (k, end))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (vec![0, 0, 0, 0], true),
+                (vec![10, 0, 0, 0], false),
+                (vec![10, 0, 1, 0], true),
+                (vec![10, 0, 3, 3], false),
+                (vec![10, 0, 3, 4], true),
+                (vec![250, 0, 0, 0], false),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_is_framed_and_every_message_parses() {
+        let mut rs = Ruleset::default();
+        let mut s = Set::new(
+            "m",
+            &[KeyType::InetProto, KeyType::InetService],
+            true,
+            "a map",
+        );
+        for p in 0..3000u16 {
+            s.insert(
+                vec![Value::Proto(Protocol::Tcp), Value::Port(p)],
+                Some(Verdict::Accept),
+                format!("element {p}"),
+            );
+        }
+        rs.add_set(s);
+        let mut c = Chain::new("c", "a chain");
+        c.push(Rule::new(
+            vec![Match::L4Proto(Protocol::Tcp)],
+            Action::ProtoPortVmap("m".into()),
+        ));
+        rs.add_chain(c);
+        let batch = full_load(&rs, true).unwrap();
+        let msgs: Vec<_> = messages(&batch).collect();
+        assert_eq!(msgs.first().map(|m| m.kind), Some(NFNL_MSG_BATCH_BEGIN));
+        assert_eq!(msgs.last().map(|m| m.kind), Some(NFNL_MSG_BATCH_END));
+        // Sequence numbers are distinct; the element lists were split under 64 KiB.
+        let mut seqs: Vec<u32> = msgs.iter().map(|m| m.seq).collect();
+        seqs.dedup();
+        assert_eq!(seqs.len(), msgs.len());
+        let elem_msgs = msgs
+            .iter()
+            .filter(|m| m.kind == (NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM))
+            .count();
+        assert!(elem_msgs > 1, "{elem_msgs}");
+        let total: usize = msgs
+            .iter()
+            .filter(|m| m.kind == (NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWSETELEM))
+            .map(|m| {
+                attrs(&m.payload[4..])
+                    .filter(|(k, _)| *k == NFTA_SET_ELEM_LIST_ELEMENTS)
+                    .map(|(_, v)| attrs(v).count())
+                    .sum::<usize>()
+            })
+            .sum();
+        assert_eq!(total, 3000);
+    }
+}
