@@ -122,6 +122,9 @@ impl Svc {
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
             ports: vec![],
+            affinity_timeout: None,
+            load_balancer_source_ranges: vec![],
+            health_check_node_port: None,
         })
     }
     pub fn namespace(mut self, ns: &str) -> Svc {
@@ -569,6 +572,9 @@ pub fn service_from_spec(i: usize, spec: &ServiceSpec) -> ResolvedService {
         external_traffic_policy: policy(spec.external_local),
         internal_traffic_policy: policy(spec.internal_local),
         ports,
+        affinity_timeout: None,
+        load_balancer_source_ranges: vec![],
+        health_check_node_port: None,
     }
 }
 
