@@ -1486,10 +1486,9 @@ status:
         let want: Vec<Cidr> = vec!["1.2.3.0/24".parse().unwrap()];
         assert_eq!(s.load_balancer_source_ranges, want);
         let e = assert_error(
-            &"apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    \
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    \
               service.beta.kubernetes.io/load-balancer-source-ranges: '10.0.0.0/8,bogus'\n\
-              spec: {type: LoadBalancer, ports: [{port: 1}]}\n"
-                .to_string(),
+              spec: {type: LoadBalancer, ports: [{port: 1}]}\n",
             "metadata.annotations[service.beta.kubernetes.io/load-balancer-source-ranges]",
             "got \"bogus\"",
         );
