@@ -2,14 +2,18 @@
 //!
 //! ```text
 //! filter-prerouting / filter-output (filter, priority dstnat-10)
-//!   -> service-checks: reject new connections to services without endpoints, and to
+//!   -> service-checks: drop sources outside a load-balancer address's source ranges
+//!      (firewall-<svc>), reject new connections to services without endpoints, and to
 //!      cluster IPs on ports no service has
 //! nat-prerouting / nat-output (nat, priority dstnat)
 //!   -> services: one verdict-map lookup on daddr . l4proto . dport (cluster, external and
 //!      load-balancer IPs) and one on l4proto . dport for the node's own addresses (node ports)
 //!      -> external-<svc> (marks for masquerade) -> service-<svc> -> dnat to one endpoint
+//!         (with ClientIP affinity, first: dnat to the endpoint the client's map remembers)
 //! nat-postrouting (nat, priority srcnat)
-//!   -> masquerading: connections marked above, and pods that reached themselves (hairpin)
+//!   -> masquerading: remember the endpoint of affinity services' new connections (by their
+//!      original destination), masquerade connections marked above, and pods that reached
+//!      themselves (hairpin)
 //! ```
 //!
 //! Per packet, the cost is one map lookup whatever the number of services; per service, one
