@@ -303,7 +303,10 @@ mod tests {
                 local_endpoints: 2,
             }]
         );
-        assert_eq!(wanted(std::slice::from_ref(&web), "n2")[0].local_endpoints, 1);
+        assert_eq!(
+            wanted(std::slice::from_ref(&web), "n2")[0].local_endpoints,
+            1
+        );
         assert_eq!(wanted(&[web], "n3")[0].local_endpoints, 0);
     }
 
