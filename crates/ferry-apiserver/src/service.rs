@@ -95,6 +95,9 @@ pub fn prepare<'a>(
                 used_ports.insert(np);
             }
         }
+        if let Some(np) = o["spec"]["healthCheckNodePort"].as_u64() {
+            used_ports.insert(np);
+        }
     }
     if !svc["spec"].is_object() {
         svc["spec"] = json!({});
@@ -112,6 +115,11 @@ pub fn prepare<'a>(
     spec["type"] = json!(ty);
     if spec["sessionAffinity"].is_null() {
         spec["sessionAffinity"] = json!("None");
+    }
+    if spec["sessionAffinity"] == "ClientIP"
+        && spec["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"].is_null()
+    {
+        spec["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 10800}});
     }
     if ty == "ExternalName" {
         if spec["externalName"].as_str().is_none_or(str::is_empty) {
@@ -251,6 +259,62 @@ pub fn prepare<'a>(
         mine.insert(np);
         p["nodePort"] = json!(np);
     }
+    health_check_node_port(spec, &ty, old, &used_ports, &mine, cfg)
+}
+
+/// spec.healthCheckNodePort, as kube-apiserver allocates it: LoadBalancer Services with
+/// externalTrafficPolicy Local get one from the node-port range (explicit when free, else the
+/// one held before, else the first free one); others may not have one.
+fn health_check_node_port(
+    spec: &mut Value,
+    ty: &str,
+    old: Option<&Value>,
+    used_ports: &HashSet<u64>,
+    mine: &HashSet<u64>,
+    cfg: &ServiceConfig,
+) -> Result<(), String> {
+    const FIELD: &str = "spec.healthCheckNodePort";
+    let old_hc = old.and_then(|o| o["spec"]["healthCheckNodePort"].as_u64());
+    let asked = spec["healthCheckNodePort"].as_u64().filter(|n| *n != 0);
+    let needed = ty == "LoadBalancer" && spec["externalTrafficPolicy"] == "Local";
+    if !needed {
+        if asked.is_some() && asked != old_hc {
+            return Err(format!(
+                "{FIELD}: Invalid value: {}: may only be set when type is 'LoadBalancer' and externalTrafficPolicy is 'Local'",
+                asked.unwrap_or_default()
+            ));
+        }
+        if let Some(map) = spec.as_object_mut() {
+            map.remove("healthCheckNodePort");
+        }
+        return Ok(());
+    }
+    let range = u64::from(*cfg.node_ports.start())..=u64::from(*cfg.node_ports.end());
+    let np = match asked {
+        Some(np) => {
+            if !range.contains(&np) {
+                return Err(format!(
+                    "{FIELD}: Invalid value: {np}: provided port is not in the valid range. The range of valid ports is {}-{}",
+                    range.start(),
+                    range.end()
+                ));
+            }
+            if used_ports.contains(&np) || mine.contains(&np) {
+                return Err(format!(
+                    "{FIELD}: Invalid value: {np}: provided port is already allocated"
+                ));
+            }
+            np
+        }
+        None => match old_hc.filter(|np| !mine.contains(np)) {
+            Some(np) => np,
+            None => range
+                .clone()
+                .find(|n| !used_ports.contains(n) && !mine.contains(n))
+                .ok_or_else(|| format!("{FIELD}: Internal error: range of node ports is full"))?,
+        },
+    };
+    spec["healthCheckNodePort"] = json!(np);
     Ok(())
 }
 
@@ -364,6 +428,40 @@ mod tests {
         prepare(&mut d, Some(&b), std::iter::empty(), &cfg()).unwrap();
         assert!(d["spec"]["ports"][0].get("nodePort").is_none());
         assert!(ServiceConfig::default().with_cidr("10.0.0.0/40").is_err());
+    }
+
+    #[test]
+    fn health_check_node_port_for_local_load_balancers() {
+        let mut a = json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                                    "ports": [{"port": 80}]}});
+        prepare(&mut a, None, std::iter::empty(), &cfg()).unwrap();
+        assert_eq!(a["spec"]["ports"][0]["nodePort"], 30000);
+        assert_eq!(a["spec"]["healthCheckNodePort"], 30001);
+        // Kept on update, taken from others, refused when taken, dropped with Cluster policy.
+        let mut b = a.clone();
+        b["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("healthCheckNodePort");
+        prepare(&mut b, Some(&a), std::iter::empty(), &cfg()).unwrap();
+        assert_eq!(b["spec"]["healthCheckNodePort"], 30001);
+        let mut c = json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                                    "ports": [{"port": 80}], "healthCheckNodePort": 30001}});
+        let e = prepare(&mut c, None, std::iter::once(&a), &cfg()).unwrap_err();
+        assert!(
+            e.starts_with("spec.healthCheckNodePort") && e.contains("already allocated"),
+            "{e}"
+        );
+        let mut d = json!({"spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}});
+        prepare(&mut d, None, std::iter::once(&a), &cfg()).unwrap();
+        assert!(d["spec"].get("healthCheckNodePort").is_none());
+        assert_ne!(d["spec"]["ports"][0]["nodePort"], 30001);
+        let mut e = a.clone();
+        e["spec"]["externalTrafficPolicy"] = json!("Cluster");
+        prepare(&mut e, Some(&a), std::iter::empty(), &cfg()).unwrap();
+        assert!(e["spec"].get("healthCheckNodePort").is_none());
+        let mut f = json!({"spec": {"type": "NodePort", "ports": [{"port": 80}], "healthCheckNodePort": 31000}});
+        assert!(prepare(&mut f, None, std::iter::empty(), &cfg()).is_err());
         assert!(ServiceConfig::default().with_cidr("nope").is_err());
     }
 }

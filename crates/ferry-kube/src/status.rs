@@ -42,6 +42,10 @@ pub fn from_api(services: &[Service], pools: &PoolConfig) -> (AllocResults, LbRe
                     }
                 })
                 .collect(),
+            health_check_node_port: (svc.type_ == ServiceType::LoadBalancer
+                && svc.external_traffic_policy == ferry_model::TrafficPolicy::Local)
+                .then_some(svc.health_check_node_port)
+                .flatten(),
         });
         allocs.insert(r.clone(), alloc);
         if svc.type_ == ServiceType::LoadBalancer && !svc.load_balancer_ingress.is_empty() {
@@ -115,7 +119,8 @@ mod tests {
             get("lb").unwrap(),
             Allocation {
                 cluster_ip: Some(ip),
-                node_ports: vec![Some(30080)]
+                node_ports: vec![Some(30080)],
+                health_check_node_port: None,
             }
         );
         // A ClusterIP Service's stray nodePort is not served.

@@ -57,6 +57,9 @@ fn services(n: usize, eps: usize, generation: u32) -> Vec<ResolvedService> {
                 external_ips: vec![],
                 load_balancer_ips: vec![],
                 external_traffic_policy: TrafficPolicy::Cluster,
+                affinity_timeout: None,
+                load_balancer_source_ranges: vec![],
+                health_check_node_port: None,
                 internal_traffic_policy: TrafficPolicy::Cluster,
                 ports: vec![ResolvedPort {
                     name: String::new(),

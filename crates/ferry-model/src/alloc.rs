@@ -72,7 +72,13 @@ pub struct Allocation {
     pub cluster_ip: Option<IpAddr>,
     /// One entry per spec.ports[i]; Some for NodePort and LoadBalancer services.
     pub node_ports: Vec<Option<u16>>,
+    /// spec.healthCheckNodePort: LoadBalancer services with externalTrafficPolicy Local.
+    pub health_check_node_port: Option<u16>,
 }
+
+/// The key of the health-check node port among a [`ServiceAlloc`]'s node ports (it comes from
+/// the same range and must not clash with them).
+pub const HEALTH_CHECK_KEY: &str = "healthCheckNodePort";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("Service {service}: {field}: {message}")]
@@ -348,6 +354,59 @@ fn allocate_one(
         }
     }
 
+    // The health-check node port, as kube-apiserver allocates it: LoadBalancer services with
+    // externalTrafficPolicy Local; explicit when valid and free, else kept, else picked.
+    let field = "spec.healthCheckNodePort".to_string();
+    let wants_health = svc.type_ == ServiceType::LoadBalancer
+        && svc.external_traffic_policy == crate::objects::TrafficPolicy::Local;
+    let health_check_node_port = if !wants_health {
+        if svc.health_check_node_port.is_some() {
+            return Err(err(
+                field,
+                "may only be set on a LoadBalancer Service with externalTrafficPolicy Local".into(),
+            ));
+        }
+        None
+    } else {
+        let taken_here = |p: &u16| node_ports.values().any(|q| q == p);
+        let hc = if let Some(np) = svc.health_check_node_port {
+            if !cfg.node_port_range.contains(&np) {
+                return Err(err(
+                    field,
+                    format!(
+                        "{np} is outside the node port range {}-{}",
+                        cfg.node_port_range.start(),
+                        cfg.node_port_range.end()
+                    ),
+                ));
+            }
+            if !free_port(&np) || taken_here(&np) {
+                let holder = port_holder.get(&np).map(String::as_str).unwrap_or(key);
+                return Err(err(
+                    field,
+                    format!("{np} is already allocated to Service {holder}"),
+                ));
+            }
+            np
+        } else if let Some(np) = old
+            .node_ports
+            .get(HEALTH_CHECK_KEY)
+            .copied()
+            .filter(|np| cfg.node_port_range.contains(np) && free_port(np) && !taken_here(np))
+        {
+            np
+        } else {
+            pick_port(
+                &cfg.node_port_range,
+                &format!("{key}/{HEALTH_CHECK_KEY}"),
+                |np| free_port(np) && !taken_here(np),
+            )
+            .ok_or_else(|| err(field, "the node port range is full".into()))?
+        };
+        node_ports.insert(HEALTH_CHECK_KEY.to_string(), hc);
+        Some(hc)
+    };
+
     Ok((
         ServiceAlloc {
             cluster_ip,
@@ -358,6 +417,7 @@ fn allocate_one(
         Allocation {
             cluster_ip,
             node_ports: per_port,
+            health_check_node_port,
         },
     ))
 }
@@ -447,6 +507,7 @@ mod tests {
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_name: None,
+            ..Default::default()
         }
     }
 
@@ -456,6 +517,61 @@ mod tests {
 
     fn ok(r: &AllocResults, name: &str) -> Allocation {
         r[&ObjectRef::new("default", name)].clone().unwrap()
+    }
+
+    #[test]
+    fn health_check_node_port_for_local_load_balancers_stable_and_released() {
+        let cfg = AllocConfig::default();
+        let mut lb = svc(
+            "lb",
+            ServiceType::LoadBalancer,
+            ClusterIpSpec::Auto,
+            &[(80, None)],
+        );
+        let (_, r) = allocate(&AllocState::default(), &[lb.clone()], &cfg, 0, 1);
+        assert_eq!(
+            ok(&r, "lb").health_check_node_port,
+            None,
+            "Cluster policy: none"
+        );
+        lb.external_traffic_policy = TrafficPolicy::Local;
+        let (st, r) = allocate(&AllocState::default(), &[lb.clone()], &cfg, 0, 1);
+        let a = ok(&r, "lb");
+        let hc = a.health_check_node_port.expect("allocated");
+        assert!(cfg.node_port_range.contains(&hc));
+        assert_ne!(
+            Some(hc),
+            a.node_ports[0],
+            "distinct from the service's node port"
+        );
+        assert_eq!(st.services["default/lb"].node_ports[HEALTH_CHECK_KEY], hc);
+        // Stable, and held against an explicit request by another service.
+        let (st2, r2) = allocate(&st, &[lb.clone()], &cfg, 2, 3);
+        assert_eq!(ok(&r2, "lb"), a);
+        let other = svc(
+            "other",
+            ServiceType::NodePort,
+            ClusterIpSpec::Auto,
+            &[(80, Some(hc))],
+        );
+        let (_, r3) = allocate(&st2, &[lb.clone(), other], &cfg, 4, 5);
+        let e = r3[&ObjectRef::new("default", "other")].clone().unwrap_err();
+        assert!(
+            e.message
+                .contains("already allocated to Service default/lb"),
+            "{e}"
+        );
+        // An explicit one is honoured; back to Cluster policy, it is released.
+        let mut explicit = lb.clone();
+        explicit.health_check_node_port = Some(31999);
+        let (_, r4) = allocate(&st2, &[explicit], &cfg, 4, 5);
+        assert_eq!(ok(&r4, "lb").health_check_node_port, Some(31999));
+        lb.external_traffic_policy = TrafficPolicy::Cluster;
+        let (st5, r5) = allocate(&st2, &[lb], &cfg, 4, 5);
+        assert_eq!(ok(&r5, "lb").health_check_node_port, None);
+        assert!(!st5.services["default/lb"]
+            .node_ports
+            .contains_key(HEALTH_CHECK_KEY));
     }
 
     #[test]

@@ -715,6 +715,7 @@ mod tests {
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_name: None,
+            ..Default::default()
         }
     }
 

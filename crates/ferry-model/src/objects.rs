@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use crate::cidr::Cidr;
+
 /// namespace/name of an object.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
@@ -144,6 +146,30 @@ pub enum ClusterIpSpec {
     Ip(IpAddr),
 }
 
+/// spec.sessionAffinity (with spec.sessionAffinityConfig.clientIP.timeoutSeconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    /// Repeat connections from one client address go to the same endpoint until the client
+    /// has made no new connection for `timeout_seconds` (1..=86400; Kubernetes' default 10800).
+    ClientIp { timeout_seconds: u32 },
+}
+
+impl SessionAffinity {
+    /// Kubernetes' default timeout for ClientIP affinity (3 hours).
+    pub const DEFAULT_TIMEOUT_SECONDS: u32 = 10800;
+    /// The largest timeout the API server accepts (1 day).
+    pub const MAX_TIMEOUT_SECONDS: u32 = 86400;
+    /// The timeout when ClientIP affinity is on.
+    pub fn timeout_seconds(self) -> Option<u32> {
+        match self {
+            SessionAffinity::None => None,
+            SessionAffinity::ClientIp { timeout_seconds } => Some(timeout_seconds),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Service {
     pub meta: Meta,
@@ -162,6 +188,14 @@ pub struct Service {
     pub internal_traffic_policy: TrafficPolicy,
     /// spec.externalName for type ExternalName.
     pub external_name: Option<String>,
+    pub session_affinity: SessionAffinity,
+    /// spec.loadBalancerSourceRanges, or else the annotation
+    /// `service.beta.kubernetes.io/load-balancer-source-ranges` (as kube-proxy reads them):
+    /// who may reach the load-balancer addresses; empty: everyone.
+    pub load_balancer_source_ranges: Vec<Cidr>,
+    /// Explicit spec.healthCheckNodePort, if given (LoadBalancer with externalTrafficPolicy
+    /// Local only).
+    pub health_check_node_port: Option<u16>,
 }
 
 impl Service {

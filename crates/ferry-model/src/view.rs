@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use crate::alloc::Allocation;
+use crate::cidr::Cidr;
 use crate::objects::{
     AddressType, EndpointSlice, ObjectRef, Protocol, Service, ServiceType, TargetPort,
     TrafficPolicy,
@@ -42,6 +43,13 @@ pub struct ResolvedService {
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
     pub ports: Vec<ResolvedPort>,
+    /// ClientIP session affinity: its timeout in seconds; None without affinity.
+    pub affinity_timeout: Option<u32>,
+    /// Who may reach the load-balancer addresses (only those of the service's family are
+    /// kept); empty: everyone.
+    pub load_balancer_source_ranges: Vec<Cidr>,
+    /// The health-check node port (LoadBalancer with externalTrafficPolicy Local).
+    pub health_check_node_port: Option<u16>,
 }
 
 /// Joins services (with their allocation) to the EndpointSlices that name them.
@@ -149,6 +157,14 @@ pub fn resolve(
             external_traffic_policy: svc.external_traffic_policy,
             internal_traffic_policy: svc.internal_traffic_policy,
             ports,
+            affinity_timeout: svc.session_affinity.timeout_seconds(),
+            load_balancer_source_ranges: svc
+                .load_balancer_source_ranges
+                .iter()
+                .copied()
+                .filter(|c| c.is_ipv4() == cluster_ip.is_ipv4())
+                .collect(),
+            health_check_node_port: alloc.health_check_node_port,
         });
     }
     out

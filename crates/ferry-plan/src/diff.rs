@@ -61,9 +61,11 @@ impl LiveState {
                         s.name.clone(),
                         LiveSet {
                             signature: s.signature(),
+                            // What packets write in a dynamic set is not ferry's to track.
                             elements: s
                                 .elements
                                 .iter()
+                                .filter(|_| !s.dynamic)
                                 .map(|(k, e)| (k.clone(), e.verdict.clone()))
                                 .collect(),
                         },
@@ -118,7 +120,13 @@ impl LiveState {
 /// none is created or deleted. None when this cannot be done (everything touched, or a planned
 /// set the kernel lacks): then diff everything.
 pub fn diff_touched(live: &LiveState, desired: &Ruleset, touched: &Touched) -> Option<Changes> {
-    if touched.full || !live.table || !desired.sets.keys().all(|n| live.sets.contains_key(n)) {
+    // Sets come and go (an affinity map per generation of a service port's endpoints): the
+    // full comparison creates and deletes them.
+    if touched.full
+        || !live.table
+        || !desired.sets.keys().all(|n| live.sets.contains_key(n))
+        || !live.sets.keys().all(|n| desired.sets.contains_key(n))
+    {
         return None;
     }
     let mut want = Ruleset::default();
@@ -138,6 +146,8 @@ pub fn diff_touched(live: &LiveState, desired: &Ruleset, touched: &Touched) -> O
                 key: s.key.clone(),
                 is_vmap: s.is_vmap,
                 interval: s.interval,
+                data: s.data.clone(),
+                dynamic: s.dynamic,
                 comment: s.comment.clone(),
                 elements: BTreeMap::new(),
             },
@@ -320,7 +330,8 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
     }
     // 4. Elements: delete what is gone or changed, then add what is new or changed.
     let empty = LiveSet::default();
-    for s in desired.sets.values() {
+    for s in desired.sets.values().filter(|s| !s.dynamic) {
+        // Dynamic sets' elements are written by packets (client affinity): never touched.
         let l = live.sets.get(&s.name).unwrap_or(&empty);
         // Both maps are sorted by key text: one merge pass finds what to delete and add (keys
         // read back from the kernel are kept as text, and deleted by that text).
@@ -349,7 +360,7 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
     // 6. Sets no longer planned, once no rule names them and before the chains their
     // elements may still jump to.
     for n in live.sets.keys().filter(|n| !desired.sets.contains_key(*n)) {
-        let kind = if live.sets[n].signature.ends_with(": verdict") {
+        let kind = if live.sets[n].signature.contains(" : ") {
             "map"
         } else {
             "set"

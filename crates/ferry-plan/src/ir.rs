@@ -137,6 +137,13 @@ pub struct Set {
     pub is_vmap: bool,
     /// An interval set (elements are address ranges): `flags interval`.
     pub interval: bool,
+    /// A map to typed data rather than verdicts (`type KEY : DATA`); empty for sets and
+    /// verdict maps.
+    pub data: Vec<KeyType>,
+    /// Written by packets (`flags dynamic,timeout`, elements added by `update` statements with
+    /// their own timeout): ferry never plans, adds or deletes its elements, and the differ
+    /// leaves whatever the kernel holds in it alone.
+    pub dynamic: bool,
     pub comment: String,
     /// By key text.
     pub elements: BTreeMap<String, Element>,
@@ -149,9 +156,23 @@ impl Set {
             key: key.to_vec(),
             is_vmap,
             interval: false,
+            data: Vec::new(),
+            dynamic: false,
             comment: comment.into(),
             elements: BTreeMap::new(),
         }
+    }
+    /// A map from `key` to `data` whose elements packets write (see [`Set::dynamic`]).
+    pub fn dynamic_map(name: &str, key: &[KeyType], data: &[KeyType], comment: &str) -> Set {
+        Set {
+            data: data.to_vec(),
+            dynamic: true,
+            ..Set::new(name, key, false, comment)
+        }
+    }
+    /// Whether it is a map (to verdicts or data) rather than a set.
+    pub fn is_map(&self) -> bool {
+        self.is_vmap || !self.data.is_empty()
     }
     /// A set of address ranges.
     pub fn ranges(name: &str, key: KeyType, comment: &str) -> Set {
@@ -180,6 +201,14 @@ impl Set {
             .join(" . ");
         if self.is_vmap {
             format!("{key} : verdict")
+        } else if !self.data.is_empty() {
+            let data = self
+                .data
+                .iter()
+                .map(|k| k.nft())
+                .collect::<Vec<_>>()
+                .join(" . ");
+            format!("{key} : {data}")
         } else {
             key
         }
@@ -187,10 +216,12 @@ impl Set {
 
     /// The definition, without elements (what `add set`/`add map` takes).
     pub fn render_def(&self) -> String {
-        let kind = if self.is_vmap { "map" } else { "set" };
+        let kind = if self.is_map() { "map" } else { "set" };
         let ty = self.signature();
         let flags = if self.interval {
             " flags interval;"
+        } else if self.dynamic {
+            " flags dynamic,timeout;"
         } else {
             ""
         };
@@ -259,6 +290,9 @@ pub enum Match {
     MarkHas(u32),
     /// `meta mark & M == 0`
     MarkLacks(u32),
+    /// `ip saddr != { 10.0.0.0/8, 192.168.2.200/32 }`: the source is in none of these
+    /// prefixes (all of one family, at least one).
+    SaddrNotInAny(Vec<Cidr>),
 }
 
 /// What a rule does when it matches.
@@ -286,6 +320,27 @@ pub enum Action {
     RejectTcpReset,
     /// `reject with icmpx port-unreachable`
     RejectIcmpx,
+    /// `dnat ip to ip saddr map @map` (the map holds address . port), or `dnat ip to ip saddr
+    /// map @map : PORT` (it holds addresses, all endpoints listen on PORT): to the endpoint the
+    /// dynamic map remembers for this client; when it remembers none, the rule does not match.
+    DnatRemembered {
+        family: Family,
+        map: String,
+        port: Option<u16>,
+    },
+    /// `meta l4proto { tcp, udp, sctp } ct original ip daddr . meta l4proto . ct original
+    /// proto-dst vmap @map`: dispatch on the address, protocol and port the connection was
+    /// first sent to (before DNAT).
+    OriginalTupleVmap(Family, String),
+    /// `update @map { ip saddr timeout Ns : ip daddr . th dport }` (or `: ip daddr` when
+    /// `with_port` is false): remember (or refresh) this client's endpoint, the DNATed
+    /// destination, for `timeout` seconds.
+    Remember {
+        family: Family,
+        map: String,
+        timeout: u32,
+        with_port: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -332,6 +387,23 @@ fn render_match(m: &Match) -> String {
         Match::Random { modulus, value } => format!("numgen random mod {modulus} == {value}"),
         Match::MarkHas(m) => format!("meta mark & {m:#x} == {m:#x}"),
         Match::MarkLacks(m) => format!("meta mark & {m:#x} == 0"),
+        Match::SaddrNotInAny(cs) => {
+            let fam = cs
+                .first()
+                .map(|c| Family::of(c.network()))
+                .unwrap_or(Family::V4);
+            match cs.as_slice() {
+                [one] => format!("{} saddr != {one}", fam.nft()),
+                _ => format!(
+                    "{} saddr != {{ {} }}",
+                    fam.nft(),
+                    cs.iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        }
     }
 }
 
@@ -357,6 +429,24 @@ fn render_action(a: &Action) -> String {
         }
         Action::RejectTcpReset => "reject with tcp reset".into(),
         Action::RejectIcmpx => "reject with icmpx port-unreachable".into(),
+        Action::DnatRemembered { family, map, port } => match port {
+            None => format!("dnat {0} to {0} saddr map @{map}", family.nft()),
+            Some(p) => format!("dnat {0} to {0} saddr map @{map} : {p}", family.nft()),
+        },
+        Action::OriginalTupleVmap(f, m) => format!(
+            "meta l4proto {{ tcp, udp, sctp }} ct original {} daddr . meta l4proto . ct original proto-dst vmap @{m}",
+            f.nft()
+        ),
+        Action::Remember {
+            family,
+            map,
+            timeout,
+            with_port,
+        } => format!(
+            "update @{map} {{ {0} saddr timeout {timeout}s : {0} daddr{1} }}",
+            family.nft(),
+            if *with_port { " . th dport" } else { "" }
+        ),
     }
 }
 
@@ -671,7 +761,7 @@ impl Encode for Verdict {
 impl Encode for Match {
     /// ct state new 1, ct status dnat 2, l4proto 3, saddr not in 4, daddr in set 5, service
     /// tuple not in 6, address pair in set 7, random 8 (modulus, value), mark has 9, mark
-    /// lacks 10.
+    /// lacks 10, saddr in none of 11 (a list of CIDRs).
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Match::CtStateNew => out.push(1),
@@ -712,13 +802,19 @@ impl Encode for Match {
                 out.push(10);
                 put_u32(out, *m);
             }
+            Match::SaddrNotInAny(cs) => {
+                out.push(11);
+                put_list(out, cs);
+            }
         }
     }
 }
 
 impl Encode for Action {
     /// verdict 1, service tuple vmap 2, proto/port vmap 3, set mark 4, toggle mark 5, dnat 6
-    /// (address, port), masquerade 7 (fully random 0/1), reject tcp reset 8, reject icmpx 9.
+    /// (address, port), masquerade 7 (fully random 0/1), reject tcp reset 8, reject icmpx 9,
+    /// dnat to the remembered endpoint 10 (family, map, port as an `Option`), original tuple
+    /// vmap 11 (family, map), remember 12 (family, map, timeout, with port 0/1).
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Action::Verdict(v) => {
@@ -753,6 +849,35 @@ impl Encode for Action {
             }
             Action::RejectTcpReset => out.push(8),
             Action::RejectIcmpx => out.push(9),
+            Action::DnatRemembered { family, map, port } => {
+                out.push(10);
+                family.encode(out);
+                put_str(out, map);
+                match port {
+                    None => out.push(0),
+                    Some(p) => {
+                        out.push(1);
+                        out.extend_from_slice(&p.to_le_bytes());
+                    }
+                }
+            }
+            Action::OriginalTupleVmap(f, m) => {
+                out.push(11);
+                f.encode(out);
+                put_str(out, m);
+            }
+            Action::Remember {
+                family,
+                map,
+                timeout,
+                with_port,
+            } => {
+                out.push(12);
+                family.encode(out);
+                put_str(out, map);
+                put_u32(out, *timeout);
+                out.push(u8::from(*with_port));
+            }
         }
     }
 }
@@ -945,6 +1070,11 @@ mod tests {
             (small(), small()).prop_map(|(modulus, value)| Match::Random { modulus, value }),
             small().prop_map(Match::MarkHas),
             small().prop_map(Match::MarkLacks),
+            proptest::collection::vec(
+                (ip(), 0u8..=32).prop_map(|(a, l)| Cidr::new(a, l).expect("valid prefix length")),
+                1..3
+            )
+            .prop_map(Match::SaddrNotInAny),
         ]
     }
 
@@ -960,6 +1090,17 @@ mod tests {
             any::<bool>().prop_map(|fully_random| Action::Masquerade { fully_random }),
             Just(Action::RejectTcpReset),
             Just(Action::RejectIcmpx),
+            (family(), name(), proptest::option::of(any::<u16>()))
+                .prop_map(|(family, map, port)| Action::DnatRemembered { family, map, port }),
+            (family(), name()).prop_map(|(f, m)| Action::OriginalTupleVmap(f, m)),
+            (family(), name(), small(), any::<bool>()).prop_map(
+                |(family, map, timeout, with_port)| Action::Remember {
+                    family,
+                    map,
+                    timeout,
+                    with_port
+                }
+            ),
         ]
     }
 

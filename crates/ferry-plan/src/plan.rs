@@ -2,14 +2,18 @@
 //!
 //! ```text
 //! filter-prerouting / filter-output (filter, priority dstnat-10)
-//!   -> service-checks: reject new connections to services without endpoints, and to
+//!   -> service-checks: drop sources outside a load-balancer address's source ranges
+//!      (firewall-<svc>), reject new connections to services without endpoints, and to
 //!      cluster IPs on ports no service has
 //! nat-prerouting / nat-output (nat, priority dstnat)
 //!   -> services: one verdict-map lookup on daddr . l4proto . dport (cluster, external and
 //!      load-balancer IPs) and one on l4proto . dport for the node's own addresses (node ports)
 //!      -> external-<svc> (marks for masquerade) -> service-<svc> -> dnat to one endpoint
+//!         (with ClientIP affinity, first: dnat to the endpoint the client's map remembers)
 //! nat-postrouting (nat, priority srcnat)
-//!   -> masquerading: connections marked above, and pods that reached themselves (hairpin)
+//!   -> masquerading: remember the endpoint of affinity services' new connections (by their
+//!      original destination), masquerade connections marked above, and pods that reached
+//!      themselves (hairpin)
 //! ```
 //!
 //! Per packet, the cost is one map lookup whatever the number of services; per service, one
@@ -78,6 +82,12 @@ pub mod names {
     pub fn hairpin(f: Family) -> String {
         format!("hairpin-{}", f.suffix())
     }
+    pub fn firewall_ips(f: Family) -> String {
+        format!("firewall-ips-{}", f.suffix())
+    }
+    pub fn affinity_frontends(f: Family) -> String {
+        format!("affinity-frontends-{}", f.suffix())
+    }
 }
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
@@ -134,6 +144,18 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
             &[a, a],
             false,
             "endpoint . itself: a pod reaching itself via a service",
+        ));
+        rs.add_set(Set::new(
+            &firewall_ips(f),
+            &[a, p, s],
+            true,
+            "load-balancer IPs with source ranges -> their firewall",
+        ));
+        rs.add_set(Set::new(
+            &affinity_frontends(f),
+            &[a, p, s],
+            true,
+            "addresses of services with ClientIP affinity -> where their clients are remembered",
         ));
     }
     for (a, b) in &cfg.lb_pools {
@@ -214,6 +236,14 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
         "reject new connections no endpoint can take",
     );
     for f in FAMILIES {
+        // loadBalancerSourceRanges first: a source outside them is dropped (as kube-proxy),
+        // on every packet, so narrowing the ranges also cuts established connections.
+        c.push(Rule::new(
+            vec![],
+            Action::ServiceTupleVmap(f, firewall_ips(f)),
+        ));
+    }
+    for f in FAMILIES {
         c.push(Rule::new(
             vec![Match::CtStateNew],
             Action::ServiceTupleVmap(f, no_endpoint_services(f)),
@@ -277,6 +307,14 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
         MASQUERADING,
         "masquerade marked connections and hairpin traffic",
     );
+    for f in FAMILIES {
+        // ClientIP affinity: remember (or refresh) the endpoint each new connection went to,
+        // whether chosen at random or remembered (nat chains see only first packets).
+        c.push(Rule::new(
+            vec![Match::CtStatusDnat],
+            Action::OriginalTupleVmap(f, affinity_frontends(f)),
+        ));
+    }
     for f in FAMILIES {
         c.push(Rule::new(
             vec![Match::CtStatusDnat, Match::AddrPairInSet(f, hairpin(f))],
@@ -349,10 +387,83 @@ fn endpoint_rules(chain: &mut Chain, proto: Protocol, eps: &[&ResolvedEndpoint])
     }
 }
 
+/// ClientIP affinity for the endpoint-choosing chain `chain` (of `family`): its dynamic map
+/// (client address -> endpoint), the chain that remembers each new connection's endpoint in
+/// it, and the rule (first in `chain`, before the random choice) that sends a remembered client
+/// back. The map holds endpoint addresses when all of `eps` listen on one port (the usual case;
+/// the port is then in the DNAT rule), else address . port — which libnftables 1.0.6 cannot
+/// write for IPv6 (it aborts): such IPv6 chains get no affinity (None).
+///
+/// The map's name carries a hash of the timeout and of the endpoints the chain chooses from:
+/// when they change, the map is replaced by an empty one, so a client is never sent to an
+/// endpoint that has gone (kube-proxy keeps the clients of the endpoints that stay; ferry's
+/// one map per chain keeps the lookup to one per connection).
+fn affinity(
+    fr: &mut Fragment,
+    chain: &str,
+    family: Family,
+    proto: Protocol,
+    timeout: u32,
+    eps: &[&ResolvedEndpoint],
+) -> Option<(Rule, String)> {
+    use std::hash::Hasher;
+    let one_port = eps
+        .first()
+        .map(|e| e.port)
+        .filter(|p| eps.iter().all(|e| e.port == *p));
+    if one_port.is_none() && family == Family::V6 {
+        return None;
+    }
+    let mut h = fnv::FnvHasher::default();
+    h.write(&timeout.to_le_bytes());
+    for e in eps {
+        let mut b = Vec::new();
+        e.addr.encode(&mut b);
+        h.write(&b);
+        h.write(&e.port.to_le_bytes());
+    }
+    let map = format!("affinity-{chain}-{:08x}", h.finish() as u32);
+    let a = family.addr_type();
+    let data = match one_port {
+        Some(_) => vec![a],
+        None => vec![a, KeyType::InetService],
+    };
+    fr.sets.push(Set::dynamic_map(
+        &map,
+        &[a],
+        &data,
+        &format!("client -> endpoint of {chain}, for {timeout} s after its last connection"),
+    ));
+    let remember = format!("remember-{chain}");
+    let mut c = Chain::new(&remember, format!("ClientIP affinity of {chain}"));
+    c.push(Rule::new(
+        vec![],
+        Action::Remember {
+            family,
+            map: map.clone(),
+            timeout,
+            with_port: one_port.is_none(),
+        },
+    ));
+    fr.add_chain(c);
+    let rule = Rule::new(
+        vec![Match::L4Proto(proto)],
+        Action::DnatRemembered {
+            family,
+            map,
+            port: one_port,
+        },
+    )
+    .with_comment("ClientIP affinity");
+    Some((rule, remember))
+}
+
 /// What one service adds to the table: its chains and its map/set elements.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fragment {
     pub chains: Vec<std::sync::Arc<Chain>>,
+    /// Sets of its own (client affinity maps).
+    pub sets: Vec<Set>,
     /// (set name, key text, element)
     pub elements: Vec<(String, String, Element)>,
     /// Endpoint addresses that may reach themselves through the service.
@@ -397,6 +508,10 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         .cluster_cidrs
         .iter()
         .find(|c| c.is_ipv4() == cip.is_ipv4());
+    let firewall = firewall_chain(cfg, svc);
+    if let Some(c) = &firewall {
+        fr.add_chain(c.clone());
+    }
     for port in &svc.ports {
         let what = describe(svc, port);
         let proto = Value::Proto(port.protocol);
@@ -404,10 +519,23 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
             TrafficPolicy::Local => Some(cfg.node_name.as_str()),
             TrafficPolicy::Cluster => None,
         };
+        // The chains that choose an endpoint, and (with ClientIP affinity) the chain that
+        // remembers the clients of each: (frontend tuple, remember chain) pairs.
+        let mut remembers: Vec<(Vec<Value>, String)> = Vec::new();
+        let choose = |fr: &mut Fragment, c: &mut Chain, eps: &[&ResolvedEndpoint]| {
+            let remember = svc.affinity_timeout.and_then(|t| {
+                let (rule, remember) = affinity(fr, &c.name, f, port.protocol, t, eps)?;
+                c.push(rule);
+                Some(remember)
+            });
+            endpoint_rules(c, port.protocol, eps);
+            remember
+        };
 
         // Traffic from inside the cluster (cluster IP).
         let internal = usable_endpoints(&port.endpoints, local(svc.internal_traffic_policy));
         let service_chain = port_chain("service", svc, port);
+        let mut service_remember = None;
         let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
         fr.insert(&cluster_ip_ports(f), key.clone(), None, String::new());
         if internal.is_empty() {
@@ -425,7 +553,10 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
                     Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
                 ));
             }
-            endpoint_rules(&mut c, port.protocol, &internal);
+            service_remember = choose(&mut fr, &mut c, &internal);
+            if let Some(r) = &service_remember {
+                remembers.push((key.clone(), r.clone()));
+            }
             fr.add_chain(c);
             fr.insert(
                 &service_ips(f),
@@ -441,13 +572,14 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
             || !svc.external_ips.is_empty()
             || !svc.load_balancer_ips.is_empty();
         if !has_external {
+            emit_remembers(&mut fr, remembers);
             continue;
         }
-        let external_target = match svc.external_traffic_policy {
+        let (external_target, external_remember) = match svc.external_traffic_policy {
             TrafficPolicy::Cluster => {
                 let all = usable_endpoints(&port.endpoints, None);
                 if all.is_empty() {
-                    None
+                    (None, None)
                 } else {
                     // Masquerade so replies come back through this node, then on to any
                     // endpoint in the cluster.
@@ -457,34 +589,36 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
                         vec![],
                         Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
                     ));
-                    if svc.internal_traffic_policy == TrafficPolicy::Cluster {
+                    let remember = if svc.internal_traffic_policy == TrafficPolicy::Cluster {
                         c.push(Rule::new(
                             vec![],
                             Action::Verdict(Verdict::Goto(service_chain.clone())),
                         ));
+                        service_remember.clone()
                     } else {
-                        endpoint_rules(&mut c, port.protocol, &all);
+                        let r = choose(&mut fr, &mut c, &all);
                         fr.hairpins.extend(all.iter().map(|e| e.addr));
-                    }
+                        r
+                    };
                     fr.add_chain(c);
-                    Some(name)
+                    (Some(name), remember)
                 }
             }
             TrafficPolicy::Local => {
                 // Only this node's endpoints, no masquerade: the client's address is kept.
                 let eps = usable_endpoints(&port.endpoints, Some(&cfg.node_name));
                 if eps.is_empty() {
-                    None
+                    (None, None)
                 } else {
                     let name = port_chain("local", svc, port);
                     let mut c = Chain::new(
                         &name,
                         format!("{what} from outside, to this node's endpoints"),
                     );
-                    endpoint_rules(&mut c, port.protocol, &eps);
+                    let remember = choose(&mut fr, &mut c, &eps);
                     fr.add_chain(c);
                     fr.hairpins.extend(eps.iter().map(|e| e.addr));
-                    Some(name)
+                    (Some(name), remember)
                 }
             }
         };
@@ -499,6 +633,9 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
             let fam = Family::of(*ip);
             let key = vec![Value::Ip(*ip), proto, Value::Port(port.port)];
             fr.insert(&cluster_ip_ports(fam), key.clone(), None, String::new());
+            if let Some(r) = &external_remember {
+                remembers.push((key.clone(), r.clone()));
+            }
             match &external_target {
                 Some(t) => fr.insert(
                     &service_ips(fam),
@@ -514,8 +651,24 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
                 ),
             }
         }
+        if let Some(fw) = &firewall {
+            // Only the load-balancer addresses are filtered (not node ports, as kube-proxy).
+            for ip in &svc.load_balancer_ips {
+                fr.insert(
+                    &firewall_ips(Family::of(*ip)),
+                    vec![Value::Ip(*ip), proto, Value::Port(port.port)],
+                    Some(Verdict::Jump(fw.name.clone())),
+                    what.clone(),
+                );
+            }
+        }
         if let Some(np) = port.node_port {
             let key = vec![proto, Value::Port(np)];
+            if let Some(r) = &external_remember {
+                for ip in cfg.node_ips.iter().filter(|ip| Family::of(**ip) == f) {
+                    remembers.push((vec![Value::Ip(*ip), proto, Value::Port(np)], r.clone()));
+                }
+            }
             match &external_target {
                 Some(t) => fr.insert(
                     &service_nodeports(f),
@@ -531,9 +684,61 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
                 ),
             }
         }
+        emit_remembers(&mut fr, remembers);
     }
 
     fr
+}
+
+/// The elements that send each affinity frontend to its remember chain (nat-postrouting).
+fn emit_remembers(fr: &mut Fragment, remembers: Vec<(Vec<Value>, String)>) {
+    for (key, chain) in remembers {
+        let f = match key.first() {
+            Some(Value::Ip(ip)) => Family::of(*ip),
+            _ => continue,
+        };
+        fr.insert(
+            &names::affinity_frontends(f),
+            key,
+            Some(Verdict::Jump(chain)),
+            String::new(),
+        );
+    }
+}
+
+/// The firewall of a LoadBalancer service with source ranges (`firewall-<ns>/<name>`): drops
+/// sources outside them. None when there is nothing to filter (no load-balancer address, no
+/// range, or a range that is everything). As kube-proxy, when a range holds one of this node's
+/// addresses the load-balancer addresses are allowed as sources too (a node reaching a VIP it
+/// holds locally sends from the VIP).
+fn firewall_chain(cfg: &PlanConfig, svc: &ResolvedService) -> Option<Chain> {
+    let ranges = &svc.load_balancer_source_ranges;
+    if svc.load_balancer_ips.is_empty()
+        || ranges.is_empty()
+        || ranges.iter().any(|r| r.prefix_len() == 0)
+    {
+        return None;
+    }
+    let mut allowed: Vec<Cidr> = ranges.clone();
+    if cfg
+        .node_ips
+        .iter()
+        .any(|ip| ranges.iter().any(|r| r.contains(*ip)))
+    {
+        for ip in &svc.load_balancer_ips {
+            let host = if ip.is_ipv4() { 32 } else { 128 };
+            allowed.extend(Cidr::new(*ip, host));
+        }
+    }
+    allowed.sort();
+    allowed.dedup();
+    let name = format!("firewall-{}/{}", svc.id.namespace, svc.id.name);
+    let mut c = Chain::new(&name, format!("{}: loadBalancerSourceRanges", svc.id));
+    c.push(Rule::new(
+        vec![Match::SaddrNotInAny(allowed)],
+        Action::Verdict(Verdict::Drop),
+    ));
+    Some(c)
 }
 
 /// Plans the whole table for this node.
@@ -588,6 +793,9 @@ fn service_hash(svc: &ResolvedService) -> u64 {
     svc.load_balancer_ips.hash(&mut h);
     (svc.external_traffic_policy as u8).hash(&mut h);
     (svc.internal_traffic_policy as u8).hash(&mut h);
+    svc.affinity_timeout.hash(&mut h);
+    svc.load_balancer_source_ranges.hash(&mut h);
+    svc.health_check_node_port.hash(&mut h);
     for p in &svc.ports {
         p.name.hash(&mut h);
         p.protocol.hash(&mut h);
@@ -667,6 +875,10 @@ impl Planner {
             ..
         } = self;
         let Some((_, fr)) = cache.get(id) else { return };
+        for s in &fr.sets {
+            // A set is new to the kernel: the differ compares everything (see diff_touched).
+            rs.sets.insert(s.name.clone(), s.clone());
+        }
         for c in &fr.chains {
             rs.chains.insert(c.name.clone(), c.clone());
             t.chains.insert(c.name.clone());
@@ -690,6 +902,9 @@ impl Planner {
     }
 
     fn remove(&mut self, id: &ferry_model::ObjectRef, fr: &Fragment, t: &mut Touched) {
+        for s in &fr.sets {
+            self.rs.sets.remove(&s.name);
+        }
         for c in &fr.chains {
             self.rs.chains.remove(&c.name);
             t.chains.insert(c.name.clone());

@@ -46,6 +46,8 @@ pub struct Outcome {
     pub fate: Fate,
     /// Chains entered, in order.
     pub path: Vec<String>,
+    /// Decisions on the way worth telling (client affinity, source ranges), in order.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +58,7 @@ struct State {
     mark: u32,
     dnat: bool,
     path: Vec<String>,
+    notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -76,12 +79,30 @@ struct Tracer<'a> {
     rs: &'a Ruleset,
     pkt: &'a Packet,
     depth: usize,
+    remembered: Option<(IpAddr, u16)>,
 }
 
 /// Traces a new connection through `rs`. Outcomes with the same fate are merged; the path is
-/// the first one seen for that fate. Probabilities sum to 1.
+/// the first one seen for that fate. Probabilities sum to 1. Client affinity maps are taken
+/// as empty: the client is new (see [`trace_remembering`]).
 pub fn trace(rs: &Ruleset, pkt: &Packet) -> Vec<Outcome> {
-    let mut t = Tracer { rs, pkt, depth: 0 };
+    trace_remembering(rs, pkt, None)
+}
+
+/// Like [`trace`], for a client that ClientIP affinity remembers on `remembered` (its last
+/// endpoint, within the timeout): an affinity map holds it when that endpoint is one the map's
+/// chain may choose now (a map belongs to one set of endpoints: see the planner).
+pub fn trace_remembering(
+    rs: &Ruleset,
+    pkt: &Packet,
+    remembered: Option<(IpAddr, u16)>,
+) -> Vec<Outcome> {
+    let mut t = Tracer {
+        rs,
+        pkt,
+        depth: 0,
+        remembered,
+    };
     let first = if pkt.local_origin {
         Hook::Output
     } else {
@@ -94,6 +115,7 @@ pub fn trace(rs: &Ruleset, pkt: &Packet) -> Vec<Outcome> {
         mark: 0,
         dnat: false,
         path: vec![],
+        notes: vec![],
     };
     let mut done: Vec<Outcome> = Vec::new();
     for (st, end) in t.run_hook(first, start) {
@@ -129,6 +151,7 @@ fn push(done: &mut Vec<Outcome>, st: State, fate: Fate) {
             probability: st.prob,
             fate,
             path: st.path,
+            notes: st.notes,
         });
     }
 }
@@ -204,6 +227,17 @@ impl Tracer<'_> {
             if s.prob == 0.0 {
                 continue;
             }
+            for m in &rule.matches {
+                if let Match::SaddrNotInAny(cs) = m {
+                    let list = cs.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+                    s.notes.push(format!(
+                        "source {} is {} the allowed source ranges ({})",
+                        self.pkt.saddr,
+                        if matched { "outside" } else { "inside" },
+                        list.join(", ")
+                    ));
+                }
+            }
             if !matched {
                 out.extend(self.run_rules(rest, s));
                 continue;
@@ -264,6 +298,7 @@ impl Tracer<'_> {
             }
             Match::MarkHas(m) => b(st.mark & m == *m),
             Match::MarkLacks(m) => b(st.mark & m == 0),
+            Match::SaddrNotInAny(cs) => b(!cs.iter().any(|c| c.contains(p.saddr))),
         }
     }
 
@@ -341,7 +376,74 @@ impl Tracer<'_> {
             Action::Masquerade { .. } => vec![(st, End::Masquerade)],
             Action::RejectTcpReset => vec![(st, End::Reject { tcp_reset: true })],
             Action::RejectIcmpx => vec![(st, End::Reject { tcp_reset: false })],
+            Action::DnatRemembered { family, map, port } => {
+                let saddr = self.pkt.saddr;
+                let fits = |e: &(IpAddr, u16)| port.is_none_or(|p| p == e.1);
+                match self
+                    .remembered
+                    .filter(|e| fits(e) && self.may_remember(map, *e))
+                {
+                    Some((addr, port)) if Family::of(saddr) == *family => {
+                        st.notes.push(format!(
+                            "client affinity: {saddr} is remembered on {}, its endpoint again",
+                            std::net::SocketAddr::new(addr, port)
+                        ));
+                        st.daddr = addr;
+                        st.dport = port;
+                        st.dnat = true;
+                        vec![(st, End::Accept)]
+                    }
+                    _ => {
+                        st.notes.push(format!(
+                            "client affinity: nothing remembered for {saddr}: an endpoint at random"
+                        ));
+                        vec![(st, End::Continue)]
+                    }
+                }
+            }
+            Action::OriginalTupleVmap(f, map) => {
+                if Family::of(self.pkt.daddr) != *f
+                    || !matches!(
+                        self.pkt.proto,
+                        Protocol::Tcp | Protocol::Udp | Protocol::Sctp
+                    )
+                {
+                    return vec![(st, End::Continue)];
+                }
+                let key = [
+                    Value::Ip(self.pkt.daddr),
+                    Value::Proto(self.pkt.proto),
+                    Value::Port(self.pkt.dport),
+                ];
+                match self.lookup(map, &key).and_then(|e| e.verdict.clone()) {
+                    Some(v) => self.verdict(&v, st),
+                    None => vec![(st, End::Continue)],
+                }
+            }
+            Action::Remember { timeout, .. } => {
+                st.notes.push(format!(
+                    "client affinity: {} remembered on {} for {timeout} s after its last connection",
+                    self.pkt.saddr,
+                    std::net::SocketAddr::new(st.daddr, st.dport)
+                ));
+                vec![(st, End::Continue)]
+            }
         }
+    }
+
+    /// Whether the affinity map `map` can hold `ep`: the chain that reads the map may choose
+    /// that endpoint (each map belongs to one list of endpoints).
+    fn may_remember(&self, map: &str, ep: (IpAddr, u16)) -> bool {
+        self.rs.chains.values().any(|c| {
+            let reads = c
+                .rules
+                .iter()
+                .any(|r| matches!(&r.action, Action::DnatRemembered { map: m, .. } if m == map));
+            reads
+                && c.rules
+                    .iter()
+                    .any(|r| matches!(r.action, Action::Dnat { addr, port } if (addr, port) == ep))
+        })
     }
 
     fn verdict(&mut self, v: &Verdict, st: State) -> Vec<(State, End)> {

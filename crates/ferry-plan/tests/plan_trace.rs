@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use common::*;
 use ferry_model::view::{ResolvedEndpoint, ResolvedService};
 use ferry_model::{Protocol, TrafficPolicy};
-use ferry_plan::trace::{trace, Fate, Outcome, Packet};
+use ferry_plan::trace::{trace, trace_remembering, Fate, Outcome, Packet};
 use ferry_plan::{plan, PlanConfig, Ruleset};
 use proptest::prelude::*;
 
@@ -598,9 +598,42 @@ proptest! {
                 if let Some(np) = port.node_port {
                     targets.push((ip(node_ip), np));
                 }
+                let ranges = &svc.load_balancer_source_ranges;
+                let firewalled = !ranges.is_empty() && ranges.iter().all(|r| r.prefix_len() > 0);
                 for (addr, dport) in targets {
                     let p = packet(port.protocol, outside, &addr.to_string(), dport);
-                    check_spread(&rs, &p, &external, !external_local, none.clone())?;
+                    if firewalled && svc.load_balancer_ips.contains(&addr) {
+                        // loadBalancerSourceRanges: an outside source is dropped, one inside
+                        // goes on as any other.
+                        prop_assert_eq!(only_fate(&trace(&rs, &p)), Fate::Dropped, "{:?}", p);
+                        let inside = ranges[0].nth(77).expect("a /24 or /48 has 77");
+                        let p = packet(port.protocol, &inside.to_string(), &addr.to_string(), dport);
+                        check_spread(&rs, &p, &external, !external_local, none.clone())?;
+                    } else {
+                        check_spread(&rs, &p, &external, !external_local, none.clone())?;
+                    }
+                }
+
+                // ClientIP affinity: a remembered client goes back to its endpoint when that
+                // endpoint is still usable; otherwise it spreads as a new client.
+                // (libnftables 1.0.6 cannot remember IPv6 endpoints on different ports.)
+                let one_port = internal.iter().map(|e| e.1).collect::<BTreeSet<_>>().len() <= 1;
+                if svc.affinity_timeout.is_some() && (one_port || !v6) {
+                    let p = packet(port.protocol, pod, &cip.to_string(), port.port);
+                    for e in port.endpoints.iter().map(|e| (e.addr, e.port)) {
+                        let out = trace_remembering(&rs, &p, Some(e));
+                        if internal.contains(&e) {
+                            prop_assert_eq!(
+                                only_fate(&out),
+                                Fate::Dnat { addr: e.0, port: e.1, masquerade: false }
+                            );
+                        } else if internal.is_empty() {
+                            prop_assert_eq!(only_fate(&out), reject.clone());
+                        } else {
+                            let d = dnat_outcomes(&out);
+                            prop_assert_eq!(d.len(), internal.len());
+                        }
+                    }
                 }
             }
         }

@@ -10,7 +10,7 @@ use ferry_model::cidr::Cidr;
 use ferry_model::{
     AddressType, ClusterIpSpec, ConfigMap, Endpoint, EndpointConditions, EndpointPort,
     EndpointSlice, IpAddressPool, L2Advertisement, Namespace, Node, NodeAddress, Protocol, Service,
-    ServiceAllocation, ServicePort, ServiceType, TargetPort, TrafficPolicy,
+    ServiceAllocation, ServicePort, ServiceType, SessionAffinity, TargetPort, TrafficPolicy,
 };
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -139,6 +139,23 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
         }
     }
 
+    let session_affinity = session_affinity(ck, spec);
+    let load_balancer_source_ranges = source_ranges(ck, spec, &meta, type_);
+    let health_check_node_port = match spec.health_check_node_port {
+        None | Some(0) => None,
+        Some(n) => {
+            let port = ck.port(n, "spec.healthCheckNodePort");
+            if type_ != ServiceType::LoadBalancer || external_traffic_policy != TrafficPolicy::Local
+            {
+                ck.err(
+                    "spec.healthCheckNodePort",
+                    "may only be set when type is LoadBalancer and externalTrafficPolicy is Local",
+                );
+            }
+            port
+        }
+    };
+
     Service {
         meta,
         type_,
@@ -152,7 +169,113 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
         external_traffic_policy,
         internal_traffic_policy,
         external_name,
+        session_affinity,
+        load_balancer_source_ranges,
+        health_check_node_port,
     }
+}
+
+/// spec.sessionAffinity and spec.sessionAffinityConfig.clientIP.timeoutSeconds, checked as the
+/// API server checks them (the timeout defaults to 10800 and must be 1..=86400).
+fn session_affinity(ck: &mut Ck, spec: &core::ServiceSpec) -> SessionAffinity {
+    let timeout = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds);
+    match spec.session_affinity.as_deref() {
+        None | Some("") | Some("None") => {
+            if timeout.is_some() {
+                ck.err(
+                    "spec.sessionAffinityConfig",
+                    "must not be set when sessionAffinity is None",
+                );
+            }
+            SessionAffinity::None
+        }
+        Some("ClientIP") => {
+            let max = i64::from(SessionAffinity::MAX_TIMEOUT_SECONDS);
+            let t = match timeout {
+                None => SessionAffinity::DEFAULT_TIMEOUT_SECONDS,
+                Some(t) => ck
+                    .int_in(
+                        i64::from(t),
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        1,
+                        max,
+                    )
+                    .and_then(|t| u32::try_from(t).ok())
+                    .unwrap_or(SessionAffinity::DEFAULT_TIMEOUT_SECONDS),
+            };
+            SessionAffinity::ClientIp { timeout_seconds: t }
+        }
+        Some(other) => {
+            ck.err(
+                "spec.sessionAffinity",
+                format!("must be None or ClientIP, got {}", quote(other)),
+            );
+            SessionAffinity::None
+        }
+    }
+}
+
+/// The annotation kube-proxy reads when spec.loadBalancerSourceRanges is empty.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// spec.loadBalancerSourceRanges, or else the annotation (comma-separated), as kube-proxy's
+/// `GetLoadBalancerSourceRanges` reads them; each a CIDR (spaces trimmed), and only on
+/// LoadBalancer services, as the API server checks.
+fn source_ranges(
+    ck: &mut Ck,
+    spec: &core::ServiceSpec,
+    meta: &ferry_model::Meta,
+    type_: ServiceType,
+) -> Vec<Cidr> {
+    let from_spec = spec.load_balancer_source_ranges.as_deref().unwrap_or(&[]);
+    let (field, items): (String, Vec<(String, &str)>) = if !from_spec.is_empty() {
+        (
+            "spec.loadBalancerSourceRanges".into(),
+            from_spec
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("spec.loadBalancerSourceRanges[{i}]"), v.as_str()))
+                .collect(),
+        )
+    } else {
+        let Some(v) = meta.annotations.get(SOURCE_RANGES_ANNOTATION) else {
+            return vec![];
+        };
+        let field = format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]");
+        let items = v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| (field.clone(), s))
+            .collect();
+        (field, items)
+    };
+    if items.is_empty() {
+        return vec![];
+    }
+    if type_ != ServiceType::LoadBalancer {
+        ck.err(field, "may only be used when type is LoadBalancer");
+        return vec![];
+    }
+    let mut out = Vec::new();
+    for (path, v) in items {
+        match v.trim().parse::<Cidr>() {
+            Ok(c) => out.push(c),
+            Err(e) => ck.err(
+                path,
+                format!(
+                    "must be a CIDR such as 192.168.0.0/16 or fd00::/8, got {}: {}",
+                    quote(v),
+                    e.reason
+                ),
+            ),
+        }
+    }
+    out
 }
 
 /// "" -> Auto, "None" -> headless, else an IP.

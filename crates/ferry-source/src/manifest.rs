@@ -864,6 +864,7 @@ fn parse_l2_advertisement(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_model::cidr::Cidr;
     use ferry_model::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -1032,6 +1033,7 @@ status:
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
             external_name: None,
+            ..Default::default()
         };
         assert_eq!(service(SERVICE_SEED), expected);
     }
@@ -1442,6 +1444,58 @@ status:
     }
 
     #[test]
+    fn affinity_source_ranges_and_health_check_port() {
+        let s = service(&svc("{ports: [{port: 1}], sessionAffinity: ClientIP}"));
+        assert_eq!(
+            s.session_affinity,
+            SessionAffinity::ClientIp {
+                timeout_seconds: 10800
+            }
+        );
+        let s = service(&svc("{ports: [{port: 1}], sessionAffinity: ClientIP, \
+             sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}}"));
+        assert_eq!(s.session_affinity.timeout_seconds(), Some(2));
+        let s = service(&svc("{ports: [{port: 1}], sessionAffinity: None}"));
+        assert_eq!(s.session_affinity, SessionAffinity::None);
+
+        let s = service(&svc(
+            "{type: LoadBalancer, externalTrafficPolicy: Local, healthCheckNodePort: 32000, \
+             ports: [{port: 1}], loadBalancerSourceRanges: [' 10.1.2.3/8 ', 'fd00::/8']}",
+        ));
+        let want: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        assert_eq!(s.load_balancer_source_ranges, want);
+        assert_eq!(s.health_check_node_port, Some(32000));
+
+        // The annotation, when the field is empty (kube-proxy's reading); the field wins.
+        let annotated = |spec: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    \
+                 service.beta.kubernetes.io/load-balancer-source-ranges: '10.0.0.0/8, 192.168.2.0/24'\n\
+                 spec: {spec}\n"
+            )
+        };
+        let s = service(&annotated("{type: LoadBalancer, ports: [{port: 1}]}"));
+        let want: Vec<Cidr> = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "192.168.2.0/24".parse().unwrap(),
+        ];
+        assert_eq!(s.load_balancer_source_ranges, want);
+        let s = service(&annotated(
+            "{type: LoadBalancer, ports: [{port: 1}], loadBalancerSourceRanges: [1.2.3.0/24]}",
+        ));
+        let want: Vec<Cidr> = vec!["1.2.3.0/24".parse().unwrap()];
+        assert_eq!(s.load_balancer_source_ranges, want);
+        let e = assert_error(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    \
+              service.beta.kubernetes.io/load-balancer-source-ranges: '10.0.0.0/8,bogus'\n\
+              spec: {type: LoadBalancer, ports: [{port: 1}]}\n",
+            "metadata.annotations[service.beta.kubernetes.io/load-balancer-source-ranges]",
+            "got \"bogus\"",
+        );
+        assert_eq!(e.at.object.as_deref(), Some("Service default/web"));
+    }
+
+    #[test]
     fn headless_and_external_name() {
         let s = service(&svc("{clusterIP: None, selector: {app: db}}"));
         assert!(s.is_headless());
@@ -1541,6 +1595,15 @@ status:
             ("{ports: [{port: 1}], internalTrafficPolicy: Global}", "spec.internalTrafficPolicy", "must be Cluster or Local"),
             ("{ports: [{port: 1}], selector: {app: web, version: 2}}", "spec.selector[version]", "must be a string, got number 2 (quote it)"),
             ("{ports: [{port: 1}], selector: [app]}", "spec.selector", "must be a mapping"),
+            ("{ports: [{port: 1}], sessionAffinity: Sticky}", "spec.sessionAffinity", "must be None or ClientIP, got \"Sticky\""),
+            ("{ports: [{port: 1}], sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}}", "spec.sessionAffinityConfig.clientIP.timeoutSeconds", "must be between 1 and 86400, got 0"),
+            ("{ports: [{port: 1}], sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}}", "spec.sessionAffinityConfig.clientIP.timeoutSeconds", "got 86401"),
+            ("{ports: [{port: 1}], sessionAffinityConfig: {clientIP: {timeoutSeconds: 5}}}", "spec.sessionAffinityConfig", "must not be set when sessionAffinity is None"),
+            ("{type: LoadBalancer, ports: [{port: 1}], loadBalancerSourceRanges: [10.0.0.0/8, 192.168.2.0/33]}", "spec.loadBalancerSourceRanges[1]", "must be a CIDR such as 192.168.0.0/16 or fd00::/8, got \"192.168.2.0/33\""),
+            ("{type: LoadBalancer, ports: [{port: 1}], loadBalancerSourceRanges: [10.0.0.1]}", "spec.loadBalancerSourceRanges[0]", "missing /length"),
+            ("{type: NodePort, ports: [{port: 1}], loadBalancerSourceRanges: [10.0.0.0/8]}", "spec.loadBalancerSourceRanges", "may only be used when type is LoadBalancer"),
+            ("{type: LoadBalancer, ports: [{port: 1}], healthCheckNodePort: 30000}", "spec.healthCheckNodePort", "externalTrafficPolicy is Local"),
+            ("{type: LoadBalancer, externalTrafficPolicy: Local, ports: [{port: 1}], healthCheckNodePort: 70000}", "spec.healthCheckNodePort", "must be between 1 and 65535, got 70000"),
             ("[ports]", "spec", "must be a mapping, got a list"),
         ];
         for (spec, field, msg) in cases {

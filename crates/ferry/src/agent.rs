@@ -644,6 +644,8 @@ struct SyncOutcome {
     diagnostics: Vec<Diagnostic>,
     l2: L2Config,
     node_ips: Vec<IpAddr>,
+    /// healthCheckNodePort: the health checks this node serves (healthcheck.rs).
+    health_checks: Vec<crate::healthcheck::Check>,
     /// What changed in the kernel ("" when nothing did).
     changes: String,
     t_plan: Duration,
@@ -717,6 +719,11 @@ impl Worker {
             .map(|port| port.endpoints.len())
             .sum();
         let (service_changes, endpoint_changes) = changes_between(&self.served, &p.services);
+        // healthCheckNodePort (healthcheck.rs): kube-proxy's part, so only when proxying.
+        let health_checks = match proxies {
+            true => crate::healthcheck::wanted(&p.services, &args.node),
+            false => Vec::new(),
+        };
         self.served = p.services;
         Ok(SyncOutcome {
             service_changes,
@@ -728,6 +735,7 @@ impl Worker {
             diagnostics: p.diagnostics,
             l2: p.l2,
             node_ips: p.node_ips,
+            health_checks,
             changes: if changes.is_empty() {
                 String::new()
             } else {
@@ -763,6 +771,8 @@ struct Shell {
     node_ips: Vec<IpAddr>,
     syncs: u64,
     l2_sent: Option<L2Config>,
+    /// healthCheckNodePort servers (healthcheck.rs), updated after each sync.
+    health: crate::healthcheck::HealthChecks,
 }
 
 async fn run_async(args: AgentArgs) -> Result<i32> {
@@ -863,6 +873,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
         node_ips: Vec::new(),
         syncs: 0,
         l2_sent: None,
+        health: crate::healthcheck::HealthChecks::new(Arc::clone(&metrics)),
     };
     // The worker lives on a thread of its own (libnftables' context stays on one thread):
     // jobs go in, outcomes come back; the shell never waits on it.
@@ -1218,6 +1229,7 @@ impl Shell {
                     self.metrics.observe_network_programming(t.elapsed());
                 }
                 self.lb_services = out.lb_services.clone();
+                self.health.update(out.health_checks.clone()); // healthCheckNodePort
                 if self.core.ready() {
                     self.metrics.set_ready();
                 }

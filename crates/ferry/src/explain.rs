@@ -138,6 +138,9 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
         };
         println!("  {:5.1}%  {what}", o.probability * 100.0);
         println!("          chains: {}", o.path.join(" -> "));
+        for note in &o.notes {
+            println!("          {note}");
+        }
     }
     Ok(0)
 }

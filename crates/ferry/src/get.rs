@@ -116,6 +116,9 @@ fn service_json(svc: &Service, a: Option<&Allocation>) -> Value {
     if !svc.selector.is_empty() {
         spec["selector"] = json!(svc.selector);
     }
+    if let Some(hc) = a.and_then(|a| a.health_check_node_port) {
+        spec["healthCheckNodePort"] = json!(hc);
+    }
     match (svc.is_headless(), a.and_then(|a| a.cluster_ip)) {
         (true, _) => spec["clusterIP"] = json!("None"),
         (false, Some(ip)) => {

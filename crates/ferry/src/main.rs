@@ -17,6 +17,7 @@ mod agent_core;
 mod announce;
 mod explain;
 mod get;
+mod healthcheck;
 mod http;
 mod logging;
 mod metrics;

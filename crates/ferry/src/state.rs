@@ -203,6 +203,10 @@ impl AllocStore for StateDir {
                 let allocation = Allocation {
                     cluster_ip: a.cluster_ip,
                     node_ports,
+                    health_check_node_port: a
+                        .node_ports
+                        .get(ferry_model::alloc::HEALTH_CHECK_KEY)
+                        .copied(),
                 };
                 Some((r, Ok(allocation)))
             })

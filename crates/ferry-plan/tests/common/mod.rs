@@ -122,6 +122,9 @@ impl Svc {
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
             ports: vec![],
+            affinity_timeout: None,
+            load_balancer_source_ranges: vec![],
+            health_check_node_port: None,
         })
     }
     pub fn namespace(mut self, ns: &str) -> Svc {
@@ -392,6 +395,10 @@ pub struct ServiceSpec {
     pub external_local: bool,
     pub internal_local: bool,
     pub ports: Vec<PortSpec>,
+    /// ClientIP affinity timeout.
+    pub affinity: Option<u32>,
+    /// How many loadBalancerSourceRanges (0: none; 3: one of them is everything).
+    pub source_ranges: u8,
 }
 
 fn endpoint_spec() -> impl Strategy<Value = EndpointSpec> {
@@ -451,9 +458,21 @@ pub fn service_spec() -> impl Strategy<Value = ServiceSpec> {
         any::<bool>(),
         proptest::bool::weighted(0.2),
         proptest::collection::vec(port_spec(), 0..4),
+        proptest::option::weighted(0.3, prop_oneof![Just(10800u32), 1u32..4]),
+        0u8..4,
     )
         .prop_map(
-            |(namespace, v6, type_, external_ips, external_local, internal_local, ports)| {
+            |(
+                namespace,
+                v6,
+                type_,
+                external_ips,
+                external_local,
+                internal_local,
+                ports,
+                affinity,
+                source_ranges,
+            )| {
                 ServiceSpec {
                     namespace,
                     v6,
@@ -462,6 +481,8 @@ pub fn service_spec() -> impl Strategy<Value = ServiceSpec> {
                     external_local,
                     internal_local,
                     ports,
+                    affinity,
+                    source_ranges,
                 }
             },
         )
@@ -569,6 +590,19 @@ pub fn service_from_spec(i: usize, spec: &ServiceSpec) -> ResolvedService {
         external_traffic_policy: policy(spec.external_local),
         internal_traffic_policy: policy(spec.internal_local),
         ports,
+        affinity_timeout: spec.affinity,
+        load_balancer_source_ranges: (0..spec.source_ranges)
+            .map(|k| {
+                let text = match (spec.v6, k) {
+                    (false, 2) => "0.0.0.0/0".to_string(),
+                    (true, 2) => "::/0".to_string(),
+                    (false, _) => format!("192.168.{}.0/24", 2 + k),
+                    (true, _) => format!("2001:db8:{k}::/48"),
+                };
+                text.parse().expect("a CIDR")
+            })
+            .collect(),
+        health_check_node_port: None,
     }
 }
 
