@@ -408,6 +408,10 @@ impl RuleCtx<'_> {
                 self.meta(expr::META_L4PROTO, REG_1)?;
                 self.cmp(expr::CMP_EQ, &[proto_number(*p)])
             }
+            Match::SaddrNotInAny(cs) if cs.len() == 1 => self.matches(&Match::SaddrNotIn(cs[0])),
+            Match::SaddrNotInAny(_) => Err(Unsupported(
+                "ip saddr != { ... } (an anonymous interval set)".into(),
+            )),
             Match::SaddrNotIn(c) => {
                 let f = Family::of(c.network());
                 self.family(f)?;
@@ -545,6 +549,10 @@ impl RuleCtx<'_> {
                 w.attr(2, &[expr::REJECT_ICMPX_PORT_UNREACH]);
                 Ok(())
             }),
+            // Session affinity's map statements: loaded through libnftables for now.
+            Action::DnatRemembered { .. } => Err(Unsupported("dnat to ... map @m".into())),
+            Action::OriginalTupleVmap(..) => Err(Unsupported("ct original ... vmap".into())),
+            Action::Remember { .. } => Err(Unsupported("update @m { ... }".into())),
         }
     }
 }
@@ -667,7 +675,7 @@ pub fn full_load(rs: &Ruleset, replace: bool) -> Result<Vec<u8>, Unsupported> {
     for (i, s) in rs.sets.values().enumerate() {
         let id = i as u32 + 1;
         set_ids.insert(s.name.clone(), id);
-        set_def(&mut w, s, id);
+        set_def(&mut w, s, id)?;
     }
     for c in rs.chains.values() {
         chain_def(&mut w, c);
@@ -694,7 +702,10 @@ pub fn full_load(rs: &Ruleset, replace: bool) -> Result<Vec<u8>, Unsupported> {
     Ok(w.buf)
 }
 
-fn set_def(w: &mut Writer, s: &Set, id: u32) {
+fn set_def(w: &mut Writer, s: &Set, id: u32) -> Result<(), Unsupported> {
+    if s.dynamic || !s.data.is_empty() {
+        return Err(Unsupported(format!("map {} (dynamic, or to data)", s.name)));
+    }
     let m = w.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE);
     w.str(NFTA_SET_TABLE, TABLE);
     w.str(NFTA_SET_NAME, &s.name);
@@ -736,6 +747,7 @@ fn set_def(w: &mut Writer, s: &Set, id: u32) {
     }
     w.attr(NFTA_SET_USERDATA, &udata);
     w.msg_end(m);
+    Ok(())
 }
 
 fn chain_def(w: &mut Writer, c: &Chain) {

@@ -504,21 +504,15 @@ impl Dataplane {
         self
     }
 
-    /// Replaces the table with `desired` in one netlink transaction; what the encoder does not
-    /// know, and a netlink socket refused, go through libnftables' text instead.
-    fn load_full(&mut self, desired: &Ruleset, replace: bool) -> Result<(), NftError> {
-        // What the encoder does not know (Unsupported) goes through libnftables below.
-        if let Ok(batch) = encode::full_load(desired, replace) {
-            match netlink::send_batch(&batch) {
-                Err(NftError::Unavailable(_)) => {}
-                other => return other,
-            }
+    /// Replaces the table with `desired` in one netlink transaction (`replace`: deleting the
+    /// one there is); None when the encoder does not know a construct of it or netlink sockets
+    /// are refused: then `script` goes through libnftables.
+    fn load_full(&mut self, desired: &Ruleset, replace: bool) -> Option<Result<(), NftError>> {
+        let batch = encode::full_load(desired, replace).ok()?;
+        match netlink::send_batch(&batch) {
+            Err(NftError::Unavailable(_)) => None,
+            other => Some(other),
         }
-        let live = LiveState {
-            table: replace,
-            ..LiveState::default()
-        };
-        self.nft.run(&diff(&live, desired).script).map(|_| ())
     }
 
     pub fn nft(&mut self) -> &mut Nft {
@@ -539,11 +533,12 @@ impl Dataplane {
         };
         let changes = diff(&live, desired);
         if !changes.is_empty() {
-            let done = if changes.full && self.netlink_loads {
+            let loaded = if changes.full && self.netlink_loads {
                 self.load_full(desired, live.table)
             } else {
-                self.nft.run(&changes.script).map(|_| ())
+                None
             };
+            let done = loaded.unwrap_or_else(|| self.nft.run(&changes.script).map(|_| ()));
             if let Err(e) = done {
                 self.live = None;
                 return Err(e);

@@ -328,8 +328,8 @@ pub(crate) struct SetDef {
     pub name: String,
     pub fields: Vec<Field>,
     pub interval: bool,
-    /// Some(None) for a verdict map, Some(Some(type)) for a map of other data, None for a set.
-    pub data: Option<Option<u32>>,
+    /// Some(empty) for a verdict map, Some(fields) for a map to data, None for a set.
+    pub data: Option<Vec<Field>>,
 }
 
 impl SetDef {
@@ -341,12 +341,34 @@ impl SetDef {
             .map(|f| f.name())
             .collect::<Vec<_>>()
             .join(" . ");
-        match self.data {
+        let names = |fields: &[Field]| {
+            fields
+                .iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(" . ")
+        };
+        match &self.data {
             None => key,
-            Some(None) => format!("{key} : verdict"),
-            Some(Some(t)) => format!("{key} : {}", Field::of(t).name()),
+            Some(d) if d.is_empty() => format!("{key} : verdict"),
+            Some(d) => format!("{key} : {}", names(d)),
         }
     }
+}
+
+/// The fields of a key or data type: nft's datatype numbers, six bits each in a
+/// concatenation, the first field in the highest bits.
+fn fields_of(mut t: u32) -> Vec<Field> {
+    if t < 64 || t == NFT_DATA_VERDICT || t == u32::MAX {
+        return vec![Field::of(t)];
+    }
+    let mut fields = Vec::new();
+    while t != 0 {
+        fields.push(Field::of(t & 0x3f));
+        t >>= 6;
+    }
+    fields.reverse();
+    fields
 }
 
 /// A named set or map of ferry's table (anonymous sets are part of their rules, as in
@@ -370,24 +392,15 @@ pub(crate) fn decode_set(payload: &[u8]) -> Option<SetDef> {
     if table != Some(TABLE) || flags & NFT_SET_ANONYMOUS != 0 {
         return None;
     }
-    let mut fields = Vec::new();
-    let mut t = key_type.unwrap_or(0);
-    if t < 64 {
-        fields.push(Field::of(t));
-    } else {
-        while t != 0 {
-            fields.push(Field::of(t & 0x3f));
-            t >>= 6;
-        }
-        fields.reverse();
-    }
+    let fields = fields_of(key_type.unwrap_or(0));
     let data = if flags & NFT_SET_OBJECT != 0 {
-        Some(Some(u32::MAX))
+        Some(vec![Field::Other(u32::MAX)])
     } else if flags & NFT_SET_MAP != 0 {
-        Some(match data_type {
+        match data_type {
             Some(NFT_DATA_VERDICT) => None,
-            other => Some(other.unwrap_or(u32::MAX)),
-        })
+            other => Some(fields_of(other.unwrap_or(u32::MAX))),
+        }
+        .or(Some(Vec::new()))
     } else {
         None
     };
@@ -990,7 +1003,7 @@ mod tests {
             name: "s".into(),
             fields,
             interval,
-            data: vmap.then_some(None),
+            data: vmap.then(Vec::new),
         }
     }
 

