@@ -71,6 +71,8 @@ const NFTA_SET_ID: u16 = 10;
 const NFTA_SET_USERDATA: u16 = 13;
 const NFT_SET_INTERVAL: u32 = 0x4;
 const NFT_SET_MAP: u32 = 0x8;
+const NFT_SET_TIMEOUT: u32 = 0x10;
+const NFT_SET_EVAL: u32 = 0x20;
 const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -99,6 +101,16 @@ const REG_VERDICT: u32 = 0;
 const REG_1: u32 = 1;
 const REG_2: u32 = 2;
 const REG32_00: u32 = 8;
+
+/// The register nft names for the 4-byte word `word` of the register file: a 16-byte register
+/// where one starts (NFT_REG_1..4), else the 4-byte one (NFT_REG32_xx).
+fn reg_at(word: u32) -> u32 {
+    if word.is_multiple_of(4) {
+        REG_1 + word / 4
+    } else {
+        REG32_00 + word
+    }
+}
 
 /// The largest payload of one attribute (its length is 16 bits).
 const MAX_ATTR: usize = 0xffff - 4;
@@ -235,6 +247,10 @@ mod expr {
     pub const META_L4PROTO: u32 = 16;
     pub const CT_STATE: u32 = 0;
     pub const CT_STATUS: u32 = 2;
+    pub const CT_PROTO_DST: u32 = 12;
+    pub const CT_DST_IP: u32 = 20;
+    pub const CT_DST_IP6: u32 = 22;
+    pub const DYNSET_OP_UPDATE: u32 = 1;
     pub const BASE_NETWORK: u32 = 1;
     pub const BASE_TRANSPORT: u32 = 2;
     pub const CMP_EQ: u32 = 0;
@@ -257,6 +273,8 @@ struct RuleCtx<'a> {
     w: &'a mut Writer,
     set_ids: &'a std::collections::BTreeMap<String, u32>,
     family: Option<Family>,
+    /// The IDs of the anonymous sets written for this rule, in the order it uses them.
+    anonymous: std::collections::VecDeque<u32>,
 }
 
 fn nfproto(f: Family) -> u8 {
@@ -353,6 +371,33 @@ impl RuleCtx<'_> {
         })
     }
 
+    /// A lookup in the next anonymous set written for this rule.
+    fn lookup_anonymous(&mut self, invert: bool) -> Result<(), Unsupported> {
+        let id = self
+            .anonymous
+            .pop_front()
+            .ok_or_else(|| Unsupported("an anonymous set not written".into()))?;
+        self.w.expr("lookup", |w| {
+            w.str(1, ANONYMOUS_SET);
+            w.be32(2, REG_1);
+            w.be32(4, id);
+            if invert {
+                w.be32(5, expr::LOOKUP_F_INV);
+            }
+            Ok(())
+        })
+    }
+
+    /// `ct original KEY` into `dreg`.
+    fn ct_original(&mut self, key: u32, dreg: u32) -> Result<(), Unsupported> {
+        self.w.expr("ct", |w| {
+            w.be32(1, dreg);
+            w.be32(2, key);
+            w.attr(3, &[0]);
+            Ok(())
+        })
+    }
+
     fn immediate_value(&mut self, dreg: u32, value: &[u8]) -> Result<(), Unsupported> {
         self.w.expr("immediate", |w| {
             w.be32(1, dreg);
@@ -383,9 +428,9 @@ impl RuleCtx<'_> {
             addr_len(f),
             REG_1,
         )?;
-        let next = REG32_00 + addr_len(f) / 4;
-        self.meta(expr::META_L4PROTO, next)?;
-        self.payload(expr::BASE_TRANSPORT, 2, 2, next + 1)
+        let w = addr_len(f) / 4;
+        self.meta(expr::META_L4PROTO, reg_at(w))?;
+        self.payload(expr::BASE_TRANSPORT, 2, 2, reg_at(w + 1))
     }
 
     fn matches(&mut self, m: &Match) -> Result<(), Unsupported> {
@@ -409,9 +454,15 @@ impl RuleCtx<'_> {
                 self.cmp(expr::CMP_EQ, &[proto_number(*p)])
             }
             Match::SaddrNotInAny(cs) if cs.len() == 1 => self.matches(&Match::SaddrNotIn(cs[0])),
-            Match::SaddrNotInAny(_) => Err(Unsupported(
-                "ip saddr != { ... } (an anonymous interval set)".into(),
-            )),
+            Match::SaddrNotInAny(cs) => {
+                let f = cs
+                    .first()
+                    .map(|c| Family::of(c.network()))
+                    .ok_or_else(|| Unsupported("ip saddr != { } (no prefix)".into()))?;
+                self.family(f)?;
+                self.payload(expr::BASE_NETWORK, addr_offset(f, true), addr_len(f), REG_1)?;
+                self.lookup_anonymous(true)
+            }
             Match::SaddrNotIn(c) => {
                 let f = Family::of(c.network());
                 self.family(f)?;
@@ -457,7 +508,7 @@ impl RuleCtx<'_> {
                     addr_len(*f),
                     REG_1,
                 )?;
-                let next = REG32_00 + addr_len(*f) / 4;
+                let next = reg_at(addr_len(*f) / 4);
                 self.payload(
                     expr::BASE_NETWORK,
                     addr_offset(*f, false),
@@ -500,7 +551,7 @@ impl RuleCtx<'_> {
             }
             Action::ProtoPortVmap(map) => {
                 self.meta(expr::META_L4PROTO, REG_1)?;
-                self.payload(expr::BASE_TRANSPORT, 2, 2, REG32_00 + 1)?;
+                self.payload(expr::BASE_TRANSPORT, 2, 2, reg_at(1))?;
                 self.lookup(map, Some(REG_VERDICT), false)
             }
             Action::SetMark(bits) | Action::ToggleMark(bits) => {
@@ -549,10 +600,77 @@ impl RuleCtx<'_> {
                 w.attr(2, &[expr::REJECT_ICMPX_PORT_UNREACH]);
                 Ok(())
             }),
-            // Session affinity's map statements: loaded through libnftables for now.
-            Action::DnatRemembered { .. } => Err(Unsupported("dnat to ... map @m".into())),
-            Action::OriginalTupleVmap(..) => Err(Unsupported("ct original ... vmap".into())),
-            Action::Remember { .. } => Err(Unsupported("update @m { ... }".into())),
+            Action::DnatRemembered { family, map, port } => {
+                let f = *family;
+                self.family(f)?;
+                self.payload(expr::BASE_NETWORK, addr_offset(f, true), addr_len(f), REG_1)?;
+                self.lookup(map, Some(REG_1), false)?;
+                let proto_reg = match port {
+                    Some(p) => {
+                        self.immediate_value(REG_2, &p.to_be_bytes())?;
+                        REG_2
+                    }
+                    // The map holds address . port: the port sits after the address.
+                    None => reg_at(addr_len(f) / 4),
+                };
+                let explicit = port.is_some();
+                self.w.expr("nat", |w| {
+                    w.be32(1, expr::NAT_DNAT);
+                    w.be32(2, u32::from(nfproto(f)));
+                    w.be32(3, REG_1);
+                    w.be32(5, proto_reg);
+                    if explicit {
+                        w.be32(7, expr::NF_NAT_RANGE_PROTO_SPECIFIED);
+                    }
+                    Ok(())
+                })
+            }
+            Action::OriginalTupleVmap(f, map) => {
+                // meta l4proto { tcp, udp, sctp }
+                self.meta(expr::META_L4PROTO, REG_1)?;
+                self.lookup_anonymous(false)?;
+                // ct original ip daddr . meta l4proto . ct original proto-dst
+                let (key, words) = match f {
+                    Family::V4 => (expr::CT_DST_IP, 1),
+                    Family::V6 => (expr::CT_DST_IP6, 4),
+                };
+                self.ct_original(key, REG_1)?;
+                self.meta(expr::META_L4PROTO, reg_at(words))?;
+                self.ct_original(expr::CT_PROTO_DST, reg_at(words + 1))?;
+                self.lookup(map, Some(REG_VERDICT), false)
+            }
+            Action::Remember {
+                family,
+                map,
+                timeout,
+                with_port,
+            } => {
+                let f = *family;
+                self.family(f)?;
+                self.payload(expr::BASE_NETWORK, addr_offset(f, true), addr_len(f), REG_1)?;
+                self.payload(
+                    expr::BASE_NETWORK,
+                    addr_offset(f, false),
+                    addr_len(f),
+                    REG_2,
+                )?;
+                if *with_port {
+                    self.payload(expr::BASE_TRANSPORT, 2, 2, reg_at(4 + addr_len(f) / 4))?;
+                }
+                let id = self.set_ids.get(map).copied();
+                let ms = u64::from(*timeout) * 1000;
+                self.w.expr("dynset", |w| {
+                    w.str(1, map);
+                    if let Some(id) = id {
+                        w.be32(2, id);
+                    }
+                    w.be32(3, expr::DYNSET_OP_UPDATE);
+                    w.be32(4, REG_1);
+                    w.be32(5, REG_2);
+                    w.attr(6, &ms.to_be_bytes());
+                    Ok(())
+                })
+            }
         }
     }
 }
@@ -680,6 +798,7 @@ pub fn full_load(rs: &Ruleset, replace: bool) -> Result<Vec<u8>, Unsupported> {
     for c in rs.chains.values() {
         chain_def(&mut w, c);
     }
+    let mut next_id = rs.sets.len() as u32;
     for c in rs.chains.values() {
         let fp = c.fingerprint();
         for (i, r) in c.rules.iter().enumerate() {
@@ -691,10 +810,17 @@ pub fn full_load(rs: &Ruleset, replace: bool) -> Result<Vec<u8>, Unsupported> {
             } else {
                 r.comment.clone()
             };
-            rule(&mut w, &set_ids, &c.name, r, comment.as_deref())?;
+            rule(
+                &mut w,
+                &set_ids,
+                &mut next_id,
+                &c.name,
+                r,
+                comment.as_deref(),
+            )?;
         }
     }
-    for s in rs.sets.values() {
+    for s in rs.sets.values().filter(|s| !s.dynamic) {
         elements(&mut w, s, set_ids[&s.name])?;
     }
     let e = w.msg_start(NFNL_MSG_BATCH_END, 0, 0, NFNL_SUBSYS_NFTABLES);
@@ -702,32 +828,46 @@ pub fn full_load(rs: &Ruleset, replace: bool) -> Result<Vec<u8>, Unsupported> {
     Ok(w.buf)
 }
 
+/// Bytes a key or data of these fields takes (each field in a 4-byte register when more than
+/// one).
+fn fields_len(fields: &[KeyType]) -> usize {
+    if fields.len() > 1 {
+        fields.iter().map(|k| (width(*k) + 3) & !3).sum()
+    } else {
+        fields.iter().map(|k| width(*k)).sum()
+    }
+}
+
+fn fields_type(fields: &[KeyType]) -> u32 {
+    fields.iter().fold(0u32, |t, k| (t << 6) | type_id(*k))
+}
+
 fn set_def(w: &mut Writer, s: &Set, id: u32) -> Result<(), Unsupported> {
-    if s.dynamic || !s.data.is_empty() {
-        return Err(Unsupported(format!("map {} (dynamic, or to data)", s.name)));
+    if !s.data.is_empty() && !s.dynamic {
+        return Err(Unsupported(format!("map {} to data", s.name)));
     }
     let m = w.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE);
     w.str(NFTA_SET_TABLE, TABLE);
     w.str(NFTA_SET_NAME, &s.name);
     let mut flags = 0;
-    if s.is_vmap {
+    if s.is_map() {
         flags |= NFT_SET_MAP;
     }
     if s.interval {
         flags |= NFT_SET_INTERVAL;
     }
+    if s.dynamic {
+        flags |= NFT_SET_TIMEOUT | NFT_SET_EVAL;
+    }
     w.be32(NFTA_SET_FLAGS, flags);
-    let key_type = s.key.iter().fold(0u32, |t, k| (t << 6) | type_id(*k));
-    w.be32(NFTA_SET_KEY_TYPE, key_type);
-    let key_len: usize = if s.key.len() > 1 {
-        s.key.iter().map(|k| (width(*k) + 3) & !3).sum()
-    } else {
-        s.key.iter().map(|k| width(*k)).sum()
-    };
-    w.be32(NFTA_SET_KEY_LEN, key_len as u32);
+    w.be32(NFTA_SET_KEY_TYPE, fields_type(&s.key));
+    w.be32(NFTA_SET_KEY_LEN, fields_len(&s.key) as u32);
     if s.is_vmap {
         w.be32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
         w.be32(NFTA_SET_DATA_LEN, 0);
+    } else if !s.data.is_empty() {
+        w.be32(NFTA_SET_DATA_TYPE, fields_type(&s.data));
+        w.be32(NFTA_SET_DATA_LEN, fields_len(&s.data) as u32);
     }
     w.be32(NFTA_SET_ID, id);
     let mut udata = Vec::new();
@@ -738,9 +878,14 @@ fn set_def(w: &mut Writer, s: &Set, id: u32) -> Result<(), Unsupported> {
     };
     udata.extend_from_slice(&[UDATA_SET_KEYBYTEORDER, 4]);
     udata.extend_from_slice(&byteorder.to_ne_bytes());
-    if s.is_vmap {
+    if s.is_map() {
+        let data_order = if s.data.len() == 1 && s.data[0] != KeyType::InetProto {
+            BYTEORDER_BIG_ENDIAN
+        } else {
+            0
+        };
         udata.extend_from_slice(&[UDATA_SET_DATABYTEORDER, 4]);
-        udata.extend_from_slice(&0u32.to_ne_bytes());
+        udata.extend_from_slice(&data_order.to_ne_bytes());
     }
     if !s.comment.is_empty() {
         udata.extend(comment_udata(UDATA_SET_COMMENT, &s.comment));
@@ -786,13 +931,137 @@ fn chain_def(w: &mut Writer, c: &Chain) {
     w.msg_end(m);
 }
 
+/// The name the kernel numbers for an anonymous set.
+const ANONYMOUS_SET: &str = "__set%d";
+const NFT_SET_ANONYMOUS: u32 = 0x1;
+const NFT_SET_CONSTANT: u32 = 0x2;
+
+/// An anonymous set: its key type, whether it holds intervals, and its elements' keys (with
+/// whether each marks the end of a range).
+type AnonymousSet = (KeyType, bool, Vec<(Vec<u8>, bool)>);
+
+/// The anonymous sets a rule needs, in the order it uses them: each as its key type and its
+/// elements (interval elements when `interval`).
+fn anonymous_sets(r: &Rule) -> Vec<AnonymousSet> {
+    let mut out = Vec::new();
+    for m in &r.matches {
+        if let Match::SaddrNotInAny(cs) = m {
+            if cs.len() > 1 {
+                let f = Family::of(cs[0].network());
+                let mut ranges: Vec<(Vec<u8>, Vec<u8>)> = cs
+                    .iter()
+                    .map(|c| {
+                        let first = ip_bytes(c.network());
+                        let mut last = first.clone();
+                        let host = last.len() as u32 * 8 - u32::from(c.prefix_len());
+                        for (i, b) in last.iter_mut().rev().enumerate() {
+                            let bits = host.saturating_sub(8 * i as u32).min(8);
+                            *b |= ((1u16 << bits) - 1) as u8;
+                        }
+                        (first, last)
+                    })
+                    .collect();
+                ranges.sort();
+                // Overlapping prefixes become one range, as nft merges them.
+                let mut merged: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+                for (a, b) in ranges {
+                    match merged.last_mut() {
+                        Some((_, end)) if a <= *end || plus_one(end).as_ref() == Some(&a) => {
+                            if b > *end {
+                                *end = b;
+                            }
+                        }
+                        _ => merged.push((a, b)),
+                    }
+                }
+                let mut els = Vec::new();
+                if merged
+                    .first()
+                    .is_some_and(|(a, _)| a.iter().any(|x| *x != 0))
+                {
+                    els.push((vec![0; merged[0].0.len()], true));
+                }
+                for (a, b) in merged {
+                    els.push((a, false));
+                    if let Some(n) = plus_one(&b) {
+                        els.push((n, true));
+                    }
+                }
+                out.push((f.addr_type(), true, els));
+            }
+        }
+    }
+    if matches!(r.action, Action::OriginalTupleVmap(..)) {
+        let protos = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+        let els = protos
+            .iter()
+            .map(|p| (vec![proto_number(*p)], false))
+            .collect();
+        out.push((KeyType::InetProto, false, els));
+    }
+    out
+}
+
+/// Writes an anonymous constant set and its elements; its ID.
+fn anonymous_set(
+    w: &mut Writer,
+    id: u32,
+    key: KeyType,
+    interval: bool,
+    els: &[(Vec<u8>, bool)],
+) -> Result<(), Unsupported> {
+    let m = w.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE);
+    w.str(NFTA_SET_TABLE, TABLE);
+    w.str(NFTA_SET_NAME, ANONYMOUS_SET);
+    let mut flags = NFT_SET_ANONYMOUS | NFT_SET_CONSTANT;
+    if interval {
+        flags |= NFT_SET_INTERVAL;
+    }
+    w.be32(NFTA_SET_FLAGS, flags);
+    w.be32(NFTA_SET_KEY_TYPE, type_id(key));
+    w.be32(NFTA_SET_KEY_LEN, width(key) as u32);
+    w.be32(NFTA_SET_ID, id);
+    let byteorder = if key == KeyType::InetProto {
+        0
+    } else {
+        BYTEORDER_BIG_ENDIAN
+    };
+    let mut udata = vec![UDATA_SET_KEYBYTEORDER, 4];
+    udata.extend_from_slice(&byteorder.to_ne_bytes());
+    w.attr(NFTA_SET_USERDATA, &udata);
+    w.msg_end(m);
+    let m = w.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE);
+    w.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+    w.str(NFTA_SET_ELEM_LIST_SET, ANONYMOUS_SET);
+    w.be32(NFTA_SET_ELEM_LIST_SET_ID, id);
+    let list = w.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+    for (key, end) in els {
+        let one = w.nest(NFTA_LIST_ELEM);
+        w.data(NFTA_SET_ELEM_KEY, key)?;
+        if *end {
+            w.be32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+        }
+        w.nest_end(one)?;
+    }
+    w.nest_end(list)?;
+    w.msg_end(m);
+    Ok(())
+}
+
 fn rule(
     w: &mut Writer,
     set_ids: &std::collections::BTreeMap<String, u32>,
+    next_id: &mut u32,
     chain: &str,
     r: &Rule,
     comment: Option<&str>,
 ) -> Result<(), Unsupported> {
+    let mut anonymous = std::collections::VecDeque::new();
+    for (key, interval, els) in anonymous_sets(r) {
+        *next_id += 1;
+        anonymous_set(w, *next_id, key, interval, &els)?;
+        anonymous.push_back(*next_id);
+    }
     let m = w.nft_msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
     w.str(NFTA_RULE_TABLE, TABLE);
     w.str(NFTA_RULE_CHAIN, chain);
@@ -801,6 +1070,7 @@ fn rule(
         w: &mut *w,
         set_ids,
         family: None,
+        anonymous,
     };
     for x in &r.matches {
         ctx.matches(x)?;

@@ -526,15 +526,22 @@ fn netlink_full_loads_list_exactly_as_libnftables_loads() {
         .external_ip("192.168.2.50")
         .external_policy_local()
         .build();
+    let with_features = realistic(&mut runner, 60);
+    assert!(with_features.iter().any(|s| s.affinity_timeout.is_some()));
+    assert!(with_features
+        .iter()
+        .any(|s| s.load_balancer_source_ranges.len() > 1));
     let tables = [
         plan(&with_lb_pools(dual_stack_config()), &seed_services()),
-        plan(
-            &with_lb_pools(dual_stack_config()),
-            &realistic(&mut runner, 60),
-        ),
+        plan(&with_lb_pools(dual_stack_config()), &with_features),
         plan(&with_lb_pools(config()), &[web]),
         with_leftovers(plan(&with_lb_pools(config()), &seed_services())),
     ];
+    for (i, rs) in tables.iter().enumerate() {
+        if let Err(e) = ferry_nft::encode::full_load(rs, false) {
+            panic!("table {i} is not encodable: {e}");
+        }
+    }
     for (i, rs) in tables.iter().enumerate() {
         let text = listing_after_load(rs, false);
         let netlink = listing_after_load(rs, true);
