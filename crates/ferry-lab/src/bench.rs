@@ -29,7 +29,7 @@ pub struct BenchArgs {
     /// Use the `nft` command instead of libnftables.
     #[arg(long)]
     pub nft_command: bool,
-    /// Cold loads through libnftables' text, as before full loads went over netlink.
+    /// Every change as libnftables text (as before ferry wrote netlink itself).
     #[arg(long)]
     pub text_loads: bool,
     /// Also time kube-proxy's layout (one anonymous numgen vmap per service) for comparison.
@@ -141,15 +141,15 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     };
     let base = services(args.services, args.endpoints_per_service, 0);
     println!(
-        "ferry dataplane benchmark: {} services x {} endpoints = {} endpoints, nftables via {}, full loads {}",
+        "ferry dataplane benchmark: {} services x {} endpoints = {} endpoints, nftables via {}, {}",
         args.services,
         args.endpoints_per_service,
         args.services * args.endpoints_per_service,
         nft().backend_name(),
         if args.text_loads {
-            "as libnftables text"
+            "changes as libnftables text"
         } else {
-            "over netlink"
+            "changes over netlink"
         }
     );
 
@@ -184,6 +184,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
 
     // One endpoint change at a time, with everything else present.
     let mut dp = Dataplane::new(nft());
+    if args.text_loads {
+        dp = dp.text_only();
+    }
     let mut planner = ferry_plan::plan::Planner::default();
     let (rs, _) = planner.update(&cfg, &base);
     dp.apply(rs)?;

@@ -14,6 +14,7 @@
 use std::net::IpAddr;
 
 use ferry_model::Protocol;
+use ferry_plan::diff::Op;
 use ferry_plan::ir::{
     quote, Action, BaseChain, Chain, ChainType, Element, Family, Hook, KeyType, Match, Rule, Set,
     Value, Verdict, TABLE,
@@ -41,6 +42,10 @@ const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELCHAIN: u16 = 5;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_DELSET: u16 = 11;
+const NFT_MSG_DELSETELEM: u16 = 14;
 
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_FLAGS: u16 = 2;
@@ -800,28 +805,10 @@ pub fn full_load(rs: &Ruleset, replace: bool) -> Result<Vec<u8>, Unsupported> {
     }
     let mut next_id = rs.sets.len() as u32;
     for c in rs.chains.values() {
-        let fp = c.fingerprint();
-        for (i, r) in c.rules.iter().enumerate() {
-            let comment = if i == 0 {
-                Some(match &r.comment {
-                    Some(c) => format!("{} [{fp}]", c.chars().take(100).collect::<String>()),
-                    None => format!("[{fp}]"),
-                })
-            } else {
-                r.comment.clone()
-            };
-            rule(
-                &mut w,
-                &set_ids,
-                &mut next_id,
-                &c.name,
-                r,
-                comment.as_deref(),
-            )?;
-        }
+        chain_rules(&mut w, &set_ids, &mut next_id, c)?;
     }
     for s in rs.sets.values().filter(|s| !s.dynamic) {
-        elements(&mut w, s, set_ids[&s.name])?;
+        elements(&mut w, s, set_ids[&s.name], None)?;
     }
     let e = w.msg_start(NFNL_MSG_BATCH_END, 0, 0, NFNL_SUBSYS_NFTABLES);
     w.msg_end(e);
@@ -840,6 +827,171 @@ fn fields_len(fields: &[KeyType]) -> usize {
 
 fn fields_type(fields: &[KeyType]) -> u32 {
     fields.iter().fold(0u32, |t, k| (t << 6) | type_id(*k))
+}
+
+/// All rules of `c`, the first with the chain's fingerprint in its comment (as
+/// [`Chain::render_rules`] writes them).
+fn chain_rules(
+    w: &mut Writer,
+    set_ids: &std::collections::BTreeMap<String, u32>,
+    next_id: &mut u32,
+    c: &Chain,
+) -> Result<(), Unsupported> {
+    let fp = c.fingerprint();
+    for (i, r) in c.rules.iter().enumerate() {
+        let comment = if i == 0 {
+            Some(match &r.comment {
+                Some(c) => format!("{} [{fp}]", c.chars().take(100).collect::<String>()),
+                None => format!("[{fp}]"),
+            })
+        } else {
+            r.comment.clone()
+        };
+        rule(w, set_ids, next_id, &c.name, r, comment.as_deref())?;
+    }
+    Ok(())
+}
+
+/// The batch for a differ's [`Changes`](ferry_plan::Changes): its [`Op`]s, in order, with the
+/// objects taken from the planned table `rs`.
+pub fn changes(rs: &Ruleset, ops: &[Op]) -> Result<Vec<u8>, Unsupported> {
+    if let [Op::Full { replace }] = ops {
+        return full_load(rs, *replace);
+    }
+    let missing = |what: &str, name: &str| Unsupported(format!("{what} {name} is not planned"));
+    let mut w = Writer::default();
+    let b = w.msg_start(NFNL_MSG_BATCH_BEGIN, 0, 0, NFNL_SUBSYS_NFTABLES);
+    w.msg_end(b);
+    // Sets created in this batch are named by ID too; anonymous ones are numbered after them.
+    let mut set_ids = std::collections::BTreeMap::new();
+    for op in ops {
+        if let Op::AddSet(name) = op {
+            let id = set_ids.len() as u32 + 1;
+            set_ids.insert(name.clone(), id);
+        }
+    }
+    let mut next_id = set_ids.len() as u32;
+    for op in ops {
+        match op {
+            Op::Full { .. } => return Err(Unsupported("a full load among other steps".into())),
+            Op::AddSet(name) => {
+                let s = rs.sets.get(name).ok_or_else(|| missing("set", name))?;
+                set_def(&mut w, s, set_ids[name])?;
+            }
+            Op::AddChain(name) => {
+                let c = rs.chains.get(name).ok_or_else(|| missing("chain", name))?;
+                chain_def(&mut w, c);
+            }
+            Op::AddRules(name) => {
+                let c = rs.chains.get(name).ok_or_else(|| missing("chain", name))?;
+                chain_rules(&mut w, &set_ids, &mut next_id, c)?;
+            }
+            Op::FlushChain(name) => {
+                let m = w.nft_msg(NFT_MSG_DELRULE, 0);
+                w.str(NFTA_RULE_TABLE, TABLE);
+                w.str(NFTA_RULE_CHAIN, name);
+                w.msg_end(m);
+            }
+            Op::AddElements(name, keys) => {
+                let s = rs.sets.get(name).ok_or_else(|| missing("set", name))?;
+                elements(
+                    &mut w,
+                    s,
+                    set_ids.get(name).copied().unwrap_or(0),
+                    Some(keys),
+                )?;
+            }
+            Op::DeleteElements(name, keys) => {
+                let s = rs.sets.get(name).ok_or_else(|| missing("set", name))?;
+                delete_elements(&mut w, s, keys)?;
+            }
+            Op::DeleteSet(name) => {
+                let m = w.nft_msg(NFT_MSG_DELSET, 0);
+                w.str(NFTA_SET_TABLE, TABLE);
+                w.str(NFTA_SET_NAME, name);
+                w.msg_end(m);
+            }
+            Op::DeleteChain(name) => {
+                let m = w.nft_msg(NFT_MSG_DELCHAIN, 0);
+                w.str(NFTA_CHAIN_TABLE, TABLE);
+                w.str(NFTA_CHAIN_NAME, name);
+                w.msg_end(m);
+            }
+        }
+    }
+    let e = w.msg_start(NFNL_MSG_BATCH_END, 0, 0, NFNL_SUBSYS_NFTABLES);
+    w.msg_end(e);
+    Ok(w.buf)
+}
+
+/// A key read back as text (`10.96.0.10 . tcp . 80`, `10.0.0.0-10.0.0.255`) as the values of
+/// the set's fields.
+fn parse_key(types: &[KeyType], interval: bool, text: &str) -> Result<Vec<Value>, Unsupported> {
+    let bad = || Unsupported(format!("key {text:?} for {types:?}"));
+    if interval {
+        let (a, b) = text.split_once('-').unwrap_or((text, text));
+        let a: IpAddr = a.trim().parse().map_err(|_| bad())?;
+        let b: IpAddr = b.trim().parse().map_err(|_| bad())?;
+        return Ok(vec![Value::Range(a, b)]);
+    }
+    let parts: Vec<&str> = text.split(" . ").collect();
+    if parts.len() != types.len() {
+        return Err(bad());
+    }
+    types
+        .iter()
+        .zip(parts)
+        .map(|(t, p)| match t {
+            KeyType::Ipv4Addr | KeyType::Ipv6Addr => p.parse().map(Value::Ip).map_err(|_| bad()),
+            KeyType::InetService => p.parse().map(Value::Port).map_err(|_| bad()),
+            KeyType::InetProto => match p {
+                "tcp" => Ok(Value::Proto(Protocol::Tcp)),
+                "udp" => Ok(Value::Proto(Protocol::Udp)),
+                "sctp" => Ok(Value::Proto(Protocol::Sctp)),
+                _ => Err(bad()),
+            },
+        })
+        .collect()
+}
+
+/// Deletes elements by key text: each key's element, and for a range its end marker.
+fn delete_elements(w: &mut Writer, s: &Set, keys: &[String]) -> Result<(), Unsupported> {
+    let mut raw: Vec<(Vec<u8>, bool)> = Vec::new();
+    for k in keys {
+        let key = parse_key(&s.key, s.interval, k)?;
+        if s.interval {
+            let [Value::Range(a, b)] = key.as_slice() else {
+                return Err(Unsupported(format!("range {k}")));
+            };
+            raw.push((ip_bytes(*a), false));
+            if let Some(n) = plus_one(&ip_bytes(*b)) {
+                raw.push((n, true));
+            }
+        } else {
+            raw.push((key_bytes(&s.key, &key)?, false));
+        }
+    }
+    let mut it = raw.into_iter().peekable();
+    while it.peek().is_some() {
+        let m = w.nft_msg(NFT_MSG_DELSETELEM, 0);
+        w.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+        w.str(NFTA_SET_ELEM_LIST_SET, &s.name);
+        let els = w.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+        while w.buf.len() - els < MAX_ATTR - 1024 {
+            let Some((key, end)) = it.next() else {
+                break;
+            };
+            let one = w.nest(NFTA_LIST_ELEM);
+            w.data(NFTA_SET_ELEM_KEY, &key)?;
+            if end {
+                w.be32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+            }
+            w.nest_end(one)?;
+        }
+        w.nest_end(els)?;
+        w.msg_end(m);
+    }
+    Ok(())
 }
 
 fn set_def(w: &mut Writer, s: &Set, id: u32) -> Result<(), Unsupported> {
@@ -1084,22 +1236,45 @@ fn rule(
     Ok(())
 }
 
-/// The set's elements, in messages whose element lists stay under the attribute size limit.
-fn elements(w: &mut Writer, s: &Set, id: u32) -> Result<(), Unsupported> {
-    let list: Vec<RawElement<'_>> = if s.interval {
-        interval_elements(s)?
-    } else {
-        s.elements
+/// The set's elements (all, or those of `only`'s keys), in messages whose element lists stay
+/// under the attribute size limit; `id` 0 for a set that exists already.
+fn elements(w: &mut Writer, s: &Set, id: u32, only: Option<&[String]>) -> Result<(), Unsupported> {
+    let list: Vec<RawElement<'_>> = match only {
+        None if s.interval => interval_elements(s)?,
+        None => s
+            .elements
             .values()
             .map(|e| key_bytes(&s.key, &e.key).map(|k| (k, false, e)))
-            .collect::<Result<_, _>>()?
+            .collect::<Result<_, _>>()?,
+        Some(keys) => {
+            let mut out = Vec::new();
+            for k in keys {
+                let e = s.elements.get(k).ok_or_else(|| {
+                    Unsupported(format!("element {k} of {} is not planned", s.name))
+                })?;
+                if s.interval {
+                    let [Value::Range(a, b)] = e.key.as_slice() else {
+                        return Err(Unsupported(format!("range {k}")));
+                    };
+                    out.push((ip_bytes(*a), false, e));
+                    if let Some(n) = plus_one(&ip_bytes(*b)) {
+                        out.push((n, true, e));
+                    }
+                } else {
+                    out.push((key_bytes(&s.key, &e.key)?, false, e));
+                }
+            }
+            out
+        }
     };
     let mut it = list.into_iter().peekable();
     while it.peek().is_some() {
         let m = w.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE);
         w.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
         w.str(NFTA_SET_ELEM_LIST_SET, &s.name);
-        w.be32(NFTA_SET_ELEM_LIST_SET_ID, id);
+        if id != 0 {
+            w.be32(NFTA_SET_ELEM_LIST_SET_ID, id);
+        }
         let els = w.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
         // Room for one more element of at most ~600 bytes (a 16-byte key, a chain name and a
         // comment of at most 128 bytes each).

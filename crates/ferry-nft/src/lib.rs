@@ -485,8 +485,8 @@ pub struct Dataplane {
     nft: Nft,
     /// What the kernel holds, as far as we know; None forces a read before the next apply.
     live: Option<LiveState>,
-    /// Full loads go over netlink ([`encode`]) rather than through libnftables.
-    netlink_loads: bool,
+    /// Changes go over netlink ([`encode`]) rather than through libnftables' text.
+    netlink_writes: bool,
 }
 
 impl Dataplane {
@@ -494,25 +494,29 @@ impl Dataplane {
         Dataplane {
             nft,
             live: None,
-            netlink_loads: true,
+            netlink_writes: true,
         }
     }
 
-    /// Full loads through libnftables' text too (for comparison: benchmarks and tests).
+    /// Every change through libnftables' text (for comparison: benchmarks and tests).
     pub fn text_only(mut self) -> Dataplane {
-        self.netlink_loads = false;
+        self.netlink_writes = false;
         self
     }
 
-    /// Replaces the table with `desired` in one netlink transaction (`replace`: deleting the
-    /// one there is); None when the encoder does not know a construct of it or netlink sockets
-    /// are refused: then `script` goes through libnftables.
-    fn load_full(&mut self, desired: &Ruleset, replace: bool) -> Option<Result<(), NftError>> {
-        let batch = encode::full_load(desired, replace).ok()?;
-        match netlink::send_batch(&batch) {
-            Err(NftError::Unavailable(_)) => None,
-            other => Some(other),
+    /// Commits `changes` as one transaction: over netlink (the objects from `desired`), or
+    /// as libnftables text where the encoder does not know a construct or netlink sockets are
+    /// refused.
+    fn commit(&mut self, desired: &Ruleset, changes: &Changes) -> Result<(), NftError> {
+        if self.netlink_writes {
+            if let Ok(batch) = encode::changes(desired, &changes.ops) {
+                match netlink::send_batch(&batch) {
+                    Err(NftError::Unavailable(_)) => {}
+                    other => return other,
+                }
+            }
         }
+        self.nft.run(&changes.script).map(|_| ())
     }
 
     pub fn nft(&mut self) -> &mut Nft {
@@ -533,13 +537,7 @@ impl Dataplane {
         };
         let changes = diff(&live, desired);
         if !changes.is_empty() {
-            let loaded = if changes.full && self.netlink_loads {
-                self.load_full(desired, live.table)
-            } else {
-                None
-            };
-            let done = loaded.unwrap_or_else(|| self.nft.run(&changes.script).map(|_| ()));
-            if let Err(e) = done {
+            if let Err(e) = self.commit(desired, &changes) {
                 self.live = None;
                 return Err(e);
             }
@@ -558,19 +556,22 @@ impl Dataplane {
         desired: &Ruleset,
         touched: &ferry_plan::plan::Touched,
     ) -> Result<Changes, NftError> {
-        let Some(live) = self.live.as_mut() else {
+        let Some(live) = self.live.as_ref() else {
             return self.apply(desired);
         };
         let Some(changes) = ferry_plan::diff::diff_touched(live, desired, touched) else {
             return self.apply(desired);
         };
         if !changes.is_empty() {
-            if let Err(e) = self.nft.run(&changes.script) {
+            let result = self.commit(desired, &changes);
+            if let Err(e) = result {
                 self.live = None;
                 return Err(e);
             }
         }
-        live.update_touched(desired, touched);
+        if let Some(live) = self.live.as_mut() {
+            live.update_touched(desired, touched);
+        }
         Ok(changes)
     }
 }

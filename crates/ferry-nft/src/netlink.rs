@@ -899,6 +899,44 @@ fn refused(batch: &[u8], code: i32, seq: u32) -> NftError {
     NftError::Failed(format!("the kernel refused the {what}: {err}"))
 }
 
+/// Every element of every set of ferry's table as the kernel holds it (interval sets' start
+/// and end elements apart, unpaired ones included), sorted: what a listing, which pairs them
+/// up, cannot show.
+pub fn raw_elements() -> Result<BTreeMap<String, Vec<(Vec<u8>, bool)>>, NftError> {
+    let mut s = Socket::open()?;
+    let name = cstr_value(TABLE);
+    let mut defs = Vec::new();
+    s.call(
+        NFT_MSG_GETSET,
+        true,
+        &[(NFTA_SET_TABLE, &name)],
+        NFT_MSG_NEWSET,
+        |p| defs.extend(decode_set(p)),
+    )?;
+    let mut out = BTreeMap::new();
+    for def in defs {
+        let set = cstr_value(&def.name);
+        let mut raw: Vec<(Vec<u8>, bool)> = Vec::new();
+        s.call(
+            NFT_MSG_GETSETELEM,
+            true,
+            &[
+                (NFTA_SET_ELEM_LIST_TABLE, &name),
+                (NFTA_SET_ELEM_LIST_SET, &set),
+            ],
+            NFT_MSG_NEWSETELEM,
+            |p| {
+                if let Some((_, els)) = decode_elements(p) {
+                    raw.extend(els.into_iter().map(|e| (e.key, e.end)));
+                }
+            },
+        )?;
+        raw.sort();
+        out.insert(def.name, raw);
+    }
+    Ok(out)
+}
+
 /// Whether ferry's table exists.
 pub fn table_exists() -> Result<bool, NftError> {
     let mut s = Socket::open()?;

@@ -506,8 +506,11 @@ fn listing_after_load(rs: &Ruleset, netlink: bool) -> String {
             assert!(ch.full, "{ch}");
         }
         let mut nft = Nft::new();
-        nft.run(&format!("list table inet {}", ferry_plan::ir::TABLE))
-            .expect("nft list table")
+        let listing = nft
+            .run(&format!("list table inet {}", ferry_plan::ir::TABLE))
+            .expect("nft list table");
+        let raw = ferry_nft::netlink::raw_elements().expect("raw elements");
+        format!("{listing}\n{raw:?}")
     })
 }
 
@@ -565,5 +568,113 @@ fn netlink_full_loads_list_exactly_as_libnftables_loads() {
             );
         }
         assert!(text.lines().count() > 20, "{text}");
+    }
+}
+
+type Raw = std::collections::BTreeMap<String, Vec<(Vec<u8>, bool)>>;
+
+/// The listings (and the sets' raw elements, which a listing cannot show all of: an unpaired
+/// range end, say) after each of `steps`, applied in turn by one dataplane in a fresh namespace
+/// (over netlink, or as libnftables text); with netlink, every step must have been encodable.
+fn listings_after_steps(steps: &[Ruleset], netlink: bool) -> Vec<(String, Raw)> {
+    let ns = Netns::new().expect("root");
+    ns.run(|| {
+        let dp = Dataplane::new(Nft::new());
+        let mut dp = if netlink { dp } else { dp.text_only() };
+        let mut out = Vec::new();
+        for (i, rs) in steps.iter().enumerate() {
+            let ch = dp
+                .apply(rs)
+                .unwrap_or_else(|e| panic!("step {i} refused: {e}"));
+            if netlink && !ch.is_empty() {
+                if let Err(e) = ferry_nft::encode::changes(rs, &ch.ops) {
+                    panic!("step {i} not encodable ({e}): {ch}");
+                }
+            }
+            assert!(i == 0 || !ch.full, "step {i} reloaded everything: {ch}");
+            // Dynamic sets hold what packets wrote: not compared.
+            let mut raw = ferry_nft::netlink::raw_elements().expect("raw elements");
+            raw.retain(|name, _| {
+                !name.starts_with("affinity-") || name.starts_with("affinity-frontends")
+            });
+            out.push((
+                Nft::new()
+                    .run(&format!("list table inet {}", ferry_plan::ir::TABLE))
+                    .expect("nft list table"),
+                raw,
+            ));
+        }
+        out
+    })
+}
+
+#[test]
+fn netlink_changes_list_exactly_as_libnftables_changes() {
+    let _one = LIBNFT.lock().unwrap_or_else(|e| e.into_inner());
+    if Netns::new().is_none()
+        || libnft("netlink_changes_list_exactly_as_libnftables_changes").is_none()
+    {
+        return;
+    }
+    let mut runner = TestRunner::deterministic();
+    for round in 0..4 {
+        let a = sample(
+            &mut runner,
+            proptest::collection::vec(service_spec(), 10..40),
+        );
+        let other = sample(
+            &mut runner,
+            proptest::collection::vec(service_spec(), 10..45),
+        );
+        let changes = sample(&mut runner, proptest::collection::vec(change(), 45));
+        let cfg_a = with_lb_pools(dual_stack_config());
+        let mut cfg_b = cfg_a.clone();
+        if round % 2 == 1 {
+            cfg_b.lb_pools.remove(round % cfg_b.lb_pools.len());
+            cfg_b
+                .lb_pools
+                .push((ip("fd00:500::100"), ip("fd00:500::1ff")));
+            cfg_b.lb_pools.push((ip("172.16.9.3"), ip("172.16.9.40")));
+        }
+        let mut sa = seed_services();
+        sa.extend(services_from_specs(&a));
+        let mut sb = seed_services();
+        sb.extend(evolve(&a, &other, &changes));
+        if round % 2 == 1 {
+            sb[0].ports[0].endpoints.pop();
+            sb[1].ports[0].endpoints.clear();
+        }
+        let steps = [plan(&cfg_a, &sa), plan(&cfg_b, &sb), plan(&cfg_a, &sa)];
+        let text = listings_after_steps(&steps, false);
+        let netlink = listings_after_steps(&steps, true);
+        for (i, ((t, traw), (n, nraw))) in text.iter().zip(&netlink).enumerate() {
+            for (set, els) in traw {
+                assert_eq!(
+                    nraw.get(set),
+                    Some(els),
+                    "round {round} step {i}: the kernel's raw elements of {set} differ"
+                );
+            }
+            assert_eq!(traw.len(), nraw.len());
+            if t != n {
+                let first = t
+                    .lines()
+                    .zip(n.lines())
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                let show = |s: &str| {
+                    s.lines()
+                        .skip(first.saturating_sub(3))
+                        .take(8)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                };
+                panic!(
+                    "round {round} step {i}: listings differ at line {first}:\nlibnftables:\n{}\nnetlink:\n{}",
+                    show(t),
+                    show(n)
+                );
+            }
+        }
     }
 }

@@ -192,10 +192,36 @@ pub fn fingerprint_of_comment(comment: &str) -> Option<String> {
         .then(|| c[open + 1..c.len() - 1].to_string())
 }
 
+/// One step of a change, by name: what [`Changes::script`] says, for a backend that builds its
+/// own messages (the objects themselves are the planned table's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Replace the whole table with the planned one (`replace`: delete the one there first).
+    Full {
+        replace: bool,
+    },
+    /// Create the planned set (empty).
+    AddSet(String),
+    /// Create the planned chain (empty).
+    AddChain(String),
+    /// Append all the planned chain's rules.
+    AddRules(String),
+    /// Delete every rule of a chain.
+    FlushChain(String),
+    /// Add these planned elements (by key text).
+    AddElements(String, Vec<String>),
+    /// Delete these elements (by the key text the kernel's were read back as).
+    DeleteElements(String, Vec<String>),
+    DeleteSet(String),
+    DeleteChain(String),
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Changes {
     /// The `nft -f` script; empty when nothing differs.
     pub script: String,
+    /// The same steps, in the same order.
+    pub ops: Vec<Op>,
     pub chains_added: usize,
     pub chains_changed: usize,
     pub chains_deleted: usize,
@@ -288,6 +314,9 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
         script.push_str(&desired.render_full());
         return Changes {
             script,
+            ops: vec![Op::Full {
+                replace: live.table,
+            }],
             chains_added: desired.chains.len(),
             elements_added: desired.sets.values().map(|s| s.elements.len()).sum(),
             full: true,
@@ -298,23 +327,31 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
     let mut ch = Changes::default();
     let mut out = String::new();
     // 1. New sets, 2. new (empty) chains: everything a rule or element may name exists first.
+    let mut ops = Vec::new();
     for s in desired.sets.values() {
         if !live.sets.contains_key(&s.name) {
             out.push_str(&s.render_def());
             out.push('\n');
+            ops.push(Op::AddSet(s.name.clone()));
         }
     }
     for c in desired.chains.values() {
         if !live.chains.contains_key(&c.name) {
             out.push_str(&c.render_add());
             out.push('\n');
+            ops.push(Op::AddChain(c.name.clone()));
             ch.chains_added += 1;
         }
     }
     // 3. Rules of new and changed chains.
     for c in desired.chains.values() {
         match live.chains.get(&c.name) {
-            None => c.render_rules(&mut out),
+            None => {
+                c.render_rules(&mut out);
+                if !c.rules.is_empty() {
+                    ops.push(Op::AddRules(c.name.clone()));
+                }
+            }
             Some(l) => {
                 let want = (!c.rules.is_empty()).then(|| c.fingerprint());
                 if l.fingerprint != want
@@ -323,6 +360,10 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
                 {
                     let _ = writeln!(out, "flush chain {FAMILY} {TABLE} {}", c.name);
                     c.render_rules(&mut out);
+                    ops.push(Op::FlushChain(c.name.clone()));
+                    if !c.rules.is_empty() {
+                        ops.push(Op::AddRules(c.name.clone()));
+                    }
                     ch.chains_changed += 1;
                 }
             }
@@ -346,6 +387,18 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
         }
         ch.elements_deleted += del.len();
         ch.elements_added += add.len();
+        if !del.is_empty() {
+            ops.push(Op::DeleteElements(
+                s.name.clone(),
+                del.iter().map(|k| k.to_string()).collect(),
+            ));
+        }
+        if !add.is_empty() {
+            ops.push(Op::AddElements(
+                s.name.clone(),
+                add.iter().map(|e| key_text(&e.key)).collect(),
+            ));
+        }
         render_elements(&mut out, "add", &s.name, add.into_iter());
     }
     // 5. Chains no longer planned: empty them all, then delete (they may reference each other).
@@ -356,6 +409,7 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
         .collect();
     for n in &gone {
         let _ = writeln!(out, "flush chain {FAMILY} {TABLE} {n}");
+        ops.push(Op::FlushChain(n.to_string()));
     }
     // 6. Sets no longer planned, once no rule names them and before the chains their
     // elements may still jump to.
@@ -366,11 +420,14 @@ pub fn diff(live: &LiveState, desired: &Ruleset) -> Changes {
             "set"
         };
         let _ = writeln!(out, "delete {kind} {FAMILY} {TABLE} {n}");
+        ops.push(Op::DeleteSet(n.to_string()));
     }
     for n in &gone {
         let _ = writeln!(out, "delete chain {FAMILY} {TABLE} {n}");
+        ops.push(Op::DeleteChain(n.to_string()));
     }
     ch.chains_deleted = gone.len();
     ch.script = out;
+    ch.ops = ops;
     ch
 }
