@@ -899,10 +899,13 @@ fn refused(batch: &[u8], code: i32, seq: u32) -> NftError {
     NftError::Failed(format!("the kernel refused the {what}: {err}"))
 }
 
+/// Set name -> (key bytes, marks a range's end) of each element.
+pub type RawElements = BTreeMap<String, Vec<(Vec<u8>, bool)>>;
+
 /// Every element of every set of ferry's table as the kernel holds it (interval sets' start
 /// and end elements apart, unpaired ones included), sorted: what a listing, which pairs them
 /// up, cannot show.
-pub fn raw_elements() -> Result<BTreeMap<String, Vec<(Vec<u8>, bool)>>, NftError> {
+pub fn raw_elements() -> Result<RawElements, NftError> {
     let mut s = Socket::open()?;
     let name = cstr_value(TABLE);
     let mut defs = Vec::new();

@@ -571,7 +571,7 @@ fn netlink_full_loads_list_exactly_as_libnftables_loads() {
     }
 }
 
-type Raw = std::collections::BTreeMap<String, Vec<(Vec<u8>, bool)>>;
+type Raw = ferry_nft::netlink::RawElements;
 
 /// The listings (and the sets' raw elements, which a listing cannot show all of: an unpaired
 /// range end, say) after each of `steps`, applied in turn by one dataplane in a fresh namespace
