@@ -735,7 +735,7 @@ type RawElement<'a> = (Vec<u8>, bool, &'a Element);
 /// and the end marker nft puts at 0 when no range starts there.
 fn interval_elements(set: &Set) -> Result<Vec<RawElement<'_>>, Unsupported> {
     let mut ranges = Vec::new();
-    for e in set.elements.values() {
+    for e in set.elements.values().map(|e| &**e) {
         let (a, b) = match e.key.as_slice() {
             [Value::Range(a, b)] => (*a, *b),
             [Value::Ip(a)] => (*a, *a),
@@ -1244,12 +1244,12 @@ fn elements(w: &mut Writer, s: &Set, id: u32, only: Option<&[String]>) -> Result
         None => s
             .elements
             .values()
-            .map(|e| key_bytes(&s.key, &e.key).map(|k| (k, false, e)))
+            .map(|e| key_bytes(&s.key, &e.key).map(|k| (k, false, &**e)))
             .collect::<Result<_, _>>()?,
         Some(keys) => {
             let mut out = Vec::new();
             for k in keys {
-                let e = s.elements.get(k).ok_or_else(|| {
+                let e: &Element = s.elements.get(k).ok_or_else(|| {
                     Unsupported(format!("element {k} of {} is not planned", s.name))
                 })?;
                 if s.interval {

@@ -255,7 +255,7 @@ impl std::fmt::Display for Changes {
 /// Elements to delete (live, and gone or changed) and to add (planned, and new or changed).
 fn merge_elements<'a>(
     live: &'a BTreeMap<String, Option<Verdict>>,
-    want: &'a BTreeMap<String, Element>,
+    want: &'a BTreeMap<String, std::sync::Arc<Element>>,
 ) -> (Vec<&'a str>, Vec<&'a Element>) {
     use std::cmp::Ordering;
     let (mut del, mut add) = (Vec::new(), Vec::new());
@@ -269,7 +269,7 @@ fn merge_elements<'a>(
                 l.next();
             }
             (None, Some((_, we))) => {
-                add.push(*we);
+                add.push(&***we);
                 w.next();
             }
             (Some((lk, lv)), Some((wk, we))) => match lk.as_str().cmp(wk.as_str()) {
@@ -278,13 +278,13 @@ fn merge_elements<'a>(
                     l.next();
                 }
                 Ordering::Greater => {
-                    add.push(*we);
+                    add.push(&***we);
                     w.next();
                 }
                 Ordering::Equal => {
                     if **lv != we.verdict {
                         del.push(lk.as_str());
-                        add.push(*we);
+                        add.push(&***we);
                     }
                     l.next();
                     w.next();

@@ -145,8 +145,9 @@ pub struct Set {
     /// leaves whatever the kernel holds in it alone.
     pub dynamic: bool,
     pub comment: String,
-    /// By key text.
-    pub elements: BTreeMap<String, Element>,
+    /// By key text; shared with the planner's per-service fragments (an element is kept once,
+    /// however many plans hold it).
+    pub elements: BTreeMap<String, std::sync::Arc<Element>>,
 }
 
 impl Set {
@@ -184,11 +185,11 @@ impl Set {
     pub fn insert(&mut self, key: Vec<Value>, verdict: Option<Verdict>, comment: String) {
         self.elements.insert(
             key_text(&key),
-            Element {
+            std::sync::Arc::new(Element {
                 key,
                 verdict,
                 comment,
-            },
+            }),
         );
     }
     /// "ipv4_addr . inet_proto . inet_service : verdict": compared with what the kernel has.
@@ -601,7 +602,7 @@ impl Ruleset {
             c.render_rules(&mut out);
         }
         for s in self.sets.values() {
-            render_elements(&mut out, "add", &s.name, s.elements.values());
+            render_elements(&mut out, "add", &s.name, s.elements.values().map(|e| &**e));
         }
         out
     }

@@ -465,7 +465,7 @@ pub struct Fragment {
     /// Sets of its own (client affinity maps).
     pub sets: Vec<Set>,
     /// (set name, key text, element)
-    pub elements: Vec<(String, String, Element)>,
+    pub elements: Vec<(String, String, std::sync::Arc<Element>)>,
     /// Endpoint addresses that may reach themselves through the service.
     pub hairpins: BTreeSet<IpAddr>,
 }
@@ -475,11 +475,11 @@ impl Fragment {
         self.elements.push((
             set.to_string(),
             key_text(&key),
-            Element {
+            std::sync::Arc::new(Element {
                 key,
                 verdict,
                 comment,
-            },
+            }),
         ));
     }
     fn add_chain(&mut self, c: Chain) {
@@ -777,7 +777,8 @@ pub struct Planner {
     cache: std::collections::HashMap<ferry_model::ObjectRef, (u64, Fragment)>,
     /// (set, key) -> the services that ask for that element (what each asks for is in its
     /// fragment: kept once, not copied here).
-    owners: std::collections::HashMap<(String, String), BTreeSet<ferry_model::ObjectRef>>,
+    /// Sorted, and almost always of one: a Vec costs a fraction of a BTreeSet's node.
+    owners: std::collections::HashMap<(String, String), Vec<ferry_model::ObjectRef>>,
     /// Hairpin address -> how many services have it as an endpoint.
     hairpins: std::collections::HashMap<IpAddr, usize>,
 }
@@ -885,7 +886,9 @@ impl Planner {
         }
         for (set, key, _) in &fr.elements {
             let who = owners.entry((set.clone(), key.clone())).or_default();
-            who.insert(id.clone());
+            if let Err(at) = who.binary_search(id) {
+                who.insert(at, id.clone());
+            }
             Self::settle(rs, cache, set, key, who);
             t.element(set, key);
         }
@@ -912,7 +915,9 @@ impl Planner {
         for (set, key, _) in &fr.elements {
             let k = (set.clone(), key.clone());
             if let Some(who) = self.owners.get_mut(&k) {
-                who.remove(id);
+                if let Ok(at) = who.binary_search(id) {
+                    who.remove(at);
+                }
                 Self::settle(&mut self.rs, &self.cache, set, key, who);
                 if who.is_empty() {
                     self.owners.remove(&k);
@@ -940,7 +945,7 @@ impl Planner {
         cache: &std::collections::HashMap<ferry_model::ObjectRef, (u64, Fragment)>,
         set: &str,
         key: &str,
-        owners: &BTreeSet<ferry_model::ObjectRef>,
+        owners: &[ferry_model::ObjectRef],
     ) {
         let first = owners
             .iter()
