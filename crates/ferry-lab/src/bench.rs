@@ -131,6 +131,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         cluster_cidrs: vec!["10.42.0.0/16".parse()?],
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
         lb_pools: vec![],
+        service_cidrs: vec!["10.43.0.0/16".parse()?],
+        ..PlanConfig::default()
     };
     let nft = || {
         if args.nft_command {

@@ -13,6 +13,7 @@
 
 use std::net::IpAddr;
 
+use ferry_model::cidr::Cidr;
 use ferry_model::Protocol;
 use ferry_plan::diff::Op;
 use ferry_plan::ir::{
@@ -248,6 +249,10 @@ fn comment_udata(kind: u8, comment: &str) -> Vec<u8> {
 mod expr {
     // nft_meta keys, nft_ct keys, payload bases, cmp ops, nat types, reject types.
     pub const META_MARK: u32 = 3;
+    pub const META_IIFNAME: u32 = 6;
+    pub const FIB_RESULT_ADDRTYPE: u32 = 3;
+    pub const FIB_F_SADDR: u32 = 1;
+    pub const RTN_LOCAL: u32 = 2;
     pub const META_NFPROTO: u32 = 15;
     pub const META_L4PROTO: u32 = 16;
     pub const CT_STATE: u32 = 0;
@@ -410,6 +415,36 @@ impl RuleCtx<'_> {
         })
     }
 
+    /// `ip saddr|daddr [!=] PREFIX`, as nft loads it: the whole bytes of a byte-aligned
+    /// prefix, else the address masked.
+    fn prefix(&mut self, c: Cidr, source: bool, op: u32) -> Result<(), Unsupported> {
+        let f = Family::of(c.network());
+        self.family(f)?;
+        let len = u32::from(c.prefix_len());
+        let net = ip_bytes(c.network());
+        if len == 0 {
+            return Err(Unsupported(format!("a /0 prefix ({c})")));
+        }
+        if len % 8 == 0 {
+            self.payload(expr::BASE_NETWORK, addr_offset(f, source), len / 8, REG_1)?;
+            self.cmp(op, &net[..(len / 8) as usize])
+        } else {
+            self.payload(
+                expr::BASE_NETWORK,
+                addr_offset(f, source),
+                addr_len(f),
+                REG_1,
+            )?;
+            let mut mask = vec![0u8; net.len()];
+            for (i, b) in mask.iter_mut().enumerate() {
+                let bits = len.saturating_sub(8 * i as u32).min(8);
+                *b = (0xff00u16 >> bits) as u8;
+            }
+            self.bitwise(&mask, &vec![0; net.len()])?;
+            self.cmp(op, &net)
+        }
+    }
+
     /// `meta nfproto ipv4|ipv6`, once per rule.
     fn family(&mut self, f: Family) -> Result<(), Unsupported> {
         match self.family {
@@ -468,28 +503,44 @@ impl RuleCtx<'_> {
                 self.payload(expr::BASE_NETWORK, addr_offset(f, true), addr_len(f), REG_1)?;
                 self.lookup_anonymous(true)
             }
-            Match::SaddrNotIn(c) => {
-                let f = Family::of(c.network());
-                self.family(f)?;
-                let len = u32::from(c.prefix_len());
-                let net = ip_bytes(c.network());
-                if len == 0 {
-                    return Err(Unsupported(format!("ip saddr != {c}")));
+            Match::SaddrNotIn(c) => self.prefix(*c, true, expr::CMP_NEQ),
+            Match::SaddrIn(c) => self.prefix(*c, true, expr::CMP_EQ),
+            Match::DaddrIn(c) => self.prefix(*c, false, expr::CMP_EQ),
+            Match::IifName {
+                name,
+                prefix,
+                negate,
+            } => {
+                // The whole 16-byte name (NUL-padded), or only a prefix's bytes.
+                let mut value = name.as_bytes().to_vec();
+                if value.is_empty() || value.len() > 15 {
+                    return Err(Unsupported(format!("iifname {name:?}")));
                 }
-                if len % 8 == 0 {
-                    // nft loads only the whole bytes of a byte-aligned prefix.
-                    self.payload(expr::BASE_NETWORK, addr_offset(f, true), len / 8, REG_1)?;
-                    self.cmp(expr::CMP_NEQ, &net[..(len / 8) as usize])
-                } else {
-                    self.payload(expr::BASE_NETWORK, addr_offset(f, true), addr_len(f), REG_1)?;
-                    let mut mask = vec![0u8; net.len()];
-                    for (i, b) in mask.iter_mut().enumerate() {
-                        let bits = len.saturating_sub(8 * i as u32).min(8);
-                        *b = (0xff00u16 >> bits) as u8;
-                    }
-                    self.bitwise(&mask, &vec![0; net.len()])?;
-                    self.cmp(expr::CMP_NEQ, &net)
+                if !*prefix {
+                    value.resize(16, 0);
                 }
+                self.meta(expr::META_IIFNAME, REG_1)?;
+                let op = if *negate { expr::CMP_NEQ } else { expr::CMP_EQ };
+                self.cmp(op, &value)
+            }
+            Match::DaddrNotInSet(f, s) => {
+                self.family(*f)?;
+                self.payload(
+                    expr::BASE_NETWORK,
+                    addr_offset(*f, false),
+                    addr_len(*f),
+                    REG_1,
+                )?;
+                self.lookup(s, None, true)
+            }
+            Match::FibSaddrLocal => {
+                self.w.expr("fib", |w| {
+                    w.be32(1, REG_1);
+                    w.be32(2, expr::FIB_RESULT_ADDRTYPE);
+                    w.be32(3, expr::FIB_F_SADDR);
+                    Ok(())
+                })?;
+                self.cmp(expr::CMP_EQ, &expr::RTN_LOCAL.to_ne_bytes())
             }
             Match::DaddrInSet(f, s) => {
                 self.family(*f)?;

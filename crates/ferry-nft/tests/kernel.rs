@@ -534,7 +534,21 @@ fn netlink_full_loads_list_exactly_as_libnftables_loads() {
     assert!(with_features
         .iter()
         .any(|s| s.load_balancer_source_ranges.len() > 1));
+    // Pods told by interface (a name, a prefix), and masquerade-all.
+    let by_interface = |name: &str, prefix: bool| {
+        let mut c = with_lb_pools(config());
+        c.local_interface = Some(ferry_plan::plan::LocalInterface {
+            name: name.into(),
+            prefix,
+        });
+        c
+    };
+    let mut masquerade_all = with_lb_pools(config());
+    masquerade_all.masquerade_all = true;
     let tables = [
+        plan(&by_interface("cni0", false), &with_features),
+        plan(&by_interface("veth", true), &seed_services()),
+        plan(&masquerade_all, &seed_services()),
         plan(&with_lb_pools(dual_stack_config()), &seed_services()),
         plan(&with_lb_pools(dual_stack_config()), &with_features),
         plan(&with_lb_pools(config()), &[web]),

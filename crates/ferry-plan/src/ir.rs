@@ -294,6 +294,21 @@ pub enum Match {
     /// `ip saddr != { 10.0.0.0/8, 192.168.2.200/32 }`: the source is in none of these
     /// prefixes (all of one family, at least one).
     SaddrNotInAny(Vec<Cidr>),
+    /// `ip saddr 10.42.0.0/16`
+    SaddrIn(Cidr),
+    /// `ip daddr 10.43.0.0/16`
+    DaddrIn(Cidr),
+    /// `iifname "cni0"` (`iifname "veth*"` with `prefix`; `!=` with `negate`): the interface
+    /// the packet arrived on.
+    IifName {
+        name: String,
+        prefix: bool,
+        negate: bool,
+    },
+    /// `fib saddr type local`: the source is one of this host's own addresses.
+    FibSaddrLocal,
+    /// `ip daddr != @set`
+    DaddrNotInSet(Family, String),
 }
 
 /// What a rule does when it matches.
@@ -388,6 +403,19 @@ fn render_match(m: &Match) -> String {
         Match::Random { modulus, value } => format!("numgen random mod {modulus} == {value}"),
         Match::MarkHas(m) => format!("meta mark & {m:#x} == {m:#x}"),
         Match::MarkLacks(m) => format!("meta mark & {m:#x} == 0"),
+        Match::SaddrIn(c) => format!("{} saddr {c}", Family::of(c.network()).nft()),
+        Match::DaddrIn(c) => format!("{} daddr {c}", Family::of(c.network()).nft()),
+        Match::IifName {
+            name,
+            prefix,
+            negate,
+        } => format!(
+            "iifname {}\"{name}{}\"",
+            if *negate { "!= " } else { "" },
+            if *prefix { "*" } else { "" }
+        ),
+        Match::FibSaddrLocal => "fib saddr type local".into(),
+        Match::DaddrNotInSet(f, s) => format!("{} daddr != @{s}", f.nft()),
         Match::SaddrNotInAny(cs) => {
             let fam = cs
                 .first()
@@ -762,7 +790,8 @@ impl Encode for Verdict {
 impl Encode for Match {
     /// ct state new 1, ct status dnat 2, l4proto 3, saddr not in 4, daddr in set 5, service
     /// tuple not in 6, address pair in set 7, random 8 (modulus, value), mark has 9, mark
-    /// lacks 10, saddr in none of 11 (a list of CIDRs).
+    /// lacks 10, saddr in none of 11 (a list of CIDRs), saddr in 12, daddr in 13, iifname 14
+    /// (name, prefix 0/1, negate 0/1), fib saddr type local 15, daddr not in set 16.
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Match::CtStateNew => out.push(1),
@@ -806,6 +835,30 @@ impl Encode for Match {
             Match::SaddrNotInAny(cs) => {
                 out.push(11);
                 put_list(out, cs);
+            }
+            Match::SaddrIn(c) => {
+                out.push(12);
+                c.encode(out);
+            }
+            Match::DaddrIn(c) => {
+                out.push(13);
+                c.encode(out);
+            }
+            Match::IifName {
+                name,
+                prefix,
+                negate,
+            } => {
+                out.push(14);
+                put_str(out, name);
+                out.push(u8::from(*prefix));
+                out.push(u8::from(*negate));
+            }
+            Match::FibSaddrLocal => out.push(15),
+            Match::DaddrNotInSet(f, s) => {
+                out.push(16);
+                f.encode(out);
+                put_str(out, s);
             }
         }
     }
@@ -1076,6 +1129,19 @@ mod tests {
                 1..3
             )
             .prop_map(Match::SaddrNotInAny),
+            (ip(), 0u8..=32)
+                .prop_map(|(a, l)| Match::SaddrIn(Cidr::new(a, l).expect("valid prefix length"))),
+            (ip(), 0u8..=32)
+                .prop_map(|(a, l)| Match::DaddrIn(Cidr::new(a, l).expect("valid prefix length"))),
+            (name(), any::<bool>(), any::<bool>()).prop_map(|(name, prefix, negate)| {
+                Match::IifName {
+                    name,
+                    prefix,
+                    negate,
+                }
+            }),
+            Just(Match::FibSaddrLocal),
+            (family(), name()).prop_map(|(f, s)| Match::DaddrNotInSet(f, s)),
         ]
     }
 

@@ -33,14 +33,31 @@ use crate::ir::*;
 /// The mark bit that asks nat-postrouting to masquerade (kube-proxy's is 0x4000 too).
 pub const DEFAULT_MASQUERADE_MARK: u32 = 0x4000;
 
+/// An interface (or interface-name prefix) pods' traffic arrives on.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalInterface {
+    pub name: String,
+    /// `name` is a prefix (`veth` for `veth*`).
+    pub prefix: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PlanConfig {
     /// This node's name (for externalTrafficPolicy/internalTrafficPolicy Local).
     pub node_name: String,
     /// Addresses node ports are served on.
     pub node_ips: Vec<IpAddr>,
-    /// Pod CIDRs: traffic to cluster IPs from outside them is masqueraded.
+    /// Pod CIDRs (kube-proxy's ClusterCIDR or NodeCIDR local-traffic detection): traffic to
+    /// cluster IPs from outside them is masqueraded.
     pub cluster_cidrs: Vec<Cidr>,
+    /// Pods' traffic told by the interface it arrives on instead (BridgeInterface or
+    /// InterfaceNamePrefix detection); overrides `cluster_cidrs`.
+    pub local_interface: Option<LocalInterface>,
+    /// Masquerade all traffic to cluster IPs (kube-proxy's `--masquerade-all`).
+    pub masquerade_all: bool,
+    /// Service CIDRs: new connections to an address in them that no service has are dropped
+    /// (as kube-proxy's nftables mode does).
+    pub service_cidrs: Vec<Cidr>,
     pub masquerade_mark: u32,
     /// Load-balancer address pools (inclusive ranges): traffic to a pool address that no
     /// service uses on that port is rejected, not forwarded (in routed setups it would loop).
@@ -263,6 +280,23 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
             )
             .with_comment("a cluster IP on a port its service lacks"),
         );
+        for cidr in cfg
+            .service_cidrs
+            .iter()
+            .filter(|c| Family::of(c.network()) == f)
+        {
+            c.push(
+                Rule::new(
+                    vec![
+                        Match::CtStateNew,
+                        Match::DaddrIn(*cidr),
+                        Match::DaddrNotInSet(f, cluster_ips(f)),
+                    ],
+                    Action::Verdict(Verdict::Drop),
+                )
+                .with_comment("an address of the service CIDR that no service has"),
+            );
+        }
     }
     rs.add_chain(c);
 
@@ -508,6 +542,28 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         .cluster_cidrs
         .iter()
         .find(|c| c.is_ipv4() == cip.is_ipv4());
+    // kube-proxy's local-traffic detection: what marks traffic as from this cluster's pods
+    // (an interface, else the pod CIDR), and so what is masqueraded on its way to a cluster IP.
+    let from_pods: Option<Vec<Match>> = match &cfg.local_interface {
+        Some(li) => Some(vec![Match::IifName {
+            name: li.name.clone(),
+            prefix: li.prefix,
+            negate: false,
+        }]),
+        None => cluster_cidr.map(|cc| vec![Match::SaddrIn(*cc)]),
+    };
+    let masquerade_unless: Option<Vec<Match>> = if cfg.masquerade_all {
+        Some(vec![])
+    } else {
+        match &cfg.local_interface {
+            Some(li) => Some(vec![Match::IifName {
+                name: li.name.clone(),
+                prefix: li.prefix,
+                negate: true,
+            }]),
+            None => cluster_cidr.map(|cc| vec![Match::SaddrNotIn(*cc)]),
+        }
+    };
     let firewall = firewall_chain(cfg, svc);
     if let Some(c) = &firewall {
         fr.add_chain(c.clone());
@@ -534,6 +590,8 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
 
         // Traffic from inside the cluster (cluster IP).
         let internal = usable_endpoints(&port.endpoints, local(svc.internal_traffic_policy));
+        // The service chain reaches every endpoint of the cluster (not only this node's).
+        let internal_all = svc.internal_traffic_policy == TrafficPolicy::Cluster;
         let service_chain = port_chain("service", svc, port);
         let mut service_remember = None;
         let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
@@ -547,9 +605,9 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
             );
         } else {
             let mut c = Chain::new(&service_chain, &what);
-            if let Some(cc) = cluster_cidr {
+            if let Some(ms) = &masquerade_unless {
                 c.push(Rule::new(
-                    vec![Match::SaddrNotIn(*cc)],
+                    ms.clone(),
                     Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
                 ));
             }
@@ -607,7 +665,11 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
             TrafficPolicy::Local => {
                 // Only this node's endpoints, no masquerade: the client's address is kept.
                 let eps = usable_endpoints(&port.endpoints, Some(&cfg.node_name));
-                if eps.is_empty() {
+                // As kube-proxy: this cluster's pods and the node itself reach the address as
+                // if they went out to a load balancer and came back, on any endpoint (the
+                // cluster-wide service chain; the node's own traffic masqueraded).
+                let short_circuit = internal_all && !internal.is_empty();
+                if eps.is_empty() && !short_circuit {
                     (None, None)
                 } else {
                     let name = port_chain("local", svc, port);
@@ -615,9 +677,38 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
                         &name,
                         format!("{what} from outside, to this node's endpoints"),
                     );
-                    let remember = choose(&mut fr, &mut c, &eps);
+                    if short_circuit {
+                        let to_service = Action::Verdict(Verdict::Goto(service_chain.clone()));
+                        if let Some(ms) = &from_pods {
+                            c.push(
+                                Rule::new(ms.clone(), to_service.clone())
+                                    .with_comment("short-circuit pod traffic"),
+                            );
+                        }
+                        c.push(
+                            Rule::new(
+                                vec![Match::FibSaddrLocal],
+                                Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
+                            )
+                            .with_comment("masquerade local traffic"),
+                        );
+                        c.push(
+                            Rule::new(vec![Match::FibSaddrLocal], to_service)
+                                .with_comment("short-circuit local traffic"),
+                        );
+                    }
+                    let remember = if eps.is_empty() {
+                        c.push(
+                            Rule::new(vec![], Action::Verdict(Verdict::Drop))
+                                .with_comment("no endpoint on this node"),
+                        );
+                        None
+                    } else {
+                        let r = choose(&mut fr, &mut c, &eps);
+                        fr.hairpins.extend(eps.iter().map(|e| e.addr));
+                        r
+                    };
                     fr.add_chain(c);
-                    fr.hairpins.extend(eps.iter().map(|e| e.addr));
                     (Some(name), remember)
                 }
             }

@@ -20,6 +20,9 @@ pub struct Packet {
     pub dport: u16,
     /// Sent by the node itself (output hook) rather than arriving (prerouting).
     pub local_origin: bool,
+    /// The interface it arrived on, when known (pods' veths, a bridge): what `iifname` matches
+    /// see. Unknown (None) matches no name; the node's own packets have none.
+    pub iif: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -299,6 +302,32 @@ impl Tracer<'_> {
             Match::MarkHas(m) => b(st.mark & m == *m),
             Match::MarkLacks(m) => b(st.mark & m == 0),
             Match::SaddrNotInAny(cs) => b(!cs.iter().any(|c| c.contains(p.saddr))),
+            Match::SaddrIn(c) => b(c.contains(p.saddr)),
+            Match::DaddrIn(c) => b(c.contains(st.daddr)),
+            Match::IifName {
+                name,
+                prefix,
+                negate,
+            } => {
+                let iif = if p.local_origin {
+                    None
+                } else {
+                    p.iif.as_deref()
+                };
+                let hit = iif.is_some_and(|i| {
+                    if *prefix {
+                        i.starts_with(name.as_str())
+                    } else {
+                        i == name
+                    }
+                });
+                b(hit != *negate)
+            }
+            // The node's own addresses are the sources of what it sends itself.
+            Match::FibSaddrLocal => b(p.local_origin),
+            Match::DaddrNotInSet(f, s) => {
+                b(Family::of(st.daddr) == *f && !self.in_set(s, &[Value::Ip(st.daddr)]))
+            }
         }
     }
 

@@ -223,7 +223,7 @@ fn services_without_endpoints_reject_tcp_with_reset_and_udp_with_icmp() {
 }
 
 #[test]
-fn cluster_ip_on_a_port_the_service_lacks_is_rejected_other_addresses_are_untouched() {
+fn cluster_ip_on_a_port_the_service_lacks_is_rejected_unused_service_addresses_dropped() {
     let svcs = [nextcloud_clusterip(&nextcloud_pods())];
     assert_eq!(
         only_fate(&run(&svcs, &tcp(CLIENT_POD, CLUSTER_IP, 9999))),
@@ -234,10 +234,17 @@ fn cluster_ip_on_a_port_the_service_lacks_is_rejected_other_addresses_are_untouc
         Fate::Rejected { tcp_reset: false },
         "8080 is TCP only"
     );
+    // An address of the service CIDR that no service has: dropped, as kube-proxy's nftables
+    // mode does (the config's service CIDR is 10.43.0.0/16).
     assert_eq!(
         only_fate(&run(&svcs, &tcp(CLIENT_POD, "10.43.7.204", 8080))),
+        Fate::Dropped,
+        "not a cluster IP, inside the service CIDR"
+    );
+    assert_eq!(
+        only_fate(&run(&svcs, &tcp(CLIENT_POD, "10.44.7.204", 8080))),
         Fate::Untouched { masquerade: false },
-        "not a cluster IP"
+        "outside the service CIDR"
     );
     assert_eq!(
         only_fate(&run(&svcs, &tcp(CLIENT_POD, "1.1.1.1", 443))),
@@ -638,4 +645,71 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn local_policy_addresses_short_circuit_pods_and_the_node_as_kube_proxy() {
+    let remote_only = [
+        ep("10.42.1.170", 80).on(OTHER_NODE),
+        ep("10.42.1.169", 80).on(OTHER_NODE),
+    ];
+    let svcs = [nextcloud_nodeport(&remote_only)
+        .external_ip("192.168.2.50")
+        .external_policy_local()
+        .build()];
+    // A pod (cluster CIDR): every endpoint of the cluster, its address kept.
+    let d = dnat_outcomes(&run(&svcs, &tcp(CLIENT_POD, "192.168.2.50", 80)));
+    assert_eq!(d.len(), 2);
+    assert!(d.values().all(|(_, masquerade)| !masquerade), "{d:?}");
+    // The node itself: every endpoint, masqueraded.
+    let mut from_node = tcp(NODE_IP, "192.168.2.50", 80);
+    from_node.local_origin = true;
+    let d = dnat_outcomes(&run(&svcs, &from_node));
+    assert_eq!(d.len(), 2);
+    assert!(d.values().all(|(_, masquerade)| *masquerade), "{d:?}");
+    // From outside, still dropped (no endpoint here).
+    assert_eq!(
+        only_fate(&run(&svcs, &tcp(OUTSIDE_CLIENT, "192.168.2.50", 80))),
+        Fate::Dropped
+    );
+}
+
+#[test]
+fn local_traffic_detection_by_interface_and_masquerade_all() {
+    let svcs = [nextcloud_clusterip(&nextcloud_pods())];
+    let masqueraded = |cfg: &PlanConfig, iif: Option<&str>| {
+        let mut p = tcp(CLIENT_POD, CLUSTER_IP, 8080);
+        p.iif = iif.map(str::to_string);
+        let d = dnat_outcomes(&run_with(cfg, &svcs, &p));
+        assert_eq!(d.len(), 2);
+        let m: BTreeSet<bool> = d.values().map(|(_, m)| *m).collect();
+        assert_eq!(m.len(), 1, "{d:?}");
+        m.into_iter().next().unwrap_or_default()
+    };
+    // ClusterCIDR: the pod's address is inside 10.42.0.0/16.
+    assert!(!masqueraded(&config(), Some("vp3")));
+    // InterfaceNamePrefix vp: a pod's veth counts, another interface does not.
+    let mut by_prefix = config();
+    by_prefix.local_interface = Some(ferry_plan::plan::LocalInterface {
+        name: "vp".into(),
+        prefix: true,
+    });
+    assert!(!masqueraded(&by_prefix, Some("vp3")));
+    assert!(masqueraded(&by_prefix, Some("eth0")));
+    assert!(
+        masqueraded(&by_prefix, None),
+        "unknown interface: not a pod's"
+    );
+    // BridgeInterface cni0: that name exactly.
+    let mut by_bridge = config();
+    by_bridge.local_interface = Some(ferry_plan::plan::LocalInterface {
+        name: "cni0".into(),
+        prefix: false,
+    });
+    assert!(!masqueraded(&by_bridge, Some("cni0")));
+    assert!(masqueraded(&by_bridge, Some("cni01")));
+    // masquerade-all: everything.
+    let mut all = config();
+    all.masquerade_all = true;
+    assert!(masqueraded(&all, Some("vp3")));
 }

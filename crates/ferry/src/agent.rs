@@ -96,6 +96,23 @@ pub struct AgentArgs {
     /// Pod CIDR(s), comma-separated: traffic to cluster IPs from outside is masqueraded.
     #[arg(long, default_value = "10.42.0.0/16", value_delimiter = ',')]
     pub cluster_cidr: Vec<Cidr>,
+    /// How traffic from this cluster's pods is told apart (kube-proxy's flag): ClusterCIDR
+    /// (`--cluster-cidr`), NodeCIDR (this Node's spec.podCIDRs), BridgeInterface
+    /// (`--pod-bridge-interface`) or InterfaceNamePrefix (`--pod-interface-name-prefix`).
+    /// Pods' traffic keeps its source on its way to a cluster IP, and reaches
+    /// externalTrafficPolicy: Local addresses on any endpoint.
+    #[arg(long, default_value = "ClusterCIDR", value_parser = parse_detect_local_mode)]
+    pub detect_local_mode: DetectLocalMode,
+    /// The bridge pods' traffic arrives on (with --detect-local-mode BridgeInterface).
+    #[arg(long)]
+    pub pod_bridge_interface: Option<String>,
+    /// The start of the names of pods' interfaces (with --detect-local-mode
+    /// InterfaceNamePrefix), e.g. `veth`.
+    #[arg(long)]
+    pub pod_interface_name_prefix: Option<String>,
+    /// Masquerade all traffic to cluster IPs, from pods too (kube-proxy's flag).
+    #[arg(long)]
+    pub masquerade_all: bool,
     /// Service CIDR(s), comma-separated: cluster IPs come from the first.
     #[arg(long, default_value = "10.43.0.0/16", value_delimiter = ',', value_parser = parse_service_cidr)]
     pub service_cidr: Vec<Cidr>,
@@ -138,6 +155,89 @@ pub struct AgentArgs {
     /// Re-read the kernel's table and repair it this often, in seconds (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_s: u64,
+}
+
+/// `--detect-local-mode`: kube-proxy's ways to tell pods' traffic apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectLocalMode {
+    ClusterCidr,
+    NodeCidr,
+    BridgeInterface,
+    InterfaceNamePrefix,
+}
+
+/// kube-proxy's spellings.
+pub fn parse_detect_local_mode(s: &str) -> Result<DetectLocalMode, String> {
+    match s {
+        "ClusterCIDR" => Ok(DetectLocalMode::ClusterCidr),
+        "NodeCIDR" => Ok(DetectLocalMode::NodeCidr),
+        "BridgeInterface" => Ok(DetectLocalMode::BridgeInterface),
+        "InterfaceNamePrefix" => Ok(DetectLocalMode::InterfaceNamePrefix),
+        other => Err(format!(
+            "{other:?}: one of ClusterCIDR, NodeCIDR, BridgeInterface, InterfaceNamePrefix"
+        )),
+    }
+}
+
+/// A network interface name as the kernel takes one (1 to 15 bytes, no '/', no spaces).
+fn check_interface_name(flag: &str, name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains(['/', ' ', '"', '*'])
+        || name.chars().any(|c| c.is_control())
+    {
+        return Err(format!(
+            "--{flag} {name:?}: an interface name is 1 to 15 characters, without '/', spaces, quotes or '*'"
+        ));
+    }
+    Ok(())
+}
+
+impl AgentArgs {
+    /// How pods' traffic is detected, checked against the flags it needs: the pod CIDRs (by
+    /// family) and/or the interface.
+    pub fn local_traffic(
+        &self,
+        node: Option<&ferry_model::objects::Node>,
+    ) -> Result<(Vec<Cidr>, Option<ferry_plan::plan::LocalInterface>), String> {
+        use ferry_plan::plan::LocalInterface;
+        match self.detect_local_mode {
+            DetectLocalMode::ClusterCidr => Ok((self.cluster_cidr.clone(), None)),
+            DetectLocalMode::NodeCidr => {
+                let cidrs: Vec<Cidr> = node
+                    .map(|n| n.pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect())
+                    .unwrap_or_default();
+                if cidrs.is_empty() {
+                    return Err(format!(
+                        "--detect-local-mode NodeCIDR: Node {} has no spec.podCIDRs",
+                        self.node
+                    ));
+                }
+                Ok((cidrs, None))
+            }
+            DetectLocalMode::BridgeInterface => {
+                let name = self
+                    .pod_bridge_interface
+                    .clone()
+                    .ok_or("--detect-local-mode BridgeInterface needs --pod-bridge-interface")?;
+                check_interface_name("pod-bridge-interface", &name)?;
+                Ok((
+                    Vec::new(),
+                    Some(LocalInterface {
+                        name,
+                        prefix: false,
+                    }),
+                ))
+            }
+            DetectLocalMode::InterfaceNamePrefix => {
+                let name = self.pod_interface_name_prefix.clone().ok_or(
+                    "--detect-local-mode InterfaceNamePrefix needs --pod-interface-name-prefix",
+                )?;
+                check_interface_name("pod-interface-name-prefix", &name)?;
+                Ok((Vec::new(), Some(LocalInterface { name, prefix: true })))
+            }
+        }
+    }
 }
 
 /// `--nodeport-addresses`: which of this node's addresses serve node ports.
@@ -460,10 +560,27 @@ pub fn compute(
         never_announce.insert(*ip, format!("this node's own address (on {iface})"));
     }
     let resolved = resolve(&services, &allocations, &snap.slices);
+    let this_node = snap.nodes.iter().find(|n| n.meta.name == args.node);
+    let (cluster_cidrs, local_interface) = match args.local_traffic(this_node) {
+        Ok(l) => l,
+        Err(e) => {
+            // Without a detector nothing counts as a pod's: what kube-proxy does too.
+            diagnostics.push(Diagnostic {
+                severity: Severity::Error,
+                object: None,
+                reason: "NoLocalTrafficDetection",
+                message: format!("{e}: traffic from pods cannot be told apart"),
+            });
+            (Vec::new(), None)
+        }
+    };
     let cfg = PlanConfig {
         node_name: args.node.clone(),
         node_ips: nodeport_ips.clone(),
-        cluster_cidrs: args.cluster_cidr.clone(),
+        cluster_cidrs,
+        local_interface,
+        masquerade_all: args.masquerade_all,
+        service_cidrs: args.service_cidr.clone(),
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
         // Traffic to unused pool addresses is refused, except to this node's own addresses,
         // its gateways and the nodes: a pool over the LAN must not cut the node off.
@@ -780,6 +897,10 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     let _one_agent = crate::singleton::claim(Duration::from_secs(args.wait_for_previous_s))?;
     let state = StateDir::new(&args.state_dir)?;
     let source_kind = args.source()?;
+    if args.detect_local_mode != DetectLocalMode::NodeCidr {
+        // The Node's podCIDRs come with the source; everything else is known now.
+        args.local_traffic(None).map_err(anyhow::Error::msg)?;
+    }
     if let SourceKind::Manifests(dir) = &source_kind {
         std::fs::metadata(dir).with_context(|| format!("manifest directory {}", dir.display()))?;
     }
@@ -1285,6 +1406,62 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<AgentArgs, clap::Error> {
         Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).map(|c| c.agent)
+    }
+
+    #[test]
+    fn detect_local_mode_as_kube_proxy_takes_it() {
+        let a = parse(&["--node", "n1"]).unwrap();
+        assert_eq!(a.detect_local_mode, DetectLocalMode::ClusterCidr);
+        let (cidrs, iface) = a.local_traffic(None).unwrap();
+        assert_eq!(cidrs, a.cluster_cidr);
+        assert!(iface.is_none());
+        // Each mode needs its flag; the error says which.
+        let bridge = parse(&["--node", "n1", "--detect-local-mode", "BridgeInterface"]).unwrap();
+        let e = bridge.local_traffic(None).unwrap_err();
+        assert!(e.contains("--pod-bridge-interface"), "{e}");
+        let ok = parse(&[
+            "--node",
+            "n1",
+            "--detect-local-mode",
+            "InterfaceNamePrefix",
+            "--pod-interface-name-prefix",
+            "veth",
+        ])
+        .unwrap();
+        let (cidrs, iface) = ok.local_traffic(None).unwrap();
+        assert!(cidrs.is_empty());
+        assert_eq!(
+            iface,
+            Some(ferry_plan::plan::LocalInterface {
+                name: "veth".into(),
+                prefix: true
+            })
+        );
+        let bad_name = parse(&[
+            "--node",
+            "n1",
+            "--detect-local-mode",
+            "BridgeInterface",
+            "--pod-bridge-interface",
+            "a name/with slash",
+        ])
+        .unwrap();
+        assert!(bad_name.local_traffic(None).is_err());
+        // NodeCIDR: the Node's podCIDRs; none is an error naming the node.
+        let nodecidr = parse(&["--node", "n1", "--detect-local-mode", "NodeCIDR"]).unwrap();
+        let e = nodecidr.local_traffic(None).unwrap_err();
+        assert!(e.contains("Node n1"), "{e}");
+        let node = ferry_model::objects::Node {
+            meta: ferry_model::objects::Meta {
+                name: "n1".into(),
+                ..Default::default()
+            },
+            addresses: vec![],
+            pod_cidrs: vec!["10.42.3.0/24".into()],
+        };
+        let (cidrs, _) = nodecidr.local_traffic(Some(&node)).unwrap();
+        assert_eq!(cidrs, vec!["10.42.3.0/24".parse::<Cidr>().unwrap()]);
+        assert!(parse(&["--node", "n1", "--detect-local-mode", "clustercidr"]).is_err());
     }
 
     #[test]

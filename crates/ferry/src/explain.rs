@@ -81,6 +81,7 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
         proto: args.proto,
         dport: args.to.port(),
         local_origin: args.local,
+        iif: None,
     };
     let outcomes = trace(planner.ruleset(), &pkt);
     println!(

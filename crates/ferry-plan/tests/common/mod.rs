@@ -31,6 +31,11 @@ pub fn config() -> PlanConfig {
         ],
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
         lb_pools: vec![],
+        service_cidrs: vec![
+            "10.43.0.0/16".parse().unwrap(),
+            "fd00:43::/108".parse().unwrap(),
+        ],
+        ..PlanConfig::default()
     }
 }
 
@@ -236,6 +241,7 @@ pub fn packet(proto: Protocol, saddr: &str, daddr: &str, dport: u16) -> Packet {
         proto,
         dport,
         local_origin: false,
+        iif: None,
     }
 }
 

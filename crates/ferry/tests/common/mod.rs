@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 pub use ferry_lab::{demo, Lab, LabConfig, PodInfo};
@@ -750,4 +750,46 @@ pub fn arp_watch(
         watch
     })
     .expect("entering the client's namespace")
+}
+
+/// `curl -si` from `from`: the body (pod name) and the X-Client-Addr the pod saw.
+pub fn curl_client_addr(lab: &Lab, from: &str, url: &str) -> Result<(String, SocketAddr), String> {
+    let out = lab
+        .exec(from, &["curl", "-sSi", "--max-time", "2", url])
+        .expect("exec curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!(
+            "curl {url} from {from}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let addr = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("X-Client-Addr: "))
+        .and_then(|a| a.trim().parse().ok())
+        .ok_or_else(|| format!("no X-Client-Addr in:\n{text}"))?;
+    let body = text.lines().last().unwrap_or_default().trim().to_string();
+    Ok((body, addr))
+}
+
+/// The IPv4 address of a socket address (the lab's traffic is IPv4).
+pub fn v4(a: SocketAddr) -> Ipv4Addr {
+    match a {
+        SocketAddr::V4(v4) => *v4.ip(),
+        SocketAddr::V6(v6) => panic!("unexpected IPv6 source {v6}"),
+    }
+}
+
+/// Like [`curl_client_addr`], retried until it works (bounded).
+pub fn curl_client_addr_ok(lab: &Lab, from: &str, url: &str) -> (String, SocketAddr) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        match curl_client_addr(lab, from, url) {
+            Ok(r) => return r,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
