@@ -74,6 +74,7 @@ fn services(n: usize, eps: usize, generation: u32) -> Vec<ResolvedService> {
                             ready: true,
                             serving: true,
                             terminating: false,
+                            zone_hints: None,
                         })
                         .collect(),
                 }],

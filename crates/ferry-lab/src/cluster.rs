@@ -273,6 +273,7 @@ pub fn node_object(st: &LabState, n: &crate::state::NodeInfo) -> serde_json::Val
         "kubernetes.io/hostname": n.name,
         "kubernetes.io/os": "linux",
         "kubernetes.io/arch": std::env::consts::ARCH,
+        "topology.kubernetes.io/zone": n.zone(),
     });
     if n.index == 0 {
         labels["node-role.kubernetes.io/control-plane"] = json!("true");

@@ -454,7 +454,7 @@ async fn pass(ctx: &Ctx, client: &Client) -> Result<Synced> {
                 continue;
             }
         };
-        for doc in slice_docs(&model, &st.pods, MANAGED_BY) {
+        for doc in slice_docs(&model, &st.pods, &st.nodes, MANAGED_BY) {
             let mut v = serde_json::to_value(&doc)?;
             v["metadata"]["ownerReferences"] = json!([{
                 "apiVersion": "v1", "kind": "Service", "name": name,

@@ -244,6 +244,18 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
+    /// Its `topology.kubernetes.io/zone` label: the lab's nodes alternate between two zones
+    /// (`lab-zone-a` for the first, `lab-zone-b` for the second, ...).
+    pub fn zone(&self) -> String {
+        format!(
+            "lab-zone-{}",
+            if self.index.is_multiple_of(2) {
+                'a'
+            } else {
+                'b'
+            }
+        )
+    }
     /// The node's address on every pod veth: 10.42.<index>.1.
     pub fn pod_gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 42, self.index as u8, 1)

@@ -263,8 +263,9 @@ fn write_nodes_yaml(ctx: &Ctx, st: &LabState) -> Result<()> {
             ""
         };
         text.push_str(&format!(
-            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  creationTimestamp: \"{ts}\"\n  labels:\n    kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\n{role}spec:\n  podCIDR: {cidr}\n  podCIDRs:\n  - {cidr}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {ip}\n  - type: Hostname\n    address: {name}\n",
+            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  creationTimestamp: \"{ts}\"\n  labels:\n    kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\n    topology.kubernetes.io/zone: {zone}\n{role}spec:\n  podCIDR: {cidr}\n  podCIDRs:\n  - {cidr}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {ip}\n  - type: Hostname\n    address: {name}\n",
             name = n.name,
+            zone = n.zone(),
             ts = rfc3339(st.created),
             cidr = n.pod_cidr,
             ip = n.ip,

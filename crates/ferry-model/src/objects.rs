@@ -196,6 +196,10 @@ pub struct Service {
     /// Explicit spec.healthCheckNodePort, if given (LoadBalancer with externalTrafficPolicy
     /// Local only).
     pub health_check_node_port: Option<u16>,
+    /// `spec.trafficDistribution: PreferClose` (or `PreferSameZone`), or the annotation
+    /// `service.kubernetes.io/topology-mode: Auto`: endpoints get zone hints (what an
+    /// EndpointSlice controller writes; proxies read the hints, not this).
+    pub prefer_close: bool,
 }
 
 impl Service {
@@ -228,6 +232,9 @@ pub struct Endpoint {
     pub hostname: Option<String>,
     /// targetRef name (a pod), if any.
     pub target_name: Option<String>,
+    /// `hints.forZones[].name`: the zones whose nodes should send cluster traffic here
+    /// (topology-aware routing, `trafficDistribution: PreferClose`); None without hints.
+    pub zone_hints: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,6 +20,8 @@ pub struct ResolvedEndpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// The zones this endpoint is hinted for (None: no hints).
+    pub zone_hints: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +116,7 @@ pub fn resolve(
                                 ready: e.conditions.ready,
                                 serving: e.conditions.serving,
                                 terminating: e.conditions.terminating,
+                                zone_hints: e.zone_hints.clone(),
                             });
                         }
                     }
@@ -191,6 +194,36 @@ pub fn usable_endpoints<'a>(
         .collect()
 }
 
+/// Topology-aware routing as kube-proxy does it, for traffic that may go to any endpoint of the
+/// cluster: when every one of `eps` carries zone hints, this node has a zone, and some endpoint
+/// is hinted for it, only those; otherwise all of `eps` (hints missing anywhere, or a zone left
+/// without endpoints, must never black-hole traffic).
+pub fn topology_endpoints<'a>(
+    eps: Vec<&'a ResolvedEndpoint>,
+    node_zone: Option<&str>,
+) -> Vec<&'a ResolvedEndpoint> {
+    let Some(zone) = node_zone else {
+        return eps;
+    };
+    if eps.is_empty() || eps.iter().any(|e| e.zone_hints.is_none()) {
+        return eps;
+    }
+    let for_zone: Vec<&ResolvedEndpoint> = eps
+        .iter()
+        .copied()
+        .filter(|e| {
+            e.zone_hints
+                .as_ref()
+                .is_some_and(|z| z.iter().any(|h| h == zone))
+        })
+        .collect();
+    if for_zone.is_empty() {
+        eps
+    } else {
+        for_zone
+    }
+}
+
 /// Resolves a named target port against a pod's container ports (used by slice writers).
 pub fn resolve_target_port(
     tp: &TargetPort,
@@ -203,5 +236,52 @@ pub fn resolve_target_port(
             .iter()
             .find(|(n, _, p)| n == name && *p == protocol)
             .map(|(_, port, _)| *port),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(last: u8, hints: Option<&[&str]>) -> ResolvedEndpoint {
+        ResolvedEndpoint {
+            addr: IpAddr::from([10, 42, 0, last]),
+            port: 80,
+            node: None,
+            ready: true,
+            serving: true,
+            terminating: false,
+            zone_hints: hints.map(|h| h.iter().map(|z| z.to_string()).collect()),
+        }
+    }
+
+    fn addrs(v: Vec<&ResolvedEndpoint>) -> Vec<u8> {
+        v.iter()
+            .map(|e| match e.addr {
+                IpAddr::V4(a) => a.octets()[3],
+                IpAddr::V6(_) => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn topology_hints_as_kube_proxy_uses_them() {
+        let hinted = [
+            ep(1, Some(&["a"])),
+            ep(2, Some(&["b"])),
+            ep(3, Some(&["a", "c"])),
+        ];
+        let all: Vec<&ResolvedEndpoint> = hinted.iter().collect();
+        // This node's zone: only the endpoints hinted for it.
+        assert_eq!(addrs(topology_endpoints(all.clone(), Some("a"))), [1, 3]);
+        assert_eq!(addrs(topology_endpoints(all.clone(), Some("b"))), [2]);
+        // A zone nobody is hinted for, or no zone: everything (never a black hole).
+        assert_eq!(addrs(topology_endpoints(all.clone(), Some("d"))), [1, 2, 3]);
+        assert_eq!(addrs(topology_endpoints(all, None)), [1, 2, 3]);
+        // One endpoint without hints: hints are not used at all.
+        let partly = [ep(1, Some(&["a"])), ep(2, None)];
+        let partly: Vec<&ResolvedEndpoint> = partly.iter().collect();
+        assert_eq!(addrs(topology_endpoints(partly, Some("a"))), [1, 2]);
+        assert!(topology_endpoints(Vec::new(), Some("a")).is_empty());
     }
 }

@@ -25,7 +25,9 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ferry_model::cidr::Cidr;
-use ferry_model::view::{usable_endpoints, ResolvedEndpoint, ResolvedPort, ResolvedService};
+use ferry_model::view::{
+    topology_endpoints, usable_endpoints, ResolvedEndpoint, ResolvedPort, ResolvedService,
+};
 use ferry_model::{Protocol, TrafficPolicy};
 
 use crate::ir::*;
@@ -58,6 +60,9 @@ pub struct PlanConfig {
     /// Service CIDRs: new connections to an address in them that no service has are dropped
     /// (as kube-proxy's nftables mode does).
     pub service_cidrs: Vec<Cidr>,
+    /// This node's zone (its `topology.kubernetes.io/zone` label): cluster-wide traffic goes
+    /// to the endpoints hinted for it (topology-aware routing).
+    pub node_zone: Option<String>,
     pub masquerade_mark: u32,
     /// Load-balancer address pools (inclusive ranges): traffic to a pool address that no
     /// service uses on that port is rejected, not forwarded (in routed setups it would loop).
@@ -571,10 +576,6 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
     for port in &svc.ports {
         let what = describe(svc, port);
         let proto = Value::Proto(port.protocol);
-        let local = |policy: TrafficPolicy| match policy {
-            TrafficPolicy::Local => Some(cfg.node_name.as_str()),
-            TrafficPolicy::Cluster => None,
-        };
         // The chains that choose an endpoint, and (with ClientIP affinity) the chain that
         // remembers the clients of each: (frontend tuple, remember chain) pairs.
         let mut remembers: Vec<(Vec<Value>, String)> = Vec::new();
@@ -589,7 +590,13 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         };
 
         // Traffic from inside the cluster (cluster IP).
-        let internal = usable_endpoints(&port.endpoints, local(svc.internal_traffic_policy));
+        let zone = cfg.node_zone.as_deref();
+        // Cluster-wide choices follow topology hints (kube-proxy applies them to those only).
+        let cluster_wide = || topology_endpoints(usable_endpoints(&port.endpoints, None), zone);
+        let internal = match svc.internal_traffic_policy {
+            TrafficPolicy::Cluster => cluster_wide(),
+            TrafficPolicy::Local => usable_endpoints(&port.endpoints, Some(&cfg.node_name)),
+        };
         // The service chain reaches every endpoint of the cluster (not only this node's).
         let internal_all = svc.internal_traffic_policy == TrafficPolicy::Cluster;
         let service_chain = port_chain("service", svc, port);
@@ -635,7 +642,7 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         }
         let (external_target, external_remember) = match svc.external_traffic_policy {
             TrafficPolicy::Cluster => {
-                let all = usable_endpoints(&port.endpoints, None);
+                let all = cluster_wide();
                 if all.is_empty() {
                     (None, None)
                 } else {
@@ -895,6 +902,7 @@ fn service_hash(svc: &ResolvedService) -> u64 {
         p.node_port.hash(&mut h);
         for e in &p.endpoints {
             (e.addr, e.port, &e.node, e.ready, e.serving, e.terminating).hash(&mut h);
+            e.zone_hints.hash(&mut h);
         }
     }
     h.finish()

@@ -713,3 +713,32 @@ fn local_traffic_detection_by_interface_and_masquerade_all() {
     all.masquerade_all = true;
     assert!(masqueraded(&all, Some("vp3")));
 }
+
+#[test]
+fn topology_hints_keep_cluster_traffic_in_the_node_zone() {
+    let eps = [
+        ep("10.42.0.85", 80).on(NODE).hinted(&["zone-a"]),
+        ep("10.42.1.170", 80).on(OTHER_NODE).hinted(&["zone-b"]),
+    ];
+    let svcs = [nextcloud_nodeport(&eps).build()];
+    let mut in_a = config();
+    in_a.node_zone = Some("zone-a".into());
+    for p in [
+        tcp(CLIENT_POD, "10.43.120.17", 80),
+        tcp(OUTSIDE_CLIENT, NODE_IP, 32540),
+    ] {
+        let d = dnat_outcomes(&run_with(&in_a, &svcs, &p));
+        assert_eq!(
+            d.keys().copied().collect::<Vec<_>>(),
+            [endpoint("10.42.0.85", 80)],
+            "{p:?}"
+        );
+    }
+    // No zone on the node, or a zone without endpoints: every endpoint.
+    let mut in_c = config();
+    in_c.node_zone = Some("zone-c".into());
+    for cfg in [config(), in_c] {
+        let d = dnat_outcomes(&run_with(&cfg, &svcs, &tcp(CLIENT_POD, "10.43.120.17", 80)));
+        assert_eq!(d.len(), 2, "{:?}", cfg.node_zone);
+    }
+}

@@ -156,6 +156,24 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
         }
     };
 
+    let prefer_close = match spec.traffic_distribution.as_deref() {
+        None | Some("") => meta
+            .annotations
+            .get("service.kubernetes.io/topology-mode")
+            .is_some_and(|m| m.eq_ignore_ascii_case("auto")),
+        Some("PreferClose" | "PreferSameZone") => true,
+        Some(other) => {
+            ck.err(
+                "spec.trafficDistribution",
+                format!(
+                    "supported values: \"PreferClose\", \"PreferSameZone\"; got {}",
+                    quote(other)
+                ),
+            );
+            false
+        }
+    };
+
     Service {
         meta,
         type_,
@@ -172,6 +190,7 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
         session_affinity,
         load_balancer_source_ranges,
         health_check_node_port,
+        prefer_close,
     }
 }
 
@@ -556,12 +575,30 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
                 terminating: false,
             },
         };
+        // Topology hints: the zones to serve (an empty name is refused, as the API server does).
+        let zone_hints = m
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|zones| {
+                let mut out = Vec::new();
+                for (j, z) in zones.iter().enumerate() {
+                    let path = format!("{base}.hints.forZones[{j}].name");
+                    if z.name.is_empty() {
+                        ck.err(path, "required: a zone name");
+                    } else {
+                        out.push(z.name.clone());
+                    }
+                }
+                out
+            });
         endpoints.push(Endpoint {
             addresses,
             conditions,
             node_name: non_empty(m.node_name.as_deref()).map(str::to_string),
             hostname: non_empty(m.hostname.as_deref()).map(str::to_string),
             target_name: target_name(m.target_ref.as_ref()),
+            zone_hints,
         });
     }
     if address_type == Some(AddressType::Fqdn) && !endpoints.is_empty() {
@@ -646,6 +683,7 @@ pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
                         node_name: non_empty(a.node_name.as_deref()).map(str::to_string),
                         hostname: non_empty(a.hostname.as_deref()).map(str::to_string),
                         target_name: target_name(a.target_ref.as_ref()),
+                        zone_hints: None,
                     });
                 }
             }
@@ -958,6 +996,45 @@ mod tests {
             p.objects,
             [ferry_model::Object::Service(service(&mut ck, &svc))]
         );
+    }
+
+    #[test]
+    fn traffic_distribution_and_zone_hints() {
+        let svc = |extra: &str| {
+            parse_text(
+                "f",
+                &format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: web{extra}}}\nspec:\n  ports: [{{port: 80}}]\n"
+                ),
+            )
+        };
+        let close = |p: &crate::manifest::Parsed| match p.objects.first() {
+            Some(ferry_model::Object::Service(s)) => s.prefer_close,
+            other => panic!("{other:?}"),
+        };
+        assert!(!close(&svc("")));
+        let p = svc(", annotations: {service.kubernetes.io/topology-mode: Auto}");
+        assert!(close(&p));
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n  trafficDistribution: PreferClose\n";
+        assert!(close(&parse_text("f", text)));
+        let p = parse_text("f", &text.replace("PreferClose", "Anywhere"));
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        assert_eq!(p.errors[0].at.field, "spec.trafficDistribution");
+
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nendpoints:\n- addresses: [10.42.0.5]\n  zone: a\n  hints: {forZones: [{name: a}, {name: b}]}\n- addresses: [10.42.0.6]\nports: [{port: 80}]\n";
+        let p = parse_text("f", slice);
+        assert!(p.errors.is_empty(), "{p:#?}");
+        let Some(ferry_model::Object::EndpointSlice(s)) = p.objects.first() else {
+            panic!("{p:#?}");
+        };
+        assert_eq!(
+            s.endpoints[0].zone_hints,
+            Some(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(s.endpoints[1].zone_hints, None);
+        let p = parse_text("f", &slice.replace("{name: b}", "{name: ''}"));
+        assert_eq!(p.errors.len(), 1, "{p:#?}");
+        assert_eq!(p.errors[0].at.field, "endpoints[0].hints.forZones[1].name");
     }
 
     #[test]

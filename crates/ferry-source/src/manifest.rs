@@ -1819,6 +1819,7 @@ ports:
                 node_name: Some("node-1".into()),
                 hostname: Some("web-0".into()),
                 target_name: Some("web-0".into()),
+                zone_hints: None,
             }
         );
         assert_eq!(s.endpoints[1].conditions, c(true, true, false));
@@ -2026,6 +2027,7 @@ subsets:
                     node_name: Some("node-1".into()),
                     hostname: Some("db-0".into()),
                     target_name: Some("db-0".into()),
+                    zone_hints: None,
                 },
                 Endpoint {
                     addresses: vec![ip("10.244.2.6")],
@@ -2037,6 +2039,7 @@ subsets:
                     node_name: None,
                     hostname: None,
                     target_name: None,
+                    zone_hints: None,
                 },
             ]
         );

@@ -581,6 +581,10 @@ pub fn compute(
         local_interface,
         masquerade_all: args.masquerade_all,
         service_cidrs: args.service_cidr.clone(),
+        node_zone: this_node
+            .and_then(|n| n.meta.labels.get("topology.kubernetes.io/zone"))
+            .filter(|z| !z.is_empty())
+            .cloned(),
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
         // Traffic to unused pool addresses is refused, except to this node's own addresses,
         // its gateways and the nodes: a pool over the LAN must not cut the node off.

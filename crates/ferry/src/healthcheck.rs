@@ -247,6 +247,7 @@ mod tests {
             ready,
             serving: ready,
             terminating: false,
+            zone_hints: None,
         }
     }
 

@@ -164,3 +164,49 @@ spec:
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn prefer_close_keeps_cluster_traffic_in_the_zone() {
+    let Some(lab) = common::lab("prefer_close", 2) else {
+        return;
+    };
+    // The lab's nodes alternate zones: node 0 in lab-zone-a, node 1 in lab-zone-b.
+    let (n0, n1) = (lab.node_name(0), lab.node_name(1));
+    for (pod, node) in [("web-a", &n0), ("web-b", &n1)] {
+        lab.apply_yaml(&pinned_pod(pod, "zoned", node)).unwrap();
+    }
+    for (pod, node) in [("shell-a", &n0), ("shell-b", &n1)] {
+        lab.apply_yaml(&pinned_pod(pod, "shell", node)).unwrap();
+    }
+    let service = |distribution: &str| {
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: zoned}}
+spec:
+  selector: {{app: zoned}}
+  ports: [{{port: 80}}]
+{distribution}"
+        )
+    };
+    lab.apply_yaml(&service("  trafficDistribution: PreferClose\n"))
+        .unwrap();
+    let (ip, _) = common::svc_addr(&lab, "zoned");
+    let url = format!("http://{ip}/");
+    // Each client's node keeps it in its zone: 20 answers in a row from the zone's pod (by
+    // chance from a 1/2 split: 2^-20).
+    for (from, want) in [("shell-a", "web-a"), ("shell-b", "web-b")] {
+        common::until_only(&lab, from, &url, want, 5);
+        let next = common::answers(&lab, from, &url, 20);
+        assert!(next.iter().all(|b| b == want), "{from}: {next:?}");
+    }
+    // Zone b without a ready endpoint: its node falls back to every endpoint (web-a).
+    lab.set_ready("web-b", false).unwrap();
+    common::until_only(&lab, "shell-b", &url, "web-a", 20);
+    lab.set_ready("web-b", true).unwrap();
+    common::until_only(&lab, "shell-b", &url, "web-b", 20);
+    // Without trafficDistribution: no hints, both pods from either zone.
+    lab.apply_yaml(&service("")).unwrap();
+    let both = vec!["web-a".to_string(), "web-b".to_string()];
+    common::until_all_answer(&lab, "shell-a", &url, &both);
+}

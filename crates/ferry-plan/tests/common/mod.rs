@@ -82,6 +82,7 @@ pub fn ep(addr: &str, port: u16) -> ResolvedEndpoint {
         ready: true,
         serving: true,
         terminating: false,
+        zone_hints: None,
     }
 }
 
@@ -91,6 +92,8 @@ pub trait EndpointExt {
     fn terminating(self) -> Self;
     /// Neither ready nor serving.
     fn not_ready(self) -> Self;
+    /// Topology hints for these zones.
+    fn hinted(self, zones: &[&str]) -> Self;
 }
 
 impl EndpointExt for ResolvedEndpoint {
@@ -107,6 +110,10 @@ impl EndpointExt for ResolvedEndpoint {
     fn not_ready(mut self) -> Self {
         self.ready = false;
         self.serving = false;
+        self
+    }
+    fn hinted(mut self, zones: &[&str]) -> Self {
+        self.zone_hints = Some(zones.iter().map(|z| z.to_string()).collect());
         self
     }
 }
@@ -556,6 +563,7 @@ pub fn service_from_spec(i: usize, spec: &ServiceSpec) -> ResolvedService {
                     ready,
                     serving,
                     terminating,
+                    zone_hints: None,
                 });
         }
         ports.push(ResolvedPort {
