@@ -975,6 +975,23 @@ pub fn changes(rs: &Ruleset, ops: &[Op]) -> Result<Vec<u8>, Unsupported> {
     Ok(w.buf)
 }
 
+/// Tests only: adds, before the batch's end, the deletion of a chain that does not exist, which
+/// the kernel refuses (and with it the whole batch).
+#[doc(hidden)]
+pub fn spoil(batch: &mut Vec<u8>) {
+    let end = batch.split_off(batch.len().saturating_sub(20));
+    let mut w = Writer {
+        buf: std::mem::take(batch),
+        seq: 1_000_000,
+    };
+    let m = w.nft_msg(NFT_MSG_DELCHAIN, 0);
+    w.str(NFTA_CHAIN_TABLE, TABLE);
+    w.str(NFTA_CHAIN_NAME, "no-such-chain-ferry-test");
+    w.msg_end(m);
+    *batch = w.buf;
+    batch.extend_from_slice(&end);
+}
+
 /// A key read back as text (`10.96.0.10 . tcp . 80`, `10.0.0.0-10.0.0.255`) as the values of
 /// the set's fields.
 fn parse_key(types: &[KeyType], interval: bool, text: &str) -> Result<Vec<Value>, Unsupported> {

@@ -487,6 +487,10 @@ pub struct Dataplane {
     live: Option<LiveState>,
     /// Changes go over netlink ([`encode`]) rather than through libnftables' text.
     netlink_writes: bool,
+    /// Why the kernel last refused a netlink batch that libnftables' text then applied.
+    netlink_refused: Option<String>,
+    /// Tests only: every netlink batch ends with a message the kernel refuses.
+    spoil_batches: bool,
 }
 
 impl Dataplane {
@@ -495,6 +499,8 @@ impl Dataplane {
             nft,
             live: None,
             netlink_writes: true,
+            netlink_refused: None,
+            spoil_batches: false,
         }
     }
 
@@ -507,16 +513,37 @@ impl Dataplane {
     /// Commits `changes` as one transaction: over netlink (the objects from `desired`), or
     /// as libnftables text where the encoder does not know a construct or netlink sockets are
     /// refused.
+    ///
+    /// A batch the kernel refuses changed nothing (a transaction is all or nothing), so the
+    /// same change is then tried as text: a gap in the encoder costs speed, never the node's
+    /// dataplane. The refusal is kept for the caller to report ([`Dataplane::netlink_refused`]).
     fn commit(&mut self, desired: &Ruleset, changes: &Changes) -> Result<(), NftError> {
         if self.netlink_writes {
-            if let Ok(batch) = encode::changes(desired, &changes.ops) {
+            if let Ok(mut batch) = encode::changes(desired, &changes.ops) {
+                if self.spoil_batches {
+                    encode::spoil(&mut batch);
+                }
                 match netlink::send_batch(&batch) {
+                    Ok(()) => return Ok(()),
                     Err(NftError::Unavailable(_)) => {}
-                    other => return other,
+                    Err(e) => self.netlink_refused = Some(e.to_string()),
                 }
             }
         }
         self.nft.run(&changes.script).map(|_| ())
+    }
+
+    /// The kernel's reason for refusing the last netlink batch that was then applied as text
+    /// (taken: reported once).
+    pub fn netlink_refused(&mut self) -> Option<String> {
+        self.netlink_refused.take()
+    }
+
+    /// Tests only: makes every netlink batch end with a message the kernel refuses, to prove
+    /// the text fallback.
+    #[doc(hidden)]
+    pub fn spoil_netlink_batches(&mut self) {
+        self.spoil_batches = true;
     }
 
     pub fn nft(&mut self) -> &mut Nft {

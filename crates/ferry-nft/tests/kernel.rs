@@ -692,3 +692,25 @@ fn netlink_changes_list_exactly_as_libnftables_changes() {
         }
     }
 }
+
+#[test]
+fn a_refused_netlink_batch_is_applied_as_text() {
+    in_kernel("a_refused_netlink_batch_is_applied_as_text", |dp| {
+        dp.spoil_netlink_batches();
+        let a = plan(&with_lb_pools(config()), &seed_services());
+        let ch = dp.apply(&a).expect("the full load, through the fallback");
+        assert!(ch.full, "{ch}");
+        let why = dp.netlink_refused().expect("the kernel refused the batch");
+        assert!(why.contains("no-such-chain-ferry-test"), "{why}");
+        assert_kernel_holds(&a);
+        // An incremental change too; nothing is left to report afterwards.
+        let mut sb = seed_services();
+        sb[0].ports[0].endpoints.pop();
+        let b = plan(&with_lb_pools(config()), &sb);
+        let ch = dp.apply(&b).expect("a change, through the fallback");
+        assert!(!ch.is_empty() && !ch.full, "{ch}");
+        assert!(dp.netlink_refused().is_some());
+        assert!(dp.netlink_refused().is_none());
+        assert_kernel_holds(&b);
+    });
+}

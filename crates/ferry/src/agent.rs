@@ -830,6 +830,17 @@ impl Worker {
         } else {
             Default::default()
         };
+        let mut diagnostics = p.diagnostics;
+        if let Some(why) = self.dp.netlink_refused() {
+            diagnostics.push(Diagnostic {
+                severity: Severity::Warning,
+                object: None,
+                reason: "NetlinkRefused",
+                message: format!(
+                    "the kernel refused ferry's netlink batch ({why}); the change went through libnftables instead"
+                ),
+            });
+        }
         for (addr, port) in ferry_plan::plan::stale_udp_endpoints(&self.served, &p.services) {
             flush_udp_conntrack(addr, port);
         }
@@ -853,7 +864,7 @@ impl Worker {
             endpoints,
             lb_services: p.lb_services,
             pool_usage: p.pool_usage,
-            diagnostics: p.diagnostics,
+            diagnostics,
             l2: p.l2,
             node_ips: p.node_ips,
             health_checks,
