@@ -172,6 +172,21 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         cold_plan.push((t1 - t0).as_secs_f64() * 1e3);
         cold_apply.push((t2 - t1).as_secs_f64() * 1e3);
     }
+    // The differ's share of a cold apply: comparing with an empty kernel and rendering the
+    // text script (used only when netlink is not).
+    let rs = plan(&cfg, &base);
+    let t0 = Instant::now();
+    let ch = ferry_plan::diff(&ferry_plan::LiveState::default(), &rs);
+    let diff_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let t0 = Instant::now();
+    let batch = ferry_nft::encode::changes(&rs, &ch.ops);
+    let encode_ms = t0.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "of a cold apply: diff and text script {diff_ms:.0} ms ({} MB), netlink batch {encode_ms:.0} ms ({} MB)",
+        ch.script.len() >> 20,
+        batch.map(|b| b.len() >> 20).unwrap_or(0)
+    );
+    drop((rs, ch));
     let mut cold_total: Vec<f64> = cold_plan
         .iter()
         .zip(&cold_apply)

@@ -828,7 +828,14 @@ fn plus_one(v: &[u8]) -> Option<Vec<u8>> {
 /// The batch that replaces ferry's table with `rs` in one transaction (`replace`: the table
 /// exists and is deleted first), and the number of messages in it besides the batch markers.
 pub fn full_load(rs: &Ruleset, replace: bool) -> Result<Vec<u8>, Unsupported> {
-    let mut w = Writer::default();
+    // Sized up front (~350 bytes a rule, ~110 an element, ~200 a chain, measured at 10,000
+    // services): a growing buffer would copy itself and hold twice its size at the peak.
+    let rules: usize = rs.chains.values().map(|c| c.rules.len()).sum();
+    let element_count: usize = rs.sets.values().map(|s| s.elements.len()).sum();
+    let mut w = Writer {
+        buf: Vec::with_capacity(rules * 350 + element_count * 110 + rs.chains.len() * 200 + 4096),
+        seq: 0,
+    };
     let b = w.msg_start(NFNL_MSG_BATCH_BEGIN, 0, 0, NFNL_SUBSYS_NFTABLES);
     w.msg_end(b);
     if replace {

@@ -510,27 +510,40 @@ impl Dataplane {
         self
     }
 
-    /// Commits `changes` as one transaction: over netlink (the objects from `desired`), or
-    /// as libnftables text where the encoder does not know a construct or netlink sockets are
-    /// refused.
-    ///
-    /// A batch the kernel refuses changed nothing (a transaction is all or nothing), so the
-    /// same change is then tried as text: a gap in the encoder costs speed, never the node's
-    /// dataplane. The refusal is kept for the caller to report ([`Dataplane::netlink_refused`]).
-    fn commit(&mut self, desired: &Ruleset, changes: &Changes) -> Result<(), NftError> {
-        if self.netlink_writes {
-            if let Ok(mut batch) = encode::changes(desired, &changes.ops) {
-                if self.spoil_batches {
-                    encode::spoil(&mut batch);
-                }
-                match netlink::send_batch(&batch) {
-                    Ok(()) => return Ok(()),
-                    Err(NftError::Unavailable(_)) => {}
-                    Err(e) => self.netlink_refused = Some(e.to_string()),
-                }
+    /// Commits `changes` over netlink (the objects from `desired`); None when the text path
+    /// must carry them: the encoder does not know a construct, netlink sockets are refused, or
+    /// the kernel refused the batch. A refused batch changed nothing (a transaction is all or
+    /// nothing), so the same change then goes as text: a gap in the encoder costs speed, never
+    /// the node's dataplane. The refusal is kept for the caller ([`Dataplane::netlink_refused`]).
+    fn try_netlink(
+        &mut self,
+        desired: &Ruleset,
+        changes: &Changes,
+    ) -> Option<Result<(), NftError>> {
+        if !self.netlink_writes {
+            return None;
+        }
+        let mut batch = encode::changes(desired, &changes.ops).ok()?;
+        if self.spoil_batches {
+            encode::spoil(&mut batch);
+        }
+        match netlink::send_batch(&batch) {
+            Ok(()) => Some(Ok(())),
+            Err(NftError::Unavailable(_)) => None,
+            Err(e) => {
+                self.netlink_refused = Some(e.to_string());
+                None
             }
         }
-        self.nft.run(&changes.script).map(|_| ())
+    }
+
+    /// The differ's steps, with the text script only when the text path will carry them.
+    fn changes(&self, live: &LiveState, desired: &Ruleset) -> Changes {
+        if self.netlink_writes {
+            ferry_plan::diff::diff_ops(live, desired)
+        } else {
+            diff(live, desired)
+        }
     }
 
     /// The kernel's reason for refusing the last netlink batch that was then applied as text
@@ -562,9 +575,17 @@ impl Dataplane {
             Some(l) => l,
             None => read_live(&mut self.nft)?,
         };
-        let changes = diff(&live, desired);
+        let changes = self.changes(&live, desired);
         if !changes.is_empty() {
-            if let Err(e) = self.commit(desired, &changes) {
+            let done = match self.try_netlink(desired, &changes) {
+                Some(r) => r,
+                // The text of the steps, rendered only now that it is needed.
+                None if changes.script.is_empty() => {
+                    self.nft.run(&diff(&live, desired).script).map(|_| ())
+                }
+                None => self.nft.run(&changes.script).map(|_| ()),
+            };
+            if let Err(e) = done {
                 self.live = None;
                 return Err(e);
             }
@@ -586,11 +607,30 @@ impl Dataplane {
         let Some(live) = self.live.as_ref() else {
             return self.apply(desired);
         };
-        let Some(changes) = ferry_plan::diff::diff_touched(live, desired, touched) else {
+        let found = if self.netlink_writes {
+            ferry_plan::diff::diff_touched_ops(live, desired, touched)
+        } else {
+            ferry_plan::diff::diff_touched(live, desired, touched)
+        };
+        let Some(changes) = found else {
             return self.apply(desired);
         };
         if !changes.is_empty() {
-            let result = self.commit(desired, &changes);
+            let result = match self.try_netlink(desired, &changes) {
+                Some(r) => r,
+                None => {
+                    let script = if changes.script.is_empty() {
+                        self.live
+                            .as_ref()
+                            .and_then(|l| ferry_plan::diff::diff_touched(l, desired, touched))
+                            .map(|c| c.script)
+                            .unwrap_or_default()
+                    } else {
+                        changes.script.clone()
+                    };
+                    self.nft.run(&script).map(|_| ())
+                }
+            };
             if let Err(e) = result {
                 self.live = None;
                 return Err(e);
