@@ -23,20 +23,14 @@ fn or_none(x: String) -> String {
     }
 }
 
-/// How long ago an RFC 3339 time was, as kubectl prints ages (`5s`, `3m4s`, `2h`, `4d`).
+/// How long ago an RFC 3339 time was, as kubectl prints ages (ferry's one implementation of
+/// kubectl's `HumanDuration`: `5s`, `3m4s`, `2h`, `4d`).
 pub fn age(ts: &str) -> String {
     let Ok(t) = ts.parse::<jiff::Timestamp>() else {
         return "<unknown>".into();
     };
     let secs = (jiff::Timestamp::now().as_second() - t.as_second()).max(0);
-    match secs {
-        0..120 => format!("{secs}s"),
-        120..600 => format!("{}m{}s", secs / 60, secs % 60),
-        600..10800 => format!("{}m", secs / 60),
-        10800..28800 => format!("{}h{}m", secs / 3600, (secs % 3600) / 60),
-        28800..172800 => format!("{}h", secs / 3600),
-        _ => format!("{}d", secs / 86400),
-    }
+    ferry_model::display::human_age(std::time::Duration::from_secs(secs.unsigned_abs()))
 }
 
 fn list(v: &Value, ptr: &str, f: impl Fn(&Value) -> String) -> String {
