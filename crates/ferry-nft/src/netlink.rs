@@ -743,33 +743,11 @@ impl Socket {
                 c.fingerprint = None;
             }
         }
-        let mut defs = Vec::new();
-        intr |= self.call(
-            NFT_MSG_GETSET,
-            true,
-            &[(NFTA_SET_TABLE, &name)],
-            NFT_MSG_NEWSET,
-            |p| defs.extend(decode_set(p)),
-        )?;
+        let (defs, i) = self.sets()?;
+        intr |= i;
         for def in defs {
-            let set = cstr_value(&def.name);
-            let mut raw = Vec::new();
-            intr |= self.call(
-                NFT_MSG_GETSETELEM,
-                true,
-                &[
-                    (NFTA_SET_ELEM_LIST_TABLE, &name),
-                    (NFTA_SET_ELEM_LIST_SET, &set),
-                ],
-                NFT_MSG_NEWSETELEM,
-                |p| {
-                    if let Some((s, els)) = decode_elements(p) {
-                        if s == def.name {
-                            raw.extend(els);
-                        }
-                    }
-                },
-            )?;
+            let (raw, i) = self.elements(&def.name)?;
+            intr |= i;
             let elements = assemble(&def, raw);
             live.sets.insert(
                 def.name.clone(),
@@ -780,6 +758,43 @@ impl Socket {
             );
         }
         Ok((Some(live), intr))
+    }
+
+    /// The named sets of ferry's table; the flag says the dump was interrupted.
+    fn sets(&mut self) -> Result<(Vec<SetDef>, bool), NftError> {
+        let name = cstr_value(TABLE);
+        let mut defs = Vec::new();
+        let intr = self.call(
+            NFT_MSG_GETSET,
+            true,
+            &[(NFTA_SET_TABLE, &name)],
+            NFT_MSG_NEWSET,
+            |p| defs.extend(decode_set(p)),
+        )?;
+        Ok((defs, intr))
+    }
+
+    /// The elements of one set of ferry's table, as the kernel dumps them.
+    fn elements(&mut self, set: &str) -> Result<(Vec<RawElement>, bool), NftError> {
+        let (table, set_attr) = (cstr_value(TABLE), cstr_value(set));
+        let mut raw = Vec::new();
+        let intr = self.call(
+            NFT_MSG_GETSETELEM,
+            true,
+            &[
+                (NFTA_SET_ELEM_LIST_TABLE, &table),
+                (NFTA_SET_ELEM_LIST_SET, &set_attr),
+            ],
+            NFT_MSG_NEWSETELEM,
+            |p| {
+                if let Some((s, els)) = decode_elements(p) {
+                    if s == set {
+                        raw.extend(els);
+                    }
+                }
+            },
+        )?;
+        Ok((raw, intr))
     }
 }
 
@@ -907,33 +922,14 @@ pub type RawElements = BTreeMap<String, Vec<(Vec<u8>, bool)>>;
 /// up, cannot show.
 pub fn raw_elements() -> Result<RawElements, NftError> {
     let mut s = Socket::open()?;
-    let name = cstr_value(TABLE);
-    let mut defs = Vec::new();
-    s.call(
-        NFT_MSG_GETSET,
-        true,
-        &[(NFTA_SET_TABLE, &name)],
-        NFT_MSG_NEWSET,
-        |p| defs.extend(decode_set(p)),
-    )?;
     let mut out = BTreeMap::new();
-    for def in defs {
-        let set = cstr_value(&def.name);
-        let mut raw: Vec<(Vec<u8>, bool)> = Vec::new();
-        s.call(
-            NFT_MSG_GETSETELEM,
-            true,
-            &[
-                (NFTA_SET_ELEM_LIST_TABLE, &name),
-                (NFTA_SET_ELEM_LIST_SET, &set),
-            ],
-            NFT_MSG_NEWSETELEM,
-            |p| {
-                if let Some((_, els)) = decode_elements(p) {
-                    raw.extend(els.into_iter().map(|e| (e.key, e.end)));
-                }
-            },
-        )?;
+    for def in s.sets()?.0 {
+        let mut raw: Vec<(Vec<u8>, bool)> = s
+            .elements(&def.name)?
+            .0
+            .into_iter()
+            .map(|e| (e.key, e.end))
+            .collect();
         raw.sort();
         out.insert(def.name, raw);
     }

@@ -484,6 +484,30 @@ fn netlink_and_json_readers_agree_on_foreign_additions() {
     );
 }
 
+/// Panics, showing the lines around the first difference, unless the two listings are equal.
+fn assert_same_listing(what: &str, text: &str, netlink: &str) {
+    if text == netlink {
+        return;
+    }
+    let first = text
+        .lines()
+        .zip(netlink.lines())
+        .position(|(a, b)| a != b)
+        .unwrap_or(0);
+    let show = |s: &str| {
+        s.lines()
+            .skip(first.saturating_sub(3))
+            .take(8)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    panic!(
+        "{what}: listings differ at line {first}:\nlibnftables:\n{}\nnetlink:\n{}",
+        show(text),
+        show(netlink)
+    );
+}
+
 /// `nft list table inet ferry` after loading `rs` into a fresh namespace through `dp`.
 fn listing_after_load(rs: &Ruleset, netlink: bool) -> String {
     let ns = Netns::new().expect("root");
@@ -562,25 +586,7 @@ fn netlink_full_loads_list_exactly_as_libnftables_loads() {
     for (i, rs) in tables.iter().enumerate() {
         let text = listing_after_load(rs, false);
         let netlink = listing_after_load(rs, true);
-        if text != netlink {
-            let first = text
-                .lines()
-                .zip(netlink.lines())
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
-            let show = |s: &str| {
-                s.lines()
-                    .skip(first.saturating_sub(3))
-                    .take(8)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            };
-            panic!(
-                "table {i}: listings differ at line {first}:\nlibnftables:\n{}\nnetlink:\n{}",
-                show(&text),
-                show(&netlink)
-            );
-        }
+        assert_same_listing(&format!("table {i}"), &text, &netlink);
         assert!(text.lines().count() > 20, "{text}");
     }
 }
@@ -670,25 +676,7 @@ fn netlink_changes_list_exactly_as_libnftables_changes() {
                 );
             }
             assert_eq!(traw.len(), nraw.len());
-            if t != n {
-                let first = t
-                    .lines()
-                    .zip(n.lines())
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(0);
-                let show = |s: &str| {
-                    s.lines()
-                        .skip(first.saturating_sub(3))
-                        .take(8)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                };
-                panic!(
-                    "round {round} step {i}: listings differ at line {first}:\nlibnftables:\n{}\nnetlink:\n{}",
-                    show(t),
-                    show(n)
-                );
-            }
+            assert_same_listing(&format!("round {round} step {i}"), t, n);
         }
     }
 }
