@@ -244,6 +244,33 @@ fn a_realistic_table_loads_and_reads_back_as_planned() {
     });
 }
 
+/// Two planned tables, A and B, for round `round` of a test of changes: random services, B
+/// evolved from A; every other round the pools change too (one dropped, two added) and the seed
+/// loses a pod, then all pods.
+fn two_tables(runner: &mut TestRunner, round: usize) -> (Ruleset, Ruleset) {
+    let a = sample(runner, proptest::collection::vec(service_spec(), 10..40));
+    let other = sample(runner, proptest::collection::vec(service_spec(), 10..45));
+    let changes = sample(runner, proptest::collection::vec(change(), 45));
+    let cfg_a = with_lb_pools(dual_stack_config());
+    let mut cfg_b = cfg_a.clone();
+    if round % 2 == 1 {
+        cfg_b.lb_pools.remove(round % cfg_b.lb_pools.len());
+        cfg_b
+            .lb_pools
+            .push((ip("fd00:500::100"), ip("fd00:500::1ff")));
+        cfg_b.lb_pools.push((ip("172.16.9.3"), ip("172.16.9.40")));
+    }
+    let mut sa = seed_services();
+    sa.extend(services_from_specs(&a));
+    let mut sb = seed_services();
+    sb.extend(evolve(&a, &other, &changes));
+    if round % 2 == 1 {
+        sb[0].ports[0].endpoints.pop();
+        sb[1].ports[0].endpoints.clear();
+    }
+    (plan(&cfg_a, &sa), plan(&cfg_b, &sb))
+}
+
 #[test]
 fn incremental_changes_apply_on_top_of_what_the_kernel_has() {
     in_kernel(
@@ -251,35 +278,7 @@ fn incremental_changes_apply_on_top_of_what_the_kernel_has() {
         |dp| {
             let mut runner = TestRunner::deterministic();
             for round in 0..6 {
-                let a = sample(
-                    &mut runner,
-                    proptest::collection::vec(service_spec(), 10..40),
-                );
-                let other = sample(
-                    &mut runner,
-                    proptest::collection::vec(service_spec(), 10..45),
-                );
-                let changes = sample(&mut runner, proptest::collection::vec(change(), 45));
-                // The pools change too: every other round drops one and adds another.
-                let cfg_a = with_lb_pools(dual_stack_config());
-                let mut cfg_b = cfg_a.clone();
-                if round % 2 == 1 {
-                    cfg_b.lb_pools.remove(round % cfg_b.lb_pools.len());
-                    cfg_b
-                        .lb_pools
-                        .push((ip("fd00:500::100"), ip("fd00:500::1ff")));
-                    cfg_b.lb_pools.push((ip("172.16.9.3"), ip("172.16.9.40")));
-                }
-                let mut sa = seed_services();
-                sa.extend(services_from_specs(&a));
-                let mut sb = seed_services();
-                sb.extend(evolve(&a, &other, &changes));
-                // The seed changes too: nextcloud loses a pod, then all pods.
-                if round % 2 == 1 {
-                    sb[0].ports[0].endpoints.pop();
-                    sb[1].ports[0].endpoints.clear();
-                }
-                let (ra, rb) = (plan(&cfg_a, &sa), plan(&cfg_b, &sb));
+                let (ra, rb) = two_tables(&mut runner, round);
 
                 dp.nft().run("flush ruleset\n").expect("flush ruleset");
                 dp.resync();
@@ -638,33 +637,8 @@ fn netlink_changes_list_exactly_as_libnftables_changes() {
     }
     let mut runner = TestRunner::deterministic();
     for round in 0..4 {
-        let a = sample(
-            &mut runner,
-            proptest::collection::vec(service_spec(), 10..40),
-        );
-        let other = sample(
-            &mut runner,
-            proptest::collection::vec(service_spec(), 10..45),
-        );
-        let changes = sample(&mut runner, proptest::collection::vec(change(), 45));
-        let cfg_a = with_lb_pools(dual_stack_config());
-        let mut cfg_b = cfg_a.clone();
-        if round % 2 == 1 {
-            cfg_b.lb_pools.remove(round % cfg_b.lb_pools.len());
-            cfg_b
-                .lb_pools
-                .push((ip("fd00:500::100"), ip("fd00:500::1ff")));
-            cfg_b.lb_pools.push((ip("172.16.9.3"), ip("172.16.9.40")));
-        }
-        let mut sa = seed_services();
-        sa.extend(services_from_specs(&a));
-        let mut sb = seed_services();
-        sb.extend(evolve(&a, &other, &changes));
-        if round % 2 == 1 {
-            sb[0].ports[0].endpoints.pop();
-            sb[1].ports[0].endpoints.clear();
-        }
-        let steps = [plan(&cfg_a, &sa), plan(&cfg_b, &sb), plan(&cfg_a, &sa)];
+        let (ra, rb) = two_tables(&mut runner, round);
+        let steps = [ra.clone(), rb, ra];
         let text = listings_after_steps(&steps, false);
         let netlink = listings_after_steps(&steps, true);
         for (i, ((t, traw), (n, nraw))) in text.iter().zip(&netlink).enumerate() {
