@@ -429,12 +429,7 @@ impl RuleCtx<'_> {
             self.payload(expr::BASE_NETWORK, addr_offset(f, source), len / 8, REG_1)?;
             self.cmp(op, &net[..(len / 8) as usize])
         } else {
-            self.payload(
-                expr::BASE_NETWORK,
-                addr_offset(f, source),
-                addr_len(f),
-                REG_1,
-            )?;
+            self.addr(f, source, REG_1)?;
             let mut mask = vec![0u8; net.len()];
             for (i, b) in mask.iter_mut().enumerate() {
                 let bits = len.saturating_sub(8 * i as u32).min(8);
@@ -443,6 +438,16 @@ impl RuleCtx<'_> {
             self.bitwise(&mask, &vec![0; net.len()])?;
             self.cmp(op, &net)
         }
+    }
+
+    /// The whole source (or destination) address of family `f` into `dreg`.
+    fn addr(&mut self, f: Family, source: bool, dreg: u32) -> Result<(), Unsupported> {
+        self.payload(
+            expr::BASE_NETWORK,
+            addr_offset(f, source),
+            addr_len(f),
+            dreg,
+        )
     }
 
     /// `meta nfproto ipv4|ipv6`, once per rule.
@@ -462,12 +467,7 @@ impl RuleCtx<'_> {
     /// `ip daddr . meta l4proto . th dport` into REG_1 and the registers after it.
     fn service_tuple(&mut self, f: Family) -> Result<(), Unsupported> {
         self.family(f)?;
-        self.payload(
-            expr::BASE_NETWORK,
-            addr_offset(f, false),
-            addr_len(f),
-            REG_1,
-        )?;
+        self.addr(f, false, REG_1)?;
         let w = addr_len(f) / 4;
         self.meta(expr::META_L4PROTO, reg_at(w))?;
         self.payload(expr::BASE_TRANSPORT, 2, 2, reg_at(w + 1))
@@ -500,7 +500,7 @@ impl RuleCtx<'_> {
                     .map(|c| Family::of(c.network()))
                     .ok_or_else(|| Unsupported("ip saddr != { } (no prefix)".into()))?;
                 self.family(f)?;
-                self.payload(expr::BASE_NETWORK, addr_offset(f, true), addr_len(f), REG_1)?;
+                self.addr(f, true, REG_1)?;
                 self.lookup_anonymous(true)
             }
             Match::SaddrNotIn(c) => self.prefix(*c, true, expr::CMP_NEQ),
@@ -525,12 +525,7 @@ impl RuleCtx<'_> {
             }
             Match::DaddrNotInSet(f, s) => {
                 self.family(*f)?;
-                self.payload(
-                    expr::BASE_NETWORK,
-                    addr_offset(*f, false),
-                    addr_len(*f),
-                    REG_1,
-                )?;
+                self.addr(*f, false, REG_1)?;
                 self.lookup(s, None, true)
             }
             Match::FibSaddrLocal => {
@@ -544,12 +539,7 @@ impl RuleCtx<'_> {
             }
             Match::DaddrInSet(f, s) => {
                 self.family(*f)?;
-                self.payload(
-                    expr::BASE_NETWORK,
-                    addr_offset(*f, false),
-                    addr_len(*f),
-                    REG_1,
-                )?;
+                self.addr(*f, false, REG_1)?;
                 self.lookup(s, None, false)
             }
             Match::ServiceTupleNotIn(f, s) => {
@@ -558,19 +548,9 @@ impl RuleCtx<'_> {
             }
             Match::AddrPairInSet(f, s) => {
                 self.family(*f)?;
-                self.payload(
-                    expr::BASE_NETWORK,
-                    addr_offset(*f, true),
-                    addr_len(*f),
-                    REG_1,
-                )?;
+                self.addr(*f, true, REG_1)?;
                 let next = reg_at(addr_len(*f) / 4);
-                self.payload(
-                    expr::BASE_NETWORK,
-                    addr_offset(*f, false),
-                    addr_len(*f),
-                    next,
-                )?;
+                self.addr(*f, false, next)?;
                 self.lookup(s, None, false)
             }
             Match::Random { modulus, value } => {
@@ -659,7 +639,7 @@ impl RuleCtx<'_> {
             Action::DnatRemembered { family, map, port } => {
                 let f = *family;
                 self.family(f)?;
-                self.payload(expr::BASE_NETWORK, addr_offset(f, true), addr_len(f), REG_1)?;
+                self.addr(f, true, REG_1)?;
                 self.lookup(map, Some(REG_1), false)?;
                 let proto_reg = match port {
                     Some(p) => {
@@ -703,13 +683,8 @@ impl RuleCtx<'_> {
             } => {
                 let f = *family;
                 self.family(f)?;
-                self.payload(expr::BASE_NETWORK, addr_offset(f, true), addr_len(f), REG_1)?;
-                self.payload(
-                    expr::BASE_NETWORK,
-                    addr_offset(f, false),
-                    addr_len(f),
-                    REG_2,
-                )?;
+                self.addr(f, true, REG_1)?;
+                self.addr(f, false, REG_2)?;
                 if *with_port {
                     self.payload(expr::BASE_TRANSPORT, 2, 2, reg_at(4 + addr_len(f) / 4))?;
                 }
