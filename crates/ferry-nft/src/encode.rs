@@ -753,6 +753,12 @@ fn key_bytes(types: &[KeyType], key: &[Value]) -> Result<Vec<u8>, Unsupported> {
     Ok(out)
 }
 
+/// A planned element's key, typed (the planner writes keys that fit their set).
+fn typed(s: &Set, key: &str) -> Result<Vec<Value>, Unsupported> {
+    s.values(key)
+        .ok_or_else(|| Unsupported(format!("element {key} does not fit set {}", s.name)))
+}
+
 /// An element's key bytes, whether it marks the end of a range, and the planned element.
 type RawElement<'a> = (Vec<u8>, bool, &'a Element);
 
@@ -761,12 +767,13 @@ type RawElement<'a> = (Vec<u8>, bool, &'a Element);
 /// and the end marker nft puts at 0 when no range starts there.
 fn interval_elements(set: &Set) -> Result<Vec<RawElement<'_>>, Unsupported> {
     let mut ranges = Vec::new();
-    for e in set.elements.values().map(|e| &**e) {
-        let (a, b) = match e.key.as_slice() {
-            [Value::Range(a, b)] => (*a, *b),
-            [Value::Ip(a)] => (*a, *a),
-            _ => return Err(Unsupported(format!("interval element {:?}", e.key))),
+    for (k, e) in &set.elements {
+        let (a, b) = match set.values(k).as_deref() {
+            Some([Value::Range(a, b)]) => (*a, *b),
+            Some([Value::Ip(a)]) => (*a, *a),
+            _ => return Err(Unsupported(format!("interval element {k}"))),
         };
+        let e = &**e;
         ranges.push((ip_bytes(a), ip_bytes(b), e));
     }
     ranges.sort_by(|x, y| x.0.cmp(&y.0));
@@ -1293,8 +1300,8 @@ fn elements(w: &mut Writer, s: &Set, id: u32, only: Option<&[String]>) -> Result
         None if s.interval => interval_elements(s)?,
         None => s
             .elements
-            .values()
-            .map(|e| key_bytes(&s.key, &e.key).map(|k| (k, false, &**e)))
+            .iter()
+            .map(|(k, e)| key_bytes(&s.key, &typed(s, k)?).map(|k| (k, false, &**e)))
             .collect::<Result<_, _>>()?,
         Some(keys) => {
             let mut out = Vec::new();
@@ -1302,8 +1309,9 @@ fn elements(w: &mut Writer, s: &Set, id: u32, only: Option<&[String]>) -> Result
                 let e: &Element = s.elements.get(k).ok_or_else(|| {
                     Unsupported(format!("element {k} of {} is not planned", s.name))
                 })?;
+                let key = typed(s, k)?;
                 if s.interval {
-                    let [Value::Range(a, b)] = e.key.as_slice() else {
+                    let [Value::Range(a, b)] = key.as_slice() else {
                         return Err(Unsupported(format!("range {k}")));
                     };
                     out.push((ip_bytes(*a), false, e));
@@ -1311,7 +1319,7 @@ fn elements(w: &mut Writer, s: &Set, id: u32, only: Option<&[String]>) -> Result
                         out.push((n, true, e));
                     }
                 } else {
-                    out.push((key_bytes(&s.key, &e.key)?, false, e));
+                    out.push((key_bytes(&s.key, &key)?, false, e));
                 }
             }
             out

@@ -270,7 +270,7 @@ impl std::fmt::Display for Changes {
 fn merge_elements<'a>(
     live: &'a BTreeMap<String, Option<Verdict>>,
     want: &'a BTreeMap<String, std::sync::Arc<Element>>,
-) -> (Vec<&'a str>, Vec<&'a Element>) {
+) -> (Vec<&'a str>, Vec<(&'a str, &'a Element)>) {
     use std::cmp::Ordering;
     let (mut del, mut add) = (Vec::new(), Vec::new());
     let mut l = live.iter().peekable();
@@ -282,8 +282,8 @@ fn merge_elements<'a>(
                 del.push(lk.as_str());
                 l.next();
             }
-            (None, Some((_, we))) => {
-                add.push(&***we);
+            (None, Some((wk, we))) => {
+                add.push((wk.as_str(), &***we));
                 w.next();
             }
             (Some((lk, lv)), Some((wk, we))) => match lk.as_str().cmp(wk.as_str()) {
@@ -292,13 +292,13 @@ fn merge_elements<'a>(
                     l.next();
                 }
                 Ordering::Greater => {
-                    add.push(&***we);
+                    add.push((wk.as_str(), &***we));
                     w.next();
                 }
                 Ordering::Equal => {
                     if **lv != we.verdict {
                         del.push(lk.as_str());
-                        add.push(&***we);
+                        add.push((wk.as_str(), &***we));
                     }
                     l.next();
                     w.next();
@@ -432,7 +432,7 @@ fn diff_with(live: &LiveState, desired: &Ruleset, render: bool) -> Changes {
         if !add.is_empty() {
             ops.push(Op::AddElements(
                 s.name.clone(),
-                add.iter().map(|e| key_text(&e.key)).collect(),
+                add.iter().map(|(k, _)| k.to_string()).collect(),
             ));
         }
         if render {

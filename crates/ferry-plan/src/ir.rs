@@ -120,13 +120,38 @@ impl Verdict {
     }
 }
 
+/// What a set element holds besides its key. The key is kept once, as the text that indexes
+/// [`Set::elements`] (what the kernel's listing shows); [`Set::values`] gives it typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Element {
-    pub key: Vec<Value>,
     /// Some for verdict maps.
     pub verdict: Option<Verdict>,
     /// Shown in `nft list` to say what the element is for.
     pub comment: String,
+}
+
+impl Element {
+    /// An element with neither verdict nor comment (a plain set's member), shared: a set of
+    /// 100,000 such members costs its keys and nothing more.
+    pub fn bare() -> std::sync::Arc<Element> {
+        static BARE: std::sync::OnceLock<std::sync::Arc<Element>> = std::sync::OnceLock::new();
+        BARE.get_or_init(|| {
+            std::sync::Arc::new(Element {
+                verdict: None,
+                comment: String::new(),
+            })
+        })
+        .clone()
+    }
+
+    /// The shared bare element when there is nothing to hold, else a new one.
+    pub fn shared(verdict: Option<Verdict>, comment: String) -> std::sync::Arc<Element> {
+        if verdict.is_none() && comment.is_empty() {
+            Element::bare()
+        } else {
+            std::sync::Arc::new(Element { verdict, comment })
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,14 +208,40 @@ impl Set {
         }
     }
     pub fn insert(&mut self, key: Vec<Value>, verdict: Option<Verdict>, comment: String) {
-        self.elements.insert(
-            key_text(&key),
-            std::sync::Arc::new(Element {
-                key,
-                verdict,
-                comment,
-            }),
-        );
+        self.elements
+            .insert(key_text(&key), Element::shared(verdict, comment));
+    }
+
+    /// An element's key, typed: the key text (as [`key_text`] writes it and the kernel's
+    /// listing shows it) read by the set's key types. None when it does not fit them.
+    pub fn values(&self, key: &str) -> Option<Vec<Value>> {
+        let parts: Vec<&str> = key.split(" . ").collect();
+        if parts.len() != self.key.len() {
+            return None;
+        }
+        self.key
+            .iter()
+            .zip(parts)
+            .map(|(t, p)| match t {
+                KeyType::Ipv4Addr | KeyType::Ipv6Addr => {
+                    let ip = |s: &str| {
+                        s.parse::<IpAddr>()
+                            .ok()
+                            .filter(|ip| ip.is_ipv4() == (*t == KeyType::Ipv4Addr))
+                    };
+                    match p.split_once('-') {
+                        Some((a, b)) if self.interval => Some(Value::Range(ip(a)?, ip(b)?)),
+                        Some(_) => None,
+                        None => ip(p).map(Value::Ip),
+                    }
+                }
+                KeyType::InetProto => [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+                    .into_iter()
+                    .find(|x| x.as_nft() == p)
+                    .map(Value::Proto),
+                KeyType::InetService => p.parse().ok().map(Value::Port),
+            })
+            .collect()
     }
     /// "ipv4_addr . inet_proto . inet_service : verdict": compared with what the kernel has.
     pub fn signature(&self) -> String {
@@ -236,8 +287,8 @@ impl Set {
 
 impl Element {
     /// `KEY comment "..." : VERDICT` as it goes inside `{ }` of add/delete element.
-    pub fn render(&self) -> String {
-        let mut s = key_text(&self.key);
+    pub fn render(&self, key: &str) -> String {
+        let mut s = key.to_string();
         if !self.comment.is_empty() {
             let _ = write!(s, " comment {}", quote(&self.comment));
         }
@@ -630,7 +681,12 @@ impl Ruleset {
             c.render_rules(&mut out);
         }
         for s in self.sets.values() {
-            render_elements(&mut out, "add", &s.name, s.elements.values().map(|e| &**e));
+            render_elements(
+                &mut out,
+                "add",
+                &s.name,
+                s.elements.iter().map(|(k, e)| (k.as_str(), &**e)),
+            );
         }
         out
     }
@@ -641,7 +697,7 @@ pub fn render_elements<'a>(
     out: &mut String,
     verb: &str,
     set: &str,
-    elements: impl Iterator<Item = &'a Element>,
+    elements: impl Iterator<Item = (&'a str, &'a Element)>,
 ) {
     let mut batch: Vec<String> = Vec::new();
     let flush = |out: &mut String, batch: &mut Vec<String>| {
@@ -654,12 +710,12 @@ pub fn render_elements<'a>(
             batch.clear();
         }
     };
-    for e in elements {
+    for (k, e) in elements {
         // Deleting takes the key alone.
         batch.push(if verb == "delete" {
-            key_text(&e.key)
+            k.to_string()
         } else {
-            e.render()
+            e.render(k)
         });
         if batch.len() >= 1000 {
             flush(out, &mut batch);
@@ -1218,5 +1274,91 @@ mod tests {
             }
             prop_assert_eq!(a == b, bytes(&a) == bytes(&b));
         }
+    }
+
+    fn arb_value(t: KeyType, interval: bool) -> BoxedStrategy<Value> {
+        let v4 = any::<u32>().prop_map(|a| IpAddr::V4(Ipv4Addr::from(a)));
+        let v6 = any::<u128>().prop_map(|a| IpAddr::V6(Ipv6Addr::from(a)));
+        match t {
+            KeyType::Ipv4Addr if interval => (v4.clone(), v4)
+                .prop_map(|(a, b)| Value::Range(a.min(b), a.max(b)))
+                .boxed(),
+            KeyType::Ipv6Addr if interval => (v6.clone(), v6)
+                .prop_map(|(a, b)| Value::Range(a.min(b), a.max(b)))
+                .boxed(),
+            KeyType::Ipv4Addr => v4.prop_map(Value::Ip).boxed(),
+            KeyType::Ipv6Addr => v6.prop_map(Value::Ip).boxed(),
+            KeyType::InetProto => prop_oneof![
+                Just(Value::Proto(Protocol::Tcp)),
+                Just(Value::Proto(Protocol::Udp)),
+                Just(Value::Proto(Protocol::Sctp))
+            ]
+            .boxed(),
+            KeyType::InetService => any::<u16>().prop_map(Value::Port).boxed(),
+        }
+    }
+
+    proptest! {
+        /// Keys are kept as text only: reading the text back by the set's types gives the key.
+        #[test]
+        fn key_text_reads_back_as_the_key(
+            (types, interval, key) in prop_oneof![
+                Just((vec![KeyType::Ipv4Addr, KeyType::InetProto, KeyType::InetService], false)),
+                Just((vec![KeyType::Ipv6Addr, KeyType::InetProto, KeyType::InetService], false)),
+                Just((vec![KeyType::Ipv4Addr, KeyType::Ipv4Addr], false)),
+                Just((vec![KeyType::Ipv6Addr], false)),
+                Just((vec![KeyType::Ipv4Addr], true)),
+                Just((vec![KeyType::Ipv6Addr], true)),
+                Just((vec![KeyType::InetProto, KeyType::InetService], false)),
+            ]
+            .prop_flat_map(|(types, interval)| {
+                let vals: Vec<BoxedStrategy<Value>> =
+                    types.iter().map(|t| arb_value(*t, interval)).collect();
+                (Just(types), Just(interval), vals)
+            })
+        ) {
+            let mut set = Set::new("s", &types, false, "");
+            set.interval = interval;
+            let text = key_text(&key);
+            let back = set.values(&text);
+            // A one-address range is written as the address: it reads back as that address.
+            let want: Vec<Value> = key
+                .iter()
+                .map(|v| match v {
+                    Value::Range(a, b) if a == b => Value::Ip(*a),
+                    v => *v,
+                })
+                .collect();
+            prop_assert_eq!(back, Some(want), "{}", text);
+            // The wrong types never read it.
+            let mut other = Set::new("o", &[KeyType::InetService], false, "");
+            other.interval = interval;
+            if types != [KeyType::InetService] {
+                prop_assert_eq!(other.values(&text), None);
+            }
+        }
+    }
+
+    #[test]
+    fn bare_elements_are_shared() {
+        let mut s = Set::new("s", &[KeyType::Ipv4Addr], false, "");
+        s.insert(
+            vec![Value::Ip("10.0.0.1".parse().unwrap())],
+            None,
+            String::new(),
+        );
+        s.insert(
+            vec![Value::Ip("10.0.0.2".parse().unwrap())],
+            None,
+            String::new(),
+        );
+        let a = s.elements["10.0.0.1"].clone();
+        assert!(std::sync::Arc::ptr_eq(&a, &s.elements["10.0.0.2"]));
+        s.insert(
+            vec![Value::Ip("10.0.0.3".parse().unwrap())],
+            None,
+            "x".into(),
+        );
+        assert!(!std::sync::Arc::ptr_eq(&a, &s.elements["10.0.0.3"]));
     }
 }

@@ -514,11 +514,7 @@ impl Fragment {
         self.elements.push((
             set.to_string(),
             key_text(&key),
-            std::sync::Arc::new(Element {
-                key,
-                verdict,
-                comment,
-            }),
+            Element::shared(verdict, comment),
         ));
     }
     fn add_chain(&mut self, c: Chain) {
@@ -629,7 +625,20 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
                 Some(Verdict::Goto(service_chain.clone())),
                 what.clone(),
             );
-            fr.hairpins.extend(internal.iter().map(|e| e.addr));
+            // Only an endpoint whose packets pass through this node before DNAT can reach
+            // itself here: this node's own (and those of no known node). Pods elsewhere are
+            // DNATed by their own node, except when they come in to this node's external
+            // addresses of a Local service, which sends pod traffic to any endpoint.
+            let reenters = svc.external_traffic_policy == TrafficPolicy::Local
+                && (port.node_port.is_some()
+                    || !svc.external_ips.is_empty()
+                    || !svc.load_balancer_ips.is_empty());
+            fr.hairpins.extend(
+                internal
+                    .iter()
+                    .filter(|e| reenters || e.node.as_deref().is_none_or(|n| n == cfg.node_name))
+                    .map(|e| e.addr),
+            );
         }
 
         // Traffic from outside (node ports, external IPs, load-balancer IPs).
@@ -662,7 +671,13 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
                         service_remember.clone()
                     } else {
                         let r = choose(&mut fr, &mut c, &all);
-                        fr.hairpins.extend(all.iter().map(|e| e.addr));
+                        // From outside: masqueraded already; only a pod of this node (or of
+                        // no known node) can come back to itself here.
+                        fr.hairpins.extend(
+                            all.iter()
+                                .filter(|e| e.node.as_deref().is_none_or(|n| n == cfg.node_name))
+                                .map(|e| e.addr),
+                        );
                         r
                     };
                     fr.add_chain(c);

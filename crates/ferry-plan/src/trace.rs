@@ -346,13 +346,13 @@ impl Tracer<'_> {
             let [Value::Ip(ip)] = key else {
                 return false;
             };
-            return s.elements.values().any(|e| match e.key.as_slice() {
-                [Value::Range(a, b)] => {
+            return s.elements.keys().any(|k| match s.values(k).as_deref() {
+                Some([Value::Range(a, b)]) => {
                     a.is_ipv4() == ip.is_ipv4()
                         && ferry_model::cidr::to_u128(*a) <= ferry_model::cidr::to_u128(*ip)
                         && ferry_model::cidr::to_u128(*ip) <= ferry_model::cidr::to_u128(*b)
                 }
-                [Value::Ip(x)] => x == ip,
+                Some([Value::Ip(x)]) => x == ip,
                 _ => false,
             });
         }

@@ -24,13 +24,18 @@ fn elements(rs: &Ruleset) -> usize {
     rs.sets.values().map(|s| s.elements.len()).sum()
 }
 
-/// `n` ClusterIP services with two endpoints each (pod addresses unique per service).
+/// `n` ClusterIP services with two endpoints each on this node (pod addresses unique per
+/// service).
 fn many_services(n: u32) -> Vec<ResolvedService> {
     (0..n)
         .map(|i| {
             let a = |k: u32| format!("10.42.{}.{}", i / 100, (i % 100) * 2 + k + 1);
             Svc::new(&format!("app-{i}"), &format!("10.43.1.{}", i + 1))
-                .port(Protocol::Tcp, 80, &[ep(&a(0), 8080), ep(&a(1), 8080)])
+                .port(
+                    Protocol::Tcp,
+                    80,
+                    &[ep(&a(0), 8080).on(NODE), ep(&a(1), 8080).on(NODE)],
+                )
                 .build()
         })
         .collect()
@@ -364,9 +369,11 @@ fn one_more_endpoint_rewrites_one_chain_and_nothing_else() {
     let before = many_services(100);
     let a = planned(&before);
 
-    // A pod address new to the table: one chain, and the pod's hairpin entry.
+    // A pod of this node new to the table: one chain, and the pod's hairpin entry.
     let mut after = before.clone();
-    after[42].ports[0].endpoints.push(ep("10.42.9.9", 8080));
+    after[42].ports[0]
+        .endpoints
+        .push(ep("10.42.9.9", 8080).on(NODE));
     let b = planned(&after);
     let ch = check_transition(&a, &b);
     assert_counts(&ch, 0, 1, 0, 1, 0);
@@ -389,6 +396,13 @@ fn one_more_endpoint_rewrites_one_chain_and_nothing_else() {
     after[42].ports[0].endpoints.push(shared);
     let ch = check_transition(&a, &planned(&after));
     assert_counts(&ch, 0, 1, 0, 0, 0);
+
+    // A pod of another node: only the chain (its own node DNATs its packets, so it never
+    // comes back to itself through this one).
+    let mut after = before.clone();
+    after[42].ports[0].endpoints.push(ep("10.42.9.9", 8080));
+    let ch = check_transition(&a, &planned(&after));
+    assert_counts(&ch, 0, 1, 0, 0, 0);
     assert!(!ch.script.contains("element"), "{}", ch.script);
 }
 
@@ -397,7 +411,7 @@ fn removing_a_service_deletes_its_chains_and_elements() {
     let mut before = many_services(10);
     before.push(
         Svc::new("web", "10.43.2.1")
-            .node_port(Protocol::Tcp, 80, 30080, &[ep("10.42.7.1", 80)])
+            .node_port(Protocol::Tcp, 80, 30080, &[ep("10.42.7.1", 80).on(NODE)])
             .build(),
     );
     let a = planned(&before);

@@ -405,7 +405,10 @@ fn ipv6_services_work_like_ipv4_ones() {
                 Protocol::Tcp,
                 80,
                 30080,
-                &[ep("fd00:42::5", 8080), ep("fd00:42::6", 8080)],
+                &[
+                    ep("fd00:42::5", 8080).on(NODE),
+                    ep("fd00:42::6", 8080).on(NODE),
+                ],
             )
             .build(),
         nextcloud_clusterip(&nextcloud_pods()),
@@ -741,4 +744,36 @@ fn topology_hints_keep_cluster_traffic_in_the_node_zone() {
         let d = dnat_outcomes(&run_with(&cfg, &svcs, &tcp(CLIENT_POD, "10.43.120.17", 80)));
         assert_eq!(d.len(), 2, "{:?}", cfg.node_zone);
     }
+}
+
+#[test]
+fn hairpin_entries_are_kept_for_endpoints_that_can_come_back_through_this_node() {
+    // A pod elsewhere reaching a cluster IP is DNATed by its own node: no hairpin entry here.
+    let remote = ep("10.42.1.170", 80);
+    let local = ep("10.42.0.85", 80).on(NODE);
+    let svcs = [Svc::new("web", "10.43.0.20")
+        .port(Protocol::Tcp, 80, &[remote.clone(), local.clone()])
+        .build()];
+    let rs = plan(&config(), &svcs);
+    let hairpin = &rs.sets["hairpin-v4"].elements;
+    assert!(hairpin.contains_key("10.42.0.85 . 10.42.0.85"));
+    assert!(!hairpin.contains_key("10.42.1.170 . 10.42.1.170"));
+
+    // A Local service's node port sends pods' traffic to any endpoint (kube-proxy's
+    // short-circuit): a pod of another node coming in to this node's port may be sent back to
+    // itself, and is then masqueraded.
+    let svcs = [Svc::new("web", "10.43.0.20")
+        .node_port(Protocol::Tcp, 80, 30080, &[remote, local])
+        .external_policy_local()
+        .build()];
+    let rs = plan(&config(), &svcs);
+    assert!(rs.sets["hairpin-v4"]
+        .elements
+        .contains_key("10.42.1.170 . 10.42.1.170"));
+    let d = dnat_outcomes(&run(&svcs, &tcp("10.42.1.170", NODE_IP, 30080)));
+    assert!(
+        d[&endpoint("10.42.1.170", 80)].1,
+        "back to itself: masqueraded"
+    );
+    assert!(!d[&endpoint("10.42.0.85", 80)].1, "to the other pod: kept");
 }
