@@ -412,7 +412,9 @@ pub enum Action {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rule {
-    pub matches: Vec<Match>,
+    /// Inline up to two (an endpoint rule's protocol and random draw): 100,000 endpoint
+    /// rules then cost no allocation of their own.
+    pub matches: smallvec::SmallVec<[Match; 2]>,
     pub action: Action,
     pub comment: Option<String>,
 }
@@ -420,7 +422,8 @@ pub struct Rule {
 impl Rule {
     pub fn new(matches: Vec<Match>, action: Action) -> Rule {
         Rule {
-            matches,
+            // Collected, not adopted: a Vec grown by push keeps spare room on the heap.
+            matches: matches.into_iter().collect(),
             action,
             comment: None,
         }
@@ -1234,7 +1237,7 @@ mod tests {
             proptest::option::of(name()),
         )
             .prop_map(|(matches, action, comment)| Rule {
-                matches,
+                matches: matches.into(),
                 action,
                 comment,
             })

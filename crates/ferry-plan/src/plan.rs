@@ -517,7 +517,9 @@ impl Fragment {
             Element::shared(verdict, comment),
         ));
     }
-    fn add_chain(&mut self, c: Chain) {
+    fn add_chain(&mut self, mut c: Chain) {
+        // Kept until the service changes: no spare capacity.
+        c.rules.shrink_to_fit();
         // Computed once here, then shared by every plan that reuses this fragment.
         let _ = c.fingerprint();
         self.chains.push(std::sync::Arc::new(c));
