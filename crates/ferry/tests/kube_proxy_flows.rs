@@ -819,9 +819,12 @@ enum Seen {
     Failed(String),
 }
 
+/// How long silence takes to count as DROP; a flow the tracer does not drop gets a second
+/// chance of [`LONG_WAIT`] before its silence counts (a busy machine is no disagreement).
 const WAIT: Duration = Duration::from_millis(500);
+const LONG_WAIT: Duration = Duration::from_secs(3);
 
-fn attempt(ns: &str, from: IpAddr, to: SocketAddr, proto: Protocol) -> Seen {
+fn attempt(ns: &str, from: IpAddr, to: SocketAddr, proto: Protocol, wait: Duration) -> Seen {
     let sock = ferry_lab::sys::in_netns(ns, || -> std::io::Result<socket2::Socket> {
         let (ty, p) = sock_type(proto);
         let s = socket2::Socket::new(socket2::Domain::for_address(to), ty, p)?;
@@ -846,7 +849,7 @@ fn attempt(ns: &str, from: IpAddr, to: SocketAddr, proto: Protocol) -> Seen {
         let udp: std::net::UdpSocket = sock.into();
         let r = udp
             .connect(to)
-            .and_then(|_| udp.set_read_timeout(Some(WAIT)))
+            .and_then(|_| udp.set_read_timeout(Some(wait)))
             .and_then(|_| udp.send(b"x"))
             .and_then(|_| {
                 let mut b = [0u8; 512];
@@ -858,7 +861,7 @@ fn attempt(ns: &str, from: IpAddr, to: SocketAddr, proto: Protocol) -> Seen {
             return io(e);
         }
     } else {
-        if let Err(e) = sock.connect_timeout(&to.into(), WAIT) {
+        if let Err(e) = sock.connect_timeout(&to.into(), wait) {
             return io(e);
         }
         let mut s: std::net::TcpStream = sock.into();
@@ -914,7 +917,11 @@ fn on_the_kernel(net: &Net, place: Place, f: &Flow, want: &Verdict) -> Verdict {
     let mut tries = 0;
     loop {
         tries += 1;
-        match attempt(ns, f.from, f.to, proto) {
+        let mut seen = attempt(ns, f.from, f.to, proto, WAIT);
+        if seen == Seen::Nothing && *want != Verdict::Drop {
+            seen = attempt(ns, f.from, f.to, proto, LONG_WAIT);
+        }
+        match seen {
             Seen::Answer { who, here, peer } if who == "eps" => {
                 endpoints.insert(here);
                 masqs.insert(peer != f.from);
