@@ -680,6 +680,15 @@ fn local_policy_addresses_short_circuit_pods_and_the_node_as_kube_proxy() {
         only_fate(&run(&svcs, &tcp(OUTSIDE_CLIENT, "192.168.2.50", 80))),
         Fate::Dropped
     );
+    // --masquerade-all masquerades traffic to the cluster IP only: the short-circuited pod
+    // keeps its address, as with kube-proxy.
+    let mut all = config();
+    all.masquerade_all = true;
+    let d = dnat_outcomes(&run_with(&all, &svcs, &tcp(CLIENT_POD, "192.168.2.50", 80)));
+    assert_eq!(d.len(), 2);
+    assert!(d.values().all(|(_, masquerade)| !masquerade), "{d:?}");
+    let d = dnat_outcomes(&run_with(&all, &svcs, &tcp(CLIENT_POD, "10.43.120.17", 80)));
+    assert!(d.values().all(|(_, masquerade)| *masquerade), "{d:?}");
 }
 
 #[test]
