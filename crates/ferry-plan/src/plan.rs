@@ -556,7 +556,9 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         None => cluster_cidr.map(|cc| vec![Match::SaddrIn(*cc)]),
     };
     let masquerade_unless: Option<Vec<Match>> = if cfg.masquerade_all {
-        Some(vec![])
+        // Traffic to the cluster IP only, as kube-proxy: pods short-circuited from an
+        // externalTrafficPolicy: Local address to this chain keep their address.
+        Cidr::new(cip, if cip.is_ipv4() { 32 } else { 128 }).map(|c| vec![Match::DaddrIn(c)])
     } else {
         match &cfg.local_interface {
             Some(li) => Some(vec![Match::IifName {
@@ -602,12 +604,14 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
         fr.insert(&cluster_ip_ports(f), key.clone(), None, String::new());
         if internal.is_empty() {
-            fr.insert(
-                &no_endpoint_services(f),
-                key,
-                Some(reject.clone()),
-                what.clone(),
-            );
+            // No endpoint at all: reject. internalTrafficPolicy: Local with endpoints on other
+            // nodes only: drop, as kube-proxy.
+            let verdict = if cluster_wide().is_empty() {
+                reject.clone()
+            } else {
+                Verdict::Drop
+            };
+            fr.insert(&no_endpoint_services(f), key, Some(verdict), what.clone());
         } else {
             let mut c = Chain::new(&service_chain, &what);
             if let Some(ms) = &masquerade_unless {

@@ -381,13 +381,14 @@ fn internal_traffic_policy_local_keeps_cluster_ip_traffic_on_this_node() {
         assert!(masquerade);
     }
 
-    // No local endpoint: the cluster IP refuses.
+    // No local endpoint, one elsewhere: the cluster IP drops, as kube-proxy (it refuses only
+    // when the service has no endpoint at all).
     let svcs = [nextcloud_nodeport(&[ep("10.42.1.170", 80).on(OTHER_NODE)])
         .internal_policy_local()
         .build()];
     assert_eq!(
         only_fate(&run(&svcs, &tcp(CLIENT_POD, "10.43.120.17", 80))),
-        Fate::Rejected { tcp_reset: true }
+        Fate::Dropped
     );
     let d = dnat_outcomes(&run(&svcs, &tcp(OUTSIDE_CLIENT, NODE_IP, 32540)));
     assert_eq!(
@@ -591,11 +592,18 @@ proptest! {
                 let reject = Fate::Rejected { tcp_reset: port.protocol == Protocol::Tcp };
                 let mut to_cluster_ip = packet(port.protocol, pod, &cip.to_string(), port.port);
                 let internal = expected_endpoints(&port.endpoints, internal_local);
-                check_spread(&rs, &to_cluster_ip, &internal, false, reject.clone())?;
+                // No endpoint anywhere: refused; internalTrafficPolicy: Local with endpoints on
+                // other nodes only: dropped (as kube-proxy).
+                let internal_none = if expected_endpoints(&port.endpoints, false).is_empty() {
+                    reject.clone()
+                } else {
+                    Fate::Dropped
+                };
+                check_spread(&rs, &to_cluster_ip, &internal, false, internal_none.clone())?;
                 // From the node itself: masqueraded.
                 to_cluster_ip.saddr = ip(node_ip);
                 to_cluster_ip.local_origin = true;
-                check_spread(&rs, &to_cluster_ip, &internal, true, reject.clone())?;
+                check_spread(&rs, &to_cluster_ip, &internal, true, internal_none.clone())?;
 
                 let external = expected_endpoints(&port.endpoints, external_local);
                 let none = if external_local { Fate::Dropped } else { reject.clone() };
@@ -638,7 +646,7 @@ proptest! {
                                 Fate::Dnat { addr: e.0, port: e.1, masquerade: false }
                             );
                         } else if internal.is_empty() {
-                            prop_assert_eq!(only_fate(&out), reject.clone());
+                            prop_assert_eq!(only_fate(&out), internal_none.clone());
                         } else {
                             let d = dnat_outcomes(&out);
                             prop_assert_eq!(d.len(), internal.len());
@@ -675,6 +683,15 @@ fn local_policy_addresses_short_circuit_pods_and_the_node_as_kube_proxy() {
         only_fate(&run(&svcs, &tcp(OUTSIDE_CLIENT, "192.168.2.50", 80))),
         Fate::Dropped
     );
+    // --masquerade-all masquerades traffic to the cluster IP only: the short-circuited pod
+    // keeps its address, as with kube-proxy.
+    let mut all = config();
+    all.masquerade_all = true;
+    let d = dnat_outcomes(&run_with(&all, &svcs, &tcp(CLIENT_POD, "192.168.2.50", 80)));
+    assert_eq!(d.len(), 2);
+    assert!(d.values().all(|(_, masquerade)| !masquerade), "{d:?}");
+    let d = dnat_outcomes(&run_with(&all, &svcs, &tcp(CLIENT_POD, "10.43.120.17", 80)));
+    assert!(d.values().all(|(_, masquerade)| *masquerade), "{d:?}");
 }
 
 #[test]
