@@ -4,6 +4,8 @@
 //! Layout (after holo's per-protocol crates and quinn-proto's sans-IO design):
 //! - [`packet`]: the message codec, pure (bytes in, typed messages out and back), with RFC 7606
 //!   error handling decided here and handed to the session as a typed result;
+//! - [`session`]: one session's state machine (RFC 4271 §8) with its Adj-RIB-Out, sans-IO:
+//!   events and `now: Instant` in, actions out, `poll_timeout()` for the next deadline;
 //!
 //! # Why a speaker of our own
 //!
@@ -25,3 +27,7 @@
 //! logged, and fuzzed (`fuzz/fuzz_targets/bgp_message.rs`).
 
 pub mod packet;
+pub mod session;
+
+pub use packet::{Family, LargeCommunity};
+pub use session::{Action, Config, DownReason, Event, Route, Session, State};
