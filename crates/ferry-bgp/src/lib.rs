@@ -6,6 +6,9 @@
 //!   error handling decided here and handed to the session as a typed result;
 //! - [`session`]: one session's state machine (RFC 4271 §8) with its Adj-RIB-Out, sans-IO:
 //!   events and `now: Instant` in, actions out, `poll_timeout()` for the next deadline;
+//! - [`speaker`]: the thin tokio edge: a task per peer (TCP, MD5, TTL), routes in through
+//!   [`Speaker::set_routes`], state changes out through a channel;
+//! - `src/bin/ferry-bgp-peer.rs`: a speaker from command-line flags, for tests and demos.
 //!
 //! # Why a speaker of our own
 //!
@@ -28,6 +31,9 @@
 
 pub mod packet;
 pub mod session;
+pub mod sockopt;
+pub mod speaker;
 
 pub use packet::{Family, LargeCommunity};
 pub use session::{Action, Config, DownReason, Event, Route, Session, State};
+pub use speaker::{PeerConfig, PeerEvent, Speaker};

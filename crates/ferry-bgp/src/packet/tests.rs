@@ -70,42 +70,79 @@ fn header_errors() {
     assert_eq!(e.data, vec![7]);
 }
 
-/// An OPEN laid out as BIRD 2 sends one (AS 65000, hold 240, router id 10.96.0.1), built by
-/// hand from RFC 4271 §4.2 and RFC 5492, capabilities in BIRD's order: multiprotocol IPv4 and
-/// IPv6, route refresh, graceful restart (aware: no families, restart time 120), four-octet AS
-/// 65000, enhanced route refresh (70), long-lived GR (71, empty).
+/// BIRD 2.0.12's OPEN, captured (`tcpdump -w` in a node namespace of the lab of
+/// tests/bird.rs: AS 64600, hold 9, router id 10.96.0.1, `graceful restart on`). BIRD puts
+/// all capabilities in one optional parameter: multiprotocol IPv4 and IPv6 unicast, route
+/// refresh, graceful restart (restart time 120, both families, F clear), four-octet AS 64600,
+/// enhanced route refresh (70), long-lived graceful restart (71, empty).
+const BIRD_OPEN: &str = "ffffffffffffffffffffffffffffffff00430104fc5800090a6000012602240104000100010104000200010200400a0078000101000002010041040000fc5846004700";
+
 #[test]
-fn open_with_capabilities() {
-    let b = hex(&format!(
-        "{} 0047 01 04 fde8 00f0 0a600001 2a
-         02 06 01 04 0001 00 01
-         02 06 01 04 0002 00 01
-         02 02 02 00
-         02 04 40 02 00 78
-         02 06 41 04 0000fde8
-         02 02 46 00
-         02 02 47 00",
-        marker()
-    ));
+fn open_from_bird() {
+    let b = hex(BIRD_OPEN);
     let Message::Open(o) = one(&b, FOUR) else {
         panic!("not an OPEN")
     };
-    assert_eq!(o.my_as, 65000);
-    assert_eq!(o.asn(), 65000);
-    assert_eq!(o.hold_time, 240);
+    assert_eq!(o.my_as, 64600);
+    assert_eq!(o.asn(), 64600);
+    assert_eq!(o.hold_time, 9);
     assert_eq!(o.router_id, Ipv4Addr::new(10, 96, 0, 1));
     assert_eq!(o.families(), vec![Family::Ipv4Unicast, Family::Ipv6Unicast]);
     assert!(o.route_refresh());
     let gr = o.graceful_restart().unwrap();
     assert_eq!(gr.restart_time, 120);
     assert!(!gr.restart_state);
-    assert!(gr.families.is_empty());
-    assert!(o.capabilities.contains(&Capability::Unknown {
-        code: 70,
-        value: vec![]
-    }));
-    // Our encoding puts one capability per optional parameter, as BIRD does: same bytes.
-    assert_eq!(encode(&Message::Open(o), FOUR), b);
+    assert_eq!(
+        gr.families,
+        vec![(Family::Ipv4Unicast, false), (Family::Ipv6Unicast, false)]
+    );
+    for code in [70, 71] {
+        assert!(o.capabilities.contains(&Capability::Unknown {
+            code,
+            value: vec![]
+        }));
+    }
+    // We put one capability per optional parameter (both layouts are RFC 5492's): other
+    // bytes, the same OPEN.
+    let again = encode(&Message::Open(o.clone()), FOUR);
+    assert_eq!(one(&again, FOUR), Message::Open(o));
+}
+
+/// What ferry-bgp-peer sent BIRD in the same capture: its OPEN (AS 64601, hold 9, router id
+/// 10.96.0.11, graceful restart 120 with F set for both families), an UPDATE for
+/// 10.96.200.1/32, and the End-of-RIB markers, which BIRD sent byte for byte the same.
+#[test]
+fn our_messages_as_captured() {
+    let open = "ffffffffffffffffffffffffffffffff00470104fc5900090a60000b2a0206010400010001020601040002000102020200020c400a00780001018000020180020641040000fc59";
+    let Message::Open(o) = one(&hex(open), FOUR) else {
+        panic!()
+    };
+    assert_eq!(o.asn(), 64601);
+    assert_eq!(
+        o.graceful_restart().unwrap().families,
+        vec![(Family::Ipv4Unicast, true), (Family::Ipv6Unicast, true)]
+    );
+    assert_eq!(encode(&Message::Open(o), FOUR), hex(open));
+    let update = "ffffffffffffffffffffffffffffffff003002000000144001010040020602010000fc594003040a60000b200a60c801";
+    let Message::Update(u) = one(&hex(update), FOUR) else {
+        panic!()
+    };
+    assert_eq!(u.nlri, vec!["10.96.200.1/32".parse().unwrap()]);
+    assert_eq!(u.attributes.next_hop, Some(Ipv4Addr::new(10, 96, 0, 11)));
+    assert_eq!(
+        encode(
+            &Message::Update(Update::end_of_rib(Family::Ipv4Unicast)),
+            FOUR
+        ),
+        hex("ffffffffffffffffffffffffffffffff00170200000000")
+    );
+    assert_eq!(
+        encode(
+            &Message::Update(Update::end_of_rib(Family::Ipv6Unicast)),
+            FOUR
+        ),
+        hex("ffffffffffffffffffffffffffffffff001d0200000006800f03000201")
+    );
 }
 
 #[test]
