@@ -267,6 +267,7 @@ async fn run(
     let mut connecting: Option<Connecting> = None;
     let mut buf = vec![0u8; 64 * 1024];
     let mut last = s.state();
+    let mut unannounceable = std::collections::BTreeSet::new();
     let mut stopping: Option<oneshot::Sender<()>> = None;
     let report = |state: State, down: Option<DownReason>, error: Option<String>| {
         let _ = events.send(PeerEvent {
@@ -288,9 +289,20 @@ async fn run(
                 }
                 Action::Send(bytes) => {
                     if let Some(c) = &mut conn {
-                        if let Err(e) = c.write_all(&bytes).await {
+                        // A peer that stops reading must not stall the session's timers for
+                        // longer than its hold time (the kernel would wait many minutes).
+                        let limit = Some(s.hold_time())
+                            .filter(|h| !h.is_zero())
+                            .unwrap_or(Duration::from_secs(90));
+                        let res = tokio::time::timeout(limit, c.write_all(&bytes)).await;
+                        let err = match res {
+                            Ok(Ok(())) => None,
+                            Ok(Err(e)) => Some(format!("write: {e}")),
+                            Err(_) => Some(format!("write: peer not reading for {limit:?}")),
+                        };
+                        if let Some(e) = err {
                             conn = None;
-                            report(s.state(), None, Some(format!("write: {e}")));
+                            report(s.state(), None, Some(e));
                             s.handle(Instant::now().into_std(), Event::TcpFailed);
                         }
                     }
@@ -308,6 +320,24 @@ async fn run(
         if s.state() != last {
             last = s.state();
             report(last, None, None);
+        }
+        let skipped = s.unannounceable();
+        if skipped != unannounceable {
+            if !skipped.is_empty() {
+                let some: Vec<String> = skipped.iter().take(3).map(|p| p.to_string()).collect();
+                report(
+                    last,
+                    None,
+                    Some(format!(
+                        "{} route(s) not announced (no next hop of their family, or the family \
+                         was not negotiated): {}{}",
+                        skipped.len(),
+                        some.join(", "),
+                        if skipped.len() > 3 { ", ..." } else { "" }
+                    )),
+                );
+            }
+            unannounceable = skipped;
         }
         if let Some(done) = stopping.take() {
             let _ = done.send(());

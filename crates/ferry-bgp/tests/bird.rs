@@ -216,3 +216,46 @@ fn sigkill_keeps_routes_with_graceful_restart() {
     });
     assert_eq!(nexthops(&lab.kernel_route(VIP4)), ["10.96.0.11"]);
 }
+
+#[test]
+fn ipv6_session_with_its_own_next_hop() {
+    if !ready("ipv6_session_with_its_own_next_hop", Router::Bird) {
+        return;
+    }
+    let v6 = NodePeer {
+        ipv6: true,
+        ..NodePeer::default()
+    };
+    let mut lab = Lab::new(Router::Bird, &[v6.clone(), v6]);
+    for i in 1..=2 {
+        // No --next-hop-v6: the session's own (IPv6) local address is the next hop; the IPv4
+        // route has no next hop of its family and is left out (said on the speaker's output).
+        lab.speaker(
+            i,
+            &[
+                "--peer",
+                &format!("fd00:96::1,{ROUTER_ASN}"),
+                "--route",
+                "fd00:96:200::1/128",
+                "--route",
+                "10.96.200.1/32",
+            ],
+        );
+    }
+    wait(Duration::from_secs(10), "IPv6 sessions up", || {
+        lab.established(1) && lab.established(2)
+    });
+    wait(Duration::from_secs(5), "IPv6 ECMP route", || {
+        nexthops(&lab.kernel_route(VIP6)).len() == 2
+    });
+    assert_eq!(
+        nexthops(&lab.kernel_route(VIP6)),
+        ["fd00:96::11", "fd00:96::12"]
+    );
+    assert!(nexthops(&lab.kernel_route(VIP4)).is_empty());
+    assert!(
+        lab.log("n1.log").contains("1 route(s) not announced"),
+        "{}",
+        lab.log("n1.log")
+    );
+}

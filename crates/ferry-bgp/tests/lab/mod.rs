@@ -78,6 +78,8 @@ pub struct NodePeer {
     /// The node's ASN as BIRD expects it (default NODE_ASN; ROUTER_ASN for iBGP).
     pub asn: Option<u32>,
     pub password: Option<&'static str>,
+    /// The session over IPv6 (fd00:96::1 to fd00:96::1I) instead of IPv4 (BIRD only).
+    pub ipv6: bool,
 }
 
 /// A router namespace `<p>-r` with bridge br0 (10.96.0.1/24, fd00:96::1/64) and node
@@ -216,13 +218,18 @@ protocol kernel k6 {{ ipv6 {{ export all; import none; }}; merge paths on; }}
             // Short waits so that tests do not sit out BIRD's defaults (5 s, 60-300 s).
             conf += &format!(
                 "protocol bgp n{i} {{
-  local 10.96.0.1 as {ROUTER_ASN}; neighbor {nb} as {asn}; {pw} {direct}
+  local {local} as {ROUTER_ASN}; neighbor {nb} as {asn}; {pw} {direct}
   hold time 9; connect delay time 1; connect retry time 1; error wait time 1, 2;
   ipv4 {{ import all; export none; }};
   ipv6 {{ import all; export none; }};
 }}
 ",
-                nb = node_addr(i)
+                nb = if n.ipv6 {
+                    format!("fd00:96::1{i}")
+                } else {
+                    node_addr(i)
+                },
+                local = if n.ipv6 { "fd00:96::1" } else { "10.96.0.1" },
             );
         }
         let path = self.dir.join("bird.conf");
@@ -274,15 +281,19 @@ protocol kernel k6 {{ ipv6 {{ export all; import none; }}; merge paths on; }}
             env!("CARGO_BIN_EXE_ferry-bgp-peer").into(),
             "--router-id".into(),
             addr.clone(),
-            "--peer".into(),
-            format!("10.96.0.1,{ROUTER_ASN}"),
             "--hold-time".into(),
             "9".into(),
             "--connect-retry".into(),
             "1".into(),
-            "--next-hop-v6".into(),
-            format!("fd00:96::1{i}"),
         ];
+        if !extra.contains(&"--peer") {
+            args.extend([
+                "--peer".into(),
+                format!("10.96.0.1,{ROUTER_ASN}"),
+                "--next-hop-v6".into(),
+                format!("fd00:96::1{i}"),
+            ]);
+        }
         if !extra.contains(&"--local-asn") {
             args.extend(["--local-asn".into(), NODE_ASN.to_string()]);
         }
