@@ -2,9 +2,9 @@
 # Installs what ferry and its tests need on Debian/Ubuntu (as root): nftables (and its
 # library, which ferry uses in-process), iproute2 for the lab's namespaces, curl as the client;
 # podman, runc, umoci and skopeo build and run the container image (scripts/build-image.sh).
-# bird2 and frr are the routers of the BGP interop tests (crates/ferry-bgp/tests/{bird,frr}.rs).
+# bird2, frr and gobgpd are the BGP interop tests' peers (crates/ferry-bgp/tests/{bird,frr,gobgp}.rs).
 set -euo pipefail
-pkgs=(nftables libnftables1 iproute2 curl conntrack procps arping ndisc6 keepalived bird2 frr prometheus
+pkgs=(nftables libnftables1 iproute2 curl conntrack procps arping ndisc6 keepalived bird2 frr gobgpd prometheus
       podman runc umoci skopeo ca-certificates binutils python3)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -50,6 +50,9 @@ struct Args {
     /// Also take connections from peers on this address (e.g. 0.0.0.0:179).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Only take connections (with --listen), never open one.
+    #[arg(long)]
+    passive: bool,
     /// A prefix to announce (repeatable).
     #[arg(long = "route")]
     routes: Vec<IpNet>,
@@ -148,6 +151,7 @@ fn peers(a: &Args) -> Result<Vec<PeerConfig>, String> {
             s.graceful_restart = (a.graceful_restart > 0).then_some(a.graceful_restart);
             s.restarted = a.restarted;
             s.next_hop_v6 = a.next_hop_v6;
+            s.passive = a.passive;
             let mut pc = PeerConfig::new(addr, s);
             pc.port = a.port;
             pc.source = a.source;
@@ -160,6 +164,10 @@ fn peers(a: &Args) -> Result<Vec<PeerConfig>, String> {
 
 fn main() {
     let a = Args::parse();
+    if a.passive && a.listen.is_none() {
+        eprintln!("ferry-bgp-peer: --passive needs --listen");
+        std::process::exit(2);
+    }
     let (routes, peers) = match (routes(&a), peers(&a)) {
         (Ok(r), Ok(p)) => (r, p),
         (Err(e), _) | (_, Err(e)) => {

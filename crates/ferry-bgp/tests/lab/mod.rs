@@ -43,6 +43,8 @@ pub enum Router {
     Bird,
     /// FRR's zebra and bgpd (Debian `frr`).
     Frr,
+    /// GoBGP (Debian `gobgpd`): a peer with a RIB, no FIB.
+    Gobgp,
 }
 
 const FRR: &str = "/usr/lib/frr";
@@ -57,6 +59,10 @@ pub fn ready(test: &str, router: Router) -> bool {
         Router::Frr => (
             format!("test -x {FRR}/zebra && test -x {FRR}/bgpd && command -v vtysh"),
             "frr",
+        ),
+        Router::Gobgp => (
+            "command -v gobgpd && command -v gobgp".to_string(),
+            "gobgpd",
         ),
     };
     let found = Command::new("sh")
@@ -174,6 +180,7 @@ impl Lab {
         match kind {
             Router::Bird => lab.start_bird(nodes),
             Router::Frr => lab.start_frr(nodes),
+            Router::Gobgp => lab.start_gobgp(nodes),
         }
         lab
     }
@@ -325,7 +332,66 @@ protocol kernel k6 {{ ipv6 {{ export all; import none; }}; merge paths on; }}
             Router::Frr => self
                 .vtysh(&format!("show bgp neighbors {}", node_addr(i)))
                 .contains("BGP state = Established"),
+            Router::Gobgp => self
+                .gobgp(&format!("neighbor {}", node_addr(i)))
+                .contains("BGP state = ESTABLISHED"),
         }
+    }
+
+    /// GoBGP's view: `gobgp ARGS` in the router namespace (its API on the namespace's own
+    /// loopback).
+    pub fn gobgp(&self, args: &str) -> String {
+        let r = self.router();
+        let mut a = vec!["ip", "netns", "exec", &r, "gobgp"];
+        a.extend(args.split_whitespace());
+        let out = run(&a);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn start_gobgp(&mut self, nodes: &[NodePeer]) {
+        let mut conf = String::from(
+            "[global.config]\n  as = 64600\n  router-id = \"10.96.0.1\"\n  local-address-list = [\"10.96.0.1\"]\n",
+        );
+        for (i, n) in nodes.iter().enumerate() {
+            let a = node_addr(i + 1);
+            let asn = n.asn.unwrap_or(NODE_ASN);
+            conf += &format!(
+                "[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{a}\"\n    peer-as = {asn}\n"
+            );
+            if let Some(pw) = n.password {
+                conf += &format!("    auth-password = \"{pw}\"\n");
+            }
+            conf += "  [neighbors.timers.config]\n    connect-retry = 1\n    hold-time = 9\n    keepalive-interval = 3\n    idle-hold-time-after-reset = 1\n";
+            conf += "  [neighbors.graceful-restart.config]\n    enabled = true\n    helper-only = true\n";
+            for fam in ["ipv4-unicast", "ipv6-unicast"] {
+                conf += &format!("  [[neighbors.afi-safis]]\n    [neighbors.afi-safis.config]\n      afi-safi-name = \"{fam}\"\n    [neighbors.afi-safis.mp-graceful-restart.config]\n      enabled = true\n");
+            }
+        }
+        let path = self.dir.join("gobgpd.toml");
+        fs::write(&path, conf).unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.router(),
+                "gobgpd",
+                "--pprof-disable",
+                "-f",
+            ])
+            .arg(&path)
+            .stdout(fs::File::create(self.dir.join("gobgpd.log")).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start gobgpd");
+        self.daemons.push(child);
+        let up = measure(Duration::from_secs(5), || {
+            self.gobgp("neighbor").contains(&node_addr(1))
+        });
+        assert!(
+            up.is_some(),
+            "gobgpd did not start: {}",
+            self.log("gobgpd.log")
+        );
     }
 
     /// FRR's view: `vtysh -c CMD` against this lab's daemons.
@@ -408,6 +474,12 @@ router bgp 64600
                 "--- show bgp summary\n{}\n--- show bgp ipv4\n{}",
                 self.vtysh("show bgp summary"),
                 self.vtysh("show bgp ipv4 unicast")
+            ),
+            Router::Gobgp => format!(
+                "--- gobgp neighbor\n{}\n--- global rib\n{}\n--- gobgpd.log\n{}",
+                self.gobgp("neighbor"),
+                self.gobgp("global rib -a ipv4"),
+                self.log("gobgpd.log")
             ),
         };
         format!(
