@@ -49,7 +49,9 @@ fuzz_target!(|data: &[u8]| {
     }
     // An established session (its peer's OPEN and KEEPALIVE handed in first) fed the bytes.
     let now = Instant::now();
-    let mut s = Session::new(Config::new(64601, 64600, Ipv4Addr::new(10, 0, 0, 2)));
+    let mut cfg = Config::new(64601, 64600, Ipv4Addr::new(10, 0, 0, 2));
+    cfg.keep_received = true;
+    let mut s = Session::new(cfg);
     s.handle(now, Event::Start);
     s.handle(
         now,

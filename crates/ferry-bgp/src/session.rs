@@ -50,6 +50,9 @@ pub struct Config {
     /// The IPv6 next hop for routes without one; default the session's local address when it
     /// is IPv6. IPv6 routes with no next hop are not announced.
     pub next_hop_v6: Option<Ipv6Addr>,
+    /// Keep the routes the peer sends (the Adj-RIB-In, see [`Session::received`]). Off by
+    /// default: ferry announces and needs nothing back, and a router may send a full table.
+    pub keep_received: bool,
 }
 
 impl Config {
@@ -67,7 +70,45 @@ impl Config {
             restarted: false,
             next_hop_v4: None,
             next_hop_v6: None,
+            keep_received: false,
         }
+    }
+
+    /// What is wrong with this configuration, if anything, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.hold_time == 1 || self.hold_time == 2 {
+            return Err(format!(
+                "holdTime {} s: must be 0 or at least 3 (RFC 4271 §4.2)",
+                self.hold_time
+            ));
+        }
+        if let Some(k) = self.keepalive {
+            if self.hold_time > 0 && k > self.hold_time / 3 {
+                return Err(format!(
+                    "keepaliveTime {k} s: more than a third of holdTime {} s",
+                    self.hold_time
+                ));
+            }
+        }
+        if self.router_id.is_unspecified() {
+            return Err("routerID 0.0.0.0: must be a non-zero address".into());
+        }
+        if self.local_asn == 0 || self.peer_asn == 0 {
+            return Err(format!(
+                "myASN {} / peerASN {}: AS 0 is reserved (RFC 7607)",
+                self.local_asn, self.peer_asn
+            ));
+        }
+        if self.graceful_restart.is_some_and(|t| t > 0x0fff) {
+            return Err(format!(
+                "graceful restart time {} s: at most 4095",
+                self.graceful_restart.unwrap_or_default()
+            ));
+        }
+        if self.families.is_empty() {
+            return Err("no address family".into());
+        }
+        Ok(())
     }
 
     pub fn is_ibgp(&self) -> bool {
@@ -614,6 +655,9 @@ impl Session {
             }
             return;
         }
+        if !self.cfg.keep_received {
+            return;
+        }
         let mut attrs = u.attributes;
         attrs.mp_unreach = None;
         if let Some(m) = &mut attrs.mp_reach {
@@ -780,5 +824,32 @@ impl Session {
             .filter(|r| self.attributes(r).is_none())
             .map(|r| r.prefix)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_names_the_field() {
+        let ok = Config::new(64601, 64600, Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(ok.validate(), Ok(()));
+        let mut c = ok.clone();
+        c.hold_time = 2;
+        assert!(c.validate().unwrap_err().starts_with("holdTime 2 s"));
+        let mut c = ok.clone();
+        c.hold_time = 9;
+        c.keepalive = Some(5);
+        assert!(c.validate().unwrap_err().starts_with("keepaliveTime 5 s"));
+        let mut c = ok.clone();
+        c.router_id = Ipv4Addr::UNSPECIFIED;
+        assert!(c.validate().unwrap_err().starts_with("routerID"));
+        let mut c = ok.clone();
+        c.peer_asn = 0;
+        assert!(c.validate().unwrap_err().contains("peerASN 0"));
+        let mut c = ok;
+        c.graceful_restart = Some(5000);
+        assert!(c.validate().unwrap_err().contains("at most 4095"));
     }
 }

@@ -56,6 +56,32 @@ impl PeerConfig {
         }
     }
 
+    /// What is wrong with this peer's configuration, if anything, naming the field (as
+    /// MetalLB's BGPPeer names it).
+    pub fn validate(&self) -> Result<(), String> {
+        let at = |e: String| format!("peer {}: {e}", self.address);
+        self.session.validate().map_err(at)?;
+        if self.port == 0 {
+            return Err(at("peerPort 0".into()));
+        }
+        if let Some(pw) = &self.password {
+            if pw.is_empty() || pw.len() > 80 {
+                return Err(at(format!(
+                    "password: {} bytes, TCP MD5 keys are 1 to 80 bytes",
+                    pw.len()
+                )));
+            }
+        }
+        if let Some(src) = self.source {
+            if src.is_ipv4() != self.address.is_ipv4() {
+                return Err(at(format!(
+                    "sourceAddress {src}: not of the peer address's family"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn ttl(&self) -> Option<u8> {
         match (self.session.is_ibgp(), self.ebgp_multihop) {
             (true, _) => None,
@@ -156,6 +182,15 @@ impl Speaker {
         }
         for (a, config) in wanted {
             if self.peers.contains_key(&a) {
+                continue;
+            }
+            if let Err(e) = config.validate() {
+                let _ = self.events.send(PeerEvent {
+                    peer: a,
+                    state: State::Idle,
+                    down: None,
+                    error: Some(format!("not started: {e}")),
+                });
                 continue;
             }
             if let (Some((fd, _)), Some(pw)) = (&self.listener, &config.password) {

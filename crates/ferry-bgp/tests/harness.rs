@@ -24,6 +24,7 @@ fn a_config() -> Config {
 fn b_config() -> Config {
     let mut c = Config::new(64600, 64601, Ipv4Addr::new(10, 96, 0, 1));
     c.passive = true;
+    c.keep_received = true;
     c.hold_time = 90;
     c
 }
@@ -548,4 +549,24 @@ fn route_refresh_resends() {
     p.a.handle(now, Event::Bytes(&rr));
     p.run();
     assert_eq!(updates(&p.b_got), before + 1);
+}
+
+#[test]
+fn received_routes_are_not_kept_unless_asked() {
+    // b (the router side) announces to a, which by default keeps nothing.
+    let mut p = Pair::new(a_config(), b_config());
+    p.b.set_routes([route("10.96.0.0/24")]);
+    p.run();
+    assert!(p.a.received().is_empty());
+    assert_eq!(
+        p.a.counters().updates_received,
+        3,
+        "the route and two End-of-RIBs"
+    );
+    let mut a = a_config();
+    a.keep_received = true;
+    let mut p = Pair::new(a, b_config());
+    p.b.set_routes([route("10.96.0.0/24")]);
+    p.run();
+    assert_eq!(prefixes(&p.a), ["10.96.0.0/24"]);
 }
