@@ -221,7 +221,8 @@ impl Speaker {
     }
 
     /// The routes to announce to `peer` (replacing what was asked before). Unknown peers are
-    /// ignored.
+    /// ignored. A peer's session starts with its first routes (an empty list included), so
+    /// that its first End-of-RIB follows the full table (see the crate docs on restarts).
     pub fn set_routes(&self, peer: IpAddr, routes: Vec<Route>) {
         if let Some(p) = self.peers.get(&peer) {
             let _ = p.cmds.send(Cmd::Routes(routes));
@@ -304,6 +305,7 @@ async fn run(
     let mut last = s.state();
     let mut unannounceable = std::collections::BTreeSet::new();
     let mut stopping: Option<oneshot::Sender<()>> = None;
+    let mut started = false;
     let report = |state: State, down: Option<DownReason>, error: Option<String>| {
         let _ = events.send(PeerEvent {
             peer: p.address,
@@ -312,7 +314,8 @@ async fn run(
             error,
         });
     };
-    s.handle(Instant::now().into_std(), Event::Start);
+    // The session starts with the first routes: an End-of-RIB sent before the agent knows
+    // its routes would make a router that kept them over our restart flush them.
     loop {
         // Carry out what the session asked for.
         while let Some(a) = s.poll_action() {
@@ -381,7 +384,13 @@ async fn run(
         let deadline = s.poll_timeout().map(Instant::from_std);
         tokio::select! {
             cmd = cmds.recv() => match cmd {
-                Some(Cmd::Routes(r)) => s.set_routes(r),
+                Some(Cmd::Routes(r)) => {
+                    s.set_routes(r);
+                    if !started {
+                        started = true;
+                        s.handle(Instant::now().into_std(), Event::Start);
+                    }
+                }
                 Some(Cmd::Stop(done)) => {
                     s.handle(Instant::now().into_std(), Event::Stop);
                     stopping = Some(done);

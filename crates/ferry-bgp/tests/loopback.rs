@@ -58,6 +58,7 @@ async fn sessions_come_up_and_cease_on_stop() {
     let (a, b) = peers(port, (None, None));
     let (mut sb, mut eb) = Speaker::new(Some(SocketAddr::new(LO, port))).unwrap();
     sb.set_peers(vec![b]).await;
+    sb.set_routes(LO, vec![]);
     let (mut sa, mut ea) = Speaker::new(None).unwrap();
     sa.set_peers(vec![a]).await;
     sa.set_routes(LO, vec![Route::new("10.96.200.1/32".parse().unwrap())]);
@@ -85,8 +86,10 @@ async fn md5_same_key_up_different_key_not() {
     let (a, b) = peers(port, (Some("k-96"), Some("k-96")));
     let (mut sb, mut eb) = Speaker::new(Some(SocketAddr::new(LO, port))).unwrap();
     sb.set_peers(vec![b]).await;
+    sb.set_routes(LO, vec![]);
     let (mut sa, mut ea) = Speaker::new(None).unwrap();
     sa.set_peers(vec![a]).await;
+    sa.set_routes(LO, vec![]);
     let up = |e: &PeerEvent| e.state == State::Established;
     assert!(until(&mut ea, Duration::from_secs(5), up).await.is_some());
     assert!(until(&mut eb, Duration::from_secs(5), up).await.is_some());
@@ -97,8 +100,10 @@ async fn md5_same_key_up_different_key_not() {
     let (a, b) = peers(port, (Some("k-96"), Some("other")));
     let (mut sb, mut eb) = Speaker::new(Some(SocketAddr::new(LO, port))).unwrap();
     sb.set_peers(vec![b]).await;
+    sb.set_routes(LO, vec![]);
     let (mut sa, mut ea) = Speaker::new(None).unwrap();
     sa.set_peers(vec![a]).await;
+    sa.set_routes(LO, vec![]);
     let up = |e: &PeerEvent| e.state == State::Established;
     assert!(until(&mut ea, Duration::from_secs(2), up).await.is_none());
     assert!(until(&mut eb, Duration::from_millis(100), up)
