@@ -570,3 +570,17 @@ fn received_routes_are_not_kept_unless_asked() {
     p.run();
     assert_eq!(prefixes(&p.a), ["10.96.0.0/24"]);
 }
+
+#[test]
+fn hold_time_zero_means_no_keepalives() {
+    let mut a = a_config();
+    a.hold_time = 0;
+    let mut p = Pair::new(a, b_config());
+    assert!(established(&p));
+    assert_eq!(p.b.hold_time(), Duration::ZERO);
+    let before = p.b_got.len();
+    p.advance(Duration::from_secs(1000));
+    assert!(established(&p));
+    assert_eq!(p.b_got.len(), before, "nothing sent in 1000 s");
+    assert_eq!(p.a.poll_timeout(), None);
+}
