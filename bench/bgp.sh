@@ -121,6 +121,7 @@ measure() {
     sleep 0.01
   done
   wait "$speaker" 2>/dev/null || true
+  echo "$name $(echo "($tb - $te) * 1000" | bc) $(echo "($tk - $te) * 1000" | bc) $(echo "($tbw - $ts) * 1000" | bc) $(echo "($tkw - $ts) * 1000" | bc)" >>"$dir/results"
   awk -v name="$name" -v n="$n" -v te="$te" -v tb="$tb" -v tk="$tk" -v ts="$ts" -v tbw="$tbw" -v tkw="$tkw" 'BEGIN {
     printf "%-6s %6d routes: in BIRD %6.0f ms (%6.0f routes/s), in the kernel FIB %6.0f ms (%6.0f routes/s); SIGTERM: gone from BIRD %5.0f ms, from the FIB %5.0f ms\n",
       name, n, (tb-te)*1000, n/(tb-te), (tk-te)*1000, n/(tk-te), (tbw-ts)*1000, (tkw-ts)*1000 }'
@@ -140,4 +141,15 @@ for t in $(seq "$trials"); do
   speaker=$!
   pids+=("$speaker")
   measure bird
+done
+
+# Medians over the trials (the polling makes single figures noisy).
+median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+echo "== medians of $trials trials, $n routes"
+for name in ferry bird; do
+  col() { awk -v name="$name" -v c="$1" '$1 == name { print $c }' "$dir/results" | median; }
+  b=$(col 2) k=$(col 3) bw=$(col 4) kw=$(col 5)
+  awk -v name="$name" -v n="$n" -v b="$b" -v k="$k" -v bw="$bw" -v kw="$kw" 'BEGIN {
+    printf "%-6s in BIRD %6.0f ms (%6.0f routes/s), in the kernel FIB %6.0f ms (%6.0f routes/s); SIGTERM: gone from BIRD %5.0f ms, from the FIB %5.0f ms\n",
+      name, b, n / b * 1000, k, n / k * 1000, bw, kw }'
 done
