@@ -122,6 +122,7 @@ pub struct Speaker {
     events: mpsc::UnboundedSender<PeerEvent>,
     accepted: Accepted,
     listener: Option<(std::os::fd::RawFd, JoinHandle<()>)>,
+    listen_v6: bool,
 }
 
 impl Speaker {
@@ -154,6 +155,7 @@ impl Speaker {
                 events: tx,
                 accepted,
                 listener,
+                listen_v6: listen.is_some_and(|a| a.is_ipv6()),
             },
             rx,
         ))
@@ -177,7 +179,7 @@ impl Speaker {
                 m.remove(&a);
             }
             if let Some((fd, _)) = &self.listener {
-                let _ = sockopt::set_md5(*fd, a, b"");
+                let _ = sockopt::set_md5(*fd, self.listen_key(a), b"");
             }
         }
         for (a, config) in wanted {
@@ -194,7 +196,7 @@ impl Speaker {
                 continue;
             }
             if let (Some((fd, _)), Some(pw)) = (&self.listener, &config.password) {
-                if let Err(e) = sockopt::set_md5(*fd, a, pw.as_bytes()) {
+                if let Err(e) = sockopt::set_md5(*fd, self.listen_key(a), pw.as_bytes()) {
                     let _ = self.events.send(PeerEvent {
                         peer: a,
                         state: State::Idle,
@@ -217,6 +219,15 @@ impl Speaker {
                     task,
                 },
             );
+        }
+    }
+
+    /// The address a listener's MD5 key is set for: an IPv4 peer reaches a dual-stack IPv6
+    /// listener as an IPv4-mapped address.
+    fn listen_key(&self, peer: IpAddr) -> IpAddr {
+        match peer {
+            IpAddr::V4(v4) if self.listen_v6 => IpAddr::V6(v4.to_ipv6_mapped()),
+            other => other,
         }
     }
 

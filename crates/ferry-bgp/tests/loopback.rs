@@ -112,3 +112,22 @@ async fn md5_same_key_up_different_key_not() {
     sa.shutdown().await;
     sb.shutdown().await;
 }
+
+#[tokio::test]
+async fn md5_on_a_dual_stack_listener() {
+    // The passive side listens on [::]: the IPv4 peer's key goes in as ::ffff:127.0.0.1.
+    let port = free_port();
+    let (a, b) = peers(port, (Some("k-96"), Some("k-96")));
+    let any6 = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), port);
+    let (mut sb, mut eb) = Speaker::new(Some(any6)).unwrap();
+    sb.set_peers(vec![b]).await;
+    sb.set_routes(LO, vec![]);
+    let (mut sa, mut ea) = Speaker::new(None).unwrap();
+    sa.set_peers(vec![a]).await;
+    sa.set_routes(LO, vec![]);
+    let up = |e: &PeerEvent| e.state == State::Established;
+    assert!(until(&mut ea, Duration::from_secs(5), up).await.is_some());
+    assert!(until(&mut eb, Duration::from_secs(5), up).await.is_some());
+    sa.shutdown().await;
+    sb.shutdown().await;
+}
