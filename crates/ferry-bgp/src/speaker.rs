@@ -252,6 +252,16 @@ impl Speaker {
     }
 }
 
+impl Drop for Speaker {
+    /// Dropped without [`Speaker::shutdown`]: each peer's task sees its command channel close
+    /// and sends Cease on its own; the listener stops.
+    fn drop(&mut self) {
+        if let Some((_, t)) = self.listener.take() {
+            t.abort();
+        }
+    }
+}
+
 async fn stop(p: Peer) {
     let (tx, rx) = oneshot::channel();
     if p.cmds.send(Cmd::Stop(tx)).is_ok() {

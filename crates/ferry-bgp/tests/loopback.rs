@@ -131,3 +131,28 @@ async fn md5_on_a_dual_stack_listener() {
     sa.shutdown().await;
     sb.shutdown().await;
 }
+
+#[tokio::test]
+async fn dropping_the_speaker_still_sends_cease() {
+    let port = free_port();
+    let (a, b) = peers(port, (None, None));
+    let (mut sb, mut eb) = Speaker::new(Some(SocketAddr::new(LO, port))).unwrap();
+    sb.set_peers(vec![b]).await;
+    sb.set_routes(LO, vec![]);
+    let (mut sa, mut ea) = Speaker::new(None).unwrap();
+    sa.set_peers(vec![a]).await;
+    sa.set_routes(LO, vec![]);
+    let up = |e: &PeerEvent| e.state == State::Established;
+    assert!(until(&mut ea, Duration::from_secs(5), up).await.is_some());
+    assert!(until(&mut eb, Duration::from_secs(5), up).await.is_some());
+    drop(sa);
+    let down = until(&mut eb, Duration::from_secs(5), |e| e.down.is_some())
+        .await
+        .expect("the session ends");
+    assert!(
+        matches!(down.down, Some(DownReason::NotificationReceived(ref n))
+            if n.error == ErrorKind::Cease(CeaseSubcode::AdministrativeShutdown)),
+        "{down:?}"
+    );
+    sb.shutdown().await;
+}
