@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes ferry's readers of outside input (cargo fuzz, libFuzzer): the manifest reader
-# (`manifest`), MetalLB's legacy ConfigMap (`metallb_config`) and the ARP/NDP codec (`arp`,
-# `ndp`, `l2_frame`); see fuzz/fuzz_targets/. Each target runs for SECONDS (default 20) from the
+# (`manifest`), MetalLB's legacy ConfigMap (`metallb_config`), the ARP/NDP codec (`arp`,
+# `ndp`, `l2_frame`) and the BGP codec and session (`bgp_message`); see fuzz/fuzz_targets/.
+# Each target runs for SECONDS (default 20) from the
 # corpus kept in fuzz/corpus/TARGET/. A panic, a hang (an input taking over 10 s) or memory
 # past 1 GiB fails the run: the script goes on with the other targets, then prints each
 # reproducer (fuzz/artifacts/TARGET/...) with the command that replays it, and exits 1.
@@ -12,7 +13,8 @@
 # Without FUZZ_MERGE the repository is left as it was: new inputs go to a temporary directory.
 #
 # Built with `--sanitizer none`, which works on the stable toolchain as it is: the code fuzzed
-# is safe Rust (no `unsafe` in ferry-source, ferry-model or ferry-l2's packet module), so
+# is safe Rust (no `unsafe` in ferry-source, ferry-model, ferry-l2's packet module or
+# ferry-bgp's packet and session modules), so
 # AddressSanitizer (cargo fuzz's default; it needs nightly flags, RUSTC_BOOTSTRAP=1 on stable)
 # would find nothing more and slow every execution. Debug assertions and overflow checks are on.
 set -euo pipefail
