@@ -296,6 +296,11 @@ fn push_object(snap: &mut Snapshot, o: Object, created_ms: Option<u64>, _kind: &
         Object::Namespace(n) => snap.namespaces.push(n),
         Object::IpAddressPool(p) => snap.ip_pools.push(p),
         Object::L2Advertisement(l) => snap.l2_advertisements.push(l),
+        Object::BgpPeer(p) => snap.bgp_peers.push(*p),
+        Object::BgpAdvertisement(a) => snap.bgp_advertisements.push(a),
+        Object::Community(c) => snap.communities.push(c),
+        Object::BfdProfile(b) => snap.bfd_profiles.push(b),
+        Object::Secret(s) => snap.secrets.push(s),
     }
 }
 
