@@ -69,10 +69,9 @@ struct Watched {
     namespace: Option<String>,
     labels: Option<&'static str>,
     fields: Option<String>,
-    /// A CRD that may not be installed.
+    /// A CRD that may not be installed, or a kind the agent may not be allowed to read (an
+    /// older Role, Secrets): 404 and 403 count as "none".
     optional: bool,
-    /// Kept for later (BGP): counted, not converted.
-    raw_only: bool,
 }
 
 impl Watched {
@@ -102,12 +101,10 @@ fn watched(cfg: &SourceConfig) -> Vec<Watched> {
         labels: None,
         fields: None,
         optional: false,
-        raw_only: false,
     };
-    let metallb = |version, kind, plural, raw_only| Watched {
+    let metallb = |version, kind, plural| Watched {
         namespace: Some(cfg.metallb_namespace.clone()),
         optional: true,
-        raw_only,
         ..w("metallb.io", version, kind, plural)
     };
     vec![
@@ -126,10 +123,18 @@ fn watched(cfg: &SourceConfig) -> Vec<Watched> {
             fields: Some(format!("metadata.name={}", cfg.metallb_config.name)),
             ..w("", "v1", "ConfigMap", "configmaps")
         },
-        metallb("v1beta1", "IPAddressPool", "ipaddresspools", false),
-        metallb("v1beta1", "L2Advertisement", "l2advertisements", false),
-        metallb("v1beta2", "BGPPeer", "bgppeers", true),
-        metallb("v1beta1", "BGPAdvertisement", "bgpadvertisements", true),
+        metallb("v1beta1", "IPAddressPool", "ipaddresspools"),
+        metallb("v1beta1", "L2Advertisement", "l2advertisements"),
+        metallb("v1beta2", "BGPPeer", "bgppeers"),
+        metallb("v1beta1", "BGPAdvertisement", "bgpadvertisements"),
+        metallb("v1beta1", "Community", "communities"),
+        metallb("v1beta1", "BFDProfile", "bfdprofiles"),
+        // BGPPeers' passwordSecret: MetalLB reads them from its own namespace.
+        Watched {
+            namespace: Some(cfg.metallb_namespace.clone()),
+            optional: true,
+            ..w("", "v1", "Secret", "secrets")
+        },
     ]
 }
 
@@ -248,7 +253,7 @@ impl ApiSource {
         self.shared.lock().generation
     }
 
-    /// Objects kept for later use, by kind (BGPPeer, BGPAdvertisement).
+    /// How many objects of a kind are held (as last seen).
     pub fn kept(&self, kind: &str) -> usize {
         self.shared
             .lock()
@@ -314,15 +319,6 @@ fn convert(w: &Watched, obj: &DynamicObject) -> ((String, String), Converted) {
         .creation_timestamp
         .as_ref()
         .and_then(|t| u64::try_from(t.0.as_millisecond()).ok());
-    if w.raw_only {
-        return (
-            key,
-            Converted {
-                parsed: Parsed::default(),
-                created_ms,
-            },
-        );
-    }
     let mut value = serde_json::to_value(obj).unwrap_or(Value::Null);
     if let Some(m) = value.as_object_mut() {
         // List items and watch events may leave these out.
@@ -346,14 +342,24 @@ fn convert(w: &Watched, obj: &DynamicObject) -> ((String, String), Converted) {
     )
 }
 
-/// Whether a watcher error means "this resource does not exist here" (a CRD not installed).
-fn is_not_found(e: &watcher::Error) -> bool {
+/// The HTTP code of a watcher error from the API server, if it is one.
+fn api_code(e: &watcher::Error) -> Option<u16> {
     match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
-        _ => false,
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        _ => None,
     }
+}
+
+/// Whether a watcher error means "this resource does not exist here" (a CRD not installed).
+fn is_not_found(e: &watcher::Error) -> bool {
+    api_code(e) == Some(404)
+}
+
+/// Whether the agent may not read this resource (its Role does not name it).
+fn is_forbidden(e: &watcher::Error) -> bool {
+    api_code(e) == Some(403)
 }
 
 async fn watch_kind(client: Client, w: Watched, shared: Arc<Shared>) {
@@ -438,12 +444,22 @@ fn apply_event(
                 }
             }
         }
-        Err(e) if w.optional && is_not_found(&e) => {
-            let msg = format!(
-                "{} ({}) is not served by the API server (MetalLB's CRDs not installed?): none are read",
-                w.kind,
-                w.api_version()
-            );
+        Err(e) if w.optional && (is_not_found(&e) || is_forbidden(&e)) => {
+            let msg = if is_forbidden(&e) {
+                format!(
+                    "{}s ({}) may not be read (forbidden: the agent's Role does not name \
+                     {}): none are read",
+                    w.kind,
+                    w.api_version(),
+                    w.plural
+                )
+            } else {
+                format!(
+                    "{} ({}) is not served by the API server (MetalLB's CRDs not installed?): none are read",
+                    w.kind,
+                    w.api_version()
+                )
+            };
             if ks.last_error.as_deref() != Some(&msg) {
                 log(msg.clone());
                 ks.last_error = Some(msg);
