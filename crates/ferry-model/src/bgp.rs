@@ -744,12 +744,16 @@ pub fn load(pools: &PoolConfig, inputs: &BgpInputs<'_>) -> (BgpConfig, Vec<PoolE
             }
             continue;
         }
-        let list: Vec<(BgpAdvertisementCr, Style)> = match written {
+        let list: Vec<(usize, BgpAdvertisementCr, Style)> = match written {
             Some(w) if w.written => w.advs.clone(),
             // MetalLB: a bgp pool without advertisements is announced with the defaults.
-            _ => vec![(BgpAdvertisementCr::default(), Style::Crd)],
+            _ => vec![(
+                0,
+                BgpAdvertisementCr::default(),
+                Style::Legacy(written.map(|w| w.field.clone()).unwrap_or_default()),
+            )],
         };
-        for (j, (raw, style)) in list.into_iter().enumerate() {
+        for (j, raw, style) in list {
             let mut raw = raw;
             raw.ip_address_pools = vec![p.name.clone()];
             let mut rep = Report {
@@ -760,7 +764,7 @@ pub fn load(pools: &PoolConfig, inputs: &BgpInputs<'_>) -> (BgpConfig, Vec<PoolE
             if let Some(a) =
                 bgp_advertisement(&mut rep, name, &raw, &style, pools, &communities, &peers)
             {
-                advertisements.push(a);
+                advertisements.push((a, style.f("localPref")));
             }
         }
     }
@@ -780,10 +784,11 @@ pub fn load(pools: &PoolConfig, inputs: &BgpInputs<'_>) -> (BgpConfig, Vec<PoolE
             &communities,
             &peers,
         ) {
-            advertisements.push(a);
+            advertisements.push((a, Style::Crd.f("localPref")));
         }
     }
     warn_local_pref_conflicts(pools, &advertisements, &mut errors);
+    let advertisements = advertisements.into_iter().map(|(a, _)| a).collect();
 
     (
         BgpConfig {
@@ -799,13 +804,14 @@ pub fn load(pools: &PoolConfig, inputs: &BgpInputs<'_>) -> (BgpConfig, Vec<PoolE
 /// MetalLB refuses two advertisements of one pool, with the same aggregation and
 /// overlapping peers, that set different LOCAL_PREFs (when a node is selected by both): here a
 /// warning (the route gets the higher one).
+/// `advs`: each with the field of its LOCAL_PREF.
 fn warn_local_pref_conflicts(
     pools: &PoolConfig,
-    advs: &[BgpAdvertisement],
+    advs: &[(BgpAdvertisement, String)],
     errors: &mut Vec<PoolError>,
 ) {
-    for (i, b) in advs.iter().enumerate() {
-        for a in &advs[..i] {
+    for (i, (b, b_field)) in advs.iter().enumerate() {
+        for (a, _) in &advs[..i] {
             let shared = a.pools.iter().find(|p| b.pools.contains(p));
             let peers_overlap = a.peers.is_empty()
                 || b.peers.is_empty()
@@ -827,11 +833,7 @@ fn warn_local_pref_conflicts(
                     errors.push(PoolError {
                         severity: Severity::Warning,
                         object: b.source.clone(),
-                        field: if b.source.starts_with("ConfigMap") {
-                            String::new()
-                        } else {
-                            "spec.localPref".into()
-                        },
+                        field: b_field.clone(),
                         message: format!(
                             "advertisement {:?} sets LOCAL_PREF {} and {:?} ({}) sets {} for \
                              pool {pool:?} to the same peers: on a node both select, routes \
@@ -1013,12 +1015,9 @@ fn bgp_peer(
             ok = false;
         }
         (Some(SecretRef { name, namespace }), _) if !name.is_empty() => {
+            // MetalLB's SecretReference: the peer's namespace when left out.
             let ns = if namespace.is_empty() {
-                rep.object
-                    .split_once(' ')
-                    .and_then(|(_, r)| r.split_once('/'))
-                    .map(|(ns, _)| ns.to_string())
-                    .unwrap_or_default()
+                raw.meta.namespace.clone()
             } else {
                 namespace.clone()
             };
@@ -1391,8 +1390,8 @@ struct LegacyAdvs {
     field: String,
     /// Whether a non-empty list (or a bad value) was written: then no defaults.
     written: bool,
-    /// The valid ones.
-    advs: Vec<(BgpAdvertisementCr, Style)>,
+    /// The valid ones, with their place in the list.
+    advs: Vec<(usize, BgpAdvertisementCr, Style)>,
 }
 
 fn read_legacy(cm: &ConfigMap, legacy: &mut Legacy, errors: &mut Vec<PoolError>) {
@@ -1480,7 +1479,7 @@ fn read_legacy(cm: &ConfigMap, legacy: &mut Legacy, errors: &mut Vec<PoolError>)
                     match item {
                         Value::Object(am) => {
                             if let Some(raw) = legacy_adv(&mut rep, &g, am) {
-                                out.push((raw, Style::Legacy(g)));
+                                out.push((j, raw, Style::Legacy(g)));
                             }
                         }
                         other => rep.err(g, format!("must be a mapping, got {}", describe(other))),
@@ -2063,6 +2062,33 @@ address-pools:
             "named by their place in the list"
         );
         assert_eq!(cfg.advertisements[1].local_pref, Some(5));
+    }
+
+    #[test]
+    fn legacy_advertisements_keep_their_place() {
+        let cm = legacy(
+            "address-pools:\n- name: bgp\n  protocol: bgp\n  addresses: [198.51.100.0/24]\n  \
+             bgp-advertisements:\n  - {localpref: -1}\n  - {localpref: 5}\n  - {localpref: 7}\n",
+        );
+        let (pools, _) = crate::pools::load(std::slice::from_ref(&cm), &[], &[]);
+        let (cfg, errs) = load(
+            &pools,
+            &BgpInputs {
+                config_maps: &[cm],
+                ..BgpInputs::default()
+            },
+        );
+        let names: Vec<&str> = cfg.advertisements.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["bgp.bgp-advertisements[1]", "bgp.bgp-advertisements[2]"]
+        );
+        let base = "data[config].address-pools[0].bgp-advertisements";
+        let e = error_at(&errs, &format!("{base}[0].localpref"));
+        assert_eq!(e.severity, Severity::Error);
+        let w = error_at(&errs, &format!("{base}[2].localpref"));
+        assert_eq!(w.severity, Severity::Warning);
+        assert!(w.message.contains("LOCAL_PREF 7"), "{w}");
     }
 
     #[test]
