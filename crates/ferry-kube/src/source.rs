@@ -498,3 +498,67 @@ fn same_objects(
             .zip(b.iter())
             .all(|((ka, va), (kb, vb))| ka == kb && va.parsed == vb.parsed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> watcher::Error {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "code": code, "message": "no", "reason": "Forbidden",
+        }))
+        .expect("a Status");
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status)))
+    }
+
+    fn state_of(kinds: &[Watched]) -> State {
+        State {
+            kinds: kinds
+                .iter()
+                .map(|k| (k.kind, KindState::default()))
+                .collect(),
+            generation: 0,
+        }
+    }
+
+    /// The BGP kinds and Secrets are watched in MetalLB's namespace; an optional kind the
+    /// agent may not read (an older Role) or that is not served counts as ready and empty,
+    /// with one log line; a required kind stays not ready.
+    #[test]
+    fn optional_kinds_forbidden_or_absent_count_as_none() {
+        let kinds = watched(&SourceConfig::default());
+        let find = |k: &str| kinds.iter().find(|w| w.kind == k).expect(k).clone();
+        for k in [
+            "BGPPeer",
+            "BGPAdvertisement",
+            "Community",
+            "BFDProfile",
+            "Secret",
+        ] {
+            let w = find(k);
+            assert!(w.optional, "{k}");
+            assert_eq!(w.namespace.as_deref(), Some("metallb-system"), "{k}");
+        }
+        assert_eq!(find("BGPPeer").version, "v1beta2");
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = Arc::clone(&lines);
+        let log: Log = Arc::new(move |l| sink.lock().unwrap().push(l));
+        let mut st = state_of(&kinds);
+        let secret = find("Secret");
+        assert!(apply_event(&mut st, &secret, Err(api_error(403)), &log));
+        assert!(st.kinds["Secret"].ready);
+        assert!(!apply_event(&mut st, &secret, Err(api_error(403)), &log));
+        let community = find("Community");
+        assert!(apply_event(&mut st, &community, Err(api_error(404)), &log));
+        let node = find("Node");
+        assert!(!apply_event(&mut st, &node, Err(api_error(403)), &log));
+        assert!(!st.kinds["Node"].ready, "a required kind waits");
+        let lines = lines.lock().unwrap();
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(
+            lines[0].contains("forbidden") && lines[0].contains("secrets"),
+            "{lines:#?}"
+        );
+        assert!(lines[1].contains("not served"), "{lines:#?}");
+    }
+}
