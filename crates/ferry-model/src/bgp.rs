@@ -956,6 +956,13 @@ fn bgp_peer(
     let router_id = match raw.router_id.trim() {
         "" => Ok(None),
         s => match s.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) if v4.is_unspecified() => {
+                rep.err(
+                    st.f("routerID"),
+                    "0.0.0.0 is not a BGP identifier (it must not be zero)",
+                );
+                Err(())
+            }
             Ok(IpAddr::V4(v4)) => Ok(Some(v4)),
             Ok(IpAddr::V6(_)) => {
                 rep.err(
@@ -2103,6 +2110,8 @@ address-pools:
         bfd.bfd_profile = "fast".into();
         let mut rid = peer("rid", "10.0.0.4");
         rid.router_id = "fd00::9".into();
+        let mut zero = peer("zero", "10.0.0.10");
+        zero.router_id = "0.0.0.0".into();
         let mut ibgp = peer("ibgp", "10.0.0.5");
         ibgp.peer_asn = Some(64500);
         ibgp.ebgp_multihop = true;
@@ -2123,7 +2132,9 @@ address-pools:
         let (cfg, errs) = load(
             &pools,
             &BgpInputs {
-                peers: &[good, v6_src, vrf, bfd, rid, ibgp, both, long, ka, port, dup],
+                peers: &[
+                    good, v6_src, vrf, bfd, rid, zero, ibgp, both, long, ka, port, dup,
+                ],
                 ..BgpInputs::default()
             },
         );
@@ -2150,6 +2161,7 @@ address-pools:
         assert!(find("vrf", "spec.vrf").contains("not supported"));
         assert!(find("bfd", "spec.bfdProfile").contains("no BFDProfile named \"fast\""));
         assert!(find("rid", "spec.routerID").contains("IPv4"));
+        assert!(find("zero", "spec.routerID").contains("must not be zero"));
         assert!(find("ibgp", "spec.ebgpMultiHop").contains("iBGP"));
         assert!(find("both", "spec.passwordSecret").contains("both set"));
         assert!(find("long", "spec.password").contains("at most 80 bytes, got 81"));
