@@ -442,6 +442,46 @@ impl BgpConfig {
     }
 }
 
+/// The load-balancer addresses with their pools and whether `node` may announce them, for
+/// [`BgpConfig::announcements`]: `services` pairs each Service with its addresses (its
+/// allocation). A Service with `externalTrafficPolicy: Local` makes its addresses eligible
+/// only on nodes with a ready endpoint of it (in `slices`); `Cluster`, on every node. An address
+/// several Services share is eligible where it is for each of them. Addresses outside every
+/// pool are left out. Sorted by address.
+pub fn eligible_addresses(
+    node: &str,
+    services: &[(&crate::Service, &[IpAddr])],
+    slices: &[crate::EndpointSlice],
+    pools: &PoolConfig,
+) -> Vec<LbAddress> {
+    let mut by_ip: BTreeMap<IpAddr, LbAddress> = BTreeMap::new();
+    for (svc, ips) in services {
+        let eligible = svc.external_traffic_policy == crate::TrafficPolicy::Cluster
+            || slices.iter().any(|sl| {
+                sl.meta.namespace == svc.meta.namespace
+                    && sl.service_name == svc.meta.name
+                    && sl
+                        .endpoints
+                        .iter()
+                        .any(|e| e.conditions.ready && e.node_name.as_deref() == Some(node))
+            });
+        for ip in *ips {
+            let Some(pool) = pools.pool_of(*ip) else {
+                continue;
+            };
+            by_ip
+                .entry(*ip)
+                .and_modify(|a| a.eligible &= eligible)
+                .or_insert_with(|| LbAddress {
+                    ip: *ip,
+                    pool: pool.name.clone(),
+                    eligible,
+                });
+        }
+    }
+    by_ip.into_values().collect()
+}
+
 /// `ip` aggregated to `len` (host bits cleared); None when `len` is too long for the family.
 pub fn aggregate(ip: IpAddr, len: u8) -> Option<IpNet> {
     IpNet::new(ip, len).ok().map(|n| n.trunc())
@@ -2457,6 +2497,79 @@ address-pools:
         let out = cfg.announcements(&labels(&[("rack", "a")]), &none);
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|p| p.routes.is_empty()));
+    }
+
+    #[test]
+    fn eligibility_follows_the_traffic_policy() {
+        use crate::{
+            AddressType, Endpoint, EndpointConditions, EndpointSlice, Service, TrafficPolicy,
+        };
+        let pools = pools_of(&[crd("lan", &["198.51.100.0/24"])]);
+        let svc = |name: &str, policy| Service {
+            meta: Meta {
+                name: name.into(),
+                namespace: "default".into(),
+                ..Meta::default()
+            },
+            external_traffic_policy: policy,
+            ..Service::default()
+        };
+        let slice = |svc: &str, node: &str, ready: bool| EndpointSlice {
+            meta: Meta {
+                name: format!("{svc}-{node}"),
+                namespace: "default".into(),
+                ..Meta::default()
+            },
+            service_name: svc.into(),
+            address_type: AddressType::IPv4,
+            endpoints: vec![Endpoint {
+                addresses: vec![ip("10.42.0.5")],
+                conditions: EndpointConditions {
+                    ready,
+                    serving: ready,
+                    terminating: false,
+                },
+                node_name: Some(node.into()),
+                hostname: None,
+                target_name: None,
+                zone_hints: None,
+            }],
+            ports: vec![],
+        };
+        let (web, local, shared) = (
+            svc("web", TrafficPolicy::Cluster),
+            svc("local", TrafficPolicy::Local),
+            svc("shared", TrafficPolicy::Local),
+        );
+        let slices = [
+            slice("local", "n1", true),
+            slice("local", "n2", false),
+            slice("shared", "n2", true),
+        ];
+        let a = [ip("198.51.100.1")];
+        let b = [ip("198.51.100.2")];
+        let outside = [ip("192.0.2.1")];
+        let services: Vec<(&Service, &[IpAddr])> =
+            vec![(&web, &a), (&local, &b), (&shared, &b), (&web, &outside)];
+        let got = |node: &str| -> Vec<(String, bool)> {
+            eligible_addresses(node, &services, &slices, &pools)
+                .into_iter()
+                .map(|a| (a.ip.to_string(), a.eligible))
+                .collect()
+        };
+        // n1: local has an endpoint, shared not: the shared address is not eligible.
+        assert_eq!(
+            got("n1"),
+            [
+                ("198.51.100.1".into(), true),
+                ("198.51.100.2".into(), false)
+            ]
+        );
+        // n2: local's endpoint there is not ready.
+        assert_eq!(got("n2")[1], ("198.51.100.2".into(), false));
+        let only_local: Vec<(&Service, &[IpAddr])> = vec![(&local, &b)];
+        assert!(eligible_addresses("n1", &only_local, &slices, &pools)[0].eligible);
+        assert!(!eligible_addresses("n3", &only_local, &slices, &pools)[0].eligible);
     }
 
     #[test]

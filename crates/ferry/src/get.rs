@@ -302,7 +302,7 @@ fn bgp_view(
     pools: &ferry_model::pools::PoolConfig,
     routes: bool,
 ) -> Result<i32> {
-    use ferry_model::bgp::{self, LbAddress};
+    use ferry_model::bgp;
     let (cfg, errors) = bgp::load(pools, &snap.bgp_inputs());
     for e in &errors {
         eprintln!("warning: bgp: {e}");
@@ -383,31 +383,12 @@ fn bgp_view(
     }
     let node = args.node.clone().unwrap_or_default();
     let labels = node_labels.unwrap_or_default();
-    // Every load-balancer address with its pool; eligible on this node unless its service is
-    // externalTrafficPolicy Local without a ready endpoint here.
-    let mut addresses = Vec::new();
-    for svc in &snap.services {
-        let local_ok = || {
-            snap.slices.iter().any(|sl| {
-                sl.meta.namespace == svc.meta.namespace
-                    && sl.service_name == svc.meta.name
-                    && sl.endpoints.iter().any(|e| {
-                        e.conditions.ready && e.node_name.as_deref() == Some(node.as_str())
-                    })
-            })
-        };
-        for ip in &svc.load_balancer_ingress {
-            let Some(pool) = pools.pool_of(*ip) else {
-                continue;
-            };
-            addresses.push(LbAddress {
-                ip: *ip,
-                pool: pool.name.clone(),
-                eligible: svc.external_traffic_policy == ferry_model::TrafficPolicy::Cluster
-                    || local_ok(),
-            });
-        }
-    }
+    let services: Vec<(&Service, &[std::net::IpAddr])> = snap
+        .services
+        .iter()
+        .map(|s| (s, s.load_balancer_ingress.as_slice()))
+        .collect();
+    let addresses = bgp::eligible_addresses(&node, &services, &snap.slices, pools);
     let out = cfg.announcements(&labels, &addresses);
     if json_out {
         let items: Vec<Value> = out
