@@ -1,14 +1,18 @@
 //! MetalLB's legacy ConfigMap: any text as `data.config` of `metallb-system/config`, into
-//! `pools::load`.
+//! `pools::load`, then `bgp::load` and the routes a node would announce.
 //!
 //! Properties: no panic; every problem names the ConfigMap and a field under `data`; the pools
 //! kept have unique names, non-empty sorted ranges, share no address, print as entries that
 //! parse back to the same range, and hand out only assignable addresses of their own; every
-//! layer-2 announcement names kept pools.
+//! layer-2 announcement names kept pools. BGP: peers have unique names, ASNs >= 1 and a
+//! keepalive no longer than the hold time; advertisements name kept bgp pools with
+//! aggregation lengths of their family; routes go only to peers selecting the node, one per
+//! prefix, each covering an address of the pools.
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ferry_model::bgp::{self, BgpInputs, LbAddress};
 use ferry_model::pools::{self, parse_address_entry};
 use ferry_model::{ConfigMap, Meta};
 use libfuzzer_sys::fuzz_target;
@@ -68,6 +72,62 @@ fuzz_target!(|data: &[u8]| {
                 config.pool(name).is_some(),
                 "{a:?} names no kept pool {name:?}"
             );
+        }
+    }
+
+    let (bgp, errors) = bgp::load(
+        &config,
+        &BgpInputs {
+            config_maps: std::slice::from_ref(&cm),
+            ..BgpInputs::default()
+        },
+    );
+    for e in &errors {
+        assert_eq!(e.object, "ConfigMap metallb-system/config", "{e}");
+        assert!(e.field.starts_with("data"), "{e}: field {:?}", e.field);
+        assert!(!e.message.trim().is_empty(), "{e:?}");
+    }
+    let mut peer_names = BTreeSet::new();
+    for p in &bgp.peers {
+        assert!(peer_names.insert(&p.name), "peer {:?} twice", p.name);
+        assert!(p.my_asn >= 1 && p.peer_asn >= 1, "{p:?}");
+        assert!(p.keepalive_time <= p.hold_time, "{p:?}");
+        if let Some(b) = &p.bfd_profile {
+            assert!(bgp.bfd_profile(b).is_some(), "{p:?}");
+        }
+    }
+    for a in &bgp.advertisements {
+        assert!(a.aggregation_length <= 32 && a.aggregation_length_v6 <= 128, "{a:?}");
+        for name in &a.pools {
+            assert!(config.pool(name).is_some(), "{a:?} names no kept pool {name:?}");
+        }
+    }
+    // Every pool's first addresses, eligible, on a node labelled by the first peer's selector.
+    let addresses: Vec<LbAddress> = config
+        .pools
+        .iter()
+        .flat_map(|p| {
+            p.addresses().take(3).map(|ip| LbAddress {
+                ip,
+                pool: p.name.clone(),
+                eligible: true,
+            })
+        })
+        .collect();
+    let node = bgp
+        .peers
+        .iter()
+        .flat_map(|p| p.node_selectors.first())
+        .map(|s| s.match_labels.clone())
+        .next()
+        .unwrap_or_default();
+    for pr in bgp.announcements(&node, &addresses) {
+        let peer = bgp.peer(&pr.peer).expect("a known peer");
+        assert!(peer.selects_node(&node), "{pr:?}");
+        let mut prefixes = BTreeSet::new();
+        for r in &pr.routes {
+            assert!(prefixes.insert(r.prefix), "{r:?} twice");
+            assert!(addresses.iter().any(|a| r.prefix.contains(&a.ip)), "{r:?}");
         }
     }
 });

@@ -10,9 +10,10 @@
 //! - Discovery: `/api`, `/api/v1`, `/apis`, `/apis/<group>`, `/apis/<group>/<version>`
 //!   (APIResourceLists with verbs, namespaced, kind, shortNames and `*/status`), `/version`.
 //! - Resources (see [`resources::RESOURCES`]): v1 namespaces, nodes, services, endpoints,
-//!   configmaps, pods, events; discovery.k8s.io/v1 endpointslices; apps/v1 deployments;
-//!   coordination.k8s.io/v1 leases; events.k8s.io/v1 events; metallb.io/v1beta1
-//!   ipaddresspools, l2advertisements, bgpadvertisements; metallb.io/v1beta2 bgppeers.
+//!   configmaps, pods, secrets, events; discovery.k8s.io/v1 endpointslices; apps/v1
+//!   deployments; coordination.k8s.io/v1 leases; events.k8s.io/v1 events; metallb.io/v1beta1
+//!   ipaddresspools, l2advertisements, bgpadvertisements, communities, bfdprofiles;
+//!   metallb.io/v1beta2 bgppeers.
 //! - One global, monotonically increasing resourceVersion; `uid`, `creationTimestamp`,
 //!   `generation` (grows when anything outside metadata and status changes).
 //! - List (always with `metadata.resourceVersion`; `labelSelector` with `=`, `==`, `!=`, `in`,

@@ -366,7 +366,30 @@ spec:
 apiVersion: metallb.io/v1beta2
 kind: BGPPeer
 metadata: {name: router, namespace: metallb-system}
-spec: {myASN: 64500, peerASN: 64501, peerAddress: 192.0.2.254}
+spec: {myASN: 64500, peerASN: 64501, peerAddress: 192.0.2.254, bfdProfile: fast,
+  passwordSecret: {name: router-md5, namespace: metallb-system}}
+---
+apiVersion: metallb.io/v1beta1
+kind: BGPAdvertisement
+metadata: {name: lab, namespace: metallb-system}
+spec: {ipAddressPools: [lab], communities: [no-advertise]}
+---
+apiVersion: metallb.io/v1beta1
+kind: Community
+metadata: {name: aliases, namespace: metallb-system}
+spec:
+  communities: [{name: no-advertise, value: '65535:65282'}]
+---
+apiVersion: metallb.io/v1beta1
+kind: BFDProfile
+metadata: {name: fast, namespace: metallb-system}
+spec: {receiveInterval: 100, transmitInterval: 100}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: router-md5, namespace: metallb-system}
+type: kubernetes.io/basic-auth
+stringData: {password: lab}
 ";
     // The namespace first: creating in a missing one is 404, as on a real cluster.
     let ns = k.lab.write(
@@ -391,6 +414,14 @@ spec: {myASN: 64500, peerASN: 64501, peerAddress: 192.0.2.254}
         "{out}"
     );
     assert!(out.contains("bgppeer.metallb.io/router created"), "{out}");
+    for made in [
+        "bgpadvertisement.metallb.io/lab created",
+        "community.metallb.io/aliases created",
+        "bfdprofile.metallb.io/fast created",
+        "secret/router-md5 created",
+    ] {
+        assert!(out.contains(made), "{made}: {out}");
+    }
     k.lab.write("pool.yaml", &pool.replace("/28", "/27"));
     let out = k.ok(&["apply", "--validate=false", "-f", f]);
     assert!(

@@ -69,10 +69,9 @@ struct Watched {
     namespace: Option<String>,
     labels: Option<&'static str>,
     fields: Option<String>,
-    /// A CRD that may not be installed.
+    /// A CRD that may not be installed, or a kind the agent may not be allowed to read (an
+    /// older Role, Secrets): 404 and 403 count as "none".
     optional: bool,
-    /// Kept for later (BGP): counted, not converted.
-    raw_only: bool,
 }
 
 impl Watched {
@@ -102,12 +101,10 @@ fn watched(cfg: &SourceConfig) -> Vec<Watched> {
         labels: None,
         fields: None,
         optional: false,
-        raw_only: false,
     };
-    let metallb = |version, kind, plural, raw_only| Watched {
+    let metallb = |version, kind, plural| Watched {
         namespace: Some(cfg.metallb_namespace.clone()),
         optional: true,
-        raw_only,
         ..w("metallb.io", version, kind, plural)
     };
     vec![
@@ -126,10 +123,18 @@ fn watched(cfg: &SourceConfig) -> Vec<Watched> {
             fields: Some(format!("metadata.name={}", cfg.metallb_config.name)),
             ..w("", "v1", "ConfigMap", "configmaps")
         },
-        metallb("v1beta1", "IPAddressPool", "ipaddresspools", false),
-        metallb("v1beta1", "L2Advertisement", "l2advertisements", false),
-        metallb("v1beta2", "BGPPeer", "bgppeers", true),
-        metallb("v1beta1", "BGPAdvertisement", "bgpadvertisements", true),
+        metallb("v1beta1", "IPAddressPool", "ipaddresspools"),
+        metallb("v1beta1", "L2Advertisement", "l2advertisements"),
+        metallb("v1beta2", "BGPPeer", "bgppeers"),
+        metallb("v1beta1", "BGPAdvertisement", "bgpadvertisements"),
+        metallb("v1beta1", "Community", "communities"),
+        metallb("v1beta1", "BFDProfile", "bfdprofiles"),
+        // BGPPeers' passwordSecret: MetalLB reads them from its own namespace.
+        Watched {
+            namespace: Some(cfg.metallb_namespace.clone()),
+            optional: true,
+            ..w("", "v1", "Secret", "secrets")
+        },
     ]
 }
 
@@ -248,7 +253,7 @@ impl ApiSource {
         self.shared.lock().generation
     }
 
-    /// Objects kept for later use, by kind (BGPPeer, BGPAdvertisement).
+    /// How many objects of a kind are held (as last seen).
     pub fn kept(&self, kind: &str) -> usize {
         self.shared
             .lock()
@@ -296,6 +301,11 @@ fn push_object(snap: &mut Snapshot, o: Object, created_ms: Option<u64>, _kind: &
         Object::Namespace(n) => snap.namespaces.push(n),
         Object::IpAddressPool(p) => snap.ip_pools.push(p),
         Object::L2Advertisement(l) => snap.l2_advertisements.push(l),
+        Object::BgpPeer(p) => snap.bgp_peers.push(*p),
+        Object::BgpAdvertisement(a) => snap.bgp_advertisements.push(a),
+        Object::Community(c) => snap.communities.push(c),
+        Object::BfdProfile(b) => snap.bfd_profiles.push(b),
+        Object::Secret(s) => snap.secrets.push(s),
     }
 }
 
@@ -309,15 +319,6 @@ fn convert(w: &Watched, obj: &DynamicObject) -> ((String, String), Converted) {
         .creation_timestamp
         .as_ref()
         .and_then(|t| u64::try_from(t.0.as_millisecond()).ok());
-    if w.raw_only {
-        return (
-            key,
-            Converted {
-                parsed: Parsed::default(),
-                created_ms,
-            },
-        );
-    }
     let mut value = serde_json::to_value(obj).unwrap_or(Value::Null);
     if let Some(m) = value.as_object_mut() {
         // List items and watch events may leave these out.
@@ -341,14 +342,24 @@ fn convert(w: &Watched, obj: &DynamicObject) -> ((String, String), Converted) {
     )
 }
 
-/// Whether a watcher error means "this resource does not exist here" (a CRD not installed).
-fn is_not_found(e: &watcher::Error) -> bool {
+/// The HTTP code of a watcher error from the API server, if it is one.
+fn api_code(e: &watcher::Error) -> Option<u16> {
     match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
-        _ => false,
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        _ => None,
     }
+}
+
+/// Whether a watcher error means "this resource does not exist here" (a CRD not installed).
+fn is_not_found(e: &watcher::Error) -> bool {
+    api_code(e) == Some(404)
+}
+
+/// Whether the agent may not read this resource (its Role does not name it).
+fn is_forbidden(e: &watcher::Error) -> bool {
+    api_code(e) == Some(403)
 }
 
 async fn watch_kind(client: Client, w: Watched, shared: Arc<Shared>) {
@@ -433,12 +444,22 @@ fn apply_event(
                 }
             }
         }
-        Err(e) if w.optional && is_not_found(&e) => {
-            let msg = format!(
-                "{} ({}) is not served by the API server (MetalLB's CRDs not installed?): none are read",
-                w.kind,
-                w.api_version()
-            );
+        Err(e) if w.optional && (is_not_found(&e) || is_forbidden(&e)) => {
+            let msg = if is_forbidden(&e) {
+                format!(
+                    "{}s ({}) may not be read (forbidden: the agent's Role does not name \
+                     {}): none are read",
+                    w.kind,
+                    w.api_version(),
+                    w.plural
+                )
+            } else {
+                format!(
+                    "{} ({}) is not served by the API server (MetalLB's CRDs not installed?): none are read",
+                    w.kind,
+                    w.api_version()
+                )
+            };
             if ks.last_error.as_deref() != Some(&msg) {
                 log(msg.clone());
                 ks.last_error = Some(msg);
@@ -476,4 +497,68 @@ fn same_objects(
         && a.iter()
             .zip(b.iter())
             .all(|((ka, va), (kb, vb))| ka == kb && va.parsed == vb.parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> watcher::Error {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "code": code, "message": "no", "reason": "Forbidden",
+        }))
+        .expect("a Status");
+        watcher::Error::InitialListFailed(kube::Error::Api(Box::new(status)))
+    }
+
+    fn state_of(kinds: &[Watched]) -> State {
+        State {
+            kinds: kinds
+                .iter()
+                .map(|k| (k.kind, KindState::default()))
+                .collect(),
+            generation: 0,
+        }
+    }
+
+    /// The BGP kinds and Secrets are watched in MetalLB's namespace; an optional kind the
+    /// agent may not read (an older Role) or that is not served counts as ready and empty,
+    /// with one log line; a required kind stays not ready.
+    #[test]
+    fn optional_kinds_forbidden_or_absent_count_as_none() {
+        let kinds = watched(&SourceConfig::default());
+        let find = |k: &str| kinds.iter().find(|w| w.kind == k).expect(k).clone();
+        for k in [
+            "BGPPeer",
+            "BGPAdvertisement",
+            "Community",
+            "BFDProfile",
+            "Secret",
+        ] {
+            let w = find(k);
+            assert!(w.optional, "{k}");
+            assert_eq!(w.namespace.as_deref(), Some("metallb-system"), "{k}");
+        }
+        assert_eq!(find("BGPPeer").version, "v1beta2");
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = Arc::clone(&lines);
+        let log: Log = Arc::new(move |l| sink.lock().unwrap().push(l));
+        let mut st = state_of(&kinds);
+        let secret = find("Secret");
+        assert!(apply_event(&mut st, &secret, Err(api_error(403)), &log));
+        assert!(st.kinds["Secret"].ready);
+        assert!(!apply_event(&mut st, &secret, Err(api_error(403)), &log));
+        let community = find("Community");
+        assert!(apply_event(&mut st, &community, Err(api_error(404)), &log));
+        let node = find("Node");
+        assert!(!apply_event(&mut st, &node, Err(api_error(403)), &log));
+        assert!(!st.kinds["Node"].ready, "a required kind waits");
+        let lines = lines.lock().unwrap();
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(
+            lines[0].contains("forbidden") && lines[0].contains("secrets"),
+            "{lines:#?}"
+        );
+        assert!(lines[1].contains("not served"), "{lines:#?}");
+    }
 }

@@ -8,6 +8,7 @@
 //! (callers pass `now`). That keeps it unit- and property-testable.
 
 pub mod alloc;
+pub mod bgp;
 pub mod cidr;
 pub mod display;
 pub mod lbipam;

@@ -426,6 +426,145 @@ pub struct L2Advertisement {
     pub interfaces: Vec<String>,
 }
 
+/// A v1 Secret, reduced to what ferry reads: a BGPPeer's `spec.passwordSecret` (type
+/// `kubernetes.io/basic-auth`, key `password`). Its Debug output never shows the values.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret {
+    pub meta: Meta,
+    /// `type` ("Opaque" when not written).
+    pub type_: String,
+    /// `data` (decoded from base64) and `stringData`, merged.
+    pub data: BTreeMap<String, Vec<u8>>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("meta", &self.meta)
+            .field("type_", &self.type_)
+            .field("keys", &self.data.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// `spec.passwordSecret` of a BGPPeer (a core/v1 SecretReference).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SecretRef {
+    pub name: String,
+    /// Empty: the peer's namespace.
+    pub namespace: String,
+}
+
+/// A metallb.io BGPPeer (`v1beta2`, or the older `v1beta1`), as written: numbers and
+/// addresses are checked by [`crate::bgp::load`], which names this object in its errors.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct BgpPeerCr {
+    pub meta: Meta,
+    /// spec.myASN (required; 1-4294967295).
+    pub my_asn: Option<u64>,
+    /// spec.peerASN (required; 1-4294967295).
+    pub peer_asn: Option<u64>,
+    /// spec.peerAddress.
+    pub peer_address: String,
+    /// spec.peerPort (default 179).
+    pub peer_port: Option<u64>,
+    /// spec.holdTime, a Go duration ("90s", "1m30s").
+    pub hold_time: Option<String>,
+    /// spec.keepaliveTime, a Go duration.
+    pub keepalive_time: Option<String>,
+    /// spec.routerID.
+    pub router_id: String,
+    /// spec.sourceAddress.
+    pub source_address: String,
+    /// spec.nodeSelectors; empty: every node.
+    pub node_selectors: Vec<LabelSelector>,
+    /// spec.password (TCP MD5).
+    pub password: String,
+    /// spec.passwordSecret.
+    pub password_secret: Option<SecretRef>,
+    /// spec.ebgpMultiHop.
+    pub ebgp_multihop: bool,
+    /// spec.bfdProfile.
+    pub bfd_profile: String,
+    /// spec.vrf (not supported: a non-empty value is an error).
+    pub vrf: String,
+}
+
+impl std::fmt::Debug for BgpPeerCr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BgpPeerCr")
+            .field("meta", &self.meta)
+            .field("my_asn", &self.my_asn)
+            .field("peer_asn", &self.peer_asn)
+            .field("peer_address", &self.peer_address)
+            .field("peer_port", &self.peer_port)
+            .field("hold_time", &self.hold_time)
+            .field("keepalive_time", &self.keepalive_time)
+            .field("router_id", &self.router_id)
+            .field("source_address", &self.source_address)
+            .field("node_selectors", &self.node_selectors)
+            .field(
+                "password",
+                &(!self.password.is_empty()).then_some("<redacted>"),
+            )
+            .field("password_secret", &self.password_secret)
+            .field("ebgp_multihop", &self.ebgp_multihop)
+            .field("bfd_profile", &self.bfd_profile)
+            .field("vrf", &self.vrf)
+            .finish()
+    }
+}
+
+/// A metallb.io/v1beta1 BGPAdvertisement, as written.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BgpAdvertisementCr {
+    pub meta: Meta,
+    /// spec.aggregationLength (default 32).
+    pub aggregation_length: Option<i64>,
+    /// spec.aggregationLengthV6 (default 128).
+    pub aggregation_length_v6: Option<i64>,
+    /// spec.localPref (0: not set).
+    pub local_pref: Option<u64>,
+    /// spec.communities: `65535:65282`, `large:1:2:3` or a Community alias.
+    pub communities: Vec<String>,
+    /// spec.ipAddressPools (pool names).
+    pub ip_address_pools: Vec<String>,
+    /// spec.ipAddressPoolSelectors (on the pools' labels).
+    pub ip_address_pool_selectors: Vec<LabelSelector>,
+    /// spec.peers (BGPPeer names); empty: every peer.
+    pub peers: Vec<String>,
+    /// spec.nodeSelectors; empty: every node.
+    pub node_selectors: Vec<LabelSelector>,
+}
+
+/// A metallb.io/v1beta1 Community: named aliases of community values.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommunityCr {
+    pub meta: Meta,
+    /// spec.communities: (name, value) as written.
+    pub communities: Vec<(String, String)>,
+}
+
+/// A metallb.io/v1beta1 BFDProfile, as written.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BfdProfileCr {
+    pub meta: Meta,
+    /// spec.receiveInterval (ms).
+    pub receive_interval: Option<u64>,
+    /// spec.transmitInterval (ms).
+    pub transmit_interval: Option<u64>,
+    /// spec.detectMultiplier.
+    pub detect_multiplier: Option<u64>,
+    /// spec.echoInterval (ms).
+    pub echo_interval: Option<u64>,
+    /// spec.echoMode.
+    pub echo_mode: Option<bool>,
+    /// spec.passiveMode.
+    pub passive_mode: Option<bool>,
+    /// spec.minimumTtl.
+    pub minimum_ttl: Option<u64>,
+}
+
 /// One parsed Kubernetes object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
@@ -436,6 +575,12 @@ pub enum Object {
     Namespace(Namespace),
     IpAddressPool(IpAddressPool),
     L2Advertisement(L2Advertisement),
+    /// Boxed: the largest kind, and rare.
+    BgpPeer(Box<BgpPeerCr>),
+    BgpAdvertisement(BgpAdvertisementCr),
+    Community(CommunityCr),
+    BfdProfile(BfdProfileCr),
+    Secret(Secret),
 }
 
 impl Object {
@@ -448,6 +593,11 @@ impl Object {
             Object::Namespace(_) => "Namespace",
             Object::IpAddressPool(_) => "IPAddressPool",
             Object::L2Advertisement(_) => "L2Advertisement",
+            Object::BgpPeer(_) => "BGPPeer",
+            Object::BgpAdvertisement(_) => "BGPAdvertisement",
+            Object::Community(_) => "Community",
+            Object::BfdProfile(_) => "BFDProfile",
+            Object::Secret(_) => "Secret",
         }
     }
     pub fn meta(&self) -> &Meta {
@@ -459,6 +609,11 @@ impl Object {
             Object::Namespace(o) => &o.meta,
             Object::IpAddressPool(o) => &o.meta,
             Object::L2Advertisement(o) => &o.meta,
+            Object::BgpPeer(o) => &o.meta,
+            Object::BgpAdvertisement(o) => &o.meta,
+            Object::Community(o) => &o.meta,
+            Object::BfdProfile(o) => &o.meta,
+            Object::Secret(o) => &o.meta,
         }
     }
 }

@@ -4,9 +4,9 @@
 //!
 //! - the legacy ConfigMap `metallb-system/config` (MetalLB up to 0.12), whose key `config`
 //!   holds YAML with an `address-pools:` list of `{name, protocol: layer2|bgp, addresses,
-//!   auto-assign, avoid-buggy-ips}`; `peers`, `bgp-communities` and `bgp-advertisements` are
-//!   accepted and ignored with a warning (BGP comes later), but `bgp` pools are kept, with
-//!   [`PoolProtocol::Bgp`]. Legacy `layer2` pools are announced as if an L2Advertisement named
+//!   auto-assign, avoid-buggy-ips}`; `bgp` pools are kept with [`PoolProtocol::Bgp`], and
+//!   `peers`, `bgp-communities`, `bfd-profiles` and the pools' `bgp-advertisements` are read by
+//!   [`crate::bgp::load`]. Legacy `layer2` pools are announced as if an L2Advertisement named
 //!   them;
 //! - `metallb.io/v1beta1` [`IpAddressPool`]s and [`L2Advertisement`]s (in any namespace).
 //!
@@ -599,16 +599,16 @@ struct Candidate {
     entries: Vec<(IpRange, String)>,
 }
 
-struct Report<'a> {
-    out: &'a mut Vec<PoolError>,
-    object: String,
+pub(crate) struct Report<'a> {
+    pub(crate) out: &'a mut Vec<PoolError>,
+    pub(crate) object: String,
 }
 
 impl Report<'_> {
-    fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn err(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.push(Severity::Error, field.into(), message.into());
     }
-    fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
         self.push(Severity::Warning, field.into(), message.into());
     }
     fn push(&mut self, severity: Severity, field: String, message: String) {
@@ -879,7 +879,7 @@ fn crd_pool(p: &IpAddressPool, errors: &mut Vec<PoolError>) -> Option<Candidate>
 }
 
 /// A short description of a YAML value for messages.
-fn describe(v: &Value) -> String {
+pub(crate) fn describe(v: &Value) -> String {
     match v {
         Value::Null => "null".into(),
         Value::Bool(b) => format!("boolean {b}"),
@@ -935,10 +935,8 @@ fn legacy_pools(cm: &ConfigMap, out: &mut Vec<Candidate>, errors: &mut Vec<PoolE
                     format!("must be a list, got {}", describe(other)),
                 ),
             },
-            "peers" | "bgp-communities" | "bgp-advertisements" => rep.warn(
-                format!("{base}.{key}"),
-                "ignored: ferry does not speak BGP yet",
-            ),
+            // Read by crate::bgp::load.
+            "peers" | "bgp-communities" | "bfd-profiles" => {}
             _ => rep.warn(
                 base.clone(),
                 format!(
@@ -1033,7 +1031,8 @@ fn legacy_pool(
                     ok = false;
                 }
             },
-            "bgp-advertisements" => rep.warn(field, "ignored: ferry does not speak BGP yet"),
+            // Read by crate::bgp::load.
+            "bgp-advertisements" => {}
             _ => rep.warn(
                 base,
                 format!(
@@ -1436,11 +1435,12 @@ pub(crate) mod tests {
                 .unwrap_or_else(|| panic!("no {sev:?} at {field}: {errs:#?}"))
                 .clone()
         };
-        find("data[config].peers", Severity::Warning);
-        find("data[config].bgp-communities", Severity::Warning);
-        find(
-            "data[config].address-pools[0].bgp-advertisements",
-            Severity::Warning,
+        // BGP keys are crate::bgp's: no warning here.
+        assert!(
+            !errs.iter().any(|e| e.field.contains("peers")
+                || e.field.contains("bgp-communities")
+                || e.field.contains("bgp-advertisements")),
+            "{errs:#?}"
         );
         find("data[config].address-pools[1].protocol", Severity::Error);
         let e = find("data[config].address-pools[2].protocol", Severity::Error);

@@ -7,8 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::manifest::{parse_text, ManifestError};
 use ferry_model::{
-    ConfigMap, EndpointSlice, IpAddressPool, L2Advertisement, Namespace, Node, Object, ObjectRef,
-    Service,
+    BfdProfileCr, BgpAdvertisementCr, BgpPeerCr, CommunityCr, ConfigMap, EndpointSlice,
+    IpAddressPool, L2Advertisement, Namespace, Node, Object, ObjectRef, Secret, Service,
 };
 
 /// What a directory held at one moment.
@@ -21,10 +21,31 @@ pub struct Snapshot {
     pub namespaces: Vec<Namespace>,
     pub ip_pools: Vec<IpAddressPool>,
     pub l2_advertisements: Vec<L2Advertisement>,
+    pub bgp_peers: Vec<BgpPeerCr>,
+    pub bgp_advertisements: Vec<BgpAdvertisementCr>,
+    pub communities: Vec<CommunityCr>,
+    pub bfd_profiles: Vec<BfdProfileCr>,
+    /// Secrets (for BGPPeers' passwordSecret).
+    pub secrets: Vec<Secret>,
     /// Modification time (ms since the epoch) of the file each service came from (for AGE).
     pub service_mtime_ms: BTreeMap<ObjectRef, u64>,
     pub errors: Vec<ManifestError>,
     pub warnings: Vec<ManifestError>,
+}
+
+impl Snapshot {
+    /// The BGP inputs of [`ferry_model::bgp::load`] (pass the pools from
+    /// [`ferry_model::pools::load`] of the same snapshot).
+    pub fn bgp_inputs(&self) -> ferry_model::bgp::BgpInputs<'_> {
+        ferry_model::bgp::BgpInputs {
+            config_maps: &self.config_maps,
+            peers: &self.bgp_peers,
+            advertisements: &self.bgp_advertisements,
+            communities: &self.communities,
+            bfd_profiles: &self.bfd_profiles,
+            secrets: &self.secrets,
+        }
+    }
 }
 
 fn is_manifest(p: &Path) -> bool {
@@ -232,6 +253,11 @@ impl Reader {
                     Object::Namespace(n) => snap.namespaces.push(n.clone()),
                     Object::IpAddressPool(p) => snap.ip_pools.push(p.clone()),
                     Object::L2Advertisement(l) => snap.l2_advertisements.push(l.clone()),
+                    Object::BgpPeer(p) => snap.bgp_peers.push((**p).clone()),
+                    Object::BgpAdvertisement(a) => snap.bgp_advertisements.push(a.clone()),
+                    Object::Community(c) => snap.communities.push(c.clone()),
+                    Object::BfdProfile(b) => snap.bfd_profiles.push(b.clone()),
+                    Object::Secret(s) => snap.secrets.push(s.clone()),
                 }
             }
         }

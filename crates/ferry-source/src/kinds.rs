@@ -8,8 +8,9 @@ use std::net::IpAddr;
 
 use ferry_model::cidr::Cidr;
 use ferry_model::{
-    AddressType, ClusterIpSpec, ConfigMap, Endpoint, EndpointConditions, EndpointPort,
-    EndpointSlice, IpAddressPool, L2Advertisement, Namespace, Node, NodeAddress, Protocol, Service,
+    AddressType, BfdProfileCr, BgpAdvertisementCr, BgpPeerCr, ClusterIpSpec, CommunityCr,
+    ConfigMap, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, IpAddressPool,
+    L2Advertisement, Namespace, Node, NodeAddress, Protocol, Secret, SecretRef, Service,
     ServiceAllocation, ServicePort, ServiceType, SessionAffinity, TargetPort, TrafficPolicy,
 };
 use k8s_openapi::api::core::v1 as core;
@@ -897,6 +898,205 @@ pub fn l2_advertisement(ck: &mut Ck, l2: &metallb::L2Advertisement) -> L2Adverti
         ),
         node_selectors: label_selectors(ck, spec.node_selectors.as_ref(), "spec.nodeSelectors"),
         interfaces: spec.interfaces.unwrap_or_default(),
+    }
+}
+
+/// A non-negative integer of a MetalLB CRD (its schema's `minimum: 0`); the model checks the
+/// kind's own range.
+fn non_negative(ck: &mut Ck, v: Option<i64>, path: &str) -> Option<u64> {
+    let n = v?;
+    match u64::try_from(n) {
+        Ok(n) => Some(n),
+        Err(_) => {
+            ck.err(path, format!("must not be negative, got {n}"));
+            None
+        }
+    }
+}
+
+/// A BGPPeer (`metallb.io/v1beta2` or `v1beta1`). MetalLB's FRR-only fields are refused
+/// (`interface`, `dynamicASN`, `localASN`: the session could not be what the user asked for)
+/// or ignored with a warning (`connectTime`, `enableGracefulRestart`, `disableMP`,
+/// `dualStackAddressFamily`).
+pub fn bgp_peer(ck: &mut Ck, p: &metallb::BGPPeer) -> BgpPeerCr {
+    let meta = meta(
+        ck,
+        &p.metadata,
+        Scope::Namespaced,
+        NameRule::Dns1123Subdomain,
+    );
+    let spec = p.spec.clone().unwrap_or_default();
+    if non_empty(spec.interface.as_deref()).is_some() {
+        ck.err(
+            "spec.interface",
+            "unnumbered BGP peering over an interface is not supported by ferry: set peerAddress",
+        );
+    }
+    if non_empty(spec.dynamic_asn.as_deref()).is_some() {
+        ck.err(
+            "spec.dynamicASN",
+            "not supported by ferry: set peerASN to the router's AS number",
+        );
+    }
+    if spec.local_asn.is_some_and(|n| n != 0) {
+        ck.err(
+            "spec.localASN",
+            "not supported by ferry (local-as): set myASN to the AS number the router expects",
+        );
+    }
+    if non_empty(spec.connect_time.as_deref()).is_some() {
+        ck.warn(
+            "spec.connectTime",
+            "ignored: ferry's speaker retries connections on its own schedule",
+        );
+    }
+    for (set, field) in [
+        (spec.enable_graceful_restart, "spec.enableGracefulRestart"),
+        (spec.disable_mp, "spec.disableMP"),
+        (
+            spec.dual_stack_address_family,
+            "spec.dualStackAddressFamily",
+        ),
+    ] {
+        if set == Some(true) {
+            ck.warn(field, "ignored: a setting of MetalLB's FRR modes");
+        }
+    }
+    let my_asn = non_negative(ck, spec.my_asn, "spec.myASN");
+    let peer_asn = non_negative(ck, spec.peer_asn, "spec.peerASN");
+    let peer_port = non_negative(ck, spec.peer_port, "spec.peerPort");
+    BgpPeerCr {
+        meta,
+        my_asn,
+        peer_asn,
+        peer_address: spec.peer_address.unwrap_or_default(),
+        peer_port,
+        hold_time: spec.hold_time,
+        keepalive_time: spec.keepalive_time,
+        router_id: spec.router_id.unwrap_or_default(),
+        source_address: spec.source_address.unwrap_or_default(),
+        node_selectors: label_selectors(ck, spec.node_selectors.as_ref(), "spec.nodeSelectors"),
+        password: spec.password.unwrap_or_default(),
+        password_secret: spec
+            .password_secret
+            .filter(|r| r.name.as_deref().is_some_and(|n| !n.is_empty()))
+            .map(|r| SecretRef {
+                name: r.name.unwrap_or_default(),
+                namespace: r.namespace.unwrap_or_default(),
+            }),
+        ebgp_multihop: spec.ebgp_multi_hop.unwrap_or(false),
+        bfd_profile: spec.bfd_profile.unwrap_or_default(),
+        vrf: spec.vrf.unwrap_or_default(),
+    }
+}
+
+pub fn bgp_advertisement(ck: &mut Ck, a: &metallb::BGPAdvertisement) -> BgpAdvertisementCr {
+    let meta = meta(
+        ck,
+        &a.metadata,
+        Scope::Namespaced,
+        NameRule::Dns1123Subdomain,
+    );
+    let spec = a.spec.clone().unwrap_or_default();
+    if spec
+        .service_selectors
+        .as_ref()
+        .is_some_and(|s| !s.is_empty())
+    {
+        ck.err(
+            "spec.serviceSelectors",
+            "not supported by ferry yet: announce the services' pools instead (ipAddressPools)",
+        );
+    }
+    let local_pref = non_negative(ck, spec.local_pref, "spec.localPref");
+    BgpAdvertisementCr {
+        meta,
+        aggregation_length: spec.aggregation_length,
+        aggregation_length_v6: spec.aggregation_length_v6,
+        local_pref,
+        communities: spec.communities.unwrap_or_default(),
+        ip_address_pools: spec.ip_address_pools.unwrap_or_default(),
+        ip_address_pool_selectors: label_selectors(
+            ck,
+            spec.ip_address_pool_selectors.as_ref(),
+            "spec.ipAddressPoolSelectors",
+        ),
+        peers: spec.peers.unwrap_or_default(),
+        node_selectors: label_selectors(ck, spec.node_selectors.as_ref(), "spec.nodeSelectors"),
+    }
+}
+
+pub fn community(ck: &mut Ck, c: &metallb::Community) -> CommunityCr {
+    let meta = meta(
+        ck,
+        &c.metadata,
+        Scope::Namespaced,
+        NameRule::Dns1123Subdomain,
+    );
+    let communities = c
+        .spec
+        .iter()
+        .flat_map(|s| s.communities.iter().flatten())
+        .map(|a| {
+            (
+                a.name.clone().unwrap_or_default(),
+                a.value.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    CommunityCr { meta, communities }
+}
+
+pub fn bfd_profile(ck: &mut Ck, b: &metallb::BFDProfile) -> BfdProfileCr {
+    let meta = meta(
+        ck,
+        &b.metadata,
+        Scope::Namespaced,
+        NameRule::Dns1123Subdomain,
+    );
+    let spec = b.spec.clone().unwrap_or_default();
+    BfdProfileCr {
+        meta,
+        receive_interval: non_negative(ck, spec.receive_interval, "spec.receiveInterval"),
+        transmit_interval: non_negative(ck, spec.transmit_interval, "spec.transmitInterval"),
+        detect_multiplier: non_negative(ck, spec.detect_multiplier, "spec.detectMultiplier"),
+        echo_interval: non_negative(ck, spec.echo_interval, "spec.echoInterval"),
+        echo_mode: spec.echo_mode,
+        passive_mode: spec.passive_mode,
+        minimum_ttl: non_negative(ck, spec.minimum_ttl, "spec.minimumTtl"),
+    }
+}
+
+/// A Secret: metadata, type and data (`stringData` over `data`, as the API server merges
+/// them). Only BGPPeers' passwordSecret reads them.
+pub fn secret(ck: &mut Ck, s: &core::Secret) -> Secret {
+    let meta = meta(
+        ck,
+        &s.metadata,
+        Scope::Namespaced,
+        NameRule::Dns1123Subdomain,
+    );
+    let mut data: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (k, v) in s.data.iter().flatten() {
+        data.insert(k.clone(), v.0.clone());
+    }
+    for (k, v) in s.string_data.iter().flatten() {
+        data.insert(k.clone(), v.as_bytes().to_vec());
+    }
+    for key in data.keys() {
+        if !is_config_key(key) {
+            ck.err(
+                format!("data[{key}]"),
+                "keys must consist of letters, digits, '-', '_' or '.'",
+            );
+        }
+    }
+    Secret {
+        meta,
+        type_: non_empty(s.type_.as_deref())
+            .unwrap_or("Opaque")
+            .to_string(),
+        data,
     }
 }
 

@@ -45,6 +45,11 @@
 //! | `Namespace`     | `v1`                  | [`Object::Namespace`]          |
 //! | `IPAddressPool` | `metallb.io/v1beta1`  | [`Object::IpAddressPool`]      |
 //! | `L2Advertisement` | `metallb.io/v1beta1` | [`Object::L2Advertisement`]   |
+//! | `BGPPeer`       | `metallb.io/v1beta2` (or `v1beta1`) | [`Object::BgpPeer`] |
+//! | `BGPAdvertisement` | `metallb.io/v1beta1` | [`Object::BgpAdvertisement`] |
+//! | `Community`     | `metallb.io/v1beta1`  | [`Object::Community`]          |
+//! | `BFDProfile`    | `metallb.io/v1beta1`  | [`Object::BfdProfile`]         |
+//! | `Secret`        | `v1`                  | [`Object::Secret`] (for BGPPeers' `passwordSecret`) |
 //! | `List`          | `v1`                  | each of its `items`            |
 //! | `<Kind>List`    | as `<Kind>`           | each of its `items` (items may omit `kind`/`apiVersion`) |
 //!
@@ -76,7 +81,10 @@
 //! [`ferry_model::pools::parse_address_entry`]; overlaps between pools and duplicate names are
 //! checked by [`ferry_model::pools::load`], which sees all pools. MetalLB's legacy ConfigMap
 //! (`metallb-system/config`) is an ordinary ConfigMap here; [`ferry_model::pools::load`] reads it.
-//! Other MetalLB kinds (BGPPeer, BGPAdvertisement, ...) are unknown kinds for now.
+//! BGPPeer, BGPAdvertisement, Community and BFDProfile are read with their types checked
+//! (and MetalLB's FRR-only peer fields refused or ignored, see [`kinds::bgp_peer`]); their
+//! values (ASNs, addresses, timers, communities, ...) are checked by
+//! [`ferry_model::bgp::load`], which sees them all with the pools and Secrets.
 //!
 //! FQDN EndpointSlices are accepted (their addresses are checked to be DNS names) but
 //! [`ferry_model::objects::Endpoint`] holds IP addresses only, so their endpoints come out with
@@ -528,58 +536,109 @@ type KindParser = fn(&mut Ck, &RawObject) -> Vec<Object>;
 struct KindSpec {
     kind: &'static str,
     api_version: &'static str,
+    /// Older versions also read (the same fields): BGPPeer `metallb.io/v1beta1`.
+    older_versions: &'static [&'static str],
     scope: Scope,
     parse: KindParser,
+}
+
+impl KindSpec {
+    fn accepts(&self, api_version: &str) -> bool {
+        self.api_version == api_version || self.older_versions.contains(&api_version)
+    }
 }
 
 const KINDS: &[KindSpec] = &[
     KindSpec {
         kind: "Service",
         api_version: "v1",
+        older_versions: &[],
         scope: Scope::Namespaced,
         parse: parse_service,
     },
     KindSpec {
         kind: "EndpointSlice",
         api_version: "discovery.k8s.io/v1",
+        older_versions: &[],
         scope: Scope::Namespaced,
         parse: parse_endpoint_slice,
     },
     KindSpec {
         kind: "Endpoints",
         api_version: "v1",
+        older_versions: &[],
         scope: Scope::Namespaced,
         parse: parse_endpoints,
     },
     KindSpec {
         kind: "Node",
         api_version: "v1",
+        older_versions: &[],
         scope: Scope::Cluster,
         parse: parse_node,
     },
     KindSpec {
         kind: "ConfigMap",
         api_version: "v1",
+        older_versions: &[],
         scope: Scope::Namespaced,
         parse: parse_config_map,
     },
     KindSpec {
         kind: "Namespace",
         api_version: "v1",
+        older_versions: &[],
         scope: Scope::Cluster,
         parse: parse_namespace,
     },
     KindSpec {
         kind: "IPAddressPool",
         api_version: "metallb.io/v1beta1",
+        older_versions: &[],
         scope: Scope::Namespaced,
         parse: parse_ip_address_pool,
     },
     KindSpec {
         kind: "L2Advertisement",
         api_version: "metallb.io/v1beta1",
+        older_versions: &[],
         scope: Scope::Namespaced,
         parse: parse_l2_advertisement,
+    },
+    KindSpec {
+        kind: "BGPPeer",
+        api_version: "metallb.io/v1beta2",
+        older_versions: &["metallb.io/v1beta1"],
+        scope: Scope::Namespaced,
+        parse: parse_bgp_peer,
+    },
+    KindSpec {
+        kind: "BGPAdvertisement",
+        api_version: "metallb.io/v1beta1",
+        older_versions: &[],
+        scope: Scope::Namespaced,
+        parse: parse_bgp_advertisement,
+    },
+    KindSpec {
+        kind: "Community",
+        api_version: "metallb.io/v1beta1",
+        older_versions: &[],
+        scope: Scope::Namespaced,
+        parse: parse_community,
+    },
+    KindSpec {
+        kind: "BFDProfile",
+        api_version: "metallb.io/v1beta1",
+        older_versions: &[],
+        scope: Scope::Namespaced,
+        parse: parse_bfd_profile,
+    },
+    KindSpec {
+        kind: "Secret",
+        api_version: "v1",
+        older_versions: &[],
+        scope: Scope::Namespaced,
+        parse: parse_secret,
     },
 ];
 
@@ -671,7 +730,9 @@ fn split_object(
     if let Some(item_kind) = list_of {
         let expected = match &item_kind {
             None => Some("v1"),
-            Some(k) => lookup_kind(k).map(|s| s.api_version),
+            Some(k) => lookup_kind(k)
+                .filter(|s| !s.accepts(&api_version))
+                .map(|s| s.api_version),
         };
         if let Some(expected) = expected.filter(|e| *e != api_version) {
             out.push(Err(site.problem(
@@ -754,7 +815,7 @@ fn parse_object_into(out: &mut Parsed, raw: &RawObject) {
         }
         return;
     };
-    if api_version != spec.api_version {
+    if !spec.accepts(api_version) {
         out.errors.push(raw.problem(
             "apiVersion",
             format!(
@@ -858,6 +919,36 @@ fn parse_ip_address_pool(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
 fn parse_l2_advertisement(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
     raw.decode::<metallb::L2Advertisement>(ck, &[])
         .map(|l| vec![Object::L2Advertisement(kinds::l2_advertisement(ck, &l))])
+        .unwrap_or_default()
+}
+
+fn parse_bgp_peer(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<metallb::BGPPeer>(ck, &[])
+        .map(|p| vec![Object::BgpPeer(Box::new(kinds::bgp_peer(ck, &p)))])
+        .unwrap_or_default()
+}
+
+fn parse_bgp_advertisement(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<metallb::BGPAdvertisement>(ck, &[])
+        .map(|a| vec![Object::BgpAdvertisement(kinds::bgp_advertisement(ck, &a))])
+        .unwrap_or_default()
+}
+
+fn parse_community(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<metallb::Community>(ck, &[])
+        .map(|c| vec![Object::Community(kinds::community(ck, &c))])
+        .unwrap_or_default()
+}
+
+fn parse_bfd_profile(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<metallb::BFDProfile>(ck, &[])
+        .map(|b| vec![Object::BfdProfile(kinds::bfd_profile(ck, &b))])
+        .unwrap_or_default()
+}
+
+fn parse_secret(ck: &mut Ck, raw: &RawObject) -> Vec<Object> {
+    raw.decode::<core::Secret>(ck, &[])
+        .map(|s| vec![Object::Secret(kinds::secret(ck, &s))])
         .unwrap_or_default()
 }
 
@@ -1281,26 +1372,25 @@ status:
 
     #[test]
     fn unknown_kinds_are_warnings() {
-        let text = "apiVersion: v1\nkind: Secret\nmetadata: {name: shop}\n---\n\
-                    apiVersion: metallb.io/v1beta2\nkind: BGPPeer\n\
-                    metadata: {name: peer, namespace: metallb-system}\n\
-                    spec: {myASN: 64500, peerASN: 64501, peerAddress: 10.0.0.1}\n";
+        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: shop}\n---\n\
+                    apiVersion: metallb.io/v1beta1\nkind: ServiceBGPStatus\n\
+                    metadata: {name: st, namespace: metallb-system}\n";
         let p = parse(text);
         assert!(p.objects.is_empty() && p.errors.is_empty(), "{p:#?}");
         assert_eq!(p.warnings.len(), 2);
         assert_eq!(
             p.warnings[0].message,
-            "unknown kind Secret (apiVersion v1): ignored"
+            "unknown kind Deployment (apiVersion apps/v1): ignored"
         );
-        assert_eq!(p.warnings[0].at.object.as_deref(), Some("Secret shop"));
+        assert_eq!(p.warnings[0].at.object.as_deref(), Some("Deployment shop"));
         assert_eq!(p.warnings[1].at.doc_index, 1);
         assert_eq!(
             p.warnings[1].message,
-            "unknown kind BGPPeer (apiVersion metallb.io/v1beta2): ignored"
+            "unknown kind ServiceBGPStatus (apiVersion metallb.io/v1beta1): ignored"
         );
         assert_eq!(
             p.warnings[1].at.object.as_deref(),
-            Some("BGPPeer metallb-system/peer")
+            Some("ServiceBGPStatus metallb-system/st")
         );
         // A lowercase spelling of a known kind is a mistake, not an unknown kind.
         assert_error(
@@ -2384,6 +2474,199 @@ spec:
             "spec.ipAddressPools[0]",
             "must be a string",
         );
+    }
+
+    /// MetalLB's BGP kinds, as its docs show them, read and then loaded by the model.
+    const BGP_MANIFEST: &str = "\
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: bgp-pool, namespace: metallb-system, labels: {announce: bgp}}
+spec: {addresses: [198.51.100.0/24]}
+---
+apiVersion: metallb.io/v1beta2
+kind: BGPPeer
+metadata: {name: tor, namespace: metallb-system}
+spec:
+  myASN: 64500
+  peerASN: 64501
+  peerAddress: 10.0.0.1
+  holdTime: 9s
+  keepaliveTime: 3s
+  routerID: 10.0.0.100
+  nodeSelectors: [{matchLabels: {rack: a}}]
+  passwordSecret: {name: tor-md5, namespace: metallb-system}
+  bfdProfile: fast
+---
+apiVersion: metallb.io/v1beta1
+kind: BGPPeer
+metadata: {name: old, namespace: metallb-system}
+spec: {myASN: 64500, peerASN: 64502, peerAddress: 'fd00::1', ebgpMultiHop: true}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: tor-md5, namespace: metallb-system}
+type: kubernetes.io/basic-auth
+stringData: {password: hunter2}
+---
+apiVersion: metallb.io/v1beta1
+kind: BFDProfile
+metadata: {name: fast, namespace: metallb-system}
+spec: {receiveInterval: 100, transmitInterval: 100, detectMultiplier: 3}
+---
+apiVersion: metallb.io/v1beta1
+kind: Community
+metadata: {name: communities, namespace: metallb-system}
+spec:
+  communities:
+  - {name: no-advertise, value: '65535:65282'}
+---
+apiVersion: metallb.io/v1beta1
+kind: BGPAdvertisement
+metadata: {name: local, namespace: metallb-system}
+spec:
+  ipAddressPoolSelectors: [{matchLabels: {announce: bgp}}]
+  aggregationLength: 32
+  localPref: 100
+  communities: [no-advertise, 'large:64500:1:1']
+  peers: [tor]
+---
+apiVersion: metallb.io/v1beta1
+kind: BGPAdvertisement
+metadata: {name: external, namespace: metallb-system}
+spec:
+  ipAddressPools: [bgp-pool]
+  aggregationLength: 24
+";
+
+    #[test]
+    fn bgp_kinds() {
+        let p = parse(BGP_MANIFEST);
+        assert!(p.errors.is_empty() && p.warnings.is_empty(), "{p:#?}");
+        let mut snap = crate::Snapshot::default();
+        for o in p.objects {
+            match o {
+                Object::IpAddressPool(x) => snap.ip_pools.push(x),
+                Object::BgpPeer(x) => snap.bgp_peers.push(*x),
+                Object::BgpAdvertisement(x) => snap.bgp_advertisements.push(x),
+                Object::Community(x) => snap.communities.push(x),
+                Object::BfdProfile(x) => snap.bfd_profiles.push(x),
+                Object::Secret(x) => snap.secrets.push(x),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(snap.bgp_peers.len(), 2, "both versions");
+        assert_eq!(snap.bgp_peers[0].hold_time.as_deref(), Some("9s"));
+        assert_eq!(snap.secrets[0].type_, "kubernetes.io/basic-auth");
+        let (pools, errs) = ferry_model::pools::load(&[], &snap.ip_pools, &[]);
+        assert!(errs.is_empty(), "{errs:?}");
+        let (cfg, errs) = ferry_model::bgp::load(&pools, &snap.bgp_inputs());
+        assert!(errs.is_empty(), "{errs:#?}");
+        let tor = cfg.peer("tor").unwrap();
+        assert_eq!(tor.hold_time.as_secs(), 9);
+        assert_eq!(tor.keepalive_time.as_secs(), 3);
+        assert_eq!(tor.password.as_ref().map(|p| p.0.as_str()), Some("hunter2"));
+        assert_eq!(tor.bfd_profile.as_deref(), Some("fast"));
+        assert_eq!(cfg.bfd_profile("fast").unwrap().receive_interval_ms, 100);
+        let old = cfg.peer("old").unwrap();
+        assert!(old.ebgp_multihop && old.peer_address.is_ipv6());
+        // A node in rack a peers with both; its address goes to tor as a host route with the
+        // communities, and to both as a /24.
+        let node: BTreeMap<String, String> = strings(&[("rack", "a")]);
+        let routes = cfg.announcements(
+            &node,
+            &[ferry_model::bgp::LbAddress {
+                ip: "198.51.100.7".parse().unwrap(),
+                pool: "bgp-pool".into(),
+                eligible: true,
+            }],
+        );
+        let shown: Vec<(String, Vec<String>)> = routes
+            .iter()
+            .map(|p| {
+                (
+                    p.peer.clone(),
+                    p.routes.iter().map(|r| r.prefix.to_string()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("old".to_string(), vec!["198.51.100.0/24".to_string()]),
+                (
+                    "tor".to_string(),
+                    vec!["198.51.100.0/24".to_string(), "198.51.100.7/32".to_string()]
+                ),
+            ]
+        );
+        let host = &routes[1].routes[1];
+        assert_eq!(host.local_pref, Some(100));
+        assert_eq!(host.communities, [0xffff_ff02]);
+        assert_eq!(host.large_communities, [[64500, 1, 1]]);
+        // Not in rack a: no session with tor.
+        let other = cfg.announcements(&BTreeMap::new(), &[]);
+        assert_eq!(other.len(), 1);
+    }
+
+    #[test]
+    fn bgp_kind_errors() {
+        let peer = "apiVersion: metallb.io/v1beta2\nkind: BGPPeer\n\
+                    metadata: {name: p, namespace: metallb-system}\n";
+        assert_error(
+            &format!("{peer}spec: {{myASN: many}}\n"),
+            "spec.myASN",
+            "must be an integer",
+        );
+        assert_error(
+            &format!("{peer}spec: {{myASN: -1}}\n"),
+            "spec.myASN",
+            "must not be negative, got -1",
+        );
+        assert_error(
+            &format!("{peer}spec: {{interface: eth0}}\n"),
+            "spec.interface",
+            "not supported by ferry",
+        );
+        assert_error(
+            &format!("{peer}spec: {{holdTime: 90}}\n"),
+            "spec.holdTime",
+            "must be a string",
+        );
+        let p = parse(&format!(
+            "{peer}spec: {{myASN: 1, peerASN: 2, peerAddress: 10.0.0.1, connectTime: 5s}}\n"
+        ));
+        assert_eq!(p.objects.len(), 1);
+        assert_eq!(p.warnings[0].at.field, "spec.connectTime");
+        assert_error(
+            "apiVersion: metallb.io/v1beta3\nkind: BGPPeer\nmetadata: {name: p}\n",
+            "apiVersion",
+            "needs apiVersion metallb.io/v1beta2",
+        );
+        assert_error(
+            "apiVersion: metallb.io/v1beta1\nkind: BGPAdvertisement\nmetadata: {name: a}\n\
+             spec: {serviceSelectors: [{matchLabels: {a: b}}]}\n",
+            "spec.serviceSelectors",
+            "not supported",
+        );
+        assert_error(
+            "apiVersion: metallb.io/v1beta1\nkind: BGPAdvertisement\nmetadata: {name: a}\n\
+             spec: {nodeSelectors: [{matchExpressions: [{key: a, operator: Near}]}]}\n",
+            "spec.nodeSelectors[0].matchExpressions[0].operator",
+            "",
+        );
+        assert_error(
+            "apiVersion: metallb.io/v1beta1\nkind: BFDProfile\nmetadata: {name: b}\n\
+             spec: {echoMode: maybe}\n",
+            "spec.echoMode",
+            "must be true or false",
+        );
+        // Lists of the older BGPPeer version read too.
+        let p = parse(
+            "apiVersion: metallb.io/v1beta1\nkind: BGPPeerList\nitems:\n\
+             - metadata: {name: a}\n  spec: {myASN: 1, peerASN: 2, peerAddress: 10.0.0.1}\n",
+        );
+        assert!(p.errors.is_empty(), "{p:#?}");
+        assert!(matches!(p.objects[..], [Object::BgpPeer(_)]));
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! `ferry get services`: kubectl's view of services, from a manifest directory and the shared
 //! allocation state. It only reads: values nobody has allocated yet show as `<none>` /
 //! `<pending>` until an agent allocates them.
+//!
+//! `ferry get bgppeers [--node N]`: MetalLB's BGP peers as ferry reads them (those a node
+//! peers with); `ferry get bgproutes --node N`: the routes that node would announce to each
+//! peer, from the same allocation state ([`ferry_model::bgp::BgpConfig::announcements`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,8 +20,11 @@ use crate::state::{AllocStore, StateDir};
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// What to list: services (svc).
+    /// What to list: services (svc), bgppeers, bgproutes.
     pub what: String,
+    /// For bgppeers and bgproutes: the node (its labels select peers and advertisements).
+    #[arg(long)]
+    pub node: Option<String>,
     /// Output: wide, yaml or json.
     #[arg(short = 'o', long)]
     pub output: Option<String>,
@@ -153,11 +160,17 @@ fn service_json(svc: &Service, a: Option<&Allocation>) -> Value {
 }
 
 pub fn run(args: GetArgs) -> Result<i32> {
-    if !matches!(args.what.as_str(), "services" | "service" | "svc") {
-        bail!(
-            "ferry get: unknown resource type {:?} (known: services, svc)",
+    let bgp = match args.what.as_str() {
+        "services" | "service" | "svc" => None,
+        "bgppeers" | "bgppeer" => Some(false),
+        "bgproutes" | "bgproute" => Some(true),
+        _ => bail!(
+            "ferry get: unknown resource type {:?} (known: services, svc, bgppeers, bgproutes)",
             args.what
-        );
+        ),
+    };
+    if bgp == Some(true) && args.node.is_none() {
+        bail!("ferry get bgproutes: which node? (--node NAME)");
     }
     let snap = source::read_dir(&args.manifests)
         .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.manifests.display()))?;
@@ -180,6 +193,9 @@ pub fn run(args: GetArgs) -> Result<i32> {
         if let Some(Ok(a)) = lb.get(&svc.meta.object_ref()) {
             svc.load_balancer_ingress = a.ips.clone();
         }
+    }
+    if let Some(routes) = bgp {
+        return bgp_view(&args, &snap, &pools, routes);
     }
     let mut allocs: BTreeMap<ObjectRef, Allocation> = BTreeMap::new();
     for (r, res) in results {
@@ -275,5 +291,181 @@ pub fn run(args: GetArgs) -> Result<i32> {
         rows.push(row);
     }
     print!("{}", table(&rows));
+    Ok(0)
+}
+
+/// The peers (selecting `--node`, if given) or, with `routes`, the routes `--node` would
+/// announce: load-balancer addresses as the services' ingress in `snap`.
+fn bgp_view(
+    args: &GetArgs,
+    snap: &ferry_source::Snapshot,
+    pools: &ferry_model::pools::PoolConfig,
+    routes: bool,
+) -> Result<i32> {
+    use ferry_model::bgp;
+    let (cfg, errors) = bgp::load(pools, &snap.bgp_inputs());
+    for e in &errors {
+        eprintln!("warning: bgp: {e}");
+    }
+    let node_labels = match &args.node {
+        None => None,
+        Some(n) => match snap.nodes.iter().find(|x| &x.meta.name == n) {
+            Some(x) => Some(x.meta.labels.clone()),
+            None => {
+                eprintln!("warning: no Node {n:?} in the manifests: read as a node without labels");
+                Some(BTreeMap::new())
+            }
+        },
+    };
+    let json_out = matches!(args.output.as_deref(), Some("json" | "yaml"));
+    if !routes {
+        let peers: Vec<&bgp::BgpPeer> = cfg
+            .peers
+            .iter()
+            .filter(|p| node_labels.as_ref().is_none_or(|l| p.selects_node(l)))
+            .collect();
+        if json_out {
+            let items: Vec<Value> = peers
+                .iter()
+                .map(|p| {
+                    json!({
+                        "name": p.name,
+                        "source": p.source,
+                        "myASN": p.my_asn,
+                        "peerASN": p.peer_asn,
+                        "peerAddress": p.peer_address.to_string(),
+                        "peerPort": p.peer_port,
+                        "holdTime": format!("{}s", p.hold_time.as_secs()),
+                        "keepaliveTime": format!("{}s", p.keepalive_time.as_secs()),
+                        "routerID": p.router_id.map(|r| r.to_string()),
+                        "sourceAddress": p.source_address.map(|a| a.to_string()),
+                        "nodeSelectors": p.node_selectors.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                        "password": p.password.is_some(),
+                        "ebgpMultiHop": p.ebgp_multihop,
+                        "bfdProfile": p.bfd_profile,
+                    })
+                })
+                .collect();
+            return print_structured(args, json!({ "peers": items }));
+        }
+        let mut rows = vec![[
+            "NAME", "ADDRESS", "MY-ASN", "PEER-ASN", "HOLD", "BFD", "NODES", "SOURCE",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for p in peers {
+            let nodes = if p.node_selectors.is_empty() {
+                "<all>".to_string()
+            } else {
+                p.node_selectors
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            };
+            rows.push(vec![
+                p.name.clone(),
+                format!("{}:{}", bracket(p.peer_address), p.peer_port),
+                p.my_asn.to_string(),
+                p.peer_asn.to_string(),
+                format!("{}s", p.hold_time.as_secs()),
+                p.bfd_profile.clone().unwrap_or_else(|| "<none>".into()),
+                nodes,
+                p.source.clone(),
+            ]);
+        }
+        if rows.len() == 1 {
+            eprintln!("No BGP peers found.");
+            return Ok(0);
+        }
+        print!("{}", table(&rows));
+        return Ok(0);
+    }
+    let node = args.node.clone().unwrap_or_default();
+    let labels = node_labels.unwrap_or_default();
+    let services: Vec<(&Service, &[std::net::IpAddr])> = snap
+        .services
+        .iter()
+        .map(|s| (s, s.load_balancer_ingress.as_slice()))
+        .collect();
+    let addresses = bgp::eligible_addresses(&node, &services, &snap.slices, pools);
+    let out = cfg.announcements(&labels, &addresses);
+    if json_out {
+        let items: Vec<Value> = out
+            .iter()
+            .map(|p| {
+                json!({
+                    "peer": p.peer,
+                    "routes": p.routes.iter().map(|r| json!({
+                        "prefix": r.prefix.to_string(),
+                        "localPref": r.local_pref,
+                        "communities": r.communities.iter().map(|c| bgp::Community::Standard(*c).to_string()).collect::<Vec<_>>(),
+                        "largeCommunities": r.large_communities.iter().map(|c| bgp::Community::Large(*c).to_string()).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        return print_structured(args, json!({ "node": node, "peers": items }));
+    }
+    let mut rows = vec![["PEER", "PREFIX", "LOCAL-PREF", "COMMUNITIES"]
+        .map(String::from)
+        .to_vec()];
+    for p in &out {
+        for r in &p.routes {
+            let comms: Vec<String> = r
+                .communities
+                .iter()
+                .map(|c| bgp::Community::Standard(*c).to_string())
+                .chain(
+                    r.large_communities
+                        .iter()
+                        .map(|c| bgp::Community::Large(*c).to_string()),
+                )
+                .collect();
+            rows.push(vec![
+                p.peer.clone(),
+                r.prefix.to_string(),
+                r.local_pref
+                    .map_or_else(|| "<none>".to_string(), |l| l.to_string()),
+                if comms.is_empty() {
+                    "<none>".into()
+                } else {
+                    comms.join(",")
+                },
+            ]);
+        }
+    }
+    if out.is_empty() {
+        eprintln!("No BGP peer selects node {node:?}.");
+        return Ok(0);
+    }
+    if rows.len() == 1 {
+        eprintln!(
+            "Node {node:?} announces nothing (peers: {}).",
+            out.iter()
+                .map(|p| p.peer.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(0);
+    }
+    print!("{}", table(&rows));
+    Ok(0)
+}
+
+fn bracket(ip: std::net::IpAddr) -> String {
+    if ip.is_ipv6() {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    }
+}
+
+fn print_structured(args: &GetArgs, v: Value) -> Result<i32> {
+    if args.output.as_deref() == Some("json") {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", serde_saphyr::to_string(&v)?);
+    }
     Ok(0)
 }
