@@ -741,11 +741,14 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
                 }
             }
         };
-        // Without endpoints: reject (Cluster) or drop (Local: another node may serve it, and
-        // load balancers health-check the node port).
+        // Without endpoints: reject, as kube-proxy does, except under Local policy while other
+        // nodes have endpoints: drop then (load balancers health-check the node port and steer
+        // away from this node; a refusal would end the client's connection attempt).
         let none_verdict = match svc.external_traffic_policy {
-            TrafficPolicy::Cluster => reject.clone(),
-            TrafficPolicy::Local => Verdict::Drop,
+            TrafficPolicy::Local if !usable_endpoints(&port.endpoints, None).is_empty() => {
+                Verdict::Drop
+            }
+            TrafficPolicy::Cluster | TrafficPolicy::Local => reject.clone(),
         };
         let ext_ips = svc.external_ips.iter().chain(svc.load_balancer_ips.iter());
         for ip in ext_ips {

@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
-use ferry_model::view::ResolvedService;
+use ferry_model::view::{ResolvedEndpoint, ResolvedService};
 use ferry_model::Protocol;
 use ferry_plan::diff::{fingerprint_of_comment, LiveChain, LiveSet, LiveState};
 use ferry_plan::ir::Verdict;
@@ -463,20 +463,26 @@ fn losing_the_last_endpoint_moves_the_service_to_the_no_endpoint_map() {
 
 #[test]
 fn a_changed_verdict_deletes_and_re_adds_the_key() {
-    // No endpoints at all: Cluster policy rejects, Local drops, at the same key.
-    let svc = Svc::new("web", "10.43.2.1").node_port(Protocol::Tcp, 80, 30080, &[]);
-    let a = planned(&[svc.build()]);
-    let svc = Svc::new("web", "10.43.2.1")
-        .node_port(Protocol::Tcp, 80, 30080, &[])
-        .external_policy_local();
-    let b = planned(&[svc.build()]);
+    // Local policies, no endpoint on this node: rejected while no node has one (as
+    // kube-proxy), dropped once another node has one, at the same keys.
+    let local = |eps: &[ResolvedEndpoint]| {
+        Svc::new("web", "10.43.2.1")
+            .node_port(Protocol::Tcp, 80, 30080, eps)
+            .external_policy_local()
+            .internal_policy_local()
+            .build()
+    };
+    let a = planned(&[local(&[])]);
+    let b = planned(&[local(&[ep("10.42.1.170", 80)])]);
     let ch = check_transition(&a, &b);
-    assert_counts(&ch, 0, 0, 0, 1, 1);
+    assert_counts(&ch, 0, 0, 0, 2, 2);
     assert_eq!(
         lines(&ch.script),
         [
             "delete element inet ferry no-endpoint-nodeports-v4 { tcp . 30080 }",
             "add element inet ferry no-endpoint-nodeports-v4 { tcp . 30080 comment \"default/web 80/TCP\" : drop }",
+            "delete element inet ferry no-endpoint-services-v4 { 10.43.2.1 . tcp . 80 }",
+            "add element inet ferry no-endpoint-services-v4 { 10.43.2.1 . tcp . 80 comment \"default/web 80/TCP\" : drop }",
         ]
     );
 

@@ -606,7 +606,13 @@ proptest! {
                 check_spread(&rs, &to_cluster_ip, &internal, true, internal_none.clone())?;
 
                 let external = expected_endpoints(&port.endpoints, external_local);
-                let none = if external_local { Fate::Dropped } else { reject.clone() };
+                // No endpoint anywhere: refused; Local with endpoints on other nodes only:
+                // dropped (as kube-proxy).
+                let none = if external_local && !expected_endpoints(&port.endpoints, false).is_empty() {
+                    Fate::Dropped
+                } else {
+                    reject.clone()
+                };
                 let mut targets: Vec<(IpAddr, u16)> = svc
                     .external_ips
                     .iter()
