@@ -743,13 +743,21 @@ fn changes_between(
     (services, eps)
 }
 
-/// Returns the heap a sync freed to the system (glibc keeps it otherwise: after a large sync
-/// an idle agent would hold its peak for good, and a Raspberry Pi has little memory).
+/// Returns the heap a sync freed to the system at once (jemalloc would after its decay time:
+/// after a large sync an idle agent would otherwise hold its peak for a while, and a Raspberry
+/// Pi has little memory).
 fn give_back_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    // "arena.<MALLCTL_ARENAS_ALL>.purge": every arena's unused dirty pages.
+    let name = b"arena.4096.purge\0";
+    // SAFETY: a purge takes no arguments and returns nothing; the name is NUL-terminated.
     unsafe {
-        libc::malloc_trim(0);
+        tikv_jemalloc_sys::mallctl(
+            name.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        );
     }
 }
 

@@ -12,6 +12,17 @@ macro_rules! log {
     };
 }
 
+/// jemalloc (see Cargo.toml for why), returning freed pages to the system after a second.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read at its start (`_rjem_` is the crate's symbol prefix): dirty and
+/// muzzy pages go back to the system after 1 s, so an idle agent holds what it uses, not its
+/// peak.
+#[used]
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: &[u8; 37] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 mod agent;
 mod agent_core;
 mod announce;
