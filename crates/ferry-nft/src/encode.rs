@@ -1306,7 +1306,7 @@ fn elements(w: &mut Writer, s: &Set, id: u32, only: Option<&[String]>) -> Result
         Some(keys) => {
             let mut out = Vec::new();
             for k in keys {
-                let e: &Element = s.elements.get(k).ok_or_else(|| {
+                let e: &Element = s.elements.get(k.as_str()).ok_or_else(|| {
                     Unsupported(format!("element {k} of {} is not planned", s.name))
                 })?;
                 let key = typed(s, k)?;

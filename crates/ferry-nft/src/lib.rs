@@ -386,7 +386,7 @@ pub fn read_live_json(nft: &mut Nft) -> Result<LiveState, NftError> {
                     // A key or verdict we can't read is dropped from the view: the differ then
                     // re-adds the planned element, and a stray one is left (reported at start).
                     if let Some(k) = k {
-                        elements.insert(k, verdict);
+                        elements.insert(k.into(), verdict);
                     }
                 }
                 live.sets.insert(

@@ -520,7 +520,10 @@ fn ip(v: &[u8]) -> Option<IpAddr> {
 /// stores them (a start element, and an end-marked element holding the address after the
 /// range, or none when the range runs to the last address) and are paired up into "a-b" (or
 /// "a" for one address).
-pub(crate) fn assemble(def: &SetDef, raw: Vec<RawElement>) -> BTreeMap<String, Option<Verdict>> {
+pub(crate) fn assemble(
+    def: &SetDef,
+    raw: Vec<RawElement>,
+) -> BTreeMap<ferry_plan::ir::Key, Option<Verdict>> {
     let mut out = BTreeMap::new();
     if !def.interval || def.fields.len() != 1 {
         for e in raw {
@@ -531,7 +534,7 @@ pub(crate) fn assemble(def: &SetDef, raw: Vec<RawElement>) -> BTreeMap<String, O
                 _ => key_text(&def.fields, &e.key),
             };
             if let Some(t) = text {
-                out.insert(t, e.verdict);
+                out.insert(t.into(), e.verdict);
             }
         }
         return out;
@@ -563,7 +566,7 @@ pub(crate) fn assemble(def: &SetDef, raw: Vec<RawElement>) -> BTreeMap<String, O
                 .map(|(a, b)| format!("{a}-{b}"))
         };
         if let Some(t) = text {
-            out.insert(t, e.verdict);
+            out.insert(t.into(), e.verdict);
         }
     }
     out
@@ -1086,7 +1089,7 @@ mod tests {
         assert_eq!(
             out.into_iter().collect::<Vec<_>>(),
             vec![(
-                "10.96.0.10 . tcp . 80".to_string(),
+                "10.96.0.10 . tcp . 80".into(),
                 Some(Verdict::Goto("service-web".into()))
             )]
         );
@@ -1134,7 +1137,7 @@ mod tests {
         let mut rev = raw.clone();
         rev.reverse();
         for r in [raw, rev] {
-            let got: Vec<_> = assemble(&d, r).into_keys().collect();
+            let got: Vec<String> = assemble(&d, r).into_keys().map(|k| k.to_string()).collect();
             assert_eq!(got, want);
         }
     }

@@ -450,6 +450,7 @@ fn netlink_and_json_readers_agree_on_foreign_additions() {
                 live.sets["stray-ranges"]
                     .elements
                     .keys()
+                    .map(|k| &**k)
                     .collect::<Vec<_>>(),
                 [
                     "0.0.0.0-0.0.0.9",

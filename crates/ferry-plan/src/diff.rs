@@ -22,7 +22,7 @@ pub struct LiveSet {
     /// As [`Set::signature`].
     pub signature: String,
     /// Key text -> verdict (None for plain sets).
-    pub elements: BTreeMap<String, Option<Verdict>>,
+    pub elements: BTreeMap<crate::ir::Key, Option<Verdict>>,
 }
 
 /// ferry's table as the kernel has it (read back at start-up, then tracked after each apply).
@@ -268,37 +268,37 @@ impl std::fmt::Display for Changes {
 
 /// Elements to delete (live, and gone or changed) and to add (planned, and new or changed).
 fn merge_elements<'a>(
-    live: &'a BTreeMap<String, Option<Verdict>>,
-    want: &'a BTreeMap<String, std::sync::Arc<Element>>,
+    live: &'a BTreeMap<crate::ir::Key, Option<Verdict>>,
+    want: &'a BTreeMap<crate::ir::Key, std::sync::Arc<Element>>,
 ) -> (Vec<&'a str>, Vec<(&'a str, &'a Element)>) {
     use std::cmp::Ordering;
     let (mut del, mut add) = (Vec::new(), Vec::new());
-    let mut l = live.iter().peekable();
-    let mut w = want.iter().peekable();
+    let mut l = live.iter().map(|(k, v)| (&**k, v)).peekable();
+    let mut w = want.iter().map(|(k, e)| (&**k, &**e)).peekable();
     loop {
-        match (l.peek(), w.peek()) {
+        match (l.peek().copied(), w.peek().copied()) {
             (None, None) => break,
             (Some((lk, _)), None) => {
-                del.push(lk.as_str());
+                del.push(lk);
                 l.next();
             }
-            (None, Some((wk, we))) => {
-                add.push((wk.as_str(), &***we));
+            (None, Some(we)) => {
+                add.push(we);
                 w.next();
             }
-            (Some((lk, lv)), Some((wk, we))) => match lk.as_str().cmp(wk.as_str()) {
+            (Some((lk, lv)), Some((wk, we))) => match lk.cmp(wk) {
                 Ordering::Less => {
-                    del.push(lk.as_str());
+                    del.push(lk);
                     l.next();
                 }
                 Ordering::Greater => {
-                    add.push((wk.as_str(), &***we));
+                    add.push((wk, we));
                     w.next();
                 }
                 Ordering::Equal => {
-                    if **lv != we.verdict {
-                        del.push(lk.as_str());
-                        add.push((wk.as_str(), &***we));
+                    if *lv != we.verdict {
+                        del.push(lk);
+                        add.push((wk, we));
                     }
                     l.next();
                     w.next();

@@ -154,6 +154,9 @@ impl Element {
     }
 }
 
+/// An element's key text (see [`key_text`]), shared.
+pub type Key = std::sync::Arc<str>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Set {
     pub name: String,
@@ -170,9 +173,9 @@ pub struct Set {
     /// leaves whatever the kernel holds in it alone.
     pub dynamic: bool,
     pub comment: String,
-    /// By key text; shared with the planner's per-service fragments (an element is kept once,
-    /// however many plans hold it).
-    pub elements: BTreeMap<String, std::sync::Arc<Element>>,
+    /// By key text; keys and elements are shared with the planner's per-service fragments and
+    /// with the dataplane's view of the kernel (each is kept once, however many hold it).
+    pub elements: BTreeMap<Key, std::sync::Arc<Element>>,
 }
 
 impl Set {
@@ -209,7 +212,7 @@ impl Set {
     }
     pub fn insert(&mut self, key: Vec<Value>, verdict: Option<Verdict>, comment: String) {
         self.elements
-            .insert(key_text(&key), Element::shared(verdict, comment));
+            .insert(key_text(&key).into(), Element::shared(verdict, comment));
     }
 
     /// An element's key, typed: the key text (as [`key_text`] writes it and the kernel's
@@ -688,7 +691,7 @@ impl Ruleset {
                 &mut out,
                 "add",
                 &s.name,
-                s.elements.iter().map(|(k, e)| (k.as_str(), &**e)),
+                s.elements.iter().map(|(k, e)| (&**k, &**e)),
             );
         }
         out

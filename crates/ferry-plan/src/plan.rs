@@ -503,8 +503,8 @@ pub struct Fragment {
     pub chains: Vec<std::sync::Arc<Chain>>,
     /// Sets of its own (client affinity maps).
     pub sets: Vec<Set>,
-    /// (set name, key text, element)
-    pub elements: Vec<(String, String, std::sync::Arc<Element>)>,
+    /// (set name, key text, element): the key and element are the ones the table holds.
+    pub elements: Vec<(Key, Key, std::sync::Arc<Element>)>,
     /// Endpoint addresses that may reach themselves through the service.
     pub hairpins: BTreeSet<IpAddr>,
 }
@@ -512,8 +512,8 @@ pub struct Fragment {
 impl Fragment {
     fn insert(&mut self, set: &str, key: Vec<Value>, verdict: Option<Verdict>, comment: String) {
         self.elements.push((
-            set.to_string(),
-            key_text(&key),
+            set.into(),
+            key_text(&key).into(),
             Element::shared(verdict, comment),
         ));
     }
@@ -875,15 +875,20 @@ pub struct Touched {
     pub full: bool,
     pub chains: BTreeSet<String>,
     /// Set name -> key texts.
-    pub elements: std::collections::BTreeMap<String, BTreeSet<String>>,
+    pub elements: std::collections::BTreeMap<String, BTreeSet<Key>>,
 }
 
 impl Touched {
-    fn element(&mut self, set: &str, key: &str) {
-        self.elements
-            .entry(set.to_string())
-            .or_default()
-            .insert(key.to_string());
+    fn element(&mut self, set: &str, key: &Key) {
+        match self.elements.get_mut(set) {
+            Some(keys) => {
+                keys.insert(key.clone());
+            }
+            None => {
+                self.elements
+                    .insert(set.to_string(), BTreeSet::from([key.clone()]));
+            }
+        }
     }
 }
 
@@ -900,7 +905,7 @@ pub struct Planner {
     /// (set, key) -> the services that ask for that element (what each asks for is in its
     /// fragment: kept once, not copied here).
     /// Sorted, and almost always of one: a Vec costs a fraction of a BTreeSet's node.
-    owners: std::collections::HashMap<(String, String), Vec<ferry_model::ObjectRef>>,
+    owners: std::collections::HashMap<(Key, Key), smallvec::SmallVec<[ferry_model::ObjectRef; 1]>>,
     /// Hairpin address -> how many services have it as an endpoint.
     hairpins: std::collections::HashMap<IpAddr, usize>,
 }
@@ -1020,9 +1025,9 @@ impl Planner {
             *n += 1;
             if *n == 1 {
                 let set = names::hairpin(Family::of(*a));
-                let key = vec![Value::Ip(*a), Value::Ip(*a)];
-                t.element(&set, &key_text(&key));
-                rs.set_mut(&set).insert(key, None, String::new());
+                let key: Key = key_text(&[Value::Ip(*a), Value::Ip(*a)]).into();
+                t.element(&set, &key);
+                rs.set_mut(&set).elements.insert(key, Element::bare());
             }
         }
     }
@@ -1054,7 +1059,7 @@ impl Planner {
                 if *n == 0 {
                     self.hairpins.remove(a);
                     let set = names::hairpin(Family::of(*a));
-                    let key = key_text(&[Value::Ip(*a), Value::Ip(*a)]);
+                    let key: Key = key_text(&[Value::Ip(*a), Value::Ip(*a)]).into();
                     self.rs.set_mut(&set).elements.remove(&key);
                     t.element(&set, &key);
                 }
@@ -1066,8 +1071,8 @@ impl Planner {
     fn settle(
         rs: &mut Ruleset,
         cache: &std::collections::HashMap<ferry_model::ObjectRef, (u64, Fragment)>,
-        set: &str,
-        key: &str,
+        set: &Key,
+        key: &Key,
         owners: &[ferry_model::ObjectRef],
     ) {
         let first = owners
@@ -1083,7 +1088,7 @@ impl Planner {
         let s = rs.set_mut(set);
         match first {
             Some(e) => {
-                s.elements.insert(key.to_string(), e.clone());
+                s.elements.insert(key.clone(), e.clone());
             }
             None => {
                 s.elements.remove(key);

@@ -365,7 +365,7 @@ impl Tracer<'_> {
             .sets
             .get(set)
             .unwrap_or_else(|| panic!("trace: set {set} does not exist"));
-        s.elements.get(&key_text(key)).map(|e| &**e)
+        s.elements.get(key_text(key).as_str()).map(|e| &**e)
     }
 
     fn act(&mut self, a: &Action, mut st: State) -> Vec<(State, End)> {

@@ -270,7 +270,7 @@ impl Kernel {
                     let signature = rs_for_bases.sets[n].signature();
                     let elements = els
                         .iter()
-                        .map(|(k, v)| (k.clone(), v.as_deref().map(parse_verdict)))
+                        .map(|(k, v)| (k.as_str().into(), v.as_deref().map(parse_verdict)))
                         .collect();
                     (
                         n.clone(),
