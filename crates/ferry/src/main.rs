@@ -15,6 +15,7 @@ macro_rules! log {
 mod agent;
 mod agent_core;
 mod announce;
+mod bgp;
 mod explain;
 mod get;
 mod healthcheck;
