@@ -20,12 +20,15 @@
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const VIP: &str = "10.99.0.10";
 const ROUTER_ASN: u32 = 64600;
 const NODE_ASN: u32 = 64601;
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 fn run(args: &[&str]) -> Output {
     Command::new(args[0])
@@ -104,7 +107,11 @@ impl Drop for Bed {
 
 impl Bed {
     fn new(nodes: usize) -> Bed {
-        let prefix = format!("fbgpe{}", std::process::id());
+        let prefix = format!(
+            "fbgpe{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let dir = std::env::temp_dir().join(&prefix);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("manifests")).unwrap();
@@ -313,6 +320,23 @@ protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
             .spawn()
             .expect("start python3 -m http.server");
         self.servers.push(child);
+        let (ns, url) = (self.node(i), format!("http://{}:8080/", node_addr(i)));
+        let up = measure(Duration::from_secs(10), || {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "curl",
+                "-sf",
+                "--max-time",
+                "1",
+                &url,
+            ])
+            .status
+            .success()
+        });
+        assert!(up.is_some(), "the web server in n{i} did not start");
     }
 
     fn kernel_route(&self) -> String {
@@ -427,6 +451,20 @@ status: {{addresses: [{{type: InternalIP, address: {}}}]}}
 
 /// A LoadBalancer Service with one ready endpoint, on node 1 (its web server).
 fn service(policy: &str) -> String {
+    service_on(policy, &[1])
+}
+
+/// A LoadBalancer Service with a ready endpoint on each of `nodes` (their web servers).
+fn service_on(policy: &str, nodes: &[usize]) -> String {
+    let endpoints: String = nodes
+        .iter()
+        .map(|i| {
+            format!(
+                "- {{addresses: [{}], nodeName: n{i}, conditions: {{ready: true}}}}\n",
+                node_addr(*i)
+            )
+        })
+        .collect();
     format!(
         "apiVersion: v1
 kind: Service
@@ -438,10 +476,8 @@ kind: EndpointSlice
 metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
 addressType: IPv4
 endpoints:
-- {{addresses: [{}], nodeName: n1, conditions: {{ready: true}}}}
-ports: [{{port: 8080, protocol: TCP}}]
-",
-        node_addr(1)
+{endpoints}ports: [{{port: 8080, protocol: TCP}}]
+"
     )
 }
 
@@ -506,4 +542,67 @@ fn agents_announce_ecmp_routes_to_bird() {
     bed.remove_manifest("web.yaml");
     bed.wait_nexthops(&[], "withdrawn with the Service");
     assert!(bed.curl().is_err());
+}
+
+#[test]
+fn clients_spread_over_nodes_and_sigkill_keeps_routes() {
+    if !ready("clients_spread_over_nodes_and_sigkill_keeps_routes") {
+        return;
+    }
+    let mut bed = Bed::new(2);
+    // The router hashes flows by ports too, so one client's connections take both paths.
+    bed.sysctl(&bed.router(), "net.ipv4.fib_multipath_hash_policy=1");
+    bed.manifest("metallb.yaml", &config(2));
+    // Local with an endpoint on each node: the answer tells which node a request went through.
+    bed.manifest("web.yaml", &service_on("Local", &[1, 2]));
+    bed.web_server(1);
+    bed.web_server(2);
+    bed.agent(1);
+    bed.agent(2);
+    bed.wait_nexthops(&["10.97.0.11", "10.97.0.12"], "ECMP over both nodes");
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let r = bed.curl().unwrap_or_else(|e| format!("error: {e}"));
+        *seen.entry(r).or_insert(0) += 1;
+    }
+    println!("40 requests through the router: {seen:?}");
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        ["n1", "n2"],
+        "{}",
+        bed.dump()
+    );
+
+    // SIGKILL: no Cease; BIRD keeps node 2's path (graceful restart) and node 2's rules still
+    // forward, until the next agent has announced again.
+    bed.stop_agent(2, libc::SIGKILL);
+    let down = measure(Duration::from_secs(5), || {
+        !bed.birdc("show protocols n2").contains("Established")
+    });
+    assert!(down.is_some(), "BIRD still sees n2 up:\n{}", bed.dump());
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        let k = bed.kernel_route();
+        assert_eq!(nexthops(&k), ["10.97.0.11", "10.97.0.12"], "{}", bed.dump());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bed.agent(2);
+    let up = measure(Duration::from_secs(15), || {
+        let k = bed.kernel_route();
+        assert_eq!(nexthops(&k), ["10.97.0.11", "10.97.0.12"], "{}", bed.dump());
+        bed.birdc("show protocols n2").contains("Established")
+    });
+    assert!(up.is_some(), "n2 not back:\n{}", bed.dump());
+    // Re-announced: the route is no longer stale.
+    let fresh = measure(Duration::from_secs(5), || {
+        !bed.birdc(&format!("show route {VIP}/32 all"))
+            .contains("stale")
+    });
+    assert!(
+        fresh.is_some(),
+        "{}",
+        bed.birdc(&format!("show route {VIP}/32 all"))
+    );
+    bed.wait_nexthops(&["10.97.0.11", "10.97.0.12"], "both after the restart");
+    assert!(bed.curl().is_ok());
 }
