@@ -995,11 +995,6 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                 .context("starting the layer-2 thread")?,
         )
     };
-    // BGP (bgp.rs): one speaker for the agent's life; peers and routes come with each sync.
-    let mut bgp = match args.role.balances() {
-        true => Some(crate::bgp::BgpSide::start().context("starting the BGP speaker")?),
-        false => None,
-    };
     let announcements = state.announcements_dir();
     let status_file = announcements.join(format!("{}.json", args.node));
     if announcer.is_some() {
@@ -1007,6 +1002,13 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     }
 
     let metrics = Arc::new(Metrics::new(&args.node));
+    // BGP (bgp.rs): one speaker for the agent's life; peers and routes come with each sync.
+    let mut bgp = match args.role.balances() {
+        true => Some(
+            crate::bgp::BgpSide::start(Arc::clone(&metrics)).context("starting the BGP speaker")?,
+        ),
+        false => None,
+    };
     if let Some(addr) = args.metrics_addr {
         let listener = crate::http::bind(addr).await?;
         log!("metrics and health on http://{addr}/metrics, /healthz, /readyz");

@@ -8,7 +8,8 @@
 //! agent has announced them again.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use ferry_bgp::{Config, LargeCommunity, PeerConfig, PeerEvent, Speaker, State};
 use ferry_model::bgp as model;
@@ -16,6 +17,7 @@ use ferry_model::Service;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::agent_core::{Diagnostic, Severity};
+use crate::metrics::Metrics;
 use crate::source::Snapshot;
 
 /// What this node announces by BGP after a sync.
@@ -162,18 +164,27 @@ pub struct BgpSide {
     peers: Vec<PeerConfig>,
     /// The last error logged per peer (connect errors repeat every retry: logged once).
     last_error: BTreeMap<IpAddr, String>,
+    metrics: Arc<Metrics>,
 }
 
 impl BgpSide {
     /// A speaker with no peers (it connects out only: MetalLB's speaker does not listen).
-    pub fn start() -> std::io::Result<BgpSide> {
+    pub fn start(metrics: Arc<Metrics>) -> std::io::Result<BgpSide> {
         let (speaker, events) = Speaker::new(None)?;
         Ok(BgpSide {
             speaker,
             events,
             peers: Vec::new(),
             last_error: BTreeMap::new(),
+            metrics,
         })
+    }
+
+    fn peer_addr(&self, peer: IpAddr) -> Option<SocketAddr> {
+        self.peers
+            .iter()
+            .find(|p| p.address == peer)
+            .map(|p| SocketAddr::new(p.address, p.port))
     }
 
     /// Hands a sync's announcements to the speaker.
@@ -197,6 +208,12 @@ impl BgpSide {
                 .retain(|a, _| w.peers.iter().any(|p| p.address == *a));
             self.peers = w.peers;
         }
+        let counts: Vec<(SocketAddr, usize)> = w
+            .routes
+            .iter()
+            .filter_map(|(peer, r)| Some((self.peer_addr(*peer)?, r.len())))
+            .collect();
+        self.metrics.set_bgp_peers(counts);
         for (peer, routes) in w.routes {
             self.speaker.set_routes(peer, routes);
         }
@@ -204,6 +221,10 @@ impl BgpSide {
 
     /// A session event into the log.
     pub fn log_event(&mut self, ev: PeerEvent) {
+        if let Some(a) = self.peer_addr(ev.peer) {
+            self.metrics
+                .set_bgp_session(a, ev.down.is_none() && ev.state == State::Established);
+        }
         if let Some(r) = &ev.down {
             log!("bgp: peer {}: session down: {r}", ev.peer);
         }

@@ -281,6 +281,7 @@ protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
             .arg("--state-dir")
             .arg(self.dir.join("state"))
             .args(["--node", &format!("n{i}")])
+            .args(["--metrics-addr", "127.0.0.1:10249"])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -337,6 +338,25 @@ protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
             .success()
         });
         assert!(up.is_some(), "the web server in n{i} did not start");
+    }
+
+    /// The value of a metric's series on node `i`'s agent (its metrics on the namespace's
+    /// loopback).
+    fn metric(&self, i: usize, series: &str) -> Option<f64> {
+        let out = run(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.node(i),
+            "curl",
+            "-sf",
+            "--max-time",
+            "2",
+            "http://127.0.0.1:10249/metrics",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
     }
 
     fn kernel_route(&self) -> String {
@@ -489,6 +509,15 @@ fn agents_announce_ecmp_routes_to_bird() {
     let mut bed = Bed::new(2);
     bed.manifest("metallb.yaml", &config(2));
     bed.manifest("web.yaml", &service("Cluster"));
+    // A bad peer beside the good one: reported by object and field, the rest stands.
+    bed.manifest(
+        "broken.yaml",
+        "apiVersion: metallb.io/v1beta2
+kind: BGPPeer
+metadata: {name: broken, namespace: metallb-system}
+spec: {myASN: 64601, peerASN: 64600, peerAddress: 10.97.0.2, holdTime: 2s}
+",
+    );
     bed.web_server(1);
     bed.agent(1);
     bed.agent(2);
@@ -508,15 +537,31 @@ fn agents_announce_ecmp_routes_to_bird() {
             bed.dump()
         );
     }
-    // A client behind the router reaches the Service through either node.
+    let log = bed.log("n1.log");
+    let bad = log
+        .lines()
+        .find(|l| l.contains("BGPPeer metallb-system/broken"))
+        .unwrap_or_else(|| panic!("the bad BGPPeer is not reported:\n{log}"));
+    assert!(bad.contains("spec.holdTime"), "{bad}");
+    println!("reported: {bad}");
+    // A client behind the router reaches the Service.
     let got = measure(Duration::from_secs(10), || {
         bed.curl().is_ok_and(|s| s == "n1")
     });
     assert!(got.is_some(), "curl: {:?}\n{}", bed.curl(), bed.dump());
 
+    let up = "metallb_bgp_session_up{peer=\"10.97.0.1:179\"}";
+    let prefixes = "metallb_bgp_announced_prefixes_total{peer=\"10.97.0.1:179\"}";
+    for i in 1..=2 {
+        assert_eq!(bed.metric(i, up), Some(1.0), "n{i}");
+        assert_eq!(bed.metric(i, prefixes), Some(1.0), "n{i}");
+    }
+
     // Local: only the node with a ready endpoint announces.
     bed.manifest("web.yaml", &service("Local"));
     bed.wait_nexthops(&["10.97.0.11"], "only n1 (the endpoint's node)");
+    assert_eq!(bed.metric(2, prefixes), Some(0.0));
+    assert_eq!(bed.metric(1, prefixes), Some(1.0));
     println!("Local:\n{}", bed.kernel_route());
     assert_eq!(bed.curl(), Ok("n1".to_string()), "{}", bed.dump());
 
