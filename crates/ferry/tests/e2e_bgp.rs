@@ -17,6 +17,8 @@
 //!
 //! Run: `cargo test -p ferry --test e2e_bgp -- --test-threads 1 --nocapture`
 
+mod common;
+
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -81,15 +83,19 @@ struct Bed {
     bird: Option<Child>,
     agents: Vec<Option<Child>>,
     servers: Vec<Child>,
+    /// The lab API server (API mode), in the router namespace.
+    api: Option<Child>,
 }
 
 impl Drop for Bed {
     fn drop(&mut self) {
+        let api = self.api.iter_mut();
         for c in self
             .agents
             .iter_mut()
             .flatten()
             .chain(self.servers.iter_mut())
+            .chain(api)
         {
             let _ = c.kill();
             let _ = c.wait();
@@ -123,6 +129,7 @@ impl Bed {
             bird: None,
             agents: Vec::new(),
             servers: Vec::new(),
+            api: None,
         };
         let (r, c) = (bed.router(), bed.ns("c"));
         bed.netns(&r);
@@ -267,8 +274,19 @@ protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
         fs::remove_file(self.dir.join("manifests").join(name)).unwrap();
     }
 
-    /// Starts `ferry agent` in node `i`.
+    /// Starts `ferry agent` in node `i`, reading the manifest directory.
     fn agent(&mut self, i: usize) {
+        let source = vec![
+            "--manifests".into(),
+            self.dir.join("manifests").display().to_string(),
+            "--state-dir".into(),
+            self.dir.join("state").display().to_string(),
+        ];
+        self.agent_with(i, &source);
+    }
+
+    /// Starts `ferry agent` in node `i` with these source and state flags.
+    fn agent_with(&mut self, i: usize, source: &[String]) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -276,10 +294,7 @@ protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
             .unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.node(i), FERRY, "agent", "--no-l2"])
-            .arg("--manifests")
-            .arg(self.dir.join("manifests"))
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
+            .args(source)
             .args(["--node", &format!("n{i}")])
             .args(["--metrics-addr", "127.0.0.1:10249"])
             .stdout(log.try_clone().unwrap())
@@ -357,6 +372,66 @@ protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// The lab API server in the router namespace, on 10.97.0.1:6443 (the nodes reach it
+    /// over br0), with MetalLB's and ferry's namespaces.
+    fn start_api(&mut self) {
+        let apiserver = common::build_binary("ferry-apiserver", "ferry-apiserver");
+        fs::write(
+            self.kubeconfig(),
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster: {server: 'http://10.97.0.1:6443'}\nusers:\n- name: lab\n  user: {}\ncontexts:\n- name: lab\n  context: {cluster: lab, user: lab, namespace: default}\ncurrent-context: lab\n",
+        )
+        .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.router()])
+            .arg(apiserver)
+            .args(["--listen", "10.97.0.1:6443", "--state"])
+            .arg(self.dir.join("api-state.json"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(self.dir.join("api.log")).unwrap())
+            .spawn()
+            .expect("start ferry-apiserver");
+        self.api = Some(child);
+        let up = measure(Duration::from_secs(10), || {
+            self.kubectl(&["get", "--raw", "/version"], None).is_ok()
+        });
+        assert!(up.is_some(), "API server not up: {}", self.log("api.log"));
+        self.apply(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: ferry-system}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: metallb-system}\n",
+        );
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+        use std::io::Write;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.router(), "kubectl", "--kubeconfig"])
+            .arg(self.kubeconfig())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl");
+        if let Some(mut input) = child.stdin.take() {
+            let _ = input.write_all(stdin.unwrap_or_default().as_bytes());
+        }
+        let out = child.wait_with_output().expect("kubectl");
+        match out.status.success() {
+            true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
+    }
+
+    fn apply(&self, yaml: &str) {
+        if let Err(e) = self.kubectl(&["apply", "-f", "-"], Some(yaml)) {
+            panic!("kubectl apply: {e}\n{yaml}");
+        }
     }
 
     fn kernel_route(&self) -> String {
@@ -650,4 +725,46 @@ fn clients_spread_over_nodes_and_sigkill_keeps_routes() {
     );
     bed.wait_nexthops(&["10.97.0.11", "10.97.0.12"], "both after the restart");
     assert!(bed.curl().is_ok());
+}
+
+#[test]
+fn api_mode_announces_too() {
+    if !ready("api_mode_announces_too") {
+        return;
+    }
+    let mut bed = Bed::new(2);
+    bed.start_api();
+    bed.apply(&config(2));
+    bed.apply(&service("Cluster"));
+    bed.web_server(1);
+    for i in 1..=2 {
+        let kc = bed.kubeconfig().display().to_string();
+        let state = bed.dir.join(format!("state-n{i}")).display().to_string();
+        bed.agent_with(i, &["--kubeconfig".into(), kc, "--state-dir".into(), state]);
+    }
+    // The controller (one agent, elected) writes the address into the Service's status; both
+    // agents announce it.
+    bed.wait_nexthops(
+        &["10.97.0.11", "10.97.0.12"],
+        "ECMP over both nodes (API mode)",
+    );
+    let ip = bed
+        .kubectl(
+            &[
+                "get",
+                "svc",
+                "web",
+                "-o",
+                "jsonpath={.status.loadBalancer.ingress[0].ip}",
+            ],
+            None,
+        )
+        .unwrap_or_default();
+    assert_eq!(ip, VIP);
+    let got = measure(Duration::from_secs(10), || {
+        bed.curl().is_ok_and(|s| s == "n1")
+    });
+    assert!(got.is_some(), "curl: {:?}\n{}", bed.curl(), bed.dump());
+    bed.kubectl(&["delete", "svc", "web"], None).unwrap();
+    bed.wait_nexthops(&[], "withdrawn with the Service (API mode)");
 }
