@@ -637,6 +637,14 @@ spec: {myASN: 64601, peerASN: 64600, peerAddress: 10.97.0.2, holdTime: 2s}
     bed.wait_nexthops(&["10.97.0.11"], "only n1 (the endpoint's node)");
     assert_eq!(bed.metric(2, prefixes), Some(0.0));
     assert_eq!(bed.metric(1, prefixes), Some(1.0));
+    // The endpoint no longer ready: no node is eligible, the route goes; ready again, back.
+    bed.manifest(
+        "web.yaml",
+        &service("Local").replace("ready: true", "ready: false"),
+    );
+    bed.wait_nexthops(&[], "withdrawn: no ready endpoint");
+    bed.manifest("web.yaml", &service("Local"));
+    bed.wait_nexthops(&["10.97.0.11"], "n1 again (its endpoint ready)");
     println!("Local:\n{}", bed.kernel_route());
     assert_eq!(bed.curl(), Ok("n1".to_string()), "{}", bed.dump());
 
