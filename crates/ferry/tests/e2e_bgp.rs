@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 const VIP: &str = "10.99.0.10";
+const VIP6: &str = "fd00:99::10";
 const ROUTER_ASN: u32 = 64600;
 const NODE_ASN: u32 = 64601;
 
@@ -52,6 +53,10 @@ fn must(args: &[&str]) -> String {
 
 fn node_addr(i: usize) -> String {
     format!("10.97.0.1{i}")
+}
+
+fn node_addr6(i: usize) -> String {
+    format!("fd00:97::1{i}")
 }
 
 /// Root and BIRD; else skip (fail under CI).
@@ -137,6 +142,7 @@ impl Bed {
         bed.ip(&r, "link add br0 type bridge");
         bed.ip(&r, "link set br0 up");
         bed.ip(&r, "addr add 10.97.0.1/24 dev br0");
+        bed.ip(&r, "addr add fd00:97::1/64 dev br0 nodad");
         bed.ip(
             &r,
             &format!("link add c0 type veth peer name eth0 netns {c}"),
@@ -169,6 +175,7 @@ impl Bed {
             bed.ip(&r, &format!("link set v{i} master br0 up"));
             bed.ip(&n, "link set eth0 up");
             bed.ip(&n, &format!("addr add {}/24 dev eth0", node_addr(i)));
+            bed.ip(&n, &format!("addr add {}/64 dev eth0 nodad", node_addr6(i)));
             bed.ip(&n, "route add default via 10.97.0.1");
             bed.sysctl(&n, "net.ipv4.ip_forward=1");
             bed.agents.push(None);
@@ -216,6 +223,7 @@ impl Bed {
 log \"{log}\" all;
 protocol device {{ scan time 10; }}
 protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
+protocol kernel k6 {{ ipv6 {{ export all; import none; }}; merge paths on; }}
 ",
             log = self.dir.join("bird.log").display()
         );
@@ -226,6 +234,7 @@ protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
   local 10.97.0.1 as {ROUTER_ASN}; neighbor {nb} as {NODE_ASN};
   hold time 9; connect delay time 1; connect retry time 1; error wait time 1, 2;
   ipv4 {{ import all; export none; }};
+  ipv6 {{ import all; export none; }};
 }}
 ",
                 nb = node_addr(i)
@@ -435,7 +444,12 @@ protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
     }
 
     fn kernel_route(&self) -> String {
-        must(&["ip", "-n", &self.router(), "-4", "route", "show", VIP])
+        self.kernel_route_of(VIP)
+    }
+
+    fn kernel_route_of(&self, addr: &str) -> String {
+        let family = if addr.contains(':') { "-6" } else { "-4" };
+        must(&["ip", "-n", &self.router(), family, "route", "show", addr])
     }
 
     fn log(&self, name: &str) -> String {
@@ -455,9 +469,13 @@ protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
 
     /// Waits until the router's kernel route for VIP goes over exactly `want` (none: no route).
     fn wait_nexthops(&self, want: &[&str], what: &str) -> Duration {
+        self.wait_nexthops_of(VIP, want, what)
+    }
+
+    fn wait_nexthops_of(&self, addr: &str, want: &[&str], what: &str) -> Duration {
         let took = measure(Duration::from_secs(15), || {
-            let k = self.kernel_route();
-            nexthops(&k) == want && routes_listed(&k) == usize::from(!want.is_empty())
+            let k = self.kernel_route_of(addr);
+            nexthops(&k) == want && routes_listed(&k, addr) == usize::from(!want.is_empty())
         });
         took.unwrap_or_else(|| panic!("timed out: {what} (want {want:?}):\n{}", self.dump()))
     }
@@ -506,8 +524,8 @@ fn nexthops(route: &str) -> Vec<String> {
     out
 }
 
-fn routes_listed(route: &str) -> usize {
-    route.lines().filter(|l| l.starts_with(VIP)).count()
+fn routes_listed(route: &str, addr: &str) -> usize {
+    route.lines().filter(|l| l.starts_with(addr)).count()
 }
 
 /// MetalLB's BGP configuration: a one-address bgp pool, its advertisement, the router as a
@@ -536,9 +554,10 @@ spec: {{myASN: {NODE_ASN}, peerASN: {ROUTER_ASN}, peerAddress: 10.97.0.1, holdTi
 apiVersion: v1
 kind: Node
 metadata: {{name: n{i}}}
-status: {{addresses: [{{type: InternalIP, address: {}}}]}}
+status: {{addresses: [{{type: InternalIP, address: {}}}, {{type: InternalIP, address: {}}}]}}
 ",
-            node_addr(i)
+            node_addr(i),
+            node_addr6(i)
         );
     }
     s
@@ -775,4 +794,35 @@ fn api_mode_announces_too() {
     assert!(got.is_some(), "curl: {:?}\n{}", bed.curl(), bed.dump());
     bed.kubectl(&["delete", "svc", "web"], None).unwrap();
     bed.wait_nexthops(&[], "withdrawn with the Service (API mode)");
+}
+
+#[test]
+fn ipv6_address_over_the_ipv4_session() {
+    if !ready("ipv6_address_over_the_ipv4_session") {
+        return;
+    }
+    let mut bed = Bed::new(2);
+    // An IPv6 pool in the same advertisement; its address goes over the IPv4 sessions
+    // (MP-BGP) with each node's IPv6 address as the next hop.
+    let config = config(2).replace(
+        &format!("spec: {{addresses: [{VIP}/32]}}"),
+        &format!("spec: {{addresses: [{VIP}/32, {VIP6}/128]}}"),
+    );
+    bed.manifest("metallb.yaml", &config);
+    bed.manifest(
+        "web6.yaml",
+        &format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: web6, namespace: default, annotations: {{metallb.io/loadBalancerIPs: '{VIP6}'}}}}
+spec: {{type: LoadBalancer, selector: {{app: web}}, ports: [{{port: 80}}]}}
+"
+        ),
+    );
+    bed.agent(1);
+    bed.agent(2);
+    bed.wait_nexthops_of(VIP6, &["fd00:97::11", "fd00:97::12"], "IPv6 ECMP route");
+    println!("IPv6:\n{}", bed.kernel_route_of(VIP6));
+    bed.remove_manifest("web6.yaml");
+    bed.wait_nexthops_of(VIP6, &[], "IPv6 route withdrawn");
 }
