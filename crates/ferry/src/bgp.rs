@@ -91,6 +91,21 @@ pub fn wanted(
             )));
             continue;
         };
+        if pc.session.keepalive.map(u64::from) != Some(peer.keepalive_time.as_secs()) {
+            diagnostics.push(Diagnostic {
+                severity: Severity::Warning,
+                object: Some(peer.source.clone()),
+                reason: "KeepaliveAdjusted",
+                message: format!(
+                    "{}: keepaliveTime {} s: ferry's speaker sends KEEPALIVEs at least every \
+                     third of the hold time ({} s): every {} s instead",
+                    peer.source,
+                    peer.keepalive_time.as_secs(),
+                    peer.hold_time.as_secs(),
+                    pc.session.keepalive.unwrap_or_default()
+                ),
+            });
+        }
         if let Err(e) = pc.validate() {
             diagnostics.push(problem(e));
             continue;
@@ -127,7 +142,13 @@ fn peer_config(p: &model::BgpPeer, node_ips: &[IpAddr]) -> Option<PeerConfig> {
     let router_id: Ipv4Addr = p.router_id.or(v4)?;
     let mut session = Config::new(p.my_asn, p.peer_asn, router_id);
     session.hold_time = u16::try_from(p.hold_time.as_secs()).unwrap_or(u16::MAX);
-    session.keepalive = Some(u16::try_from(p.keepalive_time.as_secs()).unwrap_or(u16::MAX));
+    // MetalLB takes any keepalive up to the hold time; the speaker (RFC 4271's advice) at most
+    // a third of it: a longer one is shortened (and reported by the caller).
+    let keepalive = u16::try_from(p.keepalive_time.as_secs()).unwrap_or(u16::MAX);
+    session.keepalive = Some(match session.hold_time {
+        0 => keepalive,
+        hold => keepalive.min(hold / 3),
+    });
     // The next hop of the other family (the session's own local address serves its family).
     match p.peer_address {
         IpAddr::V4(_) => session.next_hop_v6 = v6,
@@ -387,6 +408,35 @@ ports: [{port: 80, protocol: TCP}]
                     .contains("BGPPeer metallb-system/router: routerID")),
             "{d:#?}"
         );
+    }
+
+    #[test]
+    fn a_long_keepalive_is_shortened_with_a_warning() {
+        let text = MANIFESTS.replace("holdTime: 9s}", "holdTime: 9s, keepaliveTime: 6s}");
+        let snap = snapshot(&text);
+        let mut d = Vec::new();
+        let ips: Vec<IpAddr> = vec!["10.76.0.11".parse().unwrap()];
+        let w = wanted(&snap, "n1", &BTreeMap::new(), &ips, &[], &mut d);
+        assert_eq!(w.peers.len(), 1, "{d:#?}");
+        assert_eq!(w.peers[0].session.keepalive, Some(3));
+        assert!(w.peers[0].validate().is_ok());
+        assert!(
+            d.iter().any(|d| d.reason == "KeepaliveAdjusted"
+                && d.message
+                    .contains("BGPPeer metallb-system/router: keepaliveTime 6 s")),
+            "{d:#?}"
+        );
+        // The default (a third) is no news.
+        let mut d = Vec::new();
+        wanted(
+            &snapshot(MANIFESTS),
+            "n1",
+            &BTreeMap::new(),
+            &ips,
+            &[],
+            &mut d,
+        );
+        assert!(!d.iter().any(|d| d.reason == "KeepaliveAdjusted"), "{d:#?}");
     }
 
     #[test]
