@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: source (manifest directory) -> allocation store -> model ([`compute`]:
 //! endpoints, plan) -> dataplane (one nftables transaction), and model -> the layer-2 thread
-//! (`announce.rs`). The shell wakes on events and deadlines only: inotify on the manifest
+//! (`announce.rs`) and the BGP speaker (`bgp.rs`: routes per peer, computed in [`compute`]). The shell wakes on events and deadlines only: inotify on the manifest
 //! directory, rtnetlink on interface and address changes, the core's timers
 //! (`agent_core.rs`: min-sync-period coalescing, retries, periodic resync), signals. A sync
 //! runs on a blocking thread of its own (it reads files, takes the allocation lock with a
