@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: source (manifest directory) -> allocation store -> model ([`compute`]:
 //! endpoints, plan) -> dataplane (one nftables transaction), and model -> the layer-2 thread
-//! (`announce.rs`). The shell wakes on events and deadlines only: inotify on the manifest
+//! (`announce.rs`) and the BGP speaker (`bgp.rs`: routes per peer, computed in [`compute`]). The shell wakes on events and deadlines only: inotify on the manifest
 //! directory, rtnetlink on interface and address changes, the core's timers
 //! (`agent_core.rs`: min-sync-period coalescing, retries, periodic resync), signals. A sync
 //! runs on a blocking thread of its own (it reads files, takes the allocation lock with a
@@ -428,6 +428,8 @@ pub struct Pass {
     pub lb_services: Vec<(IpAddr, String)>,
     /// Per pool: (name, addresses in use, addresses in all).
     pub pool_usage: Vec<(String, u64, u64)>,
+    /// What this node announces by BGP (bgp.rs).
+    pub bgp: crate::bgp::Wanted,
 }
 
 /// The model and the plan from a snapshot, its pools and the store's allocations (pure: the
@@ -608,6 +610,17 @@ pub fn compute(
             )
         })
         .collect();
+    let bgp = match args.role.balances() {
+        true => crate::bgp::wanted(
+            snap,
+            &args.node,
+            &this_node.map(|n| n.meta.labels.clone()).unwrap_or_default(),
+            &node_ips,
+            &services,
+            &mut diagnostics,
+        ),
+        false => Default::default(),
+    };
     let my_ip = node_ips
         .iter()
         .find(|i| i.is_ipv4())
@@ -631,6 +644,7 @@ pub fn compute(
         l2,
         lb_services,
         pool_usage,
+        bgp,
     }
 }
 
@@ -777,6 +791,8 @@ struct SyncOutcome {
     health_checks: Vec<crate::healthcheck::Check>,
     /// What changed in the kernel ("" when nothing did).
     changes: String,
+    /// What this node announces by BGP.
+    bgp: crate::bgp::Wanted,
     t_plan: Duration,
     t_apply: Duration,
 }
@@ -876,6 +892,7 @@ impl Worker {
             l2: p.l2,
             node_ips: p.node_ips,
             health_checks,
+            bgp: p.bgp,
             changes: if changes.is_empty() {
                 String::new()
             } else {
@@ -993,6 +1010,13 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     }
 
     let metrics = Arc::new(Metrics::new(&args.node));
+    // BGP (bgp.rs): one speaker for the agent's life; peers and routes come with each sync.
+    let mut bgp = match args.role.balances() {
+        true => Some(
+            crate::bgp::BgpSide::start(Arc::clone(&metrics)).context("starting the BGP speaker")?,
+        ),
+        false => None,
+    };
     if let Some(addr) = args.metrics_addr {
         let listener = crate::http::bind(addr).await?;
         log!("metrics and health on http://{addr}/metrics, /healthz, /readyz");
@@ -1108,7 +1132,10 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                     anyhow::bail!("the sync thread stopped (it panicked: see above)");
                 };
                 in_flight = false;
-                shell.finish_sync(r, announcer.as_ref());
+                let wanted = shell.finish_sync(r, announcer.as_ref());
+                if let (Some(b), Some(w)) = (bgp.as_mut(), wanted) {
+                    b.apply(w).await;
+                }
                 shell.metrics.heartbeat("sync");
             }
             _ = timer => {}
@@ -1135,6 +1162,11 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                     }
                 }
             }
+            Some(ev) = async { bgp.as_mut()?.events.recv().await } => {
+                if let Some(b) = bgp.as_mut() {
+                    b.log_event(ev);
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -1142,6 +1174,9 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     if let Some(a) = announcer {
         a.shutdown();
         let _ = std::fs::remove_file(&status_file);
+    }
+    if let Some(b) = bgp {
+        b.shutdown().await;
     }
     if let Some(side) = api {
         side.stop().await;
@@ -1358,7 +1393,12 @@ impl Shell {
         }
     }
 
-    fn finish_sync(&mut self, r: Result<SyncOutcome>, announcer: Option<&Announcer>) {
+    /// Takes a sync's outcome in; hands back what BGP is to announce (None after a failed sync).
+    fn finish_sync(
+        &mut self,
+        r: Result<SyncOutcome>,
+        announcer: Option<&Announcer>,
+    ) -> Option<crate::bgp::Wanted> {
         let now = Instant::now();
         match r {
             Ok(out) => {
@@ -1406,11 +1446,13 @@ impl Shell {
                         self.l2_sent = Some(out.l2);
                     }
                 }
+                Some(out.bgp)
             }
             Err(e) => {
                 self.core.handle_sync_done(now, false);
                 self.metrics.observe_sync(now.elapsed(), false);
                 log!("error: {e:#} (retrying)");
+                None
             }
         }
     }

@@ -26,6 +26,7 @@ static MALLOC_CONF: &[u8; 37] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 mod agent;
 mod agent_core;
 mod announce;
+mod bgp;
 mod explain;
 mod get;
 mod healthcheck;

@@ -17,6 +17,8 @@
 //! | `metallb_allocator_addresses_in_use_total{pool}` | gauge | [`Metrics::set_pool`], [`Metrics::set_pools`] |
 //! | `metallb_allocator_addresses_total{pool}` | gauge | [`Metrics::set_pool`], [`Metrics::set_pools`] |
 //! | `metallb_speaker_announced{ip,node,protocol,service}` | gauge (1) | [`Metrics::set_announced`] |
+//! | `metallb_bgp_session_up{peer}` | gauge (0/1) | [`Metrics::set_bgp_session`], [`Metrics::set_bgp_peers`] |
+//! | `metallb_bgp_announced_prefixes_total{peer}` | gauge | [`Metrics::set_bgp_peers`] |
 //! | `ferry_membership_alive`, `_cluster_size`, `_quorum` | gauge | [`Metrics::set_membership`] |
 //! | `ferry_membership_*_total` | counter | [`Metrics::set_member_stats`] |
 //! | `ferry_l2_takeovers_total` | counter | [`Metrics::inc_takeover`] |
@@ -57,6 +59,18 @@ const PROTOCOL_LAYER2: &str = "layer2";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct PoolLabels {
     pool: String,
+}
+
+/// MetalLB's BGP label: the peer as `address:port`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct PeerLabels {
+    peer: String,
+}
+
+fn peer_label(peer: std::net::SocketAddr) -> PeerLabels {
+    PeerLabels {
+        peer: peer.to_string(),
+    }
 }
 
 /// MetalLB's label set, in the order client_golang prints it.
@@ -338,6 +352,9 @@ pub struct Metrics {
     pools: Mutex<BTreeSet<PoolLabels>>,
     announced: Family<AnnouncedLabels, Gauge>,
     announced_set: Mutex<BTreeSet<AnnouncedLabels>>,
+    bgp_session_up: Family<PeerLabels, Gauge>,
+    bgp_prefixes: Family<PeerLabels, Gauge>,
+    bgp_peers: Mutex<BTreeSet<PeerLabels>>,
 
     membership_alive: Gauge,
     membership_cluster_size: Gauge,
@@ -392,6 +409,9 @@ impl Metrics {
             pools: Mutex::new(BTreeSet::new()),
             announced: Family::default(),
             announced_set: Mutex::new(BTreeSet::new()),
+            bgp_session_up: Family::default(),
+            bgp_prefixes: Family::default(),
+            bgp_peers: Mutex::new(BTreeSet::new()),
             membership_alive: Gauge::default(),
             membership_cluster_size: Gauge::default(),
             membership_quorum: Gauge::default(),
@@ -466,6 +486,16 @@ impl Metrics {
             "metallb_speaker_announced",
             "Services being announced from this node. This is desired state, it does not guarantee that the routing protocols have converged",
             self.announced.clone(),
+        );
+        r.register(
+            "metallb_bgp_session_up",
+            "BGP session state (1 is up, 0 is down)",
+            self.bgp_session_up.clone(),
+        );
+        r.register(
+            "metallb_bgp_announced_prefixes_total",
+            "Number of prefixes currently being advertised on the BGP session",
+            self.bgp_prefixes.clone(),
         );
         r.register(
             "ferry_membership_alive",
@@ -580,6 +610,40 @@ impl Metrics {
             self.announced.remove(gone);
         }
         *known = now;
+    }
+
+    /// The BGP peers now, each with the number of prefixes announced to it: replaces the
+    /// previous set (peers gone vanish; a new peer's session counts as down until
+    /// [`Metrics::set_bgp_session`]).
+    pub fn set_bgp_peers(&self, peers: impl IntoIterator<Item = (std::net::SocketAddr, usize)>) {
+        let mut known = lock(&self.bgp_peers);
+        let mut now = BTreeSet::new();
+        for (peer, prefixes) in peers {
+            let labels = peer_label(peer);
+            self.bgp_prefixes
+                .get_or_create(&labels)
+                .set(gauge_value(prefixes as u64));
+            if !known.contains(&labels) {
+                self.bgp_session_up.get_or_create(&labels).set(0);
+            }
+            now.insert(labels);
+        }
+        for gone in known.difference(&now) {
+            self.bgp_prefixes.remove(gone);
+            self.bgp_session_up.remove(gone);
+        }
+        *known = now;
+    }
+
+    /// A BGP session came up or went down (peers not in [`Metrics::set_bgp_peers`]'s set are
+    /// ignored).
+    pub fn set_bgp_session(&self, peer: std::net::SocketAddr, up: bool) {
+        let labels = peer_label(peer);
+        if lock(&self.bgp_peers).contains(&labels) {
+            self.bgp_session_up
+                .get_or_create(&labels)
+                .set(i64::from(up));
+        }
     }
 
     /// The membership view: `alive` members (this node included) of `cluster_size`, and
@@ -874,6 +938,28 @@ mod tests {
 
         m.set_announced(Vec::<(IpAddr, String)>::new());
         assert!(series_of(&m.encode(), "metallb_speaker_announced").is_empty());
+    }
+
+    #[test]
+    fn bgp_peers_and_sessions() {
+        let m = Metrics::new("node-1");
+        let a: std::net::SocketAddr = "10.97.0.1:179".parse().unwrap();
+        let b: std::net::SocketAddr = "[fd00::1]:1179".parse().unwrap();
+        m.set_bgp_peers([(a, 2), (b, 0)]);
+        m.set_bgp_session(a, true);
+        let text = m.encode();
+        let up = |p: &str| format!("metallb_bgp_session_up{{peer=\"{p}\"}}");
+        let pfx = |p: &str| format!("metallb_bgp_announced_prefixes_total{{peer=\"{p}\"}}");
+        assert_eq!(sample(&text, &up("10.97.0.1:179")), Some(1.0), "{text}");
+        assert_eq!(sample(&text, &up("[fd00::1]:1179")), Some(0.0), "{text}");
+        assert_eq!(sample(&text, &pfx("10.97.0.1:179")), Some(2.0), "{text}");
+        // A peer gone vanishes; an unknown one is not created.
+        m.set_bgp_peers([(a, 1)]);
+        m.set_bgp_session(b, true);
+        let text = m.encode();
+        assert_eq!(sample(&text, &up("[fd00::1]:1179")), None, "{text}");
+        assert_eq!(sample(&text, &up("10.97.0.1:179")), Some(1.0), "{text}");
+        assert_eq!(sample(&text, &pfx("10.97.0.1:179")), Some(1.0), "{text}");
     }
 
     #[test]
