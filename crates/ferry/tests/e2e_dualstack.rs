@@ -248,3 +248,165 @@ fn dual_stack_services_reach_endpoints_of_each_family() {
     let err = served(&lab, "client", &url(node6, np4)).expect_err("IPv6 node port of `four`");
     println!("four: IPv4 node port {np4} answers; on {node6}: {err}");
 }
+
+/// Whether this kernel has SCTP: socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP) works (Err with
+/// the errno text when it does not, e.g. EPROTONOSUPPORT without the sctp module).
+fn kernel_sctp() -> Result<(), String> {
+    // SAFETY: socket() has no preconditions; the descriptor is closed right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    // SAFETY: fd is ours and open.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+const SCTP_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: sctp
+spec:
+  type: NodePort
+  ipFamilyPolicy: RequireDualStack
+  selector:
+    app: nextcloud
+  ports:
+  - port: 9999
+    protocol: SCTP
+    targetPort: 9999
+";
+
+/// Waits (bounded) until `node`'s table (`nft list table inet ferry`, read back from the
+/// kernel) has, for every entry of `want`, a line holding all of its parts; the listing.
+fn wait_table_holds(lab: &Lab, node: &str, want: &[Vec<String>]) -> String {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let out = common::run_ok(lab, node, &["nft", "list", "table", "inet", "ferry"]);
+        let missing: Vec<&Vec<String>> = want
+            .iter()
+            .filter(|w| {
+                !out.lines()
+                    .any(|l| w.iter().all(|part| l.contains(part.as_str())))
+            })
+            .collect();
+        if missing.is_empty() {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node}: the kernel's table lacks {missing:?}:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// SCTP through a dual-stack Service. The rules (cluster IPs, node port, DNAT to the pods of
+/// each family, `meta l4proto sctp`) are checked in the kernel's table on every kernel:
+/// nftables matches SCTP by protocol number and port offset, without the SCTP module. Where
+/// the kernel has SCTP, an association from the client through the node port and from a pod
+/// through both cluster IPs reaches a pod (socat); where it has none this part is skipped,
+/// saying so (the kernel's support is outside ferry's control, so the test passes on the
+/// strength of the rules).
+#[test]
+fn sctp_through_a_dual_stack_service() {
+    let test = "sctp_through_a_dual_stack_service";
+    let Some(lab) = common::lab_manifests(test, 1) else {
+        return;
+    };
+    lab.apply_yaml(common::demo::NEXTCLOUD_DEV).unwrap();
+    lab.apply_yaml(SCTP_SERVICE).unwrap();
+    let pods = common::pods_of(&lab, "nextcloud-dev");
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    let ips = cluster_ips(&lab, "sctp", 2);
+    let np = common::node_port(&lab, "sctp");
+    let node = lab.state().unwrap().nodes[0].name.clone();
+    let parts = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
+    // The services' and node ports' map elements (key ... verdict, one line each) and each
+    // pod's DNAT rule in the chain of its family.
+    let (cip4, cip6) = (
+        format!("{} . sctp . 9999 ", ips[0]),
+        format!("{} . sctp . 9999 ", ips[1]),
+    );
+    let node_port = format!("sctp . {np} ");
+    let mut want = vec![
+        parts(&[&cip4, ": goto service-default/sctp/sctp/9999 }"]),
+        parts(&[&cip6, ": goto service-default/sctp/sctp/9999/ipv6 }"]),
+        parts(&[&node_port, ": goto external-default/sctp/sctp/9999 }"]),
+        parts(&[&node_port, ": goto external-default/sctp/sctp/9999/ipv6 }"]),
+    ];
+    for p in &pods {
+        let (v4, v6) = (
+            format!("dnat ip to {}:9999", p.ip),
+            format!("dnat ip6 to [{}]:9999", p.ip6()),
+        );
+        want.push(parts(&["meta l4proto sctp", &v4]));
+        want.push(parts(&["meta l4proto sctp", &v6]));
+    }
+    wait_table_holds(&lab, &node, &want);
+    println!("sctp: the kernel's table on {node} holds {want:#?}");
+
+    if let Err(why) = kernel_sctp() {
+        // Not through ferry_testkit::skip: the rules were checked, and a kernel without SCTP
+        // is no reason to fail under CI.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "ferry-test-skipped: e2e_dualstack/{test} (the SCTP association only): kernel has \
+             no SCTP (socket(AF_INET, SOCK_STREAM, IPPROTO_SCTP): {why}); its rules were \
+             loaded into and read back from the kernel's nftables"
+        );
+        return;
+    }
+    if !lab
+        .exec("client", &["socat", "-V"])
+        .is_ok_and(|o| o.status.success())
+    {
+        ferry_lab::skip(test, "the kernel has SCTP but socat is not installed");
+        return;
+    }
+    // Each pod answers an association with its name.
+    let mut servers = Vec::new();
+    for p in &pods {
+        let reply = format!("SYSTEM:echo {}", p.name);
+        for listen in [
+            "SCTP4-LISTEN:9999,fork,reuseaddr",
+            "SCTP6-LISTEN:9999,fork,reuseaddr",
+        ] {
+            servers.push(lab.spawn(&p.name, &["socat", listen, &reply]).unwrap());
+        }
+    }
+    let names: BTreeSet<String> = pods.iter().map(|p| p.name.clone()).collect();
+    let st = lab.state().unwrap();
+    let node4 = st.nodes[0].ip.to_string();
+    let node6 = format!("[{}]", st.nodes[0].ip6);
+    let client_pod = common::debian(&lab);
+    let targets = [
+        ("client", format!("SCTP:{node4}:{np}")),
+        ("client", format!("SCTP:{node6}:{np}")),
+        (client_pod.as_str(), format!("SCTP:{}:9999", ips[0])),
+        (client_pod.as_str(), format!("SCTP:[{}]:9999", ips[1])),
+    ];
+    let mut result = Ok(());
+    for (from, to) in &targets {
+        let deadline = Instant::now() + CONVERGE;
+        loop {
+            let out = lab.exec(from, &["timeout", "3", "socat", "-", to]).unwrap();
+            let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if names.contains(&got) {
+                println!("sctp: {from} -> {to}: association answered by {got}");
+                break;
+            }
+            if Instant::now() > deadline {
+                result = Err(format!("{from} -> {to}: no pod answered ({got:?})"));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    for mut s in servers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    result.unwrap();
+}
