@@ -31,6 +31,7 @@ pub fn from_api(services: &[Service], pools: &PoolConfig) -> (AllocResults, LbRe
         };
         let alloc = cluster_ip.map(|cluster_ip| Allocation {
             cluster_ip,
+            secondary_cluster_ip: cluster_ip.and(svc.secondary_cluster_ip),
             node_ports: svc
                 .ports
                 .iter()
@@ -118,6 +119,7 @@ mod tests {
         assert_eq!(
             get("lb").unwrap(),
             Allocation {
+                secondary_cluster_ip: None,
                 cluster_ip: Some(ip),
                 node_ports: vec![Some(30080)],
                 health_check_node_port: None,

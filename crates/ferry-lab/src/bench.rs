@@ -54,6 +54,7 @@ fn services(n: usize, eps: usize, generation: u32) -> Vec<ResolvedService> {
                 },
                 // 10.43.x.y cluster IPs, 10.42.x.y endpoints (10.42/16 holds 65,536).
                 cluster_ip: Some(ip(0x0a2b_0000 + i32_ + 1)),
+                secondary_cluster_ip: None,
                 external_ips: vec![],
                 load_balancer_ips: vec![],
                 external_traffic_policy: TrafficPolicy::Cluster,

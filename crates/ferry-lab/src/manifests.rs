@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use ferry_model::{Object, Service, TargetPort};
+use ferry_model::{ClusterIpSpec, IpFamily, IpFamilyPolicy, Object, Service, TargetPort};
 use ferry_source::check::{
     is_dns1123_label, is_dns1123_subdomain, quote, DNS1123_LABEL, DNS1123_SUBDOMAIN,
 };
@@ -645,7 +645,7 @@ pub(crate) struct SliceMeta {
     labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct SliceEndpoint {
     addresses: Vec<String>,
@@ -659,25 +659,25 @@ pub(crate) struct SliceEndpoint {
 }
 
 /// `hints.forZones`, as an EndpointSlice controller writes them for `PreferClose`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct SliceHints {
     for_zones: Vec<SliceZone>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub(crate) struct SliceZone {
     name: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub(crate) struct SliceConditions {
     ready: bool,
     serving: bool,
     terminating: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub(crate) struct SliceTargetRef {
     kind: &'static str,
     name: String,
@@ -782,36 +782,71 @@ pub(crate) fn slice_docs(
         groups.insert(ports, Vec::new());
     }
     let mut docs = Vec::new();
-    for (i, (ports, endpoints)) in groups.into_iter().enumerate() {
-        let name = if i == 0 {
-            format!("{}-lab", svc.meta.name)
-        } else {
-            format!("{}-lab-{}", svc.meta.name, i + 1)
+    for family in service_families(svc) {
+        let (tag, address_type) = match family {
+            IpFamily::IPv4 => ("lab", "IPv4"),
+            IpFamily::IPv6 => ("lab6", "IPv6"),
         };
-        let mut labels = BTreeMap::new();
-        labels.insert(
-            "kubernetes.io/service-name".to_string(),
-            svc.meta.name.clone(),
-        );
-        labels.insert(
-            "endpointslice.kubernetes.io/managed-by".to_string(),
-            managed_by.to_string(),
-        );
-        let doc = SliceDoc {
-            api_version: "discovery.k8s.io/v1",
-            kind: "EndpointSlice",
-            metadata: SliceMeta {
-                name,
-                namespace: svc.meta.namespace.clone(),
-                labels,
-            },
-            address_type: "IPv4",
-            endpoints,
-            ports,
-        };
-        docs.push(doc);
+        for (i, (ports, endpoints)) in groups.iter().enumerate() {
+            let name = if i == 0 {
+                format!("{}-{tag}", svc.meta.name)
+            } else {
+                format!("{}-{tag}-{}", svc.meta.name, i + 1)
+            };
+            let mut labels = BTreeMap::new();
+            labels.insert(
+                "kubernetes.io/service-name".to_string(),
+                svc.meta.name.clone(),
+            );
+            labels.insert(
+                "endpointslice.kubernetes.io/managed-by".to_string(),
+                managed_by.to_string(),
+            );
+            let endpoints = endpoints
+                .iter()
+                .map(|e| SliceEndpoint {
+                    addresses: e
+                        .addresses
+                        .iter()
+                        .map(|a| match (family, a.parse::<std::net::Ipv4Addr>()) {
+                            (IpFamily::IPv6, Ok(v4)) => crate::state::pod_ip6(v4).to_string(),
+                            _ => a.clone(),
+                        })
+                        .collect(),
+                    ..e.clone()
+                })
+                .collect();
+            docs.push(SliceDoc {
+                api_version: "discovery.k8s.io/v1",
+                kind: "EndpointSlice",
+                metadata: SliceMeta {
+                    name,
+                    namespace: svc.meta.namespace.clone(),
+                    labels,
+                },
+                address_type,
+                endpoints,
+                ports: ports.clone(),
+            });
+        }
     }
     docs
+}
+
+/// The IP families of a Service's EndpointSlices, as the EndpointSlice controller takes them
+/// from its spec.ipFamilies (which the API server fills in; the lab's manifest-mode agents have
+/// service CIDRs of both families): the cluster IP's family or the first one listed (IPv4 when
+/// neither says), and the other one too unless the Service is SingleStack.
+fn service_families(svc: &Service) -> Vec<IpFamily> {
+    let primary = match svc.cluster_ip {
+        ClusterIpSpec::Ip(ip) => IpFamily::of(ip),
+        _ => svc.ip_families.first().copied().unwrap_or(IpFamily::IPv4),
+    };
+    let mut out = vec![primary];
+    if svc.effective_ip_family_policy() != IpFamilyPolicy::SingleStack {
+        out.push(primary.other());
+    }
+    out
 }
 
 /// Rewrites manifests/endpointslice-<ns>-<svc>.yaml for every Service with a selector (only

@@ -142,6 +142,16 @@ fn build_pods(ctx: &Ctx, st: &mut LabState, new: &[PodInfo]) -> Result<()> {
         lines.push(format!("link set {} up", p.veth));
         lines.push(format!("addr add {gw}/32 dev {} noprefixroute", p.veth));
         lines.push(format!("route replace {}/32 dev {}", p.ip, p.veth));
+        lines.push(format!(
+            "addr add {}/128 dev {} noprefixroute nodad",
+            node.pod_gateway6(),
+            p.veth
+        ));
+        lines.push(format!("route replace {}/128 dev {}", p.ip6(), p.veth));
+    }
+    // Set before the veths exist: no duplicate address detection to wait for.
+    for p in new {
+        sys::set_sysctls(&p.ns, &[("net.ipv6.conf.default.accept_dad", "0")])?;
     }
     for (ns, lines) in &per_node {
         sys::ip_batch(Some(ns), lines)?;
@@ -149,6 +159,7 @@ fn build_pods(ctx: &Ctx, st: &mut LabState, new: &[PodInfo]) -> Result<()> {
     for p in new {
         let node = st.node(&p.node).context("pod on an unknown node")?;
         let gw = node.pod_gateway();
+        let gw6 = node.pod_gateway6();
         sys::ip_batch(
             Some(&p.ns),
             &[
@@ -157,6 +168,9 @@ fn build_pods(ctx: &Ctx, st: &mut LabState, new: &[PodInfo]) -> Result<()> {
                 format!("addr add {}/32 dev eth0", p.ip),
                 format!("route add {gw} dev eth0"),
                 format!("route add default via {gw} dev eth0"),
+                format!("addr add {}/128 dev eth0 nodad", p.ip6()),
+                format!("route add {gw6} dev eth0"),
+                format!("route add default via {gw6} dev eth0"),
             ],
         )?;
     }

@@ -1,8 +1,10 @@
 //! `ferry lab serve-pod`: what runs inside every lab pod. An HTTP/1.1 server on each TCP port
 //! answering any request with 200 and body "<podname>\n", and a UDP responder on each UDP port
 //! answering every datagram with "<podname>\n". Responses also carry the headers
-//! `X-Ferry-Pod: <podname>` and `X-Client-Addr: <ip>:<port>` (the source the pod saw, for tests
-//! of source NAT).
+//! `X-Ferry-Pod: <podname>`, `X-Client-Addr: <ip>:<port>` (the source the pod saw, for tests
+//! of source NAT) and `X-Server-Addr: <ip>:<port>` (the pod's address that served: IPv4 or
+//! IPv6, for tests of dual-stack Services). Sockets are bound to `[::]`, dual-stack (IPv4
+//! peers are shown as IPv4 addresses); to 0.0.0.0 where IPv6 is off.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -16,14 +18,16 @@ pub fn serve_pod(name: &str, tcp: &[u16], udp: &[u16]) -> Result<()> {
     let body: Arc<str> = Arc::from(format!("{name}\n"));
     let mut udp_sockets = Vec::new();
     for &port in udp {
-        let s =
-            UdpSocket::bind(("0.0.0.0", port)).with_context(|| format!("binding udp/{port}"))?;
+        let s = UdpSocket::bind(("::", port))
+            .or_else(|_| UdpSocket::bind(("0.0.0.0", port)))
+            .with_context(|| format!("binding udp/{port}"))?;
         udp_sockets.push(s);
     }
     let mut listeners = Vec::new();
     for &port in tcp {
-        let l =
-            TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("binding tcp/{port}"))?;
+        let l = TcpListener::bind(("::", port))
+            .or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+            .with_context(|| format!("binding tcp/{port}"))?;
         listeners.push(l);
     }
     println!("serve-pod {name}: tcp {tcp:?} udp {udp:?}");
@@ -66,7 +70,12 @@ fn udp_loop(sock: UdpSocket, body: &str) {
 
 fn handle_http(mut conn: TcpStream, pod: &str, body: &str) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    // IPv4 peers of the dual-stack socket arrive as ::ffff:a.b.c.d: shown as a.b.c.d.
+    let canonical = |a: std::net::SocketAddr| {
+        std::net::SocketAddr::new(a.ip().to_canonical(), a.port()).to_string()
+    };
+    let peer = conn.peer_addr().map(canonical).unwrap_or_default();
+    let local = conn.local_addr().map(canonical).unwrap_or_default();
     // Read the request head (any method, any path); the answer does not depend on it.
     let mut req = Vec::new();
     let mut buf = [0u8; 4096];
@@ -78,7 +87,7 @@ fn handle_http(mut conn: TcpStream, pod: &str, body: &str) -> std::io::Result<()
         }
     }
     let resp = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Ferry-Pod: {pod}\r\nX-Client-Addr: {peer}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Ferry-Pod: {pod}\r\nX-Client-Addr: {peer}\r\nX-Server-Addr: {local}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     conn.write_all(resp.as_bytes())?;

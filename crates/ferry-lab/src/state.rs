@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -260,6 +260,17 @@ impl NodeInfo {
     pub fn pod_gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 42, self.index as u8, 1)
     }
+    /// Its IPv6 address on every pod veth: fd00:42:<index>::1.
+    pub fn pod_gateway6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x42, self.index as u16, 0, 0, 0, 0, 1)
+    }
+    /// Its pods' IPv6 range: fd00:42:<index>::/64 (beside pod_cidr, 10.42.<index>.0/24).
+    pub fn pod_cidr6(&self) -> String {
+        format!(
+            "{}/64",
+            Ipv6Addr::new(0xfd00, 0x42, self.index as u16, 0, 0, 0, 0, 0)
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -300,6 +311,20 @@ pub struct PodInfo {
     pub created: u64,
     /// Hash of what the pod was made from (template or Pod manifest).
     pub spec_hash: String,
+}
+
+impl PodInfo {
+    /// The pod's IPv6 address beside `ip`: 10.42.N.K -> fd00:42:N::K (so nothing more is kept
+    /// in the lab's state).
+    pub fn ip6(&self) -> Ipv6Addr {
+        pod_ip6(self.ip)
+    }
+}
+
+/// A pod's IPv6 address from its IPv4 one: 10.42.N.K -> fd00:42:N::K.
+pub fn pod_ip6(ip: Ipv4Addr) -> Ipv6Addr {
+    let [_, _, n, k] = ip.octets();
+    Ipv6Addr::new(0xfd00, 0x42, u16::from(n), 0, 0, 0, 0, u16::from(k))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -19,6 +19,10 @@ use crate::sys;
 
 pub const CLUSTER_CIDR: &str = "10.42.0.0/16";
 pub const SERVICE_CIDR: &str = "10.43.0.0/16";
+/// The pods' IPv6 ranges: fd00:42:<node index>::/64 each (beside 10.42.<index>.0/24).
+pub const CLUSTER_CIDR6: &str = "fd00:42::/48";
+/// The IPv6 service CIDR of the manifest-mode agents (dual-stack Services).
+pub const SERVICE_CIDR6: &str = "fd00:43::/108";
 pub const MAX_NODES: usize = 50;
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 2, 100);
 
@@ -202,6 +206,8 @@ fn build(st: &LabState) -> Result<()> {
                 ("net.ipv4.conf.all.proxy_arp", "0"),
                 ("net.ipv4.conf.default.proxy_arp", "0"),
                 ("net.ipv6.conf.all.forwarding", "1"),
+                // Pod veths come and go: no duplicate address detection to wait for.
+                ("net.ipv6.conf.default.accept_dad", "0"),
             ],
         )?;
         let mut lines = vec![
@@ -212,8 +218,10 @@ fn build(st: &LabState) -> Result<()> {
         ];
         for other in st.nodes.iter().filter(|o| o.index != n.index) {
             lines.push(format!("route add {} via {}", other.pod_cidr, other.ip));
+            lines.push(format!("route add {} via {}", other.pod_cidr6(), other.ip6));
         }
         lines.push(format!("route add {SERVICE_CIDR} dev eth0"));
+        lines.push(format!("route add {SERVICE_CIDR6} dev eth0"));
         sys::ip_batch(Some(&n.ns), &lines)?;
     }
 
@@ -263,12 +271,13 @@ fn write_nodes_yaml(ctx: &Ctx, st: &LabState) -> Result<()> {
             ""
         };
         text.push_str(&format!(
-            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  creationTimestamp: \"{ts}\"\n  labels:\n    kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\n    topology.kubernetes.io/zone: {zone}\n{role}spec:\n  podCIDR: {cidr}\n  podCIDRs:\n  - {cidr}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {ip}\n  - type: Hostname\n    address: {name}\n",
+            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  creationTimestamp: \"{ts}\"\n  labels:\n    kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\n    topology.kubernetes.io/zone: {zone}\n{role}spec:\n  podCIDR: {cidr}\n  podCIDRs:\n  - {cidr}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {ip}\n  - type: InternalIP\n    address: {ip6}\n  - type: Hostname\n    address: {name}\n",
             name = n.name,
             zone = n.zone(),
             ts = rfc3339(st.created),
             cidr = n.pod_cidr,
             ip = n.ip,
+            ip6 = n.ip6,
         ));
     }
     write_atomic(&ctx.manifests().join("nodes.yaml"), text.as_bytes())
@@ -340,9 +349,9 @@ fn agent_args_for(ctx: &Ctx, api: bool, node: &str) -> Vec<String> {
         "--state-dir".into(),
         ctx.state_dir().display().to_string(),
         "--cluster-cidr".into(),
-        CLUSTER_CIDR.into(),
+        format!("{CLUSTER_CIDR},{CLUSTER_CIDR6}"),
         "--service-cidr".into(),
-        SERVICE_CIDR.into(),
+        format!("{SERVICE_CIDR},{SERVICE_CIDR6}"),
         // Each node's own loopback: `ferry lab exec NODE -- curl -s 127.0.0.1:10249/metrics`.
         "--metrics-addr".into(),
         "127.0.0.1:10249".into(),

@@ -23,11 +23,14 @@ use std::ops::RangeInclusive;
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::Cidr;
-use crate::objects::{ClusterIpSpec, ObjectRef, Protocol, Service, ServiceType};
+use crate::objects::{
+    ClusterIpSpec, IpFamily, IpFamilyPolicy, ObjectRef, Protocol, Service, ServiceType,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllocConfig {
-    /// Service CIDRs; dynamic cluster IPs come from the first one.
+    /// Service CIDRs; dynamic cluster IPs come from the first one of each family (a
+    /// single-stack service without ipFamilies gets the first one's family).
     pub service_cidrs: Vec<Cidr>,
     pub node_port_range: RangeInclusive<u16>,
     /// How long a Service must be gone before what it held is released (ms; 0: at once).
@@ -49,6 +52,9 @@ impl Default for AllocConfig {
 pub struct ServiceAlloc {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_ip: Option<IpAddr>,
+    /// The other family's cluster IP of a dual-stack service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_cluster_ip: Option<IpAddr>,
     /// "<port>/<PROTOCOL>" -> node port.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_ports: BTreeMap<String, u16>,
@@ -70,6 +76,8 @@ pub struct AllocState {
 pub struct Allocation {
     /// None for headless and ExternalName services.
     pub cluster_ip: Option<IpAddr>,
+    /// The other family's cluster IP of a dual-stack service (spec.clusterIPs[1]).
+    pub secondary_cluster_ip: Option<IpAddr>,
     /// One entry per spec.ports[i]; Some for NodePort and LoadBalancer services.
     pub node_ports: Vec<Option<u16>>,
     /// spec.healthCheckNodePort: LoadBalancer services with externalTrafficPolicy Local.
@@ -167,8 +175,8 @@ pub fn allocate(
     let mut ip_holder: BTreeMap<IpAddr, String> = BTreeMap::new();
     let mut port_holder: BTreeMap<u16, String> = BTreeMap::new();
     for (k, v) in &next.services {
-        if let Some(ip) = v.cluster_ip {
-            ip_holder.entry(ip).or_insert_with(|| k.clone());
+        for ip in v.cluster_ip.iter().chain(&v.secondary_cluster_ip) {
+            ip_holder.entry(*ip).or_insert_with(|| k.clone());
         }
         for p in v.node_ports.values() {
             port_holder.entry(*p).or_insert_with(|| k.clone());
@@ -183,11 +191,11 @@ pub fn allocate(
         match allocate_one(svc, &k, &old, cfg, &ip_holder, &port_holder) {
             Ok((entry, alloc)) => {
                 // Release what the service no longer holds, claim what it now holds.
-                if old.cluster_ip != entry.cluster_ip {
-                    if let Some(ip) = old.cluster_ip {
-                        if ip_holder.get(&ip) == Some(&k) {
-                            ip_holder.remove(&ip);
-                        }
+                for ip in old.cluster_ip.iter().chain(&old.secondary_cluster_ip) {
+                    let kept =
+                        entry.cluster_ip == Some(*ip) || entry.secondary_cluster_ip == Some(*ip);
+                    if !kept && ip_holder.get(ip) == Some(&k) {
+                        ip_holder.remove(ip);
                     }
                 }
                 for p in old.node_ports.values() {
@@ -196,14 +204,15 @@ pub fn allocate(
                         port_holder.remove(p);
                     }
                 }
-                if let Some(ip) = entry.cluster_ip {
-                    ip_holder.insert(ip, k.clone());
+                for ip in entry.cluster_ip.iter().chain(&entry.secondary_cluster_ip) {
+                    ip_holder.insert(*ip, k.clone());
                 }
                 for p in entry.node_ports.values() {
                     port_holder.insert(*p, k.clone());
                 }
-                let changed =
-                    entry.cluster_ip != old.cluster_ip || entry.node_ports != old.node_ports;
+                let changed = entry.cluster_ip != old.cluster_ip
+                    || entry.secondary_cluster_ip != old.secondary_cluster_ip
+                    || entry.node_ports != old.node_ports;
                 let stored = ServiceAlloc {
                     updated_ms: if changed || old.updated_ms == 0 {
                         now_ms
@@ -245,54 +254,112 @@ fn allocate_one(
     let free_port = |p: &u16| port_holder.get(p).is_none_or(|h| h == key);
 
     let wants_ip = svc.type_ != ServiceType::ExternalName && !svc.is_headless();
-    let cluster_ip = if !wants_ip {
-        None
-    } else if let ClusterIpSpec::Ip(ip) = svc.cluster_ip {
-        let Some(cidr) = cfg.service_cidrs.iter().find(|c| c.contains(ip)) else {
-            let ranges: Vec<String> = cfg.service_cidrs.iter().map(|c| c.to_string()).collect();
+    // One cluster IP of `family`: the one asked for (valid, in a service CIDR, free), else the
+    // one held, else one picked from the first service CIDR of that family.
+    let one_ip = |family: IpFamily,
+                  explicit: Option<IpAddr>,
+                  held: Option<IpAddr>,
+                  field: &str|
+     -> Result<IpAddr, AllocError> {
+        if let Some(ip) = explicit {
+            let Some(cidr) = cfg.service_cidrs.iter().find(|c| c.contains(ip)) else {
+                let ranges: Vec<String> = cfg.service_cidrs.iter().map(|c| c.to_string()).collect();
+                return Err(err(
+                    field.into(),
+                    format!("{ip} is not in the service CIDR {}", ranges.join(", ")),
+                ));
+            };
+            if cidr.is_ipv4()
+                && (cidr.offset_of(ip) == Some(0) || cidr.offset_of(ip) == Some(cidr.size() - 1))
+            {
+                return Err(err(
+                    field.into(),
+                    format!("{ip} is the network or broadcast address of {cidr}"),
+                ));
+            }
+            if !free_ip(&ip) {
+                let holder = ip_holder.get(&ip).map(String::as_str).unwrap_or("?");
+                return Err(err(
+                    field.into(),
+                    format!("{ip} is already allocated to Service {holder}"),
+                ));
+            }
+            return Ok(ip);
+        }
+        let keep = held.filter(|ip| {
+            IpFamily::of(*ip) == family
+                && cfg.service_cidrs.iter().any(|c| c.contains(*ip))
+                && free_ip(ip)
+        });
+        if let Some(ip) = keep {
+            return Ok(ip);
+        }
+        let Some(cidr) = cfg
+            .service_cidrs
+            .iter()
+            .find(|c| IpFamily::of(c.network()) == family)
+        else {
             return Err(err(
-                "spec.clusterIP".into(),
-                format!("{ip} is not in the service CIDR {}", ranges.join(", ")),
+                field.into(),
+                format!("no {} service CIDR configured", family.as_k8s()),
             ));
         };
-        if cidr.is_ipv4()
-            && (cidr.offset_of(ip) == Some(0) || cidr.offset_of(ip) == Some(cidr.size() - 1))
-        {
-            return Err(err(
-                "spec.clusterIP".into(),
-                format!("{ip} is the network or broadcast address of {cidr}"),
-            ));
-        }
-        if !free_ip(&ip) {
-            let holder = ip_holder.get(&ip).map(String::as_str).unwrap_or("?");
-            return Err(err(
-                "spec.clusterIP".into(),
-                format!("{ip} is already allocated to Service {holder}"),
-            ));
-        }
-        Some(ip)
+        pick_ip(cidr, key, |ip| free_ip(ip))
+            .ok_or_else(|| err(field.into(), format!("the service CIDR {cidr} is full")))
+    };
+    let (cluster_ip, secondary_cluster_ip) = if !wants_ip {
+        (None, None)
     } else {
-        let keep = old
-            .cluster_ip
-            .filter(|ip| cfg.service_cidrs.iter().any(|c| c.contains(*ip)) && free_ip(ip));
-        match keep {
-            Some(ip) => Some(ip),
-            None => {
-                let Some(cidr) = cfg.service_cidrs.first() else {
-                    return Err(err(
-                        "spec.clusterIP".into(),
-                        "no service CIDR configured".into(),
-                    ));
-                };
-                let ip = pick_ip(cidr, key, |ip| free_ip(ip)).ok_or_else(|| {
-                    err(
-                        "spec.clusterIP".into(),
-                        format!("the service CIDR {cidr} is full"),
-                    )
-                })?;
-                Some(ip)
+        let explicit = match svc.cluster_ip {
+            ClusterIpSpec::Ip(ip) => Some(ip),
+            _ => None,
+        };
+        // The families, as the API server chooses them: those of the addresses given, else
+        // spec.ipFamilies, else the first service CIDR's family (then the other one).
+        let primary = explicit
+            .map(IpFamily::of)
+            .or(svc.ip_families.first().copied())
+            .or(cfg.service_cidrs.first().map(|c| IpFamily::of(c.network())))
+            .unwrap_or(IpFamily::IPv4);
+        let field = if explicit.is_some() || svc.ip_families.is_empty() {
+            "spec.clusterIP"
+        } else {
+            "spec.ipFamilies[0]"
+        };
+        let first = one_ip(primary, explicit, old.cluster_ip, field)?;
+        let second_family = primary.other();
+        let has_family = cfg
+            .service_cidrs
+            .iter()
+            .any(|c| IpFamily::of(c.network()) == second_family);
+        let second = match svc.effective_ip_family_policy() {
+            IpFamilyPolicy::SingleStack => None,
+            IpFamilyPolicy::PreferDualStack
+                if !has_family && svc.secondary_cluster_ip.is_none() =>
+            {
+                None
             }
-        }
+            IpFamilyPolicy::RequireDualStack if !has_family => {
+                return Err(err(
+                    "spec.ipFamilyPolicy".into(),
+                    format!(
+                        "RequireDualStack, but no {} service CIDR is configured",
+                        second_family.as_k8s()
+                    ),
+                ));
+            }
+            _ => Some(one_ip(
+                second_family,
+                svc.secondary_cluster_ip,
+                old.secondary_cluster_ip,
+                if svc.secondary_cluster_ip.is_some() {
+                    "spec.clusterIPs[1]"
+                } else {
+                    "spec.ipFamilyPolicy"
+                },
+            )?),
+        };
+        (Some(first), second)
     };
 
     let mut node_ports = BTreeMap::new();
@@ -410,12 +477,14 @@ fn allocate_one(
     Ok((
         ServiceAlloc {
             cluster_ip,
+            secondary_cluster_ip,
             node_ports,
             updated_ms: old.updated_ms,
             gone_since_ms: None,
         },
         Allocation {
             cluster_ip,
+            secondary_cluster_ip,
             node_ports: per_port,
             health_check_node_port,
         },
@@ -517,6 +586,103 @@ mod tests {
 
     fn ok(r: &AllocResults, name: &str) -> Allocation {
         r[&ObjectRef::new("default", name)].clone().unwrap()
+    }
+
+    fn dual_cfg() -> AllocConfig {
+        AllocConfig {
+            service_cidrs: vec![
+                "10.43.0.0/16".parse().unwrap(),
+                "fd00:43::/108".parse().unwrap(),
+            ],
+            ..AllocConfig::default()
+        }
+    }
+
+    fn err_of(r: &AllocResults, name: &str) -> AllocError {
+        r[&ObjectRef::new("default", name)].clone().unwrap_err()
+    }
+
+    #[test]
+    fn ip_families_as_the_api_server_allocates_them() {
+        let v4only = AllocConfig::default();
+        let dual = dual_cfg();
+        let base = svc(
+            "web",
+            ServiceType::ClusterIP,
+            ClusterIpSpec::Auto,
+            &[(80, None)],
+        );
+        let with = |policy: Option<IpFamilyPolicy>, families: &[IpFamily]| Service {
+            ip_family_policy: policy,
+            ip_families: families.to_vec(),
+            ..base.clone()
+        };
+        let run = |cfg: &AllocConfig, s: &Service| {
+            allocate(&AllocState::default(), std::slice::from_ref(s), cfg, 0, 1)
+        };
+        // SingleStack (the default): one address, of the first CIDR's family.
+        let (_, r) = run(&dual, &base);
+        let a = ok(&r, "web");
+        assert!(a.cluster_ip.unwrap().is_ipv4() && a.secondary_cluster_ip.is_none());
+        // PreferDualStack: both when both families are configured, else one.
+        let prefer = with(Some(IpFamilyPolicy::PreferDualStack), &[]);
+        let (st, r) = run(&dual, &prefer);
+        let a = ok(&r, "web");
+        assert!(a.cluster_ip.unwrap().is_ipv4());
+        let second = a.secondary_cluster_ip.expect("an IPv6 cluster IP");
+        assert!(dual.service_cidrs[1].contains(second));
+        assert_eq!(
+            st.services["default/web"].secondary_cluster_ip,
+            Some(second)
+        );
+        let (_, r) = run(&v4only, &prefer);
+        assert_eq!(ok(&r, "web").secondary_cluster_ip, None);
+        // RequireDualStack without an IPv6 service CIDR: the Service is rejected.
+        let require = with(Some(IpFamilyPolicy::RequireDualStack), &[]);
+        let (_, r) = run(&v4only, &require);
+        let e = err_of(&r, "web");
+        assert_eq!(e.field, "spec.ipFamilyPolicy");
+        assert!(e.message.contains("IPv6"), "{e}");
+        // ipFamilies [IPv6]: an IPv6 address first; [IPv6, IPv4]: IPv6 primary, both.
+        let (_, r) = run(&dual, &with(None, &[IpFamily::IPv6]));
+        let a = ok(&r, "web");
+        assert!(a.cluster_ip.unwrap().is_ipv6() && a.secondary_cluster_ip.is_none());
+        let (_, r) = run(&dual, &with(None, &[IpFamily::IPv6, IpFamily::IPv4]));
+        let a = ok(&r, "web");
+        assert!(a.cluster_ip.unwrap().is_ipv6());
+        assert!(a.secondary_cluster_ip.unwrap().is_ipv4());
+        let e = err_of(&run(&v4only, &with(None, &[IpFamily::IPv6])).1, "web");
+        assert_eq!(e.field, "spec.ipFamilies[0]");
+        // Explicit addresses of both families are honoured (and must be in the CIDRs).
+        let explicit = Service {
+            cluster_ip: ClusterIpSpec::Ip(ip("10.43.0.10")),
+            secondary_cluster_ip: Some(ip("fd00:43::10")),
+            ..base.clone()
+        };
+        let (st, r) = run(&dual, &explicit);
+        let a = ok(&r, "web");
+        assert_eq!(a.cluster_ip, Some(ip("10.43.0.10")));
+        assert_eq!(a.secondary_cluster_ip, Some(ip("fd00:43::10")));
+        let e = err_of(&run(&v4only, &explicit).1, "web");
+        assert_eq!(e.field, "spec.ipFamilyPolicy");
+        // The secondary address is held: another service asking for it is rejected, and it is
+        // kept across snapshots.
+        let other = Service {
+            meta: Meta {
+                name: "other".into(),
+                namespace: "default".into(),
+                ..Meta::default()
+            },
+            cluster_ip: ClusterIpSpec::Ip(ip("10.43.0.11")),
+            secondary_cluster_ip: Some(ip("fd00:43::10")),
+            ..base.clone()
+        };
+        let (st2, r) = allocate(&st, &[explicit.clone(), other], &dual, 2, 3);
+        let e = err_of(&r, "other");
+        assert_eq!(e.field, "spec.clusterIPs[1]");
+        assert!(e.message.contains("default/web"), "{e}");
+        let (_, r) = allocate(&st2, std::slice::from_ref(&prefer), &dual, 0, 4);
+        assert_eq!(ok(&r, "web").secondary_cluster_ip, Some(ip("fd00:43::10")));
     }
 
     #[test]

@@ -339,7 +339,11 @@ pub fn allocate_with_grace(
                 requested: requested_ips(svc),
                 pool: annotation(svc, &ANN_ADDRESS_POOL).map(|(n, v)| (n, v.to_string())),
                 sharing: sharing_of(svc),
-                ipv6: matches!(svc.cluster_ip, ClusterIpSpec::Ip(IpAddr::V6(_))),
+                // The primary family: the cluster IP's, else the first of spec.ipFamilies.
+                ipv6: match svc.cluster_ip {
+                    ClusterIpSpec::Ip(ip) => ip.is_ipv6(),
+                    _ => svc.ip_families.first() == Some(&crate::objects::IpFamily::IPv6),
+                },
                 r,
             }
         })

@@ -146,6 +146,73 @@ pub enum ClusterIpSpec {
     Ip(IpAddr),
 }
 
+/// An IP family (spec.ipFamilies[]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+impl IpFamily {
+    pub fn of(ip: IpAddr) -> IpFamily {
+        if ip.is_ipv4() {
+            IpFamily::IPv4
+        } else {
+            IpFamily::IPv6
+        }
+    }
+    pub fn other(self) -> IpFamily {
+        match self {
+            IpFamily::IPv4 => IpFamily::IPv6,
+            IpFamily::IPv6 => IpFamily::IPv4,
+        }
+    }
+    /// Kubernetes spelling: IPv4, IPv6.
+    pub fn as_k8s(self) -> &'static str {
+        match self {
+            IpFamily::IPv4 => "IPv4",
+            IpFamily::IPv6 => "IPv6",
+        }
+    }
+    pub fn parse_k8s(s: &str) -> Option<IpFamily> {
+        match s {
+            "IPv4" => Some(IpFamily::IPv4),
+            "IPv6" => Some(IpFamily::IPv6),
+            _ => None,
+        }
+    }
+}
+
+/// spec.ipFamilyPolicy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum IpFamilyPolicy {
+    /// One family (the default).
+    #[default]
+    SingleStack,
+    /// Both families when the cluster has service CIDRs of both, else one.
+    PreferDualStack,
+    /// Both families, or the Service is rejected.
+    RequireDualStack,
+}
+
+impl IpFamilyPolicy {
+    pub fn as_k8s(self) -> &'static str {
+        match self {
+            IpFamilyPolicy::SingleStack => "SingleStack",
+            IpFamilyPolicy::PreferDualStack => "PreferDualStack",
+            IpFamilyPolicy::RequireDualStack => "RequireDualStack",
+        }
+    }
+    pub fn parse_k8s(s: &str) -> Option<IpFamilyPolicy> {
+        match s {
+            "SingleStack" => Some(IpFamilyPolicy::SingleStack),
+            "PreferDualStack" => Some(IpFamilyPolicy::PreferDualStack),
+            "RequireDualStack" => Some(IpFamilyPolicy::RequireDualStack),
+            _ => None,
+        }
+    }
+}
+
 /// spec.sessionAffinity (with spec.sessionAffinityConfig.clientIP.timeoutSeconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum SessionAffinity {
@@ -175,6 +242,15 @@ pub struct Service {
     pub meta: Meta,
     pub type_: ServiceType,
     pub cluster_ip: ClusterIpSpec,
+    /// spec.clusterIPs beyond the first (which is `cluster_ip`): the other family's address,
+    /// if given (validated: at most one, of the other family).
+    pub secondary_cluster_ip: Option<IpAddr>,
+    /// spec.ipFamilies as written (validated: one or two distinct families, matching the
+    /// cluster IPs given); empty: chosen at allocation.
+    pub ip_families: Vec<IpFamily>,
+    /// spec.ipFamilyPolicy (None when left out: SingleStack, or dual-stack when two
+    /// clusterIPs or ipFamilies are written, as the API server defaults it).
+    pub ip_family_policy: Option<IpFamilyPolicy>,
     pub ports: Vec<ServicePort>,
     /// spec.selector; empty means "endpoints are managed by someone else".
     pub selector: BTreeMap<String, String>,
@@ -205,6 +281,17 @@ pub struct Service {
 impl Service {
     pub fn is_headless(&self) -> bool {
         self.cluster_ip == ClusterIpSpec::None
+    }
+    /// spec.ipFamilyPolicy, defaulted as the API server does: RequireDualStack when two
+    /// cluster IPs or two families are written, else SingleStack.
+    pub fn effective_ip_family_policy(&self) -> IpFamilyPolicy {
+        match self.ip_family_policy {
+            Some(p) => p,
+            None if self.secondary_cluster_ip.is_some() || self.ip_families.len() > 1 => {
+                IpFamilyPolicy::RequireDualStack
+            }
+            None => IpFamilyPolicy::SingleStack,
+        }
     }
 }
 

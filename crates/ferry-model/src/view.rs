@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use crate::alloc::Allocation;
 use crate::cidr::Cidr;
 use crate::objects::{
-    AddressType, EndpointSlice, ObjectRef, Protocol, Service, ServiceType, TargetPort,
+    AddressType, EndpointSlice, IpFamily, ObjectRef, Protocol, Service, ServiceType, TargetPort,
     TrafficPolicy,
 };
 
@@ -39,7 +39,13 @@ pub struct ResolvedPort {
 pub struct ResolvedService {
     pub id: ObjectRef,
     pub type_: ServiceType,
+    /// The primary cluster IP (spec.clusterIPs[0]).
     pub cluster_ip: Option<IpAddr>,
+    /// The other family's cluster IP of a dual-stack service (spec.clusterIPs[1]). Everything
+    /// else (external and load-balancer addresses, source ranges, each port's endpoints) holds
+    /// the entries of both families; [`ResolvedService::family`] gives one family's view.
+    pub secondary_cluster_ip: Option<IpAddr>,
+    /// Of the families the service has a cluster IP of.
     pub external_ips: Vec<IpAddr>,
     pub load_balancer_ips: Vec<IpAddr>,
     pub external_traffic_policy: TrafficPolicy,
@@ -52,6 +58,72 @@ pub struct ResolvedService {
     pub load_balancer_source_ranges: Vec<Cidr>,
     /// The health-check node port (LoadBalancer with externalTrafficPolicy Local).
     pub health_check_node_port: Option<u16>,
+}
+
+impl ResolvedService {
+    /// The cluster IPs, primary first.
+    pub fn cluster_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.cluster_ip
+            .iter()
+            .chain(&self.secondary_cluster_ip)
+            .copied()
+    }
+
+    /// Whether the service has cluster IPs of both families.
+    pub fn is_dual_stack(&self) -> bool {
+        self.secondary_cluster_ip.is_some()
+    }
+
+    /// The service as one family sees it (what kube-proxy's per-family proxier gets): that
+    /// family's cluster IP as `cluster_ip`, and only that family's external and load-balancer
+    /// addresses, source ranges and endpoints. None when the service has no cluster IP of it.
+    pub fn family(&self, family: IpFamily) -> Option<ResolvedService> {
+        let cip = self.cluster_ips().find(|ip| IpFamily::of(*ip) == family)?;
+        let mine = |ip: &IpAddr| IpFamily::of(*ip) == family;
+        Some(ResolvedService {
+            id: self.id.clone(),
+            type_: self.type_,
+            cluster_ip: Some(cip),
+            secondary_cluster_ip: None,
+            external_ips: self.external_ips.iter().copied().filter(mine).collect(),
+            load_balancer_ips: self
+                .load_balancer_ips
+                .iter()
+                .copied()
+                .filter(mine)
+                .collect(),
+            external_traffic_policy: self.external_traffic_policy,
+            internal_traffic_policy: self.internal_traffic_policy,
+            ports: self
+                .ports
+                .iter()
+                .map(|p| ResolvedPort {
+                    endpoints: p
+                        .endpoints
+                        .iter()
+                        .filter(|e| mine(&e.addr))
+                        .cloned()
+                        .collect(),
+                    ..p.clone()
+                })
+                .collect(),
+            affinity_timeout: self.affinity_timeout,
+            load_balancer_source_ranges: self
+                .load_balancer_source_ranges
+                .iter()
+                .copied()
+                .filter(|c| mine(&c.network()))
+                .collect(),
+            health_check_node_port: self.health_check_node_port,
+        })
+    }
+
+    /// One view per family the service has a cluster IP of, primary first.
+    pub fn families(&self) -> Vec<ResolvedService> {
+        self.cluster_ips()
+            .filter_map(|ip| self.family(IpFamily::of(ip)))
+            .collect()
+    }
 }
 
 /// Joins services (with their allocation) to the EndpointSlices that name them.
@@ -81,6 +153,15 @@ pub fn resolve(
         let Some(cluster_ip) = alloc.cluster_ip else {
             continue;
         };
+        let secondary = alloc
+            .secondary_cluster_ip
+            .filter(|ip| ip.is_ipv4() != cluster_ip.is_ipv4());
+        // Addresses of a family the service has a cluster IP of (kube-proxy's per-family
+        // proxiers each take their own; one of no family of the service goes nowhere).
+        let family_ok = |ip: &IpAddr| {
+            ip.is_ipv4() == cluster_ip.is_ipv4()
+                || secondary.is_some_and(|s| s.is_ipv4() == ip.is_ipv4())
+        };
         if svc.type_ == ServiceType::ExternalName {
             continue;
         }
@@ -105,8 +186,8 @@ pub fn resolve(
                     };
                     for e in &sl.endpoints {
                         for a in &e.addresses {
-                            // Only endpoints of the service IP's family.
-                            if a.is_ipv4() != cluster_ip.is_ipv4() {
+                            // Only endpoints of the service's families.
+                            if !family_ok(a) {
                                 continue;
                             }
                             eps.insert(ResolvedEndpoint {
@@ -142,11 +223,11 @@ pub fn resolve(
                 }
             })
             .collect();
-        let family_ok = |ip: &IpAddr| ip.is_ipv4() == cluster_ip.is_ipv4();
         out.push(ResolvedService {
             id,
             type_: svc.type_,
             cluster_ip: Some(cluster_ip),
+            secondary_cluster_ip: secondary,
             external_ips: svc.external_ips.iter().copied().filter(family_ok).collect(),
             load_balancer_ips: if svc.type_ == ServiceType::LoadBalancer {
                 svc.load_balancer_ingress
@@ -165,7 +246,7 @@ pub fn resolve(
                 .load_balancer_source_ranges
                 .iter()
                 .copied()
-                .filter(|c| c.is_ipv4() == cluster_ip.is_ipv4())
+                .filter(|c| family_ok(&c.network()))
                 .collect(),
             health_check_node_port: alloc.health_check_node_port,
         });
@@ -262,6 +343,93 @@ mod tests {
                 IpAddr::V6(_) => 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn dual_stack_services_carry_each_familys_ip_and_endpoints() {
+        use crate::objects::*;
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let svc = Service {
+            meta: Meta {
+                name: "web".into(),
+                namespace: "default".into(),
+                ..Meta::default()
+            },
+            type_: ServiceType::LoadBalancer,
+            ports: vec![ServicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: TargetPort::Number(8080),
+                node_port: None,
+            }],
+            load_balancer_ingress: vec![ip("192.168.2.201"), ip("fd00:200::11")],
+            ..Service::default()
+        };
+        let slice = |name: &str, t: AddressType, addr: &str| EndpointSlice {
+            meta: Meta {
+                name: name.into(),
+                namespace: "default".into(),
+                ..Meta::default()
+            },
+            service_name: "web".into(),
+            address_type: t,
+            endpoints: vec![Endpoint {
+                addresses: vec![ip(addr)],
+                conditions: EndpointConditions {
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                },
+                node_name: None,
+                hostname: None,
+                target_name: None,
+                zone_hints: None,
+            }],
+            ports: vec![EndpointPort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+        };
+        let slices = [
+            slice("web-v4", AddressType::IPv4, "10.42.1.5"),
+            slice("web-v6", AddressType::IPv6, "fd00:42:1::5"),
+        ];
+        let alloc = |second: Option<IpAddr>| {
+            BTreeMap::from([(
+                ObjectRef::new("default", "web"),
+                Allocation {
+                    cluster_ip: Some(ip("10.43.0.50")),
+                    secondary_cluster_ip: second,
+                    node_ports: vec![Some(30080)],
+                    health_check_node_port: None,
+                },
+            )])
+        };
+        let r = resolve(
+            std::slice::from_ref(&svc),
+            &alloc(Some(ip("fd00:43::50"))),
+            &slices,
+        );
+        let r = &r[0];
+        assert_eq!(r.cluster_ips().count(), 2);
+        assert_eq!(r.ports[0].endpoints.len(), 2);
+        assert_eq!(r.load_balancer_ips.len(), 2);
+        let v6 = r.family(IpFamily::IPv6).unwrap();
+        assert_eq!(v6.cluster_ip, Some(ip("fd00:43::50")));
+        assert_eq!(v6.load_balancer_ips, vec![ip("fd00:200::11")]);
+        let eps: Vec<IpAddr> = v6.ports[0].endpoints.iter().map(|e| e.addr).collect();
+        assert_eq!(eps, vec![ip("fd00:42:1::5")]);
+        let v4 = r.family(IpFamily::IPv4).unwrap();
+        assert_eq!(v4.cluster_ip, Some(ip("10.43.0.50")));
+        assert_eq!(v4.ports[0].endpoints[0].addr, ip("10.42.1.5"));
+        assert_eq!(r.families().len(), 2);
+        // Single-stack: the other family's endpoints and addresses are left out.
+        let r = resolve(&[svc], &alloc(None), &slices);
+        assert_eq!(r[0].ports[0].endpoints.len(), 1);
+        assert_eq!(r[0].load_balancer_ips, vec![ip("192.168.2.201")]);
+        assert!(r[0].family(IpFamily::IPv6).is_none());
     }
 
     #[test]

@@ -378,10 +378,17 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
     rs
 }
 
-/// `service-default/web/tcp/80` and friends: the chain names read as what they serve.
-pub fn port_chain(prefix: &str, svc: &ResolvedService, port: &ResolvedPort) -> String {
+/// `service-default/web/tcp/80` and friends: the chain names read as what they serve. The
+/// second family of a dual-stack service gets its own chains, `service-default/web/tcp/80/ipv6`
+/// (`family` is "" for the primary family, else "/ipv4" or "/ipv6").
+pub fn port_chain(
+    prefix: &str,
+    svc: &ResolvedService,
+    port: &ResolvedPort,
+    family: &str,
+) -> String {
     format!(
-        "{prefix}-{}/{}/{}/{}",
+        "{prefix}-{}/{}/{}/{}{family}",
         svc.id.namespace,
         svc.id.name,
         port.protocol.as_nft(),
@@ -526,8 +533,32 @@ impl Fragment {
     }
 }
 
-/// Plans one service's fragment.
+/// Plans one service's fragment: of a dual-stack service, each family's cluster IP, node
+/// ports, external and load-balancer addresses go to that family's endpoints only (as
+/// kube-proxy's two per-family proxiers do).
 pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
+    if !svc.is_dual_stack() {
+        return plan_family(cfg, svc, "");
+    }
+    let mut fr = Fragment::default();
+    for view in svc.families() {
+        let suffix = match view.cluster_ip {
+            Some(ip) if view.cluster_ip != svc.cluster_ip && ip.is_ipv4() => "/ipv4",
+            Some(_) if view.cluster_ip != svc.cluster_ip => "/ipv6",
+            _ => "",
+        };
+        let part = plan_family(cfg, &view, suffix);
+        fr.chains.extend(part.chains);
+        fr.sets.extend(part.sets);
+        fr.elements.extend(part.elements);
+        fr.hairpins.extend(part.hairpins);
+    }
+    fr
+}
+
+/// Plans one family of a service (`svc` holds that family's addresses and endpoints only;
+/// `suffix` goes on its chains' names, see [`port_chain`]).
+fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragment {
     use names::*;
     let mut fr = Fragment::default();
     let reject = Verdict::Goto(REJECT.into());
@@ -569,7 +600,7 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
             None => cluster_cidr.map(|cc| vec![Match::SaddrNotIn(*cc)]),
         }
     };
-    let firewall = firewall_chain(cfg, svc);
+    let firewall = firewall_chain(cfg, svc, suffix);
     if let Some(c) = &firewall {
         fr.add_chain(c.clone());
     }
@@ -599,7 +630,7 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         };
         // The service chain reaches every endpoint of the cluster (not only this node's).
         let internal_all = svc.internal_traffic_policy == TrafficPolicy::Cluster;
-        let service_chain = port_chain("service", svc, port);
+        let service_chain = port_chain("service", svc, port, suffix);
         let mut service_remember = None;
         let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
         fr.insert(&cluster_ip_ports(f), key.clone(), None, String::new());
@@ -663,7 +694,7 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
                 } else {
                     // Masquerade so replies come back through this node, then on to any
                     // endpoint in the cluster.
-                    let name = port_chain("external", svc, port);
+                    let name = port_chain("external", svc, port, suffix);
                     let mut c = Chain::new(&name, format!("{what} from outside the cluster"));
                     c.push(Rule::new(
                         vec![],
@@ -700,7 +731,7 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
                 if eps.is_empty() && !short_circuit {
                     (None, None)
                 } else {
-                    let name = port_chain("local", svc, port);
+                    let name = port_chain("local", svc, port, suffix);
                     let mut c = Chain::new(
                         &name,
                         format!("{what} from outside, to this node's endpoints"),
@@ -833,7 +864,7 @@ fn emit_remembers(fr: &mut Fragment, remembers: Vec<(Vec<Value>, String)>) {
 /// range, or a range that is everything). As kube-proxy, when a range holds one of this node's
 /// addresses the load-balancer addresses are allowed as sources too (a node reaching a VIP it
 /// holds locally sends from the VIP).
-fn firewall_chain(cfg: &PlanConfig, svc: &ResolvedService) -> Option<Chain> {
+fn firewall_chain(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Option<Chain> {
     let ranges = &svc.load_balancer_source_ranges;
     if svc.load_balancer_ips.is_empty()
         || ranges.is_empty()
@@ -854,7 +885,7 @@ fn firewall_chain(cfg: &PlanConfig, svc: &ResolvedService) -> Option<Chain> {
     }
     allowed.sort();
     allowed.dedup();
-    let name = format!("firewall-{}/{}", svc.id.namespace, svc.id.name);
+    let name = format!("firewall-{}/{}{suffix}", svc.id.namespace, svc.id.name);
     let mut c = Chain::new(&name, format!("{}: loadBalancerSourceRanges", svc.id));
     c.push(Rule::new(
         vec![Match::SaddrNotInAny(allowed)],
@@ -917,6 +948,7 @@ fn service_hash(svc: &ResolvedService) -> u64 {
     svc.id.hash(&mut h);
     (svc.type_ as u8).hash(&mut h);
     svc.cluster_ip.hash(&mut h);
+    svc.secondary_cluster_ip.hash(&mut h);
     svc.external_ips.hash(&mut h);
     svc.load_balancer_ips.hash(&mut h);
     (svc.external_traffic_policy as u8).hash(&mut h);

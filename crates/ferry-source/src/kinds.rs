@@ -9,9 +9,10 @@ use std::net::IpAddr;
 use ferry_model::cidr::Cidr;
 use ferry_model::{
     AddressType, BfdProfileCr, BgpAdvertisementCr, BgpPeerCr, ClusterIpSpec, CommunityCr,
-    ConfigMap, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, IpAddressPool,
-    L2Advertisement, Namespace, Node, NodeAddress, Protocol, Secret, SecretRef, Service,
-    ServiceAllocation, ServicePort, ServiceType, SessionAffinity, TargetPort, TrafficPolicy,
+    ConfigMap, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, IpAddressPool, IpFamily,
+    IpFamilyPolicy, L2Advertisement, Namespace, Node, NodeAddress, Protocol, Secret, SecretRef,
+    Service, ServiceAllocation, ServicePort, ServiceType, SessionAffinity, TargetPort,
+    TrafficPolicy,
 };
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -50,7 +51,9 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
             ServiceType::ClusterIP
         }
     };
-    let cluster_ip = service_cluster_ip(ck, spec, type_);
+    let (cluster_ip, secondary_cluster_ip) = service_cluster_ip(ck, spec, type_);
+    let (ip_families, ip_family_policy) =
+        ip_families(ck, spec, type_, &cluster_ip, secondary_cluster_ip);
     let headless = cluster_ip == ClusterIpSpec::None;
     let ports = service_ports(ck, spec, type_);
     let no_ports = spec.ports.as_ref().is_none_or(Vec::is_empty);
@@ -179,6 +182,9 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
         meta,
         type_,
         cluster_ip,
+        secondary_cluster_ip,
+        ip_families,
+        ip_family_policy,
         ports,
         selector,
         external_ips,
@@ -309,8 +315,12 @@ fn cluster_ip_value(s: &str) -> Option<ClusterIpSpec> {
 
 const CLUSTER_IP_FORMS: &str = "must be an IP address, \"None\" (headless) or empty";
 
-/// spec.clusterIP and spec.clusterIPs.
-fn service_cluster_ip(ck: &mut Ck, spec: &core::ServiceSpec, type_: ServiceType) -> ClusterIpSpec {
+/// spec.clusterIP and spec.clusterIPs: the primary cluster IP and the other family's, if given.
+fn service_cluster_ip(
+    ck: &mut Ck,
+    spec: &core::ServiceSpec,
+    type_: ServiceType,
+) -> (ClusterIpSpec, Option<IpAddr>) {
     let single = match spec.cluster_ip.as_deref() {
         None => None,
         Some(s) => match cluster_ip_value(s) {
@@ -320,7 +330,7 @@ fn service_cluster_ip(ck: &mut Ck, spec: &core::ServiceSpec, type_: ServiceType)
                     "spec.clusterIP",
                     format!("{CLUSTER_IP_FORMS}, got {}", quote(s)),
                 );
-                return ClusterIpSpec::Auto;
+                return (ClusterIpSpec::Auto, None);
             }
         },
     };
@@ -388,7 +398,100 @@ fn service_cluster_ip(ck: &mut Ck, spec: &core::ServiceSpec, type_: ServiceType)
         }
         _ => {}
     }
-    result
+    let secondary = match list.as_slice() {
+        [ClusterIpSpec::Ip(a), ClusterIpSpec::Ip(b)] if a.is_ipv4() != b.is_ipv4() => Some(*b),
+        _ => None,
+    };
+    (result, secondary)
+}
+
+/// spec.ipFamilies and spec.ipFamilyPolicy, checked as the API server checks them: at most two
+/// distinct families, matching the cluster IPs given (clusterIPs[i] is of ipFamilies[i]), and
+/// SingleStack with one family only.
+fn ip_families(
+    ck: &mut Ck,
+    spec: &core::ServiceSpec,
+    type_: ServiceType,
+    cluster_ip: &ClusterIpSpec,
+    secondary: Option<IpAddr>,
+) -> (Vec<IpFamily>, Option<IpFamilyPolicy>) {
+    let policy = match non_empty(spec.ip_family_policy.as_deref()) {
+        None => None,
+        Some(s) => match IpFamilyPolicy::parse_k8s(s) {
+            Some(p) => Some(p),
+            None => {
+                ck.err(
+                    "spec.ipFamilyPolicy",
+                    format!(
+                        "must be SingleStack, PreferDualStack or RequireDualStack, got {}",
+                        quote(s)
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let mut families = Vec::new();
+    let entries = spec.ip_families.as_deref().unwrap_or(&[]);
+    for (i, s) in entries.iter().enumerate() {
+        let path = format!("spec.ipFamilies[{i}]");
+        match IpFamily::parse_k8s(s) {
+            Some(f) if families.contains(&f) => {
+                ck.err(path, format!("{s} is listed twice"));
+            }
+            Some(f) => families.push(f),
+            None => ck.err(path, format!("must be IPv4 or IPv6, got {}", quote(s))),
+        }
+    }
+    if entries.len() > 2 {
+        ck.err(
+            "spec.ipFamilies",
+            format!(
+                "at most two entries (one per IP family), got {}",
+                entries.len()
+            ),
+        );
+    }
+    if type_ == ServiceType::ExternalName {
+        if policy.is_some() {
+            ck.err(
+                "spec.ipFamilyPolicy",
+                "must not be set for type ExternalName",
+            );
+        }
+        if !entries.is_empty() {
+            ck.err("spec.ipFamilies", "must not be set for type ExternalName");
+        }
+        return (Vec::new(), None);
+    }
+    // The cluster IPs given must be of the families listed, in order.
+    let ips: Vec<IpAddr> = match cluster_ip {
+        ClusterIpSpec::Ip(ip) => std::iter::once(*ip).chain(secondary).collect(),
+        _ => Vec::new(),
+    };
+    for (i, (ip, f)) in ips.iter().zip(&families).enumerate() {
+        if IpFamily::of(*ip) != *f {
+            ck.err(
+                format!("spec.clusterIPs[{i}]"),
+                format!("{ip} is not of spec.ipFamilies[{i}] ({})", f.as_k8s()),
+            );
+        }
+    }
+    if policy == Some(IpFamilyPolicy::SingleStack) {
+        if families.len() > 1 {
+            ck.err(
+                "spec.ipFamilies",
+                "may hold one family only when spec.ipFamilyPolicy is SingleStack",
+            );
+        }
+        if ips.len() > 1 {
+            ck.err(
+                "spec.clusterIPs",
+                "may hold one address only when spec.ipFamilyPolicy is SingleStack",
+            );
+        }
+    }
+    (families, policy)
 }
 
 fn show_cluster_ip(c: &ClusterIpSpec) -> String {

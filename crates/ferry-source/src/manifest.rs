@@ -1534,6 +1534,80 @@ status:
     }
 
     #[test]
+    fn ip_families_and_policy() {
+        let s = service(&svc(
+            "{clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00::10'], \
+             ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{port: 1}]}",
+        ));
+        assert_eq!(s.cluster_ip, ClusterIpSpec::Ip(ip("10.96.0.10")));
+        assert_eq!(s.secondary_cluster_ip, Some(ip("fd00::10")));
+        assert_eq!(s.ip_families, vec![IpFamily::IPv4, IpFamily::IPv6]);
+        assert_eq!(
+            s.effective_ip_family_policy(),
+            IpFamilyPolicy::RequireDualStack
+        );
+        let s = service(&svc(
+            "{ipFamilyPolicy: PreferDualStack, ipFamilies: [IPv6], ports: [{port: 1}]}",
+        ));
+        assert_eq!(s.ip_families, vec![IpFamily::IPv6]);
+        assert_eq!(s.ip_family_policy, Some(IpFamilyPolicy::PreferDualStack));
+        assert_eq!(s.secondary_cluster_ip, None);
+        // Two cluster IPs without a policy: RequireDualStack, as the API server defaults it.
+        let s = service(&svc(
+            "{clusterIPs: ['fd00::10', 10.96.0.10], ports: [{port: 1}]}",
+        ));
+        assert_eq!(
+            s.effective_ip_family_policy(),
+            IpFamilyPolicy::RequireDualStack
+        );
+        assert_eq!(s.cluster_ip, ClusterIpSpec::Ip(ip("fd00::10")));
+        let s = service(&svc("{ports: [{port: 1}]}"));
+        assert_eq!(s.effective_ip_family_policy(), IpFamilyPolicy::SingleStack);
+
+        assert_error(
+            &svc("{ipFamilyPolicy: DualStack, ports: [{port: 1}]}"),
+            "spec.ipFamilyPolicy",
+            "must be SingleStack, PreferDualStack or RequireDualStack",
+        );
+        assert_error(
+            &svc("{ipFamilies: [IPv4, IPv4], ports: [{port: 1}]}"),
+            "spec.ipFamilies[1]",
+            "listed twice",
+        );
+        assert_error(
+            &svc("{ipFamilies: [IPv5], ports: [{port: 1}]}"),
+            "spec.ipFamilies[0]",
+            "must be IPv4 or IPv6",
+        );
+        assert_error(
+            &svc(
+                "{clusterIPs: [10.96.0.10, 'fd00::10'], ipFamilies: [IPv6, IPv4], \
+                  ipFamilyPolicy: RequireDualStack, ports: [{port: 1}]}",
+            ),
+            "spec.clusterIPs[0]",
+            "is not of spec.ipFamilies[0] (IPv6)",
+        );
+        assert_error(
+            &svc("{clusterIPs: [10.96.0.10, 10.96.0.11], ports: [{port: 1}]}"),
+            "spec.clusterIPs[1]",
+            "other IP family",
+        );
+        assert_error(
+            &svc("{ipFamilyPolicy: SingleStack, ipFamilies: [IPv4, IPv6], ports: [{port: 1}]}"),
+            "spec.ipFamilies",
+            "one family only",
+        );
+        assert_error(
+            &svc(
+                "{ipFamilyPolicy: SingleStack, clusterIPs: [10.96.0.10, 'fd00::10'], \
+                  ports: [{port: 1}]}",
+            ),
+            "spec.clusterIPs",
+            "one address only",
+        );
+    }
+
+    #[test]
     fn affinity_source_ranges_and_health_check_port() {
         let s = service(&svc("{ports: [{port: 1}], sessionAffinity: ClientIP}"));
         assert_eq!(

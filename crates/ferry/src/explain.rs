@@ -96,7 +96,7 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
         a.node
     );
     if let Some(svc) = pass.services.iter().find(|s| {
-        s.cluster_ip == Some(pkt.daddr)
+        s.cluster_ips().any(|ip| ip == pkt.daddr)
             || s.external_ips.contains(&pkt.daddr)
             || s.load_balancer_ips.contains(&pkt.daddr)
             || pass.node_ips.contains(&pkt.daddr)

@@ -130,7 +130,16 @@ fn service_json(svc: &Service, a: Option<&Allocation>) -> Value {
         (true, _) => spec["clusterIP"] = json!("None"),
         (false, Some(ip)) => {
             spec["clusterIP"] = json!(ip.to_string());
-            spec["clusterIPs"] = json!([ip.to_string()]);
+            let ips: Vec<String> = std::iter::once(ip)
+                .chain(a.and_then(|a| a.secondary_cluster_ip))
+                .map(|ip| ip.to_string())
+                .collect();
+            let families: Vec<&str> = ips
+                .iter()
+                .map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" })
+                .collect();
+            spec["clusterIPs"] = json!(ips);
+            spec["ipFamilies"] = json!(families);
         }
         _ => {}
     }

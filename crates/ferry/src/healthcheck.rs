@@ -63,6 +63,8 @@ pub fn wanted(services: &[ResolvedService], node: &str) -> Vec<Check> {
             .iter()
             .flat_map(|p| p.endpoints.iter())
             .filter(|e| e.ready && e.node.as_deref() == Some(node))
+            // A dual-stack pod is one endpoint (of the primary family), as kube-proxy counts.
+            .filter(|e| s.cluster_ip.is_none_or(|c| c.is_ipv4() == e.addr.is_ipv4()))
             .map(|e| (e.addr, e.port))
             .collect();
         by_port.entry(port).or_insert(Check {
@@ -256,6 +258,7 @@ mod tests {
             id: ObjectRef::new("shop", name),
             type_: ServiceType::LoadBalancer,
             cluster_ip: Some("10.43.0.5".parse().unwrap()),
+            secondary_cluster_ip: None,
             external_ips: vec![],
             load_balancer_ips: vec![],
             external_traffic_policy: TrafficPolicy::Local,

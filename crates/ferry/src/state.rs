@@ -202,6 +202,7 @@ impl AllocStore for StateDir {
                     .collect();
                 let allocation = Allocation {
                     cluster_ip: a.cluster_ip,
+                    secondary_cluster_ip: a.secondary_cluster_ip,
                     node_ports,
                     health_check_node_port: a
                         .node_ports

@@ -129,6 +129,7 @@ impl Svc {
             id: ObjectRef::new("default", name),
             type_: ServiceType::ClusterIP,
             cluster_ip: Some(ip(cluster_ip)),
+            secondary_cluster_ip: None,
             external_ips: vec![],
             load_balancer_ips: vec![],
             external_traffic_policy: TrafficPolicy::Cluster,
@@ -190,6 +191,11 @@ impl Svc {
     pub fn load_balancer_ip(mut self, addr: &str) -> Svc {
         self.0.type_ = ServiceType::LoadBalancer;
         self.0.load_balancer_ips.push(ip(addr));
+        self
+    }
+    /// The other family's cluster IP (a dual-stack service).
+    pub fn secondary_cluster_ip(mut self, addr: &str) -> Svc {
+        self.0.secondary_cluster_ip = Some(ip(addr));
         self
     }
     pub fn external_policy_local(mut self) -> Svc {
@@ -599,6 +605,7 @@ pub fn service_from_spec(i: usize, spec: &ServiceSpec) -> ResolvedService {
         id: ObjectRef::new(spec.namespace.clone(), format!("svc-{i}")),
         type_: spec.type_,
         cluster_ip: Some(cluster_ip),
+        secondary_cluster_ip: None,
         external_ips,
         load_balancer_ips,
         external_traffic_policy: policy(spec.external_local),
