@@ -250,6 +250,11 @@ impl Lab {
         ops::exec_output(&self.ctx, target, cmd)
     }
 
+    /// `ferry explain ARGS` on a node, with its agent's settings (see `ferry lab explain`).
+    pub fn explain(&self, node: &str, args: &[&str]) -> Result<Output> {
+        ops::explain(&self.ctx, node, args)
+    }
+
     /// Starts a command in a target without waiting for it.
     pub fn spawn(&self, target: &str, cmd: &[&str]) -> Result<std::process::Child> {
         ops::spawn(&self.ctx, target, cmd)

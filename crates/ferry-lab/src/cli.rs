@@ -59,6 +59,14 @@ pub enum LabCommand {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
+    /// Where a connection goes on a node, asked of the live node (its kernel's table, its
+    /// agent's settings): `explain NODE -- --from 192.168.2.100 --to 192.168.2.200:80 [-o json]`.
+    Explain {
+        node: String,
+        /// `ferry explain`'s own flags (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
     /// List pods, services (from `ferry get svc`), deployments or nodes: `get pods,svc -o wide`.
     Get {
         what: String,
@@ -290,6 +298,13 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
             print!("{}", out.stdout);
             eprint!("{}", out.stderr);
             Ok(i32::from(!out.ok))
+        }
+        LabCommand::Explain { node, args } => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = ops::explain(&ctx, &node, &args)?;
+            print!("{}", String::from_utf8_lossy(&out.stdout));
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+            Ok(out.status.code().unwrap_or(1))
         }
         LabCommand::Agent { action } => {
             let (node, action) = match action {

@@ -138,3 +138,16 @@ pub fn spawn(ctx: &Ctx, target: &str, cmd: &[&str]) -> Result<std::process::Chil
         .spawn()
         .context("running `ip netns exec`")
 }
+
+/// `ferry explain` in `node`'s namespace with its agent's own settings (source, state, CIDRs,
+/// extra flags) and `args` (--from, --to, -o ...): the live node's answer, kernel included.
+pub fn explain(ctx: &Ctx, node: &str, args: &[&str]) -> Result<Output> {
+    let exe = ctx.exe.display().to_string();
+    let mut agent = crate::topology::agent_args(ctx, node);
+    // Settings the agent has that explain has no use for are still accepted (same flags).
+    agent[0] = "explain".into();
+    let mut cmd: Vec<&str> = vec![exe.as_str()];
+    cmd.extend(agent.iter().map(String::as_str));
+    cmd.extend_from_slice(args);
+    exec_output(ctx, node, &cmd)
+}

@@ -430,6 +430,9 @@ pub struct Pass {
     pub pool_usage: Vec<(String, u64, u64)>,
     /// What this node announces by BGP (bgp.rs).
     pub bgp: crate::bgp::Wanted,
+    /// The services holding load-balancer addresses, as allocated (what BGP announces from;
+    /// `ferry explain` asks it for every node).
+    pub bgp_services: Vec<ferry_model::Service>,
 }
 
 /// The model and the plan from a snapshot, its pools and the store's allocations (pure: the
@@ -645,6 +648,10 @@ pub fn compute(
         lb_services,
         pool_usage,
         bgp,
+        bgp_services: services
+            .into_iter()
+            .filter(|s| !s.load_balancer_ingress.is_empty())
+            .collect(),
     }
 }
 

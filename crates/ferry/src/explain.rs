@@ -24,12 +24,19 @@ pub struct ExplainArgs {
     /// --local, defaults to the node's own address.
     #[arg(long)]
     pub from: Option<IpAddr>,
-    /// Where it goes: ADDRESS:PORT, e.g. 192.168.2.200:80 or 10.43.0.10:53.
+    /// Where it goes: ADDRESS:PORT[/PROTO], e.g. 192.168.2.200:80, 10.43.0.10:53/udp or
+    /// [fd00:43::10]:80/tcp.
+    #[arg(long, value_parser = parse_to)]
+    pub to: (SocketAddr, Option<Protocol>),
+    /// tcp, udp or sctp (default tcp; or give it as /PROTO in --to).
+    #[arg(long, value_parser = parse_proto)]
+    pub proto: Option<Protocol>,
+    /// text (default) or json (one object, for scripts).
+    #[arg(short = 'o', long = "output", default_value = "text", value_parser = ["text", "json"])]
+    pub output: String,
+    /// Do not read the kernel's table back (only the plan is traced then).
     #[arg(long)]
-    pub to: SocketAddr,
-    /// tcp, udp or sctp.
-    #[arg(long, default_value = "tcp", value_parser = parse_proto)]
-    pub proto: Protocol,
+    pub no_kernel: bool,
     /// The node itself opens the connection (output hook) instead of receiving it.
     #[arg(long)]
     pub local: bool,
@@ -41,6 +48,18 @@ pub struct ExplainArgs {
 
 fn parse_proto(s: &str) -> Result<Protocol, String> {
     Protocol::parse_k8s(&s.to_ascii_uppercase()).ok_or_else(|| format!("{s:?}: tcp, udp or sctp"))
+}
+
+/// ADDRESS:PORT[/PROTO].
+fn parse_to(s: &str) -> Result<(SocketAddr, Option<Protocol>), String> {
+    let (addr, proto) = match s.rsplit_once('/') {
+        Some((a, p)) => (a, Some(parse_proto(p)?)),
+        None => (s, None),
+    };
+    let addr = addr.parse::<SocketAddr>().map_err(|_| {
+        format!("{s:?}: ADDRESS:PORT[/PROTO], e.g. 10.43.0.10:53/udp or [fd00:43::10]:80")
+    })?;
+    Ok((addr, proto))
 }
 
 pub fn run(args: ExplainArgs) -> Result<i32> {
@@ -75,75 +94,424 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
             .context("--local: this node has no address; give --from")?,
         (None, false) => bail!("give --from ADDRESS (where the connection comes from)"),
     };
+    let (to, to_proto) = args.to;
+    let proto = match (to_proto, args.proto) {
+        (Some(a), Some(b)) if a != b => bail!(
+            "--to says /{} but --proto says {}: give one",
+            a.as_nft(),
+            b.as_nft()
+        ),
+        (Some(p), _) | (None, Some(p)) => p,
+        (None, None) => Protocol::Tcp,
+    };
     let pkt = Packet {
         saddr,
-        daddr: args.to.ip(),
-        proto: args.proto,
-        dport: args.to.port(),
+        daddr: to.ip(),
+        proto,
+        dport: to.port(),
         local_origin: args.local,
         iif: None,
     };
     let outcomes = trace(planner.ruleset(), &pkt);
-    println!(
-        "{} {saddr} -> {}/{} on node {}:",
-        if args.local {
-            "from the node itself,"
-        } else {
-            "arriving,"
-        },
-        args.to,
-        args.proto.as_k8s().to_ascii_lowercase(),
-        a.node
-    );
-    if let Some(svc) = pass.services.iter().find(|s| {
-        s.cluster_ips().any(|ip| ip == pkt.daddr)
-            || s.external_ips.contains(&pkt.daddr)
-            || s.load_balancer_ips.contains(&pkt.daddr)
-            || pass.node_ips.contains(&pkt.daddr)
-                && s.ports.iter().any(|p| p.node_port == Some(pkt.dport))
-    }) {
-        println!("  service {}", svc.id);
+    let service = pass
+        .services
+        .iter()
+        .find(|s| {
+            s.cluster_ips().any(|ip| ip == pkt.daddr)
+                || s.external_ips.contains(&pkt.daddr)
+                || s.load_balancer_ips.contains(&pkt.daddr)
+                || pass.node_ips.contains(&pkt.daddr)
+                    && s.ports.iter().any(|p| p.node_port == Some(pkt.dport))
+        })
+        .map(|s| s.id.to_string());
+    let announcement = announcement(a, &snap, &pass, pkt.daddr);
+    let kernel = if args.no_kernel {
+        KernelCheck {
+            read: false,
+            as_planned: None,
+            summary: "not read (--no-kernel)".into(),
+            differences: Vec::new(),
+        }
+    } else {
+        kernel_check(planner.ruleset(), &outcomes, &pkt)
+    };
+    let report = Report {
+        node: a.node.clone(),
+        from: saddr,
+        to,
+        proto: proto.as_nft(),
+        local: args.local,
+        service,
+        outcomes: outcomes.iter().map(OutcomeOut::of).collect(),
+        announcement,
+        kernel,
+    };
+    if args.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
     }
-    for o in &outcomes {
-        let what = match &o.fate {
+    Ok(0)
+}
+
+/// What `ferry explain` found, printed as text or JSON.
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    node: String,
+    from: IpAddr,
+    to: SocketAddr,
+    proto: &'static str,
+    /// Opened by the node itself (output hook).
+    local: bool,
+    /// namespace/name of the service the destination belongs to, if any.
+    service: Option<String>,
+    outcomes: Vec<OutcomeOut>,
+    /// For a load-balancer address: who announces it and why.
+    announcement: Option<Announcement>,
+    /// The kernel's table against the plan.
+    kernel: KernelCheck,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct OutcomeOut {
+    probability: f64,
+    /// dnat, untouched, rejected or dropped.
+    fate: &'static str,
+    endpoint: Option<SocketAddr>,
+    masquerade: bool,
+    /// For rejected: "tcp reset" or "icmp port-unreachable".
+    reject_with: Option<&'static str>,
+    /// Chains entered, in order.
+    chains: Vec<String>,
+    notes: Vec<String>,
+}
+
+impl OutcomeOut {
+    fn of(o: &ferry_plan::trace::Outcome) -> OutcomeOut {
+        let (fate, endpoint, masquerade, reject_with) = match &o.fate {
             Fate::Dnat {
                 addr,
                 port,
                 masquerade,
-            } => format!(
+            } => ("dnat", Some(SocketAddr::new(*addr, *port)), *masquerade, None),
+            Fate::Untouched { masquerade } => ("untouched", None, *masquerade, None),
+            Fate::Rejected { tcp_reset } => (
+                "rejected",
+                None,
+                false,
+                Some(if *tcp_reset {
+                    "tcp reset"
+                } else {
+                    "icmp port-unreachable"
+                }),
+            ),
+            Fate::Dropped => ("dropped", None, false, None),
+        };
+        OutcomeOut {
+            probability: o.probability,
+            fate,
+            endpoint,
+            masquerade,
+            reject_with,
+            chains: o.path.clone(),
+            notes: o.notes.clone(),
+        }
+    }
+
+    fn text(&self) -> String {
+        match self.fate {
+            "dnat" => format!(
                 "to endpoint {}, source {}",
-                SocketAddr::new(*addr, *port),
-                if *masquerade {
+                self.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                if self.masquerade {
                     "masqueraded (the endpoint sees the node's address)"
                 } else {
                     "kept"
                 }
             ),
-            Fate::Untouched { masquerade } => format!(
+            "untouched" => format!(
                 "not a service address: left alone{}",
-                if *masquerade {
+                if self.masquerade {
                     ", source masqueraded"
                 } else {
                     ""
                 }
             ),
-            Fate::Rejected { tcp_reset } => format!(
+            "rejected" => format!(
                 "rejected ({}): the service has no usable endpoint here",
-                if *tcp_reset {
-                    "TCP reset"
-                } else {
-                    "ICMP unreachable"
-                }
+                self.reject_with.unwrap_or_default()
             ),
-            Fate::Dropped => "dropped".to_string(),
-        };
-        println!("  {:5.1}%  {what}", o.probability * 100.0);
-        println!("          chains: {}", o.path.join(" -> "));
-        for note in &o.notes {
-            println!("          {note}");
+            _ => "dropped".to_string(),
         }
     }
-    Ok(0)
+}
+
+/// Who announces a load-balancer address, and why that node.
+#[derive(Debug, serde::Serialize)]
+struct Announcement {
+    /// layer2 or bgp.
+    mode: &'static str,
+    /// layer2: the elected node, first in the address's preference order among the eligible
+    /// nodes (all assumed up); bgp: every eligible node.
+    nodes: Vec<String>,
+    /// layer2: the eligible nodes in the address's preference order (the next one takes over
+    /// when the first fails).
+    order: Vec<String>,
+    why: String,
+}
+
+/// The kernel's table compared with the plan.
+#[derive(Debug, serde::Serialize)]
+struct KernelCheck {
+    /// Whether the table could be read.
+    read: bool,
+    /// Whether the kernel holds exactly the plan (None: not read).
+    as_planned: Option<bool>,
+    summary: String,
+    /// What differs on this connection's way: chains it enters and map elements for its
+    /// destination.
+    differences: Vec<String>,
+}
+
+impl Report {
+    fn text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} {} -> {}/{} on node {}:",
+            if self.local {
+                "from the node itself,"
+            } else {
+                "arriving,"
+            },
+            self.from,
+            self.to,
+            self.proto,
+            self.node
+        );
+        if let Some(svc) = &self.service {
+            let _ = writeln!(out, "  service {svc}");
+        }
+        for o in &self.outcomes {
+            let _ = writeln!(out, "  {:5.1}%  {}", o.probability * 100.0, o.text());
+            let _ = writeln!(out, "          chains: {}", o.chains.join(" -> "));
+            for note in &o.notes {
+                let _ = writeln!(out, "          {note}");
+            }
+        }
+        if let Some(a) = &self.announcement {
+            let _ = writeln!(
+                out,
+                "  announced ({}) by {}: {}",
+                a.mode,
+                if a.nodes.is_empty() {
+                    "no node".to_string()
+                } else {
+                    a.nodes.join(", ")
+                },
+                a.why
+            );
+        }
+        let _ = writeln!(out, "  kernel: {}", self.kernel.summary);
+        for d in &self.kernel.differences {
+            let _ = writeln!(out, "          {d}");
+        }
+        out
+    }
+}
+
+/// For a load-balancer address: the layer-2 election as every agent runs it (all nodes assumed
+/// up), or the nodes that announce it over BGP.
+fn announcement(
+    a: &AgentArgs,
+    snap: &ferry_source::Snapshot,
+    pass: &agent::Pass,
+    daddr: IpAddr,
+) -> Option<Announcement> {
+    let pool = pass.l2.pools.pool_of(daddr)?;
+    let addr = pass.l2.addresses.iter().find(|x| x.ips.contains(&daddr))?;
+    let names: Vec<String> = match pass.l2.nodes.is_empty() {
+        true => vec![a.node.clone()],
+        false => pass.l2.nodes.iter().map(|n| n.meta.name.clone()).collect(),
+    };
+    let labels_of = |name: &str| {
+        pass.l2
+            .nodes
+            .iter()
+            .find(|n| n.meta.name == name)
+            .map(|n| n.meta.labels.clone())
+            .unwrap_or_default()
+    };
+    let local_note = match &addr.local_nodes {
+        Some(l) => format!(
+            "externalTrafficPolicy Local: only nodes with a ready endpoint ({})",
+            if l.is_empty() {
+                "none".to_string()
+            } else {
+                l.iter().cloned().collect::<Vec<_>>().join(", ")
+            }
+        ),
+        None => "externalTrafficPolicy Cluster: any selected node".to_string(),
+    };
+    if pool.protocol == Some(ferry_model::pools::PoolProtocol::Bgp)
+        || pass.l2.pools.l2_announcers(&pool.name, &labels_of(&a.node)).is_none()
+            && !pass.bgp.peers.is_empty()
+    {
+        // Every node whose BGPPeers take the address announces it (ECMP at the router).
+        let mut nodes = Vec::new();
+        for n in &snap.nodes {
+            let mut ignored = Vec::new();
+            let w = crate::bgp::wanted(
+                snap,
+                &n.meta.name,
+                &n.meta.labels,
+                &n.internal_ips(),
+                &pass.bgp_services,
+                &mut ignored,
+            );
+            if w
+                .routes
+                .iter()
+                .any(|(_, rs)| rs.iter().any(|r| r.prefix.contains(&daddr)))
+            {
+                nodes.push(n.meta.name.clone());
+            }
+        }
+        return Some(Announcement {
+            mode: "bgp",
+            why: format!(
+                "every node selected by a BGPPeer and a BGPAdvertisement of pool {} announces it; \
+                 the router spreads connections over them ({local_note})",
+                pool.name
+            ),
+            nodes,
+            order: Vec::new(),
+        });
+    }
+    let eligible: Vec<&str> = names
+        .iter()
+        .filter(|n| pass.l2.pools.l2_announcers(&pool.name, &labels_of(n)).is_some())
+        .filter(|n| addr.local_nodes.as_ref().is_none_or(|l| l.contains(*n)))
+        .map(String::as_str)
+        .collect();
+    let order: Vec<String> = ferry_member::election::preference_order(&daddr.to_string(), &eligible)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let refused = pass.l2.never_announce.get(&daddr);
+    let why = match (order.first(), refused) {
+        (_, Some(what)) => format!("never: it is {what}; remove it from pool {}", pool.name),
+        (None, None) => format!(
+            "no node is eligible (selected by an L2Advertisement of pool {}; {local_note})",
+            pool.name
+        ),
+        (Some(first), None) => format!(
+            "{first} is first in this address's order of the eligible nodes ({}), assuming all \
+             are up; if it fails, the next takes over ({local_note})",
+            order.join(", ")
+        ),
+    };
+    Some(Announcement {
+        mode: "layer2",
+        nodes: match refused {
+            Some(_) => Vec::new(),
+            None => order.first().cloned().into_iter().collect(),
+        },
+        order,
+        why,
+    })
+}
+
+/// Reads ferry's table back from this kernel (this network namespace) and compares it with the
+/// plan: what differs, and what of it lies on this connection's way.
+fn kernel_check(
+    rs: &ferry_plan::Ruleset,
+    outcomes: &[ferry_plan::trace::Outcome],
+    pkt: &Packet,
+) -> KernelCheck {
+    use ferry_plan::diff::Op;
+    let live = match ferry_nft::netlink::read_live() {
+        Ok(l) => l,
+        Err(e) => {
+            return KernelCheck {
+                read: false,
+                as_planned: None,
+                summary: format!(
+                    "not read ({e}): run as root on the node (in its network namespace) to \
+                     compare the kernel's table with the plan"
+                ),
+                differences: Vec::new(),
+            }
+        }
+    };
+    if !live.table {
+        return KernelCheck {
+            read: true,
+            as_planned: Some(false),
+            summary: "ferry's table is not in this kernel: no agent runs in this network \
+                      namespace, or `ferry cleanup` removed it; packets are not handled as above"
+                .into(),
+            differences: Vec::new(),
+        };
+    }
+    let ch = ferry_plan::diff::diff(&live, rs);
+    if ch.ops.is_empty() {
+        return KernelCheck {
+            read: true,
+            as_planned: Some(true),
+            summary: "as planned (every chain and map element read back matches)".into(),
+            differences: Vec::new(),
+        };
+    }
+    let on_path: std::collections::BTreeSet<&str> = outcomes
+        .iter()
+        .flat_map(|o| o.path.iter().map(String::as_str))
+        .collect();
+    let dst = pkt.daddr.to_string();
+    let port_key = format!("{} . {}", pkt.proto.as_nft(), pkt.dport);
+    let mine = |k: &str| k.split(" . ").next() == Some(dst.as_str()) || k.ends_with(&port_key);
+    let mut differences = Vec::new();
+    for op in &ch.ops {
+        match op {
+            Op::AddChain(c) if on_path.contains(c.as_str()) => {
+                differences.push(format!("chain {c}: missing from the kernel"))
+            }
+            Op::FlushChain(c) if on_path.contains(c.as_str()) => {
+                differences.push(format!("chain {c}: its rules differ from the plan"))
+            }
+            Op::DeleteChain(c) if on_path.contains(c.as_str()) => {
+                differences.push(format!("chain {c}: in the kernel, not in the plan"))
+            }
+            Op::AddElements(set, keys) => {
+                for k in keys.iter().filter(|k| mine(k)) {
+                    differences.push(format!("{set}: element {k} missing or different in the kernel"));
+                }
+            }
+            Op::DeleteElements(set, keys) => {
+                for k in keys.iter().filter(|k| mine(k)) {
+                    differences.push(format!("{set}: element {k} in the kernel, not in the plan"));
+                }
+            }
+            Op::Full { .. } => differences.push("the whole table differs".into()),
+            _ => {}
+        }
+    }
+    differences.dedup();
+    KernelCheck {
+        read: true,
+        as_planned: Some(false),
+        summary: format!(
+            "differs from the plan ({ch}){}; the agent repairs its table within a second when it \
+             runs with these settings (if its flags differ from this command's, give them here too)",
+            if differences.is_empty() {
+                ", though not on this connection's way"
+            } else {
+                ", on this connection's way:"
+            }
+        ),
+        differences,
+    }
 }
 
 /// One complete list of everything the agent watches, from the API server.
