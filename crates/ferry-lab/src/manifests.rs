@@ -899,6 +899,73 @@ mod tests {
     use super::*;
 
     #[test]
+    fn slices_of_each_family_the_service_has() {
+        let pod = PodInfo {
+            name: "web-1".into(),
+            namespace: "default".into(),
+            ns: "lab-web-1".into(),
+            node: "n0".into(),
+            ip: "10.42.0.10".parse().unwrap(),
+            veth: "vp1".into(),
+            pid: None,
+            ports: vec![],
+            tcp: vec![80],
+            udp: vec![80],
+            labels: BTreeMap::from([("app".to_string(), "web".to_string())]),
+            owner: None,
+            ready: true,
+            created: 0,
+            spec_hash: String::new(),
+        };
+        let svc = |spec: &str| -> Service {
+            let text =
+                format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec: {spec}\n");
+            let parsed = ferry_source::manifest::parse_text("svc.yaml", &text);
+            match parsed.objects.as_slice() {
+                [Object::Service(s)] => s.clone(),
+                _ => panic!("{parsed:?}"),
+            }
+        };
+        let families = |spec: &str| -> Vec<(String, String, Vec<String>)> {
+            slice_docs(&svc(spec), std::slice::from_ref(&pod), &[], "test")
+                .into_iter()
+                .map(|d| {
+                    let addrs = d
+                        .endpoints
+                        .iter()
+                        .flat_map(|e| e.addresses.clone())
+                        .collect();
+                    (d.metadata.name, d.address_type.to_string(), addrs)
+                })
+                .collect()
+        };
+        let ports = "ports: [{port: 80}], selector: {app: web}";
+        let v4 = (
+            "web-lab".to_string(),
+            "IPv4".to_string(),
+            vec!["10.42.0.10".to_string()],
+        );
+        let v6 = (
+            "web-lab6".to_string(),
+            "IPv6".to_string(),
+            vec!["fd00:42::a".to_string()],
+        );
+        assert_eq!(families(&format!("{{{ports}}}")), vec![v4.clone()]);
+        assert_eq!(
+            families(&format!("{{ipFamilyPolicy: PreferDualStack, {ports}}}")),
+            vec![v4.clone(), v6.clone()]
+        );
+        assert_eq!(
+            families(&format!("{{ipFamilies: [IPv6], {ports}}}")),
+            vec![v6.clone()]
+        );
+        assert_eq!(
+            families(&format!("{{ipFamilies: [IPv6, IPv4], {ports}}}")),
+            vec![v6, v4]
+        );
+    }
+
+    #[test]
     fn split_seed() {
         let text = include_str!("../manifests/seed/nextcloud-dev.yaml");
         let (docs, errors) = split_docs("nextcloud-dev.yaml", text);
