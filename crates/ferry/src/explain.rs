@@ -193,7 +193,12 @@ impl OutcomeOut {
                 addr,
                 port,
                 masquerade,
-            } => ("dnat", Some(SocketAddr::new(*addr, *port)), *masquerade, None),
+            } => (
+                "dnat",
+                Some(SocketAddr::new(*addr, *port)),
+                *masquerade,
+                None,
+            ),
             Fate::Untouched { masquerade } => ("untouched", None, *masquerade, None),
             Fate::Rejected { tcp_reset } => (
                 "rejected",
@@ -355,7 +360,11 @@ fn announcement(
         None => "externalTrafficPolicy Cluster: any selected node".to_string(),
     };
     if pool.protocol == Some(ferry_model::pools::PoolProtocol::Bgp)
-        || pass.l2.pools.l2_announcers(&pool.name, &labels_of(&a.node)).is_none()
+        || pass
+            .l2
+            .pools
+            .l2_announcers(&pool.name, &labels_of(&a.node))
+            .is_none()
             && !pass.bgp.peers.is_empty()
     {
         // Every node whose BGPPeers take the address announces it (ECMP at the router).
@@ -370,8 +379,7 @@ fn announcement(
                 &pass.bgp_services,
                 &mut ignored,
             );
-            if w
-                .routes
+            if w.routes
                 .iter()
                 .any(|(_, rs)| rs.iter().any(|r| r.prefix.contains(&daddr)))
             {
@@ -391,14 +399,20 @@ fn announcement(
     }
     let eligible: Vec<&str> = names
         .iter()
-        .filter(|n| pass.l2.pools.l2_announcers(&pool.name, &labels_of(n)).is_some())
+        .filter(|n| {
+            pass.l2
+                .pools
+                .l2_announcers(&pool.name, &labels_of(n))
+                .is_some()
+        })
         .filter(|n| addr.local_nodes.as_ref().is_none_or(|l| l.contains(*n)))
         .map(String::as_str)
         .collect();
-    let order: Vec<String> = ferry_member::election::preference_order(&daddr.to_string(), &eligible)
-        .into_iter()
-        .map(str::to_string)
-        .collect();
+    let order: Vec<String> =
+        ferry_member::election::preference_order(&daddr.to_string(), &eligible)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
     let refused = pass.l2.never_announce.get(&daddr);
     let why = match (order.first(), refused) {
         (_, Some(what)) => format!("never: it is {what}; remove it from pool {}", pool.name),
@@ -485,7 +499,9 @@ fn kernel_check(
             }
             Op::AddElements(set, keys) => {
                 for k in keys.iter().filter(|k| mine(k)) {
-                    differences.push(format!("{set}: element {k} missing or different in the kernel"));
+                    differences.push(format!(
+                        "{set}: element {k} missing or different in the kernel"
+                    ));
                 }
             }
             Op::DeleteElements(set, keys) => {

@@ -18,7 +18,14 @@ fn explain_json(lab: &common::Lab, node: &str) -> serde_json::Value {
     let out = lab
         .explain(
             node,
-            &["--from", CLIENT, "--to", &format!("{VIP}:80/tcp"), "-o", "json"],
+            &[
+                "--from",
+                CLIENT,
+                "--to",
+                &format!("{VIP}:80/tcp"),
+                "-o",
+                "json",
+            ],
         )
         .expect("explain runs");
     assert!(
@@ -26,12 +33,8 @@ fn explain_json(lab: &common::Lab, node: &str) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 #[test]
@@ -56,7 +59,9 @@ fn explain_reads_the_live_node() {
         assert!(out.status.success(), "{text}");
         assert!(text.contains(&format!("service default/{LB}")), "{text}");
         assert!(
-            text.contains(&format!("announced (layer2) by {announcer}: {announcer} is first")),
+            text.contains(&format!(
+                "announced (layer2) by {announcer}: {announcer} is first"
+            )),
             "{text}"
         );
         assert!(text.contains("kernel: as planned"), "{text}");
@@ -68,11 +73,18 @@ fn explain_reads_the_live_node() {
         for o in outcomes {
             assert_eq!(o["fate"], "dnat", "{v}");
             assert_eq!(o["masquerade"], true, "{v}");
-            assert!((o["probability"].as_f64().unwrap() - 0.5).abs() < 1e-9, "{v}");
+            assert!(
+                (o["probability"].as_f64().unwrap() - 0.5).abs() < 1e-9,
+                "{v}"
+            );
         }
         assert_eq!(v["announcement"]["mode"], "layer2", "{v}");
         assert_eq!(v["announcement"]["nodes"][0], announcer.as_str(), "{v}");
-        assert_eq!(v["announcement"]["order"].as_array().unwrap().len(), 2, "{v}");
+        assert_eq!(
+            v["announcement"]["order"].as_array().unwrap().len(),
+            2,
+            "{v}"
+        );
         assert_eq!(v["kernel"]["as_planned"], true, "{v}");
     }
 
