@@ -51,6 +51,8 @@ pub struct Outcome {
     pub path: Vec<String>,
     /// Decisions on the way worth telling (client affinity, source ranges), in order.
     pub notes: Vec<String>,
+    /// The rules that matched on the way, as `CHAIN: RULE` (nft syntax), in order.
+    pub rules: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -62,6 +64,7 @@ struct State {
     dnat: bool,
     path: Vec<String>,
     notes: Vec<String>,
+    rules: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +122,7 @@ pub fn trace_remembering(
         dnat: false,
         path: vec![],
         notes: vec![],
+        rules: vec![],
     };
     let mut done: Vec<Outcome> = Vec::new();
     for (st, end) in t.run_hook(first, start) {
@@ -155,6 +159,7 @@ fn push(done: &mut Vec<Outcome>, st: State, fate: Fate) {
             fate,
             path: st.path,
             notes: st.notes,
+            rules: st.rules,
         });
     }
 }
@@ -204,7 +209,7 @@ impl Tracer<'_> {
         assert!(self.depth < 64, "trace: chain loop at {name}");
         st.path.push(name.to_string());
         let out = self
-            .run_rules(&chain.rules, st)
+            .run_rules(name, &chain.rules, st)
             .into_iter()
             .map(|(s, e)| {
                 if e == End::Finished {
@@ -218,7 +223,7 @@ impl Tracer<'_> {
         out
     }
 
-    fn run_rules(&mut self, rules: &[Rule], st: State) -> Vec<(State, End)> {
+    fn run_rules(&mut self, chain: &str, rules: &[Rule], st: State) -> Vec<(State, End)> {
         let Some((rule, rest)) = rules.split_first() else {
             return vec![(st, End::Continue)];
         };
@@ -242,13 +247,14 @@ impl Tracer<'_> {
                 }
             }
             if !matched {
-                out.extend(self.run_rules(rest, s));
+                out.extend(self.run_rules(chain, rest, s));
                 continue;
             }
+            s.rules.push(format!("{chain}: {}", rule.render()));
             for (s2, end) in self.act(&rule.action, s) {
                 match end {
                     // `jump` came back, a map missed, or a non-terminal statement: go on.
-                    End::Continue => out.extend(self.run_rules(rest, s2)),
+                    End::Continue => out.extend(self.run_rules(chain, rest, s2)),
                     e => out.push((s2, e)),
                 }
             }

@@ -37,6 +37,9 @@ pub struct ExplainArgs {
     /// Do not read the kernel's table back (only the plan is traced then).
     #[arg(long)]
     pub no_kernel: bool,
+    /// Also list every rule that matched on the way (`CHAIN: RULE`, nft syntax).
+    #[arg(long)]
+    pub rules: bool,
     /// The node itself opens the connection (output hook) instead of receiving it.
     #[arg(long)]
     pub local: bool,
@@ -145,6 +148,7 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
         outcomes: outcomes.iter().map(OutcomeOut::of).collect(),
         announcement,
         kernel,
+        verbose: args.rules,
     };
     if args.output == "json" {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -170,6 +174,9 @@ struct Report {
     announcement: Option<Announcement>,
     /// The kernel's table against the plan.
     kernel: KernelCheck,
+    /// Text output lists the matched rules too (JSON always has them).
+    #[serde(skip)]
+    verbose: bool,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -183,6 +190,8 @@ struct OutcomeOut {
     reject_with: Option<&'static str>,
     /// Chains entered, in order.
     chains: Vec<String>,
+    /// The rules that matched on the way (`CHAIN: RULE`), in order.
+    rules: Vec<String>,
     notes: Vec<String>,
 }
 
@@ -219,6 +228,7 @@ impl OutcomeOut {
             masquerade,
             reject_with,
             chains: o.path.clone(),
+            rules: o.rules.clone(),
             notes: o.notes.clone(),
         }
     }
@@ -301,6 +311,11 @@ impl Report {
         for o in &self.outcomes {
             let _ = writeln!(out, "  {:5.1}%  {}", o.probability * 100.0, o.text());
             let _ = writeln!(out, "          chains: {}", o.chains.join(" -> "));
+            if self.verbose {
+                for r in &o.rules {
+                    let _ = writeln!(out, "          matched {r}");
+                }
+            }
             for note in &o.notes {
                 let _ = writeln!(out, "          {note}");
             }

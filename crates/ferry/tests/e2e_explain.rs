@@ -53,7 +53,10 @@ fn explain_reads_the_live_node() {
     for node in ["k3s-master-rpi001", "k3s-worker-rpi002"] {
         // The text: the service, both endpoints, masquerade, the announcer and the kernel.
         let out = lab
-            .explain(node, &["--from", CLIENT, "--to", &format!("{VIP}:80")])
+            .explain(
+                node,
+                &["--from", CLIENT, "--to", &format!("{VIP}:80"), "--rules"],
+            )
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(out.status.success(), "{text}");
@@ -65,6 +68,7 @@ fn explain_reads_the_live_node() {
             "{text}"
         );
         assert!(text.contains("kernel: as planned"), "{text}");
+        assert!(text.contains("matched services: "), "{text}");
 
         let v = explain_json(&lab, node);
         assert_eq!(v["service"], format!("default/{LB}"), "{v}");
@@ -76,6 +80,27 @@ fn explain_reads_the_live_node() {
             assert!(
                 (o["probability"].as_f64().unwrap() - 0.5).abs() < 1e-9,
                 "{v}"
+            );
+            // The rules that matched: the services map, then the DNAT to this endpoint.
+            let rules: Vec<&str> = o["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|r| r.as_str())
+                .collect();
+            assert!(
+                rules
+                    .iter()
+                    .any(|r| r.starts_with("services: ") && r.contains("vmap @service-ips-v4")),
+                "{rules:?}"
+            );
+            let ep = o["endpoint"].as_str().unwrap();
+            assert!(
+                rules
+                    .iter()
+                    .any(|r| r.starts_with(&format!("service-default/{LB}/tcp/80: "))
+                        && r.ends_with(&format!("dnat ip to {ep}"))),
+                "{rules:?}"
             );
         }
         assert_eq!(v["announcement"]["mode"], "layer2", "{v}");
