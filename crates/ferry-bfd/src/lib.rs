@@ -19,6 +19,7 @@
 //! protocol is small (a 24-byte packet and a four-state machine), and owning it keeps it
 //! sans-IO and testable like ferry's BGP speaker.
 
+pub mod edge;
 pub mod packet;
 pub mod session;
 

@@ -209,6 +209,7 @@ impl Session {
         if self.state == State::AdminDown {
             return;
         }
+        let before = self.state;
         if p.state == State::AdminDown {
             if self.state != State::Down {
                 self.set_state(State::Down, Diag::NeighborSignaledSessionDown);
@@ -227,12 +228,14 @@ impl Session {
         if p.poll {
             self.final_owed = true;
         }
+        let became_up = before != State::Up && self.state == State::Up;
         // A passive session starts sending once the peer is heard; a zero Required Min RX
         // stops us (6.8.7).
         if self.remote_min_rx.is_zero() {
             self.next_tx = None;
-        } else if self.next_tx.is_none() || self.final_owed {
-            self.next_tx = Some(if self.final_owed {
+        } else if self.next_tx.is_none() || self.final_owed || became_up {
+            // Reaching Up starts the Poll Sequence to the fast rate at once.
+            self.next_tx = Some(if self.final_owed || became_up {
                 now
             } else {
                 now + self.jittered()
@@ -538,20 +541,26 @@ mod tests {
             let mut s = Session::new(cfg(100, 3), 5, start);
             let mut now = start;
             let mut last_tx: Option<Instant> = None;
+            let mut exempt = false;
             for (gap, st, poll, fin, mult, disc, tx, rx) in pkts {
                 let end = now + MS * gap;
                 while now < end {
                     now = (now + MS).min(end);
                     s.handle_timeout(now);
                     while let Some(o) = s.poll_output() {
+                        if o == Output::State(State::Up, Diag::None) {
+                            exempt = true;
+                        }
                         if let Output::Send(p) = o {
                             if let Some(l) = last_tx {
-                                if !p.fin {
+                                // Finals and the Poll that starts on reaching Up go at once.
+                                if !p.fin && !exempt {
                                     let least = (s.tx_interval() * 3 / 4).min(MS * 750);
                                     prop_assert!(now - l + MS >= least.min(MS * 75), "{:?}", now - l);
                                 }
                             }
                             last_tx = Some(now);
+                            exempt = false;
                         }
                     }
                 }
