@@ -5,7 +5,9 @@
 //! routes after every sync (an empty list included: that withdraws), whose session events go
 //! to the log, and which sends Cease to every peer on SIGTERM ([`BgpSide::shutdown`]). On
 //! SIGKILL nothing is sent: graceful restart keeps the routes at the router until the next
-//! agent has announced them again.
+//! agent has announced them again. Peers with a `bfdProfile` also get a BFD session
+//! ([`ferry_bfd::edge::Bfd`], started with the first such peer); when one goes Down the BGP
+//! session to that peer is torn down at once ([`ferry_bgp::Speaker::peer_down`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
