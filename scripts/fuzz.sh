@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes ferry's readers of outside input (cargo fuzz, libFuzzer): the manifest reader
 # (`manifest`), MetalLB's legacy ConfigMap (`metallb_config`), the ARP/NDP codec (`arp`,
-# `ndp`, `l2_frame`) and the BGP codec and session (`bgp_message`); see fuzz/fuzz_targets/.
+# `ndp`, `l2_frame`), the BGP codec and session (`bgp_message`) and the BFD codec and session
+# (`bfd_packet`); see fuzz/fuzz_targets/.
 # Each target runs for SECONDS (default 20) from the
 # corpus kept in fuzz/corpus/TARGET/. A panic, a hang (an input taking over 10 s) or memory
 # past 1 GiB fails the run: the script goes on with the other targets, then prints each

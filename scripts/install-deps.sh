@@ -5,7 +5,7 @@
 # bird2, frr and gobgpd are the peers of the BGP interop tests
 # (crates/ferry-bgp/tests/{bird,frr,gobgp}.rs).
 set -euo pipefail
-pkgs=(nftables libnftables1 iproute2 curl conntrack procps arping ndisc6 keepalived bird2 frr
+pkgs=(nftables libnftables1 iproute2 curl conntrack procps arping ndisc6 keepalived bird2 iputils-ping frr
       gobgpd prometheus podman runc umoci skopeo ca-certificates binutils python3)
 missing=()
 for p in "${pkgs[@]}"; do

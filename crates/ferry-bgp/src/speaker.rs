@@ -105,6 +105,7 @@ pub struct PeerEvent {
 
 enum Cmd {
     Routes(Vec<Route>),
+    Down,
     Stop(oneshot::Sender<()>),
 }
 
@@ -237,6 +238,14 @@ impl Speaker {
     pub fn set_routes(&self, peer: IpAddr, routes: Vec<Route>) {
         if let Some(p) = self.peers.get(&peer) {
             let _ = p.cmds.send(Cmd::Routes(routes));
+        }
+    }
+
+    /// The path to `peer` is down (BFD said so): the connection is dropped at once, without
+    /// waiting for the hold timer, and the session starts over as after a lost connection.
+    pub fn peer_down(&self, peer: IpAddr) {
+        if let Some(p) = self.peers.get(&peer) {
+            let _ = p.cmds.send(Cmd::Down);
         }
     }
 
@@ -410,6 +419,12 @@ async fn run(
                     if !started {
                         started = true;
                         s.handle(Instant::now().into_std(), Event::Start);
+                    }
+                }
+                Some(Cmd::Down) => {
+                    connecting = None;
+                    if conn.take().is_some() {
+                        s.handle(Instant::now().into_std(), Event::TcpFailed);
                     }
                 }
                 Some(Cmd::Stop(done)) => {

@@ -1169,9 +1169,9 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                     }
                 }
             }
-            Some(ev) = async { bgp.as_mut()?.events.recv().await } => {
+            Some(ev) = async { bgp.as_mut()?.next_event().await } => {
                 if let Some(b) = bgp.as_mut() {
-                    b.log_event(ev);
+                    b.handle_event(ev);
                 }
             }
             _ = sigterm.recv() => break,

@@ -5,11 +5,16 @@
 //! routes after every sync (an empty list included: that withdraws), whose session events go
 //! to the log, and which sends Cease to every peer on SIGTERM ([`BgpSide::shutdown`]). On
 //! SIGKILL nothing is sent: graceful restart keeps the routes at the router until the next
-//! agent has announced them again.
+//! agent has announced them again. Peers with a `bfdProfile` also get a BFD session
+//! ([`ferry_bfd::edge::Bfd`], started with the first such peer); when one goes Down the BGP
+//! session to that peer is torn down at once ([`ferry_bgp::Speaker::peer_down`]).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_bfd::edge::{Bfd, BfdEvent, PeerSpec};
 
 use ferry_bgp::{Config, LargeCommunity, PeerConfig, PeerEvent, Speaker, State};
 use ferry_model::bgp as model;
@@ -27,6 +32,8 @@ pub struct Wanted {
     pub peers: Vec<PeerConfig>,
     /// For each peer of `peers`, the full set of routes (possibly none).
     pub routes: Vec<(IpAddr, Vec<ferry_bgp::Route>)>,
+    /// The BFD sessions: one per peer with a `bfdProfile`.
+    pub bfd: Vec<PeerSpec>,
 }
 
 /// The announcements of node `node` (`labels`, addresses `node_ips`): `services` carry their
@@ -110,17 +117,26 @@ pub fn wanted(
             diagnostics.push(problem(e));
             continue;
         }
-        if let Some(p) = &peer.bfd_profile {
-            diagnostics.push(Diagnostic {
-                severity: Severity::Warning,
-                object: Some(peer.source.clone()),
-                reason: "BFDNotSupported",
-                message: format!(
-                    "{}: bfdProfile {p}: ferry has no BFD yet; the session runs without it \
-                     (failures are found by the hold timer)",
-                    peer.source
-                ),
-            });
+        if let Some(name) = &peer.bfd_profile {
+            match (cfg.bfd_profile(name), pc.address) {
+                (Some(prof), IpAddr::V4(_)) => out.bfd.push(PeerSpec {
+                    peer: pc.address,
+                    local: pc.source,
+                    config: bfd_config(prof),
+                }),
+                (Some(_), IpAddr::V6(_)) => diagnostics.push(Diagnostic {
+                    severity: Severity::Warning,
+                    object: Some(peer.source.clone()),
+                    reason: "BFDNotSupported",
+                    message: format!(
+                        "{}: bfdProfile {name}: ferry's BFD speaks IPv4 only so far; the \
+                         session to {} runs without it (failures are found by the hold timer)",
+                        peer.source, pc.address
+                    ),
+                }),
+                // The model drops peers naming unknown profiles.
+                (None, _) => {}
+            }
         }
         out.routes
             .push((pc.address, pr.routes.iter().map(route).collect()));
@@ -162,6 +178,18 @@ fn peer_config(p: &model::BgpPeer, node_ips: &[IpAddr]) -> Option<PeerConfig> {
     Some(pc)
 }
 
+/// A BFDProfile's timers. `minimumTtl` is for multihop sessions (FRR's meaning): single-hop
+/// sessions always send TTL 255 and require it (RFC 5881 GTSM); `echoMode` is not supported
+/// (the model warns).
+fn bfd_config(p: &model::BfdProfile) -> ferry_bfd::Config {
+    ferry_bfd::Config {
+        desired_min_tx: Duration::from_millis(p.transmit_interval_ms.into()),
+        required_min_rx: Duration::from_millis(p.receive_interval_ms.into()),
+        detect_mult: p.detect_multiplier,
+        passive: p.passive_mode,
+    }
+}
+
 fn route(r: &model::Route) -> ferry_bgp::Route {
     let mut out = ferry_bgp::Route::new(r.prefix);
     out.local_pref = r.local_pref;
@@ -178,14 +206,27 @@ fn route(r: &model::Route) -> ferry_bgp::Route {
     out
 }
 
+/// An event of the BGP speaker or of BFD.
+#[derive(Debug)]
+pub enum SideEvent {
+    Bgp(PeerEvent),
+    Bfd(BfdEvent),
+}
+
 /// The shell's side: the speaker and its events.
 pub struct BgpSide {
     speaker: Speaker,
-    pub events: UnboundedReceiver<PeerEvent>,
+    events: UnboundedReceiver<PeerEvent>,
     peers: Vec<PeerConfig>,
     /// The last error logged per peer (connect errors repeat every retry: logged once).
     last_error: BTreeMap<IpAddr, String>,
     metrics: Arc<Metrics>,
+    /// BFD: started with the first peer that has a profile (it binds UDP port 3784).
+    bfd: Option<Bfd>,
+    bfd_events: Option<UnboundedReceiver<BfdEvent>>,
+    bfd_peers: Vec<PeerSpec>,
+    /// The BFD sessions Up now (one going Down takes its BGP session down).
+    bfd_up: std::collections::BTreeSet<IpAddr>,
 }
 
 impl BgpSide {
@@ -198,6 +239,10 @@ impl BgpSide {
             peers: Vec::new(),
             last_error: BTreeMap::new(),
             metrics,
+            bfd: None,
+            bfd_events: None,
+            bfd_peers: Vec::new(),
+            bfd_up: Default::default(),
         })
     }
 
@@ -235,8 +280,112 @@ impl BgpSide {
             .filter_map(|(peer, r)| Some((self.peer_addr(*peer)?, r.len())))
             .collect();
         self.metrics.set_bgp_peers(counts);
+        self.apply_bfd(w.bfd);
         for (peer, routes) in w.routes {
             self.speaker.set_routes(peer, routes);
+        }
+    }
+
+    fn apply_bfd(&mut self, peers: Vec<PeerSpec>) {
+        if peers == self.bfd_peers {
+            return;
+        }
+        if self.bfd.is_none() && !peers.is_empty() {
+            let listen = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ferry_bfd::edge::PORT);
+            match Bfd::start(listen) {
+                Ok((b, ev)) => {
+                    self.bfd = Some(b);
+                    self.bfd_events = Some(ev);
+                }
+                Err(e) => {
+                    log!("bfd: cannot listen on {listen}: {e}; BGP sessions run without BFD");
+                    self.bfd_peers = peers;
+                    return;
+                }
+            }
+        }
+        for gone in self
+            .bfd_peers
+            .iter()
+            .filter(|o| !peers.iter().any(|p| p.peer == o.peer))
+        {
+            self.metrics.set_bfd_session(gone.peer, None);
+            self.bfd_up.remove(&gone.peer);
+        }
+        for p in &peers {
+            if !self.bfd_peers.iter().any(|o| o.peer == p.peer) {
+                self.metrics.set_bfd_session(p.peer, Some(false));
+            }
+        }
+        let shown: Vec<String> = peers
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} ({} ms tx, {} ms rx, x{}{})",
+                    p.peer,
+                    p.config.desired_min_tx.as_millis(),
+                    p.config.required_min_rx.as_millis(),
+                    p.config.detect_mult,
+                    if p.config.passive { ", passive" } else { "" }
+                )
+            })
+            .collect();
+        log!(
+            "bfd: sessions {}",
+            if shown.is_empty() {
+                "none".to_string()
+            } else {
+                shown.join(", ")
+            }
+        );
+        if let Some(b) = &self.bfd {
+            b.set_peers(peers.clone());
+        }
+        self.bfd_peers = peers;
+    }
+
+    /// The next BGP or BFD event (None: both channels closed).
+    pub async fn next_event(&mut self) -> Option<SideEvent> {
+        match &mut self.bfd_events {
+            Some(bfd) => tokio::select! {
+                Some(ev) = self.events.recv() => Some(SideEvent::Bgp(ev)),
+                Some(ev) = bfd.recv() => Some(SideEvent::Bfd(ev)),
+                else => None,
+            },
+            None => self.events.recv().await.map(SideEvent::Bgp),
+        }
+    }
+
+    pub fn handle_event(&mut self, ev: SideEvent) {
+        match ev {
+            SideEvent::Bgp(ev) => self.log_event(ev),
+            SideEvent::Bfd(ev) => self.bfd_event(ev),
+        }
+    }
+
+    /// A BFD state change: logged, exported, and a session going Down from Up takes the BGP
+    /// session to that peer down at once (the router, running BFD too, drops our routes).
+    pub fn bfd_event(&mut self, ev: BfdEvent) {
+        if let Some(e) = ev.error {
+            log!("bfd: peer {}: {e}", ev.peer);
+            return;
+        }
+        if !self.bfd_peers.iter().any(|p| p.peer == ev.peer) {
+            return;
+        }
+        let up = ev.state == ferry_bfd::State::Up;
+        self.metrics.set_bfd_session(ev.peer, Some(up));
+        if up {
+            self.bfd_up.insert(ev.peer);
+            log!("bfd: peer {}: session Up", ev.peer);
+        } else if self.bfd_up.remove(&ev.peer) {
+            log!(
+                "bfd: peer {}: session {} ({}): BGP session torn down",
+                ev.peer,
+                ev.state,
+                ev.diag
+            );
+            self.speaker.peer_down(ev.peer);
         }
     }
 
@@ -437,6 +586,44 @@ ports: [{port: 80, protocol: TCP}]
             &mut d,
         );
         assert!(!d.iter().any(|d| d.reason == "KeepaliveAdjusted"), "{d:#?}");
+    }
+
+    #[test]
+    fn a_bfd_profile_runs_a_bfd_session_to_the_peer() {
+        let text = MANIFESTS.replace("holdTime: 9s}", "holdTime: 9s, bfdProfile: fast}")
+            + "---\napiVersion: metallb.io/v1beta1\nkind: BFDProfile\n\
+               metadata: {name: fast, namespace: metallb-system}\n\
+               spec: {receiveInterval: 100, transmitInterval: 150, detectMultiplier: 4, \
+               passiveMode: true}\n";
+        let snap = snapshot(&text);
+        let mut d = Vec::new();
+        let ips: Vec<IpAddr> = vec!["10.76.0.11".parse().unwrap()];
+        let w = wanted(&snap, "n1", &BTreeMap::new(), &ips, &[], &mut d);
+        assert_eq!(w.peers.len(), 1, "{d:#?}");
+        assert_eq!(
+            w.bfd,
+            [PeerSpec {
+                peer: "10.76.0.1".parse().unwrap(),
+                local: None,
+                config: ferry_bfd::Config {
+                    desired_min_tx: Duration::from_millis(150),
+                    required_min_rx: Duration::from_millis(100),
+                    detect_mult: 4,
+                    passive: true,
+                },
+            }]
+        );
+        assert!(!d.iter().any(|d| d.reason == "BFDNotSupported"), "{d:#?}");
+        // Without the profile: no BFD session.
+        let w = wanted(
+            &snapshot(MANIFESTS),
+            "n1",
+            &BTreeMap::new(),
+            &ips,
+            &[],
+            &mut d,
+        );
+        assert!(w.bfd.is_empty());
     }
 
     #[test]

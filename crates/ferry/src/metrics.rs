@@ -19,6 +19,7 @@
 //! | `metallb_speaker_announced{ip,node,protocol,service}` | gauge (1) | [`Metrics::set_announced`] |
 //! | `metallb_bgp_session_up{peer}` | gauge (0/1) | [`Metrics::set_bgp_session`], [`Metrics::set_bgp_peers`] |
 //! | `metallb_bgp_announced_prefixes_total{peer}` | gauge | [`Metrics::set_bgp_peers`] |
+//! | `metallb_bfd_session_up{peer}` | gauge (0/1) | [`Metrics::set_bfd_session`] |
 //! | `ferry_membership_alive`, `_cluster_size`, `_quorum` | gauge | [`Metrics::set_membership`] |
 //! | `ferry_membership_*_total` | counter | [`Metrics::set_member_stats`] |
 //! | `ferry_l2_takeovers_total` | counter | [`Metrics::inc_takeover`] |
@@ -355,6 +356,7 @@ pub struct Metrics {
     bgp_session_up: Family<PeerLabels, Gauge>,
     bgp_prefixes: Family<PeerLabels, Gauge>,
     bgp_peers: Mutex<BTreeSet<PeerLabels>>,
+    bfd_session_up: Family<PeerLabels, Gauge>,
 
     membership_alive: Gauge,
     membership_cluster_size: Gauge,
@@ -412,6 +414,7 @@ impl Metrics {
             bgp_session_up: Family::default(),
             bgp_prefixes: Family::default(),
             bgp_peers: Mutex::new(BTreeSet::new()),
+            bfd_session_up: Family::default(),
             membership_alive: Gauge::default(),
             membership_cluster_size: Gauge::default(),
             membership_quorum: Gauge::default(),
@@ -491,6 +494,11 @@ impl Metrics {
             "metallb_bgp_session_up",
             "BGP session state (1 is up, 0 is down)",
             self.bgp_session_up.clone(),
+        );
+        r.register(
+            "metallb_bfd_session_up",
+            "BFD session state (1 is up, 0 is down)",
+            self.bfd_session_up.clone(),
         );
         r.register(
             "metallb_bgp_announced_prefixes_total",
@@ -643,6 +651,21 @@ impl Metrics {
             self.bgp_session_up
                 .get_or_create(&labels)
                 .set(i64::from(up));
+        }
+    }
+
+    /// A BFD session's state (its peer as an address, as MetalLB labels it): up, down, or
+    /// gone (None: the session no longer runs).
+    pub fn set_bfd_session(&self, peer: std::net::IpAddr, up: Option<bool>) {
+        let labels = PeerLabels {
+            peer: peer.to_string(),
+        };
+        if let Some(up) = up {
+            self.bfd_session_up
+                .get_or_create(&labels)
+                .set(i64::from(up));
+        } else {
+            self.bfd_session_up.remove(&labels);
         }
     }
 

@@ -15,6 +15,10 @@
 //! and passes, unless CI is set: then it fails. Agents and BIRD are killed by PID and the
 //! namespaces deleted when the bed drops, also on panic.
 //!
+//! BFD: with a BFDProfile on the BGPPeer and BIRD running `protocol bfd` with `bfd on`, a
+//! node whose link is cut leaves the router's route within a few hundred milliseconds; without
+//! BFD only when the hold time runs out.
+//!
 //! Run: `cargo test -p ferry --test e2e_bgp -- --test-threads 1 --nocapture`
 
 mod common;
@@ -118,6 +122,11 @@ impl Drop for Bed {
 
 impl Bed {
     fn new(nodes: usize) -> Bed {
+        Bed::with_bfd(nodes, false)
+    }
+
+    /// `bfd`: BIRD also runs BFD (100 ms x 3) with every node and `bfd on` on its sessions.
+    fn with_bfd(nodes: usize, bfd: bool) -> Bed {
         let prefix = format!(
             "fbgpe{}-{}",
             std::process::id(),
@@ -180,7 +189,7 @@ impl Bed {
             bed.sysctl(&n, "net.ipv4.ip_forward=1");
             bed.agents.push(None);
         }
-        bed.start_bird(nodes);
+        bed.start_bird(nodes, bfd);
         bed
     }
 
@@ -217,7 +226,7 @@ impl Bed {
         self.dir.join("bird.ctl").display().to_string()
     }
 
-    fn start_bird(&mut self, nodes: usize) {
+    fn start_bird(&mut self, nodes: usize, bfd: bool) {
         let mut conf = format!(
             "router id 10.97.0.1;
 log \"{log}\" all;
@@ -227,17 +236,24 @@ protocol kernel k6 {{ ipv6 {{ export all; import none; }}; merge paths on; }}
 ",
             log = self.dir.join("bird.log").display()
         );
+        if bfd {
+            conf += "protocol bfd {
+  interface \"br0\" { min rx interval 100 ms; min tx interval 100 ms; multiplier 3; };
+}
+";
+        }
         for i in 1..=nodes {
             // Short waits so that the test does not sit out BIRD's defaults.
             conf += &format!(
                 "protocol bgp n{i} {{
   local 10.97.0.1 as {ROUTER_ASN}; neighbor {nb} as {NODE_ASN};
-  hold time 9; connect delay time 1; connect retry time 1; error wait time 1, 2;
+  hold time 9; connect delay time 1; connect retry time 1; error wait time 1, 2;{bfd}
   ipv4 {{ import all; export none; }};
   ipv6 {{ import all; export none; }};
 }}
 ",
-                nb = node_addr(i)
+                nb = node_addr(i),
+                bfd = if bfd { "\n  bfd on;" } else { "" }
             );
         }
         let path = self.dir.join("bird.conf");
@@ -825,4 +841,89 @@ spec: {{type: LoadBalancer, selector: {{app: web}}, ports: [{{port: 80}}]}}
     println!("IPv6:\n{}", bed.kernel_route_of(VIP6));
     bed.remove_manifest("web6.yaml");
     bed.wait_nexthops_of(VIP6, &[], "IPv6 route withdrawn");
+}
+
+/// `config` with a BFDProfile of 100 ms x 3 on the BGPPeer.
+fn config_bfd(nodes: usize) -> String {
+    config(nodes).replace("holdTime: 9s}", "holdTime: 9s, bfdProfile: fast}")
+        + "---
+apiVersion: metallb.io/v1beta1
+kind: BFDProfile
+metadata: {name: fast, namespace: metallb-system}
+spec: {receiveInterval: 100, transmitInterval: 100, detectMultiplier: 3}
+"
+}
+
+/// Node 2's link cut: the time until the router's kernel route is over node 1 only.
+fn cut_node_2(bed: &Bed, limit: Duration) -> Option<Duration> {
+    bed.ip(&bed.node(2), "link set eth0 down");
+    measure(limit, || nexthops(&bed.kernel_route()) == ["10.97.0.11"])
+}
+
+#[test]
+fn bfd_drops_a_dead_node_in_well_under_a_second() {
+    if !ready("bfd_drops_a_dead_node_in_well_under_a_second") {
+        return;
+    }
+    let mut bed = Bed::with_bfd(2, true);
+    bed.manifest("metallb.yaml", &config_bfd(2));
+    bed.manifest("web.yaml", &service_on("Cluster", &[1, 2]));
+    bed.agent(1);
+    bed.agent(2);
+    bed.wait_nexthops(&["10.97.0.11", "10.97.0.12"], "ECMP over both nodes");
+    let up = measure(Duration::from_secs(10), || {
+        bed.birdc("show bfd sessions").matches(" Up ").count() == 2
+    });
+    assert!(
+        up.is_some(),
+        "BFD sessions not Up:\n{}\n{}",
+        bed.birdc("show bfd sessions"),
+        bed.dump()
+    );
+    println!("{}", bed.birdc("show bfd sessions"));
+    let series = "metallb_bfd_session_up{peer=\"10.97.0.1\"}";
+    let m = measure(Duration::from_secs(5), || {
+        bed.metric(1, series) == Some(1.0)
+    });
+    assert!(m.is_some(), "{series}: {:?}", bed.metric(1, series));
+    // Both sessions stay Up (the fast rate agreed by Poll/Final holds).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        bed.birdc("show bfd sessions").matches(" Up ").count(),
+        2,
+        "{}",
+        bed.dump()
+    );
+
+    let took = cut_node_2(&bed, Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("node 2 not removed:\n{}", bed.dump()));
+    println!("link cut -> node 2 out of the router's route: {took:?} (BFD 100 ms x 3)");
+    assert!(
+        took < Duration::from_millis(800),
+        "{took:?}\n{}",
+        bed.dump()
+    );
+    // Node 2's own BFD went Down too and took its BGP session down.
+    let torn = measure(Duration::from_secs(3), || {
+        bed.log("n2.log").contains("BGP session torn down")
+    });
+    assert!(torn.is_some(), "{}", bed.log("n2.log"));
+}
+
+#[test]
+fn without_bfd_the_hold_time_decides() {
+    if !ready("without_bfd_the_hold_time_decides") {
+        return;
+    }
+    let mut bed = Bed::new(2);
+    bed.manifest("metallb.yaml", &config(2));
+    bed.manifest("web.yaml", &service_on("Cluster", &[1, 2]));
+    bed.agent(1);
+    bed.agent(2);
+    bed.wait_nexthops(&["10.97.0.11", "10.97.0.12"], "ECMP over both nodes");
+    let took = cut_node_2(&bed, Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("node 2 not removed:\n{}", bed.dump()));
+    println!("link cut -> node 2 out of the router's route: {took:?} (hold time 9 s, no BFD)");
+    // The hold timer runs from the last KEEPALIVE (every 3 s): 6 to 9 s.
+    assert!(took > Duration::from_secs(5), "{took:?}");
 }
