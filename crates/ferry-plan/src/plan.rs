@@ -67,6 +67,10 @@ pub struct PlanConfig {
     /// Load-balancer address pools (inclusive ranges): traffic to a pool address that no
     /// service uses on that port is rejected, not forwarded (in routed setups it would loop).
     pub lb_pools: Vec<(IpAddr, IpAddr)>,
+    /// Service tables (see [`plan_sharded`]): 0 or 1 is today's one table `ferry`; N > 1
+    /// spreads the services over tables `ferry-0`..`ferry-{N-1}` by a stable hash of their
+    /// namespace/name, with the checks that need every service in the common table `ferry`.
+    pub shards: u16,
 }
 
 pub mod names {
@@ -868,6 +872,85 @@ pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
     Planner::default().plan(cfg, services)
 }
 
+/// The shard (0..n) of a service: FNV-1a of `namespace/name`, stable across runs and builds.
+pub fn shard_of(id: &ferry_model::ObjectRef, n: u16) -> u16 {
+    if n <= 1 {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id
+        .namespace
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(id.name.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % u64::from(n)) as u16
+}
+
+/// The name of shard `k`'s table.
+pub fn shard_table(k: u16) -> String {
+    format!("{TABLE}-{k}")
+}
+
+/// The configuration a shard table is planned with: the checks that must see every service
+/// (service CIDR addresses no service has, pool addresses no service uses) live in the common
+/// table only; a shard rejects only what its own services lack.
+pub fn shard_config(cfg: &PlanConfig) -> PlanConfig {
+    PlanConfig {
+        service_cidrs: Vec::new(),
+        lb_pools: Vec::new(),
+        shards: 1,
+        ..cfg.clone()
+    }
+}
+
+/// The common table of a sharded layout: the skeleton with every service's cluster IPs and
+/// cluster IP . protocol . port (plain sets, no verdicts: changing them never makes the
+/// kernel re-validate chains) for the service CIDR and pool checks; no service chains.
+pub fn plan_common(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
+    let mut rs = skeleton(cfg);
+    rs.table = Some(TABLE.into());
+    for svc in services {
+        for (set, key, el) in plan_service(cfg, svc).elements {
+            let wanted = FAMILIES
+                .iter()
+                .any(|f| *set == *names::cluster_ips(*f) || *set == *names::cluster_ip_ports(*f));
+            if let (true, Some(s)) = (wanted, rs.sets.get_mut(&*set)) {
+                s.elements.entry(key).or_insert(el);
+            }
+        }
+    }
+    rs
+}
+
+/// The sharded layout (`cfg.shards` > 1): the common table `ferry` first, then one table per
+/// shard, each a whole ferry table (own base chains at the same hooks and priorities) holding
+/// only its services. A packet for a service of another shard finds nothing in a shard's maps
+/// and falls through it untouched; the first table that DNATs a new connection binds its NAT
+/// (netfilter skips later NAT chains of the hook). Each table is validated by the kernel on
+/// its own, so an endpoint change re-validates one shard. With `shards` <= 1: today's table.
+pub fn plan_sharded(cfg: &PlanConfig, services: &[ResolvedService]) -> Vec<Ruleset> {
+    if cfg.shards <= 1 {
+        return vec![plan(cfg, services)];
+    }
+    let mut out = vec![plan_common(cfg, services)];
+    let scfg = shard_config(cfg);
+    for k in 0..cfg.shards {
+        let mine: Vec<ResolvedService> = services
+            .iter()
+            .filter(|s| shard_of(&s.id, cfg.shards) == k)
+            .cloned()
+            .collect();
+        let mut rs = plan(&scfg, &mine);
+        rs.table = Some(shard_table(k).into());
+        out.push(rs);
+    }
+    out
+}
+
 /// What an incremental plan changed: the chains and elements to look at (None of them may
 /// actually differ from before; the differ decides). `full` means everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -908,6 +991,8 @@ pub struct Planner {
     owners: std::collections::HashMap<(Key, Key), smallvec::SmallVec<[ferry_model::ObjectRef; 1]>>,
     /// Hairpin address -> how many services have it as an endpoint.
     hairpins: std::collections::HashMap<IpAddr, usize>,
+    /// The table planned (None: [`TABLE`]).
+    table: Option<Key>,
 }
 
 /// A stable 64-bit hash of everything planning reads from a service.
@@ -938,6 +1023,14 @@ fn service_hash(svc: &ResolvedService) -> u64 {
 }
 
 impl Planner {
+    /// A planner of the table `name` (a shard of [`plan_sharded`]'s layout).
+    pub fn for_table(name: &str) -> Planner {
+        Planner {
+            table: Some(name.into()),
+            ..Planner::default()
+        }
+    }
+
     /// The table as last planned.
     pub fn ruleset(&self) -> &Ruleset {
         &self.rs
@@ -959,6 +1052,7 @@ impl Planner {
         if self.cfg.as_ref() != Some(cfg) {
             self.cfg = Some(cfg.clone());
             self.rs = skeleton(cfg);
+            self.rs.table = self.table.clone();
             self.cache.clear();
             self.owners.clear();
             self.hairpins.clear();
