@@ -913,17 +913,157 @@ pub fn shard_config(cfg: &PlanConfig) -> PlanConfig {
 pub fn plan_common(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
     let mut rs = skeleton(cfg);
     rs.table = Some(TABLE.into());
-    for svc in services {
-        for (set, key, el) in plan_service(cfg, svc).elements {
-            let wanted = FAMILIES
-                .iter()
-                .any(|f| *set == *names::cluster_ips(*f) || *set == *names::cluster_ip_ports(*f));
-            if let (true, Some(s)) = (wanted, rs.sets.get_mut(&*set)) {
+    // An element several services ask for carries the smallest namespace/name's (as in
+    // [`plan`]); of the same service twice, the first counts.
+    let mut sorted: Vec<&ResolvedService> = services.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    sorted.dedup_by(|b, a| a.id == b.id);
+    for svc in sorted {
+        for (set, key, el) in common_elements(cfg, svc) {
+            if let Some(s) = rs.sets.get_mut(&*set) {
                 s.elements.entry(key).or_insert(el);
             }
         }
     }
     rs
+}
+
+/// What a service puts in the common table: its cluster IP and cluster/load-balancer
+/// IP . protocol . port elements.
+fn common_elements(
+    cfg: &PlanConfig,
+    svc: &ResolvedService,
+) -> Vec<(Key, Key, std::sync::Arc<Element>)> {
+    plan_service(cfg, svc)
+        .elements
+        .into_iter()
+        .filter(|(set, _, _)| {
+            FAMILIES
+                .iter()
+                .any(|f| **set == *names::cluster_ips(*f) || **set == *names::cluster_ip_ports(*f))
+        })
+        .collect()
+}
+
+/// [`plan_sharded`] incrementally: a [`Planner`] per shard holding only its services, and the
+/// common table's elements kept by who asks for them. A change re-plans the changed services
+/// only, and touches their shard (and the common table when their addresses change).
+#[derive(Debug, Default)]
+pub struct ShardedPlanner {
+    cfg: Option<PlanConfig>,
+    shards: Vec<Planner>,
+    common: Ruleset,
+    /// Service -> (hash of its resolved state, its common elements).
+    common_cache: std::collections::HashMap<ferry_model::ObjectRef, (u64, Vec<(Key, Key)>)>,
+    /// (set, key) -> the services asking for it, smallest first, with their element.
+    common_owners: std::collections::HashMap<
+        (Key, Key),
+        std::collections::BTreeMap<ferry_model::ObjectRef, std::sync::Arc<Element>>,
+    >,
+}
+
+impl ShardedPlanner {
+    /// The tables as last planned: the common one first, then the shards.
+    pub fn tables(&self) -> Vec<&Ruleset> {
+        std::iter::once(&self.common)
+            .chain(self.shards.iter().map(|p| p.ruleset()))
+            .collect()
+    }
+
+    /// Brings every table up to date (`cfg.shards` > 1); returns what changed in each, in
+    /// the order of [`ShardedPlanner::tables`].
+    pub fn update(&mut self, cfg: &PlanConfig, services: &[ResolvedService]) -> Vec<Touched> {
+        let n = cfg.shards.max(2);
+        let mut common_touched = Touched::default();
+        if self.cfg.as_ref() != Some(cfg) {
+            self.cfg = Some(cfg.clone());
+            self.shards = (0..n)
+                .map(|k| Planner::for_table(&shard_table(k)))
+                .collect();
+            self.common = skeleton(cfg);
+            self.common.table = Some(TABLE.into());
+            self.common_cache.clear();
+            self.common_owners.clear();
+            common_touched.full = true;
+        }
+        // The common table.
+        let mut seen = std::collections::HashSet::with_capacity(services.len());
+        let mut changed: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)> = Vec::new();
+        for svc in services {
+            if !seen.insert(&svc.id) {
+                continue;
+            }
+            let hash = service_hash(svc);
+            if self
+                .common_cache
+                .get(&svc.id)
+                .is_some_and(|(h, _)| *h == hash)
+            {
+                continue;
+            }
+            changed.push((svc.id.clone(), Some(svc)));
+        }
+        for id in self.common_cache.keys() {
+            if !seen.contains(id) {
+                changed.push((id.clone(), None));
+            }
+        }
+        for (id, svc) in changed {
+            let mut keys: Vec<(Key, Key)> = Vec::new();
+            if let Some((_, old)) = self.common_cache.remove(&id) {
+                for k in old {
+                    if let Some(who) = self.common_owners.get_mut(&k) {
+                        who.remove(&id);
+                    }
+                    keys.push(k);
+                }
+            }
+            if let Some(svc) = svc {
+                let els = common_elements(cfg, svc);
+                let mine: Vec<(Key, Key)> =
+                    els.iter().map(|(s, k, _)| (s.clone(), k.clone())).collect();
+                for (set, key, el) in els {
+                    self.common_owners
+                        .entry((set.clone(), key.clone()))
+                        .or_default()
+                        .insert(id.clone(), el);
+                    keys.push((set, key));
+                }
+                self.common_cache.insert(id, (service_hash(svc), mine));
+            }
+            for (set, key) in keys {
+                let first = self
+                    .common_owners
+                    .get(&(set.clone(), key.clone()))
+                    .and_then(|who| who.values().next().cloned());
+                if first.is_none() {
+                    self.common_owners.remove(&(set.clone(), key.clone()));
+                }
+                if let Some(s) = self.common.sets.get_mut(&*set) {
+                    match first {
+                        Some(el) => {
+                            s.elements.insert(key.clone(), el);
+                        }
+                        None => {
+                            s.elements.remove(&key);
+                        }
+                    }
+                }
+                common_touched.element(&set, &key);
+            }
+        }
+        // The shards: each planner sees only its services.
+        let scfg = shard_config(cfg);
+        let mut mine: Vec<Vec<&ResolvedService>> = vec![Vec::new(); usize::from(n)];
+        for svc in services {
+            mine[usize::from(shard_of(&svc.id, n))].push(svc);
+        }
+        let mut out = vec![common_touched];
+        for (p, svcs) in self.shards.iter_mut().zip(mine) {
+            out.push(p.update_refs(&scfg, svcs).1);
+        }
+        out
+    }
 }
 
 /// The sharded layout (`cfg.shards` > 1): the common table `ferry` first, then one table per
@@ -1048,6 +1188,16 @@ impl Planner {
         cfg: &PlanConfig,
         services: &[ResolvedService],
     ) -> (&Ruleset, Touched) {
+        self.update_refs(cfg, services)
+    }
+
+    /// [`Planner::update`] of services held elsewhere (a shard's, picked from all).
+    pub fn update_refs<'s>(
+        &mut self,
+        cfg: &PlanConfig,
+        services: impl IntoIterator<Item = &'s ResolvedService>,
+    ) -> (&Ruleset, Touched) {
+        let services = services.into_iter();
         let mut touched = Touched::default();
         if self.cfg.as_ref() != Some(cfg) {
             self.cfg = Some(cfg.clone());
@@ -1058,7 +1208,7 @@ impl Planner {
             self.hairpins.clear();
             touched.full = true;
         }
-        let mut seen = std::collections::HashSet::with_capacity(services.len());
+        let mut seen = std::collections::HashSet::with_capacity(services.size_hint().0);
         for svc in services {
             if !seen.insert(svc.id.clone()) {
                 continue; // the same service twice: the first one counts

@@ -183,7 +183,7 @@ fn seed_services_have_the_same_fates_over_shards() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(24))]
 
     #[test]
     fn random_services_have_the_same_fates_over_shards(
@@ -192,5 +192,49 @@ proptest! {
     ) {
         let cfg = PlanConfig { shards: n, ..with_lb_pools(dual_stack_config()) };
         check(&cfg, &services_from_specs(&specs))?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The incremental sharded planner gives exactly the fresh sharded plan whatever came
+    /// before, and what it says it touched is all a differ needs to look at.
+    #[test]
+    fn sharded_planner_equals_fresh_sharded_plans(
+        a in service_specs(12),
+        other in service_specs(12),
+        c1 in proptest::collection::vec(change(), 14),
+        c2 in proptest::collection::vec(change(), 14),
+        n in prop_oneof![Just(2u16), Just(4)],
+    ) {
+        use ferry_plan::diff::{diff_touched, LiveState};
+        use ferry_plan::plan::ShardedPlanner;
+        let cfg = PlanConfig { shards: n, ..with_lb_pools(dual_stack_config()) };
+        let history = [
+            services_from_specs(&a),
+            evolve(&a, &other, &c1),
+            evolve(&other, &a, &c2),
+            services_from_specs(&a),
+        ];
+        let mut p = ShardedPlanner::default();
+        let t0 = p.update(&cfg, &history[0]);
+        prop_assert!(t0[0].full);
+        let mut live: Vec<LiveState> = p.tables().into_iter().map(LiveState::of).collect();
+        for snap in &history[1..] {
+            let touched = p.update(&cfg, snap);
+            let tables = p.tables();
+            let fresh = plan_sharded(&cfg, snap);
+            prop_assert_eq!(tables.len(), fresh.len());
+            for (k, ((rs, want), t)) in tables.iter().zip(&fresh).zip(&touched).enumerate() {
+                prop_assert_eq!(*rs, want, "table {}", k);
+                prop_assert!(!t.full);
+                match diff_touched(&live[k], rs, t) {
+                    Some(_) => live[k].update_touched(rs, t),
+                    None => live[k] = LiveState::of(rs),
+                }
+                prop_assert_eq!(&live[k], &LiveState::of(rs), "table {}", k);
+            }
+        }
     }
 }
