@@ -278,7 +278,7 @@ fn cleanup_shards(shards: u16) -> Result<()> {
 /// only the changed service's shard is planned and written.
 fn run_sharded(args: &BenchArgs, cfg: &PlanConfig, base: &[ResolvedService]) -> Result<i32> {
     use ferry_plan::diff::Op;
-    use ferry_plan::plan::{plan_sharded, shard_config, shard_of, shard_table, Planner};
+    use ferry_plan::plan::{plan_sharded, ShardedPlanner};
     let n = args.shards;
     let cfg = PlanConfig {
         shards: n,
@@ -339,44 +339,38 @@ fn run_sharded(args: &BenchArgs, cfg: &PlanConfig, base: &[ResolvedService]) -> 
     );
     drop(tables);
 
-    // One endpoint change at a time: a planner per shard, holding only its services.
+    // One endpoint change at a time, through the incremental sharded planner (every service
+    // hashed for the common table, the changed one re-planned in its shard).
     cleanup_shards(n)?;
-    let scfg = shard_config(&cfg);
-    let mut current: Vec<Vec<ResolvedService>> = vec![Vec::new(); usize::from(n)];
-    for s in base {
-        current[usize::from(shard_of(&s.id, n))].push(s.clone());
+    let mut planner = ShardedPlanner::default();
+    planner.update(&cfg, base);
+    let mut dps: Vec<Dataplane> = planner
+        .tables()
+        .iter()
+        .map(|t| Dataplane::for_table(Nft::new(), t.table_name()))
+        .collect();
+    for (dp, t) in dps.iter_mut().zip(planner.tables()) {
+        dp.apply(t)?;
     }
-    let common = ferry_plan::plan::plan_common(&cfg, base);
-    Dataplane::new(Nft::new()).apply(&common)?;
-    let mut planners = Vec::new();
-    let mut dps = Vec::new();
-    for (k, svcs) in current.iter().enumerate() {
-        let name = shard_table(k as u16);
-        let mut planner = Planner::for_table(&name);
-        let mut dp = Dataplane::for_table(Nft::new(), &name);
-        let (rs, _) = planner.update(&scfg, svcs);
-        dp.apply(rs)?;
-        planners.push(planner);
-        dps.push(dp);
-    }
+    let mut current = base.to_vec();
     let mut change_total = Vec::new();
     let mut change_plan = Vec::new();
     for k in 0..args.changes.max(1) {
-        let victim = &base[(k * 7919) % base.len()].id;
-        let shard = usize::from(shard_of(victim, n));
-        let t0 = Instant::now();
-        let svcs = &mut current[shard];
-        let Some(svc) = svcs.iter_mut().find(|s| &s.id == victim) else {
-            bail!("{victim} is not in its shard");
-        };
-        let ep = &mut svc.ports[0].endpoints[0];
+        let victim = (k * 7919) % current.len();
+        let ep = &mut current[victim].ports[0].endpoints[0];
         ep.port = if ep.port == 8080 { 8081 } else { 8080 };
-        let (rs, touched) = planners[shard].update(&scfg, svcs);
+        let t0 = Instant::now();
+        let touched = planner.update(&cfg, &current);
         let t1 = Instant::now();
-        let ch = dps[shard].apply_touched(rs, &touched)?;
+        let mut chains = 0;
+        for ((dp, rs), t) in dps.iter_mut().zip(planner.tables()).zip(&touched) {
+            if t.full || !t.chains.is_empty() || !t.elements.is_empty() {
+                chains += dp.apply_touched(rs, t)?.chains_changed;
+            }
+        }
         let t2 = Instant::now();
-        if ch.chains_changed != 1 {
-            bail!("expected one changed chain, got {ch}");
+        if chains != 1 {
+            bail!("expected one changed chain, got {chains}");
         }
         change_plan.push((t1 - t0).as_secs_f64() * 1e3);
         change_total.push((t2 - t0).as_secs_f64() * 1e3);
