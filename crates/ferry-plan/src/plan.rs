@@ -1008,6 +1008,11 @@ impl ShardedPlanner {
                 changed.push((id.clone(), None));
             }
         }
+        // Only the shards of changed (or gone) services are planned again.
+        let mut dirty = vec![common_touched.full; usize::from(n)];
+        for (id, _) in &changed {
+            dirty[usize::from(shard_of(id, n))] = true;
+        }
         for (id, svc) in changed {
             let mut keys: Vec<(Key, Key)> = Vec::new();
             if let Some((_, old)) = self.common_cache.remove(&id) {
@@ -1056,11 +1061,18 @@ impl ShardedPlanner {
         let scfg = shard_config(cfg);
         let mut mine: Vec<Vec<&ResolvedService>> = vec![Vec::new(); usize::from(n)];
         for svc in services {
-            mine[usize::from(shard_of(&svc.id, n))].push(svc);
+            let k = usize::from(shard_of(&svc.id, n));
+            if dirty[k] {
+                mine[k].push(svc);
+            }
         }
         let mut out = vec![common_touched];
-        for (p, svcs) in self.shards.iter_mut().zip(mine) {
-            out.push(p.update_refs(&scfg, svcs).1);
+        for ((p, svcs), dirty) in self.shards.iter_mut().zip(mine).zip(dirty) {
+            out.push(if dirty {
+                p.update_refs(&scfg, svcs).1
+            } else {
+                Touched::default()
+            });
         }
         out
     }
