@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Also time kube-proxy's layout (one anonymous numgen vmap per service) for comparison.
     #[arg(long)]
     pub kube_proxy_layout: bool,
+    /// Spread the services over this many tables (the agent's `--nft-shards`; 1: one table).
+    #[arg(long, default_value_t = 1)]
+    pub shards: u16,
 }
 
 fn ip(n: u32) -> IpAddr {
@@ -144,6 +147,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         }
     };
     let base = services(args.services, args.endpoints_per_service, 0);
+    if args.shards > 1 {
+        return run_sharded(&args, &cfg, &base);
+    }
     println!(
         "ferry dataplane benchmark: {} services x {} endpoints = {} endpoints, nftables via {}, {}",
         args.services,
@@ -252,5 +258,136 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             "kube-proxy layout (anonymous numgen vmap per service), one cold load: {ms:.0} ms"
         );
     }
+    Ok(0)
+}
+
+/// Deletes the common table and every shard table of `shards`.
+fn cleanup_shards(shards: u16) -> Result<()> {
+    let mut nft = Nft::new();
+    let mut names = vec![ferry_plan::ir::TABLE.to_string()];
+    names.extend((0..shards).map(ferry_plan::plan::shard_table));
+    for t in names {
+        if ferry_nft::netlink::read_live_table(&t)?.table {
+            nft.run(&format!("delete table inet {t}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The sharded layout: the common table and `--shards` tables, loaded cold in one transaction
+/// (and, for the longest transaction, one table each), then one endpoint change at a time:
+/// only the changed service's shard is planned and written.
+fn run_sharded(args: &BenchArgs, cfg: &PlanConfig, base: &[ResolvedService]) -> Result<i32> {
+    use ferry_plan::diff::Op;
+    use ferry_plan::plan::{plan_sharded, ShardedPlanner};
+    let n = args.shards;
+    let cfg = PlanConfig {
+        shards: n,
+        ..cfg.clone()
+    };
+    println!(
+        "ferry dataplane benchmark: {} services x {} endpoints = {} endpoints, {} shard tables and the common one, over netlink",
+        args.services,
+        args.endpoints_per_service,
+        args.services * args.endpoints_per_service,
+        n
+    );
+    let mut cold_plan = Vec::new();
+    let mut cold_apply = Vec::new();
+    for _ in 0..args.cold_runs.max(1) {
+        cleanup_shards(n)?;
+        let t0 = Instant::now();
+        let tables = plan_sharded(&cfg, base);
+        let t1 = Instant::now();
+        let full = [Op::Full { replace: false }];
+        let parts: Vec<(&ferry_plan::Ruleset, &[Op])> =
+            tables.iter().map(|t| (t, &full[..])).collect();
+        let batch =
+            ferry_nft::encode::batch(&parts).map_err(|e| anyhow::anyhow!("not encodable: {e}"))?;
+        ferry_nft::netlink::send_batch(&batch)?;
+        let t2 = Instant::now();
+        cold_plan.push((t1 - t0).as_secs_f64() * 1e3);
+        cold_apply.push((t2 - t1).as_secs_f64() * 1e3);
+    }
+    let mut cold_total: Vec<f64> = cold_plan
+        .iter()
+        .zip(&cold_apply)
+        .map(|(a, b)| a + b)
+        .collect();
+    println!(
+        "cold load in one transaction (plan + apply), median of {}: {:.0} ms (plan {:.0} ms, apply {:.0} ms)",
+        cold_total.len(),
+        median(&mut cold_total),
+        median(&mut cold_plan),
+        median(&mut cold_apply)
+    );
+
+    // One transaction per table: the longest of them.
+    cleanup_shards(n)?;
+    let tables = plan_sharded(&cfg, base);
+    let mut longest: f64 = 0.0;
+    let t0 = Instant::now();
+    for t in &tables {
+        let batch = ferry_nft::encode::full_load(t, false)
+            .map_err(|e| anyhow::anyhow!("not encodable: {e}"))?;
+        let t1 = Instant::now();
+        ferry_nft::netlink::send_batch(&batch)?;
+        longest = longest.max(t1.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "cold load one table per transaction: {:.0} ms in all, longest transaction {longest:.0} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    drop(tables);
+
+    // One endpoint change at a time, through the incremental sharded planner (every service
+    // hashed for the common table, the changed one re-planned in its shard).
+    cleanup_shards(n)?;
+    let mut planner = ShardedPlanner::default();
+    planner.update(&cfg, base);
+    let mut dps: Vec<Dataplane> = planner
+        .tables()
+        .iter()
+        .map(|t| Dataplane::for_table(Nft::new(), t.table_name()))
+        .collect();
+    for (dp, t) in dps.iter_mut().zip(planner.tables()) {
+        dp.apply(t)?;
+    }
+    let mut current = base.to_vec();
+    let mut change_total = Vec::new();
+    let mut change_plan = Vec::new();
+    for k in 0..args.changes.max(1) {
+        let victim = (k * 7919) % current.len();
+        let ep = &mut current[victim].ports[0].endpoints[0];
+        ep.port = if ep.port == 8080 { 8081 } else { 8080 };
+        let t0 = Instant::now();
+        let touched = planner.update(&cfg, &current);
+        let t1 = Instant::now();
+        let mut chains = 0;
+        for ((dp, rs), t) in dps.iter_mut().zip(planner.tables()).zip(&touched) {
+            if t.full || !t.chains.is_empty() || !t.elements.is_empty() {
+                chains += dp.apply_touched(rs, t)?.chains_changed;
+            }
+        }
+        let t2 = Instant::now();
+        if chains != 1 {
+            bail!("expected one changed chain, got {chains}");
+        }
+        change_plan.push((t1 - t0).as_secs_f64() * 1e3);
+        change_total.push((t2 - t0).as_secs_f64() * 1e3);
+    }
+    let mut change_apply: Vec<f64> = change_total
+        .iter()
+        .zip(&change_plan)
+        .map(|(t, p)| t - p)
+        .collect();
+    println!(
+        "one endpoint change (plan + apply), median of {}: {:.1} ms (plan {:.1} ms, apply {:.1} ms)",
+        change_total.len(),
+        median(&mut change_total),
+        median(&mut change_plan),
+        median(&mut change_apply)
+    );
+    cleanup_shards(n)?;
     Ok(0)
 }

@@ -126,9 +126,20 @@ const MAX_ATTR: usize = 0xffff - 4;
 struct Writer {
     buf: Vec<u8>,
     seq: u32,
+    /// The table the messages name (empty: [`TABLE`]).
+    table: String,
+    /// Set IDs already used in this batch (a batch may span tables).
+    ids_used: u32,
 }
 
 impl Writer {
+    /// The attribute naming the table the messages are about.
+    fn table_attr(&mut self, kind: u16) {
+        let t = std::mem::take(&mut self.table);
+        self.str(kind, if t.is_empty() { TABLE } else { &t });
+        self.table = t;
+    }
+
     fn msg_start(&mut self, kind: u16, flags: u16, family: u8, res_id: u16) -> usize {
         let at = self.buf.len();
         self.seq = self.seq.wrapping_add(1);
@@ -810,23 +821,50 @@ fn plus_one(v: &[u8]) -> Option<Vec<u8>> {
 /// The batch that replaces ferry's table with `rs` in one transaction (`replace`: the table
 /// exists and is deleted first), and the number of messages in it besides the batch markers.
 pub fn full_load(rs: &Ruleset, replace: bool) -> Result<Vec<u8>, Unsupported> {
+    batch(&[(rs, &[Op::Full { replace }])])
+}
+
+/// One batch (one transaction: all or nothing) of the steps for several tables: each planned
+/// table `rs` (named by [`Ruleset::table_name`]) with the differ's [`Op`]s for it (a lone
+/// [`Op::Full`] loads it whole). A sharded layout changes its tables atomically this way.
+pub fn batch(parts: &[(&Ruleset, &[Op])]) -> Result<Vec<u8>, Unsupported> {
     // Sized up front (~350 bytes a rule, ~110 an element, ~200 a chain, measured at 10,000
     // services): a growing buffer would copy itself and hold twice its size at the peak.
-    let rules: usize = rs.chains.values().map(|c| c.rules.len()).sum();
-    let element_count: usize = rs.sets.values().map(|s| s.elements.len()).sum();
+    let mut cap = 4096;
+    for (rs, ops) in parts {
+        if let [Op::Full { .. }] = ops {
+            let rules: usize = rs.chains.values().map(|c| c.rules.len()).sum();
+            let element_count: usize = rs.sets.values().map(|s| s.elements.len()).sum();
+            cap += rules * 350 + element_count * 110 + rs.chains.len() * 200;
+        }
+    }
     let mut w = Writer {
-        buf: Vec::with_capacity(rules * 350 + element_count * 110 + rs.chains.len() * 200 + 4096),
-        seq: 0,
+        buf: Vec::with_capacity(cap),
+        ..Writer::default()
     };
     let b = w.msg_start(NFNL_MSG_BATCH_BEGIN, 0, 0, NFNL_SUBSYS_NFTABLES);
     w.msg_end(b);
+    for (rs, ops) in parts {
+        w.table = rs.table.as_deref().unwrap_or("").to_string();
+        if let [Op::Full { replace }] = ops {
+            full_body(&mut w, rs, *replace)?;
+        } else {
+            changes_body(&mut w, rs, ops)?;
+        }
+    }
+    let e = w.msg_start(NFNL_MSG_BATCH_END, 0, 0, NFNL_SUBSYS_NFTABLES);
+    w.msg_end(e);
+    Ok(w.buf)
+}
+
+fn full_body(w: &mut Writer, rs: &Ruleset, replace: bool) -> Result<(), Unsupported> {
     if replace {
         let m = w.nft_msg(NFT_MSG_DELTABLE, 0);
-        w.str(NFTA_TABLE_NAME, TABLE);
+        w.table_attr(NFTA_TABLE_NAME);
         w.msg_end(m);
     }
     let m = w.nft_msg(NFT_MSG_NEWTABLE, NLM_F_CREATE);
-    w.str(NFTA_TABLE_NAME, TABLE);
+    w.table_attr(NFTA_TABLE_NAME);
     w.be32(NFTA_TABLE_FLAGS, 0);
     w.attr(
         NFTA_TABLE_USERDATA,
@@ -834,25 +872,25 @@ pub fn full_load(rs: &Ruleset, replace: bool) -> Result<Vec<u8>, Unsupported> {
     );
     w.msg_end(m);
 
+    let base = w.ids_used;
     let mut set_ids = std::collections::BTreeMap::new();
     for (i, s) in rs.sets.values().enumerate() {
-        let id = i as u32 + 1;
+        let id = base + i as u32 + 1;
         set_ids.insert(s.name.clone(), id);
-        set_def(&mut w, s, id)?;
+        set_def(w, s, id)?;
     }
     for c in rs.chains.values() {
-        chain_def(&mut w, c);
+        chain_def(w, c);
     }
-    let mut next_id = rs.sets.len() as u32;
+    let mut next_id = base + rs.sets.len() as u32;
     for c in rs.chains.values() {
-        chain_rules(&mut w, &set_ids, &mut next_id, c)?;
+        chain_rules(w, &set_ids, &mut next_id, c)?;
     }
     for s in rs.sets.values().filter(|s| !s.dynamic) {
-        elements(&mut w, s, set_ids[&s.name], None)?;
+        elements(w, s, set_ids[&s.name], None)?;
     }
-    let e = w.msg_start(NFNL_MSG_BATCH_END, 0, 0, NFNL_SUBSYS_NFTABLES);
-    w.msg_end(e);
-    Ok(w.buf)
+    w.ids_used = next_id;
+    Ok(())
 }
 
 /// Bytes a key or data of these fields takes (each field in a 4-byte register when more than
@@ -895,73 +933,65 @@ fn chain_rules(
 /// The batch for a differ's [`Changes`](ferry_plan::Changes): its [`Op`]s, in order, with the
 /// objects taken from the planned table `rs`.
 pub fn changes(rs: &Ruleset, ops: &[Op]) -> Result<Vec<u8>, Unsupported> {
-    if let [Op::Full { replace }] = ops {
-        return full_load(rs, *replace);
-    }
+    batch(&[(rs, ops)])
+}
+
+fn changes_body(w: &mut Writer, rs: &Ruleset, ops: &[Op]) -> Result<(), Unsupported> {
     let missing = |what: &str, name: &str| Unsupported(format!("{what} {name} is not planned"));
-    let mut w = Writer::default();
-    let b = w.msg_start(NFNL_MSG_BATCH_BEGIN, 0, 0, NFNL_SUBSYS_NFTABLES);
-    w.msg_end(b);
     // Sets created in this batch are named by ID too; anonymous ones are numbered after them.
     let mut set_ids = std::collections::BTreeMap::new();
     for op in ops {
         if let Op::AddSet(name) = op {
-            let id = set_ids.len() as u32 + 1;
+            let id = w.ids_used + set_ids.len() as u32 + 1;
             set_ids.insert(name.clone(), id);
         }
     }
-    let mut next_id = set_ids.len() as u32;
+    let mut next_id = w.ids_used + set_ids.len() as u32;
     for op in ops {
         match op {
             Op::Full { .. } => return Err(Unsupported("a full load among other steps".into())),
             Op::AddSet(name) => {
                 let s = rs.sets.get(name).ok_or_else(|| missing("set", name))?;
-                set_def(&mut w, s, set_ids[name])?;
+                set_def(w, s, set_ids[name])?;
             }
             Op::AddChain(name) => {
                 let c = rs.chains.get(name).ok_or_else(|| missing("chain", name))?;
-                chain_def(&mut w, c);
+                chain_def(w, c);
             }
             Op::AddRules(name) => {
                 let c = rs.chains.get(name).ok_or_else(|| missing("chain", name))?;
-                chain_rules(&mut w, &set_ids, &mut next_id, c)?;
+                chain_rules(w, &set_ids, &mut next_id, c)?;
             }
             Op::FlushChain(name) => {
                 let m = w.nft_msg(NFT_MSG_DELRULE, 0);
-                w.str(NFTA_RULE_TABLE, TABLE);
+                w.table_attr(NFTA_RULE_TABLE);
                 w.str(NFTA_RULE_CHAIN, name);
                 w.msg_end(m);
             }
             Op::AddElements(name, keys) => {
                 let s = rs.sets.get(name).ok_or_else(|| missing("set", name))?;
-                elements(
-                    &mut w,
-                    s,
-                    set_ids.get(name).copied().unwrap_or(0),
-                    Some(keys),
-                )?;
+                elements(w, s, set_ids.get(name).copied().unwrap_or(0), Some(keys))?;
             }
             Op::DeleteElements(name, keys) => {
                 let s = rs.sets.get(name).ok_or_else(|| missing("set", name))?;
-                delete_elements(&mut w, s, keys)?;
+                delete_elements(w, s, keys)?;
             }
             Op::DeleteSet(name) => {
                 let m = w.nft_msg(NFT_MSG_DELSET, 0);
-                w.str(NFTA_SET_TABLE, TABLE);
+                w.table_attr(NFTA_SET_TABLE);
                 w.str(NFTA_SET_NAME, name);
                 w.msg_end(m);
             }
             Op::DeleteChain(name) => {
                 let m = w.nft_msg(NFT_MSG_DELCHAIN, 0);
-                w.str(NFTA_CHAIN_TABLE, TABLE);
+                w.table_attr(NFTA_CHAIN_TABLE);
                 w.str(NFTA_CHAIN_NAME, name);
                 w.msg_end(m);
             }
         }
     }
-    let e = w.msg_start(NFNL_MSG_BATCH_END, 0, 0, NFNL_SUBSYS_NFTABLES);
-    w.msg_end(e);
-    Ok(w.buf)
+    w.ids_used = next_id;
+    Ok(())
 }
 
 /// Tests only: adds, before the batch's end, the deletion of a chain that does not exist, which
@@ -972,9 +1002,10 @@ pub fn spoil(batch: &mut Vec<u8>) {
     let mut w = Writer {
         buf: std::mem::take(batch),
         seq: 1_000_000,
+        ..Writer::default()
     };
     let m = w.nft_msg(NFT_MSG_DELCHAIN, 0);
-    w.str(NFTA_CHAIN_TABLE, TABLE);
+    w.table_attr(NFTA_CHAIN_TABLE);
     w.str(NFTA_CHAIN_NAME, "no-such-chain-ferry-test");
     w.msg_end(m);
     *batch = w.buf;
@@ -1031,7 +1062,7 @@ fn delete_elements(w: &mut Writer, s: &Set, keys: &[String]) -> Result<(), Unsup
     let mut it = raw.into_iter().peekable();
     while it.peek().is_some() {
         let m = w.nft_msg(NFT_MSG_DELSETELEM, 0);
-        w.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+        w.table_attr(NFTA_SET_ELEM_LIST_TABLE);
         w.str(NFTA_SET_ELEM_LIST_SET, &s.name);
         let els = w.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
         while w.buf.len() - els < MAX_ATTR - 1024 {
@@ -1056,7 +1087,7 @@ fn set_def(w: &mut Writer, s: &Set, id: u32) -> Result<(), Unsupported> {
         return Err(Unsupported(format!("map {} to data", s.name)));
     }
     let m = w.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE);
-    w.str(NFTA_SET_TABLE, TABLE);
+    w.table_attr(NFTA_SET_TABLE);
     w.str(NFTA_SET_NAME, &s.name);
     let mut flags = 0;
     if s.is_map() {
@@ -1106,7 +1137,7 @@ fn set_def(w: &mut Writer, s: &Set, id: u32) -> Result<(), Unsupported> {
 
 fn chain_def(w: &mut Writer, c: &Chain) {
     let m = w.nft_msg(NFT_MSG_NEWCHAIN, NLM_F_CREATE);
-    w.str(NFTA_CHAIN_TABLE, TABLE);
+    w.table_attr(NFTA_CHAIN_TABLE);
     w.str(NFTA_CHAIN_NAME, &c.name);
     if let Some(BaseChain {
         type_,
@@ -1220,7 +1251,7 @@ fn anonymous_set(
     els: &[(Vec<u8>, bool)],
 ) -> Result<(), Unsupported> {
     let m = w.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE);
-    w.str(NFTA_SET_TABLE, TABLE);
+    w.table_attr(NFTA_SET_TABLE);
     w.str(NFTA_SET_NAME, ANONYMOUS_SET);
     let mut flags = NFT_SET_ANONYMOUS | NFT_SET_CONSTANT;
     if interval {
@@ -1240,7 +1271,7 @@ fn anonymous_set(
     w.attr(NFTA_SET_USERDATA, &udata);
     w.msg_end(m);
     let m = w.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE);
-    w.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+    w.table_attr(NFTA_SET_ELEM_LIST_TABLE);
     w.str(NFTA_SET_ELEM_LIST_SET, ANONYMOUS_SET);
     w.be32(NFTA_SET_ELEM_LIST_SET_ID, id);
     let list = w.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
@@ -1272,7 +1303,7 @@ fn rule(
         anonymous.push_back(*next_id);
     }
     let m = w.nft_msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
-    w.str(NFTA_RULE_TABLE, TABLE);
+    w.table_attr(NFTA_RULE_TABLE);
     w.str(NFTA_RULE_CHAIN, chain);
     let list = w.nest(NFTA_RULE_EXPRESSIONS);
     let mut ctx = RuleCtx {
@@ -1328,7 +1359,7 @@ fn elements(w: &mut Writer, s: &Set, id: u32, only: Option<&[String]>) -> Result
     let mut it = list.into_iter().peekable();
     while it.peek().is_some() {
         let m = w.nft_msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE);
-        w.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
+        w.table_attr(NFTA_SET_ELEM_LIST_TABLE);
         w.str(NFTA_SET_ELEM_LIST_SET, &s.name);
         if id != 0 {
             w.be32(NFTA_SET_ELEM_LIST_SET_ID, id);

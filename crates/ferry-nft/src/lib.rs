@@ -283,8 +283,13 @@ fn items(v: &Json) -> impl Iterator<Item = (&str, &Json)> {
 /// Reads ferry's table from the kernel (empty state when there is none): over netlink, or
 /// through `nft`'s JSON listing where netlink sockets are refused.
 pub fn read_live(nft: &mut Nft) -> Result<LiveState, NftError> {
-    match netlink::read_live() {
-        Err(NftError::Unavailable(_)) => read_live_json(nft),
+    read_live_table(nft, TABLE)
+}
+
+/// [`read_live`] of the table `table` (a shard of a sharded layout).
+pub fn read_live_table(nft: &mut Nft, table: &str) -> Result<LiveState, NftError> {
+    match netlink::read_live_table(table) {
+        Err(NftError::Unavailable(_)) => read_live_json_table(nft, table),
         other => other,
     }
 }
@@ -292,8 +297,13 @@ pub fn read_live(nft: &mut Nft) -> Result<LiveState, NftError> {
 /// Reads ferry's table through `nft -j list table` (empty state when there is none); what
 /// [`read_live`] did before it read netlink, kept as its fallback and its reference in tests.
 pub fn read_live_json(nft: &mut Nft) -> Result<LiveState, NftError> {
+    read_live_json_table(nft, TABLE)
+}
+
+/// [`read_live_json`] of the table `table`.
+pub fn read_live_json_table(nft: &mut Nft, table: &str) -> Result<LiveState, NftError> {
     // One listing (listing is the slow part at 100,000 rules); "no such table" is an empty state.
-    let v = match nft.run_json(&format!("list table {FAMILY} {TABLE}")) {
+    let v = match nft.run_json(&format!("list table {FAMILY} {table}")) {
         Ok(v) => v,
         Err(NftError::Failed(msg)) if msg.contains("No such file or directory") => {
             return Ok(LiveState::default())
@@ -491,6 +501,8 @@ pub struct Dataplane {
     netlink_refused: Option<String>,
     /// Tests only: every netlink batch ends with a message the kernel refuses.
     spoil_batches: bool,
+    /// The table owned (None: [`TABLE`]); the rulesets applied must name the same.
+    table: Option<String>,
 }
 
 impl Dataplane {
@@ -501,7 +513,19 @@ impl Dataplane {
             netlink_writes: true,
             netlink_refused: None,
             spoil_batches: false,
+            table: None,
         }
+    }
+
+    /// A dataplane owning the table `name` (one table of a sharded layout, see
+    /// `ferry_plan::plan::plan_sharded`). Only netlink writes carry a table of another name
+    /// than [`TABLE`]: the text rendering names [`TABLE`].
+    pub fn for_table(nft: Nft, name: &str) -> Dataplane {
+        let mut dp = Dataplane::new(nft);
+        if name != TABLE {
+            dp.table = Some(name.to_string());
+        }
+        dp
     }
 
     /// Every change through libnftables' text (for comparison: benchmarks and tests).
@@ -535,6 +559,18 @@ impl Dataplane {
                 None
             }
         }
+    }
+
+    /// Why a shard's change cannot go as text (the text rendering names [`TABLE`] only).
+    fn no_text_path(&mut self) -> NftError {
+        let why = self
+            .netlink_refused
+            .take()
+            .unwrap_or_else(|| "netlink writes are unavailable or off".into());
+        NftError::Output(format!(
+            "table {}: only netlink writes carry a shard table, and {why}",
+            self.table.as_deref().unwrap_or(TABLE)
+        ))
     }
 
     /// The differ's steps, with the text script only when the text path will carry them.
@@ -573,12 +609,13 @@ impl Dataplane {
     pub fn apply(&mut self, desired: &Ruleset) -> Result<Changes, NftError> {
         let live = match self.live.take() {
             Some(l) => l,
-            None => read_live(&mut self.nft)?,
+            None => read_live_table(&mut self.nft, self.table.as_deref().unwrap_or(TABLE))?,
         };
         let changes = self.changes(&live, desired);
         if !changes.is_empty() {
             let done = match self.try_netlink(desired, &changes) {
                 Some(r) => r,
+                None if self.table.is_some() => Err(self.no_text_path()),
                 // The text of the steps, rendered only now that it is needed.
                 None if changes.script.is_empty() => {
                     self.nft.run(&diff(&live, desired).script).map(|_| ())
@@ -618,6 +655,7 @@ impl Dataplane {
         if !changes.is_empty() {
             let result = match self.try_netlink(desired, &changes) {
                 Some(r) => r,
+                None if self.table.is_some() => Err(self.no_text_path()),
                 None => {
                     let script = if changes.script.is_empty() {
                         self.live

@@ -203,7 +203,7 @@ fn cstr_value(s: &str) -> Vec<u8> {
 // ---- nf_tables objects (pure) ----
 
 /// A chain of ferry's table: its name and what [`LiveState`] keeps of it.
-pub(crate) fn decode_chain(payload: &[u8]) -> Option<(String, Option<BaseChain>)> {
+pub(crate) fn decode_chain(payload: &[u8], want: &str) -> Option<(String, Option<BaseChain>)> {
     let mut table = None;
     let mut name = None;
     let mut hook = None;
@@ -222,7 +222,7 @@ pub(crate) fn decode_chain(payload: &[u8]) -> Option<(String, Option<BaseChain>)
             _ => {}
         }
     }
-    if table != Some(TABLE) {
+    if table != Some(want) {
         return None;
     }
     let base = match (type_, hook) {
@@ -251,7 +251,7 @@ pub(crate) fn decode_chain(payload: &[u8]) -> Option<(String, Option<BaseChain>)
 }
 
 /// A rule of ferry's table: its chain and its comment.
-pub(crate) fn decode_rule(payload: &[u8]) -> Option<(&str, Option<&str>)> {
+pub(crate) fn decode_rule<'a>(payload: &'a [u8], want: &str) -> Option<(&'a str, Option<&'a str>)> {
     let mut table = None;
     let mut chain = None;
     let mut comment = None;
@@ -263,7 +263,7 @@ pub(crate) fn decode_rule(payload: &[u8]) -> Option<(&str, Option<&str>)> {
             _ => {}
         }
     }
-    (table == Some(TABLE)).then_some(())?;
+    (table == Some(want)).then_some(())?;
     Some((chain?, comment))
 }
 
@@ -373,7 +373,7 @@ fn fields_of(mut t: u32) -> Vec<Field> {
 
 /// A named set or map of ferry's table (anonymous sets are part of their rules, as in
 /// `nft list table`).
-pub(crate) fn decode_set(payload: &[u8]) -> Option<SetDef> {
+pub(crate) fn decode_set(payload: &[u8], want: &str) -> Option<SetDef> {
     let mut table = None;
     let mut name = None;
     let mut flags = 0;
@@ -389,7 +389,7 @@ pub(crate) fn decode_set(payload: &[u8]) -> Option<SetDef> {
             _ => {}
         }
     }
-    if table != Some(TABLE) || flags & NFT_SET_ANONYMOUS != 0 {
+    if table != Some(want) || flags & NFT_SET_ANONYMOUS != 0 {
         return None;
     }
     let fields = fields_of(key_type.unwrap_or(0));
@@ -424,7 +424,10 @@ pub(crate) struct RawElement {
 }
 
 /// The set a NEWSETELEM message is about, and its elements.
-pub(crate) fn decode_elements(payload: &[u8]) -> Option<(&str, Vec<RawElement>)> {
+pub(crate) fn decode_elements<'a>(
+    payload: &'a [u8],
+    want: &str,
+) -> Option<(&'a str, Vec<RawElement>)> {
     let mut table = None;
     let mut set = None;
     let mut out = Vec::new();
@@ -438,7 +441,7 @@ pub(crate) fn decode_elements(payload: &[u8]) -> Option<(&str, Vec<RawElement>)>
             _ => {}
         }
     }
-    (table == Some(TABLE)).then_some(())?;
+    (table == Some(want)).then_some(())?;
     Some((set?, out))
 }
 
@@ -589,6 +592,8 @@ fn minus_one(v: &[u8]) -> Option<Vec<u8>> {
 
 /// A netlink socket speaking nf_tables, in the calling thread's network namespace.
 struct Socket {
+    /// The table read.
+    table: String,
     sock: netlink_sys::Socket,
     seq: u32,
     buf: Vec<u8>,
@@ -604,6 +609,7 @@ impl Socket {
         sock.connect(&netlink_sys::SocketAddr::new(0, 0))
             .map_err(unavailable)?;
         Ok(Socket {
+            table: TABLE.to_string(),
             sock,
             seq: 0,
             // Dump datagrams are at most 32 KiB; room to spare.
@@ -686,7 +692,8 @@ impl Socket {
 
     /// ferry's table, or None when there is none; the flag says a dump was interrupted.
     fn table(&mut self) -> Result<(Option<LiveState>, bool), NftError> {
-        let name = cstr_value(TABLE);
+        let name = cstr_value(&self.table);
+        let table_name = self.table.clone();
         let found = self.call(
             NFT_MSG_GETTABLE,
             false,
@@ -711,7 +718,7 @@ impl Socket {
             &[(NFTA_CHAIN_TABLE, &name)],
             NFT_MSG_NEWCHAIN,
             |p| {
-                if let Some((chain, base)) = decode_chain(p) {
+                if let Some((chain, base)) = decode_chain(p, &table_name) {
                     live.chains.insert(
                         chain,
                         LiveChain {
@@ -730,7 +737,7 @@ impl Socket {
             &[(NFTA_RULE_TABLE, &name)],
             NFT_MSG_NEWRULE,
             |p| {
-                let Some((chain, comment)) = decode_rule(p) else {
+                let Some((chain, comment)) = decode_rule(p, &table_name) else {
                     return;
                 };
                 if let Some(c) = live.chains.get_mut(chain) {
@@ -765,21 +772,23 @@ impl Socket {
 
     /// The named sets of ferry's table; the flag says the dump was interrupted.
     fn sets(&mut self) -> Result<(Vec<SetDef>, bool), NftError> {
-        let name = cstr_value(TABLE);
+        let name = cstr_value(&self.table);
+        let table_name = self.table.clone();
         let mut defs = Vec::new();
         let intr = self.call(
             NFT_MSG_GETSET,
             true,
             &[(NFTA_SET_TABLE, &name)],
             NFT_MSG_NEWSET,
-            |p| defs.extend(decode_set(p)),
+            |p| defs.extend(decode_set(p, &table_name)),
         )?;
         Ok((defs, intr))
     }
 
     /// The elements of one set of ferry's table, as the kernel dumps them.
     fn elements(&mut self, set: &str) -> Result<(Vec<RawElement>, bool), NftError> {
-        let (table, set_attr) = (cstr_value(TABLE), cstr_value(set));
+        let (table, set_attr) = (cstr_value(&self.table), cstr_value(set));
+        let table_name = self.table.clone();
         let mut raw = Vec::new();
         let intr = self.call(
             NFT_MSG_GETSETELEM,
@@ -790,7 +799,7 @@ impl Socket {
             ],
             NFT_MSG_NEWSETELEM,
             |p| {
-                if let Some((s, els)) = decode_elements(p) {
+                if let Some((s, els)) = decode_elements(p, &table_name) {
                     if s == set {
                         raw.extend(els);
                     }
@@ -804,7 +813,13 @@ impl Socket {
 /// Reads ferry's table from the kernel of the calling thread's network namespace (an empty
 /// state when there is none), as one consistent snapshot.
 pub fn read_live() -> Result<LiveState, NftError> {
+    read_live_table(TABLE)
+}
+
+/// [`read_live`] of the table `table` (a shard of a sharded layout).
+pub fn read_live_table(table: &str) -> Result<LiveState, NftError> {
     let mut s = Socket::open()?;
+    s.table = table.to_string();
     for _ in 0..16 {
         let before = s.generation()?;
         let (live, interrupted) = s.table()?;
@@ -942,7 +957,7 @@ pub fn raw_elements() -> Result<RawElements, NftError> {
 /// Whether ferry's table exists.
 pub fn table_exists() -> Result<bool, NftError> {
     let mut s = Socket::open()?;
-    let name = cstr_value(TABLE);
+    let name = cstr_value(&s.table);
     match s.call(
         NFT_MSG_GETTABLE,
         false,
@@ -1004,7 +1019,7 @@ mod tests {
             (NFTA_CHAIN_HOOK, &hook),
             (NFTA_CHAIN_TYPE, b"nat\0"),
         ]);
-        let (name, base) = decode_chain(&p).expect("a chain");
+        let (name, base) = decode_chain(&p, TABLE).expect("a chain");
         assert_eq!(name, "nat-prerouting");
         assert_eq!(
             base,
@@ -1015,9 +1030,9 @@ mod tests {
             })
         );
         let other = payload(&[(NFTA_CHAIN_TABLE, b"filter\0"), (NFTA_CHAIN_NAME, b"x\0")]);
-        assert_eq!(decode_chain(&other), None);
+        assert_eq!(decode_chain(&other, TABLE), None);
         let regular = payload(&[(NFTA_CHAIN_TABLE, b"ferry\0"), (NFTA_CHAIN_NAME, b"svc\0")]);
-        assert_eq!(decode_chain(&regular), Some(("svc".into(), None)));
+        assert_eq!(decode_chain(&regular, TABLE), Some(("svc".into(), None)));
     }
 
     #[test]
@@ -1028,14 +1043,14 @@ mod tests {
             (NFTA_RULE_CHAIN, b"svc\0"),
             (NFTA_RULE_USERDATA, &udata),
         ]);
-        assert_eq!(decode_rule(&p), Some(("svc", Some("web [ab]"))));
+        assert_eq!(decode_rule(&p, TABLE), Some(("svc", Some("web [ab]"))));
         // A truncated TLV is no comment, not a panic.
         let bad = payload(&[
             (NFTA_RULE_TABLE, b"ferry\0"),
             (NFTA_RULE_CHAIN, b"svc\0"),
             (NFTA_RULE_USERDATA, &[0, 200, 1]),
         ]);
-        assert_eq!(decode_rule(&bad), Some(("svc", None)));
+        assert_eq!(decode_rule(&bad, TABLE), Some(("svc", None)));
     }
 
     fn def(fields: Vec<Field>, interval: bool, vmap: bool) -> SetDef {
@@ -1057,7 +1072,7 @@ mod tests {
             (NFTA_SET_KEY_TYPE, &kt.to_be_bytes()),
             (NFTA_SET_DATA_TYPE, &NFT_DATA_VERDICT.to_be_bytes()),
         ]);
-        let d = decode_set(&p).expect("a set");
+        let d = decode_set(&p, TABLE).expect("a set");
         assert_eq!(
             d.signature(),
             "ipv4_addr . inet_proto . inet_service : verdict"
@@ -1067,7 +1082,7 @@ mod tests {
             (NFTA_SET_NAME, b"__set0\0"),
             (NFTA_SET_FLAGS, &(NFT_SET_ANONYMOUS).to_be_bytes()),
         ]);
-        assert_eq!(decode_set(&anon), None);
+        assert_eq!(decode_set(&anon, TABLE), None);
     }
 
     #[test]
@@ -1146,17 +1161,17 @@ mod tests {
         #[test]
         fn garbage_never_panics(buf in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
             for m in messages(&buf) {
-                let _ = decode_chain(m.payload);
-                let _ = decode_rule(m.payload);
-                let _ = decode_set(m.payload);
-                let _ = decode_elements(m.payload);
+                let _ = decode_chain(m.payload, TABLE);
+                let _ = decode_rule(m.payload, TABLE);
+                let _ = decode_set(m.payload, TABLE);
+                let _ = decode_elements(m.payload, TABLE);
             }
-            let _ = decode_chain(&buf);
-            let _ = decode_rule(&buf);
-            if let Some(d) = decode_set(&buf) {
+            let _ = decode_chain(&buf, TABLE);
+            let _ = decode_rule(&buf, TABLE);
+            if let Some(d) = decode_set(&buf, TABLE) {
                 let _ = d.signature();
             }
-            if let Some((_, els)) = decode_elements(&buf) {
+            if let Some((_, els)) = decode_elements(&buf, TABLE) {
                 let _ = assemble(&def(vec![Field::Ipv4], true, false), els.clone());
                 let _ = assemble(&def(vec![Field::Ipv6, Field::Port], false, true), els);
             }

@@ -677,3 +677,90 @@ fn a_refused_netlink_batch_is_applied_as_text() {
         assert_kernel_holds(&b);
     });
 }
+
+// ---- the sharded layout ----
+
+/// Every table of a sharded layout holds exactly its plan, read back over netlink and through
+/// libnftables' JSON alike, and a dataplane of its own adopts it without a change.
+fn assert_kernel_holds_tables(tables: &[Ruleset]) {
+    let mut nft = Nft::new();
+    for rs in tables {
+        let name = rs.table_name();
+        let live = ferry_nft::netlink::read_live_table(name).expect("netlink");
+        let json = ferry_nft::read_live_json_table(&mut nft, name).expect("json");
+        assert_readers_agree(&live, &json);
+        assert!(live.table, "table {name} missing");
+        assert_eq!(live, LiveState::of(rs), "table {name}");
+        let ch = Dataplane::for_table(Nft::new(), name)
+            .apply(rs)
+            .expect("adopting");
+        assert!(
+            ch.is_empty(),
+            "table {name}: a new dataplane changed it: {ch}"
+        );
+    }
+}
+
+#[test]
+fn sharded_tables_load_in_one_batch_read_back_and_change_one_shard_at_a_time() {
+    in_kernel(
+        "sharded_tables_load_in_one_batch_read_back_and_change_one_shard_at_a_time",
+        |_dp| {
+            let mut runner = TestRunner::deterministic();
+            let mut services = realistic(&mut runner, 40);
+            for n in [2u16, 5] {
+                let cfg = ferry_plan::PlanConfig {
+                    shards: n,
+                    ..with_lb_pools(dual_stack_config())
+                };
+                let tables = ferry_plan::plan::plan_sharded(&cfg, &services);
+                assert_eq!(tables.len(), usize::from(n) + 1);
+                Nft::new().run("flush ruleset\n").expect("flush ruleset");
+                // One transaction for all of them.
+                let full = [ferry_plan::diff::Op::Full { replace: false }];
+                let parts: Vec<(&Ruleset, &[ferry_plan::diff::Op])> =
+                    tables.iter().map(|t| (t, &full[..])).collect();
+                let batch = ferry_nft::encode::batch(&parts).expect("encodable");
+                ferry_nft::netlink::send_batch(&batch).expect("the kernel takes the batch");
+                assert_kernel_holds_tables(&tables);
+                let listing = Nft::new().run("list tables inet\n").expect("list tables");
+                for t in &tables {
+                    assert!(
+                        listing.contains(&format!("table inet {}\n", t.table_name())),
+                        "{listing}"
+                    );
+                }
+
+                // Change one service's endpoints: only its shard's table differs, and a
+                // dataplane of that table alone brings the kernel there.
+                let mut dps: Vec<Dataplane> = tables
+                    .iter()
+                    .map(|t| Dataplane::for_table(Nft::new(), t.table_name()))
+                    .collect();
+                let i = services
+                    .iter()
+                    .position(|s| s.ports.iter().any(|p| !p.endpoints.is_empty()))
+                    .expect("a service with endpoints");
+                for p in &mut services[i].ports {
+                    p.endpoints.truncate(1);
+                    if let Some(e) = p.endpoints.first_mut() {
+                        e.port = e.port.wrapping_add(1).max(1);
+                    }
+                }
+                let shard = ferry_plan::plan::shard_of(&services[i].id, n);
+                let after = ferry_plan::plan::plan_sharded(&cfg, &services);
+                for (k, (dp, rs)) in dps.iter_mut().zip(&after).enumerate() {
+                    let ch = dp.apply(rs).expect("applying");
+                    assert!(!ch.full, "table {k}: {ch}");
+                    // Table 0 is the common one; shard s is table s + 1.
+                    assert_eq!(
+                        !ch.is_empty(),
+                        k == usize::from(shard) + 1,
+                        "table {k} (the change is in shard {shard}): {ch}"
+                    );
+                }
+                assert_kernel_holds_tables(&after);
+            }
+        },
+    );
+}

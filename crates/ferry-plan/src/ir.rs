@@ -654,12 +654,19 @@ impl Chain {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Ruleset {
+    /// The table's name: None is [`TABLE`] (the one-table layout); shards of a sharded layout
+    /// name theirs (see `plan::plan_sharded`).
+    pub table: Option<Key>,
     pub sets: BTreeMap<String, Set>,
     /// Shared, so that an incremental plan reuses unchanged chains without copying them.
     pub chains: BTreeMap<String, std::sync::Arc<Chain>>,
 }
 
 impl Ruleset {
+    /// The table's name in the kernel.
+    pub fn table_name(&self) -> &str {
+        self.table.as_deref().unwrap_or(TABLE)
+    }
     pub fn add_set(&mut self, s: Set) {
         self.sets.insert(s.name.clone(), s);
     }
@@ -674,7 +681,8 @@ impl Ruleset {
 
     /// The whole table as one `nft -f` script (for a cold start or for reading).
     pub fn render_full(&self) -> String {
-        let mut out = format!("add table {FAMILY} {TABLE} {{ comment \"managed by ferry\"; }}\n");
+        let table = self.table_name();
+        let mut out = format!("add table {FAMILY} {table} {{ comment \"managed by ferry\"; }}\n");
         for s in self.sets.values() {
             out.push_str(&s.render_def());
             out.push('\n');

@@ -67,6 +67,10 @@ pub struct PlanConfig {
     /// Load-balancer address pools (inclusive ranges): traffic to a pool address that no
     /// service uses on that port is rejected, not forwarded (in routed setups it would loop).
     pub lb_pools: Vec<(IpAddr, IpAddr)>,
+    /// Service tables (see [`plan_sharded`]): 0 or 1 is today's one table `ferry`; N > 1
+    /// spreads the services over tables `ferry-0`..`ferry-{N-1}` by a stable hash of their
+    /// namespace/name, with the checks that need every service in the common table `ferry`.
+    pub shards: u16,
 }
 
 pub mod names {
@@ -899,6 +903,237 @@ pub fn plan(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
     Planner::default().plan(cfg, services)
 }
 
+/// The shard (0..n) of a service: FNV-1a of `namespace/name`, stable across runs and builds.
+pub fn shard_of(id: &ferry_model::ObjectRef, n: u16) -> u16 {
+    if n <= 1 {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id
+        .namespace
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(id.name.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % u64::from(n)) as u16
+}
+
+/// The name of shard `k`'s table.
+pub fn shard_table(k: u16) -> String {
+    format!("{TABLE}-{k}")
+}
+
+/// The configuration a shard table is planned with: the checks that must see every service
+/// (service CIDR addresses no service has, pool addresses no service uses) live in the common
+/// table only; a shard rejects only what its own services lack.
+pub fn shard_config(cfg: &PlanConfig) -> PlanConfig {
+    PlanConfig {
+        service_cidrs: Vec::new(),
+        lb_pools: Vec::new(),
+        shards: 1,
+        ..cfg.clone()
+    }
+}
+
+/// The common table of a sharded layout: the skeleton with every service's cluster IPs and
+/// cluster IP . protocol . port (plain sets, no verdicts: changing them never makes the
+/// kernel re-validate chains) for the service CIDR and pool checks; no service chains.
+pub fn plan_common(cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
+    let mut rs = skeleton(cfg);
+    rs.table = Some(TABLE.into());
+    // An element several services ask for carries the smallest namespace/name's (as in
+    // [`plan`]); of the same service twice, the first counts.
+    let mut sorted: Vec<&ResolvedService> = services.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    sorted.dedup_by(|b, a| a.id == b.id);
+    for svc in sorted {
+        for (set, key, el) in common_elements(cfg, svc) {
+            if let Some(s) = rs.sets.get_mut(&*set) {
+                s.elements.entry(key).or_insert(el);
+            }
+        }
+    }
+    rs
+}
+
+/// What a service puts in the common table: its cluster IP and cluster/load-balancer
+/// IP . protocol . port elements.
+fn common_elements(
+    cfg: &PlanConfig,
+    svc: &ResolvedService,
+) -> Vec<(Key, Key, std::sync::Arc<Element>)> {
+    plan_service(cfg, svc)
+        .elements
+        .into_iter()
+        .filter(|(set, _, _)| {
+            FAMILIES
+                .iter()
+                .any(|f| **set == *names::cluster_ips(*f) || **set == *names::cluster_ip_ports(*f))
+        })
+        .collect()
+}
+
+/// [`plan_sharded`] incrementally: a [`Planner`] per shard holding only its services, and the
+/// common table's elements kept by who asks for them. A change re-plans the changed services
+/// only, and touches their shard (and the common table when their addresses change).
+#[derive(Debug, Default)]
+pub struct ShardedPlanner {
+    cfg: Option<PlanConfig>,
+    shards: Vec<Planner>,
+    common: Ruleset,
+    /// Service -> (hash of its resolved state, its common elements).
+    common_cache: std::collections::HashMap<ferry_model::ObjectRef, (u64, Vec<(Key, Key)>)>,
+    /// (set, key) -> the services asking for it, smallest first, with their element.
+    common_owners: std::collections::HashMap<
+        (Key, Key),
+        std::collections::BTreeMap<ferry_model::ObjectRef, std::sync::Arc<Element>>,
+    >,
+}
+
+impl ShardedPlanner {
+    /// The tables as last planned: the common one first, then the shards.
+    pub fn tables(&self) -> Vec<&Ruleset> {
+        std::iter::once(&self.common)
+            .chain(self.shards.iter().map(|p| p.ruleset()))
+            .collect()
+    }
+
+    /// Brings every table up to date (`cfg.shards` > 1); returns what changed in each, in
+    /// the order of [`ShardedPlanner::tables`].
+    pub fn update(&mut self, cfg: &PlanConfig, services: &[ResolvedService]) -> Vec<Touched> {
+        let n = cfg.shards.max(2);
+        let mut common_touched = Touched::default();
+        if self.cfg.as_ref() != Some(cfg) {
+            self.cfg = Some(cfg.clone());
+            self.shards = (0..n)
+                .map(|k| Planner::for_table(&shard_table(k)))
+                .collect();
+            self.common = skeleton(cfg);
+            self.common.table = Some(TABLE.into());
+            self.common_cache.clear();
+            self.common_owners.clear();
+            common_touched.full = true;
+        }
+        // The common table.
+        let mut seen = std::collections::HashSet::with_capacity(services.len());
+        let mut changed: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)> = Vec::new();
+        for svc in services {
+            if !seen.insert(&svc.id) {
+                continue;
+            }
+            let hash = service_hash(svc);
+            if self
+                .common_cache
+                .get(&svc.id)
+                .is_some_and(|(h, _)| *h == hash)
+            {
+                continue;
+            }
+            changed.push((svc.id.clone(), Some(svc)));
+        }
+        for id in self.common_cache.keys() {
+            if !seen.contains(id) {
+                changed.push((id.clone(), None));
+            }
+        }
+        // Only the shards of changed (or gone) services are planned again.
+        let mut dirty = vec![common_touched.full; usize::from(n)];
+        for (id, _) in &changed {
+            dirty[usize::from(shard_of(id, n))] = true;
+        }
+        for (id, svc) in changed {
+            let mut keys: Vec<(Key, Key)> = Vec::new();
+            if let Some((_, old)) = self.common_cache.remove(&id) {
+                for k in old {
+                    if let Some(who) = self.common_owners.get_mut(&k) {
+                        who.remove(&id);
+                    }
+                    keys.push(k);
+                }
+            }
+            if let Some(svc) = svc {
+                let els = common_elements(cfg, svc);
+                let mine: Vec<(Key, Key)> =
+                    els.iter().map(|(s, k, _)| (s.clone(), k.clone())).collect();
+                for (set, key, el) in els {
+                    self.common_owners
+                        .entry((set.clone(), key.clone()))
+                        .or_default()
+                        .insert(id.clone(), el);
+                    keys.push((set, key));
+                }
+                self.common_cache.insert(id, (service_hash(svc), mine));
+            }
+            for (set, key) in keys {
+                let first = self
+                    .common_owners
+                    .get(&(set.clone(), key.clone()))
+                    .and_then(|who| who.values().next().cloned());
+                if first.is_none() {
+                    self.common_owners.remove(&(set.clone(), key.clone()));
+                }
+                if let Some(s) = self.common.sets.get_mut(&*set) {
+                    match first {
+                        Some(el) => {
+                            s.elements.insert(key.clone(), el);
+                        }
+                        None => {
+                            s.elements.remove(&key);
+                        }
+                    }
+                }
+                common_touched.element(&set, &key);
+            }
+        }
+        // The shards: each planner sees only its services.
+        let scfg = shard_config(cfg);
+        let mut mine: Vec<Vec<&ResolvedService>> = vec![Vec::new(); usize::from(n)];
+        for svc in services {
+            let k = usize::from(shard_of(&svc.id, n));
+            if dirty[k] {
+                mine[k].push(svc);
+            }
+        }
+        let mut out = vec![common_touched];
+        for ((p, svcs), dirty) in self.shards.iter_mut().zip(mine).zip(dirty) {
+            out.push(if dirty {
+                p.update_refs(&scfg, svcs).1
+            } else {
+                Touched::default()
+            });
+        }
+        out
+    }
+}
+
+/// The sharded layout (`cfg.shards` > 1): the common table `ferry` first, then one table per
+/// shard, each a whole ferry table (own base chains at the same hooks and priorities) holding
+/// only its services. A packet for a service of another shard finds nothing in a shard's maps
+/// and falls through it untouched; the first table that DNATs a new connection binds its NAT
+/// (netfilter skips later NAT chains of the hook). Each table is validated by the kernel on
+/// its own, so an endpoint change re-validates one shard. With `shards` <= 1: today's table.
+pub fn plan_sharded(cfg: &PlanConfig, services: &[ResolvedService]) -> Vec<Ruleset> {
+    if cfg.shards <= 1 {
+        return vec![plan(cfg, services)];
+    }
+    let mut out = vec![plan_common(cfg, services)];
+    let scfg = shard_config(cfg);
+    for k in 0..cfg.shards {
+        let mine: Vec<ResolvedService> = services
+            .iter()
+            .filter(|s| shard_of(&s.id, cfg.shards) == k)
+            .cloned()
+            .collect();
+        let mut rs = plan(&scfg, &mine);
+        rs.table = Some(shard_table(k).into());
+        out.push(rs);
+    }
+    out
+}
+
 /// What an incremental plan changed: the chains and elements to look at (None of them may
 /// actually differ from before; the differ decides). `full` means everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -939,6 +1174,8 @@ pub struct Planner {
     owners: std::collections::HashMap<(Key, Key), smallvec::SmallVec<[ferry_model::ObjectRef; 1]>>,
     /// Hairpin address -> how many services have it as an endpoint.
     hairpins: std::collections::HashMap<IpAddr, usize>,
+    /// The table planned (None: [`TABLE`]).
+    table: Option<Key>,
 }
 
 /// A stable 64-bit hash of everything planning reads from a service.
@@ -970,6 +1207,14 @@ fn service_hash(svc: &ResolvedService) -> u64 {
 }
 
 impl Planner {
+    /// A planner of the table `name` (a shard of [`plan_sharded`]'s layout).
+    pub fn for_table(name: &str) -> Planner {
+        Planner {
+            table: Some(name.into()),
+            ..Planner::default()
+        }
+    }
+
     /// The table as last planned.
     pub fn ruleset(&self) -> &Ruleset {
         &self.rs
@@ -987,16 +1232,27 @@ impl Planner {
         cfg: &PlanConfig,
         services: &[ResolvedService],
     ) -> (&Ruleset, Touched) {
+        self.update_refs(cfg, services)
+    }
+
+    /// [`Planner::update`] of services held elsewhere (a shard's, picked from all).
+    pub fn update_refs<'s>(
+        &mut self,
+        cfg: &PlanConfig,
+        services: impl IntoIterator<Item = &'s ResolvedService>,
+    ) -> (&Ruleset, Touched) {
+        let services = services.into_iter();
         let mut touched = Touched::default();
         if self.cfg.as_ref() != Some(cfg) {
             self.cfg = Some(cfg.clone());
             self.rs = skeleton(cfg);
+            self.rs.table = self.table.clone();
             self.cache.clear();
             self.owners.clear();
             self.hairpins.clear();
             touched.full = true;
         }
-        let mut seen = std::collections::HashSet::with_capacity(services.len());
+        let mut seen = std::collections::HashSet::with_capacity(services.size_hint().0);
         for svc in services {
             if !seen.insert(svc.id.clone()) {
                 continue; // the same service twice: the first one counts

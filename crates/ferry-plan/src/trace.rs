@@ -82,6 +82,9 @@ enum End {
 }
 
 struct Tracer<'a> {
+    /// Every table, in the order netfilter runs base chains of equal priority (ferry's are
+    /// created in this order); `rs` is the one whose chain runs now.
+    tables: &'a [Ruleset],
     rs: &'a Ruleset,
     pkt: &'a Packet,
     depth: usize,
@@ -103,7 +106,33 @@ pub fn trace_remembering(
     pkt: &Packet,
     remembered: Option<(IpAddr, u16)>,
 ) -> Vec<Outcome> {
+    trace_tables_remembering(std::slice::from_ref(rs), pkt, remembered)
+}
+
+/// Traces a new connection through several tables at once (a sharded layout, see
+/// `plan::plan_sharded`): every hook runs the base chains of all tables in priority order, and
+/// once one NAT chain has translated the destination the later NAT chains of that hook are
+/// skipped (netfilter binds a connection's NAT once).
+pub fn trace_tables(tables: &[Ruleset], pkt: &Packet) -> Vec<Outcome> {
+    trace_tables_remembering(tables, pkt, None)
+}
+
+/// [`trace_tables`] for a client remembered on an endpoint (see [`trace_remembering`]).
+pub fn trace_tables_remembering(
+    tables: &[Ruleset],
+    pkt: &Packet,
+    remembered: Option<(IpAddr, u16)>,
+) -> Vec<Outcome> {
+    let Some(rs) = tables.first() else {
+        return vec![Outcome {
+            probability: 1.0,
+            fate: Fate::Untouched { masquerade: false },
+            path: vec![],
+            notes: vec![],
+        }];
+    };
     let mut t = Tracer {
+        tables,
         rs,
         pkt,
         depth: 0,
@@ -168,22 +197,27 @@ impl Tracer<'_> {
     /// Runs every base chain of `hook` in priority order. A chain that accepts (or NATs) passes
     /// the packet to the next base chain, as netfilter does.
     fn run_hook(&mut self, hook: Hook, st: State) -> Vec<(State, End)> {
-        let mut chains: Vec<&Chain> = self
-            .rs
-            .chains
-            .values()
-            .map(|c| &**c)
-            .filter(|c| c.base.is_some_and(|b| b.hook == hook))
+        let tables = self.tables;
+        let mut chains: Vec<(&Ruleset, &Chain)> = tables
+            .iter()
+            .flat_map(|rs| rs.chains.values().map(move |c| (rs, &**c)))
+            .filter(|(_, c)| c.base.is_some_and(|b| b.hook == hook))
             .collect();
-        chains.sort_by_key(|c| c.base.map(|b| b.priority));
+        // Stable: equal priorities keep the tables' order.
+        chains.sort_by_key(|(_, c)| c.base.map(|b| b.priority));
         let mut live = vec![(st, End::Continue)];
-        for c in chains {
+        for (rs, c) in chains {
+            let nat = c.base.is_some_and(|b| b.type_ == ChainType::Nat);
             let mut next = Vec::new();
             for (st, end) in live {
                 match end {
                     End::Drop | End::Reject { .. } => next.push((st, end)),
                     End::Masquerade => next.push((st, End::Masquerade)),
+                    // The connection's destination NAT is bound: later NAT chains of the
+                    // hook do not see it.
+                    _ if nat && st.dnat && hook != Hook::Postrouting => next.push((st, end)),
                     End::Continue | End::Finished | End::Accept => {
+                        self.rs = rs;
                         for (st2, e2) in self.run_chain(&c.name, st) {
                             let e2 = if matches!(e2, End::Continue | End::Finished) {
                                 End::Accept

@@ -600,6 +600,7 @@ pub fn compute(
                 .flat_map(|p| p.ranges.iter().map(|r| (r.first(), r.last()))),
             never_announce.keys(),
         ),
+        shards: 1,
     };
     let addresses = services
         .iter()

@@ -223,6 +223,7 @@ fn plan_for(s: &Scenario, with_slices: bool) -> Ruleset {
         node_zone: None,
         masquerade_mark: DEFAULT_MASQUERADE_MARK,
         lb_pools: vec![],
+        shards: 1,
     };
     ferry_plan::plan(&cfg, &resolved)
 }
