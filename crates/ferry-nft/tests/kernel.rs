@@ -366,11 +366,19 @@ fn changed_verdicts_at_the_same_key_apply() {
                 .external_ip("192.168.2.50")
         };
         let local_pod = [ep("10.42.0.85", 80).on(NODE)];
+        let elsewhere = [ep("10.42.1.170", 80)];
         let cfg = with_lb_pools(config());
-        // No endpoints: reject -> drop. With one: goto external-... -> goto local-...
+        // No endpoint here: reject (none anywhere) -> drop (Local policies, one on another
+        // node). With one here: goto external-... -> goto local-...
         let steps = [
             plan(&cfg, &[web(&[]).build()]),
-            plan(&cfg, &[web(&[]).external_policy_local().build()]),
+            plan(
+                &cfg,
+                &[web(&elsewhere)
+                    .external_policy_local()
+                    .internal_policy_local()
+                    .build()],
+            ),
             plan(&cfg, &[web(&local_pod).external_policy_local().build()]),
             plan(&cfg, &[web(&local_pod).build()]),
             plan(&cfg, &[web(&[]).build()]),

@@ -129,6 +129,7 @@ pub fn trace_tables_remembering(
             fate: Fate::Untouched { masquerade: false },
             path: vec![],
             notes: vec![],
+            rules: vec![],
         }];
     };
     let mut t = Tracer {
