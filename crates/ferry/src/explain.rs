@@ -193,6 +193,8 @@ struct OutcomeOut {
     /// The rules that matched on the way (`CHAIN: RULE`), in order.
     rules: Vec<String>,
     notes: Vec<String>,
+    /// For rejected and dropped: why (the deciding rule's comment, or what its map means).
+    why: Option<String>,
 }
 
 impl OutcomeOut {
@@ -230,6 +232,9 @@ impl OutcomeOut {
             chains: o.path.clone(),
             rules: o.rules.clone(),
             notes: o.notes.clone(),
+            why: matches!(o.fate, Fate::Rejected { .. } | Fate::Dropped)
+                .then(|| why(o))
+                .flatten(),
         }
     }
 
@@ -253,12 +258,43 @@ impl OutcomeOut {
                 }
             ),
             "rejected" => format!(
-                "rejected ({}): the service has no usable endpoint here",
-                self.reject_with.unwrap_or_default()
+                "rejected ({}): {}",
+                self.reject_with.unwrap_or_default(),
+                self.why.as_deref().unwrap_or("by ferry's rules")
             ),
-            _ => "dropped".to_string(),
+            _ => format!(
+                "dropped: {}",
+                self.why.as_deref().unwrap_or("by ferry's rules")
+            ),
         }
     }
+}
+
+/// Why a connection was rejected or dropped: the deciding rule (the last that matched) says
+/// it in its comment, or by the map it looks up.
+fn why(o: &ferry_plan::trace::Outcome) -> Option<String> {
+    // The reject chain only carries out what the rule before it decided.
+    let last = o
+        .rules
+        .iter()
+        .rev()
+        .find(|r| !r.starts_with(&format!("{}: ", ferry_plan::plan::names::REJECT)))?;
+    let (chain, rule) = last.split_once(": ").unwrap_or(("", last));
+    if let Some((_, c)) = rule.split_once("comment \"") {
+        return Some(c.trim_end_matches('"').to_string());
+    }
+    let dropped = o.fate == Fate::Dropped;
+    Some(if rule.contains("@no-endpoint-") && dropped {
+        "no usable endpoint on this node, and the service's traffic policy is Local (other \
+         nodes have endpoints)"
+            .into()
+    } else if rule.contains("@no-endpoint-") {
+        "the service has no usable endpoint".into()
+    } else if chain.starts_with("firewall-") {
+        "the source is outside the service's loadBalancerSourceRanges".into()
+    } else {
+        format!("by {last}")
+    })
 }
 
 /// Who announces a load-balancer address, and why that node.

@@ -204,6 +204,23 @@ fn explain_traces_a_connection_and_writes_nothing() {
     let mut args = base.to_vec();
     args.extend(["--from", "192.168.2.100", "--to", "192.168.2.50:80"]);
     assert!(ferry(&args).contains("left alone"));
+    // Refused, and why: a port the service lacks; an address of the service CIDR no service
+    // has (dropped, as kube-proxy does).
+    let mut args = base.to_vec();
+    args.extend(["--from", "10.42.0.9", "--to", "10.43.7.7:81/tcp"]);
+    let out = ferry(&args);
+    assert!(
+        out.contains("rejected (tcp reset): a cluster IP on a port its service lacks"),
+        "{out}"
+    );
+    let mut args = base.to_vec();
+    args.extend(["--from", "10.42.0.9", "--to", "10.43.9.9:80", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&ferry(&args)).unwrap();
+    assert_eq!(v["outcomes"][0]["fate"], "dropped", "{v}");
+    assert_eq!(
+        v["outcomes"][0]["why"], "an address of the service CIDR that no service has",
+        "{v}"
+    );
     assert_eq!(
         files(&state),
         before,
