@@ -33,6 +33,8 @@ pub struct LabConfig {
     /// Run the lab API server and runtime; agents watch the API (`ferry lab up --api`).
     /// Default: $FERRY_LAB_API (`1`/`true` or `0`/`false`), else off.
     pub api: bool,
+    /// Run a BGP router (BIRD 2) peering with every node (`ferry lab up --bgp`).
+    pub bgp: bool,
 }
 
 /// Whether labs run an API server unless told otherwise: $FERRY_LAB_API, else no.
@@ -56,10 +58,15 @@ impl LabConfig {
             dir_root: None,
             fresh: false,
             api: api_default(),
+            bgp: false,
         }
     }
     pub fn api(mut self, on: bool) -> Self {
         self.api = on;
+        self
+    }
+    pub fn bgp(mut self, on: bool) -> Self {
+        self.bgp = on;
         self
     }
     pub fn nodes(mut self, n: usize) -> Self {
@@ -116,7 +123,7 @@ impl Lab {
         if cfg.fresh {
             topology::down(&ctx)?;
         }
-        let report = topology::up_with(&ctx, cfg.nodes, cfg.agents, cfg.api)?;
+        let report = topology::up_full(&ctx, cfg.nodes, cfg.agents, cfg.api, cfg.bgp)?;
         Ok(Lab {
             ctx,
             keep: false,

@@ -28,7 +28,14 @@ pub enum LabCommand {
         #[arg(long, default_missing_value = "true", num_args = 0..=1,
               action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
         api: Option<bool>,
+        /// Add a `router` namespace on the LAN (192.168.2.1) running BIRD 2 that peers over
+        /// BGP with every node (router AS 64512, nodes AS 64513) and installs ECMP routes; the
+        /// client routes through it. Needs `bird2`.
+        #[arg(long)]
+        bgp: bool,
     },
+    /// Print the router's kernel routes and BIRD's sessions and routes (labs up with --bgp).
+    Router,
     /// Print the path of the lab's kubeconfig (for kubectl; labs brought up with --api).
     Kubeconfig,
     /// Stop every process of the lab and delete its namespaces and files (safe to repeat, works
@@ -53,7 +60,7 @@ pub enum LabCommand {
     },
     /// Run a command in a node, a pod or the client: `exec TARGET -- CMD...`.
     Exec {
-        /// Node name, pod name, `client` or `lan`.
+        /// Node name, pod name, `client`, `lan` or `router` (--bgp).
         target: String,
         /// The command (after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
@@ -219,9 +226,10 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
             nodes,
             no_agents,
             api,
+            bgp,
         } => {
             let api = api.unwrap_or_else(crate::api::api_default);
-            let report = topology::up_with(&ctx, nodes, !no_agents, api)?;
+            let report = topology::up_full(&ctx, nodes, !no_agents, api, bgp)?;
             show::print_up(&ctx, &report);
             Ok(0)
         }
@@ -270,6 +278,11 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
             }
             let report = ops::delete_named(&ctx, &resource, &namespace, &names)?;
             Ok(print_report(&report))
+        }
+        LabCommand::Router => {
+            let st = ops::state(&ctx)?;
+            print!("{}", crate::router::show(&st)?);
+            Ok(0)
         }
         LabCommand::Kubeconfig => {
             let st = ops::state(&ctx)?;
@@ -434,6 +447,7 @@ mod tests {
                 nodes: 3,
                 no_agents: true,
                 api: None,
+                bgp: false,
             }
         ));
         let a = parse(&["ferry", "lab", "up", "--api"]);
@@ -452,6 +466,10 @@ mod tests {
                 ..
             }
         ));
+        let a = parse(&["ferry", "lab", "up", "--bgp"]);
+        assert!(matches!(a.command, LabCommand::Up { bgp: true, .. }));
+        let a = parse(&["ferry", "lab", "router"]);
+        assert!(matches!(a.command, LabCommand::Router));
         let a = parse(&["ferry", "lab", "kubeconfig", "--prefix", "p"]);
         assert!(matches!(a.command, LabCommand::Kubeconfig) && a.prefix == "p");
     }

@@ -28,6 +28,7 @@ pub mod manifests;
 pub mod ops;
 pub mod pods;
 pub mod probe;
+pub mod router;
 pub mod runtime;
 pub mod seed;
 pub mod serve;

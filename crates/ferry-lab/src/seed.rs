@@ -12,3 +12,10 @@ pub const METALLB_CONFIG: &str = include_str!("../manifests/seed/metallb-config.
 
 /// The seed's `kubectl run debian-bash --image debian bash`, as a Pod.
 pub const DEBIAN_BASH: &str = include_str!("../manifests/seed/debian-bash.yaml");
+
+/// BGP mode for `ferry lab up --bgp`: a bgp pool, a BGPAdvertisement and a BGPPeer pointing at
+/// the lab's router.
+pub const METALLB_BGP: &str = include_str!("../manifests/seed/metallb-bgp.yaml");
+/// The seed's LoadBalancer Service, taking its address from the bgp pool.
+pub const NEXTCLOUD_DEV_LOADBALANCER_BGP: &str =
+    include_str!("../manifests/seed/nextcloud-dev-loadbalancer-bgp.yaml");

@@ -178,7 +178,7 @@ impl Ctx {
         else {
             return false;
         };
-        if rest == "lan" || rest == "client" {
+        if rest == "lan" || rest == "client" || rest == "router" {
             return true;
         }
         if let Some(p) = rest.strip_prefix("pod-") {
@@ -208,7 +208,7 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
         bail!("lab prefix {prefix:?} may only hold lowercase letters, digits and inner '-'");
     }
     for seg in prefix.split('-') {
-        if matches!(seg, "lan" | "client" | "pod" | "k3s" | "") {
+        if matches!(seg, "lan" | "client" | "router" | "pod" | "k3s" | "") {
             bail!("lab prefix {prefix:?} must not contain the segment {seg:?}");
         }
     }
@@ -392,6 +392,9 @@ pub struct LabState {
     /// with `--kubeconfig`, and the lab runtime makes pods and EndpointSlices.
     #[serde(default)]
     pub api: Option<ApiInfo>,
+    /// Set when the lab runs a BGP router (`up --bgp`, see [`crate::router`]).
+    #[serde(default)]
+    pub router: Option<crate::router::RouterInfo>,
 }
 
 impl LabState {
@@ -411,6 +414,11 @@ impl LabState {
         }
         if target == "lan" {
             return Some(self.lan_ns.clone());
+        }
+        if target == "router" {
+            if let Some(r) = &self.router {
+                return Some(r.ns.clone());
+            }
         }
         if let Some(n) = self.node(target) {
             return Some(n.ns.clone());

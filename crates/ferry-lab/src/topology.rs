@@ -41,7 +41,7 @@ pub fn node_ip(index: usize) -> Ipv4Addr {
 }
 
 /// What `up` will build, before anything exists.
-fn plan(ctx: &Ctx, nodes: usize, agents: bool) -> LabState {
+fn plan(ctx: &Ctx, nodes: usize, agents: bool, bgp: bool) -> LabState {
     let nodes: Vec<NodeInfo> = (0..nodes)
         .map(|i| {
             let name = node_name(i);
@@ -58,6 +58,8 @@ fn plan(ctx: &Ctx, nodes: usize, agents: bool) -> LabState {
         .collect();
     let mut namespaces = vec![ctx.lan_ns(), ctx.client_ns()];
     namespaces.extend(nodes.iter().map(|n| n.ns.clone()));
+    let router = bgp.then(|| crate::router::plan(ctx));
+    namespaces.extend(router.iter().map(|r| r.ns.clone()));
     LabState {
         prefix: ctx.prefix.clone(),
         created: now_secs(),
@@ -76,6 +78,7 @@ fn plan(ctx: &Ctx, nodes: usize, agents: bool) -> LabState {
         next_veth: 1,
         slice_files: Vec::new(),
         api: None,
+        router,
     }
 }
 
@@ -94,6 +97,12 @@ pub fn up(ctx: &Ctx, nodes: usize, agents: bool) -> Result<UpReport> {
 /// `ferry lab up [--api]`: with `api`, the lab runs its API server and runtime, and the
 /// agents (if any) watch the API server (see [`crate::cluster`]).
 pub fn up_with(ctx: &Ctx, nodes: usize, agents: bool, api: bool) -> Result<UpReport> {
+    up_full(ctx, nodes, agents, api, false)
+}
+
+/// `ferry lab up [--api] [--bgp]`: with `bgp`, a `router` namespace running BIRD 2 peers with
+/// every node (see [`crate::router`]).
+pub fn up_full(ctx: &Ctx, nodes: usize, agents: bool, api: bool, bgp: bool) -> Result<UpReport> {
     if nodes == 0 || nodes > MAX_NODES {
         bail!("--nodes must be between 1 and {MAX_NODES}");
     }
@@ -106,7 +115,7 @@ pub fn up_with(ctx: &Ctx, nodes: usize, agents: bool, api: bool) -> Result<UpRep
             ctx.lab_json().display()
         );
     }
-    let mut state = plan(ctx, nodes, agents);
+    let mut state = plan(ctx, nodes, agents, bgp);
     let leftovers: Vec<String> = sys::list_netns()?
         .into_iter()
         .filter(|ns| ctx.owns_ns_name(ns))
@@ -126,6 +135,15 @@ pub fn up_with(ctx: &Ctx, nodes: usize, agents: bool, api: bool) -> Result<UpRep
     if let Err(e) = build(&state) {
         let _ = down_locked(ctx);
         return Err(e.context(format!("building lab {:?} (rolled back)", ctx.prefix)));
+    }
+    if let Some(r) = &state.router {
+        if let Err(e) = crate::router::build(ctx, &state, r) {
+            let _ = down_locked(ctx);
+            return Err(e.context(format!(
+                "starting the router of lab {:?} (rolled back)",
+                ctx.prefix
+            )));
+        }
     }
     if api {
         match crate::cluster::bring_up(ctx, &state) {
