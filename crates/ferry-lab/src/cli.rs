@@ -231,6 +231,20 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
             let api = api.unwrap_or_else(crate::api::api_default);
             let report = topology::up_full(&ctx, nodes, !no_agents, api, bgp)?;
             show::print_up(&ctx, &report);
+            if let Some(r) = &report.state.router {
+                println!(
+                    "  router  {}  BIRD 2, AS {} (nodes AS {})  netns {}  birdc -s {}",
+                    r.ip,
+                    r.asn,
+                    r.node_asn,
+                    r.ns,
+                    r.socket.display()
+                );
+                println!(
+                    "next: ferry lab{} router",
+                    crate::state::prefix_flag(&ctx.prefix)
+                );
+            }
             Ok(0)
         }
         LabCommand::Down => {

@@ -82,10 +82,14 @@ protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
 protocol kernel k6 {{ ipv6 {{ export all; import none; }}; merge paths on; }}
 "
     );
-    for (i, (name, ip)) in nodes.iter().enumerate() {
+    for (name, ip) in nodes {
+        // BIRD's protocol names are identifiers: k3s-master-rpi001 -> k3s_master_rpi001.
+        let proto: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
         conf += &format!(
-            "# {name}
-protocol bgp node{i} {{
+            "protocol bgp {proto} {{
   local {router_ip} as {asn}; neighbor {ip} as {node_asn};
   hold time 9; connect delay time 1; connect retry time 1; error wait time 1, 2;
   ipv4 {{ import all; export none; }};
@@ -237,6 +241,12 @@ mod tests {
         assert!(c.contains("router id 192.168.2.1;"));
         assert!(c.contains("merge paths on"));
         assert_eq!(c.matches("protocol bgp ").count(), 2);
+        let nodes = vec![(
+            "k3s-master-rpi001".to_string(),
+            Ipv4Addr::new(192, 168, 2, 11),
+        )];
+        let c2 = bird_conf(ROUTER_IP, ROUTER_ASN, NODE_ASN, &nodes);
+        assert!(c2.contains("protocol bgp k3s_master_rpi001 {"), "{c2}");
         assert!(c.contains("local 192.168.2.1 as 64512; neighbor 192.168.2.11 as 64513;"));
         assert!(c.contains("local 192.168.2.1 as 64512; neighbor 192.168.2.12 as 64513;"));
     }
