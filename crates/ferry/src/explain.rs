@@ -535,7 +535,8 @@ fn kernel_check(
         .collect();
     let dst = pkt.daddr.to_string();
     let port_key = format!("{} . {}", pkt.proto.as_nft(), pkt.dport);
-    let mine = |k: &str| k.split(" . ").next() == Some(dst.as_str()) || k.ends_with(&port_key);
+    // This destination's entries: keyed by its address, or (node ports) by proto . port alone.
+    let mine = |k: &str| k.split(" . ").next() == Some(dst.as_str()) || k == port_key;
     let mut differences = Vec::new();
     for op in &ch.ops {
         match op {
