@@ -22,7 +22,8 @@ pub fn write(path: &Path, node: &str, owned: &BTreeSet<IpAddr>) {
     }
 }
 
-/// Which nodes announce which addresses, from the fresh files in `dir`.
+/// Which nodes announce which addresses (each address's nodes in name order), from the fresh
+/// files in `dir`.
 pub fn read(dir: &Path) -> BTreeMap<IpAddr, Vec<String>> {
     let mut out: BTreeMap<IpAddr, Vec<String>> = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -53,6 +54,11 @@ pub fn read(dir: &Path) -> BTreeMap<IpAddr, Vec<String>> {
             }
         }
     }
+    // In name order, whatever order the directory lists the files in.
+    for nodes in out.values_mut() {
+        nodes.sort();
+        nodes.dedup();
+    }
     out
 }
 
@@ -69,6 +75,12 @@ mod tests {
         write(&dir.join("n2.json"), "n2", &BTreeSet::new());
         std::fs::write(dir.join("junk.json"), "{not json").unwrap();
         assert_eq!(read(&dir), BTreeMap::from([(ip, vec!["n1".to_string()])]));
+        // Several nodes (BGP: every node announces): in name order.
+        write(&dir.join("n3.json"), "n3", &BTreeSet::from([ip]));
+        write(&dir.join("n0.json"), "n0", &BTreeSet::from([ip]));
+        assert_eq!(read(&dir)[&ip], ["n0", "n1", "n3"]);
+        std::fs::remove_file(dir.join("n3.json")).unwrap();
+        std::fs::remove_file(dir.join("n0.json")).unwrap();
         // A file older than FRESH is a dead agent's.
         let old = std::time::SystemTime::now() - Duration::from_secs(10);
         let f = std::fs::File::options()

@@ -3,6 +3,9 @@
 //! Second half: the LoadBalancer Service (pending until MetalLB's address pool exists), curl
 //! from outside on 192.168.2.200, and a failover: the announcing node's link goes down while
 //! the client keeps curling, and the time until the client is served again is measured.
+//! Then the seed's "next step", BGP (when BIRD 2 is installed: the lab gets its `router`): the
+//! same Service from a bgp pool, announced by every node, one ECMP route in the router, and a
+//! node failure that the router notices through BFD.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -21,8 +24,8 @@ use crate::sys;
 use crate::topology;
 
 pub use crate::seed::{
-    DEBIAN_BASH, METALLB_CONFIG, NEXTCLOUD_DEV, NEXTCLOUD_DEV_CLUSTERIP,
-    NEXTCLOUD_DEV_LOADBALANCER, NEXTCLOUD_DEV_NODEPORT,
+    DEBIAN_BASH, METALLB_BGP, METALLB_CONFIG, NEXTCLOUD_DEV, NEXTCLOUD_DEV_CLUSTERIP,
+    NEXTCLOUD_DEV_LOADBALANCER, NEXTCLOUD_DEV_LOADBALANCER_BGP, NEXTCLOUD_DEV_NODEPORT,
 };
 
 #[derive(Debug, Args)]
@@ -38,6 +41,11 @@ pub struct DemoArgs {
     #[arg(long, default_missing_value = "true", num_args = 0..=1,
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub api: Option<bool>,
+    /// Add the BGP part (`ferry lab up --bgp`: a router namespace running BIRD 2). Default: on
+    /// when BIRD 2 is installed (`scripts/demo.sh` installs it).
+    #[arg(long, default_missing_value = "true", num_args = 0..=1,
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub bgp: Option<bool>,
 }
 
 /// kubectl, when the lab runs an API server and kubectl is installed: the demo then shows
@@ -118,11 +126,16 @@ pub fn run_demo(args: DemoArgs) -> Result<i32> {
         ctx.prefix
     );
     let api = args.api.unwrap_or_else(crate::api::api_default);
+    let bgp = args.bgp.unwrap_or_else(crate::router::bird_available);
+    if args.bgp == Some(true) && !crate::router::bird_available() {
+        bail!("ferry demo --bgp needs BIRD 2 (`bird` and `birdc`): apt-get install bird2");
+    }
     cmd(&format!(
-        "ferry lab up --nodes {nodes}{}",
-        if api { " --api" } else { "" }
+        "ferry lab up --nodes {nodes}{}{}",
+        if api { " --api" } else { "" },
+        if bgp { " --bgp" } else { "" }
     ));
-    let result = match topology::up_with(&ctx, nodes, true, api) {
+    let result = match topology::up_full(&ctx, nodes, true, api, bgp) {
         Ok(report) => {
             show::print_up(&ctx, &report);
             if let Some(kc) = kubectl(&ctx) {
@@ -130,7 +143,9 @@ pub fn run_demo(args: DemoArgs) -> Result<i32> {
                 cmd("export KUBECONFIG=\"$(ferry lab kubeconfig)\"");
                 println!("# (= {})", kc.display());
             }
-            steps(&ctx).and_then(|()| load_balancer_steps(&ctx))
+            steps(&ctx)
+                .and_then(|()| load_balancer_steps(&ctx))
+                .and_then(|()| bgp_steps(&ctx))
         }
         Err(e) => Err(e),
     };
@@ -653,6 +668,288 @@ fn failover(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
     Ok(())
 }
 
+const LB_BGP_SERVICE: &str = "nextcloud-dev-loadbalancer-bgp";
+
+/// Steps 15-19, the seed's "next step": BGP. MetalLB's BGP configuration (a bgp pool, a
+/// BGPPeer with a BFDProfile pointing at the lab's router, a BGPAdvertisement) and the
+/// LoadBalancer Service on that pool: every node announces its address, the router installs one
+/// ECMP route over them, the client reaches the pods through it; then one node fails and the
+/// router drops it from the route (BFD), and it comes back.
+fn bgp_steps(ctx: &Ctx) -> Result<()> {
+    check_interrupted()?;
+    let st = ops::state(ctx)?;
+    let Some(router) = st.router.clone() else {
+        println!();
+        println!(
+            "# (BGP part skipped: the lab has no router, as BIRD 2 is not installed: \
+             apt-get install bird2, or scripts/install-deps.sh)"
+        );
+        return Ok(());
+    };
+    println!();
+    println!(
+        "# the seed's next step: BGP. The lab's router {} (BIRD 2, AS {}) peers with every \
+         node (AS {}); each node announces the Service's address, and the router spreads the \
+         client's connections over them (ECMP)",
+        router.ip, router.asn, router.node_asn
+    );
+    apply(ctx, "metallb-bgp.yaml", METALLB_BGP)?;
+    apply(
+        ctx,
+        "nextcloud-dev-loadbalancer-bgp.yaml",
+        NEXTCLOUD_DEV_LOADBALANCER_BGP,
+    )?;
+    let ip = wait_for_external_ip(ctx, LB_BGP_SERVICE)?;
+    // ANNOUNCED-BY: every node, once its session to the router is up (quietly, at most 10 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        check_interrupted()?;
+        let by = get::ferry_get(ctx, &["svc", "-o", "wide"])
+            .ok()
+            .and_then(|t| column_of(&t, LB_BGP_SERVICE, "ANNOUNCED-BY"))
+            .unwrap_or_default();
+        if st.nodes.iter().all(|n| by.split(',').any(|b| b == n.name)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    get_svc_wide(ctx)?;
+
+    // One route over every node in the router's kernel.
+    let all: Vec<String> = st.nodes.iter().map(|n| n.ip.to_string()).collect();
+    wait_nexthops(&router, &ip, &all, Duration::from_secs(20))?;
+    println!();
+    cmd(&format!("ferry lab exec router -- ip route show {ip}"));
+    print!("{}", route_text(&router, &ip));
+    println!(
+        "# one route to {ip} over all {} nodes: each announces it, BIRD merges the paths",
+        all.len()
+    );
+
+    let pods = nextcloud_pods(ctx)?;
+    let url = format!("http://{ip}/");
+    println!();
+    curl_until_all_answered(
+        ctx,
+        "client",
+        &url,
+        &pods,
+        &format!("the load-balancer address {ip} (BGP, through the router)"),
+    )?;
+    bgp_node_failure(ctx, &st, &router, &ip, &url)
+}
+
+/// Waits (quietly) until the Service has a load-balancer address; the address.
+fn wait_for_external_ip(ctx: &Ctx, name: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    loop {
+        check_interrupted()?;
+        if let Ok(t) = get::ferry_get(ctx, &["svc", "-o", "wide"]) {
+            let ip = column_of(&t, name, "EXTERNAL-IP").unwrap_or_default();
+            if !ip.is_empty() && !ip.starts_with('<') {
+                return Ok(ip);
+            }
+            last = ip;
+        }
+        if Instant::now() > deadline {
+            bail!("service {name} got no load-balancer address: EXTERNAL-IP {last:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `ip route show IP` in the router, or why not.
+fn route_text(router: &crate::router::RouterInfo, ip: &str) -> String {
+    sys::ip(&["-n", &router.ns, "route", "show", ip]).unwrap_or_else(|e| format!("{e:#}\n"))
+}
+
+/// Waits until the router's route to `ip` has exactly the next hops `want` (any order); how
+/// long it took.
+fn wait_nexthops(
+    router: &crate::router::RouterInfo,
+    ip: &str,
+    want: &[String],
+    timeout: Duration,
+) -> Result<Duration> {
+    let start = Instant::now();
+    let mut want = want.to_vec();
+    want.sort();
+    loop {
+        check_interrupted()?;
+        let mut now = crate::router::nexthops(router, ip)?;
+        now.sort();
+        if now == want {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "the router's route to {ip} is over {now:?}, not {want:?}, after {} s:\n{}",
+                timeout.as_secs(),
+                route_text(router, ip)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Step 18-19: one node's link goes down while the client curls the address through the
+/// router. The connections the router still sends to it fail until BFD tells the router (in
+/// about 300 ms); then the link comes back and the node is in the route again.
+fn bgp_node_failure(
+    ctx: &Ctx,
+    st: &LabState,
+    router: &crate::router::RouterInfo,
+    ip: &str,
+    url: &str,
+) -> Result<()> {
+    check_interrupted()?;
+    let node = st.nodes.last().context("the lab has no nodes")?.clone();
+    let others: Vec<String> = st
+        .nodes
+        .iter()
+        .filter(|n| n.name != node.name)
+        .map(|n| n.ip.to_string())
+        .collect();
+    let all: Vec<String> = st.nodes.iter().map(|n| n.ip.to_string()).collect();
+    println!();
+    println!(
+        "# node failure: {}'s link to the LAN goes down while the client keeps curling {url}",
+        node.name
+    );
+    let local_pods: Vec<String> = st
+        .pods
+        .iter()
+        .filter(|p| p.node == node.name && p.owner.as_deref() == Some("default/nextcloud-dev"))
+        .map(|p| p.name.clone())
+        .collect();
+    for p in &local_pods {
+        cmd(&format!("ferry lab set-ready {p} false"));
+        ops::set_ready(ctx, p, false)?;
+        println!("# (what the control plane does once {} is gone)", node.name);
+    }
+    let client_ns = st.client.ns.clone();
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    let (attempts, cut, dropped) = std::thread::scope(
+        |s| -> Result<(Vec<probe::Attempt>, Duration, Option<Duration>)> {
+            let probe = s.spawn(|| probe::probe_loop(&client_ns, url, start, &stop));
+            std::thread::sleep(Duration::from_millis(500));
+            cmd(&format!(
+                "ferry lab exec lan -- ip link set {} down",
+                node.lan_if
+            ));
+            let cut = start.elapsed();
+            let down = sys::exec_output(&st.lan_ns, &["ip", "link", "set", &node.lan_if, "down"]);
+            // Until the router's route is over the other nodes only (at most 12 s: longer than
+            // the 9 s hold time), then 1 s more of requests.
+            let mut dropped = None;
+            while start.elapsed() < cut + Duration::from_secs(12)
+                && !INTERRUPTED.load(Ordering::SeqCst)
+            {
+                let mut now = crate::router::nexthops(router, ip).unwrap_or_default();
+                now.sort();
+                let mut want = others.clone();
+                want.sort();
+                if now == want {
+                    dropped = Some(start.elapsed().saturating_sub(cut));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(1000));
+            stop.store(true, Ordering::SeqCst);
+            let attempts = probe
+                .join()
+                .map_err(|_| anyhow::anyhow!("the probe loop panicked"))?;
+            let down = down?;
+            if !down.status.success() {
+                bail!(
+                    "ip link set {} down: {}",
+                    node.lan_if,
+                    String::from_utf8_lossy(&down.stderr).trim()
+                );
+            }
+            Ok((attempts, cut, dropped))
+        },
+    )?;
+    check_interrupted()?;
+    let Some(dropped) = dropped else {
+        bail!(
+            "the router still routes {ip} over {} 12 s after its link went down:\n{}",
+            node.name,
+            route_text(router, ip)
+        );
+    };
+    let after: Vec<&probe::Attempt> = attempts.iter().filter(|a| a.began >= cut).collect();
+    let failed = after.iter().filter(|a| a.result.is_err()).count();
+    let last_failure = after
+        .iter()
+        .filter(|a| a.result.is_err())
+        .map(|a| a.began.saturating_sub(cut))
+        .max();
+    println!(
+        "# the router dropped {} from the route {} ms after its link went down (BFD, 100 ms x 3; \
+         the hold timer alone would take 9 s)",
+        node.name,
+        dropped.as_millis()
+    );
+    match last_failure {
+        Some(t) => println!(
+            "# the client: {} requests after the cut, {failed} failed (the connections the \
+             router still sent to {}), the last one starting {} ms after the cut",
+            after.len(),
+            node.name,
+            t.as_millis()
+        ),
+        None => println!(
+            "# the client: {} requests after the cut, none failed",
+            after.len()
+        ),
+    }
+    println!();
+    cmd(&format!("ferry lab exec router -- ip route show {ip}"));
+    print!("{}", route_text(router, ip));
+
+    // The link comes back: the node's session comes up again and it is back in the route.
+    check_interrupted()?;
+    println!();
+    cmd(&format!(
+        "ferry lab exec lan -- ip link set {} up",
+        node.lan_if
+    ));
+    let out = sys::exec_output(&st.lan_ns, &["ip", "link", "set", &node.lan_if, "up"])?;
+    if !out.status.success() {
+        bail!(
+            "ip link set {} up: {}",
+            node.lan_if,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let back = wait_nexthops(router, ip, &all, Duration::from_secs(20))?;
+    for p in &local_pods {
+        cmd(&format!("ferry lab set-ready {p} true"));
+        ops::set_ready(ctx, p, true)?;
+    }
+    println!(
+        "# {} is back: the router's route to {ip} is over all {} nodes again {} ms after its \
+         link came up (a new BGP session)",
+        node.name,
+        all.len(),
+        back.as_millis()
+    );
+    cmd(&format!("ferry lab exec router -- ip route show {ip}"));
+    print!("{}", route_text(router, ip));
+    match curl_once(ctx, "client", url)? {
+        Ok(body) => {
+            cmd(&format!("ferry lab exec client -- curl -sS {url}"));
+            println!("{body}");
+        }
+        Err(e) => bail!("{url} does not answer after the link came back: {e}"),
+    }
+    Ok(())
+}
+
 /// One curl from `target`: Ok(Ok(body)) or Ok(Err(curl's complaint)).
 fn curl_once(ctx: &Ctx, target: &str, url: &str) -> Result<std::result::Result<String, String>> {
     curl_with_timeout(ctx, target, url, "1")
@@ -914,10 +1211,18 @@ mod tests {
             ("d", NEXTCLOUD_DEV_LOADBALANCER),
             ("e", METALLB_CONFIG),
             ("f", DEBIAN_BASH),
+            ("g", NEXTCLOUD_DEV_LOADBALANCER_BGP),
         ] {
             let (docs, errors) = manifests::split_docs(f, t);
             assert!(errors.is_empty(), "{f}: {errors:?}");
             assert_eq!(docs.len(), 1, "{f}");
         }
+        let (docs, errors) = manifests::split_docs("metallb-bgp.yaml", METALLB_BGP);
+        assert!(errors.is_empty(), "{errors:?}");
+        let kinds: Vec<&str> = docs.iter().map(|d| d.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["IPAddressPool", "BGPAdvertisement", "BGPPeer", "BFDProfile"]
+        );
     }
 }

@@ -1,7 +1,11 @@
 //! `ferry lab up --bgp`: a `router` namespace on the LAN running BIRD 2 that peers with every
 //! node over BGP (router AS 64512, nodes AS 64513), merges the nodes' paths (`merge paths on`)
 //! and exports them to its kernel FIB, so a load-balancer address of a bgp pool gets one ECMP
-//! route over the nodes. The client's default route points at the router.
+//! route over the nodes. The client's default route points at the router. BIRD also runs BFD
+//! (100 ms x 3) with every node and `bfd on` on its sessions, so a node whose agent has a
+//! BFDProfile (the seed's `metallb-bgp.yaml` has one) is dropped in about 300 ms when it dies;
+//! a node without one is dropped by the hold timer (9 s), as BIRD does not wait for BFD to come
+//! up before a session is established.
 //!
 //! ```text
 //!  client 192.168.2.100 ── br0 ── router 192.168.2.1 (BIRD, AS 64512)
@@ -80,6 +84,9 @@ router id {router_ip};
 protocol device {{ scan time 10; }}
 protocol kernel k4 {{ ipv4 {{ export all; import none; }}; merge paths on; }}
 protocol kernel k6 {{ ipv6 {{ export all; import none; }}; merge paths on; }}
+protocol bfd {{
+  interface \"eth0\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }};
+}}
 "
     );
     for (name, ip) in nodes {
@@ -92,6 +99,7 @@ protocol kernel k6 {{ ipv6 {{ export all; import none; }}; merge paths on; }}
             "protocol bgp {proto} {{
   local {router_ip} as {asn}; neighbor {ip} as {node_asn};
   hold time 9; connect delay time 1; connect retry time 1; error wait time 1, 2;
+  bfd on;
   ipv4 {{ import all; export none; }};
   ipv6 {{ import all; export none; }};
 }}
@@ -101,14 +109,34 @@ protocol kernel k6 {{ ipv6 {{ export all; import none; }}; merge paths on; }}
     conf
 }
 
-/// Links the router to the LAN, sets its sysctls, points the client at it and starts BIRD.
-pub fn build(ctx: &Ctx, st: &LabState, r: &RouterInfo) -> Result<()> {
-    if Command::new("sh")
+/// Whether BIRD 2 (`bird` and `birdc`) is installed.
+pub fn bird_available() -> bool {
+    Command::new("sh")
         .args(["-c", "command -v bird && command -v birdc"])
         .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The next hops of the kernel route to `ip` in the router's namespace (`ip route show IP`),
+/// in the order the kernel lists them; empty when there is no route.
+pub fn nexthops(r: &RouterInfo, ip: &str) -> Result<Vec<String>> {
+    let out = sys::ip(&["-n", &r.ns, "route", "show", ip])?;
+    Ok(parse_nexthops(&out))
+}
+
+/// The `via ADDR` gateways of `ip route show` output (one route, plain or multipath).
+pub fn parse_nexthops(text: &str) -> Vec<String> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .map(|w| w[1].to_string())
+        .collect()
+}
+
+/// Links the router to the LAN, sets its sysctls, points the client at it and starts BIRD.
+pub fn build(ctx: &Ctx, st: &LabState, r: &RouterInfo) -> Result<()> {
+    if !bird_available() {
         bail!("`ferry lab up --bgp` needs BIRD 2 (`bird` and `birdc`): apt-get install bird2");
     }
     sys::ip_batch(
@@ -240,6 +268,8 @@ mod tests {
         let c = bird_conf(ROUTER_IP, ROUTER_ASN, NODE_ASN, &nodes);
         assert!(c.contains("router id 192.168.2.1;"));
         assert!(c.contains("merge paths on"));
+        assert!(c.contains("protocol bfd {"), "{c}");
+        assert_eq!(c.matches("bfd on;").count(), 2, "{c}");
         assert_eq!(c.matches("protocol bgp ").count(), 2);
         let nodes = vec![(
             "k3s-master-rpi001".to_string(),
@@ -249,6 +279,15 @@ mod tests {
         assert!(c2.contains("protocol bgp k3s_master_rpi001 {"), "{c2}");
         assert!(c.contains("local 192.168.2.1 as 64512; neighbor 192.168.2.11 as 64513;"));
         assert!(c.contains("local 192.168.2.1 as 64512; neighbor 192.168.2.12 as 64513;"));
+    }
+
+    #[test]
+    fn nexthops_of_a_multipath_route() {
+        let t = "192.168.3.1 proto bird metric 32 \n\tnexthop via 192.168.2.11 dev eth0 weight 1 \n\tnexthop via 192.168.2.12 dev eth0 weight 1 \n";
+        assert_eq!(parse_nexthops(t), ["192.168.2.11", "192.168.2.12"]);
+        let one = "192.168.3.1 via 192.168.2.13 dev eth0 proto bird metric 32 \n";
+        assert_eq!(parse_nexthops(one), ["192.168.2.13"]);
+        assert!(parse_nexthops("").is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! timeout, plans, commits to the kernel, runs `conntrack`); the layer-2 thread never waits for
 //! it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -656,6 +656,19 @@ pub fn compute(
     }
 }
 
+/// What this node announces now, for its announcement file: the layer-2 addresses it owns and
+/// the load-balancer addresses it announces by BGP to an Established peer.
+fn announced(
+    mut owned: BTreeSet<IpAddr>,
+    bgp: Option<&crate::bgp::BgpSide>,
+    lb_services: &[(IpAddr, String)],
+) -> BTreeSet<IpAddr> {
+    if let Some(b) = bgp {
+        owned.extend(b.announced(lb_services.iter().map(|(ip, _)| *ip)));
+    }
+    owned
+}
+
 /// `ranges` without the addresses in `holes` (split around them; see
 /// [`ferry_model::pools::split_around`]).
 fn punch_holes<'a>(
@@ -1013,7 +1026,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     };
     let announcements = state.announcements_dir();
     let status_file = announcements.join(format!("{}.json", args.node));
-    if announcer.is_some() {
+    if announcer.is_some() || args.role.balances() {
         let _ = std::fs::create_dir_all(&announcements);
     }
 
@@ -1149,7 +1162,8 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
             _ = timer => {}
             _ = status_changed.notified() => {
                 if let Some(a) = &announcer {
-                    crate::announce::write_status(&status_file, &args.node, &a.status().owned);
+                    let owned = announced(a.status().owned, bgp.as_ref(), &shell.lb_services);
+                    crate::announce::write_status(&status_file, &args.node, &owned);
                 }
             }
             _ = status_tick.tick() => {
@@ -1161,9 +1175,14 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                 if !in_flight {
                     shell.metrics.heartbeat("sync");
                 }
+                if announcer.is_none() && bgp.is_some() {
+                    let owned = announced(Default::default(), bgp.as_ref(), &shell.lb_services);
+                    crate::announce::write_status(&status_file, &args.node, &owned);
+                }
                 if let Some(a) = &announcer {
                     let st = a.status();
-                    crate::announce::write_status(&status_file, &args.node, &st.owned);
+                    let owned = announced(st.owned.clone(), bgp.as_ref(), &shell.lb_services);
+                    crate::announce::write_status(&status_file, &args.node, &owned);
                     shell.export_l2(&st);
                     if let Some(side) = &api {
                         side.announced(&st.owned, &shell.lb_services);

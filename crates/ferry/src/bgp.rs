@@ -227,6 +227,10 @@ pub struct BgpSide {
     bfd_peers: Vec<PeerSpec>,
     /// The BFD sessions Up now (one going Down takes its BGP session down).
     bfd_up: std::collections::BTreeSet<IpAddr>,
+    /// The prefixes last handed to the speaker, by peer.
+    routes: BTreeMap<IpAddr, Vec<ipnet::IpNet>>,
+    /// The peers whose session is Established now.
+    established: std::collections::BTreeSet<IpAddr>,
 }
 
 impl BgpSide {
@@ -243,6 +247,8 @@ impl BgpSide {
             bfd_events: None,
             bfd_peers: Vec::new(),
             bfd_up: Default::default(),
+            routes: BTreeMap::new(),
+            established: Default::default(),
         })
     }
 
@@ -281,9 +287,23 @@ impl BgpSide {
             .collect();
         self.metrics.set_bgp_peers(counts);
         self.apply_bfd(w.bfd);
+        self.routes = w
+            .routes
+            .iter()
+            .map(|(peer, r)| (*peer, r.iter().map(|r| r.prefix).collect()))
+            .collect();
         for (peer, routes) in w.routes {
             self.speaker.set_routes(peer, routes);
         }
+    }
+
+    /// Of `addresses`, those this node announces now: covered by a route it hands to a peer
+    /// whose session is Established (for `ferry get svc -o wide`'s ANNOUNCED-BY).
+    pub fn announced(
+        &self,
+        addresses: impl IntoIterator<Item = IpAddr>,
+    ) -> std::collections::BTreeSet<IpAddr> {
+        announced_by(&self.routes, &self.established, addresses)
     }
 
     fn apply_bfd(&mut self, peers: Vec<PeerSpec>) {
@@ -391,6 +411,11 @@ impl BgpSide {
 
     /// A session event into the log.
     pub fn log_event(&mut self, ev: PeerEvent) {
+        if ev.down.is_none() && ev.state == State::Established {
+            self.established.insert(ev.peer);
+        } else if ev.error.is_none() || ev.down.is_some() {
+            self.established.remove(&ev.peer);
+        }
         if let Some(a) = self.peer_addr(ev.peer) {
             self.metrics
                 .set_bgp_session(a, ev.down.is_none() && ev.state == State::Established);
@@ -425,9 +450,43 @@ impl BgpSide {
     }
 }
 
+/// Of `addresses`, those covered by a prefix in `routes` of a peer in `established`.
+fn announced_by(
+    routes: &BTreeMap<IpAddr, Vec<ipnet::IpNet>>,
+    established: &std::collections::BTreeSet<IpAddr>,
+    addresses: impl IntoIterator<Item = IpAddr>,
+) -> std::collections::BTreeSet<IpAddr> {
+    addresses
+        .into_iter()
+        .filter(|a| {
+            routes
+                .iter()
+                .filter(|(peer, _)| established.contains(*peer))
+                .any(|(_, prefixes)| prefixes.iter().any(|p| p.contains(a)))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn announced_only_to_established_peers() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+        let routes = BTreeMap::from([
+            (ip("10.0.0.1"), vec![net("10.77.0.5/32")]),
+            (ip("10.0.0.2"), vec![net("10.78.0.0/24")]),
+        ]);
+        let addrs = [ip("10.77.0.5"), ip("10.78.0.9"), ip("10.79.0.1")];
+        let none = announced_by(&routes, &Default::default(), addrs);
+        assert!(none.is_empty());
+        let one = announced_by(&routes, &[ip("10.0.0.2")].into(), addrs);
+        assert_eq!(one, [ip("10.78.0.9")].into());
+        let both = announced_by(&routes, &[ip("10.0.0.1"), ip("10.0.0.2")].into(), addrs);
+        assert_eq!(both, [ip("10.77.0.5"), ip("10.78.0.9")].into());
+    }
 
     const MANIFESTS: &str = r#"apiVersion: metallb.io/v1beta1
 kind: IPAddressPool
