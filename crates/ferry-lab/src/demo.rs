@@ -539,7 +539,7 @@ fn failover(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
             node.lan_if
         ));
         let cut = *cut_at.get_or_init(|| start.elapsed());
-        let down = sys::exec_output(&lan_ns, &["ip", "link", "set", &node.lan_if, "down"]);
+        let down = set_link(&lan_ns, &node.lan_if, "down");
         // Until a request that began after the cut succeeds (at most 5 s), then a little more.
         let deadline = start + cut + Duration::from_secs(5);
         while Instant::now() < deadline
@@ -553,14 +553,7 @@ fn failover(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
         let attempts = probe
             .join()
             .map_err(|_| anyhow::anyhow!("the probe loop panicked"))?;
-        let down = down?;
-        if !down.status.success() {
-            bail!(
-                "ip link set {} down: {}",
-                node.lan_if,
-                String::from_utf8_lossy(&down.stderr).trim()
-            );
-        }
+        down?;
         Ok((attempts, cut))
     })?;
     check_interrupted()?;
@@ -614,14 +607,7 @@ fn failover(ctx: &Ctx, ip: &str, url: &str) -> Result<()> {
         "ferry lab exec lan -- ip link set {} up",
         node.lan_if
     ));
-    let out = sys::exec_output(&lan_ns, &["ip", "link", "set", &node.lan_if, "up"])?;
-    if !out.status.success() {
-        bail!(
-            "ip link set {} up: {}",
-            node.lan_if,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    set_link(&lan_ns, &node.lan_if, "up")?;
     let back = Instant::now();
     // The returning node announces again (it wins the same election) after its hold-down.
     let offset = agent_log(ctx, &owner).len();
@@ -840,7 +826,7 @@ fn bgp_node_failure(
                 node.lan_if
             ));
             let cut = start.elapsed();
-            let down = sys::exec_output(&st.lan_ns, &["ip", "link", "set", &node.lan_if, "down"]);
+            let down = set_link(&st.lan_ns, &node.lan_if, "down");
             // Until the router's route is over the other nodes only (at most 12 s: longer than
             // the 9 s hold time), then 1 s more of requests.
             let mut dropped = None;
@@ -862,14 +848,7 @@ fn bgp_node_failure(
             let attempts = probe
                 .join()
                 .map_err(|_| anyhow::anyhow!("the probe loop panicked"))?;
-            let down = down?;
-            if !down.status.success() {
-                bail!(
-                    "ip link set {} down: {}",
-                    node.lan_if,
-                    String::from_utf8_lossy(&down.stderr).trim()
-                );
-            }
+            down?;
             Ok((attempts, cut, dropped))
         },
     )?;
@@ -918,14 +897,7 @@ fn bgp_node_failure(
         "ferry lab exec lan -- ip link set {} up",
         node.lan_if
     ));
-    let out = sys::exec_output(&st.lan_ns, &["ip", "link", "set", &node.lan_if, "up"])?;
-    if !out.status.success() {
-        bail!(
-            "ip link set {} up: {}",
-            node.lan_if,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    set_link(&st.lan_ns, &node.lan_if, "up")?;
     let back = wait_nexthops(router, ip, &all, Duration::from_secs(20))?;
     for p in &local_pods {
         cmd(&format!("ferry lab set-ready {p} true"));
@@ -946,6 +918,19 @@ fn bgp_node_failure(
             println!("{body}");
         }
         Err(e) => bail!("{url} does not answer after the link came back: {e}"),
+    }
+    Ok(())
+}
+
+/// `ip link set IF STATE` in the LAN's namespace (a node's port on the bridge); an error with
+/// ip's complaint.
+fn set_link(lan_ns: &str, lan_if: &str, state: &str) -> Result<()> {
+    let out = sys::exec_output(lan_ns, &["ip", "link", "set", lan_if, state])?;
+    if !out.status.success() {
+        bail!(
+            "ip link set {lan_if} {state}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
