@@ -132,37 +132,43 @@ pub fn weight(op: &Op, t: &TableChange<'_>) -> usize {
 /// The transactions that make `changes` and delete the tables `delete`: one when it all
 /// weighs at most `max`; else each table on its own, cut into transactions of at most `max`
 /// (a single step heavier than that, a chain's rules, goes alone), tables to create first,
-/// then the other shard tables, the common table [`TABLE`] last, and the deletions after.
+/// then the other shard tables, the common table [`TABLE`] last, and the deletions after (one
+/// table each).
 /// A table to create gets its base chains (and their rules) in its last transaction; a chain
 /// that is flushed and refilled is never cut apart; a table replaced whole goes in one.
-pub fn transactions(changes: &[TableChange<'_>], delete: &[String], max: usize) -> Vec<Txn> {
+///
+/// The steps move from `changes` into the transactions (a cold load has hundreds of thousands).
+pub fn transactions(changes: &mut [TableChange<'_>], delete: &[String], max: usize) -> Vec<Txn> {
     let max = max.max(1);
-    let mut whole = Txn {
-        parts: changes
-            .iter()
+    let active = |c: &TableChange<'_>| c.create || !c.ops.is_empty();
+    if !changes.iter().any(active) && delete.is_empty() {
+        return Vec::new();
+    }
+    let total: usize = changes
+        .iter()
+        .map(|c| usize::from(c.create) + c.ops.iter().map(|o| weight(o, c)).sum::<usize>())
+        .sum::<usize>()
+        + delete.len();
+    if total <= max {
+        // Base chains last within the transaction too: the order is the kernel's business,
+        // but a reader of the batch finds the same shape as in the cut case.
+        let parts = changes
+            .iter_mut()
             .enumerate()
-            .filter(|(_, c)| c.create || !c.ops.is_empty())
+            .filter(|(_, c)| active(c))
             .map(|(i, c)| Part {
                 table: i,
                 create: c.create,
-                ops: c.ops.clone(),
+                ops: hook_last(c.rs, std::mem::take(&mut c.ops)),
             })
-            .collect(),
-        delete: delete.to_vec(),
-    };
-    if whole.parts.is_empty() && whole.delete.is_empty() {
-        return Vec::new();
-    }
-    if whole.weight(changes) <= max {
-        // Base chains last within the transaction too: the order is the kernel's business,
-        // but a reader of the batch finds the same shape as in the cut case.
-        for p in &mut whole.parts {
-            p.ops = hook_last(&changes[p.table], std::mem::take(&mut p.ops));
-        }
-        return vec![whole];
+            .collect();
+        return vec![Txn {
+            parts,
+            delete: delete.to_vec(),
+        }];
     }
     let mut order: Vec<usize> = (0..changes.len())
-        .filter(|i| changes[*i].create || !changes[*i].ops.is_empty())
+        .filter(|i| active(&changes[*i]))
         .collect();
     order.sort_by_key(|i| {
         let c = &changes[*i];
@@ -175,20 +181,24 @@ pub fn transactions(changes: &[TableChange<'_>], delete: &[String], max: usize) 
     });
     let mut out = Vec::new();
     for i in order {
+        let taken = std::mem::take(&mut changes[i].ops);
         let c = &changes[i];
-        if let [Op::Full { .. }] = c.ops.as_slice() {
+        if let [Op::Full { .. }] = taken.as_slice() {
             out.push(Txn {
                 parts: vec![Part {
                     table: i,
                     create: c.create,
-                    ops: c.ops.clone(),
+                    ops: taken,
                 }],
                 delete: Vec::new(),
             });
             continue;
         }
-        let ops = hook_last(c, c.ops.clone());
-        let hooks = hook_chains(c);
+        let hooks: BTreeSet<String> = hook_chains(c.rs, &taken)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let ops = hook_last(c.rs, taken);
         // Units: steps that go together (a flush and the refill of its chain), the elements
         // of a big step cut to fit.
         let mut units: Vec<Vec<Op>> = Vec::new();
@@ -250,21 +260,21 @@ pub fn transactions(changes: &[TableChange<'_>], delete: &[String], max: usize) 
             });
         }
     }
-    if !delete.is_empty() {
+    // A table deleted is as much work for the kernel as its contents: one at a time.
+    for d in delete {
         out.push(Txn {
             parts: Vec::new(),
-            delete: delete.to_vec(),
+            delete: vec![d.clone()],
         });
     }
     out
 }
 
 /// The base chains a change creates: hooked in only once the rest is there.
-fn hook_chains<'a>(c: &'a TableChange<'_>) -> BTreeSet<&'a str> {
-    c.ops
-        .iter()
+fn hook_chains<'a>(rs: &Ruleset, ops: &'a [Op]) -> BTreeSet<&'a str> {
+    ops.iter()
         .filter_map(|o| match o {
-            Op::AddChain(n) if c.rs.chains.get(n).is_some_and(|x| x.base.is_some()) => {
+            Op::AddChain(n) if rs.chains.get(n).is_some_and(|x| x.base.is_some()) => {
                 Some(n.as_str())
             }
             _ => None,
@@ -273,8 +283,11 @@ fn hook_chains<'a>(c: &'a TableChange<'_>) -> BTreeSet<&'a str> {
 }
 
 /// `ops` with the creation of base chains (and their rules) moved to the end.
-fn hook_last(c: &TableChange<'_>, ops: Vec<Op>) -> Vec<Op> {
-    let hooks = hook_chains(c);
+fn hook_last(rs: &Ruleset, ops: Vec<Op>) -> Vec<Op> {
+    let hooks: BTreeSet<String> = hook_chains(rs, &ops)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     if hooks.is_empty() {
         return ops;
     }
@@ -436,12 +449,15 @@ impl Tables {
                 live: l,
             });
         }
-        let txns = transactions(&changes, &delete, self.max_ops);
+        let txns = transactions(&mut changes, &delete, self.max_ops);
         let result = self.commit(&changes, &txns, &mut applied);
         let failed = result.is_err();
-        drop(txns);
-        let ops: Vec<Op> = changes.into_iter().flat_map(|c| c.ops).collect();
-        applied.changes.ops = ops;
+        drop(changes);
+        applied.changes.ops = txns
+            .into_iter()
+            .flat_map(|t| t.parts)
+            .flat_map(|p| p.ops)
+            .collect();
         if failed {
             self.live = None;
             return result.map(|_| applied);
