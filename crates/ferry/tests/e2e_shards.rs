@@ -276,3 +276,180 @@ fn sharded_tables_serve_change_alone_heal_and_shrink() {
     assert!(ferry_tables(&lab, &node).is_empty());
     foreign_table_intact(&lab, &node);
 }
+
+/// A namespace of the test's own with an agent in it (automatic `--nft-shards`); both gone on
+/// drop (the agent by PID).
+struct Node {
+    ns: String,
+    dir: std::path::PathBuf,
+    agent: Option<std::process::Child>,
+}
+
+impl Node {
+    fn new(tag: &str) -> Node {
+        let ns = format!("ff-{tag}-{}", std::process::id());
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "add", &ns])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {ns}");
+        let dir = std::env::temp_dir().join(&ns);
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        Node {
+            ns,
+            dir,
+            agent: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, FERRY, "agent", "--no-l2", "--node", "n1",
+            ])
+            .arg("--manifests")
+            .arg(self.dir.join("manifests"))
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap();
+        self.agent = Some(child);
+    }
+
+    fn nft(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nft"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn tables(&self) -> Vec<String> {
+        let mut t: Vec<String> = self
+            .nft(&["list", "tables", "inet"])
+            .lines()
+            .filter_map(|l| l.strip_prefix("table inet "))
+            .filter(|n| *n == "ferry" || n.starts_with("ferry-"))
+            .map(str::to_string)
+            .collect();
+        t.sort();
+        t
+    }
+
+    fn write_services(&self, n: usize) {
+        let text: String = (0..n)
+            .map(|i| {
+                format!(
+                    "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: default}}\n\
+                     spec: {{clusterIP: 10.43.{}.{}, ports: [{{port: 80}}]}}\n",
+                    10 + i / 250,
+                    1 + i % 250
+                )
+            })
+            .collect();
+        let m = self.dir.join("manifests");
+        std::fs::write(m.join(".s.tmp"), text).unwrap();
+        std::fs::rename(m.join(".s.tmp"), m.join("s.yaml")).unwrap();
+    }
+
+    /// Waits (bounded: a debug build plans a thousand services in seconds) for the tables.
+    fn until_tables(&self, want: &[&str], check: impl Fn(&Node) -> bool) {
+        let t0 = Instant::now();
+        while self.tables() != want || !check(self) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "tables {:?}, want {want:?}; agent threads {:?}; log:\n{}",
+                self.tables(),
+                self.threads(),
+                std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The agent's threads: (name, where each waits), for a failure's message.
+    fn threads(&self) -> Vec<(String, String)> {
+        let Some(pid) = self.agent.as_ref().map(|c| c.id()) else {
+            return Vec::new();
+        };
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        tasks
+            .into_iter()
+            .map(|t| {
+                let read = |f: &str| std::fs::read_to_string(t.join(f)).unwrap_or_default();
+                (read("comm").trim().to_string(), read("wchan"))
+            })
+            .collect()
+    }
+
+    fn has_cluster_ip(&self, table: &str, ip: &str) -> bool {
+        self.nft(&["list", "set", "inet", table, "cluster-ips-v4"])
+            .contains(ip)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn automatic_shards_grow_past_a_thousand_services_and_shrink_back() {
+    if !common::root("automatic_shards_grow_past_a_thousand_services_and_shrink_back") {
+        return;
+    }
+    let mut node = Node::new("autoshard");
+    node.write_services(200);
+    node.start();
+    node.until_tables(&["ferry"], |n| n.has_cluster_ip("ferry", "10.43.10.200"));
+    // 1,100 services: two shard tables, built and hooked in before the common table drops
+    // the services it held; the load is cut into several transactions.
+    node.write_services(1100);
+    node.until_tables(&["ferry", "ferry-0", "ferry-1"], |n| {
+        n.has_cluster_ip("ferry", "10.43.14.100")
+    });
+    // The service (no endpoints: refused) is its shard's, no longer the common table's.
+    let refusing = |t: &str| {
+        let listing = node.nft(&["list", "table", "inet", t]);
+        let set = ["set", "map"].iter().find_map(|k| {
+            let head = format!("{k} no-endpoint-services-v4 {{");
+            listing.split(&head).nth(1)?.split("\n\t}").next()
+        });
+        set.is_some_and(|s| s.contains("10.43.14.100"))
+    };
+    assert!(!refusing("ferry"), "the common table keeps no services");
+    assert!(
+        refusing("ferry-0") != refusing("ferry-1"),
+        "in one shard: {}",
+        node.nft(&["list", "table", "inet", "ferry-0"])
+    );
+    let log = std::fs::read_to_string(node.dir.join("agent.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("transactions, the longest")),
+        "a cut load logs its transactions:\n{log}"
+    );
+    // Down to 100: a quarter of the tables would do, so one table again.
+    node.write_services(100);
+    node.until_tables(&["ferry"], |n| {
+        !n.has_cluster_ip("ferry", "10.43.14.100") && n.has_cluster_ip("ferry", "10.43.10.100")
+    });
+    let log = std::fs::read_to_string(node.dir.join("agent.log")).unwrap();
+    assert!(
+        log.contains("deleted the tables no longer used: ferry-0 ferry-1"),
+        "{log}"
+    );
+}
