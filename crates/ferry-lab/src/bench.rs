@@ -38,6 +38,14 @@ pub struct BenchArgs {
     /// Spread the services over this many tables (the agent's `--nft-shards`; 1: one table).
     #[arg(long, default_value_t = 1)]
     pub shards: u16,
+    /// Time the agent's own path instead: its planner and `ferry_nft::Tables` (every table in
+    /// one transaction per change, a cold load cut into transactions of at most --max-ops
+    /// operations); prints the number of transactions and the longest.
+    #[arg(long)]
+    pub agent_tables: bool,
+    /// With --agent-tables: the most operations in one transaction of a cut load.
+    #[arg(long, default_value_t = ferry_nft::tables::MAX_OPS)]
+    pub max_ops: usize,
 }
 
 fn ip(n: u32) -> IpAddr {
@@ -147,6 +155,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         }
     };
     let base = services(args.services, args.endpoints_per_service, 0);
+    if args.agent_tables {
+        return run_agent_tables(&args, &cfg, &base);
+    }
     if args.shards > 1 {
         return run_sharded(&args, &cfg, &base);
     }
@@ -389,5 +400,108 @@ fn run_sharded(args: &BenchArgs, cfg: &PlanConfig, base: &[ResolvedService]) -> 
         median(&mut change_apply)
     );
     cleanup_shards(n)?;
+    Ok(0)
+}
+
+/// `--agent-tables`: cold loads and single endpoint changes through the agent's planner
+/// (`ShardedPlanner`, or `Planner` for one table) and dataplane (`ferry_nft::Tables`).
+fn run_agent_tables(args: &BenchArgs, cfg: &PlanConfig, base: &[ResolvedService]) -> Result<i32> {
+    use ferry_nft::Tables;
+    use ferry_plan::plan::{Planner, ShardedPlanner, Touched};
+    let n = args.shards.max(1);
+    let cfg = PlanConfig {
+        shards: n,
+        ..cfg.clone()
+    };
+    println!(
+        "ferry dataplane benchmark, the agent's path: {} services x {} endpoints, {} table(s) \
+         (and the common one when more than 1), transactions of <= {} operations when cut",
+        args.services, args.endpoints_per_service, n, args.max_ops
+    );
+    // The planner of the agent: one table, or the common one and the shards.
+    enum P {
+        One(Planner),
+        Sharded(ShardedPlanner),
+    }
+    impl P {
+        fn update(&mut self, cfg: &PlanConfig, s: &[ResolvedService]) -> Vec<Touched> {
+            match self {
+                P::One(p) => vec![p.update(cfg, s).1],
+                P::Sharded(p) => p.update(cfg, s),
+            }
+        }
+        fn tables(&self) -> Vec<&ferry_plan::Ruleset> {
+            match self {
+                P::One(p) => vec![p.ruleset()],
+                P::Sharded(p) => p.tables(),
+            }
+        }
+    }
+    let fresh = || match n {
+        1 => P::One(Planner::default()),
+        _ => P::Sharded(ShardedPlanner::default()),
+    };
+    let (mut plan_ms, mut apply_ms, mut longest_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let mut txns = 0;
+    for _ in 0..args.cold_runs.max(1) {
+        ferry_nft::cleanup(&mut Nft::new())?;
+        let mut planner = fresh();
+        let mut dp = Tables::new(Nft::new()).with_max_ops(args.max_ops);
+        let t0 = Instant::now();
+        planner.update(&cfg, base);
+        let t1 = Instant::now();
+        let a = dp.apply(&planner.tables(), None)?;
+        let t2 = Instant::now();
+        plan_ms.push((t1 - t0).as_secs_f64() * 1e3);
+        apply_ms.push((t2 - t1).as_secs_f64() * 1e3);
+        longest_ms.push(a.longest.as_secs_f64() * 1e3);
+        txns = a.transactions;
+    }
+    let mut total: Vec<f64> = plan_ms.iter().zip(&apply_ms).map(|(a, b)| a + b).collect();
+    println!(
+        "cold load (plan + apply), median of {}: {:.0} ms (plan {:.0} ms, apply {:.0} ms) in {txns} \
+         transactions, the longest {:.1} ms (median; max {:.1} ms)",
+        total.len(),
+        median(&mut total),
+        median(&mut plan_ms),
+        median(&mut apply_ms),
+        median(&mut longest_ms.clone()),
+        longest_ms.iter().cloned().fold(0.0, f64::max)
+    );
+    // One endpoint change at a time, the agent's way: one apply over every table.
+    let mut planner = fresh();
+    let mut dp = Tables::new(Nft::new()).with_max_ops(args.max_ops);
+    planner.update(&cfg, base);
+    dp.apply(&planner.tables(), None)?;
+    let mut current = base.to_vec();
+    let (mut change_total, mut change_plan) = (Vec::new(), Vec::new());
+    for k in 0..args.changes.max(1) {
+        let victim = (k * 7919) % current.len();
+        let ep = &mut current[victim].ports[0].endpoints[0];
+        ep.port = if ep.port == 8080 { 8081 } else { 8080 };
+        let t0 = Instant::now();
+        let touched = planner.update(&cfg, &current);
+        let t1 = Instant::now();
+        let a = dp.apply(&planner.tables(), Some(&touched))?;
+        let t2 = Instant::now();
+        if a.changes.chains_changed != 1 || a.transactions != 1 {
+            bail!("expected one changed chain in one transaction, got {a}");
+        }
+        change_plan.push((t1 - t0).as_secs_f64() * 1e3);
+        change_total.push((t2 - t0).as_secs_f64() * 1e3);
+    }
+    let mut change_apply: Vec<f64> = change_total
+        .iter()
+        .zip(&change_plan)
+        .map(|(t, p)| t - p)
+        .collect();
+    println!(
+        "one endpoint change (plan + apply), median of {}: {:.1} ms (plan {:.1} ms, apply {:.1} ms)",
+        change_total.len(),
+        median(&mut change_total),
+        median(&mut change_plan),
+        median(&mut change_apply)
+    );
+    ferry_nft::cleanup(&mut Nft::new())?;
     Ok(0)
 }

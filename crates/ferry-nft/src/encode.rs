@@ -857,12 +857,53 @@ pub fn batch(parts: &[(&Ruleset, &[Op])]) -> Result<Vec<u8>, Unsupported> {
     Ok(w.buf)
 }
 
-fn full_body(w: &mut Writer, rs: &Ruleset, replace: bool) -> Result<(), Unsupported> {
-    if replace {
-        let m = w.nft_msg(NFT_MSG_DELTABLE, 0);
-        w.table_attr(NFTA_TABLE_NAME);
-        w.msg_end(m);
+/// One step of a transaction over several tables (see [`steps`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Step<'a> {
+    /// The differ's [`Op`]s for the planned table (a lone [`Op::Full`] loads it whole).
+    Ops(&'a Ruleset, &'a [Op]),
+    /// Creates the planned table, empty (its objects follow, in this batch or later ones).
+    CreateTable(&'a Ruleset),
+    /// Deletes a table, whatever it holds.
+    DeleteTable(&'a str),
+}
+
+/// One batch (one transaction) of [`Step`]s, in order: what [`batch`] does, plus creating and
+/// deleting whole tables (a cold load in chunks creates a table first and fills it over several
+/// transactions; a layout with fewer shards deletes the tables it no longer uses).
+pub fn steps(steps: &[Step<'_>]) -> Result<Vec<u8>, Unsupported> {
+    let mut w = Writer::default();
+    let b = w.msg_start(NFNL_MSG_BATCH_BEGIN, 0, 0, NFNL_SUBSYS_NFTABLES);
+    w.msg_end(b);
+    for step in steps {
+        match step {
+            Step::Ops(rs, ops) => {
+                w.table = rs.table.as_deref().unwrap_or("").to_string();
+                if let [Op::Full { replace }] = ops {
+                    full_body(&mut w, rs, *replace)?;
+                } else {
+                    changes_body(&mut w, rs, ops)?;
+                }
+            }
+            Step::CreateTable(rs) => {
+                w.table = rs.table.as_deref().unwrap_or("").to_string();
+                new_table(&mut w);
+            }
+            Step::DeleteTable(name) => {
+                w.table = name.to_string();
+                let m = w.nft_msg(NFT_MSG_DELTABLE, 0);
+                w.table_attr(NFTA_TABLE_NAME);
+                w.msg_end(m);
+            }
+        }
     }
+    let e = w.msg_start(NFNL_MSG_BATCH_END, 0, 0, NFNL_SUBSYS_NFTABLES);
+    w.msg_end(e);
+    Ok(w.buf)
+}
+
+/// The NEWTABLE message of the writer's table.
+fn new_table(w: &mut Writer) {
     let m = w.nft_msg(NFT_MSG_NEWTABLE, NLM_F_CREATE);
     w.table_attr(NFTA_TABLE_NAME);
     w.be32(NFTA_TABLE_FLAGS, 0);
@@ -871,6 +912,15 @@ fn full_body(w: &mut Writer, rs: &Ruleset, replace: bool) -> Result<(), Unsuppor
         &comment_udata(UDATA_COMMENT, "managed by ferry"),
     );
     w.msg_end(m);
+}
+
+fn full_body(w: &mut Writer, rs: &Ruleset, replace: bool) -> Result<(), Unsupported> {
+    if replace {
+        let m = w.nft_msg(NFT_MSG_DELTABLE, 0);
+        w.table_attr(NFTA_TABLE_NAME);
+        w.msg_end(m);
+    }
+    new_table(w);
 
     let base = w.ids_used;
     let mut set_ids = std::collections::BTreeMap::new();
@@ -1342,8 +1392,11 @@ fn elements(w: &mut Writer, s: &Set, id: u32, only: Option<&[String]>) -> Result
                 })?;
                 let key = typed(s, k)?;
                 if s.interval {
-                    let [Value::Range(a, b)] = key.as_slice() else {
-                        return Err(Unsupported(format!("range {k}")));
+                    // A range, or a single address (a range of one).
+                    let (a, b) = match key.as_slice() {
+                        [Value::Range(a, b)] => (a, b),
+                        [Value::Ip(a)] => (a, a),
+                        _ => return Err(Unsupported(format!("range {k}"))),
                     };
                     out.push((ip_bytes(*a), false, e));
                     if let Some(n) = plus_one(&ip_bytes(*b)) {

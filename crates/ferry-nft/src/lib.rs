@@ -19,6 +19,9 @@ use serde_json::Value as Json;
 
 pub mod encode;
 pub mod netlink;
+pub mod tables;
+
+pub use tables::Tables;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -681,11 +684,8 @@ impl Dataplane {
     }
 }
 
-/// `ferry cleanup`: removes ferry's table; true when there was one.
+/// `ferry cleanup`: removes ferry's tables (the common table `ferry` and the shard tables
+/// `ferry-K` of a sharded layout), never another's; true when there was one.
 pub fn cleanup(nft: &mut Nft) -> Result<bool, NftError> {
-    if !table_exists(nft)? {
-        return Ok(false);
-    }
-    nft.run(&format!("delete table {FAMILY} {TABLE}"))?;
-    Ok(true)
+    Ok(!tables::cleanup_all(nft)?.is_empty())
 }

@@ -971,6 +971,21 @@ pub fn table_exists() -> Result<bool, NftError> {
     }
 }
 
+/// The names of this network namespace's inet tables, ferry's and others'.
+pub fn table_names() -> Result<Vec<String>, NftError> {
+    let mut s = Socket::open()?;
+    let mut names = Vec::new();
+    s.call(NFT_MSG_GETTABLE, true, &[], NFT_MSG_NEWTABLE, |p| {
+        if let Some(n) = nft_attrs(p)
+            .find(|(k, _)| *k == NFTA_TABLE_NAME)
+            .and_then(|(_, v)| string(v))
+        {
+            names.push(n.to_string());
+        }
+    })?;
+    Ok(names)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

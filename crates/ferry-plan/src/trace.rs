@@ -242,7 +242,12 @@ impl Tracer<'_> {
         };
         self.depth += 1;
         assert!(self.depth < 64, "trace: chain loop at {name}");
-        st.path.push(name.to_string());
+        // Several tables (a sharded layout) have chains of the same names: "table:chain".
+        st.path.push(if self.tables.len() > 1 {
+            format!("{}:{name}", self.rs.table_name())
+        } else {
+            name.to_string()
+        });
         let out = self
             .run_rules(name, &chain.rules, st)
             .into_iter()

@@ -23,7 +23,7 @@ use ferry_model::cidr::Cidr;
 use ferry_model::lbipam::LbResults;
 use ferry_model::pools::PoolConfig;
 use ferry_model::view::resolve;
-use ferry_nft::{Dataplane, Nft};
+use ferry_nft::{Nft, Tables};
 use ferry_plan::plan::DEFAULT_MASQUERADE_MARK;
 use ferry_plan::PlanConfig;
 
@@ -155,6 +155,108 @@ pub struct AgentArgs {
     /// Re-read the kernel's table and repair it this often, in seconds (0: never).
     #[arg(long, default_value_t = 300)]
     pub resync_s: u64,
+    /// nftables tables the Services are spread over (a stable hash of namespace/name), each
+    /// with its own base chains, beside the common table `ferry`: a change then makes the
+    /// kernel re-check one table, not all. 1: everything in the one table `ferry`. 0
+    /// (default): automatic, one table up to 1,000 Services, then a power of two with at most
+    /// 1,000 Services each (16 at 10,000), up to 64; it shrinks only once 4 times fewer
+    /// tables would do. Tables `ferry-K` no longer used are deleted.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+    pub nft_shards: u16,
+}
+
+/// Services per table the automatic `--nft-shards` aims at.
+pub const SERVICES_PER_TABLE: usize = 1000;
+/// The most tables the automatic `--nft-shards` uses.
+pub const MAX_AUTO_SHARDS: u16 = 64;
+
+/// The automatic shard count for `services` Services when `current` tables are in use (0 or 1:
+/// one table): one table up to [`SERVICES_PER_TABLE`], else the power of two that keeps each
+/// table within it (at most [`MAX_AUTO_SHARDS`]); grows at once, shrinks only when a quarter
+/// of `current` would do, so that a count around a threshold does not move every service back
+/// and forth.
+pub fn auto_shards(services: usize, current: u16) -> u16 {
+    let want = if services <= SERVICES_PER_TABLE {
+        1
+    } else {
+        let n = services.div_ceil(SERVICES_PER_TABLE).next_power_of_two();
+        u16::try_from(n).unwrap_or(u16::MAX).min(MAX_AUTO_SHARDS)
+    };
+    let current = current.max(1);
+    if want >= current || services <= SERVICES_PER_TABLE * usize::from(current) / 4 {
+        want
+    } else {
+        current
+    }
+}
+
+/// The shard count a kernel's tables show: the number of `ferry-K` tables (K + 1 of the
+/// highest), 1 with none. What an agent restarting in automatic mode starts from, and what
+/// `ferry explain` plans with.
+pub fn shards_in_kernel(tables: &[String]) -> u16 {
+    tables
+        .iter()
+        .filter_map(|t| t.strip_prefix(ferry_plan::ir::TABLE)?.strip_prefix('-'))
+        .filter_map(|k| k.parse::<u16>().ok())
+        .map(|k| k.saturating_add(1))
+        .max()
+        .unwrap_or(1)
+}
+
+/// The planner of the agent's tables: the one table `ferry`, or the common table and the
+/// shards, as the shard count of each pass says.
+#[derive(Debug, Default)]
+pub struct TablePlanner {
+    one: ferry_plan::plan::Planner,
+    sharded: ferry_plan::plan::ShardedPlanner,
+    /// Tables in use (0: nothing planned yet).
+    shards: u16,
+}
+
+impl TablePlanner {
+    /// A planner that starts from `shards` tables (what the kernel holds: see
+    /// [`shards_in_kernel`]), for the automatic count's hysteresis.
+    pub fn starting_at(shards: u16) -> TablePlanner {
+        TablePlanner {
+            shards,
+            ..TablePlanner::default()
+        }
+    }
+
+    /// The shard tables in use (1: the one table).
+    pub fn shards(&self) -> u16 {
+        self.shards.max(1)
+    }
+
+    /// Plans `services` over `cfg.shards` tables; what changed in each table, in the order of
+    /// [`TablePlanner::tables`].
+    pub fn update(
+        &mut self,
+        cfg: &PlanConfig,
+        services: &[ferry_model::view::ResolvedService],
+    ) -> Vec<ferry_plan::plan::Touched> {
+        let n = cfg.shards.max(1);
+        if n != self.shards {
+            // A new layout: the other planner's tables are dropped, this one starts afresh.
+            self.one = Default::default();
+            self.sharded = Default::default();
+            self.shards = n;
+        }
+        if n == 1 {
+            vec![self.one.update(cfg, services).1]
+        } else {
+            self.sharded.update(cfg, services)
+        }
+    }
+
+    /// The tables as last planned: the one table, or the common table then the shards.
+    pub fn tables(&self) -> Vec<&ferry_plan::Ruleset> {
+        if self.shards <= 1 {
+            vec![self.one.ruleset()]
+        } else {
+            self.sharded.tables()
+        }
+    }
 }
 
 /// `--detect-local-mode`: kube-proxy's ways to tell pods' traffic apart.
@@ -416,8 +518,8 @@ pub fn timestamp() -> String {
 
 /// Everything one pass computes from a snapshot and its allocations.
 pub struct Pass {
-    /// What the plan changed (the table itself is the planner's).
-    pub touched: ferry_plan::plan::Touched,
+    /// What the plan changed in each table (the tables themselves are the planner's).
+    pub touched: Vec<ferry_plan::plan::Touched>,
     pub services: Vec<ferry_model::view::ResolvedService>,
     pub node_ips: Vec<IpAddr>,
     /// Problems to report: bad manifests, rejected services, pending load balancers, pools.
@@ -439,7 +541,7 @@ pub struct Pass {
 /// I/O is the caller's). `host` is this namespace's (interface, address) list, the fallback
 /// for node addresses and where the announcing interface is found.
 pub fn compute(
-    planner: &mut ferry_plan::plan::Planner,
+    planner: &mut TablePlanner,
     args: &AgentArgs,
     snap: &Snapshot,
     pools: (PoolConfig, Vec<ferry_model::pools::PoolError>),
@@ -600,7 +702,10 @@ pub fn compute(
                 .flat_map(|p| p.ranges.iter().map(|r| (r.first(), r.last()))),
             never_announce.keys(),
         ),
-        shards: 1,
+        shards: match args.nft_shards {
+            0 => auto_shards(resolved.len(), planner.shards()),
+            n => n,
+        },
     };
     let addresses = services
         .iter()
@@ -641,7 +746,7 @@ pub fn compute(
             .find_map(|ip| netwatch::interface_of(&host.addrs, *ip)),
     };
     Pass {
-        touched: planner.update(&cfg, &resolved).1,
+        touched: planner.update(&cfg, &resolved),
         services: resolved,
         node_ips: nodeport_ips,
         diagnostics,
@@ -823,9 +928,9 @@ struct SyncOutcome {
 struct Worker {
     args: AgentArgs,
     source: WorkerSource,
-    planner: ferry_plan::plan::Planner,
+    planner: TablePlanner,
     store: StateDir,
-    dp: Dataplane,
+    dp: Tables,
     /// The services as last applied (to find UDP endpoints that went away).
     served: Vec<ferry_model::view::ResolvedService>,
 }
@@ -871,7 +976,16 @@ impl Worker {
         let p = compute(&mut self.planner, args, &snap, pools, allocated, host);
         let t_plan = t0.elapsed();
         let changes = if proxies {
-            self.dp.apply_touched(self.planner.ruleset(), &p.touched)?
+            let tables = self.planner.tables();
+            let applied = self.dp.apply(&tables, Some(&p.touched))?;
+            if !applied.tables_deleted.is_empty() {
+                log!(
+                    "{} tables now; deleted the tables no longer used: {}",
+                    tables.len(),
+                    applied.tables_deleted.join(" ")
+                );
+            }
+            applied
         } else {
             Default::default()
         };
@@ -1072,11 +1186,18 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     let worker_thread = std::thread::Builder::new()
         .name(netwatch::SYNC_THREAD.into())
         .spawn(move || {
+            let mut nft = Nft::new();
+            // A restart keeps the shard count its tables show while the automatic rule allows
+            // it (no reshuffle of every service on each restart).
+            let start = match ferry_nft::tables::ferry_tables(&mut nft) {
+                Ok(t) => shards_in_kernel(&t),
+                Err(_) => 1,
+            };
             let mut w = Worker {
                 source: worker_source,
-                planner: ferry_plan::plan::Planner::default(),
+                planner: TablePlanner::starting_at(start),
                 store: state,
-                dp: Dataplane::new(Nft::new()),
+                dp: Tables::new(nft),
                 served: Vec::new(),
                 args: worker_args,
             };
@@ -1218,10 +1339,15 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     }
     if args.cleanup_on_exit && args.role.proxies() {
         // Uninstalling: the table goes with the agent (the announcer has withdrawn above).
-        match ferry_nft::cleanup(&mut Nft::new()) {
-            Ok(true) => log!("stopping; --cleanup-on-exit: removed table inet ferry"),
-            Ok(false) => log!("stopping; --cleanup-on-exit: no table inet ferry to remove"),
-            Err(e) => log!("stopping; --cleanup-on-exit: removing table inet ferry: {e}"),
+        match ferry_nft::tables::cleanup_all(&mut Nft::new()) {
+            Ok(t) if t.is_empty() => {
+                log!("stopping; --cleanup-on-exit: no table of ferry's to remove")
+            }
+            Ok(t) => log!(
+                "stopping; --cleanup-on-exit: removed table(s) inet {}",
+                t.join(", ")
+            ),
+            Err(e) => log!("stopping; --cleanup-on-exit: removing ferry's tables: {e}"),
         }
     } else {
         log!("stopping; ferry's rules stay in place (`ferry cleanup` removes them)");
@@ -1699,5 +1825,73 @@ mod tests {
         }
         let e = parse_service_cidr("0.0.0.0/0").unwrap_err();
         assert!(e.contains("too large"), "{e}");
+    }
+
+    #[test]
+    fn the_automatic_shard_count_grows_with_the_services_and_shrinks_late() {
+        // From nothing: one table up to 1,000 services, then powers of two of <= 1,000 each.
+        for (services, want) in [
+            (0, 1),
+            (999, 1),
+            (1000, 1),
+            (1001, 2),
+            (2000, 2),
+            (2001, 4),
+            (10_000, 16),
+            (30_000, 32),
+            (100_000, 64),
+            (1_000_000, 64),
+        ] {
+            assert_eq!(auto_shards(services, 1), want, "{services} services");
+            assert_eq!(auto_shards(services, 0), want, "{services} services");
+        }
+        // Growing is at once; shrinking waits until a quarter of the tables would do.
+        assert_eq!(auto_shards(10_001, 16), 16);
+        assert_eq!(auto_shards(16_001, 16), 32);
+        assert_eq!(
+            auto_shards(9_000, 16),
+            16,
+            "no reshuffle just below a threshold"
+        );
+        assert_eq!(auto_shards(4_001, 16), 16);
+        assert_eq!(auto_shards(4_000, 16), 4);
+        assert_eq!(auto_shards(600, 2), 2);
+        assert_eq!(auto_shards(500, 2), 1);
+        // A restart with --nft-shards 3 then automatic: kept while it suffices.
+        assert_eq!(auto_shards(2_500, 3), 4);
+        assert_eq!(auto_shards(1_500, 3), 3);
+        // Every count is stable: planning twice with the count found keeps it.
+        for services in (0..40_000).step_by(997) {
+            let n = auto_shards(services, 1);
+            assert_eq!(auto_shards(services, n), n, "{services}");
+            assert!(services <= SERVICES_PER_TABLE * usize::from(n) || n == MAX_AUTO_SHARDS);
+        }
+    }
+
+    #[test]
+    fn the_shard_count_is_read_from_the_tables_present() {
+        let t = |names: &[&str]| -> Vec<String> { names.iter().map(|s| s.to_string()).collect() };
+        assert_eq!(shards_in_kernel(&t(&[])), 1);
+        assert_eq!(shards_in_kernel(&t(&["ferry"])), 1);
+        assert_eq!(
+            shards_in_kernel(&t(&["ferry", "ferry-0", "ferry-1", "ferry-3", "ferry-2"])),
+            4
+        );
+        assert_eq!(shards_in_kernel(&t(&["ferry", "ferry-7"])), 8);
+        assert_eq!(shards_in_kernel(&t(&["ferry-x", "other", "ferry-"])), 1);
+    }
+
+    #[test]
+    fn nft_shards_flag() {
+        let base = ["--node", "n1", "--manifests", "/tmp"];
+        let with = |extra: &[&str]| {
+            let mut v: Vec<&str> = base.to_vec();
+            v.extend_from_slice(extra);
+            parse(&v)
+        };
+        assert_eq!(with(&[]).unwrap().nft_shards, 0, "automatic by default");
+        assert_eq!(with(&["--nft-shards", "4"]).unwrap().nft_shards, 4);
+        assert!(with(&["--nft-shards", "257"]).is_err());
+        assert!(with(&["--nft-shards", "-1"]).is_err());
     }
 }

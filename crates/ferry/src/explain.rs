@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferry_model::Protocol;
-use ferry_plan::trace::{trace, Fate, Packet};
+use ferry_plan::trace::{trace_tables, Fate, Packet};
 
 use crate::agent::{self, AgentArgs, SourceKind};
 use crate::netwatch;
@@ -87,8 +87,17 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
             crate::source::now_ms(),
         )?
     };
-    let mut planner = ferry_plan::plan::Planner::default();
+    // The agent's layout: with automatic shards, the count its tables in this kernel show (the
+    // rule's hysteresis keeps it), else the rule's count for these services.
+    let in_kernel = match args.no_kernel {
+        true => 1,
+        false => ferry_nft::tables::ferry_tables(&mut ferry_nft::Nft::new())
+            .map(|t| agent::shards_in_kernel(&t))
+            .unwrap_or(1),
+    };
+    let mut planner = agent::TablePlanner::starting_at(in_kernel);
     let pass = agent::compute(&mut planner, a, &snap, pools, allocated, &host);
+    let tables: Vec<ferry_plan::Ruleset> = planner.tables().into_iter().cloned().collect();
     let saddr = match (args.from, args.local) {
         (Some(ip), _) => ip,
         (None, true) => *pass
@@ -115,7 +124,7 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
         local_origin: args.local,
         iif: None,
     };
-    let outcomes = trace(planner.ruleset(), &pkt);
+    let outcomes = trace_tables(&tables, &pkt);
     let service = pass
         .services
         .iter()
@@ -136,7 +145,7 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
             differences: Vec::new(),
         }
     } else {
-        kernel_check(planner.ruleset(), &outcomes, &pkt)
+        kernel_check(&tables, &outcomes, &pkt)
     };
     let report = Report {
         node: a.node.clone(),
@@ -488,44 +497,47 @@ fn announcement(
     })
 }
 
-/// Reads ferry's table back from this kernel (this network namespace) and compares it with the
-/// plan: what differs, and what of it lies on this connection's way.
+/// Reads ferry's tables back from this kernel (this network namespace) and compares them with
+/// the plan: what differs, and what of it lies on this connection's way.
 fn kernel_check(
-    rs: &ferry_plan::Ruleset,
+    tables: &[ferry_plan::Ruleset],
     outcomes: &[ferry_plan::trace::Outcome],
     pkt: &Packet,
 ) -> KernelCheck {
     use ferry_plan::diff::Op;
-    let live = match ferry_nft::netlink::read_live() {
-        Ok(l) => l,
-        Err(e) => {
-            return KernelCheck {
-                read: false,
-                as_planned: None,
-                summary: format!(
-                    "not read ({e}): run as root on the node (in its network namespace) to \
-                     compare the kernel's table with the plan"
-                ),
-                differences: Vec::new(),
-            }
-        }
+    let not_read = |e: &dyn std::fmt::Display| KernelCheck {
+        read: false,
+        as_planned: None,
+        summary: format!(
+            "not read ({e}): run as root on the node (in its network namespace) to compare the \
+             kernel's table with the plan"
+        ),
+        differences: Vec::new(),
     };
-    if !live.table {
+    // Every table of ferry's the kernel has: a shard table not planned is a difference too.
+    let present = match ferry_nft::netlink::table_names() {
+        Ok(names) => names,
+        Err(e) => return not_read(&e),
+    };
+    let mut lives = Vec::new();
+    for rs in tables {
+        match ferry_nft::netlink::read_live_table(rs.table_name()) {
+            Ok(l) => lives.push(l),
+            Err(e) => return not_read(&e),
+        }
+    }
+    let sharded = tables.len() > 1;
+    let name_of = |rs: &ferry_plan::Ruleset, chain: &str| match sharded {
+        true => format!("{}:{chain}", rs.table_name()),
+        false => chain.to_string(),
+    };
+    if lives.iter().all(|l| !l.table) {
         return KernelCheck {
             read: true,
             as_planned: Some(false),
             summary: "ferry's table is not in this kernel: no agent runs in this network \
                       namespace, or `ferry cleanup` removed it; packets are not handled as above"
                 .into(),
-            differences: Vec::new(),
-        };
-    }
-    let ch = ferry_plan::diff::diff(&live, rs);
-    if ch.ops.is_empty() {
-        return KernelCheck {
-            read: true,
-            as_planned: Some(true),
-            summary: "as planned (every chain and map element read back matches)".into(),
             differences: Vec::new(),
         };
     }
@@ -538,40 +550,84 @@ fn kernel_check(
     // This destination's entries: keyed by its address, or (node ports) by proto . port alone.
     let mine = |k: &str| k.split(" . ").next() == Some(dst.as_str()) || k == port_key;
     let mut differences = Vec::new();
-    for op in &ch.ops {
-        match op {
-            Op::AddChain(c) if on_path.contains(c.as_str()) => {
-                differences.push(format!("chain {c}: missing from the kernel"))
-            }
-            Op::FlushChain(c) if on_path.contains(c.as_str()) => {
-                differences.push(format!("chain {c}: its rules differ from the plan"))
-            }
-            Op::DeleteChain(c) if on_path.contains(c.as_str()) => {
-                differences.push(format!("chain {c}: in the kernel, not in the plan"))
-            }
-            Op::AddElements(set, keys) => {
-                for k in keys.iter().filter(|k| mine(k)) {
-                    differences.push(format!(
-                        "{set}: element {k} missing or different in the kernel"
-                    ));
-                }
-            }
-            Op::DeleteElements(set, keys) => {
-                for k in keys.iter().filter(|k| mine(k)) {
-                    differences.push(format!("{set}: element {k} in the kernel, not in the plan"));
-                }
-            }
-            Op::Full { .. } => differences.push("the whole table differs".into()),
-            _ => {}
+    let mut summaries = Vec::new();
+    for t in present
+        .iter()
+        .filter(|t| ferry_nft::tables::is_shard_table(t))
+    {
+        if !tables.iter().any(|rs| rs.table_name() == t) {
+            // Its base chains see every packet: on every connection's way.
+            differences.push(format!("table {t}: in the kernel, not in the plan"));
+            summaries.push(format!("table {t} not planned"));
         }
+    }
+    for (rs, live) in tables.iter().zip(&lives) {
+        if !live.table {
+            differences.push(format!(
+                "table {}: missing from the kernel",
+                rs.table_name()
+            ));
+            summaries.push(format!("table {} missing", rs.table_name()));
+            continue;
+        }
+        let ch = ferry_plan::diff::diff(live, rs);
+        if ch.ops.is_empty() {
+            continue;
+        }
+        summaries.push(match sharded {
+            true => format!("{}: {ch}", rs.table_name()),
+            false => ch.to_string(),
+        });
+        let prefix = match sharded {
+            true => format!("{}: ", rs.table_name()),
+            false => String::new(),
+        };
+        for op in &ch.ops {
+            match op {
+                Op::AddChain(c) if on_path.contains(name_of(rs, c).as_str()) => {
+                    differences.push(format!("{prefix}chain {c}: missing from the kernel"))
+                }
+                Op::FlushChain(c) if on_path.contains(name_of(rs, c).as_str()) => {
+                    differences.push(format!("{prefix}chain {c}: its rules differ from the plan"))
+                }
+                Op::DeleteChain(c) if on_path.contains(name_of(rs, c).as_str()) => {
+                    differences.push(format!("{prefix}chain {c}: in the kernel, not in the plan"))
+                }
+                Op::AddElements(set, keys) => {
+                    for k in keys.iter().filter(|k| mine(k)) {
+                        differences.push(format!(
+                            "{prefix}{set}: element {k} missing or different in the kernel"
+                        ));
+                    }
+                }
+                Op::DeleteElements(set, keys) => {
+                    for k in keys.iter().filter(|k| mine(k)) {
+                        differences.push(format!(
+                            "{prefix}{set}: element {k} in the kernel, not in the plan"
+                        ));
+                    }
+                }
+                Op::Full { .. } => differences.push(format!("{prefix}the whole table differs")),
+                _ => {}
+            }
+        }
+    }
+    if summaries.is_empty() {
+        return KernelCheck {
+            read: true,
+            as_planned: Some(true),
+            summary: "as planned (every chain and map element read back matches)".into(),
+            differences: Vec::new(),
+        };
     }
     differences.dedup();
     KernelCheck {
         read: true,
         as_planned: Some(false),
         summary: format!(
-            "differs from the plan ({ch}){}; the agent repairs its table within a second when it \
+            "differs from the plan ({}){}; the agent repairs its table within a second when it \
              runs with these settings (if its flags differ from this command's, give them here too)",
+            summaries.join("; "),
             if differences.is_empty() {
                 ", though not on this connection's way"
             } else {

@@ -138,28 +138,34 @@ fn run_lab_binary(command: &str, args: &[OsString]) -> anyhow::Result<i32> {
 
 fn cleanup() -> anyhow::Result<i32> {
     let mut nft = ferry_nft::Nft::new();
-    if ferry_nft::cleanup(&mut nft)? {
-        println!("removed table inet ferry");
-    } else {
+    let removed = ferry_nft::tables::cleanup_all(&mut nft)?;
+    if removed.is_empty() {
         println!("no table inet ferry here: nothing to do");
+    }
+    for t in removed {
+        println!("removed table inet {t}");
     }
     Ok(0)
 }
 
-fn plan(args: agent::AgentArgs) -> anyhow::Result<i32> {
+fn plan(mut args: agent::AgentArgs) -> anyhow::Result<i32> {
     use state::AllocStore;
+    // The script names one table: the one-table layout, whatever --nft-shards says.
+    args.nft_shards = 1;
     let state = state::StateDir::at(&args.state_dir);
     let snap = source::read_dir(args.manifest_dir()?)?;
     let host = netwatch::host_net();
     let pools = agent::load_pools(&snap, &args.service_cidr, &host);
     // What the agents allocated; nothing is written.
     let allocated = state.view(&snap.services, &snap.namespaces, &pools.0, source::now_ms())?;
-    let mut planner = ferry_plan::plan::Planner::default();
+    let mut planner = agent::TablePlanner::default();
     let p = agent::compute(&mut planner, &args, &snap, pools, allocated, &host);
     for d in &p.diagnostics {
         eprintln!("{d}");
     }
-    print!("{}", planner.ruleset().render_full());
+    for t in planner.tables() {
+        print!("{}", t.render_full());
+    }
     Ok(0)
 }
 
