@@ -82,6 +82,8 @@ pub enum Layout {
     FerrySharded,
     /// kube-proxy's iptables mode, through iptables-nft-restore.
     KubeProxyIptables,
+    /// kube-proxy's nftables mode (`nft -f`).
+    KubeProxyNftables,
 }
 
 impl Layout {
@@ -91,6 +93,7 @@ impl Layout {
             Layout::Ferry => "ferry, one table",
             Layout::FerrySharded => "ferry, sharded",
             Layout::KubeProxyIptables => "kube-proxy iptables (iptables-nft)",
+            Layout::KubeProxyNftables => "kube-proxy nftables",
         }
     }
 }
@@ -113,7 +116,7 @@ pub struct FirstPacketArgs {
     pub targets: Vec<usize>,
     /// Layouts to time, in this order (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',',
-          default_values_t = [Layout::Direct, Layout::Ferry, Layout::FerrySharded, Layout::KubeProxyIptables])]
+          default_values_t = [Layout::Direct, Layout::Ferry, Layout::FerrySharded, Layout::KubeProxyIptables, Layout::KubeProxyNftables])]
     pub layouts: Vec<Layout>,
     /// Tables of the ferry-sharded layout.
     #[arg(long, default_value_t = 16)]
@@ -337,6 +340,162 @@ COMMIT
     Ok(s)
 }
 
+/// Runs `cmd` in namespace `ns` with `data` on its standard input.
+fn pipe_into(ns: &str, cmd: &[&str], data: &str) -> Result<()> {
+    let what = cmd.join(" ");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {what}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(data.as_bytes())
+            .with_context(|| format!("writing to {what}"))?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{what} in {ns} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// kube-proxy's nftables-mode ruleset for `svcs` (table `ip kube-proxy`, as its nftables
+/// proxier writes it for ClusterIP and NodePort services with externalTrafficPolicy Cluster
+/// and no session affinity): base chains at the nat and filter hooks; `services` dispatches
+/// with one lookup, `ip daddr . meta l4proto . th dport vmap @service-ips` (and node ports on
+/// `@nodeport-ips` through `@service-nodeports`) to a chain per service port that marks
+/// traffic from outside the cluster CIDR for masquerade and picks an endpoint chain with
+/// `numgen random mod N vmap { ... }`; the endpoint chain marks hairpin traffic and DNATs.
+pub fn kube_proxy_nftables(
+    svcs: &[ResolvedService],
+    cluster_cidr: &str,
+    service_cidr: &str,
+    node_ip: Ipv4Addr,
+) -> Result<String> {
+    let t = "ip kube-proxy";
+    let mut s = format!(
+        "add table {t} {{ comment \"rules for kube-proxy\" ; }}
+add chain {t} mark-for-masquerade
+add rule {t} mark-for-masquerade mark set mark or 0x4000
+add chain {t} masquerading
+add rule {t} masquerading mark and 0x4000 == 0 return
+add rule {t} masquerading mark set mark xor 0x4000
+add rule {t} masquerading masquerade fully-random
+add chain {t} services
+add chain {t} service-endpoints-check
+add chain {t} nodeport-endpoints-check
+add chain {t} firewall-check
+add chain {t} cluster-ips-check
+add chain {t} filter-prerouting {{ type filter hook prerouting priority -110 ; }}
+add chain {t} filter-input {{ type filter hook input priority -110 ; }}
+add chain {t} filter-forward {{ type filter hook forward priority -110 ; }}
+add chain {t} filter-output {{ type filter hook output priority -110 ; }}
+add chain {t} filter-output-post-dnat {{ type filter hook output priority -90 ; }}
+add chain {t} nat-prerouting {{ type nat hook prerouting priority -100 ; }}
+add chain {t} nat-output {{ type nat hook output priority -100 ; }}
+add chain {t} nat-postrouting {{ type nat hook postrouting priority 100 ; }}
+add set {t} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}
+add set {t} nodeport-ips {{ type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }}
+add map {t} service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }}
+add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}
+add map {t} no-endpoint-services {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }}
+add map {t} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }}
+add map {t} firewall-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }}
+add rule {t} filter-prerouting ct state new jump firewall-check
+add rule {t} filter-input ct state new jump nodeport-endpoints-check
+add rule {t} filter-input ct state new jump service-endpoints-check
+add rule {t} filter-forward ct state new jump service-endpoints-check
+add rule {t} filter-forward ct state new jump cluster-ips-check
+add rule {t} filter-output ct state new jump service-endpoints-check
+add rule {t} filter-output ct state new jump firewall-check
+add rule {t} filter-output-post-dnat ct state new jump cluster-ips-check
+add rule {t} nat-prerouting jump services
+add rule {t} nat-output jump services
+add rule {t} nat-postrouting jump masquerading
+add rule {t} firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips
+add rule {t} service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+add rule {t} nodeport-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports
+add rule {t} cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"
+add rule {t} cluster-ips-check ip daddr {{ {service_cidr} }} drop comment \"Drop traffic to unallocated ClusterIPs\"
+add rule {t} services ip daddr . meta l4proto . th dport vmap @service-ips
+add rule {t} services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports
+add element {t} nodeport-ips {{ {node_ip} }}
+"
+    );
+    let mut nodeports = HashSet::new();
+    for svc in svcs {
+        let Some(cip) = svc.cluster_ip else {
+            continue;
+        };
+        for p in &svc.ports {
+            let proto = match p.protocol {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+                Protocol::Sctp => "sctp",
+            };
+            let spn = format!("{}/{}/{proto}/{}", svc.id.namespace, svc.id.name, p.name);
+            let hash = |what: &str| format!("{:08X}", crate::state::fnv64(what.as_bytes()) as u32);
+            let chain = format!("service-{}-{spn}", hash(&spn));
+            let _ = writeln!(s, "add chain {t} {chain}");
+            let _ = writeln!(
+                s,
+                "add rule {t} {chain} ip daddr {cip} {proto} dport {} ip saddr != {cluster_cidr} jump mark-for-masquerade",
+                p.port
+            );
+            let mut arms = Vec::new();
+            for (j, e) in p.endpoints.iter().enumerate() {
+                let ep = format!("{spn}__{}/{}", e.addr, e.port);
+                let echain = format!("endpoint-{}-{ep}", hash(&ep));
+                let _ = writeln!(s, "add chain {t} {echain}");
+                let _ = writeln!(
+                    s,
+                    "add rule {t} {echain} ip saddr {} jump mark-for-masquerade",
+                    e.addr
+                );
+                let _ = writeln!(
+                    s,
+                    "add rule {t} {echain} meta l4proto {proto} dnat to {}",
+                    SocketAddr::new(e.addr, e.port)
+                );
+                arms.push(format!("{j} : goto {echain}"));
+            }
+            if !arms.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "add rule {t} {chain} numgen random mod {} vmap {{ {} }}",
+                    arms.len(),
+                    arms.join(" , ")
+                );
+            }
+            let _ = writeln!(s, "add element {t} cluster-ips {{ {cip} }}");
+            let _ = writeln!(
+                s,
+                "add element {t} service-ips {{ {cip} . {proto} . {} : goto {chain} }}",
+                p.port
+            );
+            // A node port two services ask for (the generator's wrap-around): the first wins.
+            if let Some(np) = p.node_port.filter(|np| nodeports.insert((proto, *np))) {
+                let ext = format!("external-{}-{spn}", hash(&spn));
+                let _ = writeln!(s, "add chain {t} {ext}");
+                let _ = writeln!(s, "add rule {t} {ext} jump mark-for-masquerade");
+                let _ = writeln!(s, "add rule {t} {ext} goto {chain}");
+                let _ = writeln!(
+                    s,
+                    "add element {t} service-nodeports {{ {proto} . {np} : goto {ext} }}"
+                );
+            }
+        }
+    }
+    Ok(s)
+}
+
 /// The three namespaces; deleted on drop.
 pub struct Topology {
     pub client: String,
@@ -495,26 +654,11 @@ impl Topology {
             }
             Layout::KubeProxyIptables => {
                 let data = kube_proxy_iptables(svcs, CLUSTER_CIDR)?;
-                let mut child = Command::new("ip")
-                    .args(["netns", "exec", &self.node, "iptables-nft-restore"])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .context("running iptables-nft-restore (is the iptables package installed?)")?;
-                if let Some(mut stdin) = child.stdin.take() {
-                    stdin
-                        .write_all(data.as_bytes())
-                        .context("writing to iptables-nft-restore")?;
-                }
-                let out = child.wait_with_output()?;
-                if !out.status.success() {
-                    bail!(
-                        "iptables-nft-restore in {} failed: {}",
-                        self.node,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    );
-                }
+                pipe_into(&self.node, &["iptables-nft-restore"], &data)?;
+            }
+            Layout::KubeProxyNftables => {
+                let data = kube_proxy_nftables(svcs, CLUSTER_CIDR, SERVICE_CIDR, NODE_IP)?;
+                pipe_into(&self.node, &["nft", "-f", "-"], &data)?;
             }
         }
         Ok(t0.elapsed())
@@ -1030,6 +1174,37 @@ mod tests {
         }
         // Service 1 is a NodePort: KUBE-NODEPORTS -> KUBE-EXT -> its KUBE-SVC.
         assert!(s.contains("--dport 30000 -j KUBE-EXT-"));
+    }
+
+    #[test]
+    fn kube_proxy_nftables_shape() {
+        let svcs = services(3, 2);
+        let s = kube_proxy_nftables(&svcs, CLUSTER_CIDR, SERVICE_CIDR, NODE_IP).expect("generates");
+        assert!(s.contains(
+            "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips\n"
+        ));
+        let dispatch: Vec<&str> = s
+            .lines()
+            .filter(|l| l.starts_with("add element ip kube-proxy service-ips "))
+            .collect();
+        assert_eq!(dispatch.len(), 3);
+        assert!(dispatch[2].starts_with(
+            "add element ip kube-proxy service-ips { 10.43.0.3 . tcp . 80 : goto service-"
+        ));
+        let chain = dispatch[0]
+            .rsplit("goto ")
+            .next()
+            .unwrap()
+            .trim_end_matches(" }");
+        let rules: Vec<&str> = s
+            .lines()
+            .filter(|l| l.starts_with(&format!("add rule ip kube-proxy {chain} ")))
+            .collect();
+        assert_eq!(rules.len(), 2);
+        assert!(rules[0].ends_with("ip saddr != 10.42.0.0/16 jump mark-for-masquerade"));
+        assert!(rules[1].contains("numgen random mod 2 vmap { 0 : goto endpoint-"));
+        assert!(s.contains("meta l4proto tcp dnat to 10.42.0.2:8080\n"));
+        assert!(s.contains("service-nodeports { tcp . 30000 : goto external-"));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! `bench/first-packet.sh` times real paths: with 100 services x 4 endpoints in the benchmark's
 //! own namespaces, connections to services #1, #50 and #100 under every layout (ferry's one
-//! table, ferry's shards, kube-proxy's iptables layout through iptables-nft) arrive at that
-//! service's own endpoints, spread over more than one, and the timing loop runs. The check
-//! itself can fail: without rules the cluster IPs lead nowhere, and a ruleset that DNATs
-//! service #1 elsewhere is caught. Root only (skipped otherwise, failing under $CI).
+//! table, ferry's shards, kube-proxy's iptables layout through iptables-nft, kube-proxy's
+//! nftables layout) arrive at that service's own endpoints, spread over more than one, and the
+//! timing loop runs. The check itself can fail: without rules the cluster IPs lead nowhere,
+//! and a ruleset that DNATs service #1 elsewhere is caught. Root only (skipped otherwise,
+//! failing under $CI).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -23,7 +24,11 @@ fn every_layout_reaches_the_services_endpoints() {
     if !require_root(test) {
         return;
     }
-    let mut layouts = vec![Layout::Ferry, Layout::FerrySharded];
+    let mut layouts = vec![
+        Layout::Ferry,
+        Layout::FerrySharded,
+        Layout::KubeProxyNftables,
+    ];
     if installed("iptables-nft-restore") {
         layouts.push(Layout::KubeProxyIptables);
     } else {
