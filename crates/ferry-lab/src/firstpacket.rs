@@ -536,58 +536,28 @@ impl Topology {
             ports: Mutex::new(HashMap::new()),
         };
         let (c, n, e) = (t.client.as_str(), t.node.as_str(), t.ep.as_str());
-        let (client_ip, node_ip) = (format!("{CLIENT_IP}/24"), format!("{NODE_IP}/24"));
-        let (node_ep_ip, ep_ip) = (format!("{NODE_EP_IP}/24"), format!("{EP_IP}/24"));
-        let (node_gw, ep_gw) = (NODE_IP.to_string(), NODE_EP_IP.to_string());
-        let to_ep = EP_IP.to_string();
-        let cmds: Vec<Vec<&str>> = vec![
-            vec![
-                "-n",
-                c,
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "to-client",
-                "netns",
-                n,
-            ],
-            vec![
-                "-n", e, "link", "add", "eth0", "type", "veth", "peer", "name", "to-ep", "netns", n,
-            ],
-            vec!["-n", c, "addr", "add", &client_ip, "dev", "eth0"],
-            vec!["-n", n, "addr", "add", &node_ip, "dev", "to-client"],
-            vec!["-n", n, "addr", "add", &node_ep_ip, "dev", "to-ep"],
-            vec!["-n", e, "addr", "add", &ep_ip, "dev", "eth0"],
-            vec!["-n", c, "link", "set", "lo", "up"],
-            vec!["-n", n, "link", "set", "lo", "up"],
-            vec!["-n", e, "link", "set", "lo", "up"],
-            vec!["-n", c, "link", "set", "eth0", "up"],
-            vec!["-n", n, "link", "set", "to-client", "up"],
-            vec!["-n", n, "link", "set", "to-ep", "up"],
-            vec!["-n", e, "link", "set", "eth0", "up"],
-            vec!["-n", c, "route", "add", "default", "via", &node_gw],
-            vec!["-n", n, "route", "add", CLUSTER_CIDR, "via", &to_ep],
-            vec!["-n", e, "route", "add", "default", "via", &ep_gw],
+        let lines = [
+            format!("-n {c} link add eth0 type veth peer name to-client netns {n}"),
+            format!("-n {e} link add eth0 type veth peer name to-ep netns {n}"),
+            format!("-n {c} addr add {CLIENT_IP}/24 dev eth0"),
+            format!("-n {n} addr add {NODE_IP}/24 dev to-client"),
+            format!("-n {n} addr add {NODE_EP_IP}/24 dev to-ep"),
+            format!("-n {e} addr add {EP_IP}/24 dev eth0"),
+            format!("-n {c} link set lo up"),
+            format!("-n {n} link set lo up"),
+            format!("-n {e} link set lo up"),
+            format!("-n {c} link set eth0 up"),
+            format!("-n {n} link set to-client up"),
+            format!("-n {n} link set to-ep up"),
+            format!("-n {e} link set eth0 up"),
+            format!("-n {c} route add default via {NODE_IP}"),
+            format!("-n {n} route add {CLUSTER_CIDR} via {EP_IP}"),
+            format!("-n {e} route add default via {NODE_EP_IP}"),
             // Every endpoint address is this namespace's own.
-            vec![
-                "-n",
-                e,
-                "route",
-                "add",
-                "local",
-                CLUSTER_CIDR,
-                "dev",
-                "lo",
-                "table",
-                "local",
-            ],
+            format!("-n {e} route add local {CLUSTER_CIDR} dev lo table local"),
         ];
-        for c in &cmds {
-            sys::ip(c)?;
+        for l in &lines {
+            sys::ip(&l.split_whitespace().collect::<Vec<_>>())?;
         }
         sys::set_sysctls(n, &[("net.ipv4.ip_forward", "1")])?;
         Ok(t)
