@@ -107,6 +107,10 @@ pub enum LabCommand {
     /// down -> first successful request) in a fresh 3-node lab, for ferry or keepalived. Uses
     /// prefix `fo` unless --prefix names another (never the default lab `ferry`).
     BenchFailover(crate::failover::FailoverArgs),
+    /// Benchmark: first-packet (TCP connect) latency to the 1st ... 10,000th service for
+    /// ferry's layouts and kube-proxy's iptables layout, in namespaces `PREFIX-fp-*` (see
+    /// bench/first-packet.sh).
+    BenchFirstPacket(crate::firstpacket::FirstPacketArgs),
     /// (internal) The lab API server (`up --api` starts it).
     #[command(hide = true)]
     ServeApi {
@@ -216,10 +220,14 @@ pub fn run_lab(args: LabArgs) -> Result<i32> {
     if let LabCommand::BenchFailover(opts) = &args.command {
         return crate::failover::run(&args.prefix, opts);
     }
+    if let LabCommand::BenchFirstPacket(opts) = &args.command {
+        return crate::firstpacket::run(&args.prefix, opts);
+    }
     let ctx = Ctx::new(&args.prefix, None, None)?;
     match args.command {
         LabCommand::ServePod { .. }
         | LabCommand::BenchFailover(_)
+        | LabCommand::BenchFirstPacket(_)
         | LabCommand::ServeApi { .. }
         | LabCommand::ServeRuntime { .. } => Ok(0),
         LabCommand::Up {

@@ -23,6 +23,7 @@ pub mod client;
 pub mod cluster;
 pub mod demo;
 pub mod failover;
+pub mod firstpacket;
 pub mod get;
 pub mod manifests;
 pub mod ops;
