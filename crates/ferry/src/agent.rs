@@ -1682,3 +1682,7 @@ mod tests {
         assert!(e.contains("too large"), "{e}");
     }
 }
+
+#[cfg(test)]
+#[path = "agent_pass_bench.rs"]
+mod pass_bench;
