@@ -190,7 +190,11 @@ fn agent_pass_at_scale() {
         put("4 after: stale UDP, changes, health checks", ms(t));
         assert!(stale.is_empty() && checks.is_empty());
         assert_eq!(counted.0, 1, "one service changed");
-        assert_eq!(p.touched.chains.len(), 1, "{:?}", p.touched);
+        let mine = format!("bench/svc-{victim}/");
+        let only_mine = |t: &ferry_plan::plan::Touched| {
+            !t.chains.is_empty() && t.chains.iter().all(|c| c.contains(&mine))
+        };
+        assert!(only_mine(&p.touched), "{:?}", p.touched);
         served = p.services;
 
         // compute's two big parts alone, and what replaces them.
@@ -204,7 +208,7 @@ fn agent_pass_at_scale() {
             "3b of compute: Planner::update (every service hashed)",
             ms(t),
         );
-        assert_eq!(touched.chains.len(), 1);
+        assert!(only_mine(&touched), "{touched:?}");
         let t = Instant::now();
         let ch = resolver.update(&copy.services, &allocations, &copy.slices);
         put("5a instead of 3a: Resolver::update", ms(t));
@@ -215,7 +219,7 @@ fn agent_pass_at_scale() {
             .update_changed(&cfg, resolver.changed(&ch), &ch.removed)
             .expect("the same configuration");
         put("5b instead of 3b: Planner::update_changed", ms(t));
-        assert_eq!(touched.chains.len(), 1);
+        assert!(only_mine(&touched), "{touched:?}");
         assert_eq!(delta_planner.ruleset(), alone.ruleset());
         let t = Instant::now();
         let all: Vec<&ferry_model::view::ResolvedService> = resolver.services().collect();
