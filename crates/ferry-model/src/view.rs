@@ -332,7 +332,7 @@ pub fn resolve_target_port(
 /// services resolved are the ones [`resolve`] of the same inputs gives.
 #[derive(Debug, Default)]
 pub struct Resolver {
-    known: std::collections::HashMap<ObjectRef, Known>,
+    known: fnv::FnvHashMap<ObjectRef, Known>,
     /// Passes so far (marks the services seen in the current one).
     pass: u64,
 }
@@ -419,8 +419,9 @@ impl Resolver {
     ) -> ResolvedChanges {
         self.pass += 1;
         let pass = self.pass;
-        let mut by_service: std::collections::HashMap<(&str, &str), Vec<&EndpointSlice>> =
-            std::collections::HashMap::new();
+        let mut by_service: fnv::FnvHashMap<(&str, &str), Vec<&EndpointSlice>> =
+            fnv::FnvHashMap::default();
+        by_service.reserve(slices.len());
         for s in slices {
             by_service
                 .entry((s.meta.namespace.as_str(), s.service_name.as_str()))
