@@ -353,6 +353,10 @@ pub struct ResolvedChanges {
     pub changed: Vec<ObjectRef>,
     /// Services that resolved before and resolve to nothing now (gone, headless, rejected).
     pub removed: Vec<ObjectRef>,
+    /// What the changed and removed services resolved to before (those that resolved to
+    /// something): with [`Resolver::changed`], all that comparing this pass with the one
+    /// before needs (UDP endpoints gone, counts of changes), without the unchanged services.
+    pub previous: Vec<ResolvedService>,
     /// How many services had to be resolved again (their inputs changed, or have no
     /// fingerprint): the pass's cost beyond fingerprinting.
     pub resolved_again: usize,
@@ -490,22 +494,26 @@ impl Resolver {
             let Some(k) = self.known.get_mut(&id) else {
                 continue; // inserted above
             };
-            match (&k.resolved, &now) {
-                (Some(b), Some(n)) if b == n => {}
-                (None, None) => {}
-                (Some(_), None) => changes.removed.push(id),
-                _ => changes.changed.push(id),
-            }
             k.inputs = fp;
-            k.resolved = now;
+            let same = k.resolved == now;
+            let before = std::mem::replace(&mut k.resolved, now);
+            if same {
+                continue;
+            }
+            match &k.resolved {
+                None => changes.removed.push(id),
+                Some(_) => changes.changed.push(id),
+            }
+            changes.previous.extend(before);
         }
         // Services not given this pass are gone.
         self.known.retain(|id, k| {
             if k.pass == pass {
                 return true;
             }
-            if k.resolved.is_some() {
+            if let Some(before) = k.resolved.take() {
                 changes.removed.push(id.clone());
+                changes.previous.push(before);
             }
             false
         });
@@ -902,6 +910,16 @@ mod tests {
                     prop_assert_eq!(ch.changed.len(), ch.changed.iter().collect::<BTreeSet<_>>().len());
                     prop_assert_eq!(ch.removed.iter().cloned().collect::<BTreeSet<_>>(), removed);
                     prop_assert_eq!(r.changed(&ch).count(), ch.changed.len());
+                    let previous: BTreeMap<ObjectRef, ResolvedService> = before
+                        .iter()
+                        .filter(|(id, s)| now.get(*id) != Some(*s))
+                        .map(|(id, s)| (id.clone(), s.clone()))
+                        .collect();
+                    prop_assert_eq!(ch.previous.len(), previous.len());
+                    prop_assert_eq!(
+                        ch.previous.iter().map(|s| (s.id.clone(), s.clone())).collect::<BTreeMap<_, _>>(),
+                        previous
+                    );
                     before = now;
                 }
             }

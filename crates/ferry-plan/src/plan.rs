@@ -1017,6 +1017,16 @@ impl ShardedPlanner {
     /// Brings every table up to date (`cfg.shards` > 1); returns what changed in each, in
     /// the order of [`ShardedPlanner::tables`].
     pub fn update(&mut self, cfg: &PlanConfig, services: &[ResolvedService]) -> Vec<Touched> {
+        self.update_refs(cfg, services)
+    }
+
+    /// [`ShardedPlanner::update`] of services held elsewhere (a map's values).
+    pub fn update_refs<'s>(
+        &mut self,
+        cfg: &PlanConfig,
+        services: impl IntoIterator<Item = &'s ResolvedService>,
+    ) -> Vec<Touched> {
+        let services: Vec<&ResolvedService> = services.into_iter().collect();
         let mut common_touched = Touched::default();
         if self.cfg.as_ref() != Some(cfg) {
             self.configure(cfg);
@@ -1026,7 +1036,7 @@ impl ShardedPlanner {
         // The common table.
         let mut seen = std::collections::HashSet::with_capacity(services.len());
         let mut changed: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)> = Vec::new();
-        for svc in services {
+        for &svc in &services {
             if !seen.insert(&svc.id) {
                 continue;
             }
@@ -1054,7 +1064,7 @@ impl ShardedPlanner {
         // The shards: each planner sees only its services.
         let scfg = shard_config(cfg);
         let mut mine: Vec<Vec<&ResolvedService>> = vec![Vec::new(); usize::from(n)];
-        for svc in services {
+        for &svc in &services {
             let k = usize::from(shard_of(&svc.id, n));
             if dirty[k] {
                 mine[k].push(svc);

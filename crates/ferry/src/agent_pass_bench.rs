@@ -222,6 +222,16 @@ fn agent_pass_at_scale() {
         assert!(only_mine(&touched), "{touched:?}");
         assert_eq!(delta_planner.ruleset(), alone.ruleset());
         let t = Instant::now();
+        let now: Vec<ferry_model::view::ResolvedService> = resolver.changed(&ch).cloned().collect();
+        let stale = ferry_plan::plan::stale_udp_endpoints(&ch.previous, &now);
+        let counted = changes_between(&ch.previous, &now);
+        put(
+            "5e instead of 4 (but health checks): stale UDP, changes from what changed",
+            ms(t),
+        );
+        assert!(stale.is_empty());
+        assert_eq!(counted.0, 1, "one service changed");
+        let t = Instant::now();
         let all: Vec<&ferry_model::view::ResolvedService> = resolver.services().collect();
         put("5c every resolved service listed (borrowed)", ms(t));
         let t = Instant::now();
