@@ -53,46 +53,65 @@ fn ip(n: u32) -> IpAddr {
 }
 
 fn services(n: usize, eps: usize, generation: u32) -> Vec<ResolvedService> {
-    (0..n)
-        .map(|i| {
-            let i32_ = i as u32;
-            ResolvedService {
-                id: ObjectRef::new("bench", format!("svc-{i}")),
-                type_: if i % 2 == 0 {
-                    ServiceType::ClusterIP
-                } else {
-                    ServiceType::NodePort
-                },
-                // 10.43.x.y cluster IPs, 10.42.x.y endpoints (10.42/16 holds 65,536).
-                cluster_ip: Some(ip(0x0a2b_0000 + i32_ + 1)),
-                secondary_cluster_ip: None,
-                external_ips: vec![],
-                load_balancer_ips: vec![],
-                external_traffic_policy: TrafficPolicy::Cluster,
-                affinity_timeout: None,
-                load_balancer_source_ranges: vec![],
-                health_check_node_port: None,
-                internal_traffic_policy: TrafficPolicy::Cluster,
-                ports: vec![ResolvedPort {
-                    name: String::new(),
-                    protocol: Protocol::Tcp,
-                    port: 80,
-                    node_port: (i % 2 == 1).then_some(30000 + (i / 2 % 2768) as u16),
-                    endpoints: (0..eps)
-                        .map(|e| ResolvedEndpoint {
-                            addr: ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1),
-                            port: 8080 + (generation * (e == 0) as u32) as u16,
-                            node: Some(format!("node-{}", e % 3)),
-                            ready: true,
-                            serving: true,
-                            terminating: false,
-                            zone_hints: None,
-                        })
-                        .collect(),
-                }],
-            }
-        })
-        .collect()
+    (0..n).map(|i| service(i, eps, generation)).collect()
+}
+
+/// Service `i` of the benchmark: ClusterIP or NodePort in turn, `eps` endpoints.
+fn service(i: usize, eps: usize, generation: u32) -> ResolvedService {
+    let i32_ = i as u32;
+    ResolvedService {
+        id: ObjectRef::new("bench", format!("svc-{i}")),
+        type_: if i.is_multiple_of(2) {
+            ServiceType::ClusterIP
+        } else {
+            ServiceType::NodePort
+        },
+        // 10.43.x.y cluster IPs, 10.42.x.y endpoints (10.42/16 holds 65,536).
+        cluster_ip: Some(ip(0x0a2b_0000 + i32_ + 1)),
+        secondary_cluster_ip: None,
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        external_traffic_policy: TrafficPolicy::Cluster,
+        affinity_timeout: None,
+        load_balancer_source_ranges: vec![],
+        health_check_node_port: None,
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        ports: vec![ResolvedPort {
+            name: String::new(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: (i % 2 == 1).then_some(30000 + (i / 2 % 2768) as u16),
+            endpoints: (0..eps)
+                .map(|e| ResolvedEndpoint {
+                    addr: ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1),
+                    port: 8080 + (generation * (e == 0) as u32) as u16,
+                    node: Some(format!("node-{}", e % 3)),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    zone_hints: None,
+                })
+                .collect(),
+        }],
+    }
+}
+
+/// Flips the port of the first endpoint of service `victim`: one endpoint change.
+fn change_endpoint(current: &mut [ResolvedService], victim: usize) {
+    let ep = &mut current[victim].ports[0].endpoints[0];
+    ep.port = if ep.port == 8080 { 8081 } else { 8080 };
+}
+
+/// Medians of (plan, apply) times in ms, printed as "what: total (plan, apply)".
+fn report(what: &str, plan: &mut [f64], apply: &mut [f64]) {
+    let mut total: Vec<f64> = plan.iter().zip(apply.iter()).map(|(p, a)| p + a).collect();
+    println!(
+        "{what} (plan + apply), median of {}: {:.1} ms (plan {:.2} ms, apply {:.1} ms)",
+        total.len(),
+        median(&mut total),
+        median(plan),
+        median(apply)
+    );
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -218,7 +237,8 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         median(&mut cold_apply)
     );
 
-    // One endpoint change at a time, with everything else present.
+    // One endpoint change at a time, with everything else present: the planner is told the
+    // changed service only (Planner::update_changed).
     let mut dp = Dataplane::new(nft());
     if args.text_loads {
         dp = dp.text_only();
@@ -226,35 +246,47 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     let mut planner = ferry_plan::plan::Planner::default();
     let (rs, _) = planner.update(&cfg, &base);
     dp.apply(rs)?;
-    let mut change_total = Vec::new();
-    let mut change_plan = Vec::new();
     let mut current = base.clone();
+    let (mut change_plan, mut change_apply) = (Vec::new(), Vec::new());
     for k in 0..args.changes.max(1) {
         let victim = (k * 7919) % current.len();
-        let ep = &mut current[victim].ports[0].endpoints[0];
-        ep.port = if ep.port == 8080 { 8081 } else { 8080 };
+        change_endpoint(&mut current, victim);
         let t0 = Instant::now();
-        let (rs, touched) = planner.update(&cfg, &current);
+        let touched = planner.update_changed(&cfg, [&current[victim]], [])?;
         let t1 = Instant::now();
-        let ch = dp.apply_touched(rs, &touched)?;
+        let ch = dp.apply_touched(planner.ruleset(), &touched)?;
         let t2 = Instant::now();
         if ch.chains_changed != 1 {
             bail!("expected one changed chain, got {ch}");
         }
         change_plan.push((t1 - t0).as_secs_f64() * 1e3);
-        change_total.push((t2 - t0).as_secs_f64() * 1e3);
+        change_apply.push((t2 - t1).as_secs_f64() * 1e3);
     }
-    let mut change_apply: Vec<f64> = change_total
-        .iter()
-        .zip(&change_plan)
-        .map(|(t, p)| t - p)
-        .collect();
+    report("one endpoint change", &mut change_plan, &mut change_apply);
+    // One service added at a time.
+    let (mut add_plan, mut add_apply) = (Vec::new(), Vec::new());
+    for k in 0..args.changes.max(1) {
+        current.push(service(args.services + k, args.endpoints_per_service, 0));
+        let t0 = Instant::now();
+        let touched = planner.update_changed(&cfg, current.last(), [])?;
+        let t1 = Instant::now();
+        let ch = dp.apply_touched(planner.ruleset(), &touched)?;
+        let t2 = Instant::now();
+        if ch.chains_added == 0 {
+            bail!("expected a new chain, got {ch}");
+        }
+        add_plan.push((t1 - t0).as_secs_f64() * 1e3);
+        add_apply.push((t2 - t1).as_secs_f64() * 1e3);
+    }
+    report("one service added", &mut add_plan, &mut add_apply);
+    // What a full pass (every service given, as on a resync) costs the planner.
+    change_endpoint(&mut current, 0);
+    let t0 = Instant::now();
+    let _ = planner.update(&cfg, &current);
     println!(
-        "one endpoint change (plan + apply), median of {}: {:.1} ms (plan {:.1} ms, apply {:.1} ms)",
-        change_total.len(),
-        median(&mut change_total),
-        median(&mut change_plan),
-        median(&mut change_apply)
+        "a full planner pass finding one endpoint change among {} services: {:.1} ms",
+        current.len(),
+        t0.elapsed().as_secs_f64() * 1e3
     );
     ferry_nft::cleanup(&mut nft())?;
 
@@ -351,8 +383,9 @@ fn run_sharded(args: &BenchArgs, cfg: &PlanConfig, base: &[ResolvedService]) -> 
     );
     drop(tables);
 
-    // One endpoint change at a time, through the incremental sharded planner (every service
-    // hashed for the common table, the changed one re-planned in its shard).
+    // One endpoint change at a time, through the sharded planner told the changed service
+    // only (ShardedPlanner::update_changed): its shard (and the common table, when its
+    // addresses change) planned and written.
     cleanup_shards(n)?;
     let mut planner = ShardedPlanner::default();
     planner.update(&cfg, base);
@@ -364,40 +397,60 @@ fn run_sharded(args: &BenchArgs, cfg: &PlanConfig, base: &[ResolvedService]) -> 
     for (dp, t) in dps.iter_mut().zip(planner.tables()) {
         dp.apply(t)?;
     }
-    let mut current = base.to_vec();
-    let mut change_total = Vec::new();
-    let mut change_plan = Vec::new();
-    for k in 0..args.changes.max(1) {
-        let victim = (k * 7919) % current.len();
-        let ep = &mut current[victim].ports[0].endpoints[0];
-        ep.port = if ep.port == 8080 { 8081 } else { 8080 };
-        let t0 = Instant::now();
-        let touched = planner.update(&cfg, &current);
-        let t1 = Instant::now();
-        let mut chains = 0;
-        for ((dp, rs), t) in dps.iter_mut().zip(planner.tables()).zip(&touched) {
+    let apply = |dps: &mut [Dataplane],
+                 planner: &ShardedPlanner,
+                 touched: &[ferry_plan::plan::Touched]|
+     -> Result<(usize, usize)> {
+        // (chains changed, chains added)
+        let mut chains = (0, 0);
+        for ((dp, rs), t) in dps.iter_mut().zip(planner.tables()).zip(touched) {
             if t.full || !t.chains.is_empty() || !t.elements.is_empty() {
-                chains += dp.apply_touched(rs, t)?.chains_changed;
+                let ch = dp.apply_touched(rs, t)?;
+                chains.0 += ch.chains_changed;
+                chains.1 += ch.chains_added;
             }
         }
+        Ok(chains)
+    };
+    let mut current = base.to_vec();
+    let (mut change_plan, mut change_apply) = (Vec::new(), Vec::new());
+    for k in 0..args.changes.max(1) {
+        let victim = (k * 7919) % current.len();
+        change_endpoint(&mut current, victim);
+        let t0 = Instant::now();
+        let touched = planner.update_changed(&cfg, [&current[victim]], [])?;
+        let t1 = Instant::now();
+        let (chains, _) = apply(&mut dps, &planner, &touched)?;
         let t2 = Instant::now();
         if chains != 1 {
             bail!("expected one changed chain, got {chains}");
         }
         change_plan.push((t1 - t0).as_secs_f64() * 1e3);
-        change_total.push((t2 - t0).as_secs_f64() * 1e3);
+        change_apply.push((t2 - t1).as_secs_f64() * 1e3);
     }
-    let mut change_apply: Vec<f64> = change_total
-        .iter()
-        .zip(&change_plan)
-        .map(|(t, p)| t - p)
-        .collect();
+    report("one endpoint change", &mut change_plan, &mut change_apply);
+    let (mut add_plan, mut add_apply) = (Vec::new(), Vec::new());
+    for k in 0..args.changes.max(1) {
+        current.push(service(args.services + k, args.endpoints_per_service, 0));
+        let t0 = Instant::now();
+        let touched = planner.update_changed(&cfg, current.last(), [])?;
+        let t1 = Instant::now();
+        let (_, chains) = apply(&mut dps, &planner, &touched)?;
+        let t2 = Instant::now();
+        if chains == 0 {
+            bail!("expected a new chain, got none");
+        }
+        add_plan.push((t1 - t0).as_secs_f64() * 1e3);
+        add_apply.push((t2 - t1).as_secs_f64() * 1e3);
+    }
+    report("one service added", &mut add_plan, &mut add_apply);
+    change_endpoint(&mut current, 0);
+    let t0 = Instant::now();
+    let _ = planner.update(&cfg, &current);
     println!(
-        "one endpoint change (plan + apply), median of {}: {:.1} ms (plan {:.1} ms, apply {:.1} ms)",
-        change_total.len(),
-        median(&mut change_total),
-        median(&mut change_plan),
-        median(&mut change_apply)
+        "a full planner pass finding one endpoint change among {} services: {:.1} ms",
+        current.len(),
+        t0.elapsed().as_secs_f64() * 1e3
     );
     cleanup_shards(n)?;
     Ok(0)

@@ -320,6 +320,231 @@ pub fn resolve_target_port(
     }
 }
 
+/// [`resolve`] pass after pass, telling which services resolve differently from the previous
+/// pass: what a planner that takes only what changed needs
+/// (`ferry_plan::plan::Planner::update_changed`).
+///
+/// Each service's inputs (the fields of its Service that [`resolve`] reads, its allocation,
+/// and the names and resourceVersions of its EndpointSlices) are fingerprinted; only services
+/// whose fingerprint moved are resolved again. EndpointSlices are not read beyond their
+/// resourceVersion, which the API server changes on every write: a service with a slice
+/// without one (a manifest directory) is resolved again on every pass, then compared. The
+/// services resolved are the ones [`resolve`] of the same inputs gives.
+#[derive(Debug, Default)]
+pub struct Resolver {
+    known: fnv::FnvHashMap<ObjectRef, Known>,
+    /// Passes so far (marks the services seen in the current one).
+    pass: u64,
+}
+
+#[derive(Debug)]
+struct Known {
+    /// The fingerprint of the inputs (None: none could be taken).
+    inputs: Option<u64>,
+    resolved: Option<ResolvedService>,
+    /// The last pass that had this service.
+    pass: u64,
+}
+
+/// What a [`Resolver::update`] found changed since the pass before.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvedChanges {
+    /// Services that resolve differently (new ones included), in the order of the input.
+    pub changed: Vec<ObjectRef>,
+    /// Services that resolved before and resolve to nothing now (gone, headless, rejected).
+    pub removed: Vec<ObjectRef>,
+    /// What the changed and removed services resolved to before (those that resolved to
+    /// something): with [`Resolver::changed`], all that comparing this pass with the one
+    /// before needs (UDP endpoints gone, counts of changes), without the unchanged services.
+    pub previous: Vec<ResolvedService>,
+    /// How many services had to be resolved again (their inputs changed, or have no
+    /// fingerprint): the pass's cost beyond fingerprinting.
+    pub resolved_again: usize,
+}
+
+impl ResolvedChanges {
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// A fingerprint of what [`resolve`] reads of one service (None: a slice has no
+/// resourceVersion, so its content would have to be read).
+fn inputs_fingerprint(
+    svc: &Service,
+    alloc: Option<&Allocation>,
+    slices: &[&EndpointSlice],
+) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = fnv::FnvHasher::default();
+    svc.meta.namespace.hash(&mut h);
+    svc.meta.name.hash(&mut h);
+    svc.type_.hash(&mut h);
+    for p in &svc.ports {
+        (&p.name, p.protocol, p.port).hash(&mut h);
+    }
+    svc.external_ips.hash(&mut h);
+    svc.load_balancer_ingress.hash(&mut h);
+    (svc.external_traffic_policy == TrafficPolicy::Local).hash(&mut h);
+    (svc.internal_traffic_policy == TrafficPolicy::Local).hash(&mut h);
+    svc.session_affinity.hash(&mut h);
+    svc.load_balancer_source_ranges.hash(&mut h);
+    match alloc {
+        Some(a) => {
+            1u8.hash(&mut h);
+            a.cluster_ip.hash(&mut h);
+            a.secondary_cluster_ip.hash(&mut h);
+            a.node_ports.hash(&mut h);
+            a.health_check_node_port.hash(&mut h);
+        }
+        None => 0u8.hash(&mut h),
+    }
+    // The slices in any order: each one's name and version hashed on its own, then summed.
+    let mut all: u64 = 0;
+    for sl in slices {
+        let mut hs = fnv::FnvHasher::default();
+        sl.meta.name.hash(&mut hs);
+        sl.meta.resource_version.as_ref()?.hash(&mut hs);
+        all = all.wrapping_add(hs.finish());
+    }
+    (slices.len(), all).hash(&mut h);
+    Some(h.finish())
+}
+
+impl Resolver {
+    /// Resolves `services` as [`resolve`] does, again only where their inputs changed, and
+    /// returns which services resolve differently from the previous pass. Of a service given
+    /// twice, the first counts.
+    pub fn update(
+        &mut self,
+        services: &[Service],
+        allocations: &BTreeMap<ObjectRef, Allocation>,
+        slices: &[EndpointSlice],
+    ) -> ResolvedChanges {
+        self.pass += 1;
+        let pass = self.pass;
+        let mut by_service: fnv::FnvHashMap<(&str, &str), Vec<&EndpointSlice>> =
+            fnv::FnvHashMap::default();
+        by_service.reserve(slices.len());
+        for s in slices {
+            by_service
+                .entry((s.meta.namespace.as_str(), s.service_name.as_str()))
+                .or_default()
+                .push(s);
+        }
+        // The services whose inputs moved: (index in `services`, fingerprint).
+        let mut stale: Vec<(usize, Option<u64>)> = Vec::new();
+        for (i, svc) in services.iter().enumerate() {
+            let id_key = (svc.meta.namespace.as_str(), svc.meta.name.as_str());
+            let mine = by_service.get(&id_key).map(Vec::as_slice).unwrap_or(&[]);
+            let id = svc.meta.object_ref();
+            let fp = inputs_fingerprint(svc, allocations.get(&id), mine);
+            match self.known.get_mut(&id) {
+                Some(k) if k.pass == pass => {} // given twice: the first counts
+                Some(k) => {
+                    k.pass = pass;
+                    if fp.is_none() || k.inputs != fp {
+                        stale.push((i, fp));
+                    }
+                }
+                None => {
+                    self.known.insert(
+                        id,
+                        Known {
+                            inputs: None,
+                            resolved: None,
+                            pass,
+                        },
+                    );
+                    stale.push((i, fp));
+                }
+            }
+        }
+        let mut changes = ResolvedChanges {
+            resolved_again: stale.len(),
+            ..ResolvedChanges::default()
+        };
+        // Many stale (the first pass): resolve everything at once.
+        let mut bulk: Option<std::collections::HashMap<ObjectRef, ResolvedService>> =
+            (stale.len() > services.len() / 4).then(|| {
+                let mut m = std::collections::HashMap::new();
+                for r in resolve(services, allocations, slices) {
+                    m.entry(r.id.clone()).or_insert(r);
+                }
+                m
+            });
+        for (i, fp) in stale {
+            let svc = &services[i];
+            let id = svc.meta.object_ref();
+            let now = match &mut bulk {
+                Some(m) => m.remove(&id),
+                None => {
+                    let id_key = (svc.meta.namespace.as_str(), svc.meta.name.as_str());
+                    let mine: Vec<EndpointSlice> = by_service
+                        .get(&id_key)
+                        .map(|v| v.iter().map(|s| (*s).clone()).collect())
+                        .unwrap_or_default();
+                    let alloc: BTreeMap<ObjectRef, Allocation> = allocations
+                        .get(&id)
+                        .map(|a| BTreeMap::from([(id.clone(), a.clone())]))
+                        .unwrap_or_default();
+                    resolve(std::slice::from_ref(svc), &alloc, &mine).pop()
+                }
+            };
+            let Some(k) = self.known.get_mut(&id) else {
+                continue; // inserted above
+            };
+            k.inputs = fp;
+            let same = k.resolved == now;
+            let before = std::mem::replace(&mut k.resolved, now);
+            if same {
+                continue;
+            }
+            match &k.resolved {
+                None => changes.removed.push(id),
+                Some(_) => changes.changed.push(id),
+            }
+            changes.previous.extend(before);
+        }
+        // Services not given this pass are gone.
+        self.known.retain(|id, k| {
+            if k.pass == pass {
+                return true;
+            }
+            if let Some(before) = k.resolved.take() {
+                changes.removed.push(id.clone());
+                changes.previous.push(before);
+            }
+            false
+        });
+        changes
+    }
+
+    /// The resolved state of service `id` as of the last update (None: it resolves to no
+    /// rules).
+    pub fn get(&self, id: &ObjectRef) -> Option<&ResolvedService> {
+        self.known.get(id).and_then(|k| k.resolved.as_ref())
+    }
+
+    /// The services `changes` says changed, as resolved now (what a planner of changes takes).
+    pub fn changed<'a>(
+        &'a self,
+        changes: &'a ResolvedChanges,
+    ) -> impl Iterator<Item = &'a ResolvedService> + 'a {
+        changes.changed.iter().filter_map(|id| self.get(id))
+    }
+
+    /// Every service that resolves to rules, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &ResolvedService> {
+        self.known.values().filter_map(|k| k.resolved.as_ref())
+    }
+
+    /// Forgets every fingerprint: the next update resolves every service again (a resync).
+    pub fn reset(&mut self) {
+        self.known.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,5 +676,281 @@ mod tests {
         let partly: Vec<&ResolvedEndpoint> = partly.iter().collect();
         assert_eq!(addrs(topology_endpoints(partly, Some("a"))), [1, 2]);
         assert!(topology_endpoints(Vec::new(), Some("a")).is_empty());
+    }
+
+    mod resolver {
+        use super::super::*;
+        use crate::objects::*;
+        use proptest::prelude::*;
+
+        /// The little world the passes change: 5 services, their slices and allocations.
+        #[derive(Debug, Clone)]
+        struct World {
+            services: Vec<Service>,
+            slices: Vec<EndpointSlice>,
+            allocations: BTreeMap<ObjectRef, Allocation>,
+            version: u64,
+        }
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Slice j of the list: one endpoint's address and readiness set (a new version
+            /// unless the slice has none).
+            Endpoint(usize, u8, bool),
+            /// A new slice for service k (versioned or not).
+            AddSlice(usize, bool),
+            DropSlice(usize),
+            /// Service k gone, or back.
+            ToggleService(usize),
+            /// Service k's allocation: another node port, or none.
+            Allocation(usize, Option<u16>),
+            /// Service k's port number.
+            Port(usize, u16),
+            /// Service k given twice (a changed copy after it).
+            Twice(usize),
+            /// Nothing changes.
+            Nothing,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0usize..8, any::<u8>(), any::<bool>()).prop_map(|(j, a, r)| Op::Endpoint(j, a, r)),
+                1 => (0usize..5, any::<bool>()).prop_map(|(k, v)| Op::AddSlice(k, v)),
+                1 => (0usize..8).prop_map(Op::DropSlice),
+                1 => (0usize..5).prop_map(Op::ToggleService),
+                1 => (0usize..5, proptest::option::of(30000u16..30004)).prop_map(|(k, p)| Op::Allocation(k, p)),
+                1 => (0usize..5, 80u16..83).prop_map(|(k, p)| Op::Port(k, p)),
+                1 => (0usize..5).prop_map(Op::Twice),
+                1 => Just(Op::Nothing),
+            ]
+        }
+
+        fn name(k: usize) -> String {
+            format!("svc-{k}")
+        }
+
+        fn service(k: usize, port: u16) -> Service {
+            Service {
+                meta: Meta {
+                    name: name(k),
+                    namespace: "default".into(),
+                    ..Meta::default()
+                },
+                type_: ServiceType::NodePort,
+                ports: vec![ServicePort {
+                    name: String::new(),
+                    protocol: Protocol::Tcp,
+                    port,
+                    target_port: TargetPort::Number(8080),
+                    node_port: None,
+                }],
+                ..Service::default()
+            }
+        }
+
+        fn slice(k: usize, n: u64, version: Option<u64>) -> EndpointSlice {
+            EndpointSlice {
+                meta: Meta {
+                    name: format!("{}-{n}", name(k)),
+                    namespace: "default".into(),
+                    resource_version: version.map(|v| v.to_string()),
+                    ..Meta::default()
+                },
+                service_name: name(k),
+                address_type: AddressType::IPv4,
+                endpoints: vec![Endpoint {
+                    addresses: vec![IpAddr::from([10, 42, k as u8, n as u8])],
+                    conditions: EndpointConditions {
+                        ready: true,
+                        serving: true,
+                        terminating: false,
+                    },
+                    node_name: None,
+                    hostname: None,
+                    target_name: None,
+                    zone_hints: None,
+                }],
+                ports: vec![EndpointPort {
+                    name: String::new(),
+                    protocol: Protocol::Tcp,
+                    port: 8080,
+                }],
+            }
+        }
+
+        fn world() -> World {
+            let mut w = World {
+                services: (0..5).map(|k| service(k, 80)).collect(),
+                slices: Vec::new(),
+                allocations: BTreeMap::new(),
+                version: 100,
+            };
+            for k in 0..5 {
+                w.slices.push(slice(k, 1, Some(k as u64)));
+                // Service 4 has no allocation: it resolves to nothing until it gets one.
+                if k < 4 {
+                    w.allocations.insert(
+                        ObjectRef::new("default", name(k)),
+                        Allocation {
+                            cluster_ip: Some(IpAddr::from([10, 43, 0, k as u8 + 1])),
+                            secondary_cluster_ip: None,
+                            node_ports: vec![Some(30000 + k as u16)],
+                            health_check_node_port: None,
+                        },
+                    );
+                }
+            }
+            w
+        }
+
+        fn apply(w: &mut World, op: &Op) {
+            w.version += 1;
+            let v = w.version;
+            match op {
+                Op::Endpoint(j, a, ready) => {
+                    let n = w.slices.len();
+                    if n == 0 {
+                        return;
+                    }
+                    let sl = &mut w.slices[j % n];
+                    sl.endpoints[0].addresses = vec![IpAddr::from([10, 42, 9, *a % 4])];
+                    sl.endpoints[0].conditions.ready = *ready;
+                    if sl.meta.resource_version.is_some() {
+                        sl.meta.resource_version = Some(v.to_string());
+                    }
+                }
+                Op::AddSlice(k, versioned) => {
+                    w.slices.push(slice(*k, v, versioned.then_some(v)));
+                }
+                Op::DropSlice(j) => {
+                    let n = w.slices.len();
+                    if n > 0 {
+                        w.slices.remove(j % n);
+                    }
+                }
+                Op::ToggleService(k) => {
+                    let before = w.services.len();
+                    w.services.retain(|s| s.meta.name != name(*k));
+                    if w.services.len() == before {
+                        w.services.push(service(*k, 80));
+                    }
+                }
+                Op::Allocation(k, port) => {
+                    let id = ObjectRef::new("default", name(*k));
+                    match port {
+                        Some(p) => {
+                            w.allocations.insert(
+                                id,
+                                Allocation {
+                                    cluster_ip: Some(IpAddr::from([10, 43, 0, *k as u8 + 1])),
+                                    secondary_cluster_ip: None,
+                                    node_ports: vec![Some(*p)],
+                                    health_check_node_port: None,
+                                },
+                            );
+                        }
+                        None => {
+                            w.allocations.remove(&id);
+                        }
+                    }
+                }
+                Op::Port(k, p) => {
+                    for s in w.services.iter_mut().filter(|s| s.meta.name == name(*k)) {
+                        s.ports[0].port = *p;
+                    }
+                }
+                Op::Twice(k) => {
+                    if let Some(s) = w.services.iter().find(|s| s.meta.name == name(*k)) {
+                        let mut copy = s.clone();
+                        copy.ports[0].port = 9999;
+                        w.services.push(copy);
+                    }
+                }
+                Op::Nothing => {}
+            }
+        }
+
+        /// What `resolve` gives, the first of a name counting.
+        fn expected(w: &World) -> BTreeMap<ObjectRef, ResolvedService> {
+            let mut m = BTreeMap::new();
+            for r in resolve(&w.services, &w.allocations, &w.slices) {
+                m.entry(r.id.clone()).or_insert(r);
+            }
+            m
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Pass after pass, the resolver holds what `resolve` gives, and says exactly
+            /// which services resolve differently than at the pass before.
+            #[test]
+            fn the_resolver_follows_resolve(ops in proptest::collection::vec(op(), 1..24)) {
+                let mut w = world();
+                let mut r = Resolver::default();
+                let mut before: BTreeMap<ObjectRef, ResolvedService> = BTreeMap::new();
+                for op in std::iter::once(&Op::Nothing).chain(&ops) {
+                    apply(&mut w, op);
+                    let ch = r.update(&w.services, &w.allocations, &w.slices);
+                    let now = expected(&w);
+                    let mine: BTreeMap<ObjectRef, ResolvedService> =
+                        r.services().map(|s| (s.id.clone(), s.clone())).collect();
+                    prop_assert_eq!(&mine, &now);
+                    let changed: BTreeSet<ObjectRef> = now
+                        .iter()
+                        .filter(|(id, s)| before.get(*id) != Some(*s))
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    let removed: BTreeSet<ObjectRef> = before
+                        .keys()
+                        .filter(|id| !now.contains_key(*id))
+                        .cloned()
+                        .collect();
+                    prop_assert_eq!(ch.changed.iter().cloned().collect::<BTreeSet<_>>(), changed);
+                    prop_assert_eq!(ch.changed.len(), ch.changed.iter().collect::<BTreeSet<_>>().len());
+                    prop_assert_eq!(ch.removed.iter().cloned().collect::<BTreeSet<_>>(), removed);
+                    prop_assert_eq!(r.changed(&ch).count(), ch.changed.len());
+                    let previous: BTreeMap<ObjectRef, ResolvedService> = before
+                        .iter()
+                        .filter(|(id, s)| now.get(*id) != Some(*s))
+                        .map(|(id, s)| (id.clone(), s.clone()))
+                        .collect();
+                    prop_assert_eq!(ch.previous.len(), previous.len());
+                    prop_assert_eq!(
+                        ch.previous.iter().map(|s| (s.id.clone(), s.clone())).collect::<BTreeMap<_, _>>(),
+                        previous
+                    );
+                    before = now;
+                }
+            }
+        }
+
+        #[test]
+        fn unchanged_versioned_inputs_are_not_resolved_again() {
+            let mut w = world();
+            let mut r = Resolver::default();
+            let ch = r.update(&w.services, &w.allocations, &w.slices);
+            assert_eq!(ch.changed.len(), 4);
+            assert_eq!(ch.resolved_again, 5);
+            let ch = r.update(&w.services, &w.allocations, &w.slices);
+            assert!(ch.is_empty());
+            assert_eq!(ch.resolved_again, 0);
+            // One slice written: its service only.
+            apply(&mut w, &Op::Endpoint(2, 7, true));
+            let ch = r.update(&w.services, &w.allocations, &w.slices);
+            assert_eq!(ch.changed, vec![ObjectRef::new("default", "svc-2")]);
+            assert_eq!(ch.resolved_again, 1);
+            // A slice without a version: its service is resolved every pass (and found
+            // unchanged when it is).
+            w.slices[0].meta.resource_version = None;
+            let ch = r.update(&w.services, &w.allocations, &w.slices);
+            assert_eq!(ch.resolved_again, 1);
+            assert!(ch.is_empty());
+            let ch = r.update(&w.services, &w.allocations, &w.slices);
+            assert_eq!(ch.resolved_again, 1);
+            r.reset();
+            let ch = r.update(&w.services, &w.allocations, &w.slices);
+            assert_eq!(ch.changed.len(), 4);
+        }
     }
 }

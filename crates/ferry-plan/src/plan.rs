@@ -1001,26 +1001,42 @@ impl ShardedPlanner {
             .collect()
     }
 
+    /// Starts over with `cfg`: every table its skeleton, no service.
+    fn configure(&mut self, cfg: &PlanConfig) {
+        let n = cfg.shards.max(2);
+        self.cfg = Some(cfg.clone());
+        self.shards = (0..n)
+            .map(|k| Planner::for_table(&shard_table(k)))
+            .collect();
+        self.common = skeleton(cfg);
+        self.common.table = Some(TABLE.into());
+        self.common_cache.clear();
+        self.common_owners.clear();
+    }
+
     /// Brings every table up to date (`cfg.shards` > 1); returns what changed in each, in
     /// the order of [`ShardedPlanner::tables`].
     pub fn update(&mut self, cfg: &PlanConfig, services: &[ResolvedService]) -> Vec<Touched> {
-        let n = cfg.shards.max(2);
+        self.update_refs(cfg, services)
+    }
+
+    /// [`ShardedPlanner::update`] of services held elsewhere (a map's values).
+    pub fn update_refs<'s>(
+        &mut self,
+        cfg: &PlanConfig,
+        services: impl IntoIterator<Item = &'s ResolvedService>,
+    ) -> Vec<Touched> {
+        let services: Vec<&ResolvedService> = services.into_iter().collect();
         let mut common_touched = Touched::default();
         if self.cfg.as_ref() != Some(cfg) {
-            self.cfg = Some(cfg.clone());
-            self.shards = (0..n)
-                .map(|k| Planner::for_table(&shard_table(k)))
-                .collect();
-            self.common = skeleton(cfg);
-            self.common.table = Some(TABLE.into());
-            self.common_cache.clear();
-            self.common_owners.clear();
+            self.configure(cfg);
             common_touched.full = true;
         }
+        let n = self.shards.len() as u16;
         // The common table.
         let mut seen = std::collections::HashSet::with_capacity(services.len());
         let mut changed: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)> = Vec::new();
-        for svc in services {
+        for &svc in &services {
             if !seen.insert(&svc.id) {
                 continue;
             }
@@ -1044,6 +1060,98 @@ impl ShardedPlanner {
         for (id, _) in &changed {
             dirty[usize::from(shard_of(id, n))] = true;
         }
+        self.common_change(cfg, changed, &mut common_touched);
+        // The shards: each planner sees only its services.
+        let scfg = shard_config(cfg);
+        let mut mine: Vec<Vec<&ResolvedService>> = vec![Vec::new(); usize::from(n)];
+        for &svc in &services {
+            let k = usize::from(shard_of(&svc.id, n));
+            if dirty[k] {
+                mine[k].push(svc);
+            }
+        }
+        let mut out = vec![common_touched];
+        for ((p, svcs), dirty) in self.shards.iter_mut().zip(mine).zip(dirty) {
+            out.push(if dirty {
+                p.update_refs(&scfg, svcs).1
+            } else {
+                Touched::default()
+            });
+        }
+        out
+    }
+
+    /// [`Planner::update_changed`] for the sharded layout: `changed` services are added or
+    /// replace the ones of their names (the first of a name counts), then `removed` are taken
+    /// out; only the common table and the shards of those services are touched, at the cost
+    /// of planning the changed services. The tables are the ones [`ShardedPlanner::update`] of
+    /// the resulting services would give; returns what changed in each, in the order of
+    /// [`ShardedPlanner::tables`]. A configuration other than the last update's is refused.
+    pub fn update_changed<'a, 'b>(
+        &mut self,
+        cfg: &PlanConfig,
+        changed: impl IntoIterator<Item = &'a ResolvedService>,
+        removed: impl IntoIterator<Item = &'b ferry_model::ObjectRef>,
+    ) -> Result<Vec<Touched>, NeedsFullUpdate> {
+        let mut common_touched = Touched::default();
+        match &self.cfg {
+            Some(c) if c == cfg => {}
+            Some(_) => return Err(NeedsFullUpdate),
+            None => {
+                self.configure(cfg);
+                common_touched.full = true;
+            }
+        }
+        let n = self.shards.len() as u16;
+        let removed: std::collections::HashSet<&ferry_model::ObjectRef> =
+            removed.into_iter().collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut work: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)> = Vec::new();
+        // Per shard: its changed services and its removed ones (only shards with some are
+        // planned).
+        let mut per_shard: Vec<(Vec<&ResolvedService>, Vec<&ferry_model::ObjectRef>)> =
+            vec![(Vec::new(), Vec::new()); usize::from(n)];
+        for svc in changed {
+            if removed.contains(&svc.id) || !seen.insert(&svc.id) {
+                continue;
+            }
+            per_shard[usize::from(shard_of(&svc.id, n))].0.push(svc);
+            let hash = service_hash(svc);
+            if self
+                .common_cache
+                .get(&svc.id)
+                .is_none_or(|(h, _)| *h != hash)
+            {
+                work.push((svc.id.clone(), Some(svc)));
+            }
+        }
+        for id in removed {
+            if self.common_cache.contains_key(id) {
+                per_shard[usize::from(shard_of(id, n))].1.push(id);
+                work.push((id.clone(), None));
+            }
+        }
+        self.common_change(cfg, work, &mut common_touched);
+        let scfg = shard_config(cfg);
+        let fresh = common_touched.full;
+        let mut out = vec![common_touched];
+        for (p, (svcs, gone)) in self.shards.iter_mut().zip(per_shard) {
+            out.push(if fresh || !svcs.is_empty() || !gone.is_empty() {
+                p.update_changed(&scfg, svcs, gone)?
+            } else {
+                Touched::default()
+            });
+        }
+        Ok(out)
+    }
+
+    /// Applies the changed (Some) and gone (None) services to the common table.
+    fn common_change(
+        &mut self,
+        cfg: &PlanConfig,
+        changed: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)>,
+        common_touched: &mut Touched,
+    ) {
         for (id, svc) in changed {
             let mut keys: Vec<(Key, Key)> = Vec::new();
             if let Some((_, old)) = self.common_cache.remove(&id) {
@@ -1088,24 +1196,6 @@ impl ShardedPlanner {
                 common_touched.element(&set, &key);
             }
         }
-        // The shards: each planner sees only its services.
-        let scfg = shard_config(cfg);
-        let mut mine: Vec<Vec<&ResolvedService>> = vec![Vec::new(); usize::from(n)];
-        for svc in services {
-            let k = usize::from(shard_of(&svc.id, n));
-            if dirty[k] {
-                mine[k].push(svc);
-            }
-        }
-        let mut out = vec![common_touched];
-        for ((p, svcs), dirty) in self.shards.iter_mut().zip(mine).zip(dirty) {
-            out.push(if dirty {
-                p.update_refs(&scfg, svcs).1
-            } else {
-                Touched::default()
-            });
-        }
-        out
     }
 }
 
@@ -1158,10 +1248,26 @@ impl Touched {
     }
 }
 
+/// A change that [`Planner::update_changed`] (or [`ShardedPlanner::update_changed`]) cannot
+/// apply: the configuration is not the one the table was planned with, so every service must be
+/// planned again with a full update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeedsFullUpdate;
+
+impl std::fmt::Display for NeedsFullUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the plan configuration changed: every service must be planned again")
+    }
+}
+
+impl std::error::Error for NeedsFullUpdate {}
+
 /// Plans incrementally and keeps the table it planned: a service whose resolved state is
 /// unchanged costs a hash; a changed one is replanned and swapped in, and the caller is told
 /// exactly which chains and elements it touched. The result is the same as [`plan`]'s whatever
 /// the history (an element several services ask for goes to the smallest namespace/name).
+/// [`Planner::update`] takes every service (a resync, a configuration change);
+/// [`Planner::update_changed`] only what changed, at the cost of what changed.
 #[derive(Debug, Default)]
 pub struct Planner {
     cfg: Option<PlanConfig>,
@@ -1244,12 +1350,7 @@ impl Planner {
         let services = services.into_iter();
         let mut touched = Touched::default();
         if self.cfg.as_ref() != Some(cfg) {
-            self.cfg = Some(cfg.clone());
-            self.rs = skeleton(cfg);
-            self.rs.table = self.table.clone();
-            self.cache.clear();
-            self.owners.clear();
-            self.hairpins.clear();
+            self.configure(cfg);
             touched.full = true;
         }
         let mut seen = std::collections::HashSet::with_capacity(services.size_hint().0);
@@ -1257,16 +1358,7 @@ impl Planner {
             if !seen.insert(svc.id.clone()) {
                 continue; // the same service twice: the first one counts
             }
-            let hash = service_hash(svc);
-            if self.cache.get(&svc.id).is_some_and(|(h, _)| *h == hash) {
-                continue;
-            }
-            if let Some((_, old)) = self.cache.remove(&svc.id) {
-                self.remove(&svc.id, &old, &mut touched);
-            }
-            let fr = plan_service(cfg, svc);
-            self.cache.insert(svc.id.clone(), (hash, fr));
-            self.add(&svc.id, &mut touched);
+            self.put(cfg, svc, &mut touched);
         }
         let gone: Vec<ferry_model::ObjectRef> = self
             .cache
@@ -1275,11 +1367,78 @@ impl Planner {
             .cloned()
             .collect();
         for id in gone {
-            if let Some((_, old)) = self.cache.remove(&id) {
-                self.remove(&id, &old, &mut touched);
-            }
+            self.forget(&id, &mut touched);
         }
         (&self.rs, touched)
+    }
+
+    /// Brings the planned table up to date from what changed since the last update: the
+    /// services in `changed` are added or replace the ones of their names (of one name twice,
+    /// the first counts), then the services named in `removed` are taken out (a name in both
+    /// is removed). Costs what the changed services cost to plan, whatever the number of
+    /// services planned before; the table is the one [`Planner::update`] of the services
+    /// that result would give. Returns what changed.
+    ///
+    /// A first update may be a change (from no services). A configuration different from the
+    /// last update's needs every service planned again: refused with [`NeedsFullUpdate`]
+    /// (nothing changed; call [`Planner::update`] with every service).
+    pub fn update_changed<'a, 'b>(
+        &mut self,
+        cfg: &PlanConfig,
+        changed: impl IntoIterator<Item = &'a ResolvedService>,
+        removed: impl IntoIterator<Item = &'b ferry_model::ObjectRef>,
+    ) -> Result<Touched, NeedsFullUpdate> {
+        let mut touched = Touched::default();
+        match &self.cfg {
+            Some(c) if c == cfg => {}
+            Some(_) => return Err(NeedsFullUpdate),
+            None => {
+                self.configure(cfg);
+                touched.full = true;
+            }
+        }
+        let removed: std::collections::HashSet<&ferry_model::ObjectRef> =
+            removed.into_iter().collect();
+        let mut seen = std::collections::HashSet::new();
+        for svc in changed {
+            if removed.contains(&svc.id) || !seen.insert(&svc.id) {
+                continue;
+            }
+            self.put(cfg, svc, &mut touched);
+        }
+        for id in removed {
+            self.forget(id, &mut touched);
+        }
+        Ok(touched)
+    }
+
+    /// Starts over with `cfg`: the skeleton and no service.
+    fn configure(&mut self, cfg: &PlanConfig) {
+        self.cfg = Some(cfg.clone());
+        self.rs = skeleton(cfg);
+        self.rs.table = self.table.clone();
+        self.cache.clear();
+        self.owners.clear();
+        self.hairpins.clear();
+    }
+
+    /// Plans `svc` into the table unless it is planned already as it is.
+    fn put(&mut self, cfg: &PlanConfig, svc: &ResolvedService, touched: &mut Touched) {
+        let hash = service_hash(svc);
+        if self.cache.get(&svc.id).is_some_and(|(h, _)| *h == hash) {
+            return;
+        }
+        self.forget(&svc.id, touched);
+        let fr = plan_service(cfg, svc);
+        self.cache.insert(svc.id.clone(), (hash, fr));
+        self.add(&svc.id, touched);
+    }
+
+    /// Takes the service `id` (if planned) out of the table.
+    fn forget(&mut self, id: &ferry_model::ObjectRef, touched: &mut Touched) {
+        if let Some((_, old)) = self.cache.remove(id) {
+            self.remove(id, &old, touched);
+        }
     }
 
     /// Adds the fragment cached for `id` to the table.

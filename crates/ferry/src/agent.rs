@@ -1895,3 +1895,7 @@ mod tests {
         assert!(with(&["--nft-shards", "-1"]).is_err());
     }
 }
+
+#[cfg(test)]
+#[path = "agent_pass_bench.rs"]
+mod pass_bench;
