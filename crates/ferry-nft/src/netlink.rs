@@ -835,8 +835,40 @@ pub fn read_live_table(table: &str) -> Result<LiveState, NftError> {
 /// Sends a batch built by [`crate::encode`] as one transaction; Ok once the kernel committed
 /// it, else the kernel's error with the message it refused.
 pub fn send_batch(batch: &[u8]) -> Result<(), NftError> {
+    let netns = netns_id();
+    let cached = BATCH_SOCKET.with(|c| c.borrow_mut().take());
+    let mut s = match cached {
+        Some((ns, s)) if netns.is_some() && ns == netns => s,
+        _ => Socket::open()?,
+    };
+    let result = send_on(&mut s, batch);
+    // Kept for the next batch only after a clean exchange (nothing left unread).
+    if result.is_ok() {
+        BATCH_SOCKET.with(|c| *c.borrow_mut() = Some((netns, s)));
+    }
+    result
+}
+
+thread_local! {
+    /// This thread's batch socket, kept open between batches with the network namespace it was
+    /// opened in (a thread that moves to another namespace gets a new one). Closing an
+    /// nf_tables socket after a batch that deleted rules waits for the kernel's deferred
+    /// cleanup: 18-59 ms measured at 64 shard tables, against ~0.5 ms for the batch itself.
+    static BATCH_SOCKET: std::cell::RefCell<Option<(Option<(u64, u64)>, Socket)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The calling thread's network namespace (device and inode of its nsfs file), if readable.
+fn netns_id() -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// [`send_batch`] on an open socket.
+fn send_on(s: &mut Socket, batch: &[u8]) -> Result<(), NftError> {
     use std::os::fd::AsRawFd;
-    let mut s = Socket::open()?;
     // The whole batch is one datagram: the send buffer must hold it (SO_SNDBUFFORCE needs
     // CAP_NET_ADMIN, which writing nftables needs anyway).
     let size = libc::c_int::try_from(batch.len() + 65536).unwrap_or(libc::c_int::MAX);
