@@ -74,7 +74,7 @@ fn services(n: usize, eps: usize, generation: u32) -> Vec<ResolvedService> {
                         .map(|e| ResolvedEndpoint {
                             addr: ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1),
                             port: 8080 + (generation * (e == 0) as u32) as u16,
-                            node: Some(format!("node-{}", e % 3)),
+                            node: Some(format!("node-{}", e % 3).into()),
                             ready: true,
                             serving: true,
                             terminating: false,
