@@ -223,7 +223,7 @@ if [ -n "$heaptrack" ]; then
   wait "$hpid" 2>/dev/null || true
   hpid=""
   pid=""
-  out=$(ls -t "$heaptrack".zst "$heaptrack".gz 2>/dev/null | head -1)
+  out=$(ls -t "$heaptrack".zst "$heaptrack".gz 2>/dev/null | head -1 || true)
   echo "heaptrack: $out"
   heaptrack_print -f "$out" -l 1 -n 25 -s 0 -a 0 -T 0 2>/dev/null | sed -n '/MEMORY LEAKS/,$p' | head -60
 fi

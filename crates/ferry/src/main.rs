@@ -83,10 +83,12 @@ unsafe impl std::alloc::GlobalAlloc for Allocator {
 
 /// jemalloc's options, read at its start (`_rjem_` is the crate's symbol prefix): dirty and
 /// muzzy pages go back to the system after 1 s, so an idle agent holds what it uses, not its
-/// peak.
+/// peak; one arena and no per-thread caches (the agent allocates mostly on one thread at a
+/// time: these only held freed blocks out of reach, ~2.5 MiB at 10,000 services, with no
+/// measurable cost to a sync).
 #[used]
 #[export_name = "_rjem_malloc_conf"]
-static MALLOC_CONF: &[u8; 37] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+static MALLOC_CONF: &[u8; 60] = b"dirty_decay_ms:1000,muzzy_decay_ms:0,narenas:1,tcache:false\0";
 
 mod agent;
 mod agent_core;
