@@ -13,8 +13,11 @@
 # Goal (issue 6): under 0.5% of one core, RSS under 20 MiB.
 # Also reported: the peak RSS (VmHWM: the first sync's high-water mark, with everything read).
 # Needs root. Usage: bench/idle.sh [--services N] [--endpoints E] [--seconds S] [--settle S]
-# [--exe PATH]
+# [--exe PATH] [--heaptrack FILE]
 # (without --exe: builds and measures target/release/ferry).
+# --heaptrack FILE: runs the agent under heaptrack (FILE.zst), ends it with SIGKILL after the
+# measurement and prints what it held then (heaptrack_print's "leaked"); the agent uses the C
+# library's malloc then (FERRY_MALLOC=system: heaptrack sees only malloc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +26,7 @@ endpoints=3
 seconds=60
 settle=3
 exe=""
+heaptrack=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --services) services="$2"; shift 2 ;;
@@ -30,7 +34,8 @@ while [ $# -gt 0 ]; do
     --seconds) seconds="$2"; shift 2 ;;
     --settle) settle="$2"; shift 2 ;;
     --exe) exe="$2"; shift 2 ;;
-    *) echo "bench/idle.sh: unknown argument $1 (--services N, --endpoints E, --seconds S, --settle S, --exe PATH)" >&2; exit 2 ;;
+    --heaptrack) heaptrack="$2"; shift 2 ;;
+    *) echo "bench/idle.sh: unknown argument $1 (--services N, --endpoints E, --seconds S, --settle S, --exe PATH, --heaptrack FILE)" >&2; exit 2 ;;
   esac
 done
 for v in "$services" "$endpoints" "$seconds" "$settle"; do
@@ -56,6 +61,7 @@ exe=$(realpath "$exe")
 ns="ferry-idle-$$"
 dir=$(mktemp -d /tmp/ferry-idle.XXXXXX)
 pid=""
+hpid=""
 cleanup() {
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null || true
@@ -66,6 +72,7 @@ cleanup() {
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   fi
+  if [ -n "$hpid" ]; then wait "$hpid" 2>/dev/null || true; fi
   ip netns del "$ns" 2>/dev/null || true
   if [ -n "${KEEP_LOG:-}" ]; then cp "$dir/agent.log" "$KEEP_LOG" 2>/dev/null || true; fi
   rm -rf "$dir"
@@ -130,8 +137,26 @@ ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
 
 # The agent (`ip netns exec` execs it: $! is the agent's PID).
 log="$dir/agent.log"
-ip netns exec "$ns" "$exe" agent --manifests "$m" --node n1 --state-dir "$dir/state" >"$log" 2>&1 &
-pid=$!
+if [ -n "$heaptrack" ]; then
+  # heaptrack's script runs the agent as its child: the agent's PID is that child's.
+  FERRY_MALLOC=system ip netns exec "$ns" heaptrack -o "$heaptrack" "$exe" agent --manifests "$m" --node n1 \
+    --state-dir "$dir/state" >"$log" 2>&1 &
+  hpid=$!
+  for _ in $(seq 100); do
+    pid=$(awk -v p="$hpid" '$4 == p { print $1 }' /proc/[0-9]*/stat 2>/dev/null |
+      while read -r c; do [ "$(readlink "/proc/$c/exe" 2>/dev/null)" = "$exe" ] && echo "$c"; done | head -1)
+    [ -n "$pid" ] && break
+    sleep 0.1
+  done
+  if [ -z "$pid" ]; then
+    echo "the agent did not start under heaptrack; its log:" >&2
+    cat "$log" >&2
+    exit 1
+  fi
+else
+  ip netns exec "$ns" "$exe" agent --manifests "$m" --node n1 --state-dir "$dir/state" >"$log" 2>&1 &
+  pid=$!
+fi
 echo "agent: pid $pid in namespace $ns, $services services ($(find "$m" -type f | wc -l) files in $m)"
 
 started=$EPOCHREALTIME
@@ -190,4 +215,15 @@ if [ "$problems" -gt 0 ]; then
 fi
 echo "agent's log: $(grep -c 'announcing ' "$log" || true) addresses announced, $(grep -c 'membership: ' "$log" || true) membership lines, $(wc -l <"$log") lines"
 hwm_kib=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status")
+# RSS = the heap and stacks (anonymous) + the mapped binary and libraries (file).
+echo "RSS now: $(awk '/^RssAnon:/ { a = $2 } /^RssFile:/ { f = $2 } END { printf "%.1f MiB anonymous, %.1f MiB file-backed", a / 1024, f / 1024 }' "/proc/$pid/status")"
 echo "idle CPU: ${cpu}% of one core over ${seconds} s, RSS: $(mib "$median_kib") MiB (median of samples), peak RSS: $(mib "$hwm_kib") MiB ($services services x $endpoints endpoints)"
+if [ -n "$heaptrack" ]; then
+  kill -KILL "$pid"
+  wait "$hpid" 2>/dev/null || true
+  hpid=""
+  pid=""
+  out=$(ls -t "$heaptrack".zst "$heaptrack".gz 2>/dev/null | head -1 || true)
+  echo "heaptrack: $out"
+  heaptrack_print -f "$out" -l 1 -n 25 -s 0 -a 0 -T 0 2>/dev/null | sed -n '/MEMORY LEAKS/,$p' | head -60
+fi

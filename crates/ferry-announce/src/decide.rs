@@ -43,7 +43,7 @@ impl LbAddress {
                 .flat_map(|s| s.ports.iter())
                 .flat_map(|p| p.endpoints.iter())
                 .filter(|e| e.ready)
-                .filter_map(|e| e.node.clone())
+                .filter_map(|e| e.node.as_deref().map(str::to_string))
                 .collect()
         });
         LbAddress { ips, local_nodes }

@@ -52,7 +52,9 @@ fn ip(n: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(n))
 }
 
-fn services(n: usize, eps: usize, generation: u32) -> Vec<ResolvedService> {
+/// The benchmark's `n` services of `eps` endpoints each (`generation` moves the first
+/// endpoint's port).
+pub fn services(n: usize, eps: usize, generation: u32) -> Vec<ResolvedService> {
     (0..n).map(|i| service(i, eps, generation)).collect()
 }
 
@@ -85,7 +87,7 @@ fn service(i: usize, eps: usize, generation: u32) -> ResolvedService {
                 .map(|e| ResolvedEndpoint {
                     addr: ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1),
                     port: 8080 + (generation * (e == 0) as u32) as u16,
-                    node: Some(format!("node-{}", e % 3)),
+                    node: Some(format!("node-{}", e % 3).into()),
                     ready: true,
                     serving: true,
                     terminating: false,

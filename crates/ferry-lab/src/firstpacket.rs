@@ -51,8 +51,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
-use ferry_model::view::{ResolvedEndpoint, ResolvedPort, ResolvedService};
-use ferry_model::{ObjectRef, Protocol, ServiceType, TrafficPolicy};
+use ferry_model::view::ResolvedService;
+use ferry_model::Protocol;
 use ferry_nft::{Dataplane, Nft};
 use ferry_plan::plan::DEFAULT_MASQUERADE_MARK;
 use ferry_plan::PlanConfig;
@@ -125,49 +125,10 @@ pub struct FirstPacketArgs {
     pub shards: u16,
 }
 
-fn ip(n: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(n))
-}
-
-/// `ferry bench`'s services (crates/ferry-lab/src/bench.rs, same addresses, ports and types):
+/// `ferry bench`'s services (crates/ferry-lab/src/bench.rs):
 /// service #k (1-based) is `bench/svc-{k-1}` on 10.43.0.0 + k, port 80/TCP.
 pub fn services(n: usize, eps: usize) -> Vec<ResolvedService> {
-    (0..n)
-        .map(|i| ResolvedService {
-            id: ObjectRef::new("bench", format!("svc-{i}")),
-            type_: if i % 2 == 0 {
-                ServiceType::ClusterIP
-            } else {
-                ServiceType::NodePort
-            },
-            cluster_ip: Some(ip(0x0a2b_0000 + i as u32 + 1)),
-            secondary_cluster_ip: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            external_traffic_policy: TrafficPolicy::Cluster,
-            affinity_timeout: None,
-            load_balancer_source_ranges: vec![],
-            health_check_node_port: None,
-            internal_traffic_policy: TrafficPolicy::Cluster,
-            ports: vec![ResolvedPort {
-                name: String::new(),
-                protocol: Protocol::Tcp,
-                port: SERVICE_PORT,
-                node_port: (i % 2 == 1).then_some(30000 + (i / 2 % 2768) as u16),
-                endpoints: (0..eps)
-                    .map(|e| ResolvedEndpoint {
-                        addr: ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1),
-                        port: ENDPOINT_PORT,
-                        node: Some(format!("node-{}", e % 3)),
-                        ready: true,
-                        serving: true,
-                        terminating: false,
-                        zone_hints: None,
-                    })
-                    .collect(),
-            }],
-        })
-        .collect()
+    crate::bench::services(n, eps, 0)
 }
 
 /// The node's plan configuration (as `ferry bench`'s, with this topology's node address).

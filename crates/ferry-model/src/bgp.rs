@@ -2523,15 +2523,13 @@ address-pools:
             service_name: svc.into(),
             address_type: AddressType::IPv4,
             endpoints: vec![Endpoint {
-                addresses: vec![ip("10.42.0.5")],
+                addresses: vec![ip("10.42.0.5")].into(),
                 conditions: EndpointConditions {
                     ready,
                     serving: ready,
                     terminating: false,
                 },
                 node_name: Some(node.into()),
-                hostname: None,
-                target_name: None,
                 zone_hints: None,
             }],
             ports: vec![],

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::cidr::Cidr;
 
@@ -311,17 +312,39 @@ pub struct EndpointConditions {
     pub terminating: bool,
 }
 
+/// One endpoint of a slice, reduced to what routing reads (kept for every endpoint of the
+/// cluster: 100,000 of them at 10,000 services of 10 endpoints, so it is kept small: the usual
+/// single address inline, the node's name shared).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    pub addresses: Vec<IpAddr>,
+    /// Inline when there is one (as Kubernetes writes them: consumers use the first).
+    pub addresses: smallvec::SmallVec<[IpAddr; 1]>,
     pub conditions: EndpointConditions,
-    pub node_name: Option<String>,
-    pub hostname: Option<String>,
-    /// targetRef name (a pod), if any.
-    pub target_name: Option<String>,
+    /// Shared with every other endpoint of the slice on the same node (see [`Interner`]),
+    /// and with the resolved endpoints made from it.
+    pub node_name: Option<Arc<str>>,
     /// `hints.forZones[].name`: the zones whose nodes should send cluster traffic here
     /// (topology-aware routing, `trafficDistribution: PreferClose`); None without hints.
-    pub zone_hints: Option<Vec<String>>,
+    pub zone_hints: Option<Arc<[String]>>,
+}
+
+/// Hands out one shared copy of each distinct string (node names: a handful, each written on
+/// thousands of endpoints).
+#[derive(Debug, Default)]
+pub struct Interner {
+    seen: std::collections::HashSet<Arc<str>>,
+}
+
+impl Interner {
+    /// The shared copy of `s`.
+    pub fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.seen.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.seen.insert(a.clone());
+        a
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,6 +357,7 @@ pub struct EndpointPort {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointSlice {
+    /// Without labels (the one read, the Service's name, is `service_name`).
     pub meta: Meta,
     /// From the label kubernetes.io/service-name.
     pub service_name: String,
@@ -702,5 +726,36 @@ impl Object {
             Object::BfdProfile(o) => &o.meta,
             Object::Secret(o) => &o.meta,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_small_and_share_their_node_names() {
+        // 100,000 endpoints are kept (10,000 services of 10): each one's size counts.
+        assert!(
+            std::mem::size_of::<Endpoint>() <= 72,
+            "{}",
+            std::mem::size_of::<Endpoint>()
+        );
+        let mut i = Interner::default();
+        let (a, b, c) = (i.get("n1"), i.get("n1"), i.get("n2"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!((&*a, &*c), ("n1", "n2"));
+        // One address inline: no allocation of its own.
+        let e = Endpoint {
+            addresses: smallvec::smallvec![IpAddr::from([10, 42, 0, 1])],
+            conditions: EndpointConditions {
+                ready: true,
+                serving: true,
+                terminating: false,
+            },
+            node_name: Some(a),
+            zone_hints: None,
+        };
+        assert!(!e.addresses.spilled());
     }
 }

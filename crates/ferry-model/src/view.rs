@@ -16,12 +16,14 @@ use crate::objects::{
 pub struct ResolvedEndpoint {
     pub addr: IpAddr,
     pub port: u16,
-    pub node: Option<String>,
+    /// Shared with the slice's endpoint it comes from.
+    pub node: Option<std::sync::Arc<str>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
     /// The zones this endpoint is hinted for (None: no hints).
-    pub zone_hints: Option<Vec<String>>,
+    /// Shared with the slice's endpoint it comes from.
+    pub zone_hints: Option<std::sync::Arc<[String]>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +146,8 @@ pub fn resolve(
             .or_default()
             .push(s);
     }
-    let mut out = Vec::new();
+    // Kept until the next sync (10,000 services): sized once, no spare room.
+    let mut out = Vec::with_capacity(services.len());
     for svc in services {
         let id = svc.meta.object_ref();
         let Some(alloc) = allocations.get(&id) else {
@@ -251,6 +254,7 @@ pub fn resolve(
             health_check_node_port: alloc.health_check_node_port,
         });
     }
+    out.shrink_to_fit();
     out
 }
 
@@ -600,15 +604,13 @@ mod tests {
             service_name: "web".into(),
             address_type: t,
             endpoints: vec![Endpoint {
-                addresses: vec![ip(addr)],
+                addresses: vec![ip(addr)].into(),
                 conditions: EndpointConditions {
                     ready: true,
                     serving: true,
                     terminating: false,
                 },
                 node_name: None,
-                hostname: None,
-                target_name: None,
                 zone_hints: None,
             }],
             ports: vec![EndpointPort {
@@ -759,15 +761,13 @@ mod tests {
                 service_name: name(k),
                 address_type: AddressType::IPv4,
                 endpoints: vec![Endpoint {
-                    addresses: vec![IpAddr::from([10, 42, k as u8, n as u8])],
+                    addresses: [IpAddr::from([10, 42, k as u8, n as u8])].into(),
                     conditions: EndpointConditions {
                         ready: true,
                         serving: true,
                         terminating: false,
                     },
                     node_name: None,
-                    hostname: None,
-                    target_name: None,
                     zone_hints: None,
                 }],
                 ports: vec![EndpointPort {
@@ -813,7 +813,7 @@ mod tests {
                         return;
                     }
                     let sl = &mut w.slices[j % n];
-                    sl.endpoints[0].addresses = vec![IpAddr::from([10, 42, 9, *a % 4])];
+                    sl.endpoints[0].addresses = [IpAddr::from([10, 42, 9, *a % 4])].into();
                     sl.endpoints[0].conditions.ready = *ready;
                     if sl.meta.resource_version.is_some() {
                         sl.meta.resource_version = Some(v.to_string());

@@ -399,7 +399,7 @@ pub fn read_live_json_table(nft: &mut Nft, table: &str) -> Result<LiveState, Nft
                     // A key or verdict we can't read is dropped from the view: the differ then
                     // re-adds the planned element, and a stray one is left (reported at start).
                     if let Some(k) = k {
-                        elements.insert(k.into(), verdict);
+                        elements.insert(k.into(), LiveSet::element(verdict));
                     }
                 }
                 live.sets.insert(

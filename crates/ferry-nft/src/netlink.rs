@@ -758,7 +758,10 @@ impl Socket {
         for def in defs {
             let (raw, i) = self.elements(&def.name)?;
             intr |= i;
-            let elements = assemble(&def, raw);
+            let elements = assemble(&def, raw)
+                .into_iter()
+                .map(|(k, v)| (k, LiveSet::element(v)))
+                .collect();
             live.sets.insert(
                 def.name.clone(),
                 LiveSet {

@@ -481,7 +481,8 @@ fn netlink_and_json_readers_agree_on_foreign_additions() {
             assert_eq!(
                 live.sets["service-ips-v4"]
                     .elements
-                    .get("10.0.0.1 . 58 . 3"),
+                    .get("10.0.0.1 . 58 . 3")
+                    .map(|e| &e.verdict),
                 Some(&Some(ferry_plan::ir::Verdict::Drop))
             );
             dp.resync();

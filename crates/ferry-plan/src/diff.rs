@@ -17,12 +17,37 @@ pub struct LiveChain {
     pub rules: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LiveSet {
     /// As [`Set::signature`].
     pub signature: String,
-    /// Key text -> verdict (None for plain sets).
-    pub elements: BTreeMap<crate::ir::Key, Option<Verdict>>,
+    /// Key text -> the element (its verdict for maps; see [`LiveSet::element`]). After an
+    /// apply these are the planned table's keys and elements, shared (not copies).
+    pub elements: BTreeMap<crate::ir::Key, std::sync::Arc<Element>>,
+}
+
+/// Equal when the kernel would hold the same: the signature, and the same keys with the same
+/// verdicts (elements' comments are not read back).
+impl PartialEq for LiveSet {
+    fn eq(&self, o: &LiveSet) -> bool {
+        self.signature == o.signature
+            && self.elements.len() == o.elements.len()
+            && self
+                .elements
+                .iter()
+                .zip(&o.elements)
+                .all(|((ka, a), (kb, b))| ka == kb && a.verdict == b.verdict)
+    }
+}
+
+impl Eq for LiveSet {}
+
+impl LiveSet {
+    /// An element read back from the kernel: what the differ compares is its verdict (plain
+    /// sets' members share one bare element).
+    pub fn element(verdict: Option<Verdict>) -> std::sync::Arc<Element> {
+        Element::shared(verdict, String::new())
+    }
 }
 
 /// ferry's table as the kernel has it (read back at start-up, then tracked after each apply).
@@ -66,7 +91,7 @@ impl LiveState {
                                 .elements
                                 .iter()
                                 .filter(|_| !s.dynamic)
-                                .map(|(k, e)| (k.clone(), e.verdict.clone()))
+                                .map(|(k, e)| (k.clone(), e.clone()))
                                 .collect(),
                         },
                     )
@@ -104,7 +129,7 @@ impl LiveState {
             for k in keys {
                 match ds.elements.get(k) {
                     Some(e) => {
-                        ls.elements.insert(k.clone(), e.verdict.clone());
+                        ls.elements.insert(k.clone(), e.clone());
                     }
                     None => {
                         ls.elements.remove(k);
@@ -268,7 +293,7 @@ impl std::fmt::Display for Changes {
 
 /// Elements to delete (live, and gone or changed) and to add (planned, and new or changed).
 fn merge_elements<'a>(
-    live: &'a BTreeMap<crate::ir::Key, Option<Verdict>>,
+    live: &'a BTreeMap<crate::ir::Key, std::sync::Arc<Element>>,
     want: &'a BTreeMap<crate::ir::Key, std::sync::Arc<Element>>,
 ) -> (Vec<&'a str>, Vec<(&'a str, &'a Element)>) {
     use std::cmp::Ordering;
@@ -296,7 +321,7 @@ fn merge_elements<'a>(
                     w.next();
                 }
                 Ordering::Equal => {
-                    if *lv != we.verdict {
+                    if lv.verdict != we.verdict {
                         del.push(lk);
                         add.push((wk, we));
                     }

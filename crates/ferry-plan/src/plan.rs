@@ -1279,7 +1279,7 @@ pub struct Planner {
     /// Sorted, and almost always of one: a Vec costs a fraction of a BTreeSet's node.
     owners: std::collections::HashMap<(Key, Key), smallvec::SmallVec<[ferry_model::ObjectRef; 1]>>,
     /// Hairpin address -> how many services have it as an endpoint.
-    hairpins: std::collections::HashMap<IpAddr, usize>,
+    hairpins: std::collections::HashMap<IpAddr, u32>,
     /// The table planned (None: [`TABLE`]).
     table: Option<Key>,
 }

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use ferry_model::view::ResolvedService;
 use ferry_model::Protocol;
-use ferry_plan::diff::LiveState;
+use ferry_plan::diff::{LiveSet, LiveState};
 use ferry_plan::ir::Set;
 use ferry_plan::trace::{trace, trace_remembering, Fate, Outcome};
 use ferry_plan::{diff, plan, Ruleset};
@@ -161,8 +161,10 @@ fn the_differ_leaves_what_packets_wrote_and_swaps_whole_maps() {
     // The kernel's map holds what connections wrote: nothing to do about it.
     let mut live = LiveState::of(&rs);
     let m = live.sets.get_mut(&name).expect("planned");
-    m.elements.insert("192.168.2.100".into(), None);
-    m.elements.insert("10.42.1.250".into(), None);
+    m.elements
+        .insert("192.168.2.100".into(), LiveSet::element(None));
+    m.elements
+        .insert("10.42.1.250".into(), LiveSet::element(None));
     assert!(diff(&live, &rs).is_empty());
 
     // An endpoint goes: the old map (with whatever it held) is deleted, a new one created, and

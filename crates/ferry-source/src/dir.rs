@@ -124,25 +124,245 @@ pub fn read_dir(dir: &Path) -> std::io::Result<Snapshot> {
     Reader::new(dir).read()
 }
 
+/// Which of a [`Snapshot`]'s lists an object is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+    ConfigMap,
+    Namespace,
+    IpAddressPool,
+    L2Advertisement,
+    BgpPeer,
+    BgpAdvertisement,
+    Community,
+    BfdProfile,
+    Secret,
+}
+
+const KINDS: usize = 12;
+
+/// Where one object of a cached file is between reads.
+#[derive(Debug)]
+enum Held {
+    /// In the snapshot last handed out, in its kind's list (in path order): the snapshot holds
+    /// the only copy, and [`Reader::give_back`] returns it.
+    Lent(Kind),
+    /// A duplicate of an object read earlier in path order: not in the snapshot, so kept here
+    /// (it is the one read once the first goes away).
+    Aside(Box<Object>),
+}
+
+/// Inline for the usual one object a file holds.
+type Objects = smallvec::SmallVec<[Held; 1]>;
+
 struct CachedFile {
     mtime_ns: u128,
     size: u64,
-    parsed: crate::manifest::Parsed,
+    /// The file's objects, in order.
+    objects: Objects,
+    /// The file's errors and warnings (as [`crate::manifest::Parsed`]); None when it has none.
+    problems: Option<Box<(Vec<ManifestError>, Vec<ManifestError>)>>,
+}
+
+/// The objects of the snapshot given back, taken out kind by kind in path order.
+#[derive(Default)]
+struct Returned {
+    services: std::vec::IntoIter<Service>,
+    slices: std::vec::IntoIter<EndpointSlice>,
+    nodes: std::vec::IntoIter<Node>,
+    config_maps: std::vec::IntoIter<ConfigMap>,
+    namespaces: std::vec::IntoIter<Namespace>,
+    ip_pools: std::vec::IntoIter<IpAddressPool>,
+    l2_advertisements: std::vec::IntoIter<L2Advertisement>,
+    bgp_peers: std::vec::IntoIter<BgpPeerCr>,
+    bgp_advertisements: std::vec::IntoIter<BgpAdvertisementCr>,
+    communities: std::vec::IntoIter<CommunityCr>,
+    bfd_profiles: std::vec::IntoIter<BfdProfileCr>,
+    secrets: std::vec::IntoIter<Secret>,
+}
+
+impl Returned {
+    fn of(s: Snapshot) -> Returned {
+        Returned {
+            services: s.services.into_iter(),
+            slices: s.slices.into_iter(),
+            nodes: s.nodes.into_iter(),
+            config_maps: s.config_maps.into_iter(),
+            namespaces: s.namespaces.into_iter(),
+            ip_pools: s.ip_pools.into_iter(),
+            l2_advertisements: s.l2_advertisements.into_iter(),
+            bgp_peers: s.bgp_peers.into_iter(),
+            bgp_advertisements: s.bgp_advertisements.into_iter(),
+            communities: s.communities.into_iter(),
+            bfd_profiles: s.bfd_profiles.into_iter(),
+            secrets: s.secrets.into_iter(),
+        }
+    }
+
+    /// The next object of `kind` (None only if the snapshot given back was not the one lent).
+    fn next(&mut self, kind: Kind) -> Option<Object> {
+        Some(match kind {
+            Kind::Service => Object::Service(self.services.next()?),
+            Kind::EndpointSlice => Object::EndpointSlice(self.slices.next()?),
+            Kind::Node => Object::Node(self.nodes.next()?),
+            Kind::ConfigMap => Object::ConfigMap(self.config_maps.next()?),
+            Kind::Namespace => Object::Namespace(self.namespaces.next()?),
+            Kind::IpAddressPool => Object::IpAddressPool(self.ip_pools.next()?),
+            Kind::L2Advertisement => Object::L2Advertisement(self.l2_advertisements.next()?),
+            Kind::BgpPeer => Object::BgpPeer(Box::new(self.bgp_peers.next()?)),
+            Kind::BgpAdvertisement => Object::BgpAdvertisement(self.bgp_advertisements.next()?),
+            Kind::Community => Object::Community(self.communities.next()?),
+            Kind::BfdProfile => Object::BfdProfile(self.bfd_profiles.next()?),
+            Kind::Secret => Object::Secret(self.secrets.next()?),
+        })
+    }
+
+    /// A file's objects, in order (its lent ones taken back).
+    fn take(&mut self, objects: Objects) -> Vec<Object> {
+        objects
+            .into_iter()
+            .filter_map(|h| match h {
+                Held::Lent(k) => self.next(k),
+                Held::Aside(o) => Some(*o),
+            })
+            .collect()
+    }
+}
+
+/// How many objects of each kind a snapshot holds.
+fn counts(s: &Snapshot) -> [usize; KINDS] {
+    [
+        s.services.len(),
+        s.slices.len(),
+        s.nodes.len(),
+        s.config_maps.len(),
+        s.namespaces.len(),
+        s.ip_pools.len(),
+        s.l2_advertisements.len(),
+        s.bgp_peers.len(),
+        s.bgp_advertisements.len(),
+        s.communities.len(),
+        s.bfd_profiles.len(),
+        s.secrets.len(),
+    ]
+}
+
+/// Puts `obj` into the snapshot (its kind's list), or aside when an object of the same kind
+/// and name came earlier in path order (with a warning naming that file).
+fn place(
+    obj: Object,
+    shown: &str,
+    mt_ms: u64,
+    seen: &mut std::collections::HashMap<(&'static str, ObjectRef), std::rc::Rc<str>>,
+    here: &std::rc::Rc<str>,
+    snap: &mut Snapshot,
+) -> Held {
+    let key = (obj.kind(), obj.meta().object_ref());
+    if let Some(first) = seen.get(&key) {
+        snap.warnings.push(ManifestError {
+            at: crate::manifest::Location {
+                file: shown.to_string(),
+                doc_index: 0,
+                object: Some(format!("{} {}", key.0, key.1)),
+                field: String::new(),
+            },
+            message: format!("duplicate of the one in {first}: ignored"),
+        });
+        return Held::Aside(Box::new(obj));
+    }
+    let kind = match obj {
+        Object::Service(s) => {
+            snap.service_mtime_ms.insert(key.1.clone(), mt_ms);
+            snap.services.push(s);
+            Kind::Service
+        }
+        Object::EndpointSlice(s) => {
+            snap.slices.push(s);
+            Kind::EndpointSlice
+        }
+        Object::Node(n) => {
+            snap.nodes.push(n);
+            Kind::Node
+        }
+        Object::ConfigMap(c) => {
+            snap.config_maps.push(c);
+            Kind::ConfigMap
+        }
+        Object::Namespace(n) => {
+            snap.namespaces.push(n);
+            Kind::Namespace
+        }
+        Object::IpAddressPool(p) => {
+            snap.ip_pools.push(p);
+            Kind::IpAddressPool
+        }
+        Object::L2Advertisement(l) => {
+            snap.l2_advertisements.push(l);
+            Kind::L2Advertisement
+        }
+        Object::BgpPeer(p) => {
+            snap.bgp_peers.push(*p);
+            Kind::BgpPeer
+        }
+        Object::BgpAdvertisement(a) => {
+            snap.bgp_advertisements.push(a);
+            Kind::BgpAdvertisement
+        }
+        Object::Community(c) => {
+            snap.communities.push(c);
+            Kind::Community
+        }
+        Object::BfdProfile(b) => {
+            snap.bfd_profiles.push(b);
+            Kind::BfdProfile
+        }
+        Object::Secret(s) => {
+            snap.secrets.push(s);
+            Kind::Secret
+        }
+    };
+    seen.insert(key, here.clone());
+    Held::Lent(kind)
 }
 
 /// Reads a manifest directory again and again, parsing only the files that changed since the
 /// last read (by modification time and size): with 10,000 objects, a change to one file costs
 /// one file's parse.
+///
+/// The objects are kept once: a read hands them out in the [`Snapshot`], and the caller gives
+/// that back ([`Reader::give_back`]) when done with it, for the next read to reuse. A snapshot
+/// not given back costs the next read a parse of every file.
 pub struct Reader {
     dir: PathBuf,
-    cache: BTreeMap<PathBuf, CachedFile>,
+    /// By path, in path order (as listed: no spare room, unlike a map's nodes).
+    cache: Vec<(Box<Path>, CachedFile)>,
+    /// The last snapshot, given back (its objects are the cache's [`Held::Lent`] ones).
+    returned: Option<Box<Snapshot>>,
+    /// How many objects of each kind the last snapshot lent.
+    lent: [usize; KINDS],
 }
 
 impl Reader {
     pub fn new(dir: &Path) -> Reader {
         Reader {
             dir: dir.to_path_buf(),
-            cache: BTreeMap::new(),
+            cache: Vec::new(),
+            returned: None,
+            lent: [0; KINDS],
+        }
+    }
+
+    /// Returns the snapshot the last [`Reader::read`] handed out (unchanged), for the next read
+    /// to take its objects from instead of parsing their files again.
+    pub fn give_back(&mut self, mut snap: Snapshot) {
+        if counts(&snap) == self.lent {
+            // Made again by every read: not kept meanwhile.
+            snap.service_mtime_ms = BTreeMap::new();
+            snap.errors = Vec::new();
+            snap.warnings = Vec::new();
+            self.returned = Some(Box::new(snap));
         }
     }
 
@@ -151,9 +371,19 @@ impl Reader {
     /// order and report the others.
     pub fn read(&mut self) -> std::io::Result<Snapshot> {
         let dir = self.dir.clone();
-        let mut snap = Snapshot::default();
-        let mut seen: BTreeMap<(String, ObjectRef), String> = BTreeMap::new();
         let (files, skipped) = manifest_files_and_skipped(&dir)?;
+        // The objects lent last time: back, or else gone with the snapshot (parse again).
+        let mut back = match self.returned.take() {
+            Some(s) => Returned::of(*s),
+            None => {
+                self.cache.clear();
+                Returned::default()
+            }
+        };
+        let mut snap = Snapshot::default();
+        // Sized as last time: the lists are kept until the next read, without spare room.
+        snap.services.reserve_exact(self.lent[0]);
+        snap.slices.reserve_exact(self.lent[1]);
         for (path, why) in skipped {
             let shown = path
                 .strip_prefix(&dir)
@@ -162,106 +392,118 @@ impl Reader {
                 .to_string();
             snap.errors.push(file_problem(&shown, why));
         }
-        self.cache.retain(|p, _| files.binary_search(p).is_ok());
+        let mut seen = std::collections::HashMap::new();
+        let mut old = std::mem::take(&mut self.cache).into_iter().peekable();
+        self.cache.reserve_exact(files.len());
         for f in files {
+            // Files gone since the last read: their objects are dropped.
+            while old.peek().is_some_and(|(p, _)| **p < *f) {
+                if let Some((_, gone)) = old.next() {
+                    back.take(gone.objects);
+                }
+            }
+            let prev = match old.peek() {
+                Some((p, _)) if **p == *f => old.next().map(|(_, c)| c),
+                _ => None,
+            };
             let shown = f.strip_prefix(&dir).unwrap_or(&f).display().to_string();
-            let meta = match std::fs::metadata(&f) {
-                Ok(m) => m,
-                // Deleted between listing and reading: it is simply gone.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    snap.errors.push(file_error(&shown, e));
-                    continue;
-                }
-            };
-            // Only regular files (symlinks followed): a FIFO would block the read forever, a
-            // device (a link to /dev/zero) would never end.
-            if !meta.is_file() {
-                snap.errors.push(file_problem(
-                    &shown,
-                    "not a regular file (a FIFO, device or socket): skipped".into(),
-                ));
-                continue;
-            }
-            if meta.len() > MAX_FILE_BYTES {
-                snap.errors.push(file_problem(
-                    &shown,
-                    format!(
-                        "{} bytes: larger than the {} MiB a manifest file may have: skipped",
-                        meta.len(),
-                        MAX_FILE_BYTES >> 20
-                    ),
-                ));
-                continue;
-            }
-            let (mt, size) = (mtime(&meta), meta.len());
-            let fresh = self
-                .cache
-                .get(&f)
-                .is_some_and(|c| c.mtime_ns == mt && c.size == size);
-            if !fresh {
-                let text = match read_bounded(&f, size) {
-                    Ok(t) => t,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => {
-                        snap.errors.push(file_error(&shown, e));
-                        continue;
-                    }
-                };
-                let mut parsed = parse_text(&shown, &text);
-                // Kept until the file changes: no spare capacity (most files hold one object).
-                parsed.objects.shrink_to_fit();
-                self.cache.insert(
-                    f.clone(),
-                    CachedFile {
-                        mtime_ns: mt,
-                        size,
-                        parsed,
-                    },
-                );
-            }
-            let Some(cached) = self.cache.get(&f) else {
+            let Some((mt, size, objects, problems)) =
+                self.load(&f, &shown, prev, &mut back, &mut snap)
+            else {
                 continue;
             };
-            let mt_ms = (cached.mtime_ns / 1_000_000) as u64;
-            let parsed = &cached.parsed;
-            snap.errors.extend(parsed.errors.iter().cloned());
-            snap.warnings.extend(parsed.warnings.iter().cloned());
-            for obj in &parsed.objects {
-                let key = (obj.kind().to_string(), obj.meta().object_ref());
-                if let Some(first) = seen.get(&key) {
-                    snap.warnings.push(ManifestError {
-                        at: crate::manifest::Location {
-                            file: shown.clone(),
-                            doc_index: 0,
-                            object: Some(format!("{} {}", key.0, key.1)),
-                            field: String::new(),
-                        },
-                        message: format!("duplicate of the one in {first}: ignored"),
-                    });
-                    continue;
-                }
-                seen.insert(key, shown.clone());
-                match obj {
-                    Object::Service(s) => {
-                        snap.service_mtime_ms.insert(s.meta.object_ref(), mt_ms);
-                        snap.services.push(s.clone());
-                    }
-                    Object::EndpointSlice(s) => snap.slices.push(s.clone()),
-                    Object::Node(n) => snap.nodes.push(n.clone()),
-                    Object::ConfigMap(c) => snap.config_maps.push(c.clone()),
-                    Object::Namespace(n) => snap.namespaces.push(n.clone()),
-                    Object::IpAddressPool(p) => snap.ip_pools.push(p.clone()),
-                    Object::L2Advertisement(l) => snap.l2_advertisements.push(l.clone()),
-                    Object::BgpPeer(p) => snap.bgp_peers.push((**p).clone()),
-                    Object::BgpAdvertisement(a) => snap.bgp_advertisements.push(a.clone()),
-                    Object::Community(c) => snap.communities.push(c.clone()),
-                    Object::BfdProfile(b) => snap.bfd_profiles.push(b.clone()),
-                    Object::Secret(s) => snap.secrets.push(s.clone()),
-                }
+            let mt_ms = (mt / 1_000_000) as u64;
+            if let Some(p) = &problems {
+                snap.errors.extend(p.0.iter().cloned());
+                snap.warnings.extend(p.1.iter().cloned());
+            }
+            let here: std::rc::Rc<str> = shown.as_str().into();
+            let objects = objects
+                .into_iter()
+                .map(|o| place(o, &shown, mt_ms, &mut seen, &here, &mut snap))
+                .collect();
+            self.cache.push((
+                f.into_boxed_path(),
+                CachedFile {
+                    mtime_ns: mt,
+                    size,
+                    objects,
+                    problems,
+                },
+            ));
+        }
+        drop(old);
+        snap.services.shrink_to_fit();
+        snap.slices.shrink_to_fit();
+        self.lent = counts(&snap);
+        Ok(snap)
+    }
+
+    /// A file's modification time, size, objects and problems: those of `prev` when the file
+    /// is unchanged, else parsed again. None when it is skipped (an error in `snap`) or gone.
+    #[allow(clippy::type_complexity)]
+    fn load(
+        &self,
+        f: &Path,
+        shown: &str,
+        prev: Option<CachedFile>,
+        back: &mut Returned,
+        snap: &mut Snapshot,
+    ) -> Option<(
+        u128,
+        u64,
+        Vec<Object>,
+        Option<Box<(Vec<ManifestError>, Vec<ManifestError>)>>,
+    )> {
+        // Whatever happens, the previous objects come back out of the snapshot (in order).
+        let prev = prev.map(|c| (c.mtime_ns, c.size, c.problems, back.take(c.objects)));
+        let meta = match std::fs::metadata(f) {
+            Ok(m) => m,
+            // Deleted between listing and reading: it is simply gone.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                snap.errors.push(file_error(shown, e));
+                return None;
+            }
+        };
+        // Only regular files (symlinks followed): a FIFO would block the read forever, a
+        // device (a link to /dev/zero) would never end.
+        if !meta.is_file() {
+            snap.errors.push(file_problem(
+                shown,
+                "not a regular file (a FIFO, device or socket): skipped".into(),
+            ));
+            return None;
+        }
+        if meta.len() > MAX_FILE_BYTES {
+            snap.errors.push(file_problem(
+                shown,
+                format!(
+                    "{} bytes: larger than the {} MiB a manifest file may have: skipped",
+                    meta.len(),
+                    MAX_FILE_BYTES >> 20
+                ),
+            ));
+            return None;
+        }
+        let (mt, size) = (mtime(&meta), meta.len());
+        if let Some((pmt, psize, problems, objects)) = prev {
+            if pmt == mt && psize == size {
+                return Some((mt, size, objects, problems));
             }
         }
-        Ok(snap)
+        let text = match read_bounded(f, size) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                snap.errors.push(file_error(shown, e));
+                return None;
+            }
+        };
+        let parsed = parse_text(shown, &text);
+        let problems = (!parsed.errors.is_empty() || !parsed.warnings.is_empty())
+            .then(|| Box::new((parsed.errors, parsed.warnings)));
+        Some((mt, size, parsed.objects, problems))
     }
 }
 
@@ -431,11 +673,76 @@ mod tests {
         let snap = reader.read().unwrap();
         assert_eq!(snap.services.len(), 1);
         assert_eq!(snap.errors.len() + snap.warnings.len(), 100_000);
+        reader.give_back(snap);
         // A change to another file re-reads only that file.
         std::fs::write(dir.0.join("a.yaml"), SVC.replace("80", "81")).unwrap();
         let snap = reader.read().unwrap();
         assert_eq!(snap.services[0].ports[0].port, 81);
         eprintln!("100,000 nulls: read twice in {:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_snapshot_given_back_is_reused_and_stays_right() {
+        let dir = TempDir::new("back");
+        let svc = |name: &str, port: u16| SVC.replace("web", name).replace("80", &port.to_string());
+        std::fs::write(dir.0.join("a.yaml"), svc("a", 80)).unwrap();
+        std::fs::write(dir.0.join("b.yaml"), svc("b", 80)).unwrap();
+        // c.yaml: a duplicate of a (kept aside), then its own object.
+        std::fs::write(
+            dir.0.join("c.yaml"),
+            format!("{}---\n{}", svc("a", 81), svc("c", 80)),
+        )
+        .unwrap();
+        std::fs::write(dir.0.join("d.yaml"), "kind: [\n").unwrap();
+        let ports = |s: &Snapshot| -> Vec<(String, u16)> {
+            s.services
+                .iter()
+                .map(|s| (s.meta.name.clone(), s.ports[0].port))
+                .collect()
+        };
+        let mut reader = Reader::new(&dir.0);
+        let fresh = || read_dir(&dir.0).unwrap();
+        let snap = reader.read().unwrap();
+        assert_eq!(
+            ports(&snap),
+            [("a".into(), 80), ("b".into(), 80), ("c".into(), 80)]
+        );
+        assert_eq!((snap.errors.len(), snap.warnings.len()), (1, 1));
+        // Given back and read again (nothing changed): the same snapshot.
+        reader.give_back(snap);
+        let snap = reader.read().unwrap();
+        let again = fresh();
+        assert_eq!(ports(&snap), ports(&again));
+        assert_eq!(snap.errors, again.errors);
+        assert_eq!(snap.warnings, again.warnings);
+        assert_eq!(snap.service_mtime_ms, again.service_mtime_ms);
+        reader.give_back(snap);
+        // a.yaml removed: the duplicate in c.yaml is the one now; b.yaml changed.
+        std::fs::remove_file(dir.0.join("a.yaml")).unwrap();
+        std::fs::write(dir.0.join("b.yaml"), svc("b", 8080)).unwrap();
+        let snap = reader.read().unwrap();
+        assert_eq!(
+            ports(&snap),
+            [("b".into(), 8080), ("a".into(), 81), ("c".into(), 80)]
+        );
+        assert_eq!(ports(&snap), ports(&fresh()));
+        assert!(snap.warnings.is_empty(), "{:#?}", snap.warnings);
+        reader.give_back(snap);
+        // A new first file, and one at the end.
+        std::fs::write(dir.0.join("0.yaml"), svc("zero", 80)).unwrap();
+        std::fs::write(dir.0.join("e.yaml"), svc("e", 80)).unwrap();
+        let snap = reader.read().unwrap();
+        assert_eq!(ports(&snap), ports(&fresh()));
+        assert_eq!(snap.services.len(), 5);
+        // A snapshot that is not the one lent is not taken: the next read parses again.
+        let mut other = snap.clone();
+        other.services.pop();
+        reader.give_back(other);
+        let snap = reader.read().unwrap();
+        assert_eq!(ports(&snap), ports(&fresh()));
+        // Nor is one never given back.
+        let snap = reader.read().unwrap();
+        assert_eq!(ports(&snap), ports(&fresh()));
     }
 
     #[test]
@@ -463,6 +770,7 @@ mod tests {
             .message
             .contains("duplicate of the one in a.yaml"));
         assert_eq!(snap.service_mtime_ms.len(), 2);
+        reader.give_back(snap);
 
         // A broken file is an error naming it; the others still count.
         std::fs::write(dir.0.join("sub/b.yml"), "kind: [\n").unwrap();

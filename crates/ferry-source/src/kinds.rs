@@ -602,7 +602,7 @@ fn service_ports(ck: &mut Ck, spec: &core::ServiceSpec, type_: ServiceType) -> V
 // EndpointSlice and Endpoints
 
 pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> EndpointSlice {
-    let meta = meta(
+    let mut meta = meta(
         ck,
         &slice.metadata,
         Scope::Namespaced,
@@ -618,6 +618,9 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
             String::new()
         }
     };
+    // Nothing reads a slice's labels past its service's name (in `service_name`): not kept (a
+    // map of one label costs ~700 bytes, for each of 10,000 slices).
+    meta.labels = BTreeMap::new();
     let address_type = match ck.required(&slice.address_type, "addressType") {
         Some("IPv4") => Some(AddressType::IPv4),
         Some("IPv6") => Some(AddressType::IPv6),
@@ -634,6 +637,8 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
 
     // Sized up front: kept for as long as the file is unchanged (10,000 slices of 10).
     let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+    // One copy of each node's name for the whole slice.
+    let mut nodes = ferry_model::Interner::default();
     for (i, m) in slice.endpoints.iter().enumerate() {
         let base = format!("endpoints[{i}]");
         let addresses_path = join(&base, "addresses");
@@ -695,14 +700,12 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
                         out.push(z.name.clone());
                     }
                 }
-                out
+                out.into()
             });
         endpoints.push(Endpoint {
-            addresses,
+            addresses: addresses.into(),
             conditions,
-            node_name: non_empty(m.node_name.as_deref()).map(str::to_string),
-            hostname: non_empty(m.hostname.as_deref()).map(str::to_string),
-            target_name: target_name(m.target_ref.as_ref()),
+            node_name: non_empty(m.node_name.as_deref()).map(|n| nodes.get(n)),
             zone_hints,
         });
     }
@@ -749,11 +752,6 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
     }
 }
 
-/// `targetRef.name`, if any.
-fn target_name(r: Option<&core::ObjectReference>) -> Option<String> {
-    non_empty(r?.name.as_deref()).map(str::to_string)
-}
-
 /// v1 Endpoints: one EndpointSlice per subset (two if it mixes IP families), see the
 /// [`crate::manifest`] documentation.
 #[allow(deprecated)] // Endpoints is deprecated in Kubernetes 1.33; files still hold them.
@@ -765,6 +763,7 @@ pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
         NameRule::Dns1123Subdomain,
     );
     let mut slices = Vec::new();
+    let mut nodes = ferry_model::Interner::default();
     for (i, subset) in eps.subsets.iter().flatten().enumerate() {
         let base = format!("subsets[{i}]");
         let mut endpoints = Vec::new();
@@ -779,15 +778,13 @@ pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
                     .and_then(|s| ck.ip(s, &join(&path, "ip")));
                 if let Some(ip) = ip {
                     endpoints.push(Endpoint {
-                        addresses: vec![ip],
+                        addresses: smallvec::smallvec![ip],
                         conditions: EndpointConditions {
                             ready,
                             serving: ready,
                             terminating: false,
                         },
-                        node_name: non_empty(a.node_name.as_deref()).map(str::to_string),
-                        hostname: non_empty(a.hostname.as_deref()).map(str::to_string),
-                        target_name: target_name(a.target_ref.as_ref()),
+                        node_name: non_empty(a.node_name.as_deref()).map(|n| nodes.get(n)),
                         zone_hints: None,
                     });
                 }
@@ -1333,7 +1330,7 @@ mod tests {
         };
         assert_eq!(
             s.endpoints[0].zone_hints,
-            Some(vec!["a".into(), "b".into()])
+            Some(vec!["a".to_string(), "b".to_string()].into())
         );
         assert_eq!(s.endpoints[1].zone_hints, None);
         let p = parse_text("f", &slice.replace("{name: b}", "{name: ''}"));

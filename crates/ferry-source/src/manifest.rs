@@ -1978,11 +1978,9 @@ ports:
         assert_eq!(
             s.endpoints[0],
             Endpoint {
-                addresses: vec![ip("10.244.1.5")],
+                addresses: vec![ip("10.244.1.5")].into(),
                 conditions: c(true, true, false),
                 node_name: Some("node-1".into()),
-                hostname: Some("web-0".into()),
-                target_name: Some("web-0".into()),
                 zone_hints: None,
             }
         );
@@ -2019,7 +2017,7 @@ ports:
             panic!()
         };
         assert_eq!(s.address_type, AddressType::IPv6);
-        assert_eq!(s.endpoints[0].addresses, vec![ip("fd00::1:5")]);
+        assert_eq!(s.endpoints[0].addresses.as_slice(), [ip("fd00::1:5")]);
 
         let fqdn =
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: ext\n  \
@@ -2186,23 +2184,19 @@ subsets:
             slices[0].endpoints,
             vec![
                 Endpoint {
-                    addresses: vec![ip("10.244.1.5")],
+                    addresses: vec![ip("10.244.1.5")].into(),
                     conditions: ready,
                     node_name: Some("node-1".into()),
-                    hostname: Some("db-0".into()),
-                    target_name: Some("db-0".into()),
                     zone_hints: None,
                 },
                 Endpoint {
-                    addresses: vec![ip("10.244.2.6")],
+                    addresses: vec![ip("10.244.2.6")].into(),
                     conditions: EndpointConditions {
                         ready: false,
                         serving: false,
                         terminating: false,
                     },
                     node_name: None,
-                    hostname: None,
-                    target_name: None,
                     zone_hints: None,
                 },
             ]
@@ -2217,7 +2211,7 @@ subsets:
         );
         assert_eq!(slices[1].endpoints.len(), 1);
         assert_eq!(slices[2].address_type, AddressType::IPv6);
-        assert_eq!(slices[2].endpoints[0].addresses, vec![ip("fd00::7")]);
+        assert_eq!(slices[2].endpoints[0].addresses.as_slice(), [ip("fd00::7")]);
         assert_eq!(slices[1].ports, slices[2].ports);
         assert_eq!(slices[2].ports[0].protocol, Protocol::Udp);
 

@@ -1016,10 +1016,15 @@ impl Worker {
             false => Vec::new(),
         };
         self.served = p.services;
+        let services = snap.services.len();
+        // The reader takes the objects back for its next read (kept once, not copied).
+        if let WorkerSource::Dir(reader, _) = &mut self.source {
+            reader.give_back(snap);
+        }
         Ok(SyncOutcome {
             service_changes,
             endpoint_changes,
-            services: snap.services.len(),
+            services,
             endpoints,
             lb_services: p.lb_services,
             pool_usage: p.pool_usage,

@@ -67,15 +67,13 @@ fn snapshot(n: usize, eps: usize) -> Snapshot {
             address_type: AddressType::IPv4,
             endpoints: (0..eps)
                 .map(|e| Endpoint {
-                    addresses: vec![ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1)],
+                    addresses: [ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1)].into(),
                     conditions: EndpointConditions {
                         ready: true,
                         serving: true,
                         terminating: false,
                     },
-                    node_name: Some(format!("node-{}", e % 3)),
-                    hostname: None,
-                    target_name: None,
+                    node_name: Some(format!("node-{}", e % 3).into()),
                     zone_hints: None,
                 })
                 .collect(),

@@ -565,7 +565,7 @@ pub fn service_from_spec(i: usize, spec: &ServiceSpec) -> ResolvedService {
                 .or_insert_with(|| ResolvedEndpoint {
                     addr,
                     port: e.port,
-                    node: nodes[usize::from(e.node)].map(String::from),
+                    node: nodes[usize::from(e.node)].map(std::sync::Arc::from),
                     ready,
                     serving,
                     terminating,
