@@ -309,16 +309,7 @@ fn load_balancer_steps(ctx: &Ctx) -> Result<()> {
     get_svc_wide(ctx)?;
 
     // 12: from outside the cluster, on the load-balancer address.
-    let pods = nextcloud_pods(ctx)?;
-    let url = format!("http://{ip}/");
-    println!();
-    curl_until_all_answered(
-        ctx,
-        "client",
-        &url,
-        &pods,
-        &format!("the load-balancer address {ip}"),
-    )?;
+    let url = client_reaches_every_pod(ctx, &ip, "")?;
 
     // 13-14: failover.
     let st = ops::state(ctx)?;
@@ -712,16 +703,7 @@ fn bgp_steps(ctx: &Ctx) -> Result<()> {
         all.len()
     );
 
-    let pods = nextcloud_pods(ctx)?;
-    let url = format!("http://{ip}/");
-    println!();
-    curl_until_all_answered(
-        ctx,
-        "client",
-        &url,
-        &pods,
-        &format!("the load-balancer address {ip} (BGP, through the router)"),
-    )?;
+    let url = client_reaches_every_pod(ctx, &ip, " (BGP, through the router)")?;
     bgp_node_failure(ctx, &st, &router, &ip, &url)
 }
 
@@ -1025,6 +1007,16 @@ fn curl_until_all_answered(
         seen.len(),
         pods.len()
     )
+}
+
+/// The client curls the load-balancer address `ip` until every nextcloud pod answered; the URL.
+fn client_reaches_every_pod(ctx: &Ctx, ip: &str, how: &str) -> Result<String> {
+    let pods = nextcloud_pods(ctx)?;
+    let url = format!("http://{ip}/");
+    println!();
+    let through = format!("the load-balancer address {ip}{how}");
+    curl_until_all_answered(ctx, "client", &url, &pods, &through)?;
+    Ok(url)
 }
 
 /// Agents pick up a new Service within moments: wait (quietly, at most 10 s) until `url`
