@@ -732,6 +732,15 @@ fn route_text(router: &crate::router::RouterInfo, ip: &str) -> String {
     sys::ip(&["-n", &router.ns, "route", "show", ip]).unwrap_or_else(|e| format!("{e:#}\n"))
 }
 
+/// Whether the router's route to `ip` has exactly the next hops `want`, in any order.
+fn nexthops_are(router: &crate::router::RouterInfo, ip: &str, want: &[String]) -> Result<bool> {
+    let mut now = crate::router::nexthops(router, ip)?;
+    now.sort();
+    let mut want = want.to_vec();
+    want.sort();
+    Ok(now == want)
+}
+
 /// Waits until the router's route to `ip` has exactly the next hops `want` (any order); how
 /// long it took.
 fn wait_nexthops(
@@ -741,18 +750,14 @@ fn wait_nexthops(
     timeout: Duration,
 ) -> Result<Duration> {
     let start = Instant::now();
-    let mut want = want.to_vec();
-    want.sort();
     loop {
         check_interrupted()?;
-        let mut now = crate::router::nexthops(router, ip)?;
-        now.sort();
-        if now == want {
+        if nexthops_are(router, ip, want)? {
             return Ok(start.elapsed());
         }
         if start.elapsed() > timeout {
             bail!(
-                "the router's route to {ip} is over {now:?}, not {want:?}, after {} s:\n{}",
+                "the router's route to {ip} is not over {want:?} after {} s:\n{}",
                 timeout.as_secs(),
                 route_text(router, ip)
             );
@@ -815,11 +820,7 @@ fn bgp_node_failure(
             while start.elapsed() < cut + Duration::from_secs(12)
                 && !INTERRUPTED.load(Ordering::SeqCst)
             {
-                let mut now = crate::router::nexthops(router, ip).unwrap_or_default();
-                now.sort();
-                let mut want = others.clone();
-                want.sort();
-                if now == want {
+                if nexthops_are(router, ip, &others).unwrap_or(false) {
                     dropped = Some(start.elapsed().saturating_sub(cut));
                     break;
                 }
