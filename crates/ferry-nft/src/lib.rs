@@ -1,12 +1,24 @@
 //! ferry's nftables dataplane: the I/O edge of the planner.
 //!
-//! - [`Nft`] runs `nft` scripts, in-process through libnftables (no process start, one netlink
-//!   transaction per script) or, where that library is missing, through the `nft` command;
-//! - [`read_live`] reads ferry's table back from the kernel so an agent adopts what it finds,
-//!   over nf_tables netlink ([`netlink`]; libnftables' JSON listing, [`read_live_json`], where
-//!   netlink is unavailable);
 //! - [`Dataplane`] applies a planned [`Ruleset`] as one atomic transaction that touches only
-//!   what differs from the kernel's table.
+//!   what differs from the kernel's table; [`Tables`] does the same for the common table and
+//!   the shard tables of a sharded layout, cutting large loads into bounded transactions.
+//! - Both talk to the kernel through a [`Backend`] ([`backend`]): list the tables, read one
+//!   back, commit a transaction (all or nothing). The backends:
+//!   - [`Netlink`]: nf_tables netlink, ferry's own messages ([`encode`], sent and read by
+//!     [`netlink`]); no text and no libnftables on the hot path. The default.
+//!   - [`NftText`]: libnftables in-process ([`Nft`]; the `nft` command where the library is
+//!     missing), `nft` scripts rendered from the same steps and JSON listings read back
+//!     ([`read_live_json`]). The fallback, and the reference the netlink path is tested
+//!     against; its scripts name the table `ferry` only (the one-table layout).
+//!   - [`Fallback`]: the one place that picks the path: netlink first, text when netlink is
+//!     unavailable or the kernel refused the batch (reported once through
+//!     `netlink_refused`). What [`Dataplane::new`] and [`Tables::new`] use.
+//!   - [`fake::Fake`]: an in-memory kernel with the kernel's checks, counters and injected
+//!     faults, for fast tests of the logic above (no root). Tests against the real kernel
+//!     stay the reference.
+//! - [`read_live`] reads ferry's table back (netlink, else libnftables' JSON listing) so an
+//!   agent adopts what it finds; [`cleanup`] removes ferry's tables.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::io::Write;
