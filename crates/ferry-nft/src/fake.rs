@@ -735,3 +735,22 @@ impl Backend for Fake {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_name_their_sets_and_chains() {
+        let (s, c) = references(
+            "ip daddr . meta l4proto . th dport vmap @service-ips-v4 jump svc-a goto svc-b",
+        );
+        assert_eq!(s, ["service-ips-v4"]);
+        assert_eq!(c, ["svc-a", "svc-b"]);
+        let (s, c) = references("update @aff-1 { ip saddr timeout 10s : ip daddr . th dport }");
+        assert_eq!(s, ["aff-1"]);
+        assert!(c.is_empty());
+        let (s, c) = references("meta l4proto { tcp, udp } accept");
+        assert!(s.is_empty() && c.is_empty());
+    }
+}
