@@ -1,12 +1,24 @@
 //! ferry's nftables dataplane: the I/O edge of the planner.
 //!
-//! - [`Nft`] runs `nft` scripts, in-process through libnftables (no process start, one netlink
-//!   transaction per script) or, where that library is missing, through the `nft` command;
-//! - [`read_live`] reads ferry's table back from the kernel so an agent adopts what it finds,
-//!   over nf_tables netlink ([`netlink`]; libnftables' JSON listing, [`read_live_json`], where
-//!   netlink is unavailable);
 //! - [`Dataplane`] applies a planned [`Ruleset`] as one atomic transaction that touches only
-//!   what differs from the kernel's table.
+//!   what differs from the kernel's table; [`Tables`] does the same for the common table and
+//!   the shard tables of a sharded layout, cutting large loads into bounded transactions.
+//! - Both talk to the kernel through a [`Backend`] ([`backend`]): list the tables, read one
+//!   back, commit a transaction (all or nothing). The backends:
+//!   - [`Netlink`]: nf_tables netlink, ferry's own messages ([`encode`], sent and read by
+//!     [`netlink`]); no text and no libnftables on the hot path. The default.
+//!   - [`NftText`]: libnftables in-process ([`Nft`]; the `nft` command where the library is
+//!     missing), `nft` scripts rendered from the same steps and JSON listings read back
+//!     ([`read_live_json`]). The fallback, and the reference the netlink path is tested
+//!     against; its scripts name the table `ferry` only (the one-table layout).
+//!   - [`Fallback`]: the one place that picks the path: netlink first, text when netlink is
+//!     unavailable or the kernel refused the batch (reported once through
+//!     `netlink_refused`). What [`Dataplane::new`] and [`Tables::new`] use.
+//!   - [`fake::Fake`]: an in-memory kernel with the kernel's checks, counters and injected
+//!     faults, for fast tests of the logic above (no root). Tests against the real kernel
+//!     stay the reference.
+//! - [`read_live`] reads ferry's table back (netlink, else libnftables' JSON listing) so an
+//!   agent adopts what it finds; [`cleanup`] removes ferry's tables.
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::io::Write;
@@ -14,13 +26,17 @@ use std::process::{Command, Stdio};
 
 use ferry_plan::diff::{fingerprint_of_comment, LiveChain, LiveSet};
 use ferry_plan::ir::{BaseChain, ChainType, Hook, Verdict, FAMILY, TABLE};
-use ferry_plan::{diff, Changes, LiveState, Ruleset};
+use ferry_plan::{Changes, LiveState, Ruleset};
 use serde_json::Value as Json;
 
+pub mod backend;
 pub mod encode;
+pub mod fake;
 pub mod netlink;
 pub mod tables;
 
+use backend::Step;
+pub use backend::{Backend, Fallback, Netlink, NftText};
 pub use tables::Tables;
 
 #[derive(Debug, thiserror::Error)]
@@ -165,14 +181,14 @@ impl Drop for LibNft {
     }
 }
 
-enum Backend {
+enum Runner {
     Lib(LibNft),
     Command,
 }
 
 /// Runs nftables scripts.
 pub struct Nft {
-    backend: Backend,
+    backend: Runner,
 }
 
 impl Nft {
@@ -180,10 +196,10 @@ impl Nft {
     pub fn new() -> Nft {
         match LibNft::open() {
             Ok(l) => Nft {
-                backend: Backend::Lib(l),
+                backend: Runner::Lib(l),
             },
             Err(_) => Nft {
-                backend: Backend::Command,
+                backend: Runner::Command,
             },
         }
     }
@@ -191,21 +207,21 @@ impl Nft {
     /// Always through the `nft` command (for comparison in benchmarks).
     pub fn command() -> Nft {
         Nft {
-            backend: Backend::Command,
+            backend: Runner::Command,
         }
     }
 
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
-            Backend::Lib(_) => "libnftables",
-            Backend::Command => "nft command",
+            Runner::Lib(_) => "libnftables",
+            Runner::Command => "nft command",
         }
     }
 
     /// Frees what the backend caches between scripts (libnftables' copy of the ruleset); the
     /// next script fetches what it needs again.
     pub fn release_cache(&mut self) {
-        if let Backend::Lib(l) = &mut self.backend {
+        if let Runner::Lib(l) = &mut self.backend {
             l.reset();
         }
     }
@@ -223,8 +239,8 @@ impl Nft {
 
     fn run_inner(&mut self, script: &str, json: bool) -> Result<String, NftError> {
         match &mut self.backend {
-            Backend::Lib(l) => l.run(script, json),
-            Backend::Command => {
+            Runner::Lib(l) => l.run(script, json),
+            Runner::Command => {
                 let mut cmd = Command::new("nft");
                 if json {
                     // Listings print their JSON only when given as arguments, not with -f.
@@ -263,15 +279,10 @@ impl Default for Nft {
     }
 }
 
-/// Whether ferry's table exists.
+/// Whether ferry's table exists (over netlink, else through `nft`'s listing).
 pub fn table_exists(nft: &mut Nft) -> Result<bool, NftError> {
-    match netlink::table_exists() {
-        Err(NftError::Unavailable(_)) => {}
-        other => return other,
-    }
-    let v = nft.run_json(&format!("list tables {FAMILY}"))?;
-    let found = items(&v).any(|(k, o)| k == "table" && o["name"] == TABLE);
-    Ok(found)
+    let names = Fallback::kernel_with(nft).table_names()?;
+    Ok(names.iter().any(|n| n == TABLE))
 }
 
 fn items(v: &Json) -> impl Iterator<Item = (&str, &Json)> {
@@ -291,10 +302,7 @@ pub fn read_live(nft: &mut Nft) -> Result<LiveState, NftError> {
 
 /// [`read_live`] of the table `table` (a shard of a sharded layout).
 pub fn read_live_table(nft: &mut Nft, table: &str) -> Result<LiveState, NftError> {
-    match netlink::read_live_table(table) {
-        Err(NftError::Unavailable(_)) => read_live_json_table(nft, table),
-        other => other,
-    }
+    Fallback::kernel_with(nft).read_table(table)
 }
 
 /// Reads ferry's table through `nft -j list table` (empty state when there is none); what
@@ -495,27 +503,25 @@ fn verdict_of(v: &Json) -> Option<Verdict> {
 
 /// Owns ferry's table in the current network namespace.
 pub struct Dataplane {
-    nft: Nft,
+    backend: Box<dyn Backend>,
     /// What the kernel holds, as far as we know; None forces a read before the next apply.
     live: Option<LiveState>,
-    /// Changes go over netlink ([`encode`]) rather than through libnftables' text.
-    netlink_writes: bool,
-    /// Why the kernel last refused a netlink batch that libnftables' text then applied.
-    netlink_refused: Option<String>,
-    /// Tests only: every netlink batch ends with a message the kernel refuses.
-    spoil_batches: bool,
     /// The table owned (None: [`TABLE`]); the rulesets applied must name the same.
     table: Option<String>,
 }
 
 impl Dataplane {
+    /// Over netlink, with libnftables' text through `nft` as the fallback
+    /// ([`Fallback::kernel`]).
     pub fn new(nft: Nft) -> Dataplane {
+        Dataplane::with_backend(Box::new(Fallback::kernel(nft)))
+    }
+
+    /// Through `backend` (a [`fake::Fake`] in tests).
+    pub fn with_backend(backend: Box<dyn Backend>) -> Dataplane {
         Dataplane {
-            nft,
+            backend,
             live: None,
-            netlink_writes: true,
-            netlink_refused: None,
-            spoil_batches: false,
             table: None,
         }
     }
@@ -524,82 +530,53 @@ impl Dataplane {
     /// `ferry_plan::plan::plan_sharded`). Only netlink writes carry a table of another name
     /// than [`TABLE`]: the text rendering names [`TABLE`].
     pub fn for_table(nft: Nft, name: &str) -> Dataplane {
-        let mut dp = Dataplane::new(nft);
-        if name != TABLE {
-            dp.table = Some(name.to_string());
-        }
-        dp
+        Dataplane::new(nft).owning(name)
     }
 
-    /// Every change through libnftables' text (for comparison: benchmarks and tests).
-    pub fn text_only(mut self) -> Dataplane {
-        self.netlink_writes = false;
+    /// This dataplane owns the table `name` instead of [`TABLE`].
+    pub fn owning(mut self, name: &str) -> Dataplane {
+        self.table = (name != TABLE).then(|| name.to_string());
         self
     }
 
-    /// Commits `changes` over netlink (the objects from `desired`); None when the text path
-    /// must carry them: the encoder does not know a construct, netlink sockets are refused, or
-    /// the kernel refused the batch. A refused batch changed nothing (a transaction is all or
-    /// nothing), so the same change then goes as text: a gap in the encoder costs speed, never
-    /// the node's dataplane. The refusal is kept for the caller ([`Dataplane::netlink_refused`]).
-    fn try_netlink(
-        &mut self,
-        desired: &Ruleset,
-        changes: &Changes,
-    ) -> Option<Result<(), NftError>> {
-        if !self.netlink_writes {
-            return None;
-        }
-        let mut batch = encode::changes(desired, &changes.ops).ok()?;
-        if self.spoil_batches {
-            encode::spoil(&mut batch);
-        }
-        match netlink::send_batch(&batch) {
-            Ok(()) => Some(Ok(())),
-            Err(NftError::Unavailable(_)) => None,
-            Err(e) => {
-                self.netlink_refused = Some(e.to_string());
-                None
-            }
-        }
-    }
-
-    /// Why a shard's change cannot go as text (the text rendering names [`TABLE`] only).
-    fn no_text_path(&mut self) -> NftError {
-        let why = self
-            .netlink_refused
-            .take()
-            .unwrap_or_else(|| "netlink writes are unavailable or off".into());
-        NftError::Output(format!(
-            "table {}: only netlink writes carry a shard table, and {why}",
-            self.table.as_deref().unwrap_or(TABLE)
-        ))
-    }
-
-    /// The differ's steps, with the text script only when the text path will carry them.
-    fn changes(&self, live: &LiveState, desired: &Ruleset) -> Changes {
-        if self.netlink_writes {
-            ferry_plan::diff::diff_ops(live, desired)
-        } else {
-            diff(live, desired)
-        }
+    /// Every change through libnftables' text (for comparison: benchmarks and tests); reads
+    /// still go over netlink where they can.
+    pub fn text_only(mut self) -> Dataplane {
+        let nft = self
+            .backend
+            .nft()
+            .map(|n| std::mem::replace(n, Nft::command()))
+            .unwrap_or_default();
+        self.backend = Box::new(Fallback::kernel(nft).second_writes_only());
+        self
     }
 
     /// The kernel's reason for refusing the last netlink batch that was then applied as text
     /// (taken: reported once).
     pub fn netlink_refused(&mut self) -> Option<String> {
-        self.netlink_refused.take()
+        self.backend.take_refusal()
     }
 
     /// Tests only: makes every netlink batch end with a message the kernel refuses, to prove
     /// the text fallback.
     #[doc(hidden)]
     pub fn spoil_netlink_batches(&mut self) {
-        self.spoil_batches = true;
+        self.backend.spoil_netlink_batches();
     }
 
-    pub fn nft(&mut self) -> &mut Nft {
-        &mut self.nft
+    /// The libnftables runner of the text path (None for a backend without one).
+    pub fn nft(&mut self) -> Option<&mut Nft> {
+        self.backend.nft()
+    }
+
+    /// The backend the changes go through.
+    pub fn backend(&mut self) -> &mut dyn Backend {
+        &mut *self.backend
+    }
+
+    /// Frees what the backend caches between changes (libnftables' copy of the ruleset).
+    pub fn release_cache(&mut self) {
+        self.backend.release_cache();
     }
 
     /// Forgets what we know of the kernel's table: the next apply reads it back first.
@@ -607,35 +584,38 @@ impl Dataplane {
         self.live = None;
     }
 
+    fn commit(&mut self, desired: &Ruleset, changes: &Changes) -> Result<(), NftError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let step = Step::Ops {
+            rs: desired,
+            ops: &changes.ops,
+            live: self.live.as_ref(),
+        };
+        let done = self.backend.commit(&[step]).map(|_| ());
+        if done.is_err() {
+            self.live = None;
+        }
+        done
+    }
+
     /// Applies `desired` as one transaction touching only what differs. On failure the next
     /// call reads the kernel's table again.
     pub fn apply(&mut self, desired: &Ruleset) -> Result<Changes, NftError> {
         let live = match self.live.take() {
             Some(l) => l,
-            None => read_live_table(&mut self.nft, self.table.as_deref().unwrap_or(TABLE))?,
+            None => self
+                .backend
+                .read_table(self.table.as_deref().unwrap_or(TABLE))?,
         };
-        let changes = self.changes(&live, desired);
-        if !changes.is_empty() {
-            let done = match self.try_netlink(desired, &changes) {
-                Some(r) => r,
-                None if self.table.is_some() => Err(self.no_text_path()),
-                // The text of the steps, rendered only now that it is needed.
-                None if changes.script.is_empty() => {
-                    self.nft.run(&diff(&live, desired).script).map(|_| ())
-                }
-                None => self.nft.run(&changes.script).map(|_| ()),
-            };
-            if let Err(e) = done {
-                self.live = None;
-                return Err(e);
-            }
-        }
+        let changes = ferry_plan::diff::diff_ops(&live, desired);
+        self.live = Some(live);
+        self.commit(desired, &changes)?;
         self.live = Some(LiveState::of(desired));
         Ok(changes)
     }
-}
 
-impl Dataplane {
     /// Like [`Dataplane::apply`], but compares only what the planner says it touched: the cost
     /// follows the size of the change, not of the table. Falls back to a full comparison when
     /// the kernel's table is not known (start, after an error) or everything was touched.
@@ -647,36 +627,10 @@ impl Dataplane {
         let Some(live) = self.live.as_ref() else {
             return self.apply(desired);
         };
-        let found = if self.netlink_writes {
-            ferry_plan::diff::diff_touched_ops(live, desired, touched)
-        } else {
-            ferry_plan::diff::diff_touched(live, desired, touched)
-        };
-        let Some(changes) = found else {
+        let Some(changes) = ferry_plan::diff::diff_touched_ops(live, desired, touched) else {
             return self.apply(desired);
         };
-        if !changes.is_empty() {
-            let result = match self.try_netlink(desired, &changes) {
-                Some(r) => r,
-                None if self.table.is_some() => Err(self.no_text_path()),
-                None => {
-                    let script = if changes.script.is_empty() {
-                        self.live
-                            .as_ref()
-                            .and_then(|l| ferry_plan::diff::diff_touched(l, desired, touched))
-                            .map(|c| c.script)
-                            .unwrap_or_default()
-                    } else {
-                        changes.script.clone()
-                    };
-                    self.nft.run(&script).map(|_| ())
-                }
-            };
-            if let Err(e) = result {
-                self.live = None;
-                return Err(e);
-            }
-        }
+        self.commit(desired, &changes)?;
         if let Some(live) = self.live.as_mut() {
             live.update_touched(desired, touched);
         }

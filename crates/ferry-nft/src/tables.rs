@@ -13,14 +13,15 @@
 //! shards) the services the old tables held stay served until their new tables are in.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_plan::diff::{diff, diff_ops, diff_touched_ops, Op};
-use ferry_plan::ir::{FAMILY, TABLE};
+use ferry_plan::diff::{diff_ops, diff_touched_ops, Op};
+use ferry_plan::ir::TABLE;
 use ferry_plan::plan::Touched;
 use ferry_plan::{Changes, LiveState, Ruleset};
 
-use crate::{encode, netlink, read_live_table, Nft, NftError};
+use crate::backend::{Backend, Fallback, Step};
+use crate::{Nft, NftError};
 
 /// The most operations (a rule, an element, a chain, a set) one transaction carries when a
 /// change must be cut: a cold start or a new layout. A change within it is never cut.
@@ -40,20 +41,16 @@ pub fn is_shard_table(name: &str) -> bool {
 
 /// ferry's tables in this network namespace (over netlink, else through `nft`'s listing).
 pub fn ferry_tables(nft: &mut Nft) -> Result<Vec<String>, NftError> {
-    let names = match netlink::table_names() {
-        Ok(n) => n,
-        Err(NftError::Unavailable(_)) => {
-            let v = nft.run_json(&format!("list tables {FAMILY}"))?;
-            v["nftables"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|o| o["table"]["name"].as_str().map(str::to_string))
-                .collect()
-        }
-        Err(e) => return Err(e),
-    };
-    let mut out: Vec<String> = names.into_iter().filter(|n| is_ferry_table(n)).collect();
+    ferry_tables_in(&mut Fallback::kernel_with(nft))
+}
+
+/// ferry's tables among those `backend` lists, sorted.
+pub fn ferry_tables_in(backend: &mut dyn Backend) -> Result<Vec<String>, NftError> {
+    let mut out: Vec<String> = backend
+        .table_names()?
+        .into_iter()
+        .filter(|n| is_ferry_table(n))
+        .collect();
     out.sort();
     out.dedup();
     Ok(out)
@@ -341,22 +338,26 @@ impl std::fmt::Display for Applied {
 
 /// Owns ferry's tables in the current network namespace: the common table and the shards.
 pub struct Tables {
-    nft: Nft,
+    backend: Box<dyn Backend>,
     /// What the kernel holds of each of ferry's tables, as far as we know; None forces a read
     /// before the next apply.
     live: Option<BTreeMap<String, LiveState>>,
     max_ops: usize,
-    /// Why the kernel last refused a netlink batch that libnftables' text then applied.
-    netlink_refused: Option<String>,
 }
 
 impl Tables {
+    /// Over netlink, with libnftables' text through `nft` as the fallback for the one-table
+    /// layout ([`Fallback::kernel`]).
     pub fn new(nft: Nft) -> Tables {
+        Tables::with_backend(Box::new(Fallback::kernel(nft)))
+    }
+
+    /// Through `backend` (a [`crate::fake::Fake`] in tests).
+    pub fn with_backend(backend: Box<dyn Backend>) -> Tables {
         Tables {
-            nft,
+            backend,
             live: None,
             max_ops: MAX_OPS,
-            netlink_refused: None,
         }
     }
 
@@ -366,8 +367,19 @@ impl Tables {
         self
     }
 
-    pub fn nft(&mut self) -> &mut Nft {
-        &mut self.nft
+    /// The libnftables runner of the text path (None for a backend without one).
+    pub fn nft(&mut self) -> Option<&mut Nft> {
+        self.backend.nft()
+    }
+
+    /// The backend the changes go through.
+    pub fn backend(&mut self) -> &mut dyn Backend {
+        &mut *self.backend
+    }
+
+    /// Frees what the backend caches between changes (libnftables' copy of the ruleset).
+    pub fn release_cache(&mut self) {
+        self.backend.release_cache();
     }
 
     /// Forgets what we know of the kernel's tables: the next apply reads them back first.
@@ -378,14 +390,14 @@ impl Tables {
     /// The kernel's reason for refusing the last netlink batch that was then applied as text
     /// (taken: reported once).
     pub fn netlink_refused(&mut self) -> Option<String> {
-        self.netlink_refused.take()
+        self.backend.take_refusal()
     }
 
     /// Reads every table of ferry's that the kernel has.
     fn read(&mut self) -> Result<BTreeMap<String, LiveState>, NftError> {
         let mut live = BTreeMap::new();
-        for name in ferry_tables(&mut self.nft)? {
-            let l = read_live_table(&mut self.nft, &name)?;
+        for name in ferry_tables_in(&mut *self.backend)? {
+            let l = self.backend.read_table(&name)?;
             if l.table {
                 live.insert(name, l);
             }
@@ -478,8 +490,7 @@ impl Tables {
         result.map(|_| applied)
     }
 
-    /// Sends the transactions in order; the one-table layout falls back to libnftables' text
-    /// when netlink is refused or unavailable.
+    /// Sends the transactions in order (the backend chooses the path: see [`Fallback`]).
     fn commit(
         &mut self,
         changes: &[TableChange<'_>],
@@ -489,42 +500,22 @@ impl Tables {
         for txn in txns {
             let mut steps = Vec::new();
             for p in &txn.parts {
-                let rs = changes[p.table].rs;
+                let c = &changes[p.table];
                 if p.create {
-                    steps.push(encode::Step::CreateTable(rs));
+                    steps.push(Step::CreateTable(c.rs));
                 }
-                steps.push(encode::Step::Ops(rs, &p.ops));
+                steps.push(Step::Ops {
+                    rs: c.rs,
+                    ops: &p.ops,
+                    live: c.live,
+                });
             }
             for d in &txn.delete {
-                steps.push(encode::Step::DeleteTable(d));
+                steps.push(Step::DeleteTable(d));
             }
-            let sent = match encode::steps(&steps) {
-                Ok(batch) => {
-                    let t = Instant::now();
-                    let r = netlink::send_batch(&batch);
-                    applied.longest = applied.longest.max(t.elapsed());
-                    r
-                }
-                Err(e) => Err(NftError::Unavailable(format!("not encodable: {}", e.0))),
-            };
-            match sent {
-                Ok(()) => applied.transactions += 1,
-                Err(e) => {
-                    let one_table = changes.len() == 1 && changes[0].rs.table_name() == TABLE;
-                    if !one_table || txns.iter().any(|t| !t.delete.is_empty()) {
-                        return Err(e);
-                    }
-                    if let NftError::Failed(why) = &e {
-                        self.netlink_refused = Some(why.clone());
-                    }
-                    // The rest as text, in one transaction, from what the kernel holds now.
-                    let rs = changes[0].rs;
-                    let l = read_live_table(&mut self.nft, TABLE)?;
-                    self.nft.run(&diff(&l, rs).script)?;
-                    applied.transactions += 1;
-                    return Ok(());
-                }
-            }
+            let took = self.backend.commit(&steps)?;
+            applied.longest = applied.longest.max(took);
+            applied.transactions += 1;
         }
         Ok(())
     }
@@ -542,27 +533,18 @@ fn add_counts(sum: &mut Changes, ch: &Changes, create: bool) {
 /// Removes every table of ferry's (the common one and the shards) in one transaction; the
 /// names removed.
 pub fn cleanup_all(nft: &mut Nft) -> Result<Vec<String>, NftError> {
-    let names = ferry_tables(nft)?;
+    cleanup_in(&mut Fallback::kernel_with(nft))
+}
+
+/// [`cleanup_all`] through `backend`.
+pub fn cleanup_in(backend: &mut dyn Backend) -> Result<Vec<String>, NftError> {
+    let names = ferry_tables_in(backend)?;
     if names.is_empty() {
         return Ok(names);
     }
-    let steps: Vec<encode::Step<'_>> = names.iter().map(|n| encode::Step::DeleteTable(n)).collect();
-    let sent = match encode::steps(&steps) {
-        Ok(b) => netlink::send_batch(&b),
-        Err(e) => Err(NftError::Unavailable(e.0)),
-    };
-    match sent {
-        Ok(()) => Ok(names),
-        Err(NftError::Unavailable(_)) => {
-            let script: String = names
-                .iter()
-                .map(|n| format!("delete table {FAMILY} {n}\n"))
-                .collect();
-            nft.run(&script)?;
-            Ok(names)
-        }
-        Err(e) => Err(e),
-    }
+    let steps: Vec<Step<'_>> = names.iter().map(|n| Step::DeleteTable(n)).collect();
+    backend.commit(&steps)?;
+    Ok(names)
 }
 
 #[cfg(test)]

@@ -280,7 +280,10 @@ fn incremental_changes_apply_on_top_of_what_the_kernel_has() {
             for round in 0..6 {
                 let (ra, rb) = two_tables(&mut runner, round);
 
-                dp.nft().run("flush ruleset\n").expect("flush ruleset");
+                dp.nft()
+                    .expect("libnftables")
+                    .run("flush ruleset\n")
+                    .expect("flush ruleset");
                 dp.resync();
                 dp.apply(&ra)
                     .unwrap_or_else(|e| panic!("round {round}: loading A refused: {e}"));
@@ -402,7 +405,7 @@ fn release_cache_keeps_applying() {
         sb[0].ports[0].endpoints.pop();
         let b = plan(&with_lb_pools(config()), &sb);
         dp.apply(&a).expect("load");
-        dp.nft().release_cache();
+        dp.release_cache();
         let ch = dp.apply(&b).expect("after release_cache");
         assert!(!ch.is_empty() && !ch.full, "{ch}");
         assert_kernel_holds(&b);
@@ -420,6 +423,7 @@ fn netlink_and_json_readers_agree_on_foreign_additions() {
             dp.apply(&rs).expect("load");
             // What a careless operator or another tool might add inside ferry's table.
             dp.nft()
+                .expect("libnftables")
                 .run(concat!(
                     "add chain inet ferry stray-input { type filter hook input priority 0; }\n",
                     "add chain inet ferry stray-empty\n",
@@ -475,6 +479,7 @@ fn netlink_and_json_readers_agree_on_foreign_additions() {
             // A protocol nft names from /etc/protocols reads back as its number, which the
             // differ's delete takes as well.
             dp.nft()
+                .expect("libnftables")
                 .run("add element inet ferry service-ips-v4 { 10.0.0.1 . 58 . 3 : drop }\n")
                 .expect("a stray element");
             let live = ferry_nft::netlink::read_live().expect("netlink");

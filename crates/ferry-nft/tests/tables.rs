@@ -206,6 +206,10 @@ fn a_refilled_chain_is_never_cut_from_its_flush_and_deletions_come_last() {
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// One kernel test at a time talks to libnftables (its name lookups are not thread-safe: see
+/// kernel.rs).
+static LIBNFT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A fresh network namespace, deleted on drop.
 struct Netns {
     name: String,
@@ -282,6 +286,7 @@ fn other_table_intact() {
 #[test]
 fn sharded_tables_load_in_chunks_change_in_one_transaction_and_shrink() {
     let test = "sharded_tables_load_in_chunks_change_in_one_transaction_and_shrink";
+    let _one = LIBNFT.lock().unwrap_or_else(|e| e.into_inner());
     let Some(ns) = Netns::new(test) else { return };
     ns.run(|| {
         nft("add table inet other\nadd chain inet other keep { type filter hook prerouting priority 0; }\n");
@@ -351,4 +356,40 @@ fn sharded_tables_load_in_chunks_change_in_one_transaction_and_shrink() {
             .is_empty());
         other_table_intact();
     });
+}
+
+#[test]
+fn a_refused_netlink_load_of_one_table_goes_as_text_in_chunks_and_shards_do_not() {
+    let test = "a_refused_netlink_load_of_one_table_goes_as_text_in_chunks_and_shards_do_not";
+    let _one = LIBNFT.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(ns) = Netns::new(test) else { return };
+    ns.run(|| {
+        let svcs = services(40);
+        let one = plan_sharded(&sharded(1), &svcs);
+        let mut dp = Tables::new(Nft::new()).with_max_ops(50);
+        dp.backend().spoil_netlink_batches();
+        let a = dp.apply(&refs(&one), None).expect("cold load as text");
+        assert!(a.transactions > 1, "{a}");
+        let why = dp.netlink_refused().expect("the kernel refused the batches");
+        assert!(why.contains("no-such-chain-ferry-test"), "{why}");
+        assert_kernel_holds(&one);
+        // A change, as text too.
+        let changed = plan_sharded(&sharded(1), &svcs[1..]);
+        let a = dp.apply(&refs(&changed), None).expect("a change as text");
+        assert_eq!(a.transactions, 1, "{a}");
+        assert_kernel_holds(&changed);
+
+        // Shard tables have no text path: the refusal is the error, and nothing changes.
+        let four = plan_sharded(&sharded(4), &svcs);
+        let r = dp.apply(&refs(&four), None);
+        assert!(
+            matches!(&r, Err(ferry_nft::NftError::Failed(w)) if w.contains("no-such-chain-ferry-test")),
+            "{r:?}"
+        );
+        assert_kernel_holds(&changed);
+    });
+}
+
+fn refs(tables: &[Ruleset]) -> Vec<&Ruleset> {
+    tables.iter().collect()
 }

@@ -1208,7 +1208,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
             };
             for (job, host) in job_rx {
                 let outcome = w.sync(job, &host);
-                w.dp.nft().release_cache();
+                w.dp.release_cache();
                 give_back_memory();
                 if done_tx.send(outcome).is_err() {
                     break;
