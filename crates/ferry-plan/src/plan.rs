@@ -977,20 +977,22 @@ fn common_elements(
 }
 
 /// [`plan_sharded`] incrementally: a [`Planner`] per shard holding only its services, and the
-/// common table's elements kept by who asks for them. A change re-plans the changed services
-/// only, and touches their shard (and the common table when their addresses change).
+/// common table made of the shards' own cluster IP elements (shared with them, not planned or
+/// kept twice). A change re-plans the changed services only, and touches their shard (and the
+/// common table when their addresses change).
 #[derive(Debug, Default)]
 pub struct ShardedPlanner {
     cfg: Option<PlanConfig>,
     shards: Vec<Planner>,
     common: Ruleset,
-    /// Service -> (hash of its resolved state, its common elements).
-    common_cache: std::collections::HashMap<ferry_model::ObjectRef, (u64, Vec<(Key, Key)>)>,
-    /// (set, key) -> the services asking for it, smallest first, with their element.
-    common_owners: std::collections::HashMap<
-        (Key, Key),
-        std::collections::BTreeMap<ferry_model::ObjectRef, std::sync::Arc<Element>>,
-    >,
+}
+
+/// The sets of the common table that hold elements: every service's cluster IPs and cluster
+/// IP . protocol . port (the same elements as in its shard).
+fn common_sets() -> impl Iterator<Item = String> {
+    FAMILIES
+        .into_iter()
+        .flat_map(|f| [names::cluster_ips(f), names::cluster_ip_ports(f)])
 }
 
 impl ShardedPlanner {
@@ -1010,8 +1012,6 @@ impl ShardedPlanner {
             .collect();
         self.common = skeleton(cfg);
         self.common.table = Some(TABLE.into());
-        self.common_cache.clear();
-        self.common_owners.clear();
     }
 
     /// Brings every table up to date (`cfg.shards` > 1); returns what changed in each, in
@@ -1026,58 +1026,23 @@ impl ShardedPlanner {
         cfg: &PlanConfig,
         services: impl IntoIterator<Item = &'s ResolvedService>,
     ) -> Vec<Touched> {
-        let services: Vec<&ResolvedService> = services.into_iter().collect();
         let mut common_touched = Touched::default();
         if self.cfg.as_ref() != Some(cfg) {
             self.configure(cfg);
             common_touched.full = true;
         }
         let n = self.shards.len() as u16;
-        // The common table.
-        let mut seen = std::collections::HashSet::with_capacity(services.len());
-        let mut changed: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)> = Vec::new();
-        for &svc in &services {
-            if !seen.insert(&svc.id) {
-                continue;
-            }
-            let hash = service_hash(svc);
-            if self
-                .common_cache
-                .get(&svc.id)
-                .is_some_and(|(h, _)| *h == hash)
-            {
-                continue;
-            }
-            changed.push((svc.id.clone(), Some(svc)));
-        }
-        for id in self.common_cache.keys() {
-            if !seen.contains(id) {
-                changed.push((id.clone(), None));
-            }
-        }
-        // Only the shards of changed (or gone) services are planned again.
-        let mut dirty = vec![common_touched.full; usize::from(n)];
-        for (id, _) in &changed {
-            dirty[usize::from(shard_of(id, n))] = true;
-        }
-        self.common_change(cfg, changed, &mut common_touched);
-        // The shards: each planner sees only its services.
-        let scfg = shard_config(cfg);
+        // Each planner sees only its services (an unchanged one costs it a hash).
         let mut mine: Vec<Vec<&ResolvedService>> = vec![Vec::new(); usize::from(n)];
-        for &svc in &services {
-            let k = usize::from(shard_of(&svc.id, n));
-            if dirty[k] {
-                mine[k].push(svc);
-            }
+        for svc in services {
+            mine[usize::from(shard_of(&svc.id, n))].push(svc);
         }
+        let scfg = shard_config(cfg);
         let mut out = vec![common_touched];
-        for ((p, svcs), dirty) in self.shards.iter_mut().zip(mine).zip(dirty) {
-            out.push(if dirty {
-                p.update_refs(&scfg, svcs).1
-            } else {
-                Touched::default()
-            });
+        for (p, svcs) in self.shards.iter_mut().zip(mine) {
+            out.push(p.update_refs(&scfg, svcs).1);
         }
+        self.settle_common(&mut out);
         out
     }
 
@@ -1103,35 +1068,16 @@ impl ShardedPlanner {
             }
         }
         let n = self.shards.len() as u16;
-        let removed: std::collections::HashSet<&ferry_model::ObjectRef> =
-            removed.into_iter().collect();
-        let mut seen = std::collections::HashSet::new();
-        let mut work: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)> = Vec::new();
         // Per shard: its changed services and its removed ones (only shards with some are
         // planned).
         let mut per_shard: Vec<(Vec<&ResolvedService>, Vec<&ferry_model::ObjectRef>)> =
             vec![(Vec::new(), Vec::new()); usize::from(n)];
         for svc in changed {
-            if removed.contains(&svc.id) || !seen.insert(&svc.id) {
-                continue;
-            }
             per_shard[usize::from(shard_of(&svc.id, n))].0.push(svc);
-            let hash = service_hash(svc);
-            if self
-                .common_cache
-                .get(&svc.id)
-                .is_none_or(|(h, _)| *h != hash)
-            {
-                work.push((svc.id.clone(), Some(svc)));
-            }
         }
         for id in removed {
-            if self.common_cache.contains_key(id) {
-                per_shard[usize::from(shard_of(id, n))].1.push(id);
-                work.push((id.clone(), None));
-            }
+            per_shard[usize::from(shard_of(id, n))].1.push(id);
         }
-        self.common_change(cfg, work, &mut common_touched);
         let scfg = shard_config(cfg);
         let fresh = common_touched.full;
         let mut out = vec![common_touched];
@@ -1142,58 +1088,63 @@ impl ShardedPlanner {
                 Touched::default()
             });
         }
+        self.settle_common(&mut out);
         Ok(out)
     }
 
-    /// Applies the changed (Some) and gone (None) services to the common table.
-    fn common_change(
-        &mut self,
-        cfg: &PlanConfig,
-        changed: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)>,
-        common_touched: &mut Touched,
-    ) {
-        for (id, svc) in changed {
-            let mut keys: Vec<(Key, Key)> = Vec::new();
-            if let Some((_, old)) = self.common_cache.remove(&id) {
-                for k in old {
-                    if let Some(who) = self.common_owners.get_mut(&k) {
-                        who.remove(&id);
+    /// Brings the common table's elements in line with the shards after they changed as
+    /// `touched` says (`touched[0]`, the common table's, gets what changed in it): each key
+    /// holds the element of its first owner by namespace/name over all shards (as [`plan`]).
+    fn settle_common(&mut self, touched: &mut [Touched]) {
+        let Some((common_touched, shards_touched)) = touched.split_first_mut() else {
+            return;
+        };
+        let everything = common_touched.full || shards_touched.iter().any(|t| t.full);
+        for set in common_sets() {
+            let keys: BTreeSet<Key> = if everything {
+                let mut all: BTreeSet<Key> = self
+                    .common
+                    .sets
+                    .get(&set)
+                    .map(|s| s.elements.keys().cloned().collect())
+                    .unwrap_or_default();
+                for p in &self.shards {
+                    if let Some(s) = p.rs.sets.get(&set) {
+                        all.extend(s.elements.keys().cloned());
                     }
-                    keys.push(k);
                 }
-            }
-            if let Some(svc) = svc {
-                let els = common_elements(cfg, svc);
-                let mine: Vec<(Key, Key)> =
-                    els.iter().map(|(s, k, _)| (s.clone(), k.clone())).collect();
-                for (set, key, el) in els {
-                    self.common_owners
-                        .entry((set.clone(), key.clone()))
-                        .or_default()
-                        .insert(id.clone(), el);
-                    keys.push((set, key));
-                }
-                self.common_cache.insert(id, (service_hash(svc), mine));
-            }
-            for (set, key) in keys {
+                all
+            } else {
+                shards_touched
+                    .iter()
+                    .filter_map(|t| t.elements.get(&set))
+                    .flatten()
+                    .cloned()
+                    .collect()
+            };
+            let set_key: Key = set.as_str().into();
+            for key in keys {
                 let first = self
-                    .common_owners
-                    .get(&(set.clone(), key.clone()))
-                    .and_then(|who| who.values().next().cloned());
-                if first.is_none() {
-                    self.common_owners.remove(&(set.clone(), key.clone()));
-                }
-                if let Some(s) = self.common.sets.get_mut(&*set) {
-                    match first {
-                        Some(el) => {
-                            s.elements.insert(key.clone(), el);
+                    .shards
+                    .iter()
+                    .filter_map(|p| p.first_owner(&set_key, &key))
+                    .min_by(|a, b| a.0.cmp(b.0));
+                let Some(s) = self.common.sets.get_mut(&set) else {
+                    continue;
+                };
+                match first {
+                    Some((_, k, el)) => {
+                        if s.elements.get(&key) != Some(&el) {
+                            s.elements.insert(k, el);
+                            common_touched.element(&set, &key);
                         }
-                        None => {
-                            s.elements.remove(&key);
+                    }
+                    None => {
+                        if s.elements.remove(&key).is_some() {
+                            common_touched.element(&set, &key);
                         }
                     }
                 }
-                common_touched.element(&set, &key);
             }
         }
     }
@@ -1326,6 +1277,18 @@ impl Planner {
         &self.rs
     }
 
+    /// The first service (by namespace/name) asking for the element `key` of `set`, with the
+    /// element's key and what it holds (shared with the table).
+    fn first_owner(
+        &self,
+        set: &Key,
+        key: &Key,
+    ) -> Option<(&ferry_model::ObjectRef, Key, std::sync::Arc<Element>)> {
+        let id = self.owners.get(&(set.clone(), key.clone()))?.first()?;
+        let (k, el) = self.rs.sets.get(&**set)?.elements.get_key_value(key)?;
+        Some((id, k.clone(), el.clone()))
+    }
+
     /// The planned table (a copy; [`Planner::update`] avoids it).
     pub fn plan(&mut self, cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
         self.update(cfg, services);
@@ -1355,7 +1318,7 @@ impl Planner {
         }
         let mut seen = std::collections::HashSet::with_capacity(services.size_hint().0);
         for svc in services {
-            if !seen.insert(svc.id.clone()) {
+            if !seen.insert(&svc.id) {
                 continue; // the same service twice: the first one counts
             }
             self.put(cfg, svc, &mut touched);
