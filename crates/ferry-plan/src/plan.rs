@@ -516,17 +516,59 @@ pub struct Fragment {
     pub sets: Vec<Set>,
     /// (set name, key text, element): the key and element are the ones the table holds.
     pub elements: Vec<(Key, Key, std::sync::Arc<Element>)>,
-    /// Endpoint addresses that may reach themselves through the service.
-    pub hairpins: BTreeSet<IpAddr>,
+    /// Endpoint addresses that may reach themselves through the service (sorted, once each).
+    pub hairpins: Vec<IpAddr>,
+}
+
+/// The name of one of the skeleton's sets as an element's set (see [`Fragment::elements`]):
+/// shared by every element of that set, not allocated per element.
+fn set_key(name: &str) -> Key {
+    static KEYS: std::sync::OnceLock<Vec<Key>> = std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        use names::*;
+        FAMILIES
+            .into_iter()
+            .flat_map(|f| {
+                [
+                    service_ips(f),
+                    service_nodeports(f),
+                    nodeport_ips(f),
+                    no_endpoint_services(f),
+                    no_endpoint_nodeports(f),
+                    cluster_ips(f),
+                    cluster_ip_ports(f),
+                    lb_pools(f),
+                    hairpin(f),
+                    firewall_ips(f),
+                    affinity_frontends(f),
+                ]
+            })
+            .map(Key::from)
+            .collect()
+    });
+    keys.iter()
+        .find(|k| ***k == *name)
+        .cloned()
+        .unwrap_or_else(|| name.into())
 }
 
 impl Fragment {
     fn insert(&mut self, set: &str, key: Vec<Value>, verdict: Option<Verdict>, comment: String) {
         self.elements.push((
-            set.into(),
+            set_key(set),
             key_text(&key).into(),
             Element::shared(verdict, comment),
         ));
+    }
+    /// Kept until the service changes: no spare capacity, each hairpin once.
+    fn finish(mut self) -> Fragment {
+        self.hairpins.sort_unstable();
+        self.hairpins.dedup();
+        self.hairpins.shrink_to_fit();
+        self.elements.shrink_to_fit();
+        self.chains.shrink_to_fit();
+        self.sets.shrink_to_fit();
+        self
     }
     fn add_chain(&mut self, mut c: Chain) {
         // Kept until the service changes: no spare capacity.
@@ -542,7 +584,7 @@ impl Fragment {
 /// kube-proxy's two per-family proxiers do).
 pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
     if !svc.is_dual_stack() {
-        return plan_family(cfg, svc, "");
+        return plan_family(cfg, svc, "").finish();
     }
     let mut fr = Fragment::default();
     for view in svc.families() {
@@ -557,7 +599,7 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         fr.elements.extend(part.elements);
         fr.hairpins.extend(part.hairpins);
     }
-    fr
+    fr.finish()
 }
 
 /// Plans one family of a service (`svc` holds that family's addresses and endpoints only;
@@ -1223,12 +1265,16 @@ impl std::error::Error for NeedsFullUpdate {}
 pub struct Planner {
     cfg: Option<PlanConfig>,
     rs: Ruleset,
-    /// Service -> (hash of its resolved state, its fragment).
-    cache: std::collections::HashMap<ferry_model::ObjectRef, (u64, Fragment)>,
+    /// Service -> (hash of its resolved state, its fragment). The name is shared with
+    /// `owners`.
+    cache: std::collections::HashMap<std::sync::Arc<ferry_model::ObjectRef>, (u64, Fragment)>,
     /// (set, key) -> the services that ask for that element (what each asks for is in its
     /// fragment: kept once, not copied here).
     /// Sorted, and almost always of one: a Vec costs a fraction of a BTreeSet's node.
-    owners: std::collections::HashMap<(Key, Key), smallvec::SmallVec<[ferry_model::ObjectRef; 1]>>,
+    owners: std::collections::HashMap<
+        (Key, Key),
+        smallvec::SmallVec<[std::sync::Arc<ferry_model::ObjectRef>; 1]>,
+    >,
     /// Hairpin address -> how many services have it as an endpoint.
     hairpins: std::collections::HashMap<IpAddr, u32>,
     /// The table planned (None: [`TABLE`]).
@@ -1284,7 +1330,7 @@ impl Planner {
         set: &Key,
         key: &Key,
     ) -> Option<(&ferry_model::ObjectRef, Key, std::sync::Arc<Element>)> {
-        let id = self.owners.get(&(set.clone(), key.clone()))?.first()?;
+        let id = &**self.owners.get(&(set.clone(), key.clone()))?.first()?;
         let (k, el) = self.rs.sets.get(&**set)?.elements.get_key_value(key)?;
         Some((id, k.clone(), el.clone()))
     }
@@ -1326,8 +1372,8 @@ impl Planner {
         let gone: Vec<ferry_model::ObjectRef> = self
             .cache
             .keys()
-            .filter(|id| !seen.contains(*id))
-            .cloned()
+            .filter(|id| !seen.contains(&***id))
+            .map(|id| (**id).clone())
             .collect();
         for id in gone {
             self.forget(&id, &mut touched);
@@ -1393,8 +1439,9 @@ impl Planner {
         }
         self.forget(&svc.id, touched);
         let fr = plan_service(cfg, svc);
-        self.cache.insert(svc.id.clone(), (hash, fr));
-        self.add(&svc.id, touched);
+        let id = std::sync::Arc::new(svc.id.clone());
+        self.cache.insert(id.clone(), (hash, fr));
+        self.add(&id, touched);
     }
 
     /// Takes the service `id` (if planned) out of the table.
@@ -1405,7 +1452,7 @@ impl Planner {
     }
 
     /// Adds the fragment cached for `id` to the table.
-    fn add(&mut self, id: &ferry_model::ObjectRef, t: &mut Touched) {
+    fn add(&mut self, id: &std::sync::Arc<ferry_model::ObjectRef>, t: &mut Touched) {
         let Planner {
             rs,
             cache,
@@ -1413,7 +1460,9 @@ impl Planner {
             hairpins,
             ..
         } = self;
-        let Some((_, fr)) = cache.get(id) else { return };
+        let Some((_, fr)) = cache.get(&**id) else {
+            return;
+        };
         for s in &fr.sets {
             // A set is new to the kernel: the differ compares everything (see diff_touched).
             rs.sets.insert(s.name.clone(), s.clone());
@@ -1453,7 +1502,7 @@ impl Planner {
         for (set, key, _) in &fr.elements {
             let k = (set.clone(), key.clone());
             if let Some(who) = self.owners.get_mut(&k) {
-                if let Ok(at) = who.binary_search(id) {
+                if let Ok(at) = who.binary_search_by(|w| (**w).cmp(id)) {
                     who.remove(at);
                 }
                 Self::settle(&mut self.rs, &self.cache, set, key, who);
@@ -1480,15 +1529,15 @@ impl Planner {
     /// The element a key holds: the first owner's (by namespace/name), or none.
     fn settle(
         rs: &mut Ruleset,
-        cache: &std::collections::HashMap<ferry_model::ObjectRef, (u64, Fragment)>,
+        cache: &std::collections::HashMap<std::sync::Arc<ferry_model::ObjectRef>, (u64, Fragment)>,
         set: &Key,
         key: &Key,
-        owners: &[ferry_model::ObjectRef],
+        owners: &[std::sync::Arc<ferry_model::ObjectRef>],
     ) {
         let first = owners
             .iter()
             .next()
-            .and_then(|id| cache.get(id))
+            .and_then(|id| cache.get(&**id))
             .and_then(|(_, fr)| {
                 fr.elements
                     .iter()
