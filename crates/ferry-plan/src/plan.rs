@@ -1275,7 +1275,9 @@ pub struct Planner {
         (Key, Key),
         smallvec::SmallVec<[std::sync::Arc<ferry_model::ObjectRef>; 1]>,
     >,
-    /// Hairpin address -> how many services have it as an endpoint.
+    /// Hairpin address -> how many services besides the first have it as an endpoint (the
+    /// table's hairpin set holds the addresses of one service or more: an address of one,
+    /// the usual case, costs nothing here).
     hairpins: std::collections::HashMap<IpAddr, u32>,
     /// The table planned (None: [`TABLE`]).
     table: Option<Key>,
@@ -1480,13 +1482,15 @@ impl Planner {
             t.element(set, key);
         }
         for a in &fr.hairpins {
-            let n = hairpins.entry(*a).or_insert(0);
-            *n += 1;
-            if *n == 1 {
-                let set = names::hairpin(Family::of(*a));
-                let key: Key = key_text(&[Value::Ip(*a), Value::Ip(*a)]).into();
+            let set = names::hairpin(Family::of(*a));
+            let key = key_text(&[Value::Ip(*a), Value::Ip(*a)]);
+            let s = rs.set_mut(&set);
+            if s.elements.contains_key(key.as_str()) {
+                *hairpins.entry(*a).or_insert(0) += 1;
+            } else {
+                let key: Key = key.into();
                 t.element(&set, &key);
-                rs.set_mut(&set).elements.insert(key, Element::bare());
+                s.elements.insert(key, Element::bare());
             }
         }
     }
@@ -1514,14 +1518,17 @@ impl Planner {
         }
         for a in &fr.hairpins {
             if let Some(n) = self.hairpins.get_mut(a) {
+                // Another service still has it.
                 *n -= 1;
                 if *n == 0 {
                     self.hairpins.remove(a);
-                    let set = names::hairpin(Family::of(*a));
-                    let key: Key = key_text(&[Value::Ip(*a), Value::Ip(*a)]).into();
-                    self.rs.set_mut(&set).elements.remove(&key);
-                    t.element(&set, &key);
                 }
+                continue;
+            }
+            let set = names::hairpin(Family::of(*a));
+            let key: Key = key_text(&[Value::Ip(*a), Value::Ip(*a)]).into();
+            if self.rs.set_mut(&set).elements.remove(&key).is_some() {
+                t.element(&set, &key);
             }
         }
     }
