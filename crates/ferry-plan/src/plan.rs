@@ -1189,6 +1189,9 @@ impl ShardedPlanner {
                 }
             }
         }
+        if everything {
+            compact_sets(&mut self.common);
+        }
     }
 }
 
@@ -1281,6 +1284,17 @@ pub struct Planner {
     hairpins: std::collections::HashMap<IpAddr, u32>,
     /// The table planned (None: [`TABLE`]).
     table: Option<Key>,
+}
+
+/// Rebuilds the sets' element maps packed: filled one element at a time (a whole table
+/// planned afresh), their nodes are a third empty; built from their sorted elements, full.
+/// Costs a pass over the elements (they are moved, not copied).
+fn compact_sets(rs: &mut Ruleset) {
+    for s in rs.sets.values_mut() {
+        if s.elements.len() > 64 {
+            s.elements = std::mem::take(&mut s.elements).into_iter().collect();
+        }
+    }
 }
 
 /// A stable 64-bit hash of everything planning reads from a service.
@@ -1379,6 +1393,9 @@ impl Planner {
             .collect();
         for id in gone {
             self.forget(&id, &mut touched);
+        }
+        if touched.full {
+            compact_sets(&mut self.rs);
         }
         (&self.rs, touched)
     }
