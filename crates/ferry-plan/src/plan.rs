@@ -1270,7 +1270,8 @@ pub struct Planner {
     rs: Ruleset,
     /// Service -> (hash of its resolved state, its fragment). The name is shared with
     /// `owners`.
-    cache: std::collections::HashMap<std::sync::Arc<ferry_model::ObjectRef>, (u64, Fragment)>,
+    /// Boxed: the map's spare slots then cost a pointer each, not a fragment.
+    cache: std::collections::HashMap<std::sync::Arc<ferry_model::ObjectRef>, Box<(u64, Fragment)>>,
     /// (set, key) -> the services that ask for that element (what each asks for is in its
     /// fragment: kept once, not copied here).
     /// Sorted, and almost always of one: a Vec costs a fraction of a BTreeSet's node.
@@ -1453,20 +1454,20 @@ impl Planner {
     /// Plans `svc` into the table unless it is planned already as it is.
     fn put(&mut self, cfg: &PlanConfig, svc: &ResolvedService, touched: &mut Touched) {
         let hash = service_hash(svc);
-        if self.cache.get(&svc.id).is_some_and(|(h, _)| *h == hash) {
+        if self.cache.get(&svc.id).is_some_and(|c| c.0 == hash) {
             return;
         }
         self.forget(&svc.id, touched);
         let fr = plan_service(cfg, svc);
         let id = std::sync::Arc::new(svc.id.clone());
-        self.cache.insert(id.clone(), (hash, fr));
+        self.cache.insert(id.clone(), Box::new((hash, fr)));
         self.add(&id, touched);
     }
 
     /// Takes the service `id` (if planned) out of the table.
     fn forget(&mut self, id: &ferry_model::ObjectRef, touched: &mut Touched) {
-        if let Some((_, old)) = self.cache.remove(id) {
-            self.remove(id, &old, touched);
+        if let Some(old) = self.cache.remove(id) {
+            self.remove(id, &old.1, touched);
         }
     }
 
@@ -1479,7 +1480,7 @@ impl Planner {
             hairpins,
             ..
         } = self;
-        let Some((_, fr)) = cache.get(&**id) else {
+        let Some(fr) = cache.get(&**id).map(|c| &c.1) else {
             return;
         };
         for s in &fr.sets {
@@ -1553,7 +1554,10 @@ impl Planner {
     /// The element a key holds: the first owner's (by namespace/name), or none.
     fn settle(
         rs: &mut Ruleset,
-        cache: &std::collections::HashMap<std::sync::Arc<ferry_model::ObjectRef>, (u64, Fragment)>,
+        cache: &std::collections::HashMap<
+            std::sync::Arc<ferry_model::ObjectRef>,
+            Box<(u64, Fragment)>,
+        >,
         set: &Key,
         key: &Key,
         owners: &[std::sync::Arc<ferry_model::ObjectRef>],
@@ -1562,8 +1566,8 @@ impl Planner {
             .iter()
             .next()
             .and_then(|id| cache.get(&**id))
-            .and_then(|(_, fr)| {
-                fr.elements
+            .and_then(|c| {
+                c.1.elements
                     .iter()
                     .find(|(s, k, _)| s == set && k == key)
                     .map(|(_, _, e)| e)
