@@ -13,11 +13,13 @@
 # Goal (issue 6): under 0.5% of one core, RSS under 20 MiB.
 # Also reported: the peak RSS (VmHWM: the first sync's high-water mark, with everything read).
 # Needs root. Usage: bench/idle.sh [--services N] [--endpoints E] [--seconds S] [--settle S]
-# [--exe PATH] [--heaptrack FILE]
+# [--exe PATH] [--heaptrack FILE] [--nft-shards N]
 # (without --exe: builds and measures target/release/ferry).
 # --heaptrack FILE: runs the agent under heaptrack (FILE.zst), ends it with SIGKILL after the
 # measurement and prints what it held then (heaptrack_print's "leaked"); the agent uses the C
 # library's malloc then (FERRY_MALLOC=system: heaptrack sees only malloc).
+# --nft-shards N: the agent's --nft-shards (default: its automatic count, 16 at 10,000
+# services; 1 for one table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +29,7 @@ seconds=60
 settle=3
 exe=""
 heaptrack=""
+shards=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --services) services="$2"; shift 2 ;;
@@ -35,10 +38,11 @@ while [ $# -gt 0 ]; do
     --settle) settle="$2"; shift 2 ;;
     --exe) exe="$2"; shift 2 ;;
     --heaptrack) heaptrack="$2"; shift 2 ;;
-    *) echo "bench/idle.sh: unknown argument $1 (--services N, --endpoints E, --seconds S, --settle S, --exe PATH, --heaptrack FILE)" >&2; exit 2 ;;
+    --nft-shards) shards="$2"; shift 2 ;;
+    *) echo "bench/idle.sh: unknown argument $1 (--services N, --endpoints E, --seconds S, --settle S, --exe PATH, --heaptrack FILE, --nft-shards N)" >&2; exit 2 ;;
   esac
 done
-for v in "$services" "$endpoints" "$seconds" "$settle"; do
+for v in "$services" "$endpoints" "$seconds" "$settle" "${shards:-0}"; do
   case "$v" in
     ''|*[!0-9]*) echo "bench/idle.sh: $v is not a whole number" >&2; exit 2 ;;
   esac
@@ -57,6 +61,8 @@ if [ -z "$exe" ]; then
   exe=./target/release/ferry
 fi
 exe=$(realpath "$exe")
+agent_args=()
+if [ -n "$shards" ]; then agent_args=(--nft-shards "$shards"); fi
 
 ns="ferry-idle-$$"
 dir=$(mktemp -d /tmp/ferry-idle.XXXXXX)
@@ -140,7 +146,7 @@ log="$dir/agent.log"
 if [ -n "$heaptrack" ]; then
   # heaptrack's script runs the agent as its child: the agent's PID is that child's.
   FERRY_MALLOC=system ip netns exec "$ns" heaptrack -o "$heaptrack" "$exe" agent --manifests "$m" --node n1 \
-    --state-dir "$dir/state" >"$log" 2>&1 &
+    --state-dir "$dir/state" "${agent_args[@]}" >"$log" 2>&1 &
   hpid=$!
   for _ in $(seq 100); do
     pid=$(awk -v p="$hpid" '$4 == p { print $1 }' /proc/[0-9]*/stat 2>/dev/null |
@@ -154,7 +160,7 @@ if [ -n "$heaptrack" ]; then
     exit 1
   fi
 else
-  ip netns exec "$ns" "$exe" agent --manifests "$m" --node n1 --state-dir "$dir/state" >"$log" 2>&1 &
+  ip netns exec "$ns" "$exe" agent --manifests "$m" --node n1 --state-dir "$dir/state" "${agent_args[@]}" >"$log" 2>&1 &
   pid=$!
 fi
 echo "agent: pid $pid in namespace $ns, $services services ($(find "$m" -type f | wc -l) files in $m)"

@@ -973,7 +973,7 @@ fn chain_rules(
                 None => format!("[{fp}]"),
             })
         } else {
-            r.comment.clone()
+            r.comment.as_deref().map(str::to_string)
         };
         rule(w, set_ids, next_id, &c.name, r, comment.as_deref())?;
     }

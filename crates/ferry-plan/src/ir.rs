@@ -419,7 +419,8 @@ pub struct Rule {
     /// rules then cost no allocation of their own.
     pub matches: smallvec::SmallVec<[Match; 2]>,
     pub action: Action,
-    pub comment: Option<String>,
+    /// Boxed (no spare capacity): 8 bytes less on each of 100,000 endpoint rules.
+    pub comment: Option<Box<str>>,
 }
 
 impl Rule {
@@ -432,7 +433,7 @@ impl Rule {
         }
     }
     pub fn with_comment(mut self, c: impl Into<String>) -> Rule {
-        self.comment = Some(c.into());
+        self.comment = Some(c.into().into_boxed_str());
         self
     }
 
@@ -639,10 +640,13 @@ impl Chain {
         for (i, r) in self.rules.iter().enumerate() {
             let line = if i == 0 {
                 let mut r = r.clone();
-                r.comment = Some(match &r.comment {
-                    Some(c) => format!("{} [{fp}]", c.chars().take(100).collect::<String>()),
-                    None => format!("[{fp}]"),
-                });
+                r.comment = Some(
+                    match &r.comment {
+                        Some(c) => format!("{} [{fp}]", c.chars().take(100).collect::<String>()),
+                        None => format!("[{fp}]"),
+                    }
+                    .into_boxed_str(),
+                );
                 r.render()
             } else {
                 r.render()
@@ -792,6 +796,12 @@ impl<T: Encode> Encode for Option<T> {
 }
 
 impl Encode for String {
+    fn encode(&self, out: &mut Vec<u8>) {
+        put_str(out, self);
+    }
+}
+
+impl Encode for Box<str> {
     fn encode(&self, out: &mut Vec<u8>) {
         put_str(out, self);
     }
@@ -1250,7 +1260,7 @@ mod tests {
             .prop_map(|(matches, action, comment)| Rule {
                 matches: matches.into(),
                 action,
-                comment,
+                comment: comment.map(String::into_boxed_str),
             })
     }
 

@@ -516,17 +516,59 @@ pub struct Fragment {
     pub sets: Vec<Set>,
     /// (set name, key text, element): the key and element are the ones the table holds.
     pub elements: Vec<(Key, Key, std::sync::Arc<Element>)>,
-    /// Endpoint addresses that may reach themselves through the service.
-    pub hairpins: BTreeSet<IpAddr>,
+    /// Endpoint addresses that may reach themselves through the service (sorted, once each).
+    pub hairpins: Vec<IpAddr>,
+}
+
+/// The name of one of the skeleton's sets as an element's set (see [`Fragment::elements`]):
+/// shared by every element of that set, not allocated per element.
+fn set_key(name: &str) -> Key {
+    static KEYS: std::sync::OnceLock<Vec<Key>> = std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        use names::*;
+        FAMILIES
+            .into_iter()
+            .flat_map(|f| {
+                [
+                    service_ips(f),
+                    service_nodeports(f),
+                    nodeport_ips(f),
+                    no_endpoint_services(f),
+                    no_endpoint_nodeports(f),
+                    cluster_ips(f),
+                    cluster_ip_ports(f),
+                    lb_pools(f),
+                    hairpin(f),
+                    firewall_ips(f),
+                    affinity_frontends(f),
+                ]
+            })
+            .map(Key::from)
+            .collect()
+    });
+    keys.iter()
+        .find(|k| ***k == *name)
+        .cloned()
+        .unwrap_or_else(|| name.into())
 }
 
 impl Fragment {
     fn insert(&mut self, set: &str, key: Vec<Value>, verdict: Option<Verdict>, comment: String) {
         self.elements.push((
-            set.into(),
+            set_key(set),
             key_text(&key).into(),
             Element::shared(verdict, comment),
         ));
+    }
+    /// Kept until the service changes: no spare capacity, each hairpin once.
+    fn finish(mut self) -> Fragment {
+        self.hairpins.sort_unstable();
+        self.hairpins.dedup();
+        self.hairpins.shrink_to_fit();
+        self.elements.shrink_to_fit();
+        self.chains.shrink_to_fit();
+        self.sets.shrink_to_fit();
+        self
     }
     fn add_chain(&mut self, mut c: Chain) {
         // Kept until the service changes: no spare capacity.
@@ -542,7 +584,7 @@ impl Fragment {
 /// kube-proxy's two per-family proxiers do).
 pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
     if !svc.is_dual_stack() {
-        return plan_family(cfg, svc, "");
+        return plan_family(cfg, svc, "").finish();
     }
     let mut fr = Fragment::default();
     for view in svc.families() {
@@ -557,7 +599,7 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         fr.elements.extend(part.elements);
         fr.hairpins.extend(part.hairpins);
     }
-    fr
+    fr.finish()
 }
 
 /// Plans one family of a service (`svc` holds that family's addresses and endpoints only;
@@ -977,20 +1019,22 @@ fn common_elements(
 }
 
 /// [`plan_sharded`] incrementally: a [`Planner`] per shard holding only its services, and the
-/// common table's elements kept by who asks for them. A change re-plans the changed services
-/// only, and touches their shard (and the common table when their addresses change).
+/// common table made of the shards' own cluster IP elements (shared with them, not planned or
+/// kept twice). A change re-plans the changed services only, and touches their shard (and the
+/// common table when their addresses change).
 #[derive(Debug, Default)]
 pub struct ShardedPlanner {
     cfg: Option<PlanConfig>,
     shards: Vec<Planner>,
     common: Ruleset,
-    /// Service -> (hash of its resolved state, its common elements).
-    common_cache: std::collections::HashMap<ferry_model::ObjectRef, (u64, Vec<(Key, Key)>)>,
-    /// (set, key) -> the services asking for it, smallest first, with their element.
-    common_owners: std::collections::HashMap<
-        (Key, Key),
-        std::collections::BTreeMap<ferry_model::ObjectRef, std::sync::Arc<Element>>,
-    >,
+}
+
+/// The sets of the common table that hold elements: every service's cluster IPs and cluster
+/// IP . protocol . port (the same elements as in its shard).
+fn common_sets() -> impl Iterator<Item = String> {
+    FAMILIES
+        .into_iter()
+        .flat_map(|f| [names::cluster_ips(f), names::cluster_ip_ports(f)])
 }
 
 impl ShardedPlanner {
@@ -1010,8 +1054,6 @@ impl ShardedPlanner {
             .collect();
         self.common = skeleton(cfg);
         self.common.table = Some(TABLE.into());
-        self.common_cache.clear();
-        self.common_owners.clear();
     }
 
     /// Brings every table up to date (`cfg.shards` > 1); returns what changed in each, in
@@ -1026,58 +1068,23 @@ impl ShardedPlanner {
         cfg: &PlanConfig,
         services: impl IntoIterator<Item = &'s ResolvedService>,
     ) -> Vec<Touched> {
-        let services: Vec<&ResolvedService> = services.into_iter().collect();
         let mut common_touched = Touched::default();
         if self.cfg.as_ref() != Some(cfg) {
             self.configure(cfg);
             common_touched.full = true;
         }
         let n = self.shards.len() as u16;
-        // The common table.
-        let mut seen = std::collections::HashSet::with_capacity(services.len());
-        let mut changed: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)> = Vec::new();
-        for &svc in &services {
-            if !seen.insert(&svc.id) {
-                continue;
-            }
-            let hash = service_hash(svc);
-            if self
-                .common_cache
-                .get(&svc.id)
-                .is_some_and(|(h, _)| *h == hash)
-            {
-                continue;
-            }
-            changed.push((svc.id.clone(), Some(svc)));
-        }
-        for id in self.common_cache.keys() {
-            if !seen.contains(id) {
-                changed.push((id.clone(), None));
-            }
-        }
-        // Only the shards of changed (or gone) services are planned again.
-        let mut dirty = vec![common_touched.full; usize::from(n)];
-        for (id, _) in &changed {
-            dirty[usize::from(shard_of(id, n))] = true;
-        }
-        self.common_change(cfg, changed, &mut common_touched);
-        // The shards: each planner sees only its services.
-        let scfg = shard_config(cfg);
+        // Each planner sees only its services (an unchanged one costs it a hash).
         let mut mine: Vec<Vec<&ResolvedService>> = vec![Vec::new(); usize::from(n)];
-        for &svc in &services {
-            let k = usize::from(shard_of(&svc.id, n));
-            if dirty[k] {
-                mine[k].push(svc);
-            }
+        for svc in services {
+            mine[usize::from(shard_of(&svc.id, n))].push(svc);
         }
+        let scfg = shard_config(cfg);
         let mut out = vec![common_touched];
-        for ((p, svcs), dirty) in self.shards.iter_mut().zip(mine).zip(dirty) {
-            out.push(if dirty {
-                p.update_refs(&scfg, svcs).1
-            } else {
-                Touched::default()
-            });
+        for (p, svcs) in self.shards.iter_mut().zip(mine) {
+            out.push(p.update_refs(&scfg, svcs).1);
         }
+        self.settle_common(&mut out);
         out
     }
 
@@ -1103,35 +1110,16 @@ impl ShardedPlanner {
             }
         }
         let n = self.shards.len() as u16;
-        let removed: std::collections::HashSet<&ferry_model::ObjectRef> =
-            removed.into_iter().collect();
-        let mut seen = std::collections::HashSet::new();
-        let mut work: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)> = Vec::new();
         // Per shard: its changed services and its removed ones (only shards with some are
         // planned).
         let mut per_shard: Vec<(Vec<&ResolvedService>, Vec<&ferry_model::ObjectRef>)> =
             vec![(Vec::new(), Vec::new()); usize::from(n)];
         for svc in changed {
-            if removed.contains(&svc.id) || !seen.insert(&svc.id) {
-                continue;
-            }
             per_shard[usize::from(shard_of(&svc.id, n))].0.push(svc);
-            let hash = service_hash(svc);
-            if self
-                .common_cache
-                .get(&svc.id)
-                .is_none_or(|(h, _)| *h != hash)
-            {
-                work.push((svc.id.clone(), Some(svc)));
-            }
         }
         for id in removed {
-            if self.common_cache.contains_key(id) {
-                per_shard[usize::from(shard_of(id, n))].1.push(id);
-                work.push((id.clone(), None));
-            }
+            per_shard[usize::from(shard_of(id, n))].1.push(id);
         }
-        self.common_change(cfg, work, &mut common_touched);
         let scfg = shard_config(cfg);
         let fresh = common_touched.full;
         let mut out = vec![common_touched];
@@ -1142,59 +1130,67 @@ impl ShardedPlanner {
                 Touched::default()
             });
         }
+        self.settle_common(&mut out);
         Ok(out)
     }
 
-    /// Applies the changed (Some) and gone (None) services to the common table.
-    fn common_change(
-        &mut self,
-        cfg: &PlanConfig,
-        changed: Vec<(ferry_model::ObjectRef, Option<&ResolvedService>)>,
-        common_touched: &mut Touched,
-    ) {
-        for (id, svc) in changed {
-            let mut keys: Vec<(Key, Key)> = Vec::new();
-            if let Some((_, old)) = self.common_cache.remove(&id) {
-                for k in old {
-                    if let Some(who) = self.common_owners.get_mut(&k) {
-                        who.remove(&id);
+    /// Brings the common table's elements in line with the shards after they changed as
+    /// `touched` says (`touched[0]`, the common table's, gets what changed in it): each key
+    /// holds the element of its first owner by namespace/name over all shards (as [`plan`]).
+    fn settle_common(&mut self, touched: &mut [Touched]) {
+        let Some((common_touched, shards_touched)) = touched.split_first_mut() else {
+            return;
+        };
+        let everything = common_touched.full || shards_touched.iter().any(|t| t.full);
+        for set in common_sets() {
+            let keys: BTreeSet<Key> = if everything {
+                let mut all: BTreeSet<Key> = self
+                    .common
+                    .sets
+                    .get(&set)
+                    .map(|s| s.elements.keys().cloned().collect())
+                    .unwrap_or_default();
+                for p in &self.shards {
+                    if let Some(s) = p.rs.sets.get(&set) {
+                        all.extend(s.elements.keys().cloned());
                     }
-                    keys.push(k);
                 }
-            }
-            if let Some(svc) = svc {
-                let els = common_elements(cfg, svc);
-                let mine: Vec<(Key, Key)> =
-                    els.iter().map(|(s, k, _)| (s.clone(), k.clone())).collect();
-                for (set, key, el) in els {
-                    self.common_owners
-                        .entry((set.clone(), key.clone()))
-                        .or_default()
-                        .insert(id.clone(), el);
-                    keys.push((set, key));
-                }
-                self.common_cache.insert(id, (service_hash(svc), mine));
-            }
-            for (set, key) in keys {
+                all
+            } else {
+                shards_touched
+                    .iter()
+                    .filter_map(|t| t.elements.get(&set))
+                    .flatten()
+                    .cloned()
+                    .collect()
+            };
+            let set_key: Key = set.as_str().into();
+            for key in keys {
                 let first = self
-                    .common_owners
-                    .get(&(set.clone(), key.clone()))
-                    .and_then(|who| who.values().next().cloned());
-                if first.is_none() {
-                    self.common_owners.remove(&(set.clone(), key.clone()));
-                }
-                if let Some(s) = self.common.sets.get_mut(&*set) {
-                    match first {
-                        Some(el) => {
-                            s.elements.insert(key.clone(), el);
+                    .shards
+                    .iter()
+                    .filter_map(|p| p.first_owner(&set_key, &key))
+                    .min_by(|a, b| a.0.cmp(b.0));
+                let Some(s) = self.common.sets.get_mut(&set) else {
+                    continue;
+                };
+                match first {
+                    Some((_, k, el)) => {
+                        if s.elements.get(&key) != Some(&el) {
+                            s.elements.insert(k, el);
+                            common_touched.element(&set, &key);
                         }
-                        None => {
-                            s.elements.remove(&key);
+                    }
+                    None => {
+                        if s.elements.remove(&key).is_some() {
+                            common_touched.element(&set, &key);
                         }
                     }
                 }
-                common_touched.element(&set, &key);
             }
+        }
+        if everything {
+            compact_sets(&mut self.common);
         }
     }
 }
@@ -1272,16 +1268,34 @@ impl std::error::Error for NeedsFullUpdate {}
 pub struct Planner {
     cfg: Option<PlanConfig>,
     rs: Ruleset,
-    /// Service -> (hash of its resolved state, its fragment).
-    cache: std::collections::HashMap<ferry_model::ObjectRef, (u64, Fragment)>,
+    /// Service -> (hash of its resolved state, its fragment). The name is shared with
+    /// `owners`.
+    /// Boxed: the map's spare slots then cost a pointer each, not a fragment.
+    cache: std::collections::HashMap<std::sync::Arc<ferry_model::ObjectRef>, Box<(u64, Fragment)>>,
     /// (set, key) -> the services that ask for that element (what each asks for is in its
     /// fragment: kept once, not copied here).
     /// Sorted, and almost always of one: a Vec costs a fraction of a BTreeSet's node.
-    owners: std::collections::HashMap<(Key, Key), smallvec::SmallVec<[ferry_model::ObjectRef; 1]>>,
-    /// Hairpin address -> how many services have it as an endpoint.
+    owners: std::collections::HashMap<
+        (Key, Key),
+        smallvec::SmallVec<[std::sync::Arc<ferry_model::ObjectRef>; 1]>,
+    >,
+    /// Hairpin address -> how many services besides the first have it as an endpoint (the
+    /// table's hairpin set holds the addresses of one service or more: an address of one,
+    /// the usual case, costs nothing here).
     hairpins: std::collections::HashMap<IpAddr, u32>,
     /// The table planned (None: [`TABLE`]).
     table: Option<Key>,
+}
+
+/// Rebuilds the sets' element maps packed: filled one element at a time (a whole table
+/// planned afresh), their nodes are a third empty; built from their sorted elements, full.
+/// Costs a pass over the elements (they are moved, not copied).
+fn compact_sets(rs: &mut Ruleset) {
+    for s in rs.sets.values_mut() {
+        if s.elements.len() > 64 {
+            s.elements = std::mem::take(&mut s.elements).into_iter().collect();
+        }
+    }
 }
 
 /// A stable 64-bit hash of everything planning reads from a service.
@@ -1326,6 +1340,18 @@ impl Planner {
         &self.rs
     }
 
+    /// The first service (by namespace/name) asking for the element `key` of `set`, with the
+    /// element's key and what it holds (shared with the table).
+    fn first_owner(
+        &self,
+        set: &Key,
+        key: &Key,
+    ) -> Option<(&ferry_model::ObjectRef, Key, std::sync::Arc<Element>)> {
+        let id = &**self.owners.get(&(set.clone(), key.clone()))?.first()?;
+        let (k, el) = self.rs.sets.get(&**set)?.elements.get_key_value(key)?;
+        Some((id, k.clone(), el.clone()))
+    }
+
     /// The planned table (a copy; [`Planner::update`] avoids it).
     pub fn plan(&mut self, cfg: &PlanConfig, services: &[ResolvedService]) -> Ruleset {
         self.update(cfg, services);
@@ -1355,7 +1381,7 @@ impl Planner {
         }
         let mut seen = std::collections::HashSet::with_capacity(services.size_hint().0);
         for svc in services {
-            if !seen.insert(svc.id.clone()) {
+            if !seen.insert(&svc.id) {
                 continue; // the same service twice: the first one counts
             }
             self.put(cfg, svc, &mut touched);
@@ -1363,11 +1389,14 @@ impl Planner {
         let gone: Vec<ferry_model::ObjectRef> = self
             .cache
             .keys()
-            .filter(|id| !seen.contains(*id))
-            .cloned()
+            .filter(|id| !seen.contains(&***id))
+            .map(|id| (**id).clone())
             .collect();
         for id in gone {
             self.forget(&id, &mut touched);
+        }
+        if touched.full {
+            compact_sets(&mut self.rs);
         }
         (&self.rs, touched)
     }
@@ -1425,24 +1454,25 @@ impl Planner {
     /// Plans `svc` into the table unless it is planned already as it is.
     fn put(&mut self, cfg: &PlanConfig, svc: &ResolvedService, touched: &mut Touched) {
         let hash = service_hash(svc);
-        if self.cache.get(&svc.id).is_some_and(|(h, _)| *h == hash) {
+        if self.cache.get(&svc.id).is_some_and(|c| c.0 == hash) {
             return;
         }
         self.forget(&svc.id, touched);
         let fr = plan_service(cfg, svc);
-        self.cache.insert(svc.id.clone(), (hash, fr));
-        self.add(&svc.id, touched);
+        let id = std::sync::Arc::new(svc.id.clone());
+        self.cache.insert(id.clone(), Box::new((hash, fr)));
+        self.add(&id, touched);
     }
 
     /// Takes the service `id` (if planned) out of the table.
     fn forget(&mut self, id: &ferry_model::ObjectRef, touched: &mut Touched) {
-        if let Some((_, old)) = self.cache.remove(id) {
-            self.remove(id, &old, touched);
+        if let Some(old) = self.cache.remove(id) {
+            self.remove(id, &old.1, touched);
         }
     }
 
     /// Adds the fragment cached for `id` to the table.
-    fn add(&mut self, id: &ferry_model::ObjectRef, t: &mut Touched) {
+    fn add(&mut self, id: &std::sync::Arc<ferry_model::ObjectRef>, t: &mut Touched) {
         let Planner {
             rs,
             cache,
@@ -1450,7 +1480,9 @@ impl Planner {
             hairpins,
             ..
         } = self;
-        let Some((_, fr)) = cache.get(id) else { return };
+        let Some(fr) = cache.get(&**id).map(|c| &c.1) else {
+            return;
+        };
         for s in &fr.sets {
             // A set is new to the kernel: the differ compares everything (see diff_touched).
             rs.sets.insert(s.name.clone(), s.clone());
@@ -1468,13 +1500,15 @@ impl Planner {
             t.element(set, key);
         }
         for a in &fr.hairpins {
-            let n = hairpins.entry(*a).or_insert(0);
-            *n += 1;
-            if *n == 1 {
-                let set = names::hairpin(Family::of(*a));
-                let key: Key = key_text(&[Value::Ip(*a), Value::Ip(*a)]).into();
+            let set = names::hairpin(Family::of(*a));
+            let key = key_text(&[Value::Ip(*a), Value::Ip(*a)]);
+            let s = rs.set_mut(&set);
+            if s.elements.contains_key(key.as_str()) {
+                *hairpins.entry(*a).or_insert(0) += 1;
+            } else {
+                let key: Key = key.into();
                 t.element(&set, &key);
-                rs.set_mut(&set).elements.insert(key, Element::bare());
+                s.elements.insert(key, Element::bare());
             }
         }
     }
@@ -1490,7 +1524,7 @@ impl Planner {
         for (set, key, _) in &fr.elements {
             let k = (set.clone(), key.clone());
             if let Some(who) = self.owners.get_mut(&k) {
-                if let Ok(at) = who.binary_search(id) {
+                if let Ok(at) = who.binary_search_by(|w| (**w).cmp(id)) {
                     who.remove(at);
                 }
                 Self::settle(&mut self.rs, &self.cache, set, key, who);
@@ -1502,14 +1536,17 @@ impl Planner {
         }
         for a in &fr.hairpins {
             if let Some(n) = self.hairpins.get_mut(a) {
+                // Another service still has it.
                 *n -= 1;
                 if *n == 0 {
                     self.hairpins.remove(a);
-                    let set = names::hairpin(Family::of(*a));
-                    let key: Key = key_text(&[Value::Ip(*a), Value::Ip(*a)]).into();
-                    self.rs.set_mut(&set).elements.remove(&key);
-                    t.element(&set, &key);
                 }
+                continue;
+            }
+            let set = names::hairpin(Family::of(*a));
+            let key: Key = key_text(&[Value::Ip(*a), Value::Ip(*a)]).into();
+            if self.rs.set_mut(&set).elements.remove(&key).is_some() {
+                t.element(&set, &key);
             }
         }
     }
@@ -1517,17 +1554,20 @@ impl Planner {
     /// The element a key holds: the first owner's (by namespace/name), or none.
     fn settle(
         rs: &mut Ruleset,
-        cache: &std::collections::HashMap<ferry_model::ObjectRef, (u64, Fragment)>,
+        cache: &std::collections::HashMap<
+            std::sync::Arc<ferry_model::ObjectRef>,
+            Box<(u64, Fragment)>,
+        >,
         set: &Key,
         key: &Key,
-        owners: &[ferry_model::ObjectRef],
+        owners: &[std::sync::Arc<ferry_model::ObjectRef>],
     ) {
         let first = owners
             .iter()
             .next()
-            .and_then(|id| cache.get(id))
-            .and_then(|(_, fr)| {
-                fr.elements
+            .and_then(|id| cache.get(&**id))
+            .and_then(|c| {
+                c.1.elements
                     .iter()
                     .find(|(s, k, _)| s == set && k == key)
                     .map(|(_, _, e)| e)
