@@ -268,7 +268,7 @@ fn rules_of(c: &Chain) -> Vec<FakeRule> {
                     None => format!("[{fp}]"),
                 })
             } else {
-                r.comment.clone()
+                r.comment.as_deref().map(str::to_string)
             };
             let mut bare = r.clone();
             bare.comment = None;
