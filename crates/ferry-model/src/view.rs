@@ -136,6 +136,17 @@ pub fn resolve(
     allocations: &BTreeMap<ObjectRef, Allocation>,
     slices: &[EndpointSlice],
 ) -> Vec<ResolvedService> {
+    resolve_refs(services, allocations, slices)
+}
+
+/// [`resolve`] of services held elsewhere (some of them changed copies: the agent's
+/// load-balancer addresses).
+pub fn resolve_refs<'s>(
+    services: impl IntoIterator<Item = &'s Service>,
+    allocations: &BTreeMap<ObjectRef, Allocation>,
+    slices: &[EndpointSlice],
+) -> Vec<ResolvedService> {
+    let services = services.into_iter();
     let mut by_service: BTreeMap<ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
         by_service
@@ -147,7 +158,7 @@ pub fn resolve(
             .push(s);
     }
     // Kept until the next sync (10,000 services): sized once, no spare room.
-    let mut out = Vec::with_capacity(services.len());
+    let mut out = Vec::with_capacity(services.size_hint().0);
     for svc in services {
         let id = svc.meta.object_ref();
         let Some(alloc) = allocations.get(&id) else {
@@ -425,6 +436,17 @@ impl Resolver {
         allocations: &BTreeMap<ObjectRef, Allocation>,
         slices: &[EndpointSlice],
     ) -> ResolvedChanges {
+        let refs: Vec<&Service> = services.iter().collect();
+        self.update_refs(&refs, allocations, slices)
+    }
+
+    /// [`Resolver::update`] of services held elsewhere.
+    pub fn update_refs(
+        &mut self,
+        services: &[&Service],
+        allocations: &BTreeMap<ObjectRef, Allocation>,
+        slices: &[EndpointSlice],
+    ) -> ResolvedChanges {
         self.pass += 1;
         let pass = self.pass;
         let mut by_service: fnv::FnvHashMap<(&str, &str), Vec<&EndpointSlice>> =
@@ -472,13 +494,13 @@ impl Resolver {
         let mut bulk: Option<std::collections::HashMap<ObjectRef, ResolvedService>> =
             (stale.len() > services.len() / 4).then(|| {
                 let mut m = std::collections::HashMap::new();
-                for r in resolve(services, allocations, slices) {
+                for r in resolve_refs(services.iter().copied(), allocations, slices) {
                     m.entry(r.id.clone()).or_insert(r);
                 }
                 m
             });
         for (i, fp) in stale {
-            let svc = &services[i];
+            let svc = services[i];
             let id = svc.meta.object_ref();
             let now = match &mut bulk {
                 Some(m) => m.remove(&id),
@@ -546,6 +568,24 @@ impl Resolver {
     /// Forgets every fingerprint: the next update resolves every service again (a resync).
     pub fn reset(&mut self) {
         self.known.clear();
+    }
+
+    /// Distrusts every fingerprint but keeps what each service resolved to: the next update
+    /// resolves every service again and still reports only the services that resolve
+    /// differently (a safety resync that also sees what fingerprints would miss).
+    pub fn invalidate(&mut self) {
+        for k in self.known.values_mut() {
+            k.inputs = None;
+        }
+    }
+
+    /// How many services resolve to rules.
+    pub fn len(&self) -> usize {
+        self.known.values().filter(|k| k.resolved.is_some()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

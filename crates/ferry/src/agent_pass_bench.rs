@@ -7,18 +7,14 @@
 //!     -- --ignored --nocapture
 //! ```
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use clap::Parser;
-use ferry_model::view::{resolve, Resolver};
 use ferry_model::{
     AddressType, ClusterIpSpec, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Meta,
     Node, NodeAddress, Protocol, Service, ServicePort, ServiceType, TargetPort,
 };
-use ferry_plan::plan::{Planner, DEFAULT_MASQUERADE_MARK};
-use ferry_plan::PlanConfig;
 
 use super::*;
 
@@ -98,17 +94,6 @@ fn snapshot(n: usize, eps: usize) -> Snapshot {
     snap
 }
 
-/// The allocations `compute` resolves with (no load balancers here).
-fn allocations_of(
-    snap: &Snapshot,
-) -> BTreeMap<ferry_model::ObjectRef, ferry_model::alloc::Allocation> {
-    ferry_kube::status::from_api(&snap.services, &PoolConfig::default())
-        .0
-        .into_iter()
-        .filter_map(|(r, a)| a.ok().map(|a| (r, a)))
-        .collect()
-}
-
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -116,6 +101,66 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
+}
+
+/// One more service of the generated kind (`i` beyond those of [`snapshot`]), and its slice.
+fn one_service(i: usize, eps: usize) -> (Service, EndpointSlice) {
+    let mut one = snapshot(1, eps);
+    let (Some(mut svc), Some(mut sl)) = (one.services.pop(), one.slices.pop()) else {
+        unreachable!("snapshot(1) has one service and one slice")
+    };
+    svc.meta.name = format!("svc-{i}");
+    svc.cluster_ip = ClusterIpSpec::Ip(ip(0x0a2b_0000 + i as u32 + 1));
+    sl.meta.name = format!("svc-{i}-abcde");
+    sl.service_name = format!("svc-{i}");
+    (svc, sl)
+}
+
+/// The stages of one agent pass as `Worker::sync` runs them, but the kernel write: the
+/// source's snapshot, pools and allocations, `compute`, and what the sync derives after.
+struct Timed {
+    stages: [(&'static str, f64); 4],
+    pass: Pass,
+    after: AfterPass,
+}
+
+fn agent_pass(
+    planner: &mut TablePlanner,
+    args: &AgentArgs,
+    source: &Snapshot,
+    host: &netwatch::HostNet,
+) -> Timed {
+    let t = Instant::now();
+    let snap = source.clone();
+    let t_source = ms(t);
+    let t = Instant::now();
+    let pools = load_pools(&snap, &args.service_cidr, host);
+    let allocated = ferry_kube::status::from_api(&snap.services, &pools.0);
+    let t_alloc = ms(t);
+    let t = Instant::now();
+    let mut pass = compute(planner, args, &snap, pools, allocated, host);
+    let t_compute = ms(t);
+    let t = Instant::now();
+    let changes = std::mem::take(&mut pass.changes);
+    let after = after_pass(
+        planner,
+        &changes.previous,
+        &changes.changed,
+        Some(&args.node),
+    );
+    pass.changes = changes;
+    let t_after = ms(t);
+    drop(snap);
+    Timed {
+        stages: [
+            ("source snapshot", t_source),
+            ("pools and allocations", t_alloc),
+            ("compute (resolve, plan, the rest)", t_compute),
+            ("after (stale UDP, counts, health checks)", t_after),
+        ],
+        pass,
+        after,
+    }
 }
 
 #[test]
@@ -133,35 +178,26 @@ fn agent_pass_at_scale() {
         gateways: vec![],
     };
     let mut snap = snapshot(n, 10);
-    let mut planner = crate::agent::TablePlanner::default();
-    // The first pass (cold).
+    let mut planner = TablePlanner::default();
     let t = Instant::now();
-    let pools = load_pools(&snap, &args.service_cidr, &host);
-    let allocated = ferry_kube::status::from_api(&snap.services, &pools.0);
-    let p = compute(&mut planner, &args, &snap, pools, allocated, &host);
+    let first = agent_pass(&mut planner, &args, &snap, &host);
     println!(
-        "agent pass at {n} services x 10 endpoints: first pass (compute) {:.0} ms",
-        ms(t)
+        "agent pass at {n} services x 10 endpoints: first pass {:.0} ms ({} services, {} endpoints)",
+        ms(t),
+        planner.services().count(),
+        first.after.endpoints
     );
-    let mut served = p.services;
-    // What the planner is configured with (as compute builds it), for the stages timed alone.
-    let cfg = PlanConfig {
-        node_name: "node-0".into(),
-        node_ips: vec!["192.168.2.11".parse().expect("an address")],
-        cluster_cidrs: args.cluster_cidr.clone(),
-        service_cidrs: args.service_cidr.clone(),
-        masquerade_mark: DEFAULT_MASQUERADE_MARK,
-        ..PlanConfig::default()
+    let shown = |name: &str, runs: &mut Vec<[(&'static str, f64); 4]>| {
+        let mut total: Vec<f64> = runs.iter().map(|r| r.iter().map(|s| s.1).sum()).collect();
+        println!("  {name}: {:.2} ms median pass", median(&mut total));
+        for k in 0..4 {
+            let mut v: Vec<f64> = runs.iter().map(|r| r[k].1).collect();
+            println!("    {}: {:.2} ms", runs[0][k].0, median(&mut v));
+        }
     };
-    let mut alone = Planner::default();
-    alone.update(&cfg, &served);
-    let mut resolver = Resolver::default();
-    resolver.update(&snap.services, &allocations_of(&snap), &snap.slices);
-    let mut delta_planner = Planner::default();
-    delta_planner.update(&cfg, &served);
-
-    let mut stages: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let mut put = |k: &'static str, v: f64| stages.entry(k).or_default().push(v);
+    let mut endpoint_runs = Vec::new();
+    let mut added_runs = Vec::new();
+    let mut removed_runs = Vec::new();
     for k in 0..9usize {
         // One endpoint changes: a new version of its slice.
         let victim = (k * 7919) % n;
@@ -169,81 +205,41 @@ fn agent_pass_at_scale() {
         sl.meta.resource_version = Some(format!("{}", k + 2));
         let e = &mut sl.endpoints[0];
         e.conditions.ready = !e.conditions.ready;
-
-        // Today's pass, stage by stage.
-        let t = Instant::now();
-        let copy = snap.clone();
-        put("1 source snapshot (a copy of every object)", ms(t));
-        let t = Instant::now();
-        let pools = load_pools(&copy, &args.service_cidr, &host);
-        let allocated = ferry_kube::status::from_api(&copy.services, &pools.0);
-        put("2 pools and allocations (from_api)", ms(t));
-        let t = Instant::now();
-        let p = compute(&mut planner, &args, &copy, pools, allocated, &host);
-        put("3 compute (resolve + Planner::update and the rest)", ms(t));
-        let t = Instant::now();
-        let stale = ferry_plan::plan::stale_udp_endpoints(&served, &p.services);
-        let counted = changes_between(&served, &p.services);
-        let checks = crate::healthcheck::wanted(&p.services, &args.node);
-        put("4 after: stale UDP, changes, health checks", ms(t));
-        assert!(stale.is_empty() && checks.is_empty());
-        assert_eq!(counted.0, 1, "one service changed");
+        let r = agent_pass(&mut planner, &args, &snap, &host);
+        assert_eq!(r.after.service_changes, 1, "one service changed");
         let mine = format!("bench/svc-{victim}/");
-        let only_mine = |t: &ferry_plan::plan::Touched| {
-            !t.chains.is_empty() && t.chains.iter().all(|c| c.contains(&mine))
-        };
-        // Over the agent's tables (one, or the shards and the common table).
-        let mut chains = p.touched.iter().flat_map(|t| t.chains.iter()).peekable();
+        let mut chains = r
+            .pass
+            .touched
+            .iter()
+            .flat_map(|t| t.chains.iter())
+            .peekable();
         let touched_mine = chains.peek().is_some() && chains.all(|c| c.contains(&mine));
-        assert!(touched_mine, "{:?}", p.touched);
-        served = p.services;
+        assert!(touched_mine, "{:?}", r.pass.touched);
+        endpoint_runs.push(r.stages);
 
-        // compute's two big parts alone, and what replaces them.
-        let allocations = allocations_of(&copy);
-        let t = Instant::now();
-        let resolved = resolve(&copy.services, &allocations, &copy.slices);
-        put("3a of compute: resolve", ms(t));
-        let t = Instant::now();
-        let touched = alone.update(&cfg, &resolved).1;
-        put(
-            "3b of compute: Planner::update (every service hashed)",
-            ms(t),
-        );
-        assert!(only_mine(&touched), "{touched:?}");
-        let t = Instant::now();
-        let ch = resolver.update(&copy.services, &allocations, &copy.slices);
-        put("5a instead of 3a: Resolver::update", ms(t));
-        assert_eq!(ch.changed.len(), 1);
-        assert_eq!(ch.resolved_again, 1);
-        let t = Instant::now();
-        let touched = delta_planner
-            .update_changed(&cfg, resolver.changed(&ch), &ch.removed)
-            .expect("the same configuration");
-        put("5b instead of 3b: Planner::update_changed", ms(t));
-        assert!(only_mine(&touched), "{touched:?}");
-        assert_eq!(delta_planner.ruleset(), alone.ruleset());
-        let t = Instant::now();
-        let now: Vec<ferry_model::view::ResolvedService> = resolver.changed(&ch).cloned().collect();
-        let stale = ferry_plan::plan::stale_udp_endpoints(&ch.previous, &now);
-        let counted = changes_between(&ch.previous, &now);
-        put(
-            "5e instead of 4 (but health checks): stale UDP, changes from what changed",
-            ms(t),
-        );
-        assert!(stale.is_empty());
-        assert_eq!(counted.0, 1, "one service changed");
-        let t = Instant::now();
-        let all: Vec<&ferry_model::view::ResolvedService> = resolver.services().collect();
-        put("5c every resolved service listed (borrowed)", ms(t));
-        let t = Instant::now();
-        let owned: Vec<ferry_model::view::ResolvedService> = all.into_iter().cloned().collect();
-        put(
-            "5d every resolved service copied (what Pass.services holds today)",
-            ms(t),
-        );
-        assert_eq!(owned.len(), n);
+        // One service added (with its slice).
+        let (svc, sl) = one_service(n + k, 10);
+        snap.services.push(svc);
+        snap.slices.push(sl);
+        let r = agent_pass(&mut planner, &args, &snap, &host);
+        assert_eq!(r.after.service_changes, 1, "one service added");
+        assert_eq!(planner.services().count(), n + 1);
+        added_runs.push(r.stages);
+
+        // ... and removed again.
+        snap.services.pop();
+        snap.slices.pop();
+        let r = agent_pass(&mut planner, &args, &snap, &host);
+        assert_eq!(r.after.service_changes, 1, "one service removed");
+        assert_eq!(planner.services().count(), n);
+        removed_runs.push(r.stages);
     }
-    for (k, v) in &mut stages {
-        println!("  {k}: {:.2} ms median", median(v));
-    }
+    shown("one endpoint changed", &mut endpoint_runs);
+    shown("one service added", &mut added_runs);
+    shown("one service removed", &mut removed_runs);
+    // The incremental passes planned what one full pass of the same snapshot plans.
+    let mut fresh = TablePlanner::default();
+    agent_pass(&mut fresh, &args, &snap, &host);
+    assert!(planner.tables() == fresh.tables(), "incremental != full");
 }

@@ -125,8 +125,10 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
         iif: None,
     };
     let outcomes = trace_tables(&tables, &pkt);
+    // A first pass: every service is a changed one, in the snapshot's order.
     let service = pass
-        .services
+        .changes
+        .changed
         .iter()
         .find(|s| {
             s.cluster_ips().any(|ip| ip == pkt.daddr)
