@@ -272,7 +272,7 @@ impl TablePlanner {
     fn resolve(
         &mut self,
         services: &[&ferry_model::Service],
-        allocations: &BTreeMap<ferry_model::ObjectRef, ferry_model::alloc::Allocation>,
+        allocations: ferry_model::view::Allocations<'_>,
         slices: &[ferry_model::EndpointSlice],
     ) -> ferry_model::view::ResolvedChanges {
         if self.full_next {
@@ -587,6 +587,16 @@ pub fn timestamp() -> String {
     )
 }
 
+/// A pass's allocations: cluster IPs, node ports, load-balancer addresses.
+pub enum Allocated {
+    /// Every service's, as an allocator gave them (the state directory of a manifest
+    /// directory; the API's, taken at once).
+    All(AllocResults, LbResults),
+    /// The API server's and the load-balancer controller's, in each Service: read only where
+    /// a Service changed (and from every LoadBalancer Service, for its addresses).
+    FromApi,
+}
+
 /// Everything one pass computes from a snapshot and its allocations.
 pub struct Pass {
     /// What the plan changed in each table (the tables themselves are the planner's).
@@ -617,11 +627,28 @@ pub fn compute(
     args: &AgentArgs,
     snap: &Snapshot,
     pools: (PoolConfig, Vec<ferry_model::pools::PoolError>),
-    allocated: (AllocResults, LbResults),
+    allocated: Allocated,
     host: &netwatch::HostNet,
 ) -> Pass {
     let (pools, pool_errors) = pools;
-    let (results, lb) = allocated;
+    let from_api = matches!(allocated, Allocated::FromApi);
+    let (results, lb) = match allocated {
+        Allocated::All(results, lb) => (results, lb),
+        // Only the Services that can be refused (no cluster IP yet) or have addresses: the
+        // others' allocations are read from them as the resolver needs them.
+        Allocated::FromApi => {
+            let few: Vec<ferry_model::Service> = snap
+                .services
+                .iter()
+                .filter(|s| {
+                    s.type_ == ferry_model::ServiceType::LoadBalancer
+                        || s.cluster_ip == ferry_model::ClusterIpSpec::Auto
+                })
+                .cloned()
+                .collect();
+            ferry_kube::status::from_api(&few, &pools)
+        }
+    };
     let mut diagnostics: Vec<Diagnostic> = Vec::new();
     for e in &snap.errors {
         diagnostics.push(Diagnostic {
@@ -647,18 +674,14 @@ pub fn compute(
             message: e.to_string(),
         });
     }
-    let mut allocations = BTreeMap::new();
-    for (r, res) in results {
-        match res {
-            Ok(a) => {
-                allocations.insert(r, a);
-            }
-            Err(e) => diagnostics.push(Diagnostic {
+    for (r, res) in &results {
+        if let Err(e) = res {
+            diagnostics.push(Diagnostic {
                 severity: Severity::Error,
                 object: Some(format!("Service {r}")),
                 reason: "Rejected",
                 message: e.to_string(),
-            }),
+            });
         }
     }
     // Load-balancer addresses become the services' ingress addresses: those services are
@@ -750,7 +773,18 @@ pub fn compute(
     for (iface, ip) in &host.addrs {
         never_announce.insert(*ip, format!("this node's own address (on {iface})"));
     }
-    let changes = planner.resolve(&services, &allocations, &snap.slices);
+    let of_spec = |svc: &ferry_model::Service| {
+        ferry_kube::status::from_api(std::slice::from_ref(svc), &pools)
+            .0
+            .into_values()
+            .next()
+            .and_then(Result::ok)
+    };
+    let allocations = match from_api {
+        true => ferry_model::view::Allocations::FromSpec(&of_spec),
+        false => ferry_model::view::Allocations::Results(&results),
+    };
+    let changes = planner.resolve(&services, allocations, &snap.slices);
     let resolved_count = planner.resolver.len();
     let this_node = snap.nodes.iter().find(|n| n.meta.name == args.node);
     let (cluster_cidrs, local_interface) = match args.local_traffic(this_node) {
@@ -1106,16 +1140,17 @@ impl Worker {
         };
         let pools = load_pools(&snap, &args.service_cidr, host);
         let allocated = if from_api {
-            ferry_kube::status::from_api(&snap.services, &pools.0)
+            Allocated::FromApi
         } else {
-            self.store.sync(
+            let (results, lb) = self.store.sync(
                 &snap.services,
                 &snap.namespaces,
                 &pools.0,
                 &args.alloc_config(),
                 source::now_ms(),
                 source::now_ms(),
-            )?
+            )?;
+            Allocated::All(results, lb)
         };
         let mut p = compute(&mut self.planner, args, &snap, pools, allocated, host);
         let t_plan = t0.elapsed();
@@ -2084,7 +2119,11 @@ mod tests {
                     ..Meta::default()
                 },
                 type_,
-                cluster_ip: ClusterIpSpec::Ip(ip(&format!("10.43.0.{}", 10 + k))),
+                // Variant 5: no cluster IP yet (refused until the API server allocates one).
+                cluster_ip: match variant {
+                    5 => ClusterIpSpec::Auto,
+                    _ => ClusterIpSpec::Ip(ip(&format!("10.43.0.{}", 10 + k))),
+                },
                 ports: vec![ServicePort {
                     name: String::new(),
                     protocol: if udp { Protocol::Udp } else { Protocol::Tcp },
@@ -2293,6 +2332,7 @@ mod tests {
         }
 
         struct Out {
+            diagnostics: Vec<String>,
             tables: Vec<ferry_plan::Ruleset>,
             stale: Vec<(IpAddr, u16)>,
             counts: (u64, u64),
@@ -2312,8 +2352,19 @@ mod tests {
                 gateways: vec![],
             };
             let pools = load_pools(&w.snap, &args.service_cidr, &host);
-            let allocated = ferry_kube::status::from_api(&w.snap.services, &pools.0);
+            // The incremental pass reads allocations from the Services as it needs them; the
+            // full one takes every one at once.
+            let allocated = match previous_full {
+                None => Allocated::FromApi,
+                Some(_) => {
+                    let (a, lb) = ferry_kube::status::from_api(&w.snap.services, &pools.0);
+                    Allocated::All(a, lb)
+                }
+            };
             let p = compute(planner, &args, &w.snap, pools, allocated, &host);
+            let mut diagnostics: Vec<String> =
+                p.diagnostics.iter().map(|d| d.to_string()).collect();
+            diagnostics.sort();
             let mut all: Vec<_> = planner.services().cloned().collect();
             all.sort_by(|a, b| a.id.cmp(&b.id));
             // A full pass compares everything before with everything now.
@@ -2323,6 +2374,7 @@ mod tests {
             };
             let after = after_pass(planner, &previous, &changed, Some("n1"));
             let out = Out {
+                diagnostics,
                 tables: planner.tables().into_iter().cloned().collect(),
                 stale: after.stale_udp,
                 counts: (after.service_changes, after.endpoint_changes),
@@ -2353,6 +2405,7 @@ mod tests {
                     prop_assert_eq!(inc.counts, full.counts, "counts after {:?}", op);
                     prop_assert_eq!(inc.endpoints, full.endpoints);
                     prop_assert_eq!(inc.checks, full.checks);
+                    prop_assert_eq!(inc.diagnostics, full.diagnostics);
                     before = now;
                 }
             }

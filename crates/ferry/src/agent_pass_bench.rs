@@ -135,10 +135,9 @@ fn agent_pass(
     let t_source = ms(t);
     let t = Instant::now();
     let pools = load_pools(&snap, &args.service_cidr, host);
-    let allocated = ferry_kube::status::from_api(&snap.services, &pools.0);
     let t_alloc = ms(t);
     let t = Instant::now();
-    let mut pass = compute(planner, args, &snap, pools, allocated, host);
+    let mut pass = compute(planner, args, &snap, pools, Allocated::FromApi, host);
     let t_compute = ms(t);
     let t = Instant::now();
     let changes = std::mem::take(&mut pass.changes);
@@ -154,7 +153,7 @@ fn agent_pass(
     Timed {
         stages: [
             ("source snapshot", t_source),
-            ("pools and allocations", t_alloc),
+            ("pools", t_alloc),
             ("compute (resolve, plan, the rest)", t_compute),
             ("after (stale UDP, counts, health checks)", t_after),
         ],

@@ -96,7 +96,14 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
             .unwrap_or(1),
     };
     let mut planner = agent::TablePlanner::starting_at(in_kernel);
-    let pass = agent::compute(&mut planner, a, &snap, pools, allocated, &host);
+    let pass = agent::compute(
+        &mut planner,
+        a,
+        &snap,
+        pools,
+        agent::Allocated::All(allocated.0, allocated.1),
+        &host,
+    );
     let tables: Vec<ferry_plan::Ruleset> = planner.tables().into_iter().cloned().collect();
     let saddr = match (args.from, args.local) {
         (Some(ip), _) => ip,
