@@ -1108,6 +1108,12 @@ struct Worker {
     unflushed: Vec<ferry_model::view::ResolvedService>,
 }
 
+/// A pass's snapshot: lent by the manifest reader, or the API source's shared view.
+enum Held {
+    Lent(Box<Snapshot>),
+    Shared(Arc<Snapshot>),
+}
+
 /// A sync's source: a manifest directory (allocations in the state directory) or the API
 /// (allocations as the API server and the load-balancer controller wrote them).
 enum WorkerSource {
@@ -1129,16 +1135,21 @@ impl Worker {
             // again, not only those whose fingerprints moved.
             self.planner.distrust();
         }
-        let (snap, from_api) = match &mut self.source {
-            WorkerSource::Dir(reader, dir) => (
+        // The manifest reader lends its objects (given back below); the API source shares
+        // its view (dropped below): neither is a copy.
+        let held = match &mut self.source {
+            WorkerSource::Dir(reader, dir) => Held::Lent(Box::new(
                 reader
                     .read()
                     .with_context(|| format!("reading {}", dir.display()))?,
-                false,
-            ),
-            WorkerSource::Api(api) => (api.snapshot(), true),
+            )),
+            WorkerSource::Api(api) => Held::Shared(api.view()),
         };
-        let pools = load_pools(&snap, &args.service_cidr, host);
+        let (snap, from_api): (&Snapshot, bool) = match &held {
+            Held::Lent(s) => (s, false),
+            Held::Shared(s) => (s, true),
+        };
+        let pools = load_pools(snap, &args.service_cidr, host);
         let allocated = if from_api {
             Allocated::FromApi
         } else {
@@ -1152,7 +1163,7 @@ impl Worker {
             )?;
             Allocated::All(results, lb)
         };
-        let mut p = compute(&mut self.planner, args, &snap, pools, allocated, host);
+        let mut p = compute(&mut self.planner, args, snap, pools, allocated, host);
         let t_plan = t0.elapsed();
         let ServiceChanges {
             mut changed,
@@ -1221,9 +1232,11 @@ impl Worker {
             ..
         } = after;
         let services = snap.services.len();
-        // The reader takes the objects back for its next read (kept once, not copied).
-        if let WorkerSource::Dir(reader, _) = &mut self.source {
-            reader.give_back(snap);
+        // The reader takes the objects back for its next read (kept once, not copied); the
+        // API source's view is let go, so that changes go into it in place.
+        match (&mut self.source, held) {
+            (WorkerSource::Dir(reader, _), Held::Lent(snap)) => reader.give_back(*snap),
+            (_, held) => drop(held),
         }
         Ok(SyncOutcome {
             service_changes,

@@ -1,20 +1,20 @@
-//! What one agent pass costs at scale, stage by stage, when one endpoint changed (a unit-level
-//! benchmark of [`super::compute`] and the rest of `Worker::sync` but the kernel write, which
-//! `ferry bench` measures). Ignored by default; run it optimised:
+//! What one agent pass costs at scale, stage by stage, when one endpoint changed, one service
+//! was added and one removed (a unit-level benchmark of `Worker::sync` with the API source but
+//! the kernel write, which `ferry bench` measures): the source's view, pools, [`super::compute`]
+//! and what the sync derives after. The objects go through the API source as its watchers
+//! would hand them over. Ignored by default; run it optimised:
 //!
 //! ```text
 //! FERRY_PASS_SERVICES=10000 cargo test --release -p ferry --bin ferry agent_pass_at_scale \
 //!     -- --ignored --nocapture
 //! ```
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use clap::Parser;
-use ferry_model::{
-    AddressType, ClusterIpSpec, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Meta,
-    Node, NodeAddress, Protocol, Service, ServicePort, ServiceType, TargetPort,
-};
+use kube::api::DynamicObject;
+use kube::runtime::watcher::Event;
 
 use super::*;
 
@@ -24,74 +24,76 @@ struct Cli {
     agent: AgentArgs,
 }
 
-fn ip(n: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(n))
+fn ip(n: u32) -> String {
+    Ipv4Addr::from(n).to_string()
 }
 
-/// `n` services of `eps` endpoints each, as the API source would hand them over (cluster IPs
-/// and node ports in the spec, one versioned EndpointSlice per service).
-fn snapshot(n: usize, eps: usize) -> Snapshot {
-    let mut snap = Snapshot::default();
-    for i in 0..n {
-        let meta = |name: String, rv: Option<String>| Meta {
-            name,
-            namespace: "bench".into(),
-            resource_version: rv,
-            ..Meta::default()
-        };
-        let node_port = i % 2 == 1;
-        snap.services.push(Service {
-            meta: meta(format!("svc-{i}"), Some("1".into())),
-            type_: if node_port {
-                ServiceType::NodePort
-            } else {
-                ServiceType::ClusterIP
-            },
-            cluster_ip: ClusterIpSpec::Ip(ip(0x0a2b_0000 + i as u32 + 1)),
-            ports: vec![ServicePort {
-                name: String::new(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                target_port: TargetPort::Number(8080),
-                node_port: node_port.then_some(30000 + (i / 2 % 2768) as u16),
-            }],
-            ..Service::default()
-        });
-        snap.slices.push(EndpointSlice {
-            meta: meta(format!("svc-{i}-abcde"), Some("1".into())),
-            service_name: format!("svc-{i}"),
-            address_type: AddressType::IPv4,
-            endpoints: (0..eps)
-                .map(|e| Endpoint {
-                    addresses: [ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1)].into(),
-                    conditions: EndpointConditions {
-                        ready: true,
-                        serving: true,
-                        terminating: false,
-                    },
-                    node_name: Some(format!("node-{}", e % 3).into()),
-                    zone_hints: None,
-                })
-                .collect(),
-            ports: vec![EndpointPort {
-                name: String::new(),
-                protocol: Protocol::Tcp,
-                port: 8080,
-            }],
-        });
+fn dynamic(v: serde_json::Value) -> DynamicObject {
+    serde_json::from_value(v).expect("a DynamicObject")
+}
+
+/// Service `i` as the API server has it (cluster IP and node port in the spec).
+fn service(i: usize) -> DynamicObject {
+    let node_port = i % 2 == 1;
+    let mut port = serde_json::json!({"port": 80, "targetPort": 8080, "protocol": "TCP"});
+    if node_port {
+        port["nodePort"] = (30000 + (i / 2 % 2768)).into();
     }
-    snap.nodes.push(Node {
-        meta: Meta {
-            name: "node-0".into(),
-            ..Meta::default()
+    dynamic(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "bench", "name": format!("svc-{i}"), "resourceVersion": "1"},
+        "spec": {
+            "type": if node_port { "NodePort" } else { "ClusterIP" },
+            "clusterIP": ip(0x0a2b_0000 + i as u32 + 1),
+            "ports": [port],
         },
-        addresses: vec![NodeAddress {
-            type_: "InternalIP".into(),
-            address: "192.168.2.11".into(),
-        }],
-        pod_cidrs: vec![],
-    });
-    snap
+    }))
+}
+
+/// Service `i`'s EndpointSlice of `eps` endpoints, at version `rv`, endpoint 0 ready or not.
+fn slice(i: usize, eps: usize, rv: usize, first_ready: bool) -> DynamicObject {
+    let endpoints: Vec<serde_json::Value> = (0..eps)
+        .map(|e| {
+            let ready = e != 0 || first_ready;
+            serde_json::json!({
+                "addresses": [ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1)],
+                "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                "nodeName": format!("node-{}", e % 3),
+            })
+        })
+        .collect();
+    dynamic(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "bench", "name": format!("svc-{i}-abcde"),
+                     "resourceVersion": rv.to_string(),
+                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+    }))
+}
+
+/// An API source holding `n` services of `eps` endpoints each and this node.
+fn source(n: usize, eps: usize) -> ferry_kube::ApiSource {
+    let src = ferry_kube::ApiSource::detached(Default::default());
+    let list = |kind: &str, objects: &mut dyn Iterator<Item = DynamicObject>| {
+        src.inject(kind, Event::Init);
+        for o in objects {
+            src.inject(kind, Event::InitApply(o));
+        }
+        src.inject(kind, Event::InitDone);
+    };
+    list("Service", &mut (0..n).map(service));
+    list("EndpointSlice", &mut (0..n).map(|i| slice(i, eps, 1, true)));
+    list(
+        "Node",
+        &mut std::iter::once(dynamic(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-0"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.2.11"}]},
+        }))),
+    );
+    src
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -103,21 +105,8 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// One more service of the generated kind (`i` beyond those of [`snapshot`]), and its slice.
-fn one_service(i: usize, eps: usize) -> (Service, EndpointSlice) {
-    let mut one = snapshot(1, eps);
-    let (Some(mut svc), Some(mut sl)) = (one.services.pop(), one.slices.pop()) else {
-        unreachable!("snapshot(1) has one service and one slice")
-    };
-    svc.meta.name = format!("svc-{i}");
-    svc.cluster_ip = ClusterIpSpec::Ip(ip(0x0a2b_0000 + i as u32 + 1));
-    sl.meta.name = format!("svc-{i}-abcde");
-    sl.service_name = format!("svc-{i}");
-    (svc, sl)
-}
-
-/// The stages of one agent pass as `Worker::sync` runs them, but the kernel write: the
-/// source's snapshot, pools and allocations, `compute`, and what the sync derives after.
+/// The stages of one agent pass as `Worker::sync` runs them with the API source, but the
+/// kernel write: the source's view, pools, `compute`, and what the sync derives after.
 struct Timed {
     stages: [(&'static str, f64); 4],
     pass: Pass,
@@ -127,11 +116,11 @@ struct Timed {
 fn agent_pass(
     planner: &mut TablePlanner,
     args: &AgentArgs,
-    source: &Snapshot,
+    src: &ferry_kube::ApiSource,
     host: &netwatch::HostNet,
 ) -> Timed {
     let t = Instant::now();
-    let snap = source.clone();
+    let snap = src.view();
     let t_source = ms(t);
     let t = Instant::now();
     let pools = load_pools(&snap, &args.service_cidr, host);
@@ -152,7 +141,7 @@ fn agent_pass(
     drop(snap);
     Timed {
         stages: [
-            ("source snapshot", t_source),
+            ("source view", t_source),
             ("pools", t_alloc),
             ("compute (resolve, plan, the rest)", t_compute),
             ("after (stale UDP, counts, health checks)", t_after),
@@ -176,10 +165,10 @@ fn agent_pass_at_scale() {
         addrs: vec![("eth0".into(), "192.168.2.11".parse().expect("an address"))],
         gateways: vec![],
     };
-    let mut snap = snapshot(n, 10);
+    let src = source(n, 10);
     let mut planner = TablePlanner::default();
     let t = Instant::now();
-    let first = agent_pass(&mut planner, &args, &snap, &host);
+    let first = agent_pass(&mut planner, &args, &src, &host);
     println!(
         "agent pass at {n} services x 10 endpoints: first pass {:.0} ms ({} services, {} endpoints)",
         ms(t),
@@ -194,17 +183,19 @@ fn agent_pass_at_scale() {
             println!("    {}: {:.2} ms", runs[0][k].0, median(&mut v));
         }
     };
-    let mut endpoint_runs = Vec::new();
-    let mut added_runs = Vec::new();
-    let mut removed_runs = Vec::new();
+    let (mut endpoint_runs, mut added_runs, mut removed_runs) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let (mut events, mut copies) = (Vec::new(), Vec::new());
     for k in 0..9usize {
-        // One endpoint changes: a new version of its slice.
+        // One endpoint changes: a new version of its slice (endpoint 0 not ready).
         let victim = (k * 7919) % n;
-        let sl = &mut snap.slices[victim];
-        sl.meta.resource_version = Some(format!("{}", k + 2));
-        let e = &mut sl.endpoints[0];
-        e.conditions.ready = !e.conditions.ready;
-        let r = agent_pass(&mut planner, &args, &snap, &host);
+        let t = Instant::now();
+        assert!(src.inject(
+            "EndpointSlice",
+            Event::Apply(slice(victim, 10, k + 2, false))
+        ));
+        events.push(ms(t));
+        let r = agent_pass(&mut planner, &args, &src, &host);
         assert_eq!(r.after.service_changes, 1, "one service changed");
         let mine = format!("bench/svc-{victim}/");
         let mut chains = r
@@ -216,29 +207,46 @@ fn agent_pass_at_scale() {
         let touched_mine = chains.peek().is_some() && chains.all(|c| c.contains(&mine));
         assert!(touched_mine, "{:?}", r.pass.touched);
         endpoint_runs.push(r.stages);
+        // Back to ready, unmeasured.
+        src.inject(
+            "EndpointSlice",
+            Event::Apply(slice(victim, 10, k + 100, true)),
+        );
+        agent_pass(&mut planner, &args, &src, &host);
 
         // One service added (with its slice).
-        let (svc, sl) = one_service(n + k, 10);
-        snap.services.push(svc);
-        snap.slices.push(sl);
-        let r = agent_pass(&mut planner, &args, &snap, &host);
+        src.inject("Service", Event::Apply(service(n + k)));
+        src.inject("EndpointSlice", Event::Apply(slice(n + k, 10, 1, true)));
+        let r = agent_pass(&mut planner, &args, &src, &host);
         assert_eq!(r.after.service_changes, 1, "one service added");
         assert_eq!(planner.services().count(), n + 1);
         added_runs.push(r.stages);
 
         // ... and removed again.
-        snap.services.pop();
-        snap.slices.pop();
-        let r = agent_pass(&mut planner, &args, &snap, &host);
+        src.inject("Service", Event::Delete(service(n + k)));
+        src.inject("EndpointSlice", Event::Delete(slice(n + k, 10, 1, true)));
+        let r = agent_pass(&mut planner, &args, &src, &host);
         assert_eq!(r.after.service_changes, 1, "one service removed");
         assert_eq!(planner.services().count(), n);
         removed_runs.push(r.stages);
+
+        // What the source's view saves: a copy of every object.
+        let t = Instant::now();
+        let copy = src.snapshot();
+        copies.push(ms(t));
+        assert_eq!(copy.services.len(), n);
     }
     shown("one endpoint changed", &mut endpoint_runs);
     shown("one service added", &mut added_runs);
     shown("one service removed", &mut removed_runs);
-    // The incremental passes planned what one full pass of the same snapshot plans.
+    println!(
+        "  (outside the pass: one watch event converted {:.2} ms; a copy of every object, what a \
+         pass took before the view, {:.2} ms)",
+        median(&mut events),
+        median(&mut copies)
+    );
+    // The incremental passes planned what one full pass of the same objects plans.
     let mut fresh = TablePlanner::default();
-    agent_pass(&mut fresh, &args, &snap, &host);
+    agent_pass(&mut fresh, &args, &src, &host);
     assert!(planner.tables() == fresh.tables(), "incremental != full");
 }
