@@ -356,7 +356,8 @@ pub struct Resolver {
 struct Known {
     /// The fingerprint of the inputs (None: none could be taken).
     inputs: Option<u64>,
-    resolved: Option<ResolvedService>,
+    /// Boxed: the map's table holds every slot, used or not, at its own size.
+    resolved: Option<Box<ResolvedService>>,
     /// The last pass that had this service.
     pass: u64,
 }
@@ -611,8 +612,8 @@ impl Resolver {
                 continue; // inserted above
             };
             k.inputs = fp;
-            let same = k.resolved == now;
-            let before = std::mem::replace(&mut k.resolved, now);
+            let same = k.resolved.as_deref() == now.as_ref();
+            let before = std::mem::replace(&mut k.resolved, now.map(Box::new));
             if same {
                 continue;
             }
@@ -620,7 +621,7 @@ impl Resolver {
                 None => changes.removed.push(id),
                 Some(_) => changes.changed.push(id),
             }
-            changes.previous.extend(before);
+            changes.previous.extend(before.map(|b| *b));
         }
         // Services not given this pass are gone.
         self.known.retain(|id, k| {
@@ -629,7 +630,7 @@ impl Resolver {
             }
             if let Some(before) = k.resolved.take() {
                 changes.removed.push(id.clone());
-                changes.previous.push(before);
+                changes.previous.push(*before);
             }
             false
         });
@@ -639,7 +640,7 @@ impl Resolver {
     /// The resolved state of service `id` as of the last update (None: it resolves to no
     /// rules).
     pub fn get(&self, id: &ObjectRef) -> Option<&ResolvedService> {
-        self.known.get(id).and_then(|k| k.resolved.as_ref())
+        self.known.get(id).and_then(|k| k.resolved.as_deref())
     }
 
     /// The services `changes` says changed, as resolved now (what a planner of changes takes).
@@ -652,7 +653,7 @@ impl Resolver {
 
     /// Every service that resolves to rules, in no particular order.
     pub fn services(&self) -> impl Iterator<Item = &ResolvedService> {
-        self.known.values().filter_map(|k| k.resolved.as_ref())
+        self.known.values().filter_map(|k| k.resolved.as_deref())
     }
 
     /// Forgets every fingerprint: the next update resolves every service again (a resync).
