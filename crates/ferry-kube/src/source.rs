@@ -163,6 +163,158 @@ struct State {
     kinds: BTreeMap<&'static str, KindState>,
     /// Bumped by every change, so a reader can tell whether anything moved.
     generation: u64,
+    /// What [`ApiSource::view`] lends: the objects of the big kinds (Services and
+    /// EndpointSlices, each list sorted by namespace and name) are held here only (their
+    /// [`KindState`] entries keep the rest: problems, creation time), patched as events come;
+    /// the other kinds and the problems are copied in when they changed.
+    view: Arc<Snapshot>,
+    /// Changes to the big kinds that came while the view was lent, in order.
+    pending: Vec<Pending>,
+    /// The view's small kinds or problems are out of date.
+    view_stale: bool,
+}
+
+/// The kinds whose objects live in the view only (the ones there are thousands of).
+fn is_big(kind: &str) -> bool {
+    matches!(kind, "Service" | "EndpointSlice")
+}
+
+/// A change to a big kind's objects.
+#[derive(Debug)]
+enum Pending {
+    /// The objects of one key (none: gone).
+    Put(&'static str, (String, String), Vec<Object>),
+    /// Every object of a kind (a re-list), sorted.
+    Replace(&'static str, Vec<Object>),
+}
+
+impl Pending {
+    fn apply(self, snap: &mut Snapshot) {
+        match self {
+            Pending::Put(kind, key, objects) => {
+                let at = (key.0.as_str(), key.1.as_str());
+                match kind {
+                    "Service" => put_sorted(&mut snap.services, at, objects, |o| match o {
+                        Object::Service(s) => Some(s),
+                        _ => None,
+                    }),
+                    _ => put_sorted(&mut snap.slices, at, objects, |o| match o {
+                        Object::EndpointSlice(s) => Some(s),
+                        _ => None,
+                    }),
+                }
+            }
+            Pending::Replace(kind, objects) => {
+                let mut fresh = Snapshot::default();
+                for o in objects {
+                    push_object(&mut fresh, o, None, kind);
+                }
+                match kind {
+                    "Service" => snap.services = fresh.services,
+                    _ => snap.slices = fresh.slices,
+                }
+            }
+        }
+    }
+}
+
+/// Replaces the objects of `key` in a list sorted by (namespace, name) with `objects` (of the
+/// list's kind; others are dropped).
+fn put_sorted<T, F>(list: &mut Vec<T>, key: (&str, &str), objects: Vec<Object>, of: F)
+where
+    T: HasMeta,
+    F: Fn(Object) -> Option<T>,
+{
+    let start = list.partition_point(|o| o.key() < key);
+    let end = start + list[start..].iter().take_while(|o| o.key() == key).count();
+    list.splice(start..end, objects.into_iter().filter_map(of));
+}
+
+trait HasMeta {
+    fn key(&self) -> (&str, &str);
+}
+
+impl HasMeta for ferry_model::Service {
+    fn key(&self) -> (&str, &str) {
+        (self.meta.namespace.as_str(), self.meta.name.as_str())
+    }
+}
+
+impl HasMeta for ferry_model::EndpointSlice {
+    fn key(&self) -> (&str, &str) {
+        (self.meta.namespace.as_str(), self.meta.name.as_str())
+    }
+}
+
+/// A change to a big kind: into the view now if nobody holds it, else queued.
+fn change(view: &mut Arc<Snapshot>, pending: &mut Vec<Pending>, p: Pending) {
+    match Arc::get_mut(view) {
+        Some(v) if pending.is_empty() => p.apply(v),
+        _ => pending.push(p),
+    }
+}
+
+impl State {
+    /// Brings the view up to date (the queued changes, the small kinds, the problems).
+    fn refresh_view(&mut self, legacy: &ObjectRef) {
+        if self.pending.is_empty() && !self.view_stale {
+            return;
+        }
+        // Copies the snapshot only if a previous view is still held by someone.
+        let view = Arc::make_mut(&mut self.view);
+        for p in self.pending.drain(..) {
+            p.apply(view);
+        }
+        if std::mem::take(&mut self.view_stale) {
+            let big = (
+                std::mem::take(&mut view.services),
+                std::mem::take(&mut view.slices),
+            );
+            *view = small_kinds(&self.kinds, legacy, false);
+            (view.services, view.slices) = big;
+        }
+    }
+}
+
+/// The objects of the small kinds (all kinds, with `big`: a copy of their objects is not
+/// there, the caller adds the view's), and everyone's problems, as a snapshot.
+fn small_kinds(
+    kinds: &BTreeMap<&'static str, KindState>,
+    legacy: &ObjectRef,
+    times: bool,
+) -> Snapshot {
+    let mut snap = Snapshot::default();
+    for (kind, ks) in kinds {
+        for c in ks.objects.values() {
+            if !is_big(kind) {
+                for o in &c.parsed.objects {
+                    push_object(&mut snap, o.clone(), c.created_ms, kind);
+                }
+            }
+            snap.errors.extend(c.parsed.errors.iter().cloned());
+            snap.warnings.extend(c.parsed.warnings.iter().cloned());
+        }
+    }
+    if times {
+        if let Some(ks) = kinds.get("Service") {
+            for ((ns, name), c) in &ks.objects {
+                if let Some(ms) = c.created_ms {
+                    snap.service_mtime_ms
+                        .insert(ObjectRef::new(ns.clone(), name.clone()), ms);
+                }
+            }
+        }
+    } else {
+        snap.service_mtime_ms.clear();
+    }
+    // The legacy ConfigMap under another name is read as if it had MetalLB's name.
+    for cm in &mut snap.config_maps {
+        if &cm.meta.object_ref() == legacy {
+            cm.meta.namespace = ferry_model::pools::LEGACY_NAMESPACE.to_string();
+            cm.meta.name = ferry_model::pools::LEGACY_NAME.to_string();
+        }
+    }
+    snap
 }
 
 type Notify = Arc<dyn Fn() + Send + Sync>;
@@ -218,6 +370,7 @@ impl ApiSource {
                     .map(|k| (k.kind, KindState::default()))
                     .collect(),
                 generation: 0,
+                ..State::default()
             }),
             on_change: Arc::new(on_change),
             log: Arc::new(log),
@@ -231,6 +384,44 @@ impl ApiSource {
             shared,
             _tasks: Arc::new(Tasks(tasks)),
         }
+    }
+
+    /// A source without watchers, fed by [`ApiSource::inject`] only (tests and benchmarks).
+    pub fn detached(config: SourceConfig) -> ApiSource {
+        let kinds = watched(&config);
+        ApiSource {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    kinds: kinds
+                        .iter()
+                        .map(|k| (k.kind, KindState::default()))
+                        .collect(),
+                    ..State::default()
+                }),
+                on_change: Arc::new(|| {}),
+                log: Arc::new(|_| {}),
+                config,
+            }),
+            _tasks: Arc::new(Tasks(Vec::new())),
+        }
+    }
+
+    /// Takes in one event of kind `kind` ("Service", "EndpointSlice", ...) as its watcher
+    /// would; whether anything a snapshot shows changed. For tests and benchmarks (a started
+    /// source's watchers do this themselves).
+    pub fn inject(&self, kind: &str, ev: watcher::Event<DynamicObject>) -> bool {
+        let Some(w) = watched(&self.shared.config)
+            .into_iter()
+            .find(|w| w.kind == kind)
+        else {
+            return false;
+        };
+        let mut st = self.shared.lock();
+        let changed = apply_event(&mut st, &w, Ok(ev), &self.shared.log);
+        if changed {
+            st.generation += 1;
+        }
+        changed
     }
 
     /// Whether every kind has delivered its first complete list.
@@ -262,28 +453,25 @@ impl ApiSource {
             .map_or(0, |k| k.objects.len())
     }
 
-    /// Everything as last seen, in the form the manifest source gives.
+    /// Everything as last seen, in the form the manifest source gives (a copy: see
+    /// [`ApiSource::view`] for one without).
     pub fn snapshot(&self) -> Snapshot {
-        let st = self.shared.lock();
-        let mut snap = Snapshot::default();
-        for (kind, ks) in &st.kinds {
-            for c in ks.objects.values() {
-                for o in &c.parsed.objects {
-                    push_object(&mut snap, o.clone(), c.created_ms, kind);
-                }
-                snap.errors.extend(c.parsed.errors.iter().cloned());
-                snap.warnings.extend(c.parsed.warnings.iter().cloned());
-            }
-        }
-        // The legacy ConfigMap under another name is read as if it had MetalLB's name.
-        let legacy = &self.shared.config.metallb_config;
-        for cm in &mut snap.config_maps {
-            if &cm.meta.object_ref() == legacy {
-                cm.meta.namespace = ferry_model::pools::LEGACY_NAMESPACE.to_string();
-                cm.meta.name = ferry_model::pools::LEGACY_NAME.to_string();
-            }
-        }
+        let mut st = self.shared.lock();
+        st.refresh_view(&self.shared.config.metallb_config);
+        let mut snap = small_kinds(&st.kinds, &self.shared.config.metallb_config, true);
+        snap.services = st.view.services.clone();
+        snap.slices = st.view.slices.clone();
         snap
+    }
+
+    /// Everything as last seen, shared rather than copied: the agent's pass reads it, then
+    /// drops it (changes that come meanwhile wait, and go into it in place afterwards; a view
+    /// still held when changes are taken in costs one copy). `service_mtime_ms` is left
+    /// empty.
+    pub fn view(&self) -> Arc<Snapshot> {
+        let mut st = self.shared.lock();
+        st.refresh_view(&self.shared.config.metallb_config);
+        Arc::clone(&st.view)
     }
 }
 
@@ -406,7 +594,14 @@ fn apply_event(
     ev: Result<watcher::Event<DynamicObject>, watcher::Error>,
     log: &Log,
 ) -> bool {
-    let Some(ks) = st.kinds.get_mut(w.kind) else {
+    let State {
+        kinds,
+        view,
+        pending,
+        view_stale,
+        ..
+    } = st;
+    let Some(ks) = kinds.get_mut(w.kind) else {
         return false;
     };
     match ev {
@@ -426,21 +621,71 @@ fn apply_event(
                     false
                 }
                 watcher::Event::InitDone => {
-                    let new = ks.relist.take().unwrap_or_default();
+                    let mut new = ks.relist.take().unwrap_or_default();
                     let first = !ks.ready;
                     ks.ready = true;
-                    let changed = first || !same_objects(&ks.objects, &new);
+                    if !is_big(w.kind) {
+                        let changed = first || !same_objects(&ks.objects, &new);
+                        ks.objects = new;
+                        *view_stale |= changed;
+                        return changed;
+                    }
+                    // The objects go to the view; the entries keep the rest.
+                    let objects: Vec<Object> = new
+                        .values_mut()
+                        .flat_map(|c| std::mem::take(&mut c.parsed.objects))
+                        .collect();
+                    let held = match w.kind {
+                        "Service" => view.services.len(),
+                        _ => view.slices.len(),
+                    };
+                    let same = !first
+                        && pending.is_empty()
+                        && held == objects.len()
+                        && objects.iter().zip(0..held).all(|(o, i)| match o {
+                            Object::Service(s) => view.services.get(i) == Some(s),
+                            Object::EndpointSlice(s) => view.slices.get(i) == Some(s),
+                            _ => false,
+                        })
+                        && same_objects(&ks.objects, &new);
+                    let problems = has_problems(&ks.objects) || has_problems(&new);
                     ks.objects = new;
-                    changed
+                    *view_stale |= problems;
+                    if !same {
+                        change(view, pending, Pending::Replace(w.kind, objects));
+                    }
+                    !same
                 }
                 watcher::Event::Apply(obj) => {
-                    let (k, c) = convert(w, &obj);
-                    ks.objects.insert(k, c);
+                    let (k, mut c) = convert(w, &obj);
+                    let problems = !c.parsed.errors.is_empty() || !c.parsed.warnings.is_empty();
+                    let old = if is_big(w.kind) {
+                        let objects = std::mem::take(&mut c.parsed.objects);
+                        let old = ks.objects.insert(k.clone(), c);
+                        change(view, pending, Pending::Put(w.kind, k, objects));
+                        old
+                    } else {
+                        ks.objects.insert(k, c)
+                    };
+                    *view_stale |= !is_big(w.kind)
+                        || problems
+                        || old.is_some_and(|o| {
+                            !o.parsed.errors.is_empty() || !o.parsed.warnings.is_empty()
+                        });
                     true
                 }
                 watcher::Event::Delete(obj) => {
                     let (k, _) = convert(w, &obj);
-                    ks.objects.remove(&k).is_some()
+                    let Some(old) = ks.objects.remove(&k) else {
+                        return false;
+                    };
+                    *view_stale |= !is_big(w.kind)
+                        || !old.parsed.errors.is_empty()
+                        || !old.parsed.warnings.is_empty();
+                    if is_big(w.kind) {
+                        change(view, pending, Pending::Put(w.kind, k, Vec::new()));
+                    }
+                    true
                 }
             }
         }
@@ -469,6 +714,8 @@ fn apply_event(
             ks.absent = true;
             ks.objects.clear();
             ks.relist = None;
+            // Only optional kinds get here: none is a big one.
+            *view_stale |= changed;
             changed
         }
         Err(e) => {
@@ -489,6 +736,12 @@ fn apply_event(
     }
 }
 
+/// Whether any entry has errors or warnings.
+fn has_problems(m: &BTreeMap<(String, String), Converted>) -> bool {
+    m.values()
+        .any(|c| !c.parsed.errors.is_empty() || !c.parsed.warnings.is_empty())
+}
+
 fn same_objects(
     a: &BTreeMap<(String, String), Converted>,
     b: &BTreeMap<(String, String), Converted>,
@@ -502,6 +755,191 @@ fn same_objects(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn dynamic(v: Value) -> DynamicObject {
+        serde_json::from_value(v).expect("a DynamicObject")
+    }
+
+    fn service(ns: &str, name: &str, port: u16) -> DynamicObject {
+        dynamic(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": ns, "name": name, "resourceVersion": format!("{port}")},
+            "spec": {"clusterIP": "10.43.0.10", "ports": [{"port": port, "protocol": "TCP"}]},
+        }))
+    }
+
+    fn bad_service(ns: &str, name: &str) -> DynamicObject {
+        dynamic(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {"clusterIP": "10.43.0.10", "ports": [{"port": 700000, "protocol": "TCP"}]},
+        }))
+    }
+
+    fn slice(ns: &str, name: &str, last: u8) -> DynamicObject {
+        dynamic(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": ns, "name": name, "resourceVersion": format!("{last}"),
+                         "labels": {"kubernetes.io/service-name": "s"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [format!("10.42.0.{last}")], "conditions": {"ready": true}}],
+            "ports": [{"port": 8080, "protocol": "TCP"}],
+        }))
+    }
+
+    fn node(name: &str, last: u8) -> DynamicObject {
+        dynamic(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name},
+            "status": {"addresses": [{"type": "InternalIP", "address": format!("192.168.2.{last}")}]},
+        }))
+    }
+
+    #[derive(Debug, Clone)]
+    enum Ev {
+        /// (kind 0..3, namespace, name, variant): an object added or changed.
+        Apply(u8, u8, u8, u8),
+        Delete(u8, u8, u8),
+        /// A kind listed again, with one object changed or not.
+        Relist(u8, Option<(u8, u8, u8)>),
+        /// The agent takes the view and holds it (true) or lets it go.
+        Hold(bool),
+    }
+
+    fn ev() -> impl Strategy<Value = Ev> {
+        prop_oneof![
+            6 => (0u8..3, 0u8..2, 0u8..5, 0u8..4).prop_map(|(k, n, m, v)| Ev::Apply(k, n, m, v)),
+            2 => (0u8..3, 0u8..2, 0u8..5).prop_map(|(k, n, m)| Ev::Delete(k, n, m)),
+            1 => (0u8..3, proptest::option::of((0u8..2, 0u8..5, 0u8..4))).prop_map(|(k, c)| Ev::Relist(k, c)),
+            2 => any::<bool>().prop_map(Ev::Hold),
+        ]
+    }
+
+    const KINDS: [&str; 3] = ["Service", "EndpointSlice", "Node"];
+
+    fn object(kind: u8, ns: u8, name: u8, variant: u8) -> DynamicObject {
+        let (ns, name) = (format!("ns{ns}"), format!("o{name}"));
+        match kind {
+            0 if variant == 3 => bad_service(&ns, &name),
+            0 => service(&ns, &name, 80 + u16::from(variant)),
+            1 => slice(&ns, &name, variant + 1),
+            _ => node(&name, variant + 1),
+        }
+    }
+
+    fn key(kind: u8, ns: u8, name: u8) -> (u8, String, String) {
+        let ns = if kind == 2 {
+            String::new()
+        } else {
+            format!("ns{ns}")
+        };
+        (kind, ns, format!("o{name}"))
+    }
+
+    /// What the source held before views: every object converted, in kind and key order.
+    fn reference(model: &BTreeMap<(u8, String, String), DynamicObject>) -> Snapshot {
+        let cfg = SourceConfig::default();
+        let all = watched(&cfg);
+        let mut by_kind: BTreeMap<&str, Vec<&DynamicObject>> = BTreeMap::new();
+        for ((k, _, _), o) in model {
+            by_kind.entry(KINDS[usize::from(*k)]).or_default().push(o);
+        }
+        let mut snap = Snapshot::default();
+        for (kind, objects) in by_kind {
+            let w = all.iter().find(|w| w.kind == kind).expect("watched");
+            for o in objects {
+                let (_, c) = convert(w, o);
+                for obj in c.parsed.objects {
+                    push_object(&mut snap, obj, None, kind);
+                }
+                snap.errors.extend(c.parsed.errors);
+                snap.warnings.extend(c.parsed.warnings);
+            }
+        }
+        snap
+    }
+
+    proptest! {
+        /// Whatever the events and whenever the agent holds a view: the view, once taken,
+        /// and the snapshot are what converting every object afresh gives.
+        #[test]
+        fn the_view_follows_the_events(evs in proptest::collection::vec(ev(), 1..40)) {
+            let src = ApiSource::detached(SourceConfig::default());
+            let mut model: BTreeMap<(u8, String, String), DynamicObject> = BTreeMap::new();
+            for kind in KINDS {
+                src.inject(kind, watcher::Event::Init);
+                src.inject(kind, watcher::Event::InitDone);
+            }
+            let mut held: Option<Arc<Snapshot>> = None;
+            for e in &evs {
+                match *e {
+                    Ev::Apply(k, n, m, v) => {
+                        let o = object(k, n, m, v);
+                        model.insert(key(k, n, m), o.clone());
+                        src.inject(KINDS[usize::from(k)], watcher::Event::Apply(o));
+                    }
+                    Ev::Delete(k, n, m) => {
+                        let o = object(k, n, m, 0);
+                        let was = model.remove(&key(k, n, m)).is_some();
+                        let changed = src.inject(KINDS[usize::from(k)], watcher::Event::Delete(o));
+                        prop_assert_eq!(changed, was);
+                    }
+                    Ev::Relist(k, change) => {
+                        if let Some((n, m, v)) = change {
+                            model.insert(key(k, n, m), object(k, n, m, v));
+                        }
+                        let kind = KINDS[usize::from(k)];
+                        src.inject(kind, watcher::Event::Init);
+                        for ((kk, _, _), o) in &model {
+                            if *kk == k {
+                                src.inject(kind, watcher::Event::InitApply(o.clone()));
+                            }
+                        }
+                        src.inject(kind, watcher::Event::InitDone);
+                    }
+                    Ev::Hold(h) => held = h.then(|| src.view()),
+                }
+                let want = reference(&model);
+                let view = src.view();
+                prop_assert_eq!(&view.services, &want.services);
+                prop_assert_eq!(&view.slices, &want.slices);
+                prop_assert_eq!(&view.nodes, &want.nodes);
+                prop_assert_eq!(&view.errors, &want.errors);
+                drop(view);
+                let copy = src.snapshot();
+                prop_assert_eq!(&copy.services, &want.services);
+                prop_assert_eq!(&copy.slices, &want.slices);
+                prop_assert_eq!(&copy.errors, &want.errors);
+            }
+            drop(held);
+        }
+    }
+
+    /// A re-list that brings nothing new is no change; one that does is.
+    #[test]
+    fn a_relist_of_the_same_objects_is_no_change() {
+        let src = ApiSource::detached(SourceConfig::default());
+        let objs = [service("a", "x", 80), service("a", "y", 81)];
+        src.inject("Service", watcher::Event::Init);
+        for o in &objs {
+            src.inject("Service", watcher::Event::InitApply(o.clone()));
+        }
+        assert!(
+            src.inject("Service", watcher::Event::InitDone),
+            "the first list"
+        );
+        src.inject("Service", watcher::Event::Init);
+        for o in &objs {
+            src.inject("Service", watcher::Event::InitApply(o.clone()));
+        }
+        assert!(!src.inject("Service", watcher::Event::InitDone));
+        src.inject("Service", watcher::Event::Init);
+        src.inject("Service", watcher::Event::InitApply(objs[0].clone()));
+        assert!(src.inject("Service", watcher::Event::InitDone));
+        assert_eq!(src.view().services.len(), 1);
+        assert_eq!(src.kept("Service"), 1);
+    }
 
     fn api_error(code: u16) -> watcher::Error {
         let status: kube::core::Status = serde_json::from_value(serde_json::json!({
@@ -518,6 +956,7 @@ mod tests {
                 .map(|k| (k.kind, KindState::default()))
                 .collect(),
             generation: 0,
+            ..State::default()
         }
     }
 

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use crate::alloc::Allocation;
 use crate::cidr::Cidr;
 use crate::objects::{
-    AddressType, EndpointSlice, IpFamily, ObjectRef, Protocol, Service, ServiceType, TargetPort,
-    TrafficPolicy,
+    AddressType, ClusterIpSpec, EndpointSlice, IpFamily, ObjectRef, Protocol, Service, ServiceType,
+    TargetPort, TrafficPolicy,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -136,6 +136,17 @@ pub fn resolve(
     allocations: &BTreeMap<ObjectRef, Allocation>,
     slices: &[EndpointSlice],
 ) -> Vec<ResolvedService> {
+    resolve_refs(services, allocations, slices)
+}
+
+/// [`resolve`] of services held elsewhere (some of them changed copies: the agent's
+/// load-balancer addresses).
+pub fn resolve_refs<'s>(
+    services: impl IntoIterator<Item = &'s Service>,
+    allocations: &BTreeMap<ObjectRef, Allocation>,
+    slices: &[EndpointSlice],
+) -> Vec<ResolvedService> {
+    let services = services.into_iter();
     let mut by_service: BTreeMap<ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
         by_service
@@ -147,7 +158,7 @@ pub fn resolve(
             .push(s);
     }
     // Kept until the next sync (10,000 services): sized once, no spare room.
-    let mut out = Vec::with_capacity(services.len());
+    let mut out = Vec::with_capacity(services.size_hint().0);
     for svc in services {
         let id = svc.meta.object_ref();
         let Some(alloc) = allocations.get(&id) else {
@@ -345,7 +356,8 @@ pub struct Resolver {
 struct Known {
     /// The fingerprint of the inputs (None: none could be taken).
     inputs: Option<u64>,
-    resolved: Option<ResolvedService>,
+    /// Boxed: the map's table holds every slot, used or not, at its own size.
+    resolved: Option<Box<ResolvedService>>,
     /// The last pass that had this service.
     pass: u64,
 }
@@ -372,12 +384,49 @@ impl ResolvedChanges {
     }
 }
 
+/// Where a [`Resolver`] finds each service's allocation.
+#[derive(Clone, Copy)]
+pub enum Allocations<'a> {
+    /// Kept apart from the Services (a manifest directory's state): by service.
+    Map(&'a BTreeMap<ObjectRef, Allocation>),
+    /// An allocator's results (a rejected service has none).
+    Results(&'a crate::alloc::AllocResults),
+    /// In each Service's own spec (the API server allocates): read by this function, which
+    /// may read only the Service's type, spec.clusterIP(s), ports' nodePort,
+    /// externalTrafficPolicy and healthCheckNodePort (what the fingerprint covers). Only the
+    /// services whose Service changed are read.
+    FromSpec(&'a dyn Fn(&Service) -> Option<Allocation>),
+}
+
+impl std::fmt::Debug for Allocations<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Allocations::Map(_) => "Allocations::Map",
+            Allocations::Results(_) => "Allocations::Results",
+            Allocations::FromSpec(_) => "Allocations::FromSpec",
+        })
+    }
+}
+
+impl Allocations<'_> {
+    /// Service `svc`'s allocation (`id` is its reference).
+    fn of(&self, svc: &Service, id: &ObjectRef) -> Option<std::borrow::Cow<'_, Allocation>> {
+        use std::borrow::Cow;
+        match self {
+            Allocations::Map(m) => m.get(id).map(Cow::Borrowed),
+            Allocations::Results(r) => r.get(id).and_then(|a| a.as_ref().ok()).map(Cow::Borrowed),
+            Allocations::FromSpec(f) => f(svc).map(Cow::Owned),
+        }
+    }
+}
+
 /// A fingerprint of what [`resolve`] reads of one service (None: a slice has no
-/// resourceVersion, so its content would have to be read).
+/// resourceVersion, so its content would have to be read). `slices` is the number of the
+/// service's slices and the sum of their (name, version) hashes (None: one has no version).
 fn inputs_fingerprint(
     svc: &Service,
     alloc: Option<&Allocation>,
-    slices: &[&EndpointSlice],
+    slices: (usize, Option<u64>),
 ) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = fnv::FnvHasher::default();
@@ -385,8 +434,16 @@ fn inputs_fingerprint(
     svc.meta.name.hash(&mut h);
     svc.type_.hash(&mut h);
     for p in &svc.ports {
-        (&p.name, p.protocol, p.port).hash(&mut h);
+        (&p.name, p.protocol, p.port, p.node_port).hash(&mut h);
     }
+    // What an allocation from the spec reads (FromSpec).
+    match &svc.cluster_ip {
+        ClusterIpSpec::Auto => 0u8.hash(&mut h),
+        ClusterIpSpec::None => 1u8.hash(&mut h),
+        ClusterIpSpec::Ip(ip) => (2u8, ip).hash(&mut h),
+    }
+    svc.secondary_cluster_ip.hash(&mut h);
+    svc.health_check_node_port.hash(&mut h);
     svc.external_ips.hash(&mut h);
     svc.load_balancer_ingress.hash(&mut h);
     (svc.external_traffic_policy == TrafficPolicy::Local).hash(&mut h);
@@ -403,16 +460,17 @@ fn inputs_fingerprint(
         }
         None => 0u8.hash(&mut h),
     }
-    // The slices in any order: each one's name and version hashed on its own, then summed.
-    let mut all: u64 = 0;
-    for sl in slices {
-        let mut hs = fnv::FnvHasher::default();
-        sl.meta.name.hash(&mut hs);
-        sl.meta.resource_version.as_ref()?.hash(&mut hs);
-        all = all.wrapping_add(hs.finish());
-    }
-    (slices.len(), all).hash(&mut h);
+    (slices.0, slices.1?).hash(&mut h);
     Some(h.finish())
+}
+
+/// One slice's name and version, hashed (None: it has no version).
+fn slice_fingerprint(sl: &EndpointSlice) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hs = fnv::FnvHasher::default();
+    sl.meta.name.hash(&mut hs);
+    sl.meta.resource_version.as_ref()?.hash(&mut hs);
+    Some(hs.finish())
 }
 
 impl Resolver {
@@ -425,24 +483,47 @@ impl Resolver {
         allocations: &BTreeMap<ObjectRef, Allocation>,
         slices: &[EndpointSlice],
     ) -> ResolvedChanges {
+        let refs: Vec<&Service> = services.iter().collect();
+        self.update_refs(&refs, Allocations::Map(allocations), slices)
+    }
+
+    /// [`Resolver::update`] of services held elsewhere, with their allocations wherever they
+    /// are.
+    pub fn update_refs(
+        &mut self,
+        services: &[&Service],
+        allocations: Allocations<'_>,
+        slices: &[EndpointSlice],
+    ) -> ResolvedChanges {
         self.pass += 1;
         let pass = self.pass;
-        let mut by_service: fnv::FnvHashMap<(&str, &str), Vec<&EndpointSlice>> =
+        // Per service: how many slices, and the sum of their fingerprints (in any order).
+        let mut by_service: fnv::FnvHashMap<(&str, &str), (usize, Option<u64>)> =
             fnv::FnvHashMap::default();
         by_service.reserve(slices.len());
         for s in slices {
-            by_service
+            let e = by_service
                 .entry((s.meta.namespace.as_str(), s.service_name.as_str()))
-                .or_default()
-                .push(s);
+                .or_insert((0, Some(0)));
+            e.0 += 1;
+            e.1 = match (e.1, slice_fingerprint(s)) {
+                (Some(sum), Some(f)) => Some(sum.wrapping_add(f)),
+                _ => None,
+            };
         }
+        // Allocations kept apart are part of the fingerprint; from the spec, the Service is.
+        let alloc_apart = !matches!(allocations, Allocations::FromSpec(_));
         // The services whose inputs moved: (index in `services`, fingerprint).
         let mut stale: Vec<(usize, Option<u64>)> = Vec::new();
         for (i, svc) in services.iter().enumerate() {
             let id_key = (svc.meta.namespace.as_str(), svc.meta.name.as_str());
-            let mine = by_service.get(&id_key).map(Vec::as_slice).unwrap_or(&[]);
+            let mine = by_service.get(&id_key).copied().unwrap_or((0, Some(0)));
             let id = svc.meta.object_ref();
-            let fp = inputs_fingerprint(svc, allocations.get(&id), mine);
+            let alloc = match alloc_apart {
+                true => allocations.of(svc, &id),
+                false => None,
+            };
+            let fp = inputs_fingerprint(svc, alloc.as_deref(), mine);
             match self.known.get_mut(&id) {
                 Some(k) if k.pass == pass => {} // given twice: the first counts
                 Some(k) => {
@@ -468,29 +549,61 @@ impl Resolver {
             resolved_again: stale.len(),
             ..ResolvedChanges::default()
         };
-        // Many stale (the first pass): resolve everything at once.
+        // The slices of the stale services (all of them when many are).
+        let many = stale.len() > services.len() / 4;
+        let wanted: std::collections::HashSet<(&str, &str)> = match many {
+            true => Default::default(),
+            false => stale
+                .iter()
+                .map(|(i, _)| {
+                    let s = services[*i];
+                    (s.meta.namespace.as_str(), s.meta.name.as_str())
+                })
+                .collect(),
+        };
+        let mut slices_of: fnv::FnvHashMap<(&str, &str), Vec<&EndpointSlice>> =
+            fnv::FnvHashMap::default();
+        if !many && !wanted.is_empty() {
+            for s in slices {
+                let k = (s.meta.namespace.as_str(), s.service_name.as_str());
+                if wanted.contains(&k) {
+                    slices_of.entry(k).or_default().push(s);
+                }
+            }
+        }
+        // Many stale (the first pass): resolve them all at once.
         let mut bulk: Option<std::collections::HashMap<ObjectRef, ResolvedService>> =
-            (stale.len() > services.len() / 4).then(|| {
+            many.then(|| {
+                let mut allocs: BTreeMap<ObjectRef, Allocation> = BTreeMap::new();
+                let mut of: Vec<&Service> = Vec::with_capacity(stale.len());
+                for (i, _) in &stale {
+                    let svc = services[*i];
+                    let id = svc.meta.object_ref();
+                    if let Some(a) = allocations.of(svc, &id) {
+                        allocs.entry(id).or_insert_with(|| a.into_owned());
+                    }
+                    of.push(svc);
+                }
                 let mut m = std::collections::HashMap::new();
-                for r in resolve(services, allocations, slices) {
+                for r in resolve_refs(of, &allocs, slices) {
                     m.entry(r.id.clone()).or_insert(r);
                 }
                 m
             });
         for (i, fp) in stale {
-            let svc = &services[i];
+            let svc = services[i];
             let id = svc.meta.object_ref();
             let now = match &mut bulk {
                 Some(m) => m.remove(&id),
                 None => {
                     let id_key = (svc.meta.namespace.as_str(), svc.meta.name.as_str());
-                    let mine: Vec<EndpointSlice> = by_service
+                    let mine: Vec<EndpointSlice> = slices_of
                         .get(&id_key)
                         .map(|v| v.iter().map(|s| (*s).clone()).collect())
                         .unwrap_or_default();
                     let alloc: BTreeMap<ObjectRef, Allocation> = allocations
-                        .get(&id)
-                        .map(|a| BTreeMap::from([(id.clone(), a.clone())]))
+                        .of(svc, &id)
+                        .map(|a| BTreeMap::from([(id.clone(), a.into_owned())]))
                         .unwrap_or_default();
                     resolve(std::slice::from_ref(svc), &alloc, &mine).pop()
                 }
@@ -499,8 +612,8 @@ impl Resolver {
                 continue; // inserted above
             };
             k.inputs = fp;
-            let same = k.resolved == now;
-            let before = std::mem::replace(&mut k.resolved, now);
+            let same = k.resolved.as_deref() == now.as_ref();
+            let before = std::mem::replace(&mut k.resolved, now.map(Box::new));
             if same {
                 continue;
             }
@@ -508,7 +621,7 @@ impl Resolver {
                 None => changes.removed.push(id),
                 Some(_) => changes.changed.push(id),
             }
-            changes.previous.extend(before);
+            changes.previous.extend(before.map(|b| *b));
         }
         // Services not given this pass are gone.
         self.known.retain(|id, k| {
@@ -517,7 +630,7 @@ impl Resolver {
             }
             if let Some(before) = k.resolved.take() {
                 changes.removed.push(id.clone());
-                changes.previous.push(before);
+                changes.previous.push(*before);
             }
             false
         });
@@ -527,7 +640,7 @@ impl Resolver {
     /// The resolved state of service `id` as of the last update (None: it resolves to no
     /// rules).
     pub fn get(&self, id: &ObjectRef) -> Option<&ResolvedService> {
-        self.known.get(id).and_then(|k| k.resolved.as_ref())
+        self.known.get(id).and_then(|k| k.resolved.as_deref())
     }
 
     /// The services `changes` says changed, as resolved now (what a planner of changes takes).
@@ -540,12 +653,30 @@ impl Resolver {
 
     /// Every service that resolves to rules, in no particular order.
     pub fn services(&self) -> impl Iterator<Item = &ResolvedService> {
-        self.known.values().filter_map(|k| k.resolved.as_ref())
+        self.known.values().filter_map(|k| k.resolved.as_deref())
     }
 
     /// Forgets every fingerprint: the next update resolves every service again (a resync).
     pub fn reset(&mut self) {
         self.known.clear();
+    }
+
+    /// Distrusts every fingerprint but keeps what each service resolved to: the next update
+    /// resolves every service again and still reports only the services that resolve
+    /// differently (a safety resync that also sees what fingerprints would miss).
+    pub fn invalidate(&mut self) {
+        for k in self.known.values_mut() {
+            k.inputs = None;
+        }
+    }
+
+    /// How many services resolve to rules.
+    pub fn len(&self) -> usize {
+        self.known.values().filter(|k| k.resolved.is_some()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

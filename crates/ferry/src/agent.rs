@@ -22,7 +22,6 @@ use ferry_model::alloc::{AllocConfig, AllocResults};
 use ferry_model::cidr::Cidr;
 use ferry_model::lbipam::LbResults;
 use ferry_model::pools::PoolConfig;
-use ferry_model::view::resolve;
 use ferry_nft::{Nft, Tables};
 use ferry_plan::plan::DEFAULT_MASQUERADE_MARK;
 use ferry_plan::PlanConfig;
@@ -204,13 +203,35 @@ pub fn shards_in_kernel(tables: &[String]) -> u16 {
 }
 
 /// The planner of the agent's tables: the one table `ferry`, or the common table and the
-/// shards, as the shard count of each pass says.
+/// shards, as the shard count of each pass says; with the services as last resolved, so that a
+/// pass resolves and plans only what changed (issue 11: O(what changed)).
+///
+/// A pass is *full* (every service resolved and planned again, then compared with what was
+/// planned: the result is the same, only slower) the first time, when the layout (shard count)
+/// or the plan's configuration changes, and when asked ([`TablePlanner::distrust`]: the
+/// periodic safety resync); otherwise only the services whose inputs moved are resolved, and
+/// only those that resolve differently are planned.
 #[derive(Debug, Default)]
 pub struct TablePlanner {
     one: ferry_plan::plan::Planner,
     sharded: ferry_plan::plan::ShardedPlanner,
     /// Tables in use (0: nothing planned yet).
     shards: u16,
+    /// The services as last resolved (the one copy: what the planners and the worker read).
+    resolver: ferry_model::view::Resolver,
+    /// The next pass is a full one.
+    full_next: bool,
+    /// The configuration the tables were last planned with.
+    planned_with: Option<PlanConfig>,
+}
+
+/// What a pass changed among the resolved services.
+#[derive(Debug, Default)]
+pub struct ServiceChanges {
+    /// The services that resolve differently now (new ones included), as they are now.
+    pub changed: Vec<ferry_model::view::ResolvedService>,
+    /// What the changed and removed services resolved to before (those that resolved).
+    pub previous: Vec<ferry_model::view::ResolvedService>,
 }
 
 impl TablePlanner {
@@ -228,12 +249,44 @@ impl TablePlanner {
         self.shards.max(1)
     }
 
-    /// Plans `services` over `cfg.shards` tables; what changed in each table, in the order of
-    /// [`TablePlanner::tables`].
-    pub fn update(
+    /// The next pass resolves and plans every service again (the periodic safety resync):
+    /// what fingerprints and hashes would miss is found then.
+    pub fn distrust(&mut self) {
+        self.full_next = true;
+    }
+
+    /// Every service that resolves to rules as of the last pass, in no particular order.
+    pub fn services(&self) -> impl Iterator<Item = &ferry_model::view::ResolvedService> {
+        self.resolver.services()
+    }
+
+    /// One service as of the last pass.
+    pub fn service(
+        &self,
+        id: &ferry_model::ObjectRef,
+    ) -> Option<&ferry_model::view::ResolvedService> {
+        self.resolver.get(id)
+    }
+
+    /// Resolves `services` (what changed since the last pass, or everything on a full pass).
+    fn resolve(
+        &mut self,
+        services: &[&ferry_model::Service],
+        allocations: ferry_model::view::Allocations<'_>,
+        slices: &[ferry_model::EndpointSlice],
+    ) -> ferry_model::view::ResolvedChanges {
+        if self.full_next {
+            self.resolver.invalidate();
+        }
+        self.resolver.update_refs(services, allocations, slices)
+    }
+
+    /// Plans the services resolved by the last [`TablePlanner::resolve`] over `cfg.shards`
+    /// tables; what changed in each table, in the order of [`TablePlanner::tables`].
+    fn plan(
         &mut self,
         cfg: &PlanConfig,
-        services: &[ferry_model::view::ResolvedService],
+        changes: &ferry_model::view::ResolvedChanges,
     ) -> Vec<ferry_plan::plan::Touched> {
         let n = cfg.shards.max(1);
         if n != self.shards {
@@ -241,11 +294,29 @@ impl TablePlanner {
             self.one = Default::default();
             self.sharded = Default::default();
             self.shards = n;
+            self.planned_with = None;
         }
+        let full = self.full_next || self.planned_with.as_ref() != Some(cfg);
+        self.full_next = false;
+        if !full {
+            let changed = self.resolver.changed(changes);
+            let step = if n == 1 {
+                self.one
+                    .update_changed(cfg, changed, &changes.removed)
+                    .map(|t| vec![t])
+            } else {
+                self.sharded.update_changed(cfg, changed, &changes.removed)
+            };
+            if let Ok(t) = step {
+                return t;
+            }
+        }
+        self.planned_with = Some(cfg.clone());
+        let all = self.resolver.services();
         if n == 1 {
-            vec![self.one.update(cfg, services).1]
+            vec![self.one.update_refs(cfg, all).1]
         } else {
-            self.sharded.update(cfg, services)
+            self.sharded.update_refs(cfg, all)
         }
     }
 
@@ -516,11 +587,22 @@ pub fn timestamp() -> String {
     )
 }
 
+/// A pass's allocations: cluster IPs, node ports, load-balancer addresses.
+pub enum Allocated {
+    /// Every service's, as an allocator gave them (the state directory of a manifest
+    /// directory; the API's, taken at once).
+    All(AllocResults, LbResults),
+    /// The API server's and the load-balancer controller's, in each Service: read only where
+    /// a Service changed (and from every LoadBalancer Service, for its addresses).
+    FromApi,
+}
+
 /// Everything one pass computes from a snapshot and its allocations.
 pub struct Pass {
     /// What the plan changed in each table (the tables themselves are the planner's).
     pub touched: Vec<ferry_plan::plan::Touched>,
-    pub services: Vec<ferry_model::view::ResolvedService>,
+    /// The services that changed (every service: [`TablePlanner::services`]).
+    pub changes: ServiceChanges,
     pub node_ips: Vec<IpAddr>,
     /// Problems to report: bad manifests, rejected services, pending load balancers, pools.
     pub diagnostics: Vec<Diagnostic>,
@@ -545,11 +627,28 @@ pub fn compute(
     args: &AgentArgs,
     snap: &Snapshot,
     pools: (PoolConfig, Vec<ferry_model::pools::PoolError>),
-    allocated: (AllocResults, LbResults),
+    allocated: Allocated,
     host: &netwatch::HostNet,
 ) -> Pass {
     let (pools, pool_errors) = pools;
-    let (results, lb) = allocated;
+    let from_api = matches!(allocated, Allocated::FromApi);
+    let (results, lb) = match allocated {
+        Allocated::All(results, lb) => (results, lb),
+        // Only the Services that can be refused (no cluster IP yet) or have addresses: the
+        // others' allocations are read from them as the resolver needs them.
+        Allocated::FromApi => {
+            let few: Vec<ferry_model::Service> = snap
+                .services
+                .iter()
+                .filter(|s| {
+                    s.type_ == ferry_model::ServiceType::LoadBalancer
+                        || s.cluster_ip == ferry_model::ClusterIpSpec::Auto
+                })
+                .cloned()
+                .collect();
+            ferry_kube::status::from_api(&few, &pools)
+        }
+    };
     let mut diagnostics: Vec<Diagnostic> = Vec::new();
     for e in &snap.errors {
         diagnostics.push(Diagnostic {
@@ -575,25 +674,29 @@ pub fn compute(
             message: e.to_string(),
         });
     }
-    let mut allocations = BTreeMap::new();
-    for (r, res) in results {
-        match res {
-            Ok(a) => {
-                allocations.insert(r, a);
-            }
-            Err(e) => diagnostics.push(Diagnostic {
+    for (r, res) in &results {
+        if let Err(e) = res {
+            diagnostics.push(Diagnostic {
                 severity: Severity::Error,
                 object: Some(format!("Service {r}")),
                 reason: "Rejected",
                 message: e.to_string(),
-            }),
+            });
         }
     }
-    // Load-balancer addresses become the services' ingress addresses.
-    let mut services = snap.services.clone();
+    // Load-balancer addresses become the services' ingress addresses: those services are
+    // copied and changed, the others read where they are.
+    let mut lb_copies: Vec<(usize, ferry_model::Service)> = Vec::new();
     let mut lb_services = Vec::new();
     let mut in_use: BTreeMap<&str, std::collections::BTreeSet<IpAddr>> = BTreeMap::new();
-    for svc in &mut services {
+    for (i, orig) in snap.services.iter().enumerate() {
+        if lb.is_empty() {
+            break;
+        }
+        let Some(got) = lb.get(&orig.meta.object_ref()) else {
+            continue;
+        };
+        let mut svc = orig.clone();
         // Addresses in status that no pool of ours holds were written by another
         // load-balancer controller: forwarded as they are, as kube-proxy does.
         let foreign: Vec<IpAddr> = svc
@@ -602,8 +705,8 @@ pub fn compute(
             .filter(|ip| pools.pool_of(**ip).is_none())
             .copied()
             .collect();
-        match lb.get(&svc.meta.object_ref()) {
-            Some(Ok(a)) => {
+        match got {
+            Ok(a) => {
                 svc.load_balancer_ingress = a.ips.clone();
                 for ip in foreign {
                     if !svc.load_balancer_ingress.contains(&ip) {
@@ -615,7 +718,7 @@ pub fn compute(
                     lb_services.push((*ip, svc.meta.object_ref().to_string()));
                 }
             }
-            Some(Err(p)) => {
+            Err(p) => {
                 svc.load_balancer_ingress = foreign;
                 diagnostics.push(Diagnostic {
                     severity: Severity::Warning,
@@ -624,8 +727,12 @@ pub fn compute(
                     message: format!("Service {} pending: {}", svc.meta.object_ref(), p.reason),
                 });
             }
-            None => {}
         }
+        lb_copies.push((i, svc));
+    }
+    let mut services: Vec<&ferry_model::Service> = snap.services.iter().collect();
+    for (i, svc) in &lb_copies {
+        services[*i] = svc;
     }
     let node_ips = match snap.nodes.iter().find(|n| n.meta.name == args.node) {
         Some(n) if !n.internal_ips().is_empty() => n.internal_ips(),
@@ -666,7 +773,19 @@ pub fn compute(
     for (iface, ip) in &host.addrs {
         never_announce.insert(*ip, format!("this node's own address (on {iface})"));
     }
-    let resolved = resolve(&services, &allocations, &snap.slices);
+    let of_spec = |svc: &ferry_model::Service| {
+        ferry_kube::status::from_api(std::slice::from_ref(svc), &pools)
+            .0
+            .into_values()
+            .next()
+            .and_then(Result::ok)
+    };
+    let allocations = match from_api {
+        true => ferry_model::view::Allocations::FromSpec(&of_spec),
+        false => ferry_model::view::Allocations::Results(&results),
+    };
+    let changes = planner.resolve(&services, allocations, &snap.slices);
+    let resolved_count = planner.resolver.len();
     let this_node = snap.nodes.iter().find(|n| n.meta.name == args.node);
     let (cluster_cidrs, local_interface) = match args.local_traffic(this_node) {
         Ok(l) => l,
@@ -703,15 +822,20 @@ pub fn compute(
             never_announce.keys(),
         ),
         shards: match args.nft_shards {
-            0 => auto_shards(resolved.len(), planner.shards()),
+            0 => auto_shards(resolved_count, planner.shards()),
             n => n,
         },
     };
-    let addresses = services
+    // The services with load-balancer addresses (what layer 2 and BGP announce).
+    let with_ingress: Vec<ferry_model::Service> = services
         .iter()
         .filter(|s| !s.load_balancer_ingress.is_empty())
+        .map(|s| (*s).clone())
+        .collect();
+    let addresses = with_ingress
+        .iter()
         .map(|s| {
-            let r = resolved.iter().find(|r| r.id == s.meta.object_ref());
+            let r = planner.service(&s.meta.object_ref());
             LbAddress::of(
                 s.load_balancer_ingress.clone(),
                 s.external_traffic_policy,
@@ -725,7 +849,7 @@ pub fn compute(
             &args.node,
             &this_node.map(|n| n.meta.labels.clone()).unwrap_or_default(),
             &node_ips,
-            &services,
+            &with_ingress,
             &mut diagnostics,
         ),
         false => Default::default(),
@@ -745,19 +869,21 @@ pub fn compute(
             .iter()
             .find_map(|ip| netwatch::interface_of(&host.addrs, *ip)),
     };
+    let touched = planner.plan(&cfg, &changes);
+    let changed = planner.resolver.changed(&changes).cloned().collect();
     Pass {
-        touched: planner.update(&cfg, &resolved),
-        services: resolved,
+        touched,
+        changes: ServiceChanges {
+            changed,
+            previous: changes.previous,
+        },
         node_ips: nodeport_ips,
         diagnostics,
         l2,
         lb_services,
         pool_usage,
         bgp,
-        bgp_services: services
-            .into_iter()
-            .filter(|s| !s.load_balancer_ingress.is_empty())
-            .collect(),
+        bgp_services: with_ingress,
     }
 }
 
@@ -856,6 +982,52 @@ fn flush_udp_conntrack(addr: IpAddr, port: u16) {
     }
 }
 
+/// What a sync derives from a pass's changes besides the tables.
+struct AfterPass {
+    /// UDP endpoints gone (their conntrack entries are flushed).
+    stale_udp: Vec<(IpAddr, u16)>,
+    /// Endpoints programmed in all.
+    endpoints: usize,
+    service_changes: u64,
+    endpoint_changes: u64,
+    /// healthCheckNodePort servers (when proxying: `node` given).
+    health_checks: Vec<crate::healthcheck::Check>,
+}
+
+/// From what the changed services resolved to `previous`ly and resolve to now (`changed`):
+/// UDP endpoints gone and counts of changes; from every service: endpoints, and the health
+/// checks of `node` (None: not proxying, none).
+fn after_pass(
+    planner: &TablePlanner,
+    previous: &[ferry_model::view::ResolvedService],
+    changed: &[ferry_model::view::ResolvedService],
+    node: Option<&str>,
+) -> AfterPass {
+    let (service_changes, endpoint_changes) = changes_between(previous, changed);
+    AfterPass {
+        stale_udp: ferry_plan::plan::stale_udp_endpoints(previous, changed),
+        endpoints: planner
+            .services()
+            .flat_map(|s| s.ports.iter())
+            .map(|port| port.endpoints.len())
+            .sum(),
+        service_changes,
+        endpoint_changes,
+        // healthCheckNodePort (healthcheck.rs): kube-proxy's part, so only when proxying.
+        health_checks: match node {
+            Some(node) => crate::healthcheck::wanted(
+                &planner
+                    .services()
+                    .filter(|s| s.health_check_node_port.is_some())
+                    .cloned()
+                    .collect::<Vec<_>>(),
+                node,
+            ),
+            None => Vec::new(),
+        },
+    }
+}
+
 /// Services added, removed or changed, and endpoints added or removed, from `old` to `new`.
 fn changes_between(
     old: &[ferry_model::view::ResolvedService],
@@ -931,8 +1103,15 @@ struct Worker {
     planner: TablePlanner,
     store: StateDir,
     dp: Tables,
-    /// The services as last applied (to find UDP endpoints that went away).
-    served: Vec<ferry_model::view::ResolvedService>,
+    /// What the services of passes whose kernel write failed resolved to before (their UDP
+    /// endpoints gone are flushed after the next pass that reaches the kernel).
+    unflushed: Vec<ferry_model::view::ResolvedService>,
+}
+
+/// A pass's snapshot: lent by the manifest reader, or the API source's shared view.
+enum Held {
+    Lent(Box<Snapshot>),
+    Shared(Arc<Snapshot>),
 }
 
 /// A sync's source: a manifest directory (allocations in the state directory) or the API
@@ -951,33 +1130,69 @@ impl Worker {
             // Re-read the kernel's table: repairs anything changed behind our back.
             self.dp.resync();
         }
-        let (snap, from_api) = match &mut self.source {
-            WorkerSource::Dir(reader, dir) => (
+        if job.reread_kernel {
+            // The safety resync (and after a failure): every service resolved and planned
+            // again, not only those whose fingerprints moved.
+            self.planner.distrust();
+        }
+        // The manifest reader lends its objects (given back below); the API source shares
+        // its view (dropped below): neither is a copy.
+        let held = match &mut self.source {
+            WorkerSource::Dir(reader, dir) => Held::Lent(Box::new(
                 reader
                     .read()
                     .with_context(|| format!("reading {}", dir.display()))?,
-                false,
-            ),
-            WorkerSource::Api(api) => (api.snapshot(), true),
+            )),
+            WorkerSource::Api(api) => Held::Shared(api.view()),
         };
-        let pools = load_pools(&snap, &args.service_cidr, host);
+        let (snap, from_api): (&Snapshot, bool) = match &held {
+            Held::Lent(s) => (s, false),
+            Held::Shared(s) => (s, true),
+        };
+        let pools = load_pools(snap, &args.service_cidr, host);
         let allocated = if from_api {
-            ferry_kube::status::from_api(&snap.services, &pools.0)
+            Allocated::FromApi
         } else {
-            self.store.sync(
+            let (results, lb) = self.store.sync(
                 &snap.services,
                 &snap.namespaces,
                 &pools.0,
                 &args.alloc_config(),
                 source::now_ms(),
                 source::now_ms(),
-            )?
+            )?;
+            Allocated::All(results, lb)
         };
-        let p = compute(&mut self.planner, args, &snap, pools, allocated, host);
+        let mut p = compute(&mut self.planner, args, snap, pools, allocated, host);
         let t_plan = t0.elapsed();
+        let ServiceChanges {
+            mut changed,
+            mut previous,
+        } = std::mem::take(&mut p.changes);
+        if !self.unflushed.is_empty() {
+            // Passes that never reached the kernel: what was applied before them is compared
+            // with now too (the older state last, so that it counts).
+            let stashed = std::mem::take(&mut self.unflushed);
+            let mentioned: BTreeSet<ferry_model::ObjectRef> =
+                changed.iter().map(|s| s.id.clone()).collect();
+            for s in &stashed {
+                if !mentioned.contains(&s.id) {
+                    changed.extend(self.planner.service(&s.id).cloned());
+                }
+            }
+            changed.sort_by(|a, b| a.id.cmp(&b.id));
+            changed.dedup_by(|a, b| a.id == b.id);
+            previous.extend(stashed);
+        }
         let changes = if proxies {
             let tables = self.planner.tables();
-            let applied = self.dp.apply(&tables, Some(&p.touched))?;
+            let applied = match self.dp.apply(&tables, Some(&p.touched)) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.unflushed = previous;
+                    return Err(e.into());
+                }
+            };
             if !applied.tables_deleted.is_empty() {
                 log!(
                     "{} tables now; deleted the tables no longer used: {}",
@@ -1000,26 +1215,28 @@ impl Worker {
                 ),
             });
         }
-        for (addr, port) in ferry_plan::plan::stale_udp_endpoints(&self.served, &p.services) {
+        let after = after_pass(
+            &self.planner,
+            &previous,
+            &changed,
+            proxies.then_some(&*args.node),
+        );
+        for (addr, port) in after.stale_udp {
             flush_udp_conntrack(addr, port);
         }
-        let endpoints = p
-            .services
-            .iter()
-            .flat_map(|s| s.ports.iter())
-            .map(|port| port.endpoints.len())
-            .sum();
-        let (service_changes, endpoint_changes) = changes_between(&self.served, &p.services);
-        // healthCheckNodePort (healthcheck.rs): kube-proxy's part, so only when proxying.
-        let health_checks = match proxies {
-            true => crate::healthcheck::wanted(&p.services, &args.node),
-            false => Vec::new(),
-        };
-        self.served = p.services;
+        let AfterPass {
+            endpoints,
+            service_changes,
+            endpoint_changes,
+            health_checks,
+            ..
+        } = after;
         let services = snap.services.len();
-        // The reader takes the objects back for its next read (kept once, not copied).
-        if let WorkerSource::Dir(reader, _) = &mut self.source {
-            reader.give_back(snap);
+        // The reader takes the objects back for its next read (kept once, not copied); the
+        // API source's view is let go, so that changes go into it in place.
+        match (&mut self.source, held) {
+            (WorkerSource::Dir(reader, _), Held::Lent(snap)) => reader.give_back(*snap),
+            (_, held) => drop(held),
         }
         Ok(SyncOutcome {
             service_changes,
@@ -1203,7 +1420,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                 planner: TablePlanner::starting_at(start),
                 store: state,
                 dp: Tables::new(nft),
-                served: Vec::new(),
+                unflushed: Vec::new(),
                 args: worker_args,
             };
             for (job, host) in job_rx {
@@ -1884,6 +2101,328 @@ mod tests {
         );
         assert_eq!(shards_in_kernel(&t(&["ferry", "ferry-7"])), 8);
         assert_eq!(shards_in_kernel(&t(&["ferry-x", "other", "ferry-"])), 1);
+    }
+
+    mod incremental {
+        //! The agent-level analogue of ferry-plan's delta tests: after any sequence of
+        //! changes, a pass of the agent's planner (which resolves and plans only what changed)
+        //! gives exactly the tables, UDP flushes, counts and health checks of a full pass.
+        use super::*;
+        use ferry_model::objects::*;
+        use proptest::prelude::*;
+
+        const SERVICES: usize = 6;
+
+        fn ip(s: &str) -> IpAddr {
+            s.parse().expect("an address")
+        }
+
+        fn service(k: usize, variant: u8) -> Service {
+            let type_ = match (k + usize::from(variant)) % 3 {
+                0 => ServiceType::ClusterIP,
+                1 => ServiceType::NodePort,
+                _ => ServiceType::LoadBalancer,
+            };
+            let udp = k % 2 == 1;
+            Service {
+                meta: Meta {
+                    name: format!("s{k}"),
+                    namespace: "default".into(),
+                    resource_version: Some(format!("{variant}")),
+                    ..Meta::default()
+                },
+                type_,
+                // Variant 5: no cluster IP yet (refused until the API server allocates one).
+                cluster_ip: match variant {
+                    5 => ClusterIpSpec::Auto,
+                    _ => ClusterIpSpec::Ip(ip(&format!("10.43.0.{}", 10 + k))),
+                },
+                ports: vec![ServicePort {
+                    name: String::new(),
+                    protocol: if udp { Protocol::Udp } else { Protocol::Tcp },
+                    port: 80 + u16::from(variant % 2),
+                    target_port: TargetPort::Number(8080),
+                    node_port: type_.has_node_ports().then_some(30_000 + k as u16),
+                }],
+                load_balancer_ingress: match type_ {
+                    ServiceType::LoadBalancer => vec![ip(&format!("192.168.2.{}", 200 + k))],
+                    _ => vec![],
+                },
+                external_traffic_policy: if variant % 3 == 2 {
+                    TrafficPolicy::Local
+                } else {
+                    TrafficPolicy::Cluster
+                },
+                health_check_node_port: (type_ == ServiceType::LoadBalancer && variant % 3 == 2)
+                    .then_some(31_000 + k as u16),
+                ..Service::default()
+            }
+        }
+
+        fn slice(k: usize, j: usize, version: Option<u64>, eps: &[(u8, bool)]) -> EndpointSlice {
+            EndpointSlice {
+                meta: Meta {
+                    name: format!("s{k}-{j}"),
+                    namespace: "default".into(),
+                    resource_version: version.map(|v| v.to_string()),
+                    ..Meta::default()
+                },
+                service_name: format!("s{k}"),
+                address_type: AddressType::IPv4,
+                endpoints: eps
+                    .iter()
+                    .map(|(a, ready)| Endpoint {
+                        addresses: [ip(&format!("10.42.{k}.{a}"))].into(),
+                        conditions: EndpointConditions {
+                            ready: *ready,
+                            serving: *ready,
+                            terminating: false,
+                        },
+                        node_name: Some(if a % 2 == 0 { "n1" } else { "n2" }.into()),
+                        zone_hints: None,
+                    })
+                    .collect(),
+                ports: vec![EndpointPort {
+                    name: String::new(),
+                    protocol: if k % 2 == 1 {
+                        Protocol::Udp
+                    } else {
+                        Protocol::Tcp
+                    },
+                    port: 8080,
+                }],
+            }
+        }
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Slice j: endpoint address and readiness set; versioned (API) or not (manifests).
+            Endpoint(usize, u8, bool, bool),
+            AddSlice(usize, bool),
+            DropSlice(usize),
+            ToggleService(usize),
+            /// Service k's variant (type, port, traffic policy, health check port).
+            Variant(usize, u8),
+            /// The node's zone (a change of the plan's configuration).
+            Zone(bool),
+            /// The layout: one table or shards.
+            Shards(u16),
+            /// The periodic safety resync.
+            Resync,
+            Nothing,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                6 => (0usize..12, 1u8..6, any::<bool>(), any::<bool>())
+                    .prop_map(|(j, a, r, v)| Op::Endpoint(j, a, r, v)),
+                2 => (0usize..SERVICES, any::<bool>()).prop_map(|(k, v)| Op::AddSlice(k, v)),
+                1 => (0usize..12).prop_map(Op::DropSlice),
+                2 => (0usize..SERVICES).prop_map(Op::ToggleService),
+                2 => (0usize..SERVICES, 0u8..6).prop_map(|(k, v)| Op::Variant(k, v)),
+                1 => any::<bool>().prop_map(Op::Zone),
+                1 => prop_oneof![Just(1u16), Just(2), Just(3)].prop_map(Op::Shards),
+                1 => Just(Op::Resync),
+                1 => Just(Op::Nothing),
+            ]
+        }
+
+        struct World {
+            snap: Snapshot,
+            variants: [u8; SERVICES],
+            present: [bool; SERVICES],
+            version: u64,
+            shards: u16,
+        }
+
+        impl World {
+            fn new() -> World {
+                let mut w = World {
+                    snap: Snapshot::default(),
+                    variants: [0; SERVICES],
+                    present: [true; SERVICES],
+                    version: 1,
+                    shards: 1,
+                };
+                w.snap.nodes.push(Node {
+                    meta: Meta {
+                        name: "n1".into(),
+                        ..Meta::default()
+                    },
+                    addresses: vec![NodeAddress {
+                        type_: "InternalIP".into(),
+                        address: "192.168.2.11".into(),
+                    }],
+                    pod_cidrs: vec![],
+                });
+                for k in 0..SERVICES {
+                    w.snap
+                        .slices
+                        .push(slice(k, 0, Some(1), &[(1, true), (2, true)]));
+                }
+                w.services();
+                w
+            }
+
+            fn services(&mut self) {
+                self.snap.services = (0..SERVICES)
+                    .filter(|k| self.present[*k])
+                    .map(|k| service(k, self.variants[k]))
+                    .collect();
+            }
+
+            fn apply(&mut self, op: &Op) {
+                self.version += 1;
+                let v = self.version;
+                match *op {
+                    Op::Endpoint(j, a, ready, versioned) => {
+                        let n = self.snap.slices.len();
+                        if n == 0 {
+                            return;
+                        }
+                        let sl = &mut self.snap.slices[j % n];
+                        let k: usize = sl.service_name[1..].parse().unwrap_or(0);
+                        let old = sl.clone();
+                        let mut eps: Vec<(u8, bool)> = sl
+                            .endpoints
+                            .iter()
+                            .map(|e| match e.addresses[0] {
+                                IpAddr::V4(x) => (x.octets()[3], e.conditions.ready),
+                                IpAddr::V6(_) => (0, false),
+                            })
+                            .collect();
+                        match eps.iter_mut().find(|e| e.0 == a) {
+                            Some(e) => e.1 = ready,
+                            None => eps.push((a, ready)),
+                        }
+                        let j: usize = old
+                            .meta
+                            .name
+                            .rsplit('-')
+                            .next()
+                            .and_then(|x| x.parse().ok())
+                            .unwrap_or(0);
+                        // An unversioned slice keeps having none (a manifest's).
+                        let version =
+                            (versioned && old.meta.resource_version.is_some()).then_some(v);
+                        *sl = slice(k, j, version, &eps);
+                    }
+                    Op::AddSlice(k, versioned) => {
+                        let j = v as usize;
+                        self.snap.slices.push(slice(
+                            k,
+                            j,
+                            versioned.then_some(v),
+                            &[((v % 250) as u8 + 3, true)],
+                        ));
+                    }
+                    Op::DropSlice(j) => {
+                        let n = self.snap.slices.len();
+                        if n > 0 {
+                            self.snap.slices.remove(j % n);
+                        }
+                    }
+                    Op::ToggleService(k) => {
+                        self.present[k] = !self.present[k];
+                        self.services();
+                    }
+                    Op::Variant(k, var) => {
+                        self.variants[k] = var;
+                        self.services();
+                    }
+                    Op::Zone(on) => {
+                        let labels = &mut self.snap.nodes[0].meta.labels;
+                        if on {
+                            labels.insert("topology.kubernetes.io/zone".into(), "z1".into());
+                        } else {
+                            labels.clear();
+                        }
+                    }
+                    Op::Shards(n) => self.shards = n,
+                    Op::Resync | Op::Nothing => {}
+                }
+            }
+        }
+
+        struct Out {
+            diagnostics: Vec<String>,
+            tables: Vec<ferry_plan::Ruleset>,
+            stale: Vec<(IpAddr, u16)>,
+            counts: (u64, u64),
+            endpoints: usize,
+            checks: Vec<crate::healthcheck::Check>,
+        }
+
+        fn pass(
+            planner: &mut TablePlanner,
+            w: &World,
+            previous_full: Option<&[ferry_model::view::ResolvedService]>,
+        ) -> (Out, Vec<ferry_model::view::ResolvedService>) {
+            let shards = w.shards.to_string();
+            let args = parse(&["--node", "n1", "--nft-shards", &shards]).unwrap();
+            let host = netwatch::HostNet {
+                addrs: vec![("eth0".into(), ip("192.168.2.11"))],
+                gateways: vec![],
+            };
+            let pools = load_pools(&w.snap, &args.service_cidr, &host);
+            // The incremental pass reads allocations from the Services as it needs them; the
+            // full one takes every one at once.
+            let allocated = match previous_full {
+                None => Allocated::FromApi,
+                Some(_) => {
+                    let (a, lb) = ferry_kube::status::from_api(&w.snap.services, &pools.0);
+                    Allocated::All(a, lb)
+                }
+            };
+            let p = compute(planner, &args, &w.snap, pools, allocated, &host);
+            let mut diagnostics: Vec<String> =
+                p.diagnostics.iter().map(|d| d.to_string()).collect();
+            diagnostics.sort();
+            let mut all: Vec<_> = planner.services().cloned().collect();
+            all.sort_by(|a, b| a.id.cmp(&b.id));
+            // A full pass compares everything before with everything now.
+            let (previous, changed) = match previous_full {
+                Some(before) => (before.to_vec(), all.clone()),
+                None => (p.changes.previous.clone(), p.changes.changed.clone()),
+            };
+            let after = after_pass(planner, &previous, &changed, Some("n1"));
+            let out = Out {
+                diagnostics,
+                tables: planner.tables().into_iter().cloned().collect(),
+                stale: after.stale_udp,
+                counts: (after.service_changes, after.endpoint_changes),
+                endpoints: after.endpoints,
+                checks: after.health_checks,
+            };
+            (out, all)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+            #[test]
+            fn an_incremental_pass_plans_what_a_full_pass_plans(
+                ops in proptest::collection::vec(op(), 1..20)
+            ) {
+                let mut w = World::new();
+                let mut planner = TablePlanner::default();
+                let (_, mut before) = pass(&mut planner, &w, None);
+                for op in &ops {
+                    w.apply(op);
+                    if matches!(op, Op::Resync) {
+                        planner.distrust();
+                    }
+                    let (inc, now) = pass(&mut planner, &w, None);
+                    let (full, _) = pass(&mut TablePlanner::default(), &w, Some(&before));
+                    prop_assert!(inc.tables == full.tables, "tables differ after {:?}", op);
+                    prop_assert_eq!(inc.stale, full.stale, "UDP flushes after {:?}", op);
+                    prop_assert_eq!(inc.counts, full.counts, "counts after {:?}", op);
+                    prop_assert_eq!(inc.endpoints, full.endpoints);
+                    prop_assert_eq!(inc.checks, full.checks);
+                    prop_assert_eq!(inc.diagnostics, full.diagnostics);
+                    before = now;
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,24 +1,20 @@
-//! What one agent pass costs at scale, stage by stage, when one endpoint changed (a unit-level
-//! benchmark of [`super::compute`] and the rest of `Worker::sync` but the kernel write, which
-//! `ferry bench` measures). Ignored by default; run it optimised:
+//! What one agent pass costs at scale, stage by stage, when one endpoint changed, one service
+//! was added and one removed (a unit-level benchmark of `Worker::sync` with the API source but
+//! the kernel write, which `ferry bench` measures): the source's view, pools, [`super::compute`]
+//! and what the sync derives after. The objects go through the API source as its watchers
+//! would hand them over. Ignored by default; run it optimised:
 //!
 //! ```text
 //! FERRY_PASS_SERVICES=10000 cargo test --release -p ferry --bin ferry agent_pass_at_scale \
 //!     -- --ignored --nocapture
 //! ```
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use clap::Parser;
-use ferry_model::view::{resolve, Resolver};
-use ferry_model::{
-    AddressType, ClusterIpSpec, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Meta,
-    Node, NodeAddress, Protocol, Service, ServicePort, ServiceType, TargetPort,
-};
-use ferry_plan::plan::{Planner, DEFAULT_MASQUERADE_MARK};
-use ferry_plan::PlanConfig;
+use kube::api::DynamicObject;
+use kube::runtime::watcher::Event;
 
 use super::*;
 
@@ -28,85 +24,76 @@ struct Cli {
     agent: AgentArgs,
 }
 
-fn ip(n: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(n))
+fn ip(n: u32) -> String {
+    Ipv4Addr::from(n).to_string()
 }
 
-/// `n` services of `eps` endpoints each, as the API source would hand them over (cluster IPs
-/// and node ports in the spec, one versioned EndpointSlice per service).
-fn snapshot(n: usize, eps: usize) -> Snapshot {
-    let mut snap = Snapshot::default();
-    for i in 0..n {
-        let meta = |name: String, rv: Option<String>| Meta {
-            name,
-            namespace: "bench".into(),
-            resource_version: rv,
-            ..Meta::default()
-        };
-        let node_port = i % 2 == 1;
-        snap.services.push(Service {
-            meta: meta(format!("svc-{i}"), Some("1".into())),
-            type_: if node_port {
-                ServiceType::NodePort
-            } else {
-                ServiceType::ClusterIP
-            },
-            cluster_ip: ClusterIpSpec::Ip(ip(0x0a2b_0000 + i as u32 + 1)),
-            ports: vec![ServicePort {
-                name: String::new(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                target_port: TargetPort::Number(8080),
-                node_port: node_port.then_some(30000 + (i / 2 % 2768) as u16),
-            }],
-            ..Service::default()
-        });
-        snap.slices.push(EndpointSlice {
-            meta: meta(format!("svc-{i}-abcde"), Some("1".into())),
-            service_name: format!("svc-{i}"),
-            address_type: AddressType::IPv4,
-            endpoints: (0..eps)
-                .map(|e| Endpoint {
-                    addresses: [ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1)].into(),
-                    conditions: EndpointConditions {
-                        ready: true,
-                        serving: true,
-                        terminating: false,
-                    },
-                    node_name: Some(format!("node-{}", e % 3).into()),
-                    zone_hints: None,
-                })
-                .collect(),
-            ports: vec![EndpointPort {
-                name: String::new(),
-                protocol: Protocol::Tcp,
-                port: 8080,
-            }],
-        });
+fn dynamic(v: serde_json::Value) -> DynamicObject {
+    serde_json::from_value(v).expect("a DynamicObject")
+}
+
+/// Service `i` as the API server has it (cluster IP and node port in the spec).
+fn service(i: usize) -> DynamicObject {
+    let node_port = i % 2 == 1;
+    let mut port = serde_json::json!({"port": 80, "targetPort": 8080, "protocol": "TCP"});
+    if node_port {
+        port["nodePort"] = (30000 + (i / 2 % 2768)).into();
     }
-    snap.nodes.push(Node {
-        meta: Meta {
-            name: "node-0".into(),
-            ..Meta::default()
+    dynamic(serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "bench", "name": format!("svc-{i}"), "resourceVersion": "1"},
+        "spec": {
+            "type": if node_port { "NodePort" } else { "ClusterIP" },
+            "clusterIP": ip(0x0a2b_0000 + i as u32 + 1),
+            "ports": [port],
         },
-        addresses: vec![NodeAddress {
-            type_: "InternalIP".into(),
-            address: "192.168.2.11".into(),
-        }],
-        pod_cidrs: vec![],
-    });
-    snap
+    }))
 }
 
-/// The allocations `compute` resolves with (no load balancers here).
-fn allocations_of(
-    snap: &Snapshot,
-) -> BTreeMap<ferry_model::ObjectRef, ferry_model::alloc::Allocation> {
-    ferry_kube::status::from_api(&snap.services, &PoolConfig::default())
-        .0
-        .into_iter()
-        .filter_map(|(r, a)| a.ok().map(|a| (r, a)))
-        .collect()
+/// Service `i`'s EndpointSlice of `eps` endpoints, at version `rv`, endpoint 0 ready or not.
+fn slice(i: usize, eps: usize, rv: usize, first_ready: bool) -> DynamicObject {
+    let endpoints: Vec<serde_json::Value> = (0..eps)
+        .map(|e| {
+            let ready = e != 0 || first_ready;
+            serde_json::json!({
+                "addresses": [ip(0x0a2a_0000 + ((i * eps + e) as u32 % 65_000) + 1)],
+                "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                "nodeName": format!("node-{}", e % 3),
+            })
+        })
+        .collect();
+    dynamic(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "bench", "name": format!("svc-{i}-abcde"),
+                     "resourceVersion": rv.to_string(),
+                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+    }))
+}
+
+/// An API source holding `n` services of `eps` endpoints each and this node.
+fn source(n: usize, eps: usize) -> ferry_kube::ApiSource {
+    let src = ferry_kube::ApiSource::detached(Default::default());
+    let list = |kind: &str, objects: &mut dyn Iterator<Item = DynamicObject>| {
+        src.inject(kind, Event::Init);
+        for o in objects {
+            src.inject(kind, Event::InitApply(o));
+        }
+        src.inject(kind, Event::InitDone);
+    };
+    list("Service", &mut (0..n).map(service));
+    list("EndpointSlice", &mut (0..n).map(|i| slice(i, eps, 1, true)));
+    list(
+        "Node",
+        &mut std::iter::once(dynamic(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-0"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.2.11"}]},
+        }))),
+    );
+    src
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -116,6 +103,52 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
+}
+
+/// The stages of one agent pass as `Worker::sync` runs them with the API source, but the
+/// kernel write: the source's view, pools, `compute`, and what the sync derives after.
+struct Timed {
+    stages: [(&'static str, f64); 4],
+    pass: Pass,
+    after: AfterPass,
+}
+
+fn agent_pass(
+    planner: &mut TablePlanner,
+    args: &AgentArgs,
+    src: &ferry_kube::ApiSource,
+    host: &netwatch::HostNet,
+) -> Timed {
+    let t = Instant::now();
+    let snap = src.view();
+    let t_source = ms(t);
+    let t = Instant::now();
+    let pools = load_pools(&snap, &args.service_cidr, host);
+    let t_alloc = ms(t);
+    let t = Instant::now();
+    let mut pass = compute(planner, args, &snap, pools, Allocated::FromApi, host);
+    let t_compute = ms(t);
+    let t = Instant::now();
+    let changes = std::mem::take(&mut pass.changes);
+    let after = after_pass(
+        planner,
+        &changes.previous,
+        &changes.changed,
+        Some(&args.node),
+    );
+    pass.changes = changes;
+    let t_after = ms(t);
+    drop(snap);
+    Timed {
+        stages: [
+            ("source view", t_source),
+            ("pools", t_alloc),
+            ("compute (resolve, plan, the rest)", t_compute),
+            ("after (stale UDP, counts, health checks)", t_after),
+        ],
+        pass,
+        after,
+    }
 }
 
 #[test]
@@ -132,118 +165,88 @@ fn agent_pass_at_scale() {
         addrs: vec![("eth0".into(), "192.168.2.11".parse().expect("an address"))],
         gateways: vec![],
     };
-    let mut snap = snapshot(n, 10);
-    let mut planner = crate::agent::TablePlanner::default();
-    // The first pass (cold).
+    let src = source(n, 10);
+    let mut planner = TablePlanner::default();
     let t = Instant::now();
-    let pools = load_pools(&snap, &args.service_cidr, &host);
-    let allocated = ferry_kube::status::from_api(&snap.services, &pools.0);
-    let p = compute(&mut planner, &args, &snap, pools, allocated, &host);
+    let first = agent_pass(&mut planner, &args, &src, &host);
     println!(
-        "agent pass at {n} services x 10 endpoints: first pass (compute) {:.0} ms",
-        ms(t)
+        "agent pass at {n} services x 10 endpoints: first pass {:.0} ms ({} services, {} endpoints)",
+        ms(t),
+        planner.services().count(),
+        first.after.endpoints
     );
-    let mut served = p.services;
-    // What the planner is configured with (as compute builds it), for the stages timed alone.
-    let cfg = PlanConfig {
-        node_name: "node-0".into(),
-        node_ips: vec!["192.168.2.11".parse().expect("an address")],
-        cluster_cidrs: args.cluster_cidr.clone(),
-        service_cidrs: args.service_cidr.clone(),
-        masquerade_mark: DEFAULT_MASQUERADE_MARK,
-        ..PlanConfig::default()
+    let shown = |name: &str, runs: &mut Vec<[(&'static str, f64); 4]>| {
+        let mut total: Vec<f64> = runs.iter().map(|r| r.iter().map(|s| s.1).sum()).collect();
+        println!("  {name}: {:.2} ms median pass", median(&mut total));
+        for k in 0..4 {
+            let mut v: Vec<f64> = runs.iter().map(|r| r[k].1).collect();
+            println!("    {}: {:.2} ms", runs[0][k].0, median(&mut v));
+        }
     };
-    let mut alone = Planner::default();
-    alone.update(&cfg, &served);
-    let mut resolver = Resolver::default();
-    resolver.update(&snap.services, &allocations_of(&snap), &snap.slices);
-    let mut delta_planner = Planner::default();
-    delta_planner.update(&cfg, &served);
-
-    let mut stages: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    let mut put = |k: &'static str, v: f64| stages.entry(k).or_default().push(v);
+    let (mut endpoint_runs, mut added_runs, mut removed_runs) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let (mut events, mut copies) = (Vec::new(), Vec::new());
     for k in 0..9usize {
-        // One endpoint changes: a new version of its slice.
+        // One endpoint changes: a new version of its slice (endpoint 0 not ready).
         let victim = (k * 7919) % n;
-        let sl = &mut snap.slices[victim];
-        sl.meta.resource_version = Some(format!("{}", k + 2));
-        let e = &mut sl.endpoints[0];
-        e.conditions.ready = !e.conditions.ready;
-
-        // Today's pass, stage by stage.
         let t = Instant::now();
-        let copy = snap.clone();
-        put("1 source snapshot (a copy of every object)", ms(t));
-        let t = Instant::now();
-        let pools = load_pools(&copy, &args.service_cidr, &host);
-        let allocated = ferry_kube::status::from_api(&copy.services, &pools.0);
-        put("2 pools and allocations (from_api)", ms(t));
-        let t = Instant::now();
-        let p = compute(&mut planner, &args, &copy, pools, allocated, &host);
-        put("3 compute (resolve + Planner::update and the rest)", ms(t));
-        let t = Instant::now();
-        let stale = ferry_plan::plan::stale_udp_endpoints(&served, &p.services);
-        let counted = changes_between(&served, &p.services);
-        let checks = crate::healthcheck::wanted(&p.services, &args.node);
-        put("4 after: stale UDP, changes, health checks", ms(t));
-        assert!(stale.is_empty() && checks.is_empty());
-        assert_eq!(counted.0, 1, "one service changed");
+        assert!(src.inject(
+            "EndpointSlice",
+            Event::Apply(slice(victim, 10, k + 2, false))
+        ));
+        events.push(ms(t));
+        let r = agent_pass(&mut planner, &args, &src, &host);
+        assert_eq!(r.after.service_changes, 1, "one service changed");
         let mine = format!("bench/svc-{victim}/");
-        let only_mine = |t: &ferry_plan::plan::Touched| {
-            !t.chains.is_empty() && t.chains.iter().all(|c| c.contains(&mine))
-        };
-        // Over the agent's tables (one, or the shards and the common table).
-        let mut chains = p.touched.iter().flat_map(|t| t.chains.iter()).peekable();
+        let mut chains = r
+            .pass
+            .touched
+            .iter()
+            .flat_map(|t| t.chains.iter())
+            .peekable();
         let touched_mine = chains.peek().is_some() && chains.all(|c| c.contains(&mine));
-        assert!(touched_mine, "{:?}", p.touched);
-        served = p.services;
+        assert!(touched_mine, "{:?}", r.pass.touched);
+        endpoint_runs.push(r.stages);
+        // Back to ready, unmeasured.
+        src.inject(
+            "EndpointSlice",
+            Event::Apply(slice(victim, 10, k + 100, true)),
+        );
+        agent_pass(&mut planner, &args, &src, &host);
 
-        // compute's two big parts alone, and what replaces them.
-        let allocations = allocations_of(&copy);
+        // One service added (with its slice).
+        src.inject("Service", Event::Apply(service(n + k)));
+        src.inject("EndpointSlice", Event::Apply(slice(n + k, 10, 1, true)));
+        let r = agent_pass(&mut planner, &args, &src, &host);
+        assert_eq!(r.after.service_changes, 1, "one service added");
+        assert_eq!(planner.services().count(), n + 1);
+        added_runs.push(r.stages);
+
+        // ... and removed again.
+        src.inject("Service", Event::Delete(service(n + k)));
+        src.inject("EndpointSlice", Event::Delete(slice(n + k, 10, 1, true)));
+        let r = agent_pass(&mut planner, &args, &src, &host);
+        assert_eq!(r.after.service_changes, 1, "one service removed");
+        assert_eq!(planner.services().count(), n);
+        removed_runs.push(r.stages);
+
+        // What the source's view saves: a copy of every object.
         let t = Instant::now();
-        let resolved = resolve(&copy.services, &allocations, &copy.slices);
-        put("3a of compute: resolve", ms(t));
-        let t = Instant::now();
-        let touched = alone.update(&cfg, &resolved).1;
-        put(
-            "3b of compute: Planner::update (every service hashed)",
-            ms(t),
-        );
-        assert!(only_mine(&touched), "{touched:?}");
-        let t = Instant::now();
-        let ch = resolver.update(&copy.services, &allocations, &copy.slices);
-        put("5a instead of 3a: Resolver::update", ms(t));
-        assert_eq!(ch.changed.len(), 1);
-        assert_eq!(ch.resolved_again, 1);
-        let t = Instant::now();
-        let touched = delta_planner
-            .update_changed(&cfg, resolver.changed(&ch), &ch.removed)
-            .expect("the same configuration");
-        put("5b instead of 3b: Planner::update_changed", ms(t));
-        assert!(only_mine(&touched), "{touched:?}");
-        assert_eq!(delta_planner.ruleset(), alone.ruleset());
-        let t = Instant::now();
-        let now: Vec<ferry_model::view::ResolvedService> = resolver.changed(&ch).cloned().collect();
-        let stale = ferry_plan::plan::stale_udp_endpoints(&ch.previous, &now);
-        let counted = changes_between(&ch.previous, &now);
-        put(
-            "5e instead of 4 (but health checks): stale UDP, changes from what changed",
-            ms(t),
-        );
-        assert!(stale.is_empty());
-        assert_eq!(counted.0, 1, "one service changed");
-        let t = Instant::now();
-        let all: Vec<&ferry_model::view::ResolvedService> = resolver.services().collect();
-        put("5c every resolved service listed (borrowed)", ms(t));
-        let t = Instant::now();
-        let owned: Vec<ferry_model::view::ResolvedService> = all.into_iter().cloned().collect();
-        put(
-            "5d every resolved service copied (what Pass.services holds today)",
-            ms(t),
-        );
-        assert_eq!(owned.len(), n);
+        let copy = src.snapshot();
+        copies.push(ms(t));
+        assert_eq!(copy.services.len(), n);
     }
-    for (k, v) in &mut stages {
-        println!("  {k}: {:.2} ms median", median(v));
-    }
+    shown("one endpoint changed", &mut endpoint_runs);
+    shown("one service added", &mut added_runs);
+    shown("one service removed", &mut removed_runs);
+    println!(
+        "  (outside the pass: one watch event converted {:.2} ms; a copy of every object, what a \
+         pass took before the view, {:.2} ms)",
+        median(&mut events),
+        median(&mut copies)
+    );
+    // The incremental passes planned what one full pass of the same objects plans.
+    let mut fresh = TablePlanner::default();
+    agent_pass(&mut fresh, &args, &src, &host);
+    assert!(planner.tables() == fresh.tables(), "incremental != full");
 }

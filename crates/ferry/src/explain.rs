@@ -96,7 +96,14 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
             .unwrap_or(1),
     };
     let mut planner = agent::TablePlanner::starting_at(in_kernel);
-    let pass = agent::compute(&mut planner, a, &snap, pools, allocated, &host);
+    let pass = agent::compute(
+        &mut planner,
+        a,
+        &snap,
+        pools,
+        agent::Allocated::All(allocated.0, allocated.1),
+        &host,
+    );
     let tables: Vec<ferry_plan::Ruleset> = planner.tables().into_iter().cloned().collect();
     let saddr = match (args.from, args.local) {
         (Some(ip), _) => ip,
@@ -125,8 +132,10 @@ pub fn run(args: ExplainArgs) -> Result<i32> {
         iif: None,
     };
     let outcomes = trace_tables(&tables, &pkt);
+    // A first pass: every service is a changed one, in the snapshot's order.
     let service = pass
-        .services
+        .changes
+        .changed
         .iter()
         .find(|s| {
             s.cluster_ips().any(|ip| ip == pkt.daddr)

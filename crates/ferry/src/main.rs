@@ -226,7 +226,14 @@ fn plan(mut args: agent::AgentArgs) -> anyhow::Result<i32> {
     // What the agents allocated; nothing is written.
     let allocated = state.view(&snap.services, &snap.namespaces, &pools.0, source::now_ms())?;
     let mut planner = agent::TablePlanner::default();
-    let p = agent::compute(&mut planner, &args, &snap, pools, allocated, &host);
+    let p = agent::compute(
+        &mut planner,
+        &args,
+        &snap,
+        pools,
+        agent::Allocated::All(allocated.0, allocated.1),
+        &host,
+    );
     for d in &p.diagnostics {
         eprintln!("{d}");
     }
