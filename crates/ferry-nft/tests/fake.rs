@@ -17,27 +17,7 @@ use ferry_nft::{Backend, Dataplane, Fallback, NftError, Tables};
 use ferry_plan::diff::{diff, diff_ops, LiveState, Op};
 use ferry_plan::ir::TABLE;
 use ferry_plan::plan::{plan, plan_sharded};
-use ferry_plan::{PlanConfig, Ruleset};
-use proptest::strategy::{Strategy, ValueTree};
-use proptest::test_runner::TestRunner;
-
-fn services(n: usize) -> Vec<ResolvedService> {
-    let mut runner = TestRunner::deterministic();
-    let specs = proptest::collection::vec(service_spec(), n)
-        .new_tree(&mut runner)
-        .expect("a value")
-        .current();
-    let mut s = seed_services();
-    s.extend(services_from_specs(&specs));
-    s
-}
-
-fn sharded(n: u16) -> PlanConfig {
-    PlanConfig {
-        shards: n,
-        ..with_lb_pools(dual_stack_config())
-    }
-}
+use ferry_plan::Ruleset;
 
 /// `svcs` with one endpoint fewer in the first port that has two or more.
 fn one_endpoint_less(svcs: &[ResolvedService]) -> Vec<ResolvedService> {
@@ -82,8 +62,11 @@ fn refs(tables: &[Ruleset]) -> Vec<&Ruleset> {
 
 #[test]
 fn the_text_of_the_steps_is_the_differs_script() {
-    let a = plan(&with_lb_pools(config()), &services(30));
-    let b = plan(&with_lb_pools(config()), &one_endpoint_less(&services(30)));
+    let a = plan(&with_lb_pools(config()), &many_services(30));
+    let b = plan(
+        &with_lb_pools(config()),
+        &one_endpoint_less(&many_services(30)),
+    );
     let leftovers = with_leftovers(a.clone());
     let empty = LiveState::default();
     let empty_table = LiveState {
@@ -109,7 +92,7 @@ fn the_text_of_the_steps_is_the_differs_script() {
         assert_eq!(got, want, "{what}");
     }
     // A shard's objects have no text: the text path cannot carry them.
-    let shards = plan_sharded(&sharded(2), &services(10));
+    let shards = plan_sharded(&sharded(2), &many_services(10));
     let shard = shards.iter().find(|t| t.table_name() != TABLE).unwrap();
     let ops = diff_ops(&LiveState::default(), shard).ops;
     let r = script(&[Step::Ops {
@@ -124,7 +107,7 @@ fn the_text_of_the_steps_is_the_differs_script() {
 
 #[test]
 fn the_fake_refuses_what_the_kernel_refuses_and_changes_nothing_then() {
-    let rs = plan(&with_lb_pools(config()), &services(10));
+    let rs = plan(&with_lb_pools(config()), &many_services(10));
     let mut fake = Fake::new();
     fake.commit(&[Step::Ops {
         rs: &rs,
@@ -209,7 +192,7 @@ fn the_fake_refuses_what_the_kernel_refuses_and_changes_nothing_then() {
 
 #[test]
 fn a_sharded_cold_load_is_bounded_hooks_each_table_in_last_and_reads_back() {
-    let four = plan_sharded(&sharded(4), &services(60));
+    let four = plan_sharded(&sharded(4), &many_services(60));
     let fake = Fake::new();
     let max = 40;
     let mut dp = Tables::with_backend(Box::new(fake.clone())).with_max_ops(max);
@@ -262,7 +245,7 @@ fn a_sharded_cold_load_is_bounded_hooks_each_table_in_last_and_reads_back() {
 
 #[test]
 fn a_change_is_one_transaction_and_fewer_shards_delete_theirs_one_at_a_time() {
-    let svcs = services(60);
+    let svcs = many_services(60);
     let four = plan_sharded(&sharded(4), &svcs);
     let fake = Fake::new();
     fake.add_table("other");
@@ -307,7 +290,7 @@ fn a_change_is_one_transaction_and_fewer_shards_delete_theirs_one_at_a_time() {
 
 #[test]
 fn drift_behind_ferrys_back_is_repaired_after_a_re_read() {
-    let svcs = services(40);
+    let svcs = many_services(40);
     let four = plan_sharded(&sharded(4), &svcs);
     let fake = Fake::new();
     let mut dp = Tables::with_backend(Box::new(fake.clone()));
@@ -352,7 +335,7 @@ fn drift_behind_ferrys_back_is_repaired_after_a_re_read() {
 
 #[test]
 fn a_refused_transaction_leaves_the_previous_state_and_the_next_apply_recovers() {
-    let svcs = services(30);
+    let svcs = many_services(30);
     let a = plan(&with_lb_pools(config()), &svcs);
     let b = plan(&with_lb_pools(config()), &one_endpoint_less(&svcs));
     let fake = Fake::new();
@@ -415,7 +398,7 @@ fn via(fake: &Fake) -> Vec<String> {
 #[test]
 fn netlink_is_the_path_while_it_works() {
     let (nl, text) = two_paths();
-    let rs = plan(&with_lb_pools(config()), &services(20));
+    let rs = plan(&with_lb_pools(config()), &many_services(20));
     let mut dp = Dataplane::with_backend(Box::new(Fallback::new(nl.clone(), text)));
     dp.apply(&rs).expect("apply");
     assert_eq!(via(&nl), ["netlink"]);
@@ -426,7 +409,7 @@ fn netlink_is_the_path_while_it_works() {
 fn a_refused_netlink_transaction_goes_as_text_and_is_reported_once() {
     let (nl, text) = two_paths();
     nl.refuse("netlink says no");
-    let svcs = services(20);
+    let svcs = many_services(20);
     let a = plan(&with_lb_pools(config()), &svcs);
     let mut dp = Tables::with_backend(Box::new(Fallback::new(nl.clone(), text)));
     dp.apply(&[&a], None).expect("through the fallback");
@@ -445,7 +428,7 @@ fn a_refused_netlink_transaction_goes_as_text_and_is_reported_once() {
 fn without_netlink_sockets_reads_and_writes_go_as_text_with_nothing_to_report() {
     let (nl, text) = two_paths();
     nl.unavailable();
-    let rs = plan(&with_lb_pools(config()), &services(20));
+    let rs = plan(&with_lb_pools(config()), &many_services(20));
     let mut dp = Dataplane::with_backend(Box::new(Fallback::new(nl.clone(), text.clone())));
     dp.apply(&rs).expect("apply");
     dp.resync();
@@ -458,12 +441,12 @@ fn without_netlink_sockets_reads_and_writes_go_as_text_with_nothing_to_report() 
 #[test]
 fn a_shard_refused_over_netlink_is_an_error_that_changes_nothing() {
     let (nl, text) = two_paths();
-    let four = plan_sharded(&sharded(4), &services(20));
+    let four = plan_sharded(&sharded(4), &many_services(20));
     let mut dp = Tables::with_backend(Box::new(Fallback::new(nl.clone(), text)));
     dp.apply(&refs(&four), None).expect("cold");
     let before = snapshot(&nl);
     nl.refuse("netlink says no");
-    let changed = plan_sharded(&sharded(4), &one_endpoint_less(&services(20)));
+    let changed = plan_sharded(&sharded(4), &one_endpoint_less(&many_services(20)));
     let r = dp.apply(&refs(&changed), None);
     let Err(NftError::Failed(why)) = r else {
         panic!("a shard has no text path: {r:?}")
@@ -476,7 +459,7 @@ fn a_shard_refused_over_netlink_is_an_error_that_changes_nothing() {
 #[test]
 fn text_writes_only_when_asked_reads_still_first() {
     let (nl, text) = two_paths();
-    let rs = plan(&with_lb_pools(config()), &services(20));
+    let rs = plan(&with_lb_pools(config()), &many_services(20));
     let mut dp = Dataplane::with_backend(Box::new(
         Fallback::new(nl.clone(), text).second_writes_only(),
     ));

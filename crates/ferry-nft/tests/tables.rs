@@ -15,33 +15,12 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
-use ferry_model::view::ResolvedService;
 use ferry_nft::tables::{transactions, weight, TableChange, Txn};
 use ferry_nft::{Nft, Tables};
 use ferry_plan::diff::{diff, diff_ops, LiveState, Op};
 use ferry_plan::plan::plan_sharded;
-use ferry_plan::{PlanConfig, Ruleset};
+use ferry_plan::Ruleset;
 use ferry_testkit::skip;
-use proptest::strategy::{Strategy, ValueTree};
-use proptest::test_runner::TestRunner;
-
-fn services(n: usize) -> Vec<ResolvedService> {
-    let mut runner = TestRunner::deterministic();
-    let specs = proptest::collection::vec(service_spec(), n)
-        .new_tree(&mut runner)
-        .expect("a value")
-        .current();
-    let mut s = seed_services();
-    s.extend(services_from_specs(&specs));
-    s
-}
-
-fn sharded(n: u16) -> PlanConfig {
-    PlanConfig {
-        shards: n,
-        ..with_lb_pools(dual_stack_config())
-    }
-}
 
 /// Every table created from nothing: the steps the differ gives for an empty table.
 fn creating(tables: &[Ruleset]) -> Vec<TableChange<'_>> {
@@ -84,7 +63,7 @@ fn per_table(txns: &[Txn]) -> BTreeMap<usize, Vec<Op>> {
 
 #[test]
 fn a_cold_load_is_cut_into_bounded_transactions_that_hook_each_table_in_last() {
-    let tables = plan_sharded(&sharded(4), &services(60));
+    let tables = plan_sharded(&sharded(4), &many_services(60));
     let mut changes = creating(&tables);
     let originals: Vec<Vec<Op>> = changes.iter().map(|c| c.ops.clone()).collect();
     let total: usize = changes
@@ -145,7 +124,7 @@ fn a_cold_load_is_cut_into_bounded_transactions_that_hook_each_table_in_last() {
 
 #[test]
 fn a_change_within_the_bound_is_one_transaction_over_all_its_tables() {
-    let tables = plan_sharded(&sharded(4), &services(30));
+    let tables = plan_sharded(&sharded(4), &many_services(30));
     let mut changes = creating(&tables);
     let del = vec!["ferry-7".to_string()];
     let txns = transactions(&mut changes, &del, usize::MAX);
@@ -157,8 +136,8 @@ fn a_change_within_the_bound_is_one_transaction_over_all_its_tables() {
 
 #[test]
 fn a_refilled_chain_is_never_cut_from_its_flush_and_deletions_come_last() {
-    let a = plan_sharded(&sharded(2), &services(40));
-    let mut more = services(40);
+    let a = plan_sharded(&sharded(2), &many_services(40));
+    let mut more = many_services(40);
     for s in more.iter_mut().skip(3) {
         for p in &mut s.ports {
             p.endpoints.pop();
@@ -290,7 +269,7 @@ fn sharded_tables_load_in_chunks_change_in_one_transaction_and_shrink() {
     let Some(ns) = Netns::new(test) else { return };
     ns.run(|| {
         nft("add table inet other\nadd chain inet other keep { type filter hook prerouting priority 0; }\n");
-        let svcs = services(80);
+        let svcs = many_services(80);
         let four = plan_sharded(&sharded(4), &svcs);
         let refs: Vec<&Ruleset> = four.iter().collect();
         let mut dp = Tables::new(Nft::new()).with_max_ops(100);
@@ -364,7 +343,7 @@ fn a_refused_netlink_load_of_one_table_goes_as_text_in_chunks_and_shards_do_not(
     let _one = LIBNFT.lock().unwrap_or_else(|e| e.into_inner());
     let Some(ns) = Netns::new(test) else { return };
     ns.run(|| {
-        let svcs = services(40);
+        let svcs = many_services(40);
         let one = plan_sharded(&sharded(1), &svcs);
         let mut dp = Tables::new(Nft::new()).with_max_ops(50);
         dp.backend().spoil_netlink_batches();

@@ -635,6 +635,27 @@ pub fn services_from_specs(specs: &[ServiceSpec]) -> Vec<ResolvedService> {
         .collect()
 }
 
+/// The seed's services and `n` random ones, the same on every run.
+pub fn many_services(n: usize) -> Vec<ResolvedService> {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let specs = proptest::collection::vec(service_spec(), n)
+        .new_tree(&mut runner)
+        .expect("a value")
+        .current();
+    let mut s = seed_services();
+    s.extend(services_from_specs(&specs));
+    s
+}
+
+/// A dual-stack configuration with load-balancer pools, over `n` shard tables.
+pub fn sharded(n: u16) -> PlanConfig {
+    PlanConfig {
+        shards: n,
+        ..with_lb_pools(dual_stack_config())
+    }
+}
+
 /// What "snapshot B" does with service `i` of snapshot A.
 #[derive(Debug, Clone, Copy)]
 pub enum Change {
