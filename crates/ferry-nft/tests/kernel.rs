@@ -9,9 +9,8 @@
 #[path = "../../ferry-plan/tests/common/mod.rs"]
 mod common;
 
-use std::os::fd::AsRawFd;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod netns;
+use netns::Netns;
 
 use common::*;
 use ferry_model::view::ResolvedEndpoint;
@@ -24,71 +23,7 @@ use proptest::test_runner::TestRunner;
 
 // ---- a network namespace per test ----
 
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
 use ferry_testkit::skip;
-
-/// A fresh network namespace, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// None (after saying so) when not root; fails instead when $CI is set.
-    fn new() -> Option<Netns> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            skip("kernel", "needs root (network namespaces)");
-            return None;
-        }
-        let name = format!(
-            "ferrynft-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("running ip netns add");
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(Netns { name })
-    }
-
-    /// Runs `f` on a thread of its own that has entered the namespace (so the netlink sockets
-    /// libnftables opens there talk to this namespace's nftables), re-raising its panic.
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        std::thread::scope(|s| {
-            let h = std::thread::Builder::new()
-                .name(std::thread::current().name().unwrap_or("kernel").into())
-                .spawn_scoped(s, move || {
-                    // SAFETY: setns on a namespace fd we own, on this thread only.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                    f()
-                })
-                .expect("spawning a thread");
-            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        match Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output()
-        {
-            Ok(o) if o.status.success() => {}
-            other => eprintln!("could not delete netns {}: {other:?}", self.name),
-        }
-    }
-}
 
 /// The production backend (libnftables), or None after a skip (fails under CI) when the
 /// library is missing.
@@ -110,7 +45,7 @@ static LIBNFT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Runs `f` with the production backend in a namespace of its own; None when skipped.
 fn in_kernel<T: Send>(test: &str, f: impl FnOnce(&mut Dataplane) -> T + Send) -> Option<T> {
     let _one = LIBNFT.lock().unwrap_or_else(|e| e.into_inner());
-    let ns = Netns::new()?;
+    let ns = Netns::new("kernel", "ferrynft")?;
     // Checked inside the namespace: the same library, but a skip must come before any state.
     libnft(test)?;
     Some(ns.run(|| {
@@ -524,7 +459,7 @@ fn assert_same_listing(what: &str, text: &str, netlink: &str) {
 
 /// `nft list table inet ferry` after loading `rs` into a fresh namespace through `dp`.
 fn listing_after_load(rs: &Ruleset, netlink: bool) -> String {
-    let ns = Netns::new().expect("root");
+    let ns = Netns::new("kernel", "ferrynft").expect("root");
     ns.run(|| {
         if netlink {
             // Straight through the encoder and the socket: no fallback can hide a refusal.
@@ -555,7 +490,7 @@ fn listing_after_load(rs: &Ruleset, netlink: bool) -> String {
 #[test]
 fn netlink_full_loads_list_exactly_as_libnftables_loads() {
     let _one = LIBNFT.lock().unwrap_or_else(|e| e.into_inner());
-    if Netns::new().is_none()
+    if Netns::new("kernel", "ferrynft").is_none()
         || libnft("netlink_full_loads_list_exactly_as_libnftables_loads").is_none()
     {
         return;
@@ -611,7 +546,7 @@ type Raw = ferry_nft::netlink::RawElements;
 /// range end, say) after each of `steps`, applied in turn by one dataplane in a fresh namespace
 /// (over netlink, or as libnftables text); with netlink, every step must have been encodable.
 fn listings_after_steps(steps: &[Ruleset], netlink: bool) -> Vec<(String, Raw)> {
-    let ns = Netns::new().expect("root");
+    let ns = Netns::new("kernel", "ferrynft").expect("root");
     ns.run(|| {
         let dp = Dataplane::new(Nft::new());
         let mut dp = if netlink { dp } else { dp.text_only() };
@@ -645,7 +580,7 @@ fn listings_after_steps(steps: &[Ruleset], netlink: bool) -> Vec<(String, Raw)> 
 #[test]
 fn netlink_changes_list_exactly_as_libnftables_changes() {
     let _one = LIBNFT.lock().unwrap_or_else(|e| e.into_inner());
-    if Netns::new().is_none()
+    if Netns::new("kernel", "ferrynft").is_none()
         || libnft("netlink_changes_list_exactly_as_libnftables_changes").is_none()
     {
         return;

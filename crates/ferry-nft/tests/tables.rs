@@ -9,10 +9,10 @@
 #[path = "../../ferry-plan/tests/common/mod.rs"]
 mod common;
 
+mod netns;
+use netns::Netns;
+
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 use ferry_nft::tables::{transactions, weight, TableChange, Txn};
@@ -20,7 +20,6 @@ use ferry_nft::{Nft, Tables};
 use ferry_plan::diff::{diff, diff_ops, LiveState, Op};
 use ferry_plan::plan::plan_sharded;
 use ferry_plan::Ruleset;
-use ferry_testkit::skip;
 
 /// Every table created from nothing: the steps the differ gives for an empty table.
 fn creating(tables: &[Ruleset]) -> Vec<TableChange<'_>> {
@@ -183,61 +182,9 @@ fn a_refilled_chain_is_never_cut_from_its_flush_and_deletions_come_last() {
 
 // ---- in the kernel ----
 
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
 /// One kernel test at a time talks to libnftables (its name lookups are not thread-safe: see
 /// kernel.rs).
 static LIBNFT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// A fresh network namespace, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(test: &str) -> Option<Netns> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            skip(test, "needs root (network namespaces)");
-            return None;
-        }
-        let name = format!(
-            "ferrytab-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("running ip netns add");
-        assert!(out.status.success(), "ip netns add {name}");
-        Some(Netns { name })
-    }
-
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        std::thread::scope(|s| {
-            let h = std::thread::Builder::new()
-                .spawn_scoped(s, move || {
-                    // SAFETY: setns on a namespace fd we own, on this thread only.
-                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                    f()
-                })
-                .expect("spawning a thread");
-            h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
 
 fn nft(script: &str) {
     Nft::new().run(script).expect(script);
@@ -266,7 +213,9 @@ fn other_table_intact() {
 fn sharded_tables_load_in_chunks_change_in_one_transaction_and_shrink() {
     let test = "sharded_tables_load_in_chunks_change_in_one_transaction_and_shrink";
     let _one = LIBNFT.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(ns) = Netns::new(test) else { return };
+    let Some(ns) = Netns::new(test, "ferrytab") else {
+        return;
+    };
     ns.run(|| {
         nft("add table inet other\nadd chain inet other keep { type filter hook prerouting priority 0; }\n");
         let svcs = many_services(80);
@@ -341,7 +290,9 @@ fn sharded_tables_load_in_chunks_change_in_one_transaction_and_shrink() {
 fn a_refused_netlink_load_of_one_table_goes_as_text_in_chunks_and_shards_do_not() {
     let test = "a_refused_netlink_load_of_one_table_goes_as_text_in_chunks_and_shards_do_not";
     let _one = LIBNFT.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(ns) = Netns::new(test) else { return };
+    let Some(ns) = Netns::new(test, "ferrytab") else {
+        return;
+    };
     ns.run(|| {
         let svcs = many_services(40);
         let one = plan_sharded(&sharded(1), &svcs);
