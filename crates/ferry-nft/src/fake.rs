@@ -602,17 +602,16 @@ fn live_of(t: &FakeTable) -> LiveState {
             .chains
             .iter()
             .map(|(n, c)| {
-                let fingerprint = c.rules.first().map(|r| {
-                    r.comment
-                        .as_deref()
-                        .and_then(fingerprint_of_comment)
-                        .unwrap_or_default()
-                });
+                let fingerprint = c
+                    .rules
+                    .first()
+                    .and_then(|r| r.comment.as_deref())
+                    .and_then(fingerprint_of_comment);
                 (
-                    n.clone(),
+                    n.as_str().into(),
                     LiveChain {
                         base: c.base,
-                        fingerprint: fingerprint.filter(|f| !f.is_empty()),
+                        fingerprint,
                         rules: c.rules.len(),
                     },
                 )

@@ -354,7 +354,7 @@ pub fn read_live_json_table(nft: &mut Nft, table: &str) -> Result<LiveState, Nft
                     _ => None,
                 };
                 live.chains.insert(
-                    name.to_string(),
+                    name.into(),
                     LiveChain {
                         base,
                         fingerprint: None,
@@ -369,13 +369,8 @@ pub fn read_live_json_table(nft: &mut Nft, table: &str) -> Result<LiveState, Nft
                 };
                 if let Some(c) = live.chains.get_mut(chain) {
                     c.rules += 1;
-                    if c.fingerprint.is_none() {
-                        c.fingerprint = Some(
-                            o["comment"]
-                                .as_str()
-                                .and_then(fingerprint_of_comment)
-                                .unwrap_or_default(),
-                        );
+                    if c.rules == 1 {
+                        c.fingerprint = o["comment"].as_str().and_then(fingerprint_of_comment);
                     }
                 }
             }
@@ -419,12 +414,6 @@ pub fn read_live_json_table(nft: &mut Nft, table: &str) -> Result<LiveState, Nft
                 );
             }
             _ => {}
-        }
-    }
-    // Chains with no rule have no fingerprint (None); chains whose first rule lacks one have "".
-    for c in live.chains.values_mut() {
-        if c.fingerprint.as_deref() == Some("") {
-            c.fingerprint = None;
         }
     }
     Ok(live)

@@ -720,7 +720,7 @@ impl Socket {
             |p| {
                 if let Some((chain, base)) = decode_chain(p, &table_name) {
                     live.chains.insert(
-                        chain,
+                        chain.into(),
                         LiveChain {
                             base,
                             fingerprint: None,
@@ -748,11 +748,6 @@ impl Socket {
                 }
             },
         )?;
-        for c in live.chains.values_mut() {
-            if c.fingerprint.as_deref() == Some("") {
-                c.fingerprint = None;
-            }
-        }
         let (defs, i) = self.sets()?;
         intr |= i;
         for def in defs {

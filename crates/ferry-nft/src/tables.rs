@@ -203,7 +203,7 @@ pub fn transactions(changes: &mut [TableChange<'_>], delete: &[String], max: usi
         let mut it = ops.into_iter().peekable();
         while let Some(op) = it.next() {
             match op {
-                Op::AddChain(ref n) | Op::AddRules(ref n) if hooks.contains(n.as_str()) => {
+                Op::AddChain(ref n) | Op::AddRules(ref n) if hooks.contains(&**n) => {
                     hook_unit.push(op)
                 }
                 Op::FlushChain(ref n) if matches!(it.peek(), Some(Op::AddRules(m)) if m == n) => {
@@ -271,9 +271,7 @@ pub fn transactions(changes: &mut [TableChange<'_>], delete: &[String], max: usi
 fn hook_chains<'a>(rs: &Ruleset, ops: &'a [Op]) -> BTreeSet<&'a str> {
     ops.iter()
         .filter_map(|o| match o {
-            Op::AddChain(n) if rs.chains.get(n).is_some_and(|x| x.base.is_some()) => {
-                Some(n.as_str())
-            }
+            Op::AddChain(n) if rs.chains.get(n).is_some_and(|x| x.base.is_some()) => Some(&**n),
             _ => None,
         })
         .collect()
@@ -289,7 +287,7 @@ fn hook_last(rs: &Ruleset, ops: Vec<Op>) -> Vec<Op> {
         return ops;
     }
     let (hook, mut rest): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(|o| match o {
-        Op::AddChain(n) | Op::AddRules(n) => hooks.contains(n.as_str()),
+        Op::AddChain(n) | Op::AddRules(n) => hooks.contains(&**n),
         _ => false,
     });
     rest.extend(hook);

@@ -96,14 +96,14 @@ fn a_cold_load_is_cut_into_bounded_transactions_that_hook_each_table_in_last() {
             c.rs.chains
                 .values()
                 .filter(|ch| ch.base.is_some())
-                .map(|ch| ch.name.as_str())
+                .map(|ch| &*ch.name)
                 .collect();
         assert!(!bases.is_empty());
         for (k, t) in mine.iter().enumerate() {
             let hooks = t.parts[0]
                 .ops
                 .iter()
-                .any(|o| matches!(o, Op::AddChain(n) if bases.contains(&n.as_str())));
+                .any(|o| matches!(o, Op::AddChain(n) if bases.contains(&&**n)));
             assert_eq!(
                 hooks,
                 k == mine.len() - 1,

@@ -11,7 +11,7 @@ use crate::plan::Touched;
 pub struct LiveChain {
     pub base: Option<BaseChain>,
     /// From the first rule's comment; None when the chain has no rule or no fingerprint.
-    pub fingerprint: Option<String>,
+    pub fingerprint: Option<Fingerprint>,
     /// How many rules the chain holds: a rule deleted or added behind ferry's back leaves the
     /// first rule's fingerprint as it was, but not the count.
     pub rules: usize,
@@ -54,7 +54,7 @@ impl LiveSet {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LiveState {
     pub table: bool,
-    pub chains: BTreeMap<String, LiveChain>,
+    pub chains: BTreeMap<Key, LiveChain>,
     pub sets: BTreeMap<String, LiveSet>,
 }
 
@@ -223,12 +223,15 @@ fn diff_touched_with(
     Some(diff_with(&have, &want, render))
 }
 
-/// Extracts the fingerprint from a rule comment ending in "[fp]".
-pub fn fingerprint_of_comment(comment: &str) -> Option<String> {
+/// Extracts the fingerprint from a rule comment ending in "[fp]" (None when there is none, or
+/// what is there is not one ferry writes).
+pub fn fingerprint_of_comment(comment: &str) -> Option<Fingerprint> {
     let c = comment.trim_end();
     let open = c.rfind('[')?;
-    c.ends_with(']')
-        .then(|| c[open + 1..c.len() - 1].to_string())
+    if !c.ends_with(']') {
+        return None;
+    }
+    Fingerprint::parse(&c[open + 1..c.len() - 1])
 }
 
 /// One step of a change, by name: what [`Changes::script`] says, for a backend that builds its
@@ -242,17 +245,17 @@ pub enum Op {
     /// Create the planned set (empty).
     AddSet(String),
     /// Create the planned chain (empty).
-    AddChain(String),
+    AddChain(Key),
     /// Append all the planned chain's rules.
-    AddRules(String),
+    AddRules(Key),
     /// Delete every rule of a chain.
-    FlushChain(String),
+    FlushChain(Key),
     /// Add these planned elements (by key text).
     AddElements(String, Vec<String>),
     /// Delete these elements (by the key text the kernel's were read back as).
     DeleteElements(String, Vec<String>),
     DeleteSet(String),
-    DeleteChain(String),
+    DeleteChain(Key),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -465,7 +468,7 @@ fn diff_with(live: &LiveState, desired: &Ruleset, render: bool) -> Changes {
         }
     }
     // 5. Chains no longer planned: empty them all, then delete (they may reference each other).
-    let gone: Vec<&String> = live
+    let gone: Vec<&Key> = live
         .chains
         .keys()
         .filter(|n| !desired.chains.contains_key(*n))
@@ -474,7 +477,7 @@ fn diff_with(live: &LiveState, desired: &Ruleset, render: bool) -> Changes {
         if render {
             let _ = writeln!(out, "flush chain {FAMILY} {TABLE} {n}");
         }
-        ops.push(Op::FlushChain(n.to_string()));
+        ops.push(Op::FlushChain((*n).clone()));
     }
     // 6. Sets no longer planned, once no rule names them and before the chains their
     // elements may still jump to.
@@ -493,7 +496,7 @@ fn diff_with(live: &LiveState, desired: &Ruleset, render: bool) -> Changes {
         if render {
             let _ = writeln!(out, "delete chain {FAMILY} {TABLE} {n}");
         }
-        ops.push(Op::DeleteChain(n.to_string()));
+        ops.push(Op::DeleteChain((*n).clone()));
     }
     ch.chains_deleted = gone.len();
     ch.script = out;

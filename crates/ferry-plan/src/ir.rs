@@ -539,13 +539,37 @@ fn render_action(a: &Action) -> String {
 
 #[derive(Debug, Clone)]
 pub struct Chain {
-    pub name: String,
+    /// Shared with the planned table's key and the view of the kernel (one copy per chain).
+    pub name: Key,
     pub base: Option<BaseChain>,
     /// What the chain is for, shown in `nft list`.
     pub comment: String,
     pub rules: Vec<Rule>,
     /// The fingerprint, computed once (change rules only through [`Chain::push`]).
-    fp: std::sync::OnceLock<String>,
+    fp: std::sync::OnceLock<Fingerprint>,
+}
+
+/// A chain's fingerprint (see [`Chain::fingerprint`]): 64 bits, written as 16 hex digits in
+/// the comment of the chain's first rule. Kept as a number (8 bytes, not a 40-byte string) in
+/// the plan and in the view of the kernel, for each of ~20,000 chains at 10,000 services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub u64);
+
+impl Fingerprint {
+    /// The fingerprint written as `text` (16 hex digits, as [`Fingerprint`]'s `Display` writes
+    /// it); None for anything else.
+    pub fn parse(text: &str) -> Option<Fingerprint> {
+        if text.len() != 16 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u64::from_str_radix(text, 16).ok().map(Fingerprint)
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
 }
 
 impl PartialEq for Chain {
@@ -562,7 +586,7 @@ impl Eq for Chain {}
 impl Chain {
     pub fn new(name: impl Into<String>, comment: impl Into<String>) -> Chain {
         Chain {
-            name: name.into(),
+            name: Key::from(name.into()),
             base: None,
             comment: comment.into(),
             rules: Vec::new(),
@@ -588,11 +612,11 @@ impl Chain {
     /// hex. It is kept in the comment of the chain's first rule (a chain's own comment cannot be
     /// changed in place), so an agent that restarts, or one of another build, can tell which
     /// chains are already as planned. It changes only when the chain's base, comment or rules do.
-    pub fn fingerprint(&self) -> String {
-        self.fp.get_or_init(|| self.compute_fingerprint()).clone()
+    pub fn fingerprint(&self) -> Fingerprint {
+        *self.fp.get_or_init(|| self.compute_fingerprint())
     }
 
-    fn compute_fingerprint(&self) -> String {
+    fn compute_fingerprint(&self) -> Fingerprint {
         use std::hash::Hasher;
         // Hashing the typed rules' encoding (not their rendering) keeps this cheap at 100,000
         // rules; the encoding is explicit, so the value only changes when the chain does.
@@ -600,7 +624,7 @@ impl Chain {
         self.encode(&mut bytes);
         let mut h = fnv::FnvHasher::default();
         h.write(&bytes);
-        format!("{:016x}", h.finish())
+        Fingerprint(h.finish())
     }
 
     fn render_spec(&self) -> String {
@@ -663,7 +687,7 @@ pub struct Ruleset {
     pub table: Option<Key>,
     pub sets: BTreeMap<String, Set>,
     /// Shared, so that an incremental plan reuses unchanged chains without copying them.
-    pub chains: BTreeMap<String, std::sync::Arc<Chain>>,
+    pub chains: BTreeMap<Key, std::sync::Arc<Chain>>,
 }
 
 impl Ruleset {
@@ -1109,7 +1133,7 @@ mod tests {
     fn golden_fingerprint() {
         let c = golden_chain();
         // Cross-checked by hand-encoding the documented format in another language.
-        assert_eq!(c.fingerprint(), "d0024c7f8e41e2a5");
+        assert_eq!(c.fingerprint().to_string(), "d0024c7f8e41e2a5");
         let mut bytes = Vec::new();
         Rule::new(
             vec![Match::L4Proto(Protocol::Udp)],

@@ -856,7 +856,7 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
                 fr.insert(
                     &firewall_ips(Family::of(*ip)),
                     vec![Value::Ip(*ip), proto, Value::Port(port.port)],
-                    Some(Verdict::Jump(fw.name.clone())),
+                    Some(Verdict::Jump(fw.name.to_string())),
                     what.clone(),
                 );
             }
@@ -1225,7 +1225,7 @@ pub fn plan_sharded(cfg: &PlanConfig, services: &[ResolvedService]) -> Vec<Rules
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Touched {
     pub full: bool,
-    pub chains: BTreeSet<String>,
+    pub chains: BTreeSet<Key>,
     /// Set name -> key texts.
     pub elements: std::collections::BTreeMap<String, BTreeSet<Key>>,
 }

@@ -252,9 +252,9 @@ impl Kernel {
                         let c = r.rsplit_once("comment \"")?.1.strip_suffix('"')?;
                         fingerprint_of_comment(c)
                     });
-                    let base = rs_for_bases.chains.get(n).and_then(|c| c.base);
+                    let base = rs_for_bases.chains.get(n.as_str()).and_then(|c| c.base);
                     (
-                        n.clone(),
+                        n.as_str().into(),
                         LiveChain {
                             base,
                             fingerprint: fp,
