@@ -699,7 +699,7 @@ impl RuleCtx<'_> {
                 if *with_port {
                     self.payload(expr::BASE_TRANSPORT, 2, 2, reg_at(4 + addr_len(f) / 4))?;
                 }
-                let id = self.set_ids.get(map).copied();
+                let id = self.set_ids.get(&**map).copied();
                 let ms = u64::from(*timeout) * 1000;
                 self.w.expr("dynset", |w| {
                     w.str(1, map);

@@ -532,7 +532,7 @@ impl Txn<'_> {
             .find(|(_, s)| {
                 s.elements
                     .values()
-                    .any(|v| matches!(v, Some(Verdict::Jump(c) | Verdict::Goto(c)) if c == name))
+                    .any(|v| matches!(v, Some(Verdict::Jump(c) | Verdict::Goto(c)) if **c == *name))
             })
             .map(|(n, _)| format!("map {n}"));
         if let Some(user) = by_rule.or(by_element) {

@@ -484,8 +484,8 @@ fn verdict_of(v: &Json) -> Option<Verdict> {
         "accept" => Some(Verdict::Accept),
         "drop" => Some(Verdict::Drop),
         "return" => Some(Verdict::Return),
-        "goto" => target().map(Verdict::Goto),
-        "jump" => target().map(Verdict::Jump),
+        "goto" => target().map(|t| Verdict::Goto(t.into())),
+        "jump" => target().map(|t| Verdict::Jump(t.into())),
         _ => None,
     }
 }

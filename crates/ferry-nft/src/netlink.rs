@@ -477,8 +477,8 @@ fn verdict(v: &[u8]) -> Option<Verdict> {
         1 => Some(Verdict::Accept),
         0 => Some(Verdict::Drop),
         -5 => Some(Verdict::Return),
-        -3 => chain().map(Verdict::Jump),
-        -4 => chain().map(Verdict::Goto),
+        -3 => chain().map(|c| Verdict::Jump(c.into())),
+        -4 => chain().map(|c| Verdict::Goto(c.into())),
         _ => None,
     }
 }

@@ -104,8 +104,8 @@ pub enum Verdict {
     Accept,
     Drop,
     Return,
-    Jump(String),
-    Goto(String),
+    Jump(Key),
+    Goto(Key),
 }
 
 impl Verdict {
@@ -334,11 +334,11 @@ pub enum Match {
     /// `ip saddr != 10.42.0.0/16`
     SaddrNotIn(Cidr),
     /// `ip daddr @set`
-    DaddrInSet(Family, String),
+    DaddrInSet(Family, Key),
     /// `ip daddr . meta l4proto . th dport != @set`
-    ServiceTupleNotIn(Family, String),
+    ServiceTupleNotIn(Family, Key),
     /// `ip saddr . ip daddr @set`
-    AddrPairInSet(Family, String),
+    AddrPairInSet(Family, Key),
     /// `numgen random mod M == V`: true with probability 1/M.
     Random { modulus: u32, value: u32 },
     /// `meta mark & M == M`
@@ -347,7 +347,7 @@ pub enum Match {
     MarkLacks(u32),
     /// `ip saddr != { 10.0.0.0/8, 192.168.2.200/32 }`: the source is in none of these
     /// prefixes (all of one family, at least one).
-    SaddrNotInAny(Vec<Cidr>),
+    SaddrNotInAny(Box<[Cidr]>),
     /// `ip saddr 10.42.0.0/16`
     SaddrIn(Cidr),
     /// `ip daddr 10.43.0.0/16`
@@ -355,14 +355,14 @@ pub enum Match {
     /// `iifname "cni0"` (`iifname "veth*"` with `prefix`; `!=` with `negate`): the interface
     /// the packet arrived on.
     IifName {
-        name: String,
+        name: Key,
         prefix: bool,
         negate: bool,
     },
     /// `fib saddr type local`: the source is one of this host's own addresses.
     FibSaddrLocal,
     /// `ip daddr != @set`
-    DaddrNotInSet(Family, String),
+    DaddrNotInSet(Family, Key),
 }
 
 /// What a rule does when it matches.
@@ -370,9 +370,9 @@ pub enum Match {
 pub enum Action {
     Verdict(Verdict),
     /// `ip daddr . meta l4proto . th dport vmap @map`
-    ServiceTupleVmap(Family, String),
+    ServiceTupleVmap(Family, Key),
     /// `meta l4proto . th dport vmap @map`
-    ProtoPortVmap(String),
+    ProtoPortVmap(Key),
     /// `meta mark set meta mark | BITS`
     SetMark(u32),
     /// `meta mark set meta mark ^ BITS` (clears bits known to be set)
@@ -395,19 +395,19 @@ pub enum Action {
     /// dynamic map remembers for this client; when it remembers none, the rule does not match.
     DnatRemembered {
         family: Family,
-        map: String,
+        map: Key,
         port: Option<u16>,
     },
     /// `meta l4proto { tcp, udp, sctp } ct original ip daddr . meta l4proto . ct original
     /// proto-dst vmap @map`: dispatch on the address, protocol and port the connection was
     /// first sent to (before DNAT).
-    OriginalTupleVmap(Family, String),
+    OriginalTupleVmap(Family, Key),
     /// `update @map { ip saddr timeout Ns : ip daddr . th dport }` (or `: ip daddr` when
     /// `with_port` is false): remember (or refresh) this client's endpoint, the DNATed
     /// destination, for `timeout` seconds.
     Remember {
         family: Family,
-        map: String,
+        map: Key,
         timeout: u32,
         with_port: bool,
     },
@@ -479,7 +479,7 @@ fn render_match(m: &Match) -> String {
                 .first()
                 .map(|c| Family::of(c.network()))
                 .unwrap_or(Family::V4);
-            match cs.as_slice() {
+            match &cs[..] {
                 [one] => format!("{} saddr != {one}", fam.nft()),
                 _ => format!(
                     "{} saddr != {{ {} }}",
@@ -584,9 +584,9 @@ impl PartialEq for Chain {
 impl Eq for Chain {}
 
 impl Chain {
-    pub fn new(name: impl Into<String>, comment: impl Into<String>) -> Chain {
+    pub fn new(name: impl Into<Key>, comment: impl Into<String>) -> Chain {
         Chain {
-            name: Key::from(name.into()),
+            name: name.into(),
             base: None,
             comment: comment.into(),
             rules: Vec::new(),
@@ -1127,6 +1127,40 @@ mod tests {
         c
     }
 
+    /// A cold table at 10,000 services holds ~110,000 rules (one per endpoint): their size is
+    /// the plan's memory. Names are shared keys and lists boxed slices, so that a match stays
+    /// within 24 bytes and an endpoint rule (two matches inline) within 104 (it was 128).
+    #[test]
+    fn rules_stay_small() {
+        use std::mem::size_of;
+        assert!(
+            size_of::<Match>() <= 24,
+            "Match: {} bytes",
+            size_of::<Match>()
+        );
+        assert!(
+            size_of::<Verdict>() <= 24,
+            "Verdict: {} bytes",
+            size_of::<Verdict>()
+        );
+        assert!(
+            size_of::<Action>() <= 32,
+            "Action: {} bytes",
+            size_of::<Action>()
+        );
+        assert!(
+            size_of::<Rule>() <= 104,
+            "Rule: {} bytes",
+            size_of::<Rule>()
+        );
+        assert!(
+            size_of::<Element>() <= 48,
+            "Element: {} bytes",
+            size_of::<Element>()
+        );
+        assert_eq!(size_of::<Fingerprint>(), 8);
+    }
+
     /// Pinned: the fingerprint of a fixed chain must not change with the compiler, the
     /// platform or unrelated code. If it changes on purpose, bump the `FCH` version.
     #[test]
@@ -1204,8 +1238,8 @@ mod tests {
             Just(Verdict::Accept),
             Just(Verdict::Drop),
             Just(Verdict::Return),
-            name().prop_map(Verdict::Jump),
-            name().prop_map(Verdict::Goto),
+            name().prop_map(|n| Verdict::Jump(n.into())),
+            name().prop_map(|n| Verdict::Goto(n.into())),
         ]
     }
 
@@ -1222,9 +1256,9 @@ mod tests {
                 let l = if a.is_ipv4() { l.min(32) } else { l };
                 Match::SaddrNotIn(Cidr::new(a, l).expect("valid prefix length"))
             }),
-            (family(), name()).prop_map(|(f, s)| Match::DaddrInSet(f, s)),
-            (family(), name()).prop_map(|(f, s)| Match::ServiceTupleNotIn(f, s)),
-            (family(), name()).prop_map(|(f, s)| Match::AddrPairInSet(f, s)),
+            (family(), name()).prop_map(|(f, s)| Match::DaddrInSet(f, s.into())),
+            (family(), name()).prop_map(|(f, s)| Match::ServiceTupleNotIn(f, s.into())),
+            (family(), name()).prop_map(|(f, s)| Match::AddrPairInSet(f, s.into())),
             (small(), small()).prop_map(|(modulus, value)| Match::Random { modulus, value }),
             small().prop_map(Match::MarkHas),
             small().prop_map(Match::MarkLacks),
@@ -1232,28 +1266,28 @@ mod tests {
                 (ip(), 0u8..=32).prop_map(|(a, l)| Cidr::new(a, l).expect("valid prefix length")),
                 1..3
             )
-            .prop_map(Match::SaddrNotInAny),
+            .prop_map(|cs| Match::SaddrNotInAny(cs.into())),
             (ip(), 0u8..=32)
                 .prop_map(|(a, l)| Match::SaddrIn(Cidr::new(a, l).expect("valid prefix length"))),
             (ip(), 0u8..=32)
                 .prop_map(|(a, l)| Match::DaddrIn(Cidr::new(a, l).expect("valid prefix length"))),
             (name(), any::<bool>(), any::<bool>()).prop_map(|(name, prefix, negate)| {
                 Match::IifName {
-                    name,
+                    name: name.into(),
                     prefix,
                     negate,
                 }
             }),
             Just(Match::FibSaddrLocal),
-            (family(), name()).prop_map(|(f, s)| Match::DaddrNotInSet(f, s)),
+            (family(), name()).prop_map(|(f, s)| Match::DaddrNotInSet(f, s.into())),
         ]
     }
 
     fn action() -> impl Strategy<Value = Action> {
         prop_oneof![
             verdict().prop_map(Action::Verdict),
-            (family(), name()).prop_map(|(f, m)| Action::ServiceTupleVmap(f, m)),
-            name().prop_map(Action::ProtoPortVmap),
+            (family(), name()).prop_map(|(f, m)| Action::ServiceTupleVmap(f, m.into())),
+            name().prop_map(|n| Action::ProtoPortVmap(n.into())),
             small().prop_map(Action::SetMark),
             small().prop_map(Action::ToggleMark),
             (ip(), prop_oneof![0u16..3, any::<u16>()])
@@ -1261,13 +1295,18 @@ mod tests {
             any::<bool>().prop_map(|fully_random| Action::Masquerade { fully_random }),
             Just(Action::RejectTcpReset),
             Just(Action::RejectIcmpx),
-            (family(), name(), proptest::option::of(any::<u16>()))
-                .prop_map(|(family, map, port)| Action::DnatRemembered { family, map, port }),
-            (family(), name()).prop_map(|(f, m)| Action::OriginalTupleVmap(f, m)),
+            (family(), name(), proptest::option::of(any::<u16>())).prop_map(
+                |(family, map, port)| Action::DnatRemembered {
+                    family,
+                    map: map.into(),
+                    port
+                }
+            ),
+            (family(), name()).prop_map(|(f, m)| Action::OriginalTupleVmap(f, m.into())),
             (family(), name(), small(), any::<bool>()).prop_map(
                 |(family, map, timeout, with_port)| Action::Remember {
                     family,
-                    map,
+                    map: map.into(),
                     timeout,
                     with_port
                 }

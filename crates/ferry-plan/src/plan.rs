@@ -266,24 +266,27 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
         // on every packet, so narrowing the ranges also cuts established connections.
         c.push(Rule::new(
             vec![],
-            Action::ServiceTupleVmap(f, firewall_ips(f)),
+            Action::ServiceTupleVmap(f, firewall_ips(f).into()),
         ));
     }
     for f in FAMILIES {
         c.push(Rule::new(
             vec![Match::CtStateNew],
-            Action::ServiceTupleVmap(f, no_endpoint_services(f)),
+            Action::ServiceTupleVmap(f, no_endpoint_services(f).into()),
         ));
         c.push(Rule::new(
-            vec![Match::CtStateNew, Match::DaddrInSet(f, nodeport_ips(f))],
-            Action::ProtoPortVmap(no_endpoint_nodeports(f)),
+            vec![
+                Match::CtStateNew,
+                Match::DaddrInSet(f, nodeport_ips(f).into()),
+            ],
+            Action::ProtoPortVmap(no_endpoint_nodeports(f).into()),
         ));
         c.push(
             Rule::new(
                 vec![
                     Match::CtStateNew,
-                    Match::DaddrInSet(f, cluster_ips(f)),
-                    Match::ServiceTupleNotIn(f, cluster_ip_ports(f)),
+                    Match::DaddrInSet(f, cluster_ips(f).into()),
+                    Match::ServiceTupleNotIn(f, cluster_ip_ports(f).into()),
                 ],
                 Action::Verdict(Verdict::Goto(REJECT.into())),
             )
@@ -299,7 +302,7 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
                     vec![
                         Match::CtStateNew,
                         Match::DaddrIn(*cidr),
-                        Match::DaddrNotInSet(f, cluster_ips(f)),
+                        Match::DaddrNotInSet(f, cluster_ips(f).into()),
                     ],
                     Action::Verdict(Verdict::Drop),
                 )
@@ -318,8 +321,8 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
             Rule::new(
                 vec![
                     Match::CtStateNew,
-                    Match::DaddrInSet(f, lb_pools(f)),
-                    Match::ServiceTupleNotIn(f, cluster_ip_ports(f)),
+                    Match::DaddrInSet(f, lb_pools(f).into()),
+                    Match::ServiceTupleNotIn(f, cluster_ip_ports(f).into()),
                 ],
                 Action::Verdict(Verdict::Goto(REJECT.into())),
             )
@@ -332,11 +335,11 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
     for f in FAMILIES {
         c.push(Rule::new(
             vec![],
-            Action::ServiceTupleVmap(f, service_ips(f)),
+            Action::ServiceTupleVmap(f, service_ips(f).into()),
         ));
         c.push(Rule::new(
-            vec![Match::DaddrInSet(f, nodeport_ips(f))],
-            Action::ProtoPortVmap(service_nodeports(f)),
+            vec![Match::DaddrInSet(f, nodeport_ips(f).into())],
+            Action::ProtoPortVmap(service_nodeports(f).into()),
         ));
     }
     rs.add_chain(c);
@@ -355,12 +358,15 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
         // whether chosen at random or remembered (nat chains see only first packets).
         c.push(Rule::new(
             vec![Match::CtStatusDnat],
-            Action::OriginalTupleVmap(f, affinity_frontends(f)),
+            Action::OriginalTupleVmap(f, affinity_frontends(f).into()),
         ));
     }
     for f in FAMILIES {
         c.push(Rule::new(
-            vec![Match::CtStatusDnat, Match::AddrPairInSet(f, hairpin(f))],
+            vec![
+                Match::CtStatusDnat,
+                Match::AddrPairInSet(f, hairpin(f).into()),
+            ],
             Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
         ));
     }
@@ -485,12 +491,12 @@ fn affinity(
         &format!("client -> endpoint of {chain}, for {timeout} s after its last connection"),
     ));
     let remember = format!("remember-{chain}");
-    let mut c = Chain::new(&remember, format!("ClientIP affinity of {chain}"));
+    let mut c = Chain::new(remember.as_str(), format!("ClientIP affinity of {chain}"));
     c.push(Rule::new(
         vec![],
         Action::Remember {
             family,
-            map: map.clone(),
+            map: map.clone().into(),
             timeout,
             with_port: one_port.is_none(),
         },
@@ -500,7 +506,7 @@ fn affinity(
         vec![Match::L4Proto(proto)],
         Action::DnatRemembered {
             family,
-            map,
+            map: map.into(),
             port: one_port,
         },
     )
@@ -626,7 +632,7 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
     // (an interface, else the pod CIDR), and so what is masqueraded on its way to a cluster IP.
     let from_pods: Option<Vec<Match>> = match &cfg.local_interface {
         Some(li) => Some(vec![Match::IifName {
-            name: li.name.clone(),
+            name: li.name.clone().into(),
             prefix: li.prefix,
             negate: false,
         }]),
@@ -639,7 +645,7 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
     } else {
         match &cfg.local_interface {
             Some(li) => Some(vec![Match::IifName {
-                name: li.name.clone(),
+                name: li.name.clone().into(),
                 prefix: li.prefix,
                 negate: true,
             }]),
@@ -676,7 +682,7 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
         };
         // The service chain reaches every endpoint of the cluster (not only this node's).
         let internal_all = svc.internal_traffic_policy == TrafficPolicy::Cluster;
-        let service_chain = port_chain("service", svc, port, suffix);
+        let service_chain: Key = port_chain("service", svc, port, suffix).into();
         let mut service_remember = None;
         let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
         fr.insert(&cluster_ip_ports(f), key.clone(), None, String::new());
@@ -690,7 +696,7 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
             };
             fr.insert(&no_endpoint_services(f), key, Some(verdict), what.clone());
         } else {
-            let mut c = Chain::new(&service_chain, &what);
+            let mut c = Chain::new(service_chain.clone(), &what);
             if let Some(ms) = &masquerade_unless {
                 c.push(Rule::new(
                     ms.clone(),
@@ -740,8 +746,9 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
                 } else {
                     // Masquerade so replies come back through this node, then on to any
                     // endpoint in the cluster.
-                    let name = port_chain("external", svc, port, suffix);
-                    let mut c = Chain::new(&name, format!("{what} from outside the cluster"));
+                    let name: Key = port_chain("external", svc, port, suffix).into();
+                    let mut c =
+                        Chain::new(name.clone(), format!("{what} from outside the cluster"));
                     c.push(Rule::new(
                         vec![],
                         Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
@@ -777,9 +784,9 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
                 if eps.is_empty() && !short_circuit {
                     (None, None)
                 } else {
-                    let name = port_chain("local", svc, port, suffix);
+                    let name: Key = port_chain("local", svc, port, suffix).into();
                     let mut c = Chain::new(
-                        &name,
+                        name.clone(),
                         format!("{what} from outside, to this node's endpoints"),
                     );
                     if short_circuit {
@@ -856,7 +863,7 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
                 fr.insert(
                     &firewall_ips(Family::of(*ip)),
                     vec![Value::Ip(*ip), proto, Value::Port(port.port)],
-                    Some(Verdict::Jump(fw.name.to_string())),
+                    Some(Verdict::Jump(fw.name.clone())),
                     what.clone(),
                 );
             }
@@ -899,7 +906,7 @@ fn emit_remembers(fr: &mut Fragment, remembers: Vec<(Vec<Value>, String)>) {
         fr.insert(
             &names::affinity_frontends(f),
             key,
-            Some(Verdict::Jump(chain)),
+            Some(Verdict::Jump(chain.into())),
             String::new(),
         );
     }
@@ -932,9 +939,12 @@ fn firewall_chain(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Opti
     allowed.sort();
     allowed.dedup();
     let name = format!("firewall-{}/{}{suffix}", svc.id.namespace, svc.id.name);
-    let mut c = Chain::new(&name, format!("{}: loadBalancerSourceRanges", svc.id));
+    let mut c = Chain::new(
+        name.as_str(),
+        format!("{}: loadBalancerSourceRanges", svc.id),
+    );
     c.push(Rule::new(
-        vec![Match::SaddrNotInAny(allowed)],
+        vec![Match::SaddrNotInAny(allowed.into())],
         Action::Verdict(Verdict::Drop),
     ));
     Some(c)

@@ -362,9 +362,9 @@ impl Tracer<'_> {
                 };
                 let hit = iif.is_some_and(|i| {
                     if *prefix {
-                        i.starts_with(name.as_str())
+                        i.starts_with(&**name)
                     } else {
-                        i == name
+                        i == &**name
                     }
                 });
                 b(hit != *negate)
@@ -513,7 +513,7 @@ impl Tracer<'_> {
             let reads = c
                 .rules
                 .iter()
-                .any(|r| matches!(&r.action, Action::DnatRemembered { map: m, .. } if m == map));
+                .any(|r| matches!(&r.action, Action::DnatRemembered { map: m, .. } if **m == *map));
             reads
                 && c.rules
                     .iter()

@@ -332,18 +332,14 @@ pub fn assert_references_resolve(rs: &Ruleset) {
             match &r.action {
                 Action::Verdict(v) => {
                     if let Some(t) = chain_of(v) {
-                        assert!(
-                            rs.chains.contains_key(t.as_str()),
-                            "{}: no chain {t}",
-                            c.name
-                        );
+                        assert!(rs.chains.contains_key(&t), "{}: no chain {t}", c.name);
                     }
                 }
                 Action::ServiceTupleVmap(_, s) | Action::ProtoPortVmap(s) => sets.push(s.clone()),
                 _ => {}
             }
             for s in sets {
-                assert!(rs.sets.contains_key(&s), "{}: no set {s}", c.name);
+                assert!(rs.sets.contains_key(&*s), "{}: no set {s}", c.name);
             }
         }
     }
@@ -351,11 +347,7 @@ pub fn assert_references_resolve(rs: &Ruleset) {
         for e in s.elements.values() {
             assert_eq!(e.verdict.is_some(), s.is_vmap, "{}: {e:?}", s.name);
             if let Some(t) = e.verdict.as_ref().and_then(chain_of) {
-                assert!(
-                    rs.chains.contains_key(t.as_str()),
-                    "{}: no chain {t}",
-                    s.name
-                );
+                assert!(rs.chains.contains_key(&t), "{}: no chain {t}", s.name);
             }
         }
     }
