@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ferry_model::view::Changed;
 use ferry_model::{Object, ObjectRef};
 use ferry_source::manifest::{parse_object, Parsed, RawObject};
 use ferry_source::Snapshot;
@@ -172,6 +173,10 @@ struct State {
     pending: Vec<Pending>,
     /// The view's small kinds or problems are out of date.
     view_stale: bool,
+    /// The services whose Service or EndpointSlices changed in the view since the agent's last
+    /// pass took it ([`ApiSource::view_and_changes`]): all, after a re-list or a change to
+    /// another kind.
+    changed: Changed,
 }
 
 /// The kinds whose objects live in the view only (the ones there are thousands of).
@@ -189,22 +194,39 @@ enum Pending {
 }
 
 impl Pending {
-    fn apply(self, snap: &mut Snapshot) {
+    /// Into the view; the services it changes go to `changed`.
+    fn apply(self, snap: &mut Snapshot, changed: &mut Changed) {
         match self {
             Pending::Put(kind, key, objects) => {
                 let at = (key.0.as_str(), key.1.as_str());
                 match kind {
-                    "Service" => put_sorted(&mut snap.services, at, objects, |o| match o {
-                        Object::Service(s) => Some(s),
-                        _ => None,
-                    }),
-                    _ => put_sorted(&mut snap.slices, at, objects, |o| match o {
-                        Object::EndpointSlice(s) => Some(s),
-                        _ => None,
-                    }),
+                    "Service" => {
+                        changed.add(at.0, at.1);
+                        put_sorted(&mut snap.services, at, objects, |o| match o {
+                            Object::Service(s) => Some(s),
+                            _ => None,
+                        })
+                    }
+                    _ => {
+                        // The service the slice belonged to, and the one it belongs to now.
+                        let start = snap.slices.partition_point(|o| o.key() < at);
+                        for old in snap.slices[start..].iter().take_while(|o| o.key() == at) {
+                            changed.add(&old.meta.namespace, &old.service_name);
+                        }
+                        for o in &objects {
+                            if let Object::EndpointSlice(s) = o {
+                                changed.add(&s.meta.namespace, &s.service_name);
+                            }
+                        }
+                        put_sorted(&mut snap.slices, at, objects, |o| match o {
+                            Object::EndpointSlice(s) => Some(s),
+                            _ => None,
+                        })
+                    }
                 }
             }
             Pending::Replace(kind, objects) => {
+                changed.all();
                 let mut fresh = Snapshot::default();
                 for o in objects {
                     push_object(&mut fresh, o, None, kind);
@@ -247,9 +269,9 @@ impl HasMeta for ferry_model::EndpointSlice {
 }
 
 /// A change to a big kind: into the view now if nobody holds it, else queued.
-fn change(view: &mut Arc<Snapshot>, pending: &mut Vec<Pending>, p: Pending) {
+fn change(view: &mut Arc<Snapshot>, pending: &mut Vec<Pending>, changed: &mut Changed, p: Pending) {
     match Arc::get_mut(view) {
-        Some(v) if pending.is_empty() => p.apply(v),
+        Some(v) if pending.is_empty() => p.apply(v, changed),
         _ => pending.push(p),
     }
 }
@@ -263,9 +285,11 @@ impl State {
         // Copies the snapshot only if a previous view is still held by someone.
         let view = Arc::make_mut(&mut self.view);
         for p in self.pending.drain(..) {
-            p.apply(view);
+            p.apply(view, &mut self.changed);
         }
         if std::mem::take(&mut self.view_stale) {
+            // Pools, nodes or problems moved: what they change is not tracked by service.
+            self.changed.all();
             let big = (
                 std::mem::take(&mut view.services),
                 std::mem::take(&mut view.slices),
@@ -473,6 +497,17 @@ impl ApiSource {
         st.refresh_view(&self.shared.config.metallb_config);
         Arc::clone(&st.view)
     }
+
+    /// [`ApiSource::view`], and the services whose Service or EndpointSlices changed since
+    /// the last call (all on the first): what the agent's pass needs to look at (see
+    /// [`ferry_model::view::Resolver::update_some`]). Only the agent's pass should call this:
+    /// it takes the changes.
+    pub fn view_and_changes(&self) -> (Arc<Snapshot>, Changed) {
+        let mut st = self.shared.lock();
+        st.refresh_view(&self.shared.config.metallb_config);
+        let changed = std::mem::replace(&mut st.changed, Changed::none());
+        (Arc::clone(&st.view), changed)
+    }
 }
 
 fn push_object(snap: &mut Snapshot, o: Object, created_ms: Option<u64>, _kind: &str) {
@@ -599,6 +634,7 @@ fn apply_event(
         view,
         pending,
         view_stale,
+        changed: names,
         ..
     } = st;
     let Some(ks) = kinds.get_mut(w.kind) else {
@@ -652,7 +688,7 @@ fn apply_event(
                     ks.objects = new;
                     *view_stale |= problems;
                     if !same {
-                        change(view, pending, Pending::Replace(w.kind, objects));
+                        change(view, pending, names, Pending::Replace(w.kind, objects));
                     }
                     !same
                 }
@@ -662,7 +698,7 @@ fn apply_event(
                     let old = if is_big(w.kind) {
                         let objects = std::mem::take(&mut c.parsed.objects);
                         let old = ks.objects.insert(k.clone(), c);
-                        change(view, pending, Pending::Put(w.kind, k, objects));
+                        change(view, pending, names, Pending::Put(w.kind, k, objects));
                         old
                     } else {
                         ks.objects.insert(k, c)
@@ -683,7 +719,7 @@ fn apply_event(
                         || !old.parsed.errors.is_empty()
                         || !old.parsed.warnings.is_empty();
                     if is_big(w.kind) {
-                        change(view, pending, Pending::Put(w.kind, k, Vec::new()));
+                        change(view, pending, names, Pending::Put(w.kind, k, Vec::new()));
                     }
                     true
                 }
@@ -781,7 +817,7 @@ mod tests {
         dynamic(serde_json::json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
             "metadata": {"namespace": ns, "name": name, "resourceVersion": format!("{last}"),
-                         "labels": {"kubernetes.io/service-name": "s"}},
+                         "labels": {"kubernetes.io/service-name": format!("o{}", last % 3)}},
             "addressType": "IPv4",
             "endpoints": [{"addresses": [format!("10.42.0.{last}")], "conditions": {"ready": true}}],
             "ports": [{"port": 8080, "protocol": "TCP"}],
@@ -913,6 +949,91 @@ mod tests {
                 prop_assert_eq!(&copy.errors, &want.errors);
             }
             drop(held);
+        }
+    }
+
+    /// Each service's inputs in a view: the Service, and its slices (by namespace and name).
+    type Inputs =
+        BTreeMap<(String, String), (Vec<ferry_model::Service>, Vec<ferry_model::EndpointSlice>)>;
+
+    fn inputs(v: &Snapshot) -> Inputs {
+        let mut m = Inputs::new();
+        for s in &v.services {
+            m.entry((s.meta.namespace.clone(), s.meta.name.clone()))
+                .or_default()
+                .0
+                .push(s.clone());
+        }
+        for s in &v.slices {
+            m.entry((s.meta.namespace.clone(), s.service_name.clone()))
+                .or_default()
+                .1
+                .push(s.clone());
+        }
+        m
+    }
+
+    proptest! {
+        /// Whatever the events, and whether or not the agent holds a view meanwhile, the
+        /// changes the pass takes name every service whose Service or slices differ from the
+        /// view the pass before took (what lets a pass look at those only).
+        #[test]
+        fn the_changes_name_every_service_that_changed(
+            evs in proptest::collection::vec(ev(), 1..40)
+        ) {
+            let src = ApiSource::detached(SourceConfig::default());
+            for kind in KINDS {
+                src.inject(kind, watcher::Event::Init);
+                src.inject(kind, watcher::Event::InitDone);
+            }
+            let (first, all) = src.view_and_changes();
+            prop_assert_eq!(all, Changed::All);
+            let mut before = inputs(&first);
+            drop(first);
+            let mut model: BTreeMap<(u8, String, String), DynamicObject> = BTreeMap::new();
+            let mut held: Option<Arc<Snapshot>> = None;
+            for e in evs.iter().chain([&Ev::Hold(false)]) {
+                match *e {
+                    Ev::Apply(k, n, m, v) => {
+                        let o = object(k, n, m, v);
+                        model.insert(key(k, n, m), o.clone());
+                        src.inject(KINDS[usize::from(k)], watcher::Event::Apply(o));
+                    }
+                    Ev::Delete(k, n, m) => {
+                        model.remove(&key(k, n, m));
+                        src.inject(KINDS[usize::from(k)], watcher::Event::Delete(object(k, n, m, 0)));
+                    }
+                    Ev::Relist(k, change) => {
+                        if let Some((n, m, v)) = change {
+                            model.insert(key(k, n, m), object(k, n, m, v));
+                        }
+                        let kind = KINDS[usize::from(k)];
+                        src.inject(kind, watcher::Event::Init);
+                        for ((kk, _, _), o) in &model {
+                            if *kk == k {
+                                src.inject(kind, watcher::Event::InitApply(o.clone()));
+                            }
+                        }
+                        src.inject(kind, watcher::Event::InitDone);
+                    }
+                    // A pass: it takes the view and the changes (and holds the view, or not).
+                    Ev::Hold(h) => {
+                        drop(held.take());
+                        let (view, changed) = src.view_and_changes();
+                        let now = inputs(&view);
+                        for (k, v) in before.iter().chain(now.iter()) {
+                            let differs = before.get(k) != now.get(k);
+                            prop_assert!(
+                                !differs || changed.names(&k.0, &k.1),
+                                "{}/{} changed ({:?} -> {:?}) but is not named in {:?}",
+                                k.0, k.1, before.get(k).map(|x| x.0.len()), Some(v.0.len()), changed
+                            );
+                        }
+                        before = now;
+                        held = h.then_some(view);
+                    }
+                }
+            }
         }
     }
 

@@ -362,6 +362,49 @@ struct Known {
     pass: u64,
 }
 
+/// Which services' inputs (the Service, its EndpointSlices) may have changed since the last
+/// pass, as a source that sees every change tracks them (the API source's watch events): with
+/// [`Resolver::update_some`] a pass looks at those only, not at every service. Saying too much
+/// is harmless; saying too little would leave a service as it was, so a source that cannot
+/// tell (a re-list, a change to pools or nodes) says [`Changed::All`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    All,
+    /// These services (by namespace and name), present or gone.
+    Only(std::collections::HashSet<ObjectRef>),
+}
+
+impl Default for Changed {
+    /// Everything: what nobody tracked.
+    fn default() -> Changed {
+        Changed::All
+    }
+}
+
+impl Changed {
+    /// Nothing yet.
+    pub fn none() -> Changed {
+        Changed::Only(Default::default())
+    }
+    /// The service `namespace/name` (or its slices) changed.
+    pub fn add(&mut self, namespace: &str, name: &str) {
+        if let Changed::Only(set) = self {
+            set.insert(ObjectRef::new(namespace, name));
+        }
+    }
+    /// Everything may have changed.
+    pub fn all(&mut self) {
+        *self = Changed::All;
+    }
+    /// Whether the service `namespace/name` is among those named (always, for `All`).
+    pub fn names(&self, namespace: &str, name: &str) -> bool {
+        match self {
+            Changed::All => true,
+            Changed::Only(set) => set.contains(&ObjectRef::new(namespace, name)),
+        }
+    }
+}
+
 /// What a [`Resolver::update`] found changed since the pass before.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResolvedChanges {
@@ -495,16 +538,51 @@ impl Resolver {
         allocations: Allocations<'_>,
         slices: &[EndpointSlice],
     ) -> ResolvedChanges {
+        self.update_inner(services, allocations, slices, None)
+    }
+
+    /// [`Resolver::update_refs`] where only the services `changed` names may have changed
+    /// (their Service or slices): the others are not looked at (not even fingerprinted), so a
+    /// pass costs what changed, not the number of services. A named service absent from
+    /// `services` is gone. With [`Changed::All`], as [`Resolver::update_refs`].
+    pub fn update_some(
+        &mut self,
+        services: &[&Service],
+        allocations: Allocations<'_>,
+        slices: &[EndpointSlice],
+        changed: &Changed,
+    ) -> ResolvedChanges {
+        match changed {
+            Changed::All => self.update_inner(services, allocations, slices, None),
+            Changed::Only(set) => self.update_inner(services, allocations, slices, Some(set)),
+        }
+    }
+
+    fn update_inner(
+        &mut self,
+        services: &[&Service],
+        allocations: Allocations<'_>,
+        slices: &[EndpointSlice],
+        only: Option<&std::collections::HashSet<ObjectRef>>,
+    ) -> ResolvedChanges {
         self.pass += 1;
         let pass = self.pass;
+        let only_keys: Option<fnv::FnvHashSet<(&str, &str)>> = only.map(|o| {
+            o.iter()
+                .map(|r| (r.namespace.as_str(), r.name.as_str()))
+                .collect()
+        });
+        let looked_at = |key: &(&str, &str)| only_keys.as_ref().is_none_or(|o| o.contains(key));
         // Per service: how many slices, and the sum of their fingerprints (in any order).
         let mut by_service: fnv::FnvHashMap<(&str, &str), (usize, Option<u64>)> =
             fnv::FnvHashMap::default();
-        by_service.reserve(slices.len());
+        by_service.reserve(only_keys.as_ref().map_or(slices.len(), |o| o.len()));
         for s in slices {
-            let e = by_service
-                .entry((s.meta.namespace.as_str(), s.service_name.as_str()))
-                .or_insert((0, Some(0)));
+            let key = (s.meta.namespace.as_str(), s.service_name.as_str());
+            if !looked_at(&key) {
+                continue;
+            }
+            let e = by_service.entry(key).or_insert((0, Some(0)));
             e.0 += 1;
             e.1 = match (e.1, slice_fingerprint(s)) {
                 (Some(sum), Some(f)) => Some(sum.wrapping_add(f)),
@@ -517,6 +595,9 @@ impl Resolver {
         let mut stale: Vec<(usize, Option<u64>)> = Vec::new();
         for (i, svc) in services.iter().enumerate() {
             let id_key = (svc.meta.namespace.as_str(), svc.meta.name.as_str());
+            if !looked_at(&id_key) {
+                continue;
+            }
             let mine = by_service.get(&id_key).copied().unwrap_or((0, Some(0)));
             let id = svc.meta.object_ref();
             let alloc = match alloc_apart {
@@ -623,17 +704,32 @@ impl Resolver {
             }
             changes.previous.extend(before.map(|b| *b));
         }
-        // Services not given this pass are gone.
-        self.known.retain(|id, k| {
-            if k.pass == pass {
-                return true;
+        // Services not given this pass are gone (of those looked at).
+        match only {
+            None => self.known.retain(|id, k| {
+                if k.pass == pass {
+                    return true;
+                }
+                if let Some(before) = k.resolved.take() {
+                    changes.removed.push(id.clone());
+                    changes.previous.push(*before);
+                }
+                false
+            }),
+            Some(named) => {
+                // In order, so that a pass's result does not depend on the set's.
+                let mut named: Vec<&ObjectRef> = named.iter().collect();
+                named.sort_unstable();
+                for id in named {
+                    if self.known.get(id).is_some_and(|k| k.pass != pass) {
+                        if let Some(before) = self.known.remove(id).and_then(|k| k.resolved) {
+                            changes.removed.push(id.clone());
+                            changes.previous.push(*before);
+                        }
+                    }
+                }
             }
-            if let Some(before) = k.resolved.take() {
-                changes.removed.push(id.clone());
-                changes.previous.push(*before);
-            }
-            false
-        });
+        }
         changes
     }
 
@@ -1017,43 +1113,91 @@ mod tests {
             /// which services resolve differently than at the pass before.
             #[test]
             fn the_resolver_follows_resolve(ops in proptest::collection::vec(op(), 1..24)) {
-                let mut w = world();
-                let mut r = Resolver::default();
-                let mut before: BTreeMap<ObjectRef, ResolvedService> = BTreeMap::new();
-                for op in std::iter::once(&Op::Nothing).chain(&ops) {
-                    apply(&mut w, op);
-                    let ch = r.update(&w.services, &w.allocations, &w.slices);
-                    let now = expected(&w);
-                    let mine: BTreeMap<ObjectRef, ResolvedService> =
-                        r.services().map(|s| (s.id.clone(), s.clone())).collect();
-                    prop_assert_eq!(&mine, &now);
-                    let changed: BTreeSet<ObjectRef> = now
-                        .iter()
-                        .filter(|(id, s)| before.get(*id) != Some(*s))
-                        .map(|(id, _)| id.clone())
-                        .collect();
-                    let removed: BTreeSet<ObjectRef> = before
-                        .keys()
-                        .filter(|id| !now.contains_key(*id))
-                        .cloned()
-                        .collect();
-                    prop_assert_eq!(ch.changed.iter().cloned().collect::<BTreeSet<_>>(), changed);
-                    prop_assert_eq!(ch.changed.len(), ch.changed.iter().collect::<BTreeSet<_>>().len());
-                    prop_assert_eq!(ch.removed.iter().cloned().collect::<BTreeSet<_>>(), removed);
-                    prop_assert_eq!(r.changed(&ch).count(), ch.changed.len());
-                    let previous: BTreeMap<ObjectRef, ResolvedService> = before
-                        .iter()
-                        .filter(|(id, s)| now.get(*id) != Some(*s))
-                        .map(|(id, s)| (id.clone(), s.clone()))
-                        .collect();
-                    prop_assert_eq!(ch.previous.len(), previous.len());
-                    prop_assert_eq!(
-                        ch.previous.iter().map(|s| (s.id.clone(), s.clone())).collect::<BTreeMap<_, _>>(),
-                        previous
-                    );
-                    before = now;
-                }
+                follow(&ops, false)?;
             }
+
+            /// The same when each pass is told which services' inputs changed (as the API
+            /// source tells it) and looks at those only.
+            #[test]
+            fn the_resolver_told_what_changed_follows_resolve(
+                ops in proptest::collection::vec(op(), 1..24)
+            ) {
+                follow(&ops, true)?;
+            }
+        }
+
+        /// The services whose inputs `op` changes in `w` (what a source that saw it names).
+        fn named_by(w: &World, op: &Op) -> Changed {
+            let mut c = Changed::none();
+            let slice_of = |j: usize| {
+                let n = w.slices.len();
+                (n > 0).then(|| w.slices[j % n].service_name.clone())
+            };
+            let k_name = match op {
+                Op::Endpoint(j, ..) | Op::DropSlice(j) => slice_of(*j),
+                Op::AddSlice(k, _)
+                | Op::ToggleService(k)
+                | Op::Allocation(k, _)
+                | Op::Port(k, _)
+                | Op::Twice(k) => Some(name(*k)),
+                Op::Nothing => None,
+            };
+            if let Some(n) = k_name {
+                c.add("default", &n);
+            }
+            c
+        }
+
+        fn follow(ops: &[Op], hinted: bool) -> Result<(), TestCaseError> {
+            let mut w = world();
+            let mut r = Resolver::default();
+            let mut before: BTreeMap<ObjectRef, ResolvedService> = BTreeMap::new();
+            for (i, op) in std::iter::once(&Op::Nothing).chain(ops).enumerate() {
+                // The first pass is told nothing: everything is new.
+                let named = match hinted && i > 0 {
+                    true => named_by(&w, op),
+                    false => Changed::All,
+                };
+                apply(&mut w, op);
+                let refs: Vec<&Service> = w.services.iter().collect();
+                let ch = r.update_some(&refs, Allocations::Map(&w.allocations), &w.slices, &named);
+                let now = expected(&w);
+                let mine: BTreeMap<ObjectRef, ResolvedService> =
+                    r.services().map(|s| (s.id.clone(), s.clone())).collect();
+                prop_assert_eq!(&mine, &now);
+                let changed: BTreeSet<ObjectRef> = now
+                    .iter()
+                    .filter(|(id, s)| before.get(*id) != Some(*s))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                let removed: BTreeSet<ObjectRef> = before
+                    .keys()
+                    .filter(|id| !now.contains_key(*id))
+                    .cloned()
+                    .collect();
+                prop_assert_eq!(ch.changed.iter().cloned().collect::<BTreeSet<_>>(), changed);
+                prop_assert_eq!(
+                    ch.changed.len(),
+                    ch.changed.iter().collect::<BTreeSet<_>>().len()
+                );
+                prop_assert_eq!(ch.removed.iter().cloned().collect::<BTreeSet<_>>(), removed);
+                prop_assert_eq!(r.changed(&ch).count(), ch.changed.len());
+                let previous: BTreeMap<ObjectRef, ResolvedService> = before
+                    .iter()
+                    .filter(|(id, s)| now.get(*id) != Some(*s))
+                    .map(|(id, s)| (id.clone(), s.clone()))
+                    .collect();
+                prop_assert_eq!(ch.previous.len(), previous.len());
+                prop_assert_eq!(
+                    ch.previous
+                        .iter()
+                        .map(|s| (s.id.clone(), s.clone()))
+                        .collect::<BTreeMap<_, _>>(),
+                    previous
+                );
+                before = now;
+            }
+            Ok(())
         }
 
         #[test]

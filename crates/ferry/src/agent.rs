@@ -268,17 +268,21 @@ impl TablePlanner {
         self.resolver.get(id)
     }
 
-    /// Resolves `services` (what changed since the last pass, or everything on a full pass).
+    /// Resolves `services` again where their inputs moved: of those `changed` names (the
+    /// source's word), or of every one on a full pass.
     fn resolve(
         &mut self,
         services: &[&ferry_model::Service],
         allocations: ferry_model::view::Allocations<'_>,
         slices: &[ferry_model::EndpointSlice],
+        changed: &ferry_model::view::Changed,
     ) -> ferry_model::view::ResolvedChanges {
         if self.full_next {
             self.resolver.invalidate();
+            return self.resolver.update_refs(services, allocations, slices);
         }
-        self.resolver.update_refs(services, allocations, slices)
+        self.resolver
+            .update_some(services, allocations, slices, changed)
     }
 
     /// Plans the services resolved by the last [`TablePlanner::resolve`] over `cfg.shards`
@@ -587,14 +591,23 @@ pub fn timestamp() -> String {
     )
 }
 
+/// Whether the API source's allocations of `s` are read at every pass: a Service the API
+/// server has given no cluster IP yet (refused), or a LoadBalancer (its addresses).
+fn may_be_refused_or_balanced(s: &ferry_model::Service) -> bool {
+    s.type_ == ferry_model::ServiceType::LoadBalancer
+        || s.cluster_ip == ferry_model::ClusterIpSpec::Auto
+}
+
 /// A pass's allocations: cluster IPs, node ports, load-balancer addresses.
 pub enum Allocated {
     /// Every service's, as an allocator gave them (the state directory of a manifest
     /// directory; the API's, taken at once).
     All(AllocResults, LbResults),
     /// The API server's and the load-balancer controller's, in each Service: read only where
-    /// a Service changed (and from every LoadBalancer Service, for its addresses).
-    FromApi,
+    /// a Service changed (and from every LoadBalancer Service, for its addresses). With the
+    /// services whose Service or slices changed since the last pass, as the API source tells
+    /// (the pass looks at those only: [`ferry_model::view::Resolver::update_some`]).
+    FromApi(ferry_model::view::Changed),
 }
 
 /// Everything one pass computes from a snapshot and its allocations.
@@ -631,22 +644,20 @@ pub fn compute(
     host: &netwatch::HostNet,
 ) -> Pass {
     let (pools, pool_errors) = pools;
-    let from_api = matches!(allocated, Allocated::FromApi);
-    let (results, lb) = match allocated {
-        Allocated::All(results, lb) => (results, lb),
+    let from_api = matches!(allocated, Allocated::FromApi(_));
+    let (results, lb, changed) = match allocated {
+        Allocated::All(results, lb) => (results, lb, ferry_model::view::Changed::All),
         // Only the Services that can be refused (no cluster IP yet) or have addresses: the
         // others' allocations are read from them as the resolver needs them.
-        Allocated::FromApi => {
+        Allocated::FromApi(changed) => {
             let few: Vec<ferry_model::Service> = snap
                 .services
                 .iter()
-                .filter(|s| {
-                    s.type_ == ferry_model::ServiceType::LoadBalancer
-                        || s.cluster_ip == ferry_model::ClusterIpSpec::Auto
-                })
+                .filter(|s| may_be_refused_or_balanced(s))
                 .cloned()
                 .collect();
-            ferry_kube::status::from_api(&few, &pools)
+            let (results, lb) = ferry_kube::status::from_api(&few, &pools);
+            (results, lb, changed)
         }
     };
     let mut diagnostics: Vec<Diagnostic> = Vec::new();
@@ -692,6 +703,10 @@ pub fn compute(
     for (i, orig) in snap.services.iter().enumerate() {
         if lb.is_empty() {
             break;
+        }
+        // Only those can have an entry (what `lb` is keyed by costs a copy of the names).
+        if from_api && !may_be_refused_or_balanced(orig) {
+            continue;
         }
         let Some(got) = lb.get(&orig.meta.object_ref()) else {
             continue;
@@ -784,7 +799,7 @@ pub fn compute(
         true => ferry_model::view::Allocations::FromSpec(&of_spec),
         false => ferry_model::view::Allocations::Results(&results),
     };
-    let changes = planner.resolve(&services, allocations, &snap.slices);
+    let changes = planner.resolve(&services, allocations, &snap.slices, &changed);
     let resolved_count = planner.resolver.len();
     let this_node = snap.nodes.iter().find(|n| n.meta.name == args.node);
     let (cluster_cidrs, local_interface) = match args.local_traffic(this_node) {
@@ -1136,14 +1151,20 @@ impl Worker {
             self.planner.distrust();
         }
         // The manifest reader lends its objects (given back below); the API source shares
-        // its view (dropped below): neither is a copy.
+        // its view (dropped below): neither is a copy. The API source also says which
+        // services changed since the pass before (the manifest reader: all may have).
+        let mut named = ferry_model::view::Changed::All;
         let held = match &mut self.source {
             WorkerSource::Dir(reader, dir) => Held::Lent(Box::new(
                 reader
                     .read()
                     .with_context(|| format!("reading {}", dir.display()))?,
             )),
-            WorkerSource::Api(api) => Held::Shared(api.view()),
+            WorkerSource::Api(api) => {
+                let (view, changed) = api.view_and_changes();
+                named = changed;
+                Held::Shared(view)
+            }
         };
         let (snap, from_api): (&Snapshot, bool) = match &held {
             Held::Lent(s) => (s, false),
@@ -1151,7 +1172,7 @@ impl Worker {
         };
         let pools = load_pools(snap, &args.service_cidr, host);
         let allocated = if from_api {
-            Allocated::FromApi
+            Allocated::FromApi(named)
         } else {
             let (results, lb) = self.store.sync(
                 &snap.services,
@@ -2353,10 +2374,52 @@ mod tests {
             checks: Vec<crate::healthcheck::Check>,
         }
 
+        /// What the API source names as changed from `old` to `new` at the least (its
+        /// property test, in ferry-kube, holds it to that): the services whose Service or
+        /// slices differ; everything when another kind changed.
+        fn named_between(old: &Snapshot, new: &Snapshot) -> ferry_model::view::Changed {
+            use ferry_model::view::Changed;
+            if old.nodes != new.nodes
+                || old.config_maps != new.config_maps
+                || old.ip_pools != new.ip_pools
+                || old.namespaces != new.namespaces
+            {
+                return Changed::All;
+            }
+            let inputs = |snap: &'_ Snapshot| {
+                let mut m: BTreeMap<
+                    (String, String),
+                    (Vec<ferry_model::Service>, Vec<ferry_model::EndpointSlice>),
+                > = BTreeMap::new();
+                for s in &snap.services {
+                    m.entry((s.meta.namespace.clone(), s.meta.name.clone()))
+                        .or_default()
+                        .0
+                        .push(s.clone());
+                }
+                for s in &snap.slices {
+                    m.entry((s.meta.namespace.clone(), s.service_name.clone()))
+                        .or_default()
+                        .1
+                        .push(s.clone());
+                }
+                m
+            };
+            let (a, b) = (inputs(old), inputs(new));
+            let mut c = Changed::none();
+            for k in a.keys().chain(b.keys()) {
+                if a.get(k) != b.get(k) {
+                    c.add(&k.0, &k.1);
+                }
+            }
+            c
+        }
+
         fn pass(
             planner: &mut TablePlanner,
             w: &World,
             previous_full: Option<&[ferry_model::view::ResolvedService]>,
+            named: ferry_model::view::Changed,
         ) -> (Out, Vec<ferry_model::view::ResolvedService>) {
             let shards = w.shards.to_string();
             let args = parse(&["--node", "n1", "--nft-shards", &shards]).unwrap();
@@ -2368,7 +2431,7 @@ mod tests {
             // The incremental pass reads allocations from the Services as it needs them; the
             // full one takes every one at once.
             let allocated = match previous_full {
-                None => Allocated::FromApi,
+                None => Allocated::FromApi(named),
                 Some(_) => {
                     let (a, lb) = ferry_kube::status::from_api(&w.snap.services, &pools.0);
                     Allocated::All(a, lb)
@@ -2405,14 +2468,19 @@ mod tests {
             ) {
                 let mut w = World::new();
                 let mut planner = TablePlanner::default();
-                let (_, mut before) = pass(&mut planner, &w, None);
+                let all = ferry_model::view::Changed::All;
+                let (_, mut before) = pass(&mut planner, &w, None, all.clone());
                 for op in &ops {
+                    let old = w.snap.clone();
                     w.apply(op);
                     if matches!(op, Op::Resync) {
                         planner.distrust();
                     }
-                    let (inc, now) = pass(&mut planner, &w, None);
-                    let (full, _) = pass(&mut TablePlanner::default(), &w, Some(&before));
+                    // Told only what changed, as the API source tells it.
+                    let named = named_between(&old, &w.snap);
+                    let (inc, now) = pass(&mut planner, &w, None, named);
+                    let (full, _) =
+                        pass(&mut TablePlanner::default(), &w, Some(&before), all.clone());
                     prop_assert!(inc.tables == full.tables, "tables differ after {:?}", op);
                     prop_assert_eq!(inc.stale, full.stale, "UDP flushes after {:?}", op);
                     prop_assert_eq!(inc.counts, full.counts, "counts after {:?}", op);

@@ -120,13 +120,13 @@ fn agent_pass(
     host: &netwatch::HostNet,
 ) -> Timed {
     let t = Instant::now();
-    let snap = src.view();
+    let (snap, named) = src.view_and_changes();
     let t_source = ms(t);
     let t = Instant::now();
     let pools = load_pools(&snap, &args.service_cidr, host);
     let t_alloc = ms(t);
     let t = Instant::now();
-    let mut pass = compute(planner, args, &snap, pools, Allocated::FromApi, host);
+    let mut pass = compute(planner, args, &snap, pools, Allocated::FromApi(named), host);
     let t_compute = ms(t);
     let t = Instant::now();
     let changes = std::mem::take(&mut pass.changes);
