@@ -221,6 +221,9 @@ pub struct TablePlanner {
     resolver: ferry_model::view::Resolver,
     /// The next pass is a full one.
     full_next: bool,
+    /// A pass has resolved every service once (until then, what a source says changed is
+    /// not enough: everything is new to this planner).
+    resolved_all: bool,
     /// The configuration the tables were last planned with.
     planned_with: Option<PlanConfig>,
 }
@@ -277,8 +280,9 @@ impl TablePlanner {
         slices: &[ferry_model::EndpointSlice],
         changed: &ferry_model::view::Changed,
     ) -> ferry_model::view::ResolvedChanges {
-        if self.full_next {
+        if self.full_next || !self.resolved_all {
             self.resolver.invalidate();
+            self.resolved_all = true;
             return self.resolver.update_refs(services, allocations, slices);
         }
         self.resolver
@@ -2469,7 +2473,9 @@ mod tests {
                 let mut w = World::new();
                 let mut planner = TablePlanner::default();
                 let all = ferry_model::view::Changed::All;
-                let (_, mut before) = pass(&mut planner, &w, None, all.clone());
+                // A new planner resolves everything at first, whatever it is told.
+                let (_, mut before) =
+                    pass(&mut planner, &w, None, ferry_model::view::Changed::none());
                 for op in &ops {
                     let old = w.snap.clone();
                     w.apply(op);
