@@ -119,7 +119,7 @@ pub type LbResults = BTreeMap<ObjectRef, Result<LbAllocation, Pending>>;
 /// Whether `svc` is a LoadBalancer this allocator handles: no loadBalancerClass, or `our_class`.
 pub fn is_ours(svc: &Service, our_class: Option<&str>) -> bool {
     svc.type_ == ServiceType::LoadBalancer
-        && match &svc.load_balancer_class {
+        && match &svc.extra.load_balancer_class {
             None => true,
             Some(c) => our_class == Some(c.as_str()),
         }
@@ -141,9 +141,9 @@ fn annotation<'a>(svc: &'a Service, names: &[&'static str]) -> Option<(&'static 
 /// The addresses a service asks for (empty: none), or why the request is invalid.
 pub fn requested_ips(svc: &Service) -> Result<Vec<IpAddr>, String> {
     let Some((name, value)) = annotation(svc, &ANN_LOAD_BALANCER_IPS) else {
-        return Ok(svc.load_balancer_ip.into_iter().collect());
+        return Ok(svc.extra.load_balancer_ip.into_iter().collect());
     };
-    if svc.load_balancer_ip.is_some() {
+    if svc.extra.load_balancer_ip.is_some() {
         return Err(format!(
             "both the {name} annotation and spec.loadBalancerIP are set: use one"
         ));
@@ -712,13 +712,8 @@ mod tests {
                 node_port: None,
             }],
             selector: [("app".to_string(), name.to_string())].into(),
-            external_ips: vec![],
-            load_balancer_ip: None,
-            load_balancer_class: None,
-            load_balancer_ingress: vec![],
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
-            external_name: None,
             ..Default::default()
         }
     }
@@ -852,9 +847,9 @@ mod tests {
     fn our_class_only() {
         let cfg = pools(&[crd("p", &["10.0.0.0/30"])]);
         let mut other = lb("default", "other");
-        other.load_balancer_class = Some("example.com/lb".into());
+        other.extra.load_balancer_class = Some("example.com/lb".into());
         let mut mine = lb("default", "mine");
-        mine.load_balancer_class = Some("ferry.dev/lb".into());
+        mine.extra.load_balancer_class = Some("ferry.dev/lb".into());
         let mut np = lb("default", "np");
         np.type_ = ServiceType::NodePort;
         let svcs = vec![other, mine, np, lb("default", "plain")];
@@ -884,7 +879,7 @@ mod tests {
             crd("b", &["10.0.1.0/29"]),
         ]);
         let mut spec_ip = lb("default", "spec");
-        spec_ip.load_balancer_ip = Some(ip("10.0.0.5"));
+        spec_ip.extra.load_balancer_ip = Some(ip("10.0.0.5"));
         let dual = ann(
             lb("default", "dual"),
             ANN_LOAD_BALANCER_IPS[0],
@@ -916,7 +911,7 @@ mod tests {
             "10.0.1.1,fd00::1",
         );
         let mut both = ann(lb("default", "both"), ANN_LOAD_BALANCER_IPS[0], "10.0.0.1");
-        both.load_balancer_ip = Some(ip("10.0.0.1"));
+        both.extra.load_balancer_ip = Some(ip("10.0.0.1"));
         let taken = ann(lb("default", "taken"), ANN_LOAD_BALANCER_IPS[0], "10.0.0.5");
         let wrong_pool = ann(
             ann(
@@ -1373,7 +1368,7 @@ mod tests {
         let (st2, r) = allocate(&st, &[np], &[], &cfg, None, 150, 160);
         assert!(st2.services.is_empty() && r.is_empty());
         let mut classed = s;
-        classed.load_balancer_class = Some("example.com/lb".into());
+        classed.extra.load_balancer_class = Some("example.com/lb".into());
         let (st3, _) = allocate(&st, &[classed], &[], &cfg, None, 150, 160);
         assert!(st3.services.is_empty());
     }

@@ -9,7 +9,7 @@ use crate::alloc::Allocation;
 use crate::cidr::Cidr;
 use crate::objects::{
     AddressType, ClusterIpSpec, EndpointSlice, IpFamily, ObjectRef, Protocol, Service, ServiceType,
-    TargetPort, TrafficPolicy,
+    SharedStr, TargetPort, TrafficPolicy, ZoneHints,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -17,13 +17,13 @@ pub struct ResolvedEndpoint {
     pub addr: IpAddr,
     pub port: u16,
     /// Shared with the slice's endpoint it comes from.
-    pub node: Option<std::sync::Arc<str>>,
+    pub node: Option<SharedStr>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
     /// The zones this endpoint is hinted for (None: no hints).
     /// Shared with the slice's endpoint it comes from.
-    pub zone_hints: Option<std::sync::Arc<[String]>>,
+    pub zone_hints: Option<ZoneHints>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,9 +242,16 @@ pub fn resolve_refs<'s>(
             type_: svc.type_,
             cluster_ip: Some(cluster_ip),
             secondary_cluster_ip: secondary,
-            external_ips: svc.external_ips.iter().copied().filter(family_ok).collect(),
+            external_ips: svc
+                .extra
+                .external_ips
+                .iter()
+                .copied()
+                .filter(family_ok)
+                .collect(),
             load_balancer_ips: if svc.type_ == ServiceType::LoadBalancer {
-                svc.load_balancer_ingress
+                svc.extra
+                    .load_balancer_ingress
                     .iter()
                     .copied()
                     .filter(family_ok)
@@ -257,6 +264,7 @@ pub fn resolve_refs<'s>(
             ports,
             affinity_timeout: svc.session_affinity.timeout_seconds(),
             load_balancer_source_ranges: svc
+                .extra
                 .load_balancer_source_ranges
                 .iter()
                 .copied()
@@ -442,14 +450,14 @@ fn inputs_fingerprint(
         ClusterIpSpec::None => 1u8.hash(&mut h),
         ClusterIpSpec::Ip(ip) => (2u8, ip).hash(&mut h),
     }
-    svc.secondary_cluster_ip.hash(&mut h);
-    svc.health_check_node_port.hash(&mut h);
-    svc.external_ips.hash(&mut h);
-    svc.load_balancer_ingress.hash(&mut h);
+    svc.extra.secondary_cluster_ip.hash(&mut h);
+    svc.extra.health_check_node_port.hash(&mut h);
+    svc.extra.external_ips.hash(&mut h);
+    svc.extra.load_balancer_ingress.hash(&mut h);
     (svc.external_traffic_policy == TrafficPolicy::Local).hash(&mut h);
     (svc.internal_traffic_policy == TrafficPolicy::Local).hash(&mut h);
     svc.session_affinity.hash(&mut h);
-    svc.load_balancer_source_ranges.hash(&mut h);
+    svc.extra.load_balancer_source_ranges.hash(&mut h);
     match alloc {
         Some(a) => {
             1u8.hash(&mut h);
@@ -692,7 +700,7 @@ mod tests {
             ready: true,
             serving: true,
             terminating: false,
-            zone_hints: hints.map(|h| h.iter().map(|z| z.to_string()).collect()),
+            zone_hints: hints.map(|h| h.iter().map(|z| z.to_string()).collect::<Vec<_>>().into()),
         }
     }
 
@@ -703,6 +711,17 @@ mod tests {
                 IpAddr::V6(_) => 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn resolved_endpoints_are_small() {
+        // 100,000 resolved endpoints are kept (10,000 services of 10): each one's size counts.
+        // The node's name and the zone hints are one pointer each, shared with the slice.
+        use std::mem::size_of;
+        assert_eq!(size_of::<ResolvedEndpoint>(), 40);
+        // One per port and per service: guarded against growing.
+        assert_eq!(size_of::<ResolvedPort>(), 56);
+        assert_eq!(size_of::<ResolvedService>(), 200);
     }
 
     #[test]
@@ -723,7 +742,11 @@ mod tests {
                 target_port: TargetPort::Number(8080),
                 node_port: None,
             }],
-            load_balancer_ingress: vec![ip("192.168.2.201"), ip("fd00:200::11")],
+            extra: ServiceExtra {
+                load_balancer_ingress: vec![ip("192.168.2.201"), ip("fd00:200::11")],
+                ..ServiceExtra::default()
+            }
+            .into(),
             ..Service::default()
         };
         let slice = |name: &str, t: AddressType, addr: &str| EndpointSlice {

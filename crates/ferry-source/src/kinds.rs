@@ -11,8 +11,8 @@ use ferry_model::{
     AddressType, BfdProfileCr, BgpAdvertisementCr, BgpPeerCr, ClusterIpSpec, CommunityCr,
     ConfigMap, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, IpAddressPool, IpFamily,
     IpFamilyPolicy, L2Advertisement, Namespace, Node, NodeAddress, Protocol, Secret, SecretRef,
-    Service, ServiceAllocation, ServicePort, ServiceType, SessionAffinity, TargetPort,
-    TrafficPolicy,
+    Service, ServiceAllocation, ServiceExtra, ServicePort, ServiceType, SessionAffinity,
+    TargetPort, TrafficPolicy,
 };
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -182,22 +182,25 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
         meta,
         type_,
         cluster_ip,
-        secondary_cluster_ip,
         ip_families,
         ip_family_policy,
         ports,
         selector,
-        external_ips,
-        load_balancer_ip,
-        load_balancer_class,
-        load_balancer_ingress,
         external_traffic_policy,
         internal_traffic_policy,
-        external_name,
         session_affinity,
-        load_balancer_source_ranges,
-        health_check_node_port,
         prefer_close,
+        extra: ServiceExtra {
+            secondary_cluster_ip,
+            external_ips,
+            load_balancer_ip,
+            load_balancer_class,
+            load_balancer_ingress,
+            external_name,
+            load_balancer_source_ranges,
+            health_check_node_port,
+        }
+        .into(),
     }
 }
 
@@ -506,7 +509,8 @@ fn show_cluster_ip(c: &ClusterIpSpec) -> String {
 fn service_ports(ck: &mut Ck, spec: &core::ServiceSpec, type_: ServiceType) -> Vec<ServicePort> {
     let items = spec.ports.as_deref().unwrap_or(&[]);
     let many = items.len() > 1;
-    let mut ports = Vec::new();
+    // Sized up front: kept with the Service (a pushed-to Vec has room for four).
+    let mut ports = Vec::with_capacity(items.len());
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
     let mut seen: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
     let mut node_ports: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
@@ -645,7 +649,7 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
         if m.addresses.is_empty() {
             ck.err(&addresses_path, "required: at least one address");
         }
-        let mut addresses = Vec::with_capacity(m.addresses.len());
+        let mut addresses = ferry_model::Addresses::new();
         for (j, s) in m.addresses.iter().enumerate() {
             let path = format!("{addresses_path}[{j}]");
             match address_type {
@@ -691,7 +695,7 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
             .as_ref()
             .and_then(|h| h.for_zones.as_ref())
             .map(|zones| {
-                let mut out = Vec::new();
+                let mut out = Vec::with_capacity(zones.len());
                 for (j, z) in zones.iter().enumerate() {
                     let path = format!("{base}.hints.forZones[{j}].name");
                     if z.name.is_empty() {
@@ -700,10 +704,10 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
                         out.push(z.name.clone());
                     }
                 }
-                out.into()
+                ferry_model::ZoneHints::new(out)
             });
         endpoints.push(Endpoint {
-            addresses: addresses.into(),
+            addresses,
             conditions,
             node_name: non_empty(m.node_name.as_deref()).map(|n| nodes.get(n)),
             zone_hints,
@@ -716,7 +720,8 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
         );
     }
 
-    let mut ports = Vec::new();
+    // Sized up front: kept with the slice (a pushed-to Vec has room for four).
+    let mut ports = Vec::with_capacity(slice.ports.as_ref().map_or(0, Vec::len));
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
     for (i, m) in slice.ports.iter().flatten().enumerate() {
         let base = format!("ports[{i}]");
@@ -778,7 +783,7 @@ pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
                     .and_then(|s| ck.ip(s, &join(&path, "ip")));
                 if let Some(ip) = ip {
                     endpoints.push(Endpoint {
-                        addresses: smallvec::smallvec![ip],
+                        addresses: ip.into(),
                         conditions: EndpointConditions {
                             ready,
                             serving: ready,
