@@ -150,7 +150,7 @@ pub fn plan(
         if ips != old {
             out.writes.push(Write {
                 service: r,
-                resource_version: svc.meta.resource_version.clone(),
+                resource_version: svc.meta.extra.resource_version.clone(),
                 ips,
                 old,
                 pending,
@@ -417,8 +417,12 @@ mod tests {
             meta: Meta {
                 name: name.into(),
                 namespace: "default".into(),
-                creation_timestamp: Some(created.into()),
-                resource_version: Some("7".into()),
+                extra: ferry_model::MetaExtra {
+                    creation_timestamp: Some(created.into()),
+                    resource_version: Some("7".into()),
+                    ..Default::default()
+                }
+                .into(),
                 ..Meta::default()
             },
             type_: ServiceType::LoadBalancer,

@@ -143,11 +143,11 @@ pub fn allocate(
     let mut order: Vec<&Service> = services.iter().collect();
     order.sort_by(|a, b| {
         let ka = (
-            a.meta.creation_timestamp.as_deref().unwrap_or(""),
+            a.meta.extra.creation_timestamp.as_deref().unwrap_or(""),
             a.meta.object_ref(),
         );
         let kb = (
-            b.meta.creation_timestamp.as_deref().unwrap_or(""),
+            b.meta.extra.creation_timestamp.as_deref().unwrap_or(""),
             b.meta.object_ref(),
         );
         ka.cmp(&kb)
@@ -861,14 +861,14 @@ mod tests {
             ClusterIpSpec::Ip(ip("10.43.0.20")),
             &[(80, None)],
         );
-        a.meta.creation_timestamp = Some("2020-01-01T00:00:00Z".into());
+        a.meta.extra.creation_timestamp = Some("2020-01-01T00:00:00Z".into());
         let mut b = svc(
             "aa-new",
             ServiceType::ClusterIP,
             ClusterIpSpec::Ip(ip("10.43.0.20")),
             &[(80, None)],
         );
-        b.meta.creation_timestamp = Some("2021-01-01T00:00:00Z".into());
+        b.meta.extra.creation_timestamp = Some("2021-01-01T00:00:00Z".into());
         for list in [vec![a.clone(), b.clone()], vec![b.clone(), a.clone()]] {
             let (_, r) = allocate(&AllocState::default(), &list, &cfg, 0, 1);
             assert!(r[&ObjectRef::new("default", "zz-old")].is_ok());

@@ -134,7 +134,7 @@ fn key_of(r: &ObjectRef) -> String {
 fn annotation<'a>(svc: &'a Service, names: &[&'static str]) -> Option<(&'static str, &'a str)> {
     names
         .iter()
-        .find_map(|n| svc.meta.annotations.get(*n).map(|v| (*n, v.trim())))
+        .find_map(|n| svc.meta.extra.annotations.get(*n).map(|v| (*n, v.trim())))
         .filter(|(_, v)| !v.is_empty())
 }
 
@@ -349,8 +349,14 @@ pub fn allocate_with_grace(
         })
         .collect();
     ours.sort_by(|a, b| {
-        let ka = (a.svc.meta.creation_timestamp.as_deref().unwrap_or(""), &a.r);
-        let kb = (b.svc.meta.creation_timestamp.as_deref().unwrap_or(""), &b.r);
+        let ka = (
+            a.svc.meta.extra.creation_timestamp.as_deref().unwrap_or(""),
+            &a.r,
+        );
+        let kb = (
+            b.svc.meta.extra.creation_timestamp.as_deref().unwrap_or(""),
+            &b.r,
+        );
         ka.cmp(&kb)
     });
     let present: BTreeSet<&str> = ours.iter().map(|w| w.key.as_str()).collect();
@@ -719,7 +725,7 @@ mod tests {
     }
 
     fn ann(mut s: Service, k: &str, v: &str) -> Service {
-        s.meta.annotations.insert(k.into(), v.into());
+        s.meta.extra.annotations.insert(k.into(), v.into());
         s
     }
 
@@ -804,7 +810,7 @@ mod tests {
         let cfg = pools(&[crd("p", &["10.0.0.1/32"])]);
         let a = lb("default", "a");
         let mut b = lb("default", "b");
-        b.meta.creation_timestamp = Some("2027-01-01T00:00:00Z".into());
+        b.meta.extra.creation_timestamp = Some("2027-01-01T00:00:00Z".into());
         let grace = 5_000;
         let run = |st: &LbState, svcs: &[Service], now: u64| {
             allocate_with_grace(st, svcs, &[], &cfg, None, now, now, grace)
@@ -925,7 +931,7 @@ mod tests {
         let auto = lb("default", "auto");
         let zero = ann(lb("default", "zero"), ANN_LOAD_BALANCER_IPS[0], "10.0.0.0");
         let ts = |mut s: Service, t: &str| {
-            s.meta.creation_timestamp = Some(t.into());
+            s.meta.extra.creation_timestamp = Some(t.into());
             s
         };
         let svcs = vec![
@@ -1323,7 +1329,7 @@ mod tests {
         let mut svcs: Vec<Service> = (0..5)
             .map(|i| {
                 let mut s = lb("default", &format!("s{i}"));
-                s.meta.creation_timestamp = Some(format!("2024-01-0{}T00:00:00Z", 5 - i));
+                s.meta.extra.creation_timestamp = Some(format!("2024-01-0{}T00:00:00Z", 5 - i));
                 s
             })
             .collect();
@@ -1519,7 +1525,8 @@ mod tests {
                 if *v6 {
                     s.cluster_ip = ClusterIpSpec::Ip(ip("fd00:43::1"));
                 }
-                s.meta.creation_timestamp = Some(format!("2024-01-01T00:00:{:02}Z", (i * 7) % 5));
+                s.meta.extra.creation_timestamp =
+                    Some(format!("2024-01-01T00:00:{:02}Z", (i * 7) % 5));
                 s
             })
             .collect()

@@ -477,7 +477,7 @@ fn slice_fingerprint(sl: &EndpointSlice) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut hs = fnv::FnvHasher::default();
     sl.meta.name.hash(&mut hs);
-    sl.meta.resource_version.as_ref()?.hash(&mut hs);
+    sl.meta.extra.resource_version.as_ref()?.hash(&mut hs);
     Some(hs.finish())
 }
 
@@ -909,7 +909,11 @@ mod tests {
                 meta: Meta {
                     name: format!("{}-{n}", name(k)),
                     namespace: "default".into(),
-                    resource_version: version.map(|v| v.to_string()),
+                    extra: MetaExtra {
+                        resource_version: version.map(|v| v.to_string()),
+                        ..Default::default()
+                    }
+                    .into(),
                     ..Meta::default()
                 },
                 service_name: name(k),
@@ -969,8 +973,8 @@ mod tests {
                     let sl = &mut w.slices[j % n];
                     sl.endpoints[0].addresses = [IpAddr::from([10, 42, 9, *a % 4])].into();
                     sl.endpoints[0].conditions.ready = *ready;
-                    if sl.meta.resource_version.is_some() {
-                        sl.meta.resource_version = Some(v.to_string());
+                    if sl.meta.extra.resource_version.is_some() {
+                        sl.meta.extra.resource_version = Some(v.to_string());
                     }
                 }
                 Op::AddSlice(k, versioned) => {
@@ -1096,7 +1100,7 @@ mod tests {
             assert_eq!(ch.resolved_again, 1);
             // A slice without a version: its service is resolved every pass (and found
             // unchanged when it is).
-            w.slices[0].meta.resource_version = None;
+            w.slices[0].meta.extra.resource_version = None;
             let ch = r.update(&w.services, &w.allocations, &w.slices);
             assert_eq!(ch.resolved_again, 1);
             assert!(ch.is_empty());

@@ -162,6 +162,7 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
 
     let prefer_close = match spec.traffic_distribution.as_deref() {
         None | Some("") => meta
+            .extra
             .annotations
             .get("service.kubernetes.io/topology-mode")
             .is_some_and(|m| m.eq_ignore_ascii_case("auto")),
@@ -271,7 +272,7 @@ fn source_ranges(
                 .collect(),
         )
     } else {
-        let Some(v) = meta.annotations.get(SOURCE_RANGES_ANNOTATION) else {
+        let Some(v) = meta.extra.annotations.get(SOURCE_RANGES_ANNOTATION) else {
             return vec![];
         };
         let field = format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]");
@@ -824,7 +825,9 @@ pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
             }
             let mut slice_meta = meta.clone();
             slice_meta.name = format!("{}-{i}{}", meta.name, if split { suffix } else { "" });
-            slice_meta.uid = None;
+            if slice_meta.extra.uid.is_some() {
+                slice_meta.extra.uid = None;
+            }
             slice_meta
                 .labels
                 .insert(SERVICE_NAME_LABEL.to_string(), meta.name.clone());
@@ -1302,6 +1305,41 @@ mod tests {
             p.objects,
             [ferry_model::Object::Service(service(&mut ck, &svc))]
         );
+    }
+
+    #[test]
+    fn what_a_manifest_leaves_out_takes_no_box() {
+        // 10,000 Services and slices are kept: the rarely-set fields are boxed only when set.
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n\
+                    ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  \
+                    labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nendpoints:\n\
+                    - addresses: [10.42.0.5]\n  nodeName: n1\nports: [{port: 80}]\n";
+        let p = parse_text("f", text);
+        assert!(p.errors.is_empty(), "{p:#?}");
+        let [ferry_model::Object::Service(s), ferry_model::Object::EndpointSlice(sl)] =
+            p.objects.as_slice()
+        else {
+            panic!("{p:#?}")
+        };
+        assert!(s.extra.is_absent() && s.meta.extra.is_absent());
+        assert!(sl.meta.extra.is_absent());
+        assert_eq!(s.ports.capacity(), 1);
+        assert_eq!(sl.ports.capacity(), 1);
+        assert!(!sl.endpoints[0].addresses.spilled());
+        assert_eq!(sl.endpoints[0].node_name.as_deref(), Some("n1"));
+        // Set: boxed, and read back.
+        let p = parse_text(
+            "f",
+            &text.replace(
+                "metadata: {name: web}\nspec:",
+                "metadata: {name: web, resourceVersion: \"9\"}\nspec:\n  externalIPs: [192.0.2.9]",
+            ),
+        );
+        let Some(ferry_model::Object::Service(s)) = p.objects.first() else {
+            panic!("{p:#?}")
+        };
+        assert_eq!(s.meta.extra.resource_version.as_deref(), Some("9"));
+        assert_eq!(s.extra.external_ips, [IpAddr::from([192, 0, 2, 9])]);
     }
 
     #[test]

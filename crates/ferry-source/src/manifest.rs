@@ -1404,7 +1404,7 @@ status:
                     \"nodePort\": 30080, \"protocol\": \"TCP\"}]\n\t}\n}\n";
         let s = service(text);
         assert_eq!(s.meta.object_ref().to_string(), "shop/web");
-        assert_eq!(s.meta.creation_timestamp, None);
+        assert_eq!(s.meta.extra.creation_timestamp, None);
         assert_eq!(s.ports[0].target_port, TargetPort::Name("http".into()));
         assert_eq!(s.ports[0].node_port, Some(30080));
 
@@ -1688,10 +1688,13 @@ status:
                 name: "web".into(),
                 namespace: "shop".into(),
                 labels: strings(&[("app", "web")]),
-                annotations: strings(&[("note", ""), ("example.com/x", "y")]),
-                creation_timestamp: Some("2024-05-01T10:00:00Z".into()),
-                uid: Some("1f2e".into()),
-                resource_version: Some("42".into()),
+                extra: ferry_model::MetaExtra {
+                    annotations: strings(&[("note", ""), ("example.com/x", "y")]),
+                    creation_timestamp: Some("2024-05-01T10:00:00Z".into()),
+                    uid: Some("1f2e".into()),
+                    resource_version: Some("42".into()),
+                }
+                .into(),
             }
         );
     }
@@ -2166,7 +2169,7 @@ subsets:
         for s in &slices {
             assert_eq!(s.service_name, "db");
             assert_eq!(s.meta.namespace, "shop");
-            assert_eq!(s.meta.uid, None);
+            assert_eq!(s.meta.extra.uid, None);
             assert_eq!(
                 s.meta.labels,
                 strings(&[("team", "data"), ("kubernetes.io/service-name", "db")])

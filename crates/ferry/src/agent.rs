@@ -2129,7 +2129,11 @@ mod tests {
                 meta: Meta {
                     name: format!("s{k}"),
                     namespace: "default".into(),
-                    resource_version: Some(format!("{variant}")),
+                    extra: ferry_model::MetaExtra {
+                        resource_version: Some(format!("{variant}")),
+                        ..Default::default()
+                    }
+                    .into(),
                     ..Meta::default()
                 },
                 type_,
@@ -2170,7 +2174,11 @@ mod tests {
                 meta: Meta {
                     name: format!("s{k}-{j}"),
                     namespace: "default".into(),
-                    resource_version: version.map(|v| v.to_string()),
+                    extra: ferry_model::MetaExtra {
+                        resource_version: version.map(|v| v.to_string()),
+                        ..Default::default()
+                    }
+                    .into(),
                     ..Meta::default()
                 },
                 service_name: format!("s{k}"),
@@ -2310,7 +2318,7 @@ mod tests {
                             .unwrap_or(0);
                         // An unversioned slice keeps having none (a manifest's).
                         let version =
-                            (versioned && old.meta.resource_version.is_some()).then_some(v);
+                            (versioned && old.meta.extra.resource_version.is_some()).then_some(v);
                         *sl = slice(k, j, version, &eps);
                     }
                     Op::AddSlice(k, versioned) => {
