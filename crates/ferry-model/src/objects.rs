@@ -612,7 +612,7 @@ pub struct Endpoint {
     /// As Kubernetes writes them (consumers use the first).
     pub addresses: Addresses,
     pub conditions: EndpointConditions,
-    /// Shared with every other endpoint of the slice on the same node (see [`Interner`]),
+    /// Shared with every other endpoint on the same node (see [`node_name`]),
     /// and with the resolved endpoints made from it.
     pub node_name: Option<SharedStr>,
     /// `hints.forZones[].name`: the zones whose nodes should send cluster traffic here
@@ -621,10 +621,12 @@ pub struct Endpoint {
 }
 
 /// Hands out one shared copy of each distinct string (node names: a handful, each written on
-/// thousands of endpoints).
+/// thousands of endpoints). Forgets the strings no one else holds any more as it grows.
 #[derive(Debug, Default)]
 pub struct Interner {
     seen: std::collections::HashSet<SharedStr>,
+    /// The size at which the next pruning happens (0: the first at 64).
+    prune_at: usize,
 }
 
 impl Interner {
@@ -633,10 +635,34 @@ impl Interner {
         if let Some(a) = self.seen.get(s) {
             return a.clone();
         }
+        if self.seen.len() >= self.prune_at.max(64) {
+            self.seen.retain(|a| Arc::strong_count(&a.0) > 1);
+            self.prune_at = self.seen.len() * 2;
+        }
         let a = SharedStr::from(s);
         self.seen.insert(a.clone());
         a
     }
+
+    /// How many strings it holds.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// The process-wide shared copy of node name `s`: every endpoint on one node, in any slice,
+/// holds the same one.
+pub fn node_name(s: &str) -> SharedStr {
+    static NAMES: std::sync::LazyLock<std::sync::Mutex<Interner>> =
+        std::sync::LazyLock::new(Default::default);
+    NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(s)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1086,6 +1112,20 @@ mod tests {
         let meta: Extra<MetaExtra> = MetaExtra::default().into();
         assert!(meta.is_absent());
         assert_eq!(meta.resource_version, None);
+    }
+
+    #[test]
+    fn node_names_are_shared_across_callers_and_forgotten_when_unused() {
+        let (a, b) = (node_name("interned-n1"), node_name("interned-n1"));
+        assert!(SharedStr::ptr_eq(&a, &b));
+        let mut i = Interner::default();
+        let kept = i.get("kept");
+        for n in 0..200 {
+            drop(i.get(&format!("gone-{n}")));
+        }
+        // Pruned as it grew: what no one holds is gone, what someone holds stays shared.
+        assert!(i.len() < 100, "{}", i.len());
+        assert!(SharedStr::ptr_eq(&kept, &i.get("kept")));
     }
 
     #[test]

@@ -642,8 +642,6 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
 
     // Sized up front: kept for as long as the file is unchanged (10,000 slices of 10).
     let mut endpoints = Vec::with_capacity(slice.endpoints.len());
-    // One copy of each node's name for the whole slice.
-    let mut nodes = ferry_model::Interner::default();
     for (i, m) in slice.endpoints.iter().enumerate() {
         let base = format!("endpoints[{i}]");
         let addresses_path = join(&base, "addresses");
@@ -710,7 +708,7 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
         endpoints.push(Endpoint {
             addresses,
             conditions,
-            node_name: non_empty(m.node_name.as_deref()).map(|n| nodes.get(n)),
+            node_name: non_empty(m.node_name.as_deref()).map(ferry_model::node_name),
             zone_hints,
         });
     }
@@ -769,7 +767,6 @@ pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
         NameRule::Dns1123Subdomain,
     );
     let mut slices = Vec::new();
-    let mut nodes = ferry_model::Interner::default();
     for (i, subset) in eps.subsets.iter().flatten().enumerate() {
         let base = format!("subsets[{i}]");
         let mut endpoints = Vec::new();
@@ -790,7 +787,7 @@ pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
                             serving: ready,
                             terminating: false,
                         },
-                        node_name: non_empty(a.node_name.as_deref()).map(|n| nodes.get(n)),
+                        node_name: non_empty(a.node_name.as_deref()).map(ferry_model::node_name),
                         zone_hints: None,
                     });
                 }
