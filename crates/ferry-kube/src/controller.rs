@@ -82,10 +82,10 @@ pub fn plan(
     let mut kept = LbState::default();
     for svc in services
         .iter()
-        .filter(|s| lbipam::is_ours(s, our_class) && !s.load_balancer_ingress.is_empty())
+        .filter(|s| lbipam::is_ours(s, our_class) && !s.extra.load_balancer_ingress.is_empty())
     {
         let r = svc.meta.object_ref();
-        let ips = sorted(&svc.load_balancer_ingress);
+        let ips = sorted(&svc.extra.load_balancer_ingress);
         let pool = ips
             .iter()
             .find_map(|ip| pools.pool_of(*ip))
@@ -131,13 +131,13 @@ pub fn plan(
     let mut out = Plan::default();
     for svc in services {
         let r = svc.meta.object_ref();
-        let old = sorted(&svc.load_balancer_ingress);
+        let old = sorted(&svc.extra.load_balancer_ingress);
         let (ips, pending) = match results.get(&r) {
             Some(Ok(a)) => (sorted(&a.ips), None),
             Some(Err(p)) => (Vec::new(), Some(p.reason.clone())),
             // Not a LoadBalancer of ours. One that was (its type changed) loses its address.
             None if svc.type_ != ServiceType::LoadBalancer
-                && svc.load_balancer_class.is_none()
+                && svc.extra.load_balancer_class.is_none()
                 && !old.is_empty() =>
             {
                 (Vec::new(), None)
@@ -150,7 +150,7 @@ pub fn plan(
         if ips != old {
             out.writes.push(Write {
                 service: r,
-                resource_version: svc.meta.resource_version.clone(),
+                resource_version: svc.meta.extra.resource_version.clone(),
                 ips,
                 old,
                 pending,
@@ -417,13 +417,21 @@ mod tests {
             meta: Meta {
                 name: name.into(),
                 namespace: "default".into(),
-                creation_timestamp: Some(created.into()),
-                resource_version: Some("7".into()),
+                extra: ferry_model::MetaExtra {
+                    creation_timestamp: Some(created.into()),
+                    resource_version: Some("7".into()),
+                    ..Default::default()
+                }
+                .into(),
                 ..Meta::default()
             },
             type_: ServiceType::LoadBalancer,
             cluster_ip: ClusterIpSpec::Ip("10.43.0.9".parse().unwrap()),
-            load_balancer_ingress: ingress.iter().map(|s| s.parse().unwrap()).collect(),
+            extra: ferry_model::ServiceExtra {
+                load_balancer_ingress: ingress.iter().map(|s| s.parse().unwrap()).collect(),
+                ..Default::default()
+            }
+            .into(),
             ..Service::default()
         }
     }
@@ -476,7 +484,7 @@ mod tests {
     #[test]
     fn addresses_outside_the_pools_are_cleared_first_then_reassigned() {
         let mut other = lb("other", "2026-01-01T00:00:00Z", &["10.9.9.9"]);
-        other.load_balancer_class = Some("someone-else".into());
+        other.extra.load_balancer_class = Some("someone-else".into());
         let svcs = [
             lb("stray", "2026-01-01T00:00:00Z", &["192.168.5.5"]),
             lb("fresh", "2026-01-02T00:00:00Z", &[]),

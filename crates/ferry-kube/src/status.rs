@@ -31,7 +31,7 @@ pub fn from_api(services: &[Service], pools: &PoolConfig) -> (AllocResults, LbRe
         };
         let alloc = cluster_ip.map(|cluster_ip| Allocation {
             cluster_ip,
-            secondary_cluster_ip: cluster_ip.and(svc.secondary_cluster_ip),
+            secondary_cluster_ip: cluster_ip.and(svc.extra.secondary_cluster_ip),
             node_ports: svc
                 .ports
                 .iter()
@@ -45,12 +45,12 @@ pub fn from_api(services: &[Service], pools: &PoolConfig) -> (AllocResults, LbRe
                 .collect(),
             health_check_node_port: (svc.type_ == ServiceType::LoadBalancer
                 && svc.external_traffic_policy == ferry_model::TrafficPolicy::Local)
-                .then_some(svc.health_check_node_port)
+                .then_some(svc.extra.health_check_node_port)
                 .flatten(),
         });
         allocs.insert(r.clone(), alloc);
-        if svc.type_ == ServiceType::LoadBalancer && !svc.load_balancer_ingress.is_empty() {
-            let mut ips = svc.load_balancer_ingress.clone();
+        if svc.type_ == ServiceType::LoadBalancer && !svc.extra.load_balancer_ingress.is_empty() {
+            let mut ips = svc.extra.load_balancer_ingress.clone();
             ips.sort_by_key(|ip| (ip.is_ipv6(), *ip));
             ips.dedup();
             let pool = ips
@@ -99,7 +99,7 @@ mod tests {
             ClusterIpSpec::Ip(ip),
             Some(30080),
         );
-        lb.load_balancer_ingress = vec!["192.168.2.200".parse().unwrap()];
+        lb.extra.load_balancer_ingress = vec!["192.168.2.200".parse().unwrap()];
         let pending = svc(
             "pending",
             ServiceType::LoadBalancer,

@@ -143,11 +143,11 @@ pub fn allocate(
     let mut order: Vec<&Service> = services.iter().collect();
     order.sort_by(|a, b| {
         let ka = (
-            a.meta.creation_timestamp.as_deref().unwrap_or(""),
+            a.meta.extra.creation_timestamp.as_deref().unwrap_or(""),
             a.meta.object_ref(),
         );
         let kb = (
-            b.meta.creation_timestamp.as_deref().unwrap_or(""),
+            b.meta.extra.creation_timestamp.as_deref().unwrap_or(""),
             b.meta.object_ref(),
         );
         ka.cmp(&kb)
@@ -335,7 +335,7 @@ fn allocate_one(
         let second = match svc.effective_ip_family_policy() {
             IpFamilyPolicy::SingleStack => None,
             IpFamilyPolicy::PreferDualStack
-                if !has_family && svc.secondary_cluster_ip.is_none() =>
+                if !has_family && svc.extra.secondary_cluster_ip.is_none() =>
             {
                 None
             }
@@ -350,9 +350,9 @@ fn allocate_one(
             }
             _ => Some(one_ip(
                 second_family,
-                svc.secondary_cluster_ip,
+                svc.extra.secondary_cluster_ip,
                 old.secondary_cluster_ip,
-                if svc.secondary_cluster_ip.is_some() {
+                if svc.extra.secondary_cluster_ip.is_some() {
                     "spec.clusterIPs[1]"
                 } else {
                     "spec.ipFamilyPolicy"
@@ -427,7 +427,7 @@ fn allocate_one(
     let wants_health = svc.type_ == ServiceType::LoadBalancer
         && svc.external_traffic_policy == crate::objects::TrafficPolicy::Local;
     let health_check_node_port = if !wants_health {
-        if svc.health_check_node_port.is_some() {
+        if svc.extra.health_check_node_port.is_some() {
             return Err(err(
                 field,
                 "may only be set on a LoadBalancer Service with externalTrafficPolicy Local".into(),
@@ -436,7 +436,7 @@ fn allocate_one(
         None
     } else {
         let taken_here = |p: &u16| node_ports.values().any(|q| q == p);
-        let hc = if let Some(np) = svc.health_check_node_port {
+        let hc = if let Some(np) = svc.extra.health_check_node_port {
             if !cfg.node_port_range.contains(&np) {
                 return Err(err(
                     field,
@@ -569,13 +569,8 @@ mod tests {
                 })
                 .collect(),
             selector: Default::default(),
-            external_ips: vec![],
-            load_balancer_ip: None,
-            load_balancer_class: None,
-            load_balancer_ingress: vec![],
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
-            external_name: None,
             ..Default::default()
         }
     }
@@ -656,7 +651,11 @@ mod tests {
         // Explicit addresses of both families are honoured (and must be in the CIDRs).
         let explicit = Service {
             cluster_ip: ClusterIpSpec::Ip(ip("10.43.0.10")),
-            secondary_cluster_ip: Some(ip("fd00:43::10")),
+            extra: ServiceExtra {
+                secondary_cluster_ip: Some(ip("fd00:43::10")),
+                ..ServiceExtra::default()
+            }
+            .into(),
             ..base.clone()
         };
         let (st, r) = run(&dual, &explicit);
@@ -674,7 +673,11 @@ mod tests {
                 ..Meta::default()
             },
             cluster_ip: ClusterIpSpec::Ip(ip("10.43.0.11")),
-            secondary_cluster_ip: Some(ip("fd00:43::10")),
+            extra: ServiceExtra {
+                secondary_cluster_ip: Some(ip("fd00:43::10")),
+                ..ServiceExtra::default()
+            }
+            .into(),
             ..base.clone()
         };
         let (st2, r) = allocate(&st, &[explicit.clone(), other], &dual, 2, 3);
@@ -729,7 +732,7 @@ mod tests {
         );
         // An explicit one is honoured; back to Cluster policy, it is released.
         let mut explicit = lb.clone();
-        explicit.health_check_node_port = Some(31999);
+        explicit.extra.health_check_node_port = Some(31999);
         let (_, r4) = allocate(&st2, &[explicit], &cfg, 4, 5);
         assert_eq!(ok(&r4, "lb").health_check_node_port, Some(31999));
         lb.external_traffic_policy = TrafficPolicy::Cluster;
@@ -858,14 +861,14 @@ mod tests {
             ClusterIpSpec::Ip(ip("10.43.0.20")),
             &[(80, None)],
         );
-        a.meta.creation_timestamp = Some("2020-01-01T00:00:00Z".into());
+        a.meta.extra.creation_timestamp = Some("2020-01-01T00:00:00Z".into());
         let mut b = svc(
             "aa-new",
             ServiceType::ClusterIP,
             ClusterIpSpec::Ip(ip("10.43.0.20")),
             &[(80, None)],
         );
-        b.meta.creation_timestamp = Some("2021-01-01T00:00:00Z".into());
+        b.meta.extra.creation_timestamp = Some("2021-01-01T00:00:00Z".into());
         for list in [vec![a.clone(), b.clone()], vec![b.clone(), a.clone()]] {
             let (_, r) = allocate(&AllocState::default(), &list, &cfg, 0, 1);
             assert!(r[&ObjectRef::new("default", "zz-old")].is_ok());

@@ -119,7 +119,7 @@ pub type LbResults = BTreeMap<ObjectRef, Result<LbAllocation, Pending>>;
 /// Whether `svc` is a LoadBalancer this allocator handles: no loadBalancerClass, or `our_class`.
 pub fn is_ours(svc: &Service, our_class: Option<&str>) -> bool {
     svc.type_ == ServiceType::LoadBalancer
-        && match &svc.load_balancer_class {
+        && match &svc.extra.load_balancer_class {
             None => true,
             Some(c) => our_class == Some(c.as_str()),
         }
@@ -134,16 +134,16 @@ fn key_of(r: &ObjectRef) -> String {
 fn annotation<'a>(svc: &'a Service, names: &[&'static str]) -> Option<(&'static str, &'a str)> {
     names
         .iter()
-        .find_map(|n| svc.meta.annotations.get(*n).map(|v| (*n, v.trim())))
+        .find_map(|n| svc.meta.extra.annotations.get(*n).map(|v| (*n, v.trim())))
         .filter(|(_, v)| !v.is_empty())
 }
 
 /// The addresses a service asks for (empty: none), or why the request is invalid.
 pub fn requested_ips(svc: &Service) -> Result<Vec<IpAddr>, String> {
     let Some((name, value)) = annotation(svc, &ANN_LOAD_BALANCER_IPS) else {
-        return Ok(svc.load_balancer_ip.into_iter().collect());
+        return Ok(svc.extra.load_balancer_ip.into_iter().collect());
     };
-    if svc.load_balancer_ip.is_some() {
+    if svc.extra.load_balancer_ip.is_some() {
         return Err(format!(
             "both the {name} annotation and spec.loadBalancerIP are set: use one"
         ));
@@ -349,8 +349,14 @@ pub fn allocate_with_grace(
         })
         .collect();
     ours.sort_by(|a, b| {
-        let ka = (a.svc.meta.creation_timestamp.as_deref().unwrap_or(""), &a.r);
-        let kb = (b.svc.meta.creation_timestamp.as_deref().unwrap_or(""), &b.r);
+        let ka = (
+            a.svc.meta.extra.creation_timestamp.as_deref().unwrap_or(""),
+            &a.r,
+        );
+        let kb = (
+            b.svc.meta.extra.creation_timestamp.as_deref().unwrap_or(""),
+            &b.r,
+        );
         ka.cmp(&kb)
     });
     let present: BTreeSet<&str> = ours.iter().map(|w| w.key.as_str()).collect();
@@ -712,19 +718,14 @@ mod tests {
                 node_port: None,
             }],
             selector: [("app".to_string(), name.to_string())].into(),
-            external_ips: vec![],
-            load_balancer_ip: None,
-            load_balancer_class: None,
-            load_balancer_ingress: vec![],
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
-            external_name: None,
             ..Default::default()
         }
     }
 
     fn ann(mut s: Service, k: &str, v: &str) -> Service {
-        s.meta.annotations.insert(k.into(), v.into());
+        s.meta.extra.annotations.insert(k.into(), v.into());
         s
     }
 
@@ -809,7 +810,7 @@ mod tests {
         let cfg = pools(&[crd("p", &["10.0.0.1/32"])]);
         let a = lb("default", "a");
         let mut b = lb("default", "b");
-        b.meta.creation_timestamp = Some("2027-01-01T00:00:00Z".into());
+        b.meta.extra.creation_timestamp = Some("2027-01-01T00:00:00Z".into());
         let grace = 5_000;
         let run = |st: &LbState, svcs: &[Service], now: u64| {
             allocate_with_grace(st, svcs, &[], &cfg, None, now, now, grace)
@@ -852,9 +853,9 @@ mod tests {
     fn our_class_only() {
         let cfg = pools(&[crd("p", &["10.0.0.0/30"])]);
         let mut other = lb("default", "other");
-        other.load_balancer_class = Some("example.com/lb".into());
+        other.extra.load_balancer_class = Some("example.com/lb".into());
         let mut mine = lb("default", "mine");
-        mine.load_balancer_class = Some("ferry.dev/lb".into());
+        mine.extra.load_balancer_class = Some("ferry.dev/lb".into());
         let mut np = lb("default", "np");
         np.type_ = ServiceType::NodePort;
         let svcs = vec![other, mine, np, lb("default", "plain")];
@@ -884,7 +885,7 @@ mod tests {
             crd("b", &["10.0.1.0/29"]),
         ]);
         let mut spec_ip = lb("default", "spec");
-        spec_ip.load_balancer_ip = Some(ip("10.0.0.5"));
+        spec_ip.extra.load_balancer_ip = Some(ip("10.0.0.5"));
         let dual = ann(
             lb("default", "dual"),
             ANN_LOAD_BALANCER_IPS[0],
@@ -916,7 +917,7 @@ mod tests {
             "10.0.1.1,fd00::1",
         );
         let mut both = ann(lb("default", "both"), ANN_LOAD_BALANCER_IPS[0], "10.0.0.1");
-        both.load_balancer_ip = Some(ip("10.0.0.1"));
+        both.extra.load_balancer_ip = Some(ip("10.0.0.1"));
         let taken = ann(lb("default", "taken"), ANN_LOAD_BALANCER_IPS[0], "10.0.0.5");
         let wrong_pool = ann(
             ann(
@@ -930,7 +931,7 @@ mod tests {
         let auto = lb("default", "auto");
         let zero = ann(lb("default", "zero"), ANN_LOAD_BALANCER_IPS[0], "10.0.0.0");
         let ts = |mut s: Service, t: &str| {
-            s.meta.creation_timestamp = Some(t.into());
+            s.meta.extra.creation_timestamp = Some(t.into());
             s
         };
         let svcs = vec![
@@ -1328,7 +1329,7 @@ mod tests {
         let mut svcs: Vec<Service> = (0..5)
             .map(|i| {
                 let mut s = lb("default", &format!("s{i}"));
-                s.meta.creation_timestamp = Some(format!("2024-01-0{}T00:00:00Z", 5 - i));
+                s.meta.extra.creation_timestamp = Some(format!("2024-01-0{}T00:00:00Z", 5 - i));
                 s
             })
             .collect();
@@ -1373,7 +1374,7 @@ mod tests {
         let (st2, r) = allocate(&st, &[np], &[], &cfg, None, 150, 160);
         assert!(st2.services.is_empty() && r.is_empty());
         let mut classed = s;
-        classed.load_balancer_class = Some("example.com/lb".into());
+        classed.extra.load_balancer_class = Some("example.com/lb".into());
         let (st3, _) = allocate(&st, &[classed], &[], &cfg, None, 150, 160);
         assert!(st3.services.is_empty());
     }
@@ -1524,7 +1525,8 @@ mod tests {
                 if *v6 {
                     s.cluster_ip = ClusterIpSpec::Ip(ip("fd00:43::1"));
                 }
-                s.meta.creation_timestamp = Some(format!("2024-01-01T00:00:{:02}Z", (i * 7) % 5));
+                s.meta.extra.creation_timestamp =
+                    Some(format!("2024-01-01T00:00:{:02}Z", (i * 7) % 5));
                 s
             })
             .collect()

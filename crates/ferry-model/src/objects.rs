@@ -38,11 +38,33 @@ pub struct Meta {
     /// "default" when the manifest leaves it out (cluster-scoped objects: "").
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
+    /// The fields a manifest usually leaves out (annotations, uid, ...): see [`Extra`].
+    pub extra: Extra<MetaExtra>,
+}
+
+/// The fields of a [`Meta`] a manifest usually leaves out (boxed: see [`Extra`]; the API
+/// server writes all but the annotations on every object, in a box of the same size as they
+/// took inline).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetaExtra {
     pub annotations: BTreeMap<String, String>,
     /// metadata.creationTimestamp as written (RFC 3339), if any.
     pub creation_timestamp: Option<String>,
     pub uid: Option<String>,
     pub resource_version: Option<String>,
+}
+
+static EMPTY_META_EXTRA: MetaExtra = MetaExtra {
+    annotations: BTreeMap::new(),
+    creation_timestamp: None,
+    uid: None,
+    resource_version: None,
+};
+
+impl ExtraFields for MetaExtra {
+    fn empty() -> &'static MetaExtra {
+        &EMPTY_META_EXTRA
+    }
 }
 
 impl Meta {
@@ -238,14 +260,75 @@ impl SessionAffinity {
     }
 }
 
+/// Fields most objects leave out, kept behind one pointer (absent: all of them left out) so
+/// that the common object stays small (10,000 Services are kept). Reads as a `T` (the empty
+/// one when absent); writing through it allocates the box.
+#[derive(Clone)]
+pub struct Extra<T: ExtraFields>(Option<Box<T>>);
+
+/// What an [`Extra`] holds.
+pub trait ExtraFields: Default + PartialEq + Sized + 'static {
+    /// The fields all left out (what an absent box reads as).
+    fn empty() -> &'static Self;
+}
+
+impl<T: ExtraFields> Extra<T> {
+    /// Whether the box is absent (every field left out).
+    pub fn is_absent(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl<T: ExtraFields> Default for Extra<T> {
+    fn default() -> Self {
+        Extra(None)
+    }
+}
+
+impl<T: ExtraFields> From<T> for Extra<T> {
+    /// Boxed unless every field is left out.
+    fn from(t: T) -> Self {
+        if t == *T::empty() {
+            Extra(None)
+        } else {
+            Extra(Some(Box::new(t)))
+        }
+    }
+}
+
+impl<T: ExtraFields> std::ops::Deref for Extra<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0.as_deref().unwrap_or_else(|| T::empty())
+    }
+}
+
+impl<T: ExtraFields> std::ops::DerefMut for Extra<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+impl<T: ExtraFields> PartialEq for Extra<T> {
+    /// By content: an absent box equals a box of fields all left out.
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: ExtraFields + Eq> Eq for Extra<T> {}
+
+impl<T: ExtraFields + std::fmt::Debug> std::fmt::Debug for Extra<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Service {
     pub meta: Meta,
     pub type_: ServiceType,
     pub cluster_ip: ClusterIpSpec,
-    /// spec.clusterIPs beyond the first (which is `cluster_ip`): the other family's address,
-    /// if given (validated: at most one, of the other family).
-    pub secondary_cluster_ip: Option<IpAddr>,
     /// spec.ipFamilies as written (validated: one or two distinct families, matching the
     /// cluster IPs given); empty: chosen at allocation.
     pub ip_families: Vec<IpFamily>,
@@ -255,17 +338,31 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// spec.selector; empty means "endpoints are managed by someone else".
     pub selector: BTreeMap<String, String>,
+    pub external_traffic_policy: TrafficPolicy,
+    pub internal_traffic_policy: TrafficPolicy,
+    pub session_affinity: SessionAffinity,
+    /// `spec.trafficDistribution: PreferClose` (or `PreferSameZone`), or the annotation
+    /// `service.kubernetes.io/topology-mode: Auto`: endpoints get zone hints (what an
+    /// EndpointSlice controller writes; proxies read the hints, not this).
+    pub prefer_close: bool,
+    /// The fields most Services leave out (external and load-balancer addresses, ...).
+    pub extra: Extra<ServiceExtra>,
+}
+
+/// The fields of a [`Service`] most Services leave out (boxed: see [`Extra`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceExtra {
+    /// spec.clusterIPs beyond the first (which is `cluster_ip`): the other family's address,
+    /// if given (validated: at most one, of the other family).
+    pub secondary_cluster_ip: Option<IpAddr>,
     pub external_ips: Vec<IpAddr>,
     /// spec.loadBalancerIP (deprecated field, still honoured later).
     pub load_balancer_ip: Option<IpAddr>,
     pub load_balancer_class: Option<String>,
     /// status.loadBalancer.ingress[].ip as found (from the API; manifests rarely have it).
     pub load_balancer_ingress: Vec<IpAddr>,
-    pub external_traffic_policy: TrafficPolicy,
-    pub internal_traffic_policy: TrafficPolicy,
     /// spec.externalName for type ExternalName.
     pub external_name: Option<String>,
-    pub session_affinity: SessionAffinity,
     /// spec.loadBalancerSourceRanges, or else the annotation
     /// `service.beta.kubernetes.io/load-balancer-source-ranges` (as kube-proxy reads them):
     /// who may reach the load-balancer addresses; empty: everyone.
@@ -273,10 +370,23 @@ pub struct Service {
     /// Explicit spec.healthCheckNodePort, if given (LoadBalancer with externalTrafficPolicy
     /// Local only).
     pub health_check_node_port: Option<u16>,
-    /// `spec.trafficDistribution: PreferClose` (or `PreferSameZone`), or the annotation
-    /// `service.kubernetes.io/topology-mode: Auto`: endpoints get zone hints (what an
-    /// EndpointSlice controller writes; proxies read the hints, not this).
-    pub prefer_close: bool,
+}
+
+static EMPTY_SERVICE_EXTRA: ServiceExtra = ServiceExtra {
+    secondary_cluster_ip: None,
+    external_ips: Vec::new(),
+    load_balancer_ip: None,
+    load_balancer_class: None,
+    load_balancer_ingress: Vec::new(),
+    external_name: None,
+    load_balancer_source_ranges: Vec::new(),
+    health_check_node_port: None,
+};
+
+impl ExtraFields for ServiceExtra {
+    fn empty() -> &'static ServiceExtra {
+        &EMPTY_SERVICE_EXTRA
+    }
 }
 
 impl Service {
@@ -288,7 +398,7 @@ impl Service {
     pub fn effective_ip_family_policy(&self) -> IpFamilyPolicy {
         match self.ip_family_policy {
             Some(p) => p,
-            None if self.secondary_cluster_ip.is_some() || self.ip_families.len() > 1 => {
+            None if self.extra.secondary_cluster_ip.is_some() || self.ip_families.len() > 1 => {
                 IpFamilyPolicy::RequireDualStack
             }
             None => IpFamilyPolicy::SingleStack,
@@ -312,39 +422,247 @@ pub struct EndpointConditions {
     pub terminating: bool,
 }
 
+/// A string shared by many holders, one pointer wide (`Option<SharedStr>` too, where an
+/// `Arc<str>` takes two): node names, written on thousands of endpoints each.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SharedStr(Arc<Box<str>>);
+
+impl std::ops::Deref for SharedStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for SharedStr {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for SharedStr {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SharedStr {
+    fn from(s: &str) -> SharedStr {
+        SharedStr(Arc::new(s.into()))
+    }
+}
+
+impl From<String> for SharedStr {
+    fn from(s: String) -> SharedStr {
+        SharedStr(Arc::new(s.into_boxed_str()))
+    }
+}
+
+impl PartialEq<str> for SharedStr {
+    fn eq(&self, other: &str) -> bool {
+        **self == *other
+    }
+}
+
+impl PartialEq<&str> for SharedStr {
+    fn eq(&self, other: &&str) -> bool {
+        **self == **other
+    }
+}
+
+impl std::fmt::Debug for SharedStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl std::fmt::Display for SharedStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl SharedStr {
+    /// Whether `a` and `b` are the same shared copy.
+    pub fn ptr_eq(a: &SharedStr, b: &SharedStr) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+/// `hints.forZones[].name` of an endpoint, shared by the endpoint and the resolved endpoints
+/// made from it (one pointer wide: an `Arc<[String]>` takes two).
+pub type ZoneHints = Arc<Vec<String>>;
+
+/// An endpoint's addresses: usually one, held inline (24 bytes, no allocation); more than one
+/// on the heap. Reads as a slice.
+#[derive(Clone, Default)]
+pub struct Addresses(AddressesRepr);
+
+#[derive(Clone, Default)]
+enum AddressesRepr {
+    #[default]
+    Empty,
+    One(IpAddr),
+    /// Two or more.
+    Many(Box<[IpAddr]>),
+}
+
+impl Addresses {
+    pub fn new() -> Addresses {
+        Addresses::default()
+    }
+    pub fn as_slice(&self) -> &[IpAddr] {
+        match &self.0 {
+            AddressesRepr::Empty => &[],
+            AddressesRepr::One(ip) => std::slice::from_ref(ip),
+            AddressesRepr::Many(v) => v,
+        }
+    }
+    pub fn push(&mut self, ip: IpAddr) {
+        self.0 = match std::mem::take(&mut self.0) {
+            AddressesRepr::Empty => AddressesRepr::One(ip),
+            AddressesRepr::One(first) => AddressesRepr::Many(Box::new([first, ip])),
+            AddressesRepr::Many(v) => {
+                let mut v = v.into_vec();
+                v.push(ip);
+                AddressesRepr::Many(v.into_boxed_slice())
+            }
+        };
+    }
+    /// Whether the addresses are on the heap (more than one).
+    pub fn spilled(&self) -> bool {
+        matches!(self.0, AddressesRepr::Many(_))
+    }
+}
+
+impl std::ops::Deref for Addresses {
+    type Target = [IpAddr];
+    fn deref(&self) -> &[IpAddr] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for Addresses {
+    fn eq(&self, other: &Addresses) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Addresses {}
+
+impl std::fmt::Debug for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
+}
+
+impl From<Vec<IpAddr>> for Addresses {
+    fn from(v: Vec<IpAddr>) -> Addresses {
+        match v.len() {
+            0 => Addresses(AddressesRepr::Empty),
+            1 => Addresses(AddressesRepr::One(v[0])),
+            _ => Addresses(AddressesRepr::Many(v.into_boxed_slice())),
+        }
+    }
+}
+
+impl<const N: usize> From<[IpAddr; N]> for Addresses {
+    fn from(a: [IpAddr; N]) -> Addresses {
+        Addresses::from(a.to_vec())
+    }
+}
+
+impl From<IpAddr> for Addresses {
+    fn from(ip: IpAddr) -> Addresses {
+        Addresses(AddressesRepr::One(ip))
+    }
+}
+
+impl FromIterator<IpAddr> for Addresses {
+    fn from_iter<I: IntoIterator<Item = IpAddr>>(iter: I) -> Addresses {
+        Addresses::from(iter.into_iter().collect::<Vec<_>>())
+    }
+}
+
+impl<'a> IntoIterator for &'a Addresses {
+    type Item = &'a IpAddr;
+    type IntoIter = std::slice::Iter<'a, IpAddr>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
+impl IntoIterator for Addresses {
+    type Item = IpAddr;
+    type IntoIter = std::vec::IntoIter<IpAddr>;
+    fn into_iter(self) -> Self::IntoIter {
+        match self.0 {
+            AddressesRepr::Empty => Vec::new().into_iter(),
+            AddressesRepr::One(ip) => vec![ip].into_iter(),
+            AddressesRepr::Many(v) => v.into_vec().into_iter(),
+        }
+    }
+}
+
 /// One endpoint of a slice, reduced to what routing reads (kept for every endpoint of the
 /// cluster: 100,000 of them at 10,000 services of 10 endpoints, so it is kept small: the usual
-/// single address inline, the node's name shared).
+/// single address inline, the node's name and the zone hints shared, each one pointer wide).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Inline when there is one (as Kubernetes writes them: consumers use the first).
-    pub addresses: smallvec::SmallVec<[IpAddr; 1]>,
+    /// As Kubernetes writes them (consumers use the first).
+    pub addresses: Addresses,
     pub conditions: EndpointConditions,
-    /// Shared with every other endpoint of the slice on the same node (see [`Interner`]),
+    /// Shared with every other endpoint on the same node (see [`node_name`]),
     /// and with the resolved endpoints made from it.
-    pub node_name: Option<Arc<str>>,
+    pub node_name: Option<SharedStr>,
     /// `hints.forZones[].name`: the zones whose nodes should send cluster traffic here
     /// (topology-aware routing, `trafficDistribution: PreferClose`); None without hints.
-    pub zone_hints: Option<Arc<[String]>>,
+    pub zone_hints: Option<ZoneHints>,
 }
 
 /// Hands out one shared copy of each distinct string (node names: a handful, each written on
-/// thousands of endpoints).
+/// thousands of endpoints). Forgets the strings no one else holds any more as it grows.
 #[derive(Debug, Default)]
 pub struct Interner {
-    seen: std::collections::HashSet<Arc<str>>,
+    seen: std::collections::HashSet<SharedStr>,
+    /// The size at which the next pruning happens (0: the first at 64).
+    prune_at: usize,
 }
 
 impl Interner {
     /// The shared copy of `s`.
-    pub fn get(&mut self, s: &str) -> Arc<str> {
+    pub fn get(&mut self, s: &str) -> SharedStr {
         if let Some(a) = self.seen.get(s) {
             return a.clone();
         }
-        let a: Arc<str> = Arc::from(s);
+        if self.seen.len() >= self.prune_at.max(64) {
+            self.seen.retain(|a| Arc::strong_count(&a.0) > 1);
+            self.prune_at = self.seen.len() * 2;
+        }
+        let a = SharedStr::from(s);
         self.seen.insert(a.clone());
         a
     }
+
+    /// How many strings it holds.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// The process-wide shared copy of node name `s`: every endpoint on one node, in any slice,
+/// holds the same one.
+pub fn node_name(s: &str) -> SharedStr {
+    static NAMES: std::sync::LazyLock<std::sync::Mutex<Interner>> =
+        std::sync::LazyLock::new(Default::default);
+    NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(s)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -736,18 +1054,20 @@ mod tests {
     #[test]
     fn endpoints_are_small_and_share_their_node_names() {
         // 100,000 endpoints are kept (10,000 services of 10): each one's size counts.
-        assert!(
-            std::mem::size_of::<Endpoint>() <= 72,
-            "{}",
-            std::mem::size_of::<Endpoint>()
-        );
+        use std::mem::size_of;
+        assert_eq!(size_of::<Addresses>(), 24);
+        assert_eq!(size_of::<Option<SharedStr>>(), 8);
+        assert_eq!(size_of::<Option<ZoneHints>>(), 8);
+        assert_eq!(size_of::<EndpointConditions>(), 3);
+        assert_eq!(size_of::<Endpoint>(), 48);
         let mut i = Interner::default();
         let (a, b, c) = (i.get("n1"), i.get("n1"), i.get("n2"));
-        assert!(Arc::ptr_eq(&a, &b));
+        assert!(SharedStr::ptr_eq(&a, &b));
+        assert!(!SharedStr::ptr_eq(&a, &c));
         assert_eq!((&*a, &*c), ("n1", "n2"));
         // One address inline: no allocation of its own.
         let e = Endpoint {
-            addresses: smallvec::smallvec![IpAddr::from([10, 42, 0, 1])],
+            addresses: IpAddr::from([10, 42, 0, 1]).into(),
             conditions: EndpointConditions {
                 ready: true,
                 serving: true,
@@ -757,5 +1077,78 @@ mod tests {
             zone_hints: None,
         };
         assert!(!e.addresses.spilled());
+        assert_eq!(e.node_name.as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn services_are_small_and_box_what_most_leave_out() {
+        // 10,000 Services are kept: the fields most leave out are behind one pointer.
+        use std::mem::size_of;
+        assert_eq!(size_of::<Extra<ServiceExtra>>(), 8);
+        // What is boxed (inline before: the Service was 432 bytes, its Meta 168, a slice
+        // 248).
+        assert_eq!(size_of::<ServiceExtra>(), 160);
+        assert_eq!(size_of::<MetaExtra>(), 96);
+        assert_eq!(size_of::<Extra<MetaExtra>>(), 8);
+        assert_eq!(size_of::<Meta>(), 80);
+        assert_eq!(size_of::<Service>(), 192);
+        assert_eq!(size_of::<EndpointSlice>(), 160);
+        // Guarded against growing: one per port.
+        assert_eq!(size_of::<ServicePort>(), 56);
+        assert_eq!(size_of::<EndpointPort>(), 32);
+        let plain = Service::default();
+        assert!(plain.extra.is_absent());
+        assert_eq!(plain.extra.external_name, None);
+        assert!(plain.extra.load_balancer_ingress.is_empty());
+        // All left out: no box; equal by content however held.
+        let empty: Extra<ServiceExtra> = ServiceExtra::default().into();
+        assert!(empty.is_absent());
+        let mut written = plain.clone();
+        written.extra.load_balancer_ingress = vec![IpAddr::from([192, 168, 2, 200])];
+        assert!(!written.extra.is_absent());
+        assert_ne!(written, plain);
+        written.extra.load_balancer_ingress.clear();
+        assert_eq!(written, plain);
+        let meta: Extra<MetaExtra> = MetaExtra::default().into();
+        assert!(meta.is_absent());
+        assert_eq!(meta.resource_version, None);
+    }
+
+    #[test]
+    fn node_names_are_shared_across_callers_and_forgotten_when_unused() {
+        let (a, b) = (node_name("interned-n1"), node_name("interned-n1"));
+        assert!(SharedStr::ptr_eq(&a, &b));
+        let mut i = Interner::default();
+        let kept = i.get("kept");
+        for n in 0..200 {
+            drop(i.get(&format!("gone-{n}")));
+        }
+        // Pruned as it grew: what no one holds is gone, what someone holds stays shared.
+        assert!(i.len() < 100, "{}", i.len());
+        assert!(SharedStr::ptr_eq(&kept, &i.get("kept")));
+    }
+
+    #[test]
+    fn addresses_read_as_a_slice_whatever_their_number() {
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        let none = Addresses::new();
+        assert!(none.is_empty() && !none.spilled());
+        let one = Addresses::from(vec![ip(1)]);
+        assert_eq!(one.as_slice(), [ip(1)]);
+        assert!(!one.spilled());
+        let mut many = one.clone();
+        many.push(ip(2));
+        many.push(ip(3));
+        assert!(many.spilled());
+        assert_eq!(&many[..], [ip(1), ip(2), ip(3)]);
+        assert_eq!(many.iter().count(), 3);
+        assert_eq!(many.clone().into_iter().collect::<Vec<_>>(), many.to_vec());
+        // Equal by content, however held.
+        assert_eq!(
+            Addresses::from([ip(1), ip(2)]),
+            [ip(1), ip(2)].into_iter().collect()
+        );
+        assert_ne!(one, many);
+        assert_eq!(format!("{one:?}"), "[10.0.0.1]");
     }
 }

@@ -9,7 +9,7 @@ use crate::alloc::Allocation;
 use crate::cidr::Cidr;
 use crate::objects::{
     AddressType, ClusterIpSpec, EndpointSlice, IpFamily, ObjectRef, Protocol, Service, ServiceType,
-    TargetPort, TrafficPolicy,
+    SharedStr, TargetPort, TrafficPolicy, ZoneHints,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -17,13 +17,13 @@ pub struct ResolvedEndpoint {
     pub addr: IpAddr,
     pub port: u16,
     /// Shared with the slice's endpoint it comes from.
-    pub node: Option<std::sync::Arc<str>>,
+    pub node: Option<SharedStr>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
     /// The zones this endpoint is hinted for (None: no hints).
     /// Shared with the slice's endpoint it comes from.
-    pub zone_hints: Option<std::sync::Arc<[String]>>,
+    pub zone_hints: Option<ZoneHints>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,9 +242,16 @@ pub fn resolve_refs<'s>(
             type_: svc.type_,
             cluster_ip: Some(cluster_ip),
             secondary_cluster_ip: secondary,
-            external_ips: svc.external_ips.iter().copied().filter(family_ok).collect(),
+            external_ips: svc
+                .extra
+                .external_ips
+                .iter()
+                .copied()
+                .filter(family_ok)
+                .collect(),
             load_balancer_ips: if svc.type_ == ServiceType::LoadBalancer {
-                svc.load_balancer_ingress
+                svc.extra
+                    .load_balancer_ingress
                     .iter()
                     .copied()
                     .filter(family_ok)
@@ -257,6 +264,7 @@ pub fn resolve_refs<'s>(
             ports,
             affinity_timeout: svc.session_affinity.timeout_seconds(),
             load_balancer_source_ranges: svc
+                .extra
                 .load_balancer_source_ranges
                 .iter()
                 .copied()
@@ -485,14 +493,14 @@ fn inputs_fingerprint(
         ClusterIpSpec::None => 1u8.hash(&mut h),
         ClusterIpSpec::Ip(ip) => (2u8, ip).hash(&mut h),
     }
-    svc.secondary_cluster_ip.hash(&mut h);
-    svc.health_check_node_port.hash(&mut h);
-    svc.external_ips.hash(&mut h);
-    svc.load_balancer_ingress.hash(&mut h);
+    svc.extra.secondary_cluster_ip.hash(&mut h);
+    svc.extra.health_check_node_port.hash(&mut h);
+    svc.extra.external_ips.hash(&mut h);
+    svc.extra.load_balancer_ingress.hash(&mut h);
     (svc.external_traffic_policy == TrafficPolicy::Local).hash(&mut h);
     (svc.internal_traffic_policy == TrafficPolicy::Local).hash(&mut h);
     svc.session_affinity.hash(&mut h);
-    svc.load_balancer_source_ranges.hash(&mut h);
+    svc.extra.load_balancer_source_ranges.hash(&mut h);
     match alloc {
         Some(a) => {
             1u8.hash(&mut h);
@@ -512,7 +520,7 @@ fn slice_fingerprint(sl: &EndpointSlice) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut hs = fnv::FnvHasher::default();
     sl.meta.name.hash(&mut hs);
-    sl.meta.resource_version.as_ref()?.hash(&mut hs);
+    sl.meta.extra.resource_version.as_ref()?.hash(&mut hs);
     Some(hs.finish())
 }
 
@@ -788,7 +796,7 @@ mod tests {
             ready: true,
             serving: true,
             terminating: false,
-            zone_hints: hints.map(|h| h.iter().map(|z| z.to_string()).collect()),
+            zone_hints: hints.map(|h| h.iter().map(|z| z.to_string()).collect::<Vec<_>>().into()),
         }
     }
 
@@ -799,6 +807,17 @@ mod tests {
                 IpAddr::V6(_) => 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn resolved_endpoints_are_small() {
+        // 100,000 resolved endpoints are kept (10,000 services of 10): each one's size counts.
+        // The node's name and the zone hints are one pointer each, shared with the slice.
+        use std::mem::size_of;
+        assert_eq!(size_of::<ResolvedEndpoint>(), 40);
+        // One per port and per service: guarded against growing.
+        assert_eq!(size_of::<ResolvedPort>(), 56);
+        assert_eq!(size_of::<ResolvedService>(), 200);
     }
 
     #[test]
@@ -819,7 +838,11 @@ mod tests {
                 target_port: TargetPort::Number(8080),
                 node_port: None,
             }],
-            load_balancer_ingress: vec![ip("192.168.2.201"), ip("fd00:200::11")],
+            extra: ServiceExtra {
+                load_balancer_ingress: vec![ip("192.168.2.201"), ip("fd00:200::11")],
+                ..ServiceExtra::default()
+            }
+            .into(),
             ..Service::default()
         };
         let slice = |name: &str, t: AddressType, addr: &str| EndpointSlice {
@@ -982,7 +1005,11 @@ mod tests {
                 meta: Meta {
                     name: format!("{}-{n}", name(k)),
                     namespace: "default".into(),
-                    resource_version: version.map(|v| v.to_string()),
+                    extra: MetaExtra {
+                        resource_version: version.map(|v| v.to_string()),
+                        ..Default::default()
+                    }
+                    .into(),
                     ..Meta::default()
                 },
                 service_name: name(k),
@@ -1042,8 +1069,8 @@ mod tests {
                     let sl = &mut w.slices[j % n];
                     sl.endpoints[0].addresses = [IpAddr::from([10, 42, 9, *a % 4])].into();
                     sl.endpoints[0].conditions.ready = *ready;
-                    if sl.meta.resource_version.is_some() {
-                        sl.meta.resource_version = Some(v.to_string());
+                    if sl.meta.extra.resource_version.is_some() {
+                        sl.meta.extra.resource_version = Some(v.to_string());
                     }
                 }
                 Op::AddSlice(k, versioned) => {
@@ -1217,7 +1244,7 @@ mod tests {
             assert_eq!(ch.resolved_again, 1);
             // A slice without a version: its service is resolved every pass (and found
             // unchanged when it is).
-            w.slices[0].meta.resource_version = None;
+            w.slices[0].meta.extra.resource_version = None;
             let ch = r.update(&w.services, &w.allocations, &w.slices);
             assert_eq!(ch.resolved_again, 1);
             assert!(ch.is_empty());

@@ -258,10 +258,14 @@ pub fn meta(ck: &mut Ck, md: &meta::ObjectMeta, scope: Scope, rule: NameRule) ->
         }
     }
     out.labels = md.labels.clone().unwrap_or_default();
-    out.annotations = md.annotations.clone().unwrap_or_default();
-    out.creation_timestamp = md.creation_timestamp.as_ref().map(|t| t.0.to_string());
-    out.uid = non_empty(md.uid.as_deref()).map(str::to_string);
-    out.resource_version = non_empty(md.resource_version.as_deref()).map(str::to_string);
+    // Boxed only when one is set.
+    out.extra = ferry_model::MetaExtra {
+        annotations: md.annotations.clone().unwrap_or_default(),
+        creation_timestamp: md.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+        uid: non_empty(md.uid.as_deref()).map(str::to_string),
+        resource_version: non_empty(md.resource_version.as_deref()).map(str::to_string),
+    }
+    .into();
     out
 }
 

@@ -11,8 +11,8 @@ use ferry_model::{
     AddressType, BfdProfileCr, BgpAdvertisementCr, BgpPeerCr, ClusterIpSpec, CommunityCr,
     ConfigMap, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, IpAddressPool, IpFamily,
     IpFamilyPolicy, L2Advertisement, Namespace, Node, NodeAddress, Protocol, Secret, SecretRef,
-    Service, ServiceAllocation, ServicePort, ServiceType, SessionAffinity, TargetPort,
-    TrafficPolicy,
+    Service, ServiceAllocation, ServiceExtra, ServicePort, ServiceType, SessionAffinity,
+    TargetPort, TrafficPolicy,
 };
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -162,6 +162,7 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
 
     let prefer_close = match spec.traffic_distribution.as_deref() {
         None | Some("") => meta
+            .extra
             .annotations
             .get("service.kubernetes.io/topology-mode")
             .is_some_and(|m| m.eq_ignore_ascii_case("auto")),
@@ -182,22 +183,25 @@ pub fn service(ck: &mut Ck, svc: &core::Service) -> Service {
         meta,
         type_,
         cluster_ip,
-        secondary_cluster_ip,
         ip_families,
         ip_family_policy,
         ports,
         selector,
-        external_ips,
-        load_balancer_ip,
-        load_balancer_class,
-        load_balancer_ingress,
         external_traffic_policy,
         internal_traffic_policy,
-        external_name,
         session_affinity,
-        load_balancer_source_ranges,
-        health_check_node_port,
         prefer_close,
+        extra: ServiceExtra {
+            secondary_cluster_ip,
+            external_ips,
+            load_balancer_ip,
+            load_balancer_class,
+            load_balancer_ingress,
+            external_name,
+            load_balancer_source_ranges,
+            health_check_node_port,
+        }
+        .into(),
     }
 }
 
@@ -268,7 +272,7 @@ fn source_ranges(
                 .collect(),
         )
     } else {
-        let Some(v) = meta.annotations.get(SOURCE_RANGES_ANNOTATION) else {
+        let Some(v) = meta.extra.annotations.get(SOURCE_RANGES_ANNOTATION) else {
             return vec![];
         };
         let field = format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]");
@@ -506,7 +510,8 @@ fn show_cluster_ip(c: &ClusterIpSpec) -> String {
 fn service_ports(ck: &mut Ck, spec: &core::ServiceSpec, type_: ServiceType) -> Vec<ServicePort> {
     let items = spec.ports.as_deref().unwrap_or(&[]);
     let many = items.len() > 1;
-    let mut ports = Vec::new();
+    // Sized up front: kept with the Service (a pushed-to Vec has room for four).
+    let mut ports = Vec::with_capacity(items.len());
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
     let mut seen: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
     let mut node_ports: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
@@ -637,15 +642,13 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
 
     // Sized up front: kept for as long as the file is unchanged (10,000 slices of 10).
     let mut endpoints = Vec::with_capacity(slice.endpoints.len());
-    // One copy of each node's name for the whole slice.
-    let mut nodes = ferry_model::Interner::default();
     for (i, m) in slice.endpoints.iter().enumerate() {
         let base = format!("endpoints[{i}]");
         let addresses_path = join(&base, "addresses");
         if m.addresses.is_empty() {
             ck.err(&addresses_path, "required: at least one address");
         }
-        let mut addresses = Vec::with_capacity(m.addresses.len());
+        let mut addresses = ferry_model::Addresses::new();
         for (j, s) in m.addresses.iter().enumerate() {
             let path = format!("{addresses_path}[{j}]");
             match address_type {
@@ -691,7 +694,7 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
             .as_ref()
             .and_then(|h| h.for_zones.as_ref())
             .map(|zones| {
-                let mut out = Vec::new();
+                let mut out = Vec::with_capacity(zones.len());
                 for (j, z) in zones.iter().enumerate() {
                     let path = format!("{base}.hints.forZones[{j}].name");
                     if z.name.is_empty() {
@@ -700,12 +703,12 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
                         out.push(z.name.clone());
                     }
                 }
-                out.into()
+                ferry_model::ZoneHints::new(out)
             });
         endpoints.push(Endpoint {
-            addresses: addresses.into(),
+            addresses,
             conditions,
-            node_name: non_empty(m.node_name.as_deref()).map(|n| nodes.get(n)),
+            node_name: non_empty(m.node_name.as_deref()).map(ferry_model::node_name),
             zone_hints,
         });
     }
@@ -716,7 +719,8 @@ pub fn endpoint_slice(ck: &mut Ck, slice: &discovery::EndpointSlice) -> Endpoint
         );
     }
 
-    let mut ports = Vec::new();
+    // Sized up front: kept with the slice (a pushed-to Vec has room for four).
+    let mut ports = Vec::with_capacity(slice.ports.as_ref().map_or(0, Vec::len));
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
     for (i, m) in slice.ports.iter().flatten().enumerate() {
         let base = format!("ports[{i}]");
@@ -763,7 +767,6 @@ pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
         NameRule::Dns1123Subdomain,
     );
     let mut slices = Vec::new();
-    let mut nodes = ferry_model::Interner::default();
     for (i, subset) in eps.subsets.iter().flatten().enumerate() {
         let base = format!("subsets[{i}]");
         let mut endpoints = Vec::new();
@@ -778,13 +781,13 @@ pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
                     .and_then(|s| ck.ip(s, &join(&path, "ip")));
                 if let Some(ip) = ip {
                     endpoints.push(Endpoint {
-                        addresses: smallvec::smallvec![ip],
+                        addresses: ip.into(),
                         conditions: EndpointConditions {
                             ready,
                             serving: ready,
                             terminating: false,
                         },
-                        node_name: non_empty(a.node_name.as_deref()).map(|n| nodes.get(n)),
+                        node_name: non_empty(a.node_name.as_deref()).map(ferry_model::node_name),
                         zone_hints: None,
                     });
                 }
@@ -819,7 +822,9 @@ pub fn endpoints(ck: &mut Ck, eps: &core::Endpoints) -> Vec<EndpointSlice> {
             }
             let mut slice_meta = meta.clone();
             slice_meta.name = format!("{}-{i}{}", meta.name, if split { suffix } else { "" });
-            slice_meta.uid = None;
+            if slice_meta.extra.uid.is_some() {
+                slice_meta.extra.uid = None;
+            }
             slice_meta
                 .labels
                 .insert(SERVICE_NAME_LABEL.to_string(), meta.name.clone());
@@ -1297,6 +1302,41 @@ mod tests {
             p.objects,
             [ferry_model::Object::Service(service(&mut ck, &svc))]
         );
+    }
+
+    #[test]
+    fn what_a_manifest_leaves_out_takes_no_box() {
+        // 10,000 Services and slices are kept: the rarely-set fields are boxed only when set.
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports: [{port: 80}]\n\
+                    ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  \
+                    labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nendpoints:\n\
+                    - addresses: [10.42.0.5]\n  nodeName: n1\nports: [{port: 80}]\n";
+        let p = parse_text("f", text);
+        assert!(p.errors.is_empty(), "{p:#?}");
+        let [ferry_model::Object::Service(s), ferry_model::Object::EndpointSlice(sl)] =
+            p.objects.as_slice()
+        else {
+            panic!("{p:#?}")
+        };
+        assert!(s.extra.is_absent() && s.meta.extra.is_absent());
+        assert!(sl.meta.extra.is_absent());
+        assert_eq!(s.ports.capacity(), 1);
+        assert_eq!(sl.ports.capacity(), 1);
+        assert!(!sl.endpoints[0].addresses.spilled());
+        assert_eq!(sl.endpoints[0].node_name.as_deref(), Some("n1"));
+        // Set: boxed, and read back.
+        let p = parse_text(
+            "f",
+            &text.replace(
+                "metadata: {name: web}\nspec:",
+                "metadata: {name: web, resourceVersion: \"9\"}\nspec:\n  externalIPs: [192.0.2.9]",
+            ),
+        );
+        let Some(ferry_model::Object::Service(s)) = p.objects.first() else {
+            panic!("{p:#?}")
+        };
+        assert_eq!(s.meta.extra.resource_version.as_deref(), Some("9"));
+        assert_eq!(s.extra.external_ips, [IpAddr::from([192, 0, 2, 9])]);
     }
 
     #[test]

@@ -1117,13 +1117,8 @@ status:
                 node_port: None,
             }],
             selector: app,
-            external_ips: vec![],
-            load_balancer_ip: None,
-            load_balancer_class: None,
-            load_balancer_ingress: vec![],
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
-            external_name: None,
             ..Default::default()
         };
         assert_eq!(service(SERVICE_SEED), expected);
@@ -1165,8 +1160,8 @@ status:
         let s = service(LOADBALANCER_SEED);
         assert_eq!(s.type_, ServiceType::LoadBalancer);
         assert_eq!(s.meta.object_ref().to_string(), "web/nextcloud-dev-lb");
-        assert_eq!(s.load_balancer_ip, Some(ip("192.168.2.201")));
-        assert_eq!(s.load_balancer_ingress, vec![ip("192.168.2.201")]);
+        assert_eq!(s.extra.load_balancer_ip, Some(ip("192.168.2.201")));
+        assert_eq!(s.extra.load_balancer_ingress, vec![ip("192.168.2.201")]);
         assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
         assert_eq!(
             s.ports,
@@ -1409,7 +1404,7 @@ status:
                     \"nodePort\": 30080, \"protocol\": \"TCP\"}]\n\t}\n}\n";
         let s = service(text);
         assert_eq!(s.meta.object_ref().to_string(), "shop/web");
-        assert_eq!(s.meta.creation_timestamp, None);
+        assert_eq!(s.meta.extra.creation_timestamp, None);
         assert_eq!(s.ports[0].target_port, TargetPort::Name("http".into()));
         assert_eq!(s.ports[0].node_port, Some(30080));
 
@@ -1521,7 +1516,10 @@ status:
         assert_eq!(s.ports[0].target_port, TargetPort::Number(53));
         assert_eq!(s.ports[1].protocol, Protocol::Tcp);
         assert_eq!(s.ports[1].target_port, TargetPort::Name("dns-tcp".into()));
-        assert_eq!(s.external_ips, vec![ip("192.0.2.1"), ip("2001:db8::1")]);
+        assert_eq!(
+            s.extra.external_ips,
+            vec![ip("192.0.2.1"), ip("2001:db8::1")]
+        );
         assert_eq!(s.internal_traffic_policy, TrafficPolicy::Local);
         assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
         assert!(s.selector.is_empty());
@@ -1540,7 +1538,7 @@ status:
              ipFamilies: [IPv4, IPv6], ipFamilyPolicy: RequireDualStack, ports: [{port: 1}]}",
         ));
         assert_eq!(s.cluster_ip, ClusterIpSpec::Ip(ip("10.96.0.10")));
-        assert_eq!(s.secondary_cluster_ip, Some(ip("fd00::10")));
+        assert_eq!(s.extra.secondary_cluster_ip, Some(ip("fd00::10")));
         assert_eq!(s.ip_families, vec![IpFamily::IPv4, IpFamily::IPv6]);
         assert_eq!(
             s.effective_ip_family_policy(),
@@ -1551,7 +1549,7 @@ status:
         ));
         assert_eq!(s.ip_families, vec![IpFamily::IPv6]);
         assert_eq!(s.ip_family_policy, Some(IpFamilyPolicy::PreferDualStack));
-        assert_eq!(s.secondary_cluster_ip, None);
+        assert_eq!(s.extra.secondary_cluster_ip, None);
         // Two cluster IPs without a policy: RequireDualStack, as the API server defaults it.
         let s = service(&svc(
             "{clusterIPs: ['fd00::10', 10.96.0.10], ports: [{port: 1}]}",
@@ -1627,8 +1625,8 @@ status:
              ports: [{port: 1}], loadBalancerSourceRanges: [' 10.1.2.3/8 ', 'fd00::/8']}",
         ));
         let want: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
-        assert_eq!(s.load_balancer_source_ranges, want);
-        assert_eq!(s.health_check_node_port, Some(32000));
+        assert_eq!(s.extra.load_balancer_source_ranges, want);
+        assert_eq!(s.extra.health_check_node_port, Some(32000));
 
         // The annotation, when the field is empty (kube-proxy's reading); the field wins.
         let annotated = |spec: &str| {
@@ -1643,12 +1641,12 @@ status:
             "10.0.0.0/8".parse().unwrap(),
             "192.168.2.0/24".parse().unwrap(),
         ];
-        assert_eq!(s.load_balancer_source_ranges, want);
+        assert_eq!(s.extra.load_balancer_source_ranges, want);
         let s = service(&annotated(
             "{type: LoadBalancer, ports: [{port: 1}], loadBalancerSourceRanges: [1.2.3.0/24]}",
         ));
         let want: Vec<Cidr> = vec!["1.2.3.0/24".parse().unwrap()];
-        assert_eq!(s.load_balancer_source_ranges, want);
+        assert_eq!(s.extra.load_balancer_source_ranges, want);
         let e = assert_error(
             "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n    \
               service.beta.kubernetes.io/load-balancer-source-ranges: '10.0.0.0/8,bogus'\n\
@@ -1671,7 +1669,7 @@ status:
 
         let s = service(&svc("{type: ExternalName, externalName: db.example.com.}"));
         assert_eq!(s.type_, ServiceType::ExternalName);
-        assert_eq!(s.external_name.as_deref(), Some("db.example.com."));
+        assert_eq!(s.extra.external_name.as_deref(), Some("db.example.com."));
         assert!(s.ports.is_empty());
         assert_eq!(s.cluster_ip, ClusterIpSpec::Auto);
     }
@@ -1690,10 +1688,13 @@ status:
                 name: "web".into(),
                 namespace: "shop".into(),
                 labels: strings(&[("app", "web")]),
-                annotations: strings(&[("note", ""), ("example.com/x", "y")]),
-                creation_timestamp: Some("2024-05-01T10:00:00Z".into()),
-                uid: Some("1f2e".into()),
-                resource_version: Some("42".into()),
+                extra: ferry_model::MetaExtra {
+                    annotations: strings(&[("note", ""), ("example.com/x", "y")]),
+                    creation_timestamp: Some("2024-05-01T10:00:00Z".into()),
+                    uid: Some("1f2e".into()),
+                    resource_version: Some("42".into()),
+                }
+                .into(),
             }
         );
     }
@@ -1853,7 +1854,7 @@ status:
         };
         let want: Vec<std::net::IpAddr> =
             vec!["192.0.2.8".parse().unwrap(), "192.0.2.9".parse().unwrap()];
-        assert_eq!(s.load_balancer_ingress, want);
+        assert_eq!(s.extra.load_balancer_ingress, want);
     }
 
     #[test]
@@ -2168,7 +2169,7 @@ subsets:
         for s in &slices {
             assert_eq!(s.service_name, "db");
             assert_eq!(s.meta.namespace, "shop");
-            assert_eq!(s.meta.uid, None);
+            assert_eq!(s.meta.extra.uid, None);
             assert_eq!(
                 s.meta.labels,
                 strings(&[("team", "data"), ("kubernetes.io/service-name", "db")])

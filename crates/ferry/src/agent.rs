@@ -719,6 +719,7 @@ pub fn compute(
         // Addresses in status that no pool of ours holds were written by another
         // load-balancer controller: forwarded as they are, as kube-proxy does.
         let foreign: Vec<IpAddr> = svc
+            .extra
             .load_balancer_ingress
             .iter()
             .filter(|ip| pools.pool_of(**ip).is_none())
@@ -726,10 +727,10 @@ pub fn compute(
             .collect();
         match got {
             Ok(a) => {
-                svc.load_balancer_ingress = a.ips.clone();
+                svc.extra.load_balancer_ingress = a.ips.clone();
                 for ip in foreign {
-                    if !svc.load_balancer_ingress.contains(&ip) {
-                        svc.load_balancer_ingress.push(ip);
+                    if !svc.extra.load_balancer_ingress.contains(&ip) {
+                        svc.extra.load_balancer_ingress.push(ip);
                     }
                 }
                 in_use.entry(&a.pool).or_default().extend(&a.ips);
@@ -738,7 +739,7 @@ pub fn compute(
                 }
             }
             Err(p) => {
-                svc.load_balancer_ingress = foreign;
+                svc.extra.load_balancer_ingress = foreign;
                 diagnostics.push(Diagnostic {
                     severity: Severity::Warning,
                     object: Some(format!("Service {}", svc.meta.object_ref())),
@@ -848,7 +849,7 @@ pub fn compute(
     // The services with load-balancer addresses (what layer 2 and BGP announce).
     let with_ingress: Vec<ferry_model::Service> = services
         .iter()
-        .filter(|s| !s.load_balancer_ingress.is_empty())
+        .filter(|s| !s.extra.load_balancer_ingress.is_empty())
         .map(|s| (*s).clone())
         .collect();
     let addresses = with_ingress
@@ -856,7 +857,7 @@ pub fn compute(
         .map(|s| {
             let r = planner.service(&s.meta.object_ref());
             LbAddress::of(
-                s.load_balancer_ingress.clone(),
+                s.extra.load_balancer_ingress.clone(),
                 s.external_traffic_policy,
                 r,
             )
@@ -2153,7 +2154,11 @@ mod tests {
                 meta: Meta {
                     name: format!("s{k}"),
                     namespace: "default".into(),
-                    resource_version: Some(format!("{variant}")),
+                    extra: ferry_model::MetaExtra {
+                        resource_version: Some(format!("{variant}")),
+                        ..Default::default()
+                    }
+                    .into(),
                     ..Meta::default()
                 },
                 type_,
@@ -2169,17 +2174,22 @@ mod tests {
                     target_port: TargetPort::Number(8080),
                     node_port: type_.has_node_ports().then_some(30_000 + k as u16),
                 }],
-                load_balancer_ingress: match type_ {
-                    ServiceType::LoadBalancer => vec![ip(&format!("192.168.2.{}", 200 + k))],
-                    _ => vec![],
-                },
                 external_traffic_policy: if variant % 3 == 2 {
                     TrafficPolicy::Local
                 } else {
                     TrafficPolicy::Cluster
                 },
-                health_check_node_port: (type_ == ServiceType::LoadBalancer && variant % 3 == 2)
-                    .then_some(31_000 + k as u16),
+                extra: ferry_model::ServiceExtra {
+                    load_balancer_ingress: match type_ {
+                        ServiceType::LoadBalancer => vec![ip(&format!("192.168.2.{}", 200 + k))],
+                        _ => vec![],
+                    },
+                    health_check_node_port: (type_ == ServiceType::LoadBalancer
+                        && variant % 3 == 2)
+                        .then_some(31_000 + k as u16),
+                    ..Default::default()
+                }
+                .into(),
                 ..Service::default()
             }
         }
@@ -2189,7 +2199,11 @@ mod tests {
                 meta: Meta {
                     name: format!("s{k}-{j}"),
                     namespace: "default".into(),
-                    resource_version: version.map(|v| v.to_string()),
+                    extra: ferry_model::MetaExtra {
+                        resource_version: version.map(|v| v.to_string()),
+                        ..Default::default()
+                    }
+                    .into(),
                     ..Meta::default()
                 },
                 service_name: format!("s{k}"),
@@ -2329,7 +2343,7 @@ mod tests {
                             .unwrap_or(0);
                         // An unversioned slice keeps having none (a manifest's).
                         let version =
-                            (versioned && old.meta.resource_version.is_some()).then_some(v);
+                            (versioned && old.meta.extra.resource_version.is_some()).then_some(v);
                         *sl = slice(k, j, version, &eps);
                     }
                     Op::AddSlice(k, versioned) => {

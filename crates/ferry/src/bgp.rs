@@ -69,8 +69,8 @@ pub fn wanted(
     }
     let with_ips: Vec<(&Service, &[IpAddr])> = services
         .iter()
-        .filter(|s| !s.load_balancer_ingress.is_empty())
-        .map(|s| (s, s.load_balancer_ingress.as_slice()))
+        .filter(|s| !s.extra.load_balancer_ingress.is_empty())
+        .map(|s| (s, s.extra.load_balancer_ingress.as_slice()))
         .collect();
     let addresses = model::eligible_addresses(node, &with_ips, &snap.slices, &pools);
     let announcements = cfg.announcements(labels, &addresses);
@@ -547,7 +547,7 @@ ports: [{port: 80, protocol: TCP}]
                 "local" => "10.77.0.10",
                 _ => "10.77.0.11",
             };
-            s.load_balancer_ingress = vec![ip.parse().unwrap()];
+            s.extra.load_balancer_ingress = vec![ip.parse().unwrap()];
         }
         services
     }

@@ -59,11 +59,20 @@ fn ports_text(svc: &Service, a: Option<&Allocation>) -> String {
 fn external_text(svc: &Service) -> String {
     let mut ips: Vec<String> = Vec::new();
     if svc.type_ == ServiceType::LoadBalancer {
-        ips.extend(svc.load_balancer_ingress.iter().map(|i| i.to_string()));
+        ips.extend(
+            svc.extra
+                .load_balancer_ingress
+                .iter()
+                .map(|i| i.to_string()),
+        );
     }
-    ips.extend(svc.external_ips.iter().map(|i| i.to_string()));
+    ips.extend(svc.extra.external_ips.iter().map(|i| i.to_string()));
     match svc.type_ {
-        ServiceType::ExternalName => svc.external_name.clone().unwrap_or_else(|| "<none>".into()),
+        ServiceType::ExternalName => svc
+            .extra
+            .external_name
+            .clone()
+            .unwrap_or_else(|| "<none>".into()),
         ServiceType::LoadBalancer if ips.is_empty() => "<pending>".into(),
         _ if ips.is_empty() => "<none>".into(),
         _ => ips.join(","),
@@ -143,14 +152,16 @@ fn service_json(svc: &Service, a: Option<&Allocation>) -> Value {
         }
         _ => {}
     }
-    if !svc.external_ips.is_empty() {
+    if !svc.extra.external_ips.is_empty() {
         spec["externalIPs"] = json!(svc
+            .extra
             .external_ips
             .iter()
             .map(|i| i.to_string())
             .collect::<Vec<_>>());
     }
     let ingress: Vec<Value> = svc
+        .extra
         .load_balancer_ingress
         .iter()
         .map(|i| json!({ "ip": i.to_string() }))
@@ -200,7 +211,7 @@ pub fn run(args: GetArgs) -> Result<i32> {
     let mut snap = snap;
     for svc in &mut snap.services {
         if let Some(Ok(a)) = lb.get(&svc.meta.object_ref()) {
-            svc.load_balancer_ingress = a.ips.clone();
+            svc.extra.load_balancer_ingress = a.ips.clone();
         }
     }
     if let Some(routes) = bgp {
@@ -287,6 +298,7 @@ pub fn run(args: GetArgs) -> Result<i32> {
         if wide {
             row.push(selector_text(s));
             let by: Vec<String> = s
+                .extra
                 .load_balancer_ingress
                 .iter()
                 .flat_map(|ip| announcers.get(ip).cloned().unwrap_or_default())
@@ -395,7 +407,7 @@ fn bgp_view(
     let services: Vec<(&Service, &[std::net::IpAddr])> = snap
         .services
         .iter()
-        .map(|s| (s, s.load_balancer_ingress.as_slice()))
+        .map(|s| (s, s.extra.load_balancer_ingress.as_slice()))
         .collect();
     let addresses = bgp::eligible_addresses(&node, &services, &snap.slices, pools);
     let out = cfg.announcements(&labels, &addresses);

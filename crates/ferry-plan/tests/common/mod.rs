@@ -113,7 +113,13 @@ impl EndpointExt for ResolvedEndpoint {
         self
     }
     fn hinted(mut self, zones: &[&str]) -> Self {
-        self.zone_hints = Some(zones.iter().map(|z| z.to_string()).collect());
+        self.zone_hints = Some(
+            zones
+                .iter()
+                .map(|z| z.to_string())
+                .collect::<Vec<_>>()
+                .into(),
+        );
         self
     }
 }
@@ -565,7 +571,7 @@ pub fn service_from_spec(i: usize, spec: &ServiceSpec) -> ResolvedService {
                 .or_insert_with(|| ResolvedEndpoint {
                     addr,
                     port: e.port,
-                    node: nodes[usize::from(e.node)].map(std::sync::Arc::from),
+                    node: nodes[usize::from(e.node)].map(ferry_model::SharedStr::from),
                     ready,
                     serving,
                     terminating,
