@@ -404,6 +404,36 @@ impl Changed {
     pub fn all(&mut self) {
         *self = Changed::All;
     }
+    /// The least a source that saw every change from one view (`old`: its Services and
+    /// EndpointSlices) to another (`new`) must name: every service whose Service, or any slice
+    /// of it (by the service it names), differs. The contract the sources are tested against.
+    pub fn between(
+        old: (&[Service], &[EndpointSlice]),
+        new: (&[Service], &[EndpointSlice]),
+    ) -> Changed {
+        type Inputs<'a> = BTreeMap<(&'a str, &'a str), (Vec<&'a Service>, Vec<&'a EndpointSlice>)>;
+        fn inputs<'a>(services: &'a [Service], slices: &'a [EndpointSlice]) -> Inputs<'a> {
+            let mut m = Inputs::new();
+            for s in services {
+                let k = (s.meta.namespace.as_str(), s.meta.name.as_str());
+                m.entry(k).or_default().0.push(s);
+            }
+            for s in slices {
+                let k = (s.meta.namespace.as_str(), s.service_name.as_str());
+                m.entry(k).or_default().1.push(s);
+            }
+            m
+        }
+        let (a, b) = (inputs(old.0, old.1), inputs(new.0, new.1));
+        let mut c = Changed::none();
+        for k in a.keys().chain(b.keys()) {
+            if a.get(k) != b.get(k) {
+                c.add(k.0, k.1);
+            }
+        }
+        c
+    }
+
     /// Whether the service `namespace/name` is among those named (always, for `All`).
     pub fn names(&self, namespace: &str, name: &str) -> bool {
         match self {

@@ -2404,33 +2404,7 @@ mod tests {
             {
                 return Changed::All;
             }
-            let inputs = |snap: &'_ Snapshot| {
-                let mut m: BTreeMap<
-                    (String, String),
-                    (Vec<ferry_model::Service>, Vec<ferry_model::EndpointSlice>),
-                > = BTreeMap::new();
-                for s in &snap.services {
-                    m.entry((s.meta.namespace.clone(), s.meta.name.clone()))
-                        .or_default()
-                        .0
-                        .push(s.clone());
-                }
-                for s in &snap.slices {
-                    m.entry((s.meta.namespace.clone(), s.service_name.clone()))
-                        .or_default()
-                        .1
-                        .push(s.clone());
-                }
-                m
-            };
-            let (a, b) = (inputs(old), inputs(new));
-            let mut c = Changed::none();
-            for k in a.keys().chain(b.keys()) {
-                if a.get(k) != b.get(k) {
-                    c.add(&k.0, &k.1);
-                }
-            }
-            c
+            Changed::between((&old.services, &old.slices), (&new.services, &new.slices))
         }
 
         fn pass(
