@@ -968,10 +968,7 @@ fn chain_rules(
     let fp = c.fingerprint();
     for (i, r) in c.rules.iter().enumerate() {
         let comment = if i == 0 {
-            Some(match &r.comment {
-                Some(c) => format!("{} [{fp}]", c.chars().take(100).collect::<String>()),
-                None => format!("[{fp}]"),
-            })
+            Some(fp.in_comment(r.comment.as_deref()))
         } else {
             r.comment.as_deref().map(str::to_string)
         };

@@ -263,10 +263,7 @@ fn rules_of(c: &Chain) -> Vec<FakeRule> {
         .enumerate()
         .map(|(i, r)| {
             let comment = if i == 0 {
-                Some(match &r.comment {
-                    Some(c) => format!("{} [{fp}]", c.chars().take(100).collect::<String>()),
-                    None => format!("[{fp}]"),
-                })
+                Some(fp.in_comment(r.comment.as_deref()))
             } else {
                 r.comment.as_deref().map(str::to_string)
             };

@@ -566,6 +566,17 @@ impl Fingerprint {
     }
 }
 
+impl Fingerprint {
+    /// The comment of a chain's first rule as written to the kernel: the rule's own (cut at 100
+    /// characters) followed by "[fp]", which [`crate::diff::fingerprint_of_comment`] reads back.
+    pub fn in_comment(self, comment: Option<&str>) -> String {
+        match comment {
+            Some(c) => format!("{} [{self}]", c.chars().take(100).collect::<String>()),
+            None => format!("[{self}]"),
+        }
+    }
+}
+
 impl std::fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:016x}", self.0)
@@ -664,13 +675,7 @@ impl Chain {
         for (i, r) in self.rules.iter().enumerate() {
             let line = if i == 0 {
                 let mut r = r.clone();
-                r.comment = Some(
-                    match &r.comment {
-                        Some(c) => format!("{} [{fp}]", c.chars().take(100).collect::<String>()),
-                        None => format!("[{fp}]"),
-                    }
-                    .into_boxed_str(),
-                );
+                r.comment = Some(fp.in_comment(r.comment.as_deref()).into_boxed_str());
                 r.render()
             } else {
                 r.render()
