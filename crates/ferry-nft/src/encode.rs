@@ -99,6 +99,9 @@ const UDATA_COMMENT: u8 = 0;
 const UDATA_SET_KEYBYTEORDER: u8 = 0;
 const UDATA_SET_DATABYTEORDER: u8 = 1;
 const UDATA_SET_COMMENT: u8 = 7;
+const UDATA_SET_KEY_TYPEOF: u8 = 3;
+const UDATA_SET_DATA_TYPEOF: u8 = 4;
+const UDATA_SET_DATA_INTERVAL: u8 = 6;
 /// nft's `BYTEORDER_BIG_ENDIAN`.
 const BYTEORDER_BIG_ENDIAN: u32 = 2;
 
@@ -253,6 +256,59 @@ fn comment_udata(kind: u8, comment: &str) -> Vec<u8> {
     v.extend_from_slice(text.as_bytes());
     v.push(0);
     v
+}
+
+/// One userdata TLV (a type byte, a length byte, the value).
+fn tlv(kind: u8, value: &[u8]) -> Vec<u8> {
+    let mut v = vec![kind, value.len() as u8];
+    v.extend_from_slice(value);
+    v
+}
+
+/// The `typeof` of an endpoint map's key or data (see `Set::typeof_text`) as nft 1.0.6
+/// writes it in the set's userdata, so that `nft list` shows the set as `typeof ...` and can
+/// read it back: a concatenation (nft's expression type 13) of payload (7: protocol
+/// description, field), meta (9: key) and numgen (23: type, modulus, offset) expressions,
+/// each a TLV numbered by its position, numbers in the host's byte order; ports are
+/// `proto`'s (`tcp dport`).
+fn typeof_udata(kind: u8, fields: &[KeyType], proto: Protocol) -> Vec<u8> {
+    let u32s = |vals: &[u32]| -> Vec<u8> {
+        vals.iter()
+            .enumerate()
+            .flat_map(|(i, v)| tlv(i as u8, &v.to_ne_bytes()))
+            .collect()
+    };
+    // (nft's expression type, its own userdata)
+    let expr = |t: KeyType| -> (u32, Vec<u8>) {
+        match t {
+            // proto_ip (12) / proto_ip6 (13), the daddr field (12 / 9)
+            KeyType::Ipv4Addr => (7, u32s(&[12, 12])),
+            KeyType::Ipv6Addr => (7, u32s(&[13, 9])),
+            // meta l4proto
+            KeyType::InetProto => (9, u32s(&[expr::META_L4PROTO])),
+            // nft's proto_tcp (8), proto_udp (6), proto_sctp (10); the dport field (2)
+            KeyType::InetService => {
+                let desc = match proto {
+                    Protocol::Tcp => 8,
+                    Protocol::Udp => 6,
+                    Protocol::Sctp => 10,
+                };
+                (7, u32s(&[desc, 2]))
+            }
+            KeyType::Draw => (
+                23,
+                u32s(&[expr::NG_RANDOM, ferry_plan::ir::TYPEOF_DRAWS, 0]),
+            ),
+        }
+    };
+    let member = |(t, data): (u32, Vec<u8>)| [tlv(0, &t.to_ne_bytes()), tlv(1, &data)].concat();
+    let members: Vec<u8> = fields
+        .iter()
+        .enumerate()
+        .flat_map(|(i, f)| tlv(i as u8, &member(expr(*f))))
+        .collect();
+    // The concatenation (13) of the members.
+    tlv(kind, &member((13, members)))
 }
 
 // ---- expressions ----
@@ -672,6 +728,43 @@ impl RuleCtx<'_> {
                     Ok(())
                 })
             }
+            Action::DnatDraw {
+                family,
+                map,
+                modulus,
+                nodeport,
+                ..
+            } => {
+                let f = *family;
+                // ip daddr . tcp dport . numgen random mod N (or without the address), as nft
+                // lays them out: the fields in consecutive 4-byte words from REG_1 (the
+                // protocol is the rule's `meta l4proto` match, before).
+                let mut word = 0;
+                if !*nodeport {
+                    self.family(f)?;
+                    self.addr(f, false, REG_1)?;
+                    word = addr_len(f) / 4;
+                }
+                self.payload(expr::BASE_TRANSPORT, 2, 2, reg_at(word))?;
+                let draw = reg_at(word + 1);
+                let m = *modulus;
+                self.w.expr("numgen", |w| {
+                    w.be32(1, draw);
+                    w.be32(2, m);
+                    w.be32(3, expr::NG_RANDOM);
+                    Ok(())
+                })?;
+                self.lookup(map, Some(REG_1), false)?;
+                // The map's data: the address, then the port in the word after it.
+                let proto_reg = reg_at(addr_len(f) / 4);
+                self.w.expr("nat", |w| {
+                    w.be32(1, expr::NAT_DNAT);
+                    w.be32(2, u32::from(nfproto(f)));
+                    w.be32(3, REG_1);
+                    w.be32(5, proto_reg);
+                    Ok(())
+                })
+            }
             Action::OriginalTupleVmap(f, map) => {
                 // meta l4proto { tcp, udp, sctp }
                 self.meta(expr::META_L4PROTO, REG_1)?;
@@ -725,6 +818,8 @@ fn type_id(k: KeyType) -> u32 {
         KeyType::Ipv6Addr => 8,
         KeyType::InetProto => 12,
         KeyType::InetService => 13,
+        // nft's TYPE_INTEGER: what `numgen` yields.
+        KeyType::Draw => 4,
     }
 }
 
@@ -734,6 +829,7 @@ fn width(k: KeyType) -> usize {
         KeyType::Ipv6Addr => 16,
         KeyType::InetProto => 1,
         KeyType::InetService => 2,
+        KeyType::Draw => 4,
     }
 }
 
@@ -751,6 +847,8 @@ fn key_bytes(types: &[KeyType], key: &[Value]) -> Result<Vec<u8>, Unsupported> {
             (KeyType::Ipv4Addr | KeyType::Ipv6Addr, Value::Ip(ip)) => ip_bytes(*ip),
             (KeyType::InetProto, Value::Proto(p)) => vec![proto_number(*p)],
             (KeyType::InetService, Value::Port(p)) => p.to_be_bytes().to_vec(),
+            // numgen writes its number in the host's byte order.
+            (KeyType::Draw, Value::Draw(d)) => d.to_ne_bytes().to_vec(),
             _ => return Err(Unsupported(format!("value {v} for a {t:?} field"))),
         };
         if bytes.len() != width(*t) {
@@ -1079,6 +1177,7 @@ fn parse_key(types: &[KeyType], interval: bool, text: &str) -> Result<Vec<Value>
         .map(|(t, p)| match t {
             KeyType::Ipv4Addr | KeyType::Ipv6Addr => p.parse().map(Value::Ip).map_err(|_| bad()),
             KeyType::InetService => p.parse().map(Value::Port).map_err(|_| bad()),
+            KeyType::Draw => p.parse().map(Value::Draw).map_err(|_| bad()),
             KeyType::InetProto => match p {
                 "tcp" => Ok(Value::Proto(Protocol::Tcp)),
                 "udp" => Ok(Value::Proto(Protocol::Udp)),
@@ -1130,7 +1229,7 @@ fn delete_elements(w: &mut Writer, s: &Set, keys: &[String]) -> Result<(), Unsup
 }
 
 fn set_def(w: &mut Writer, s: &Set, id: u32) -> Result<(), Unsupported> {
-    if !s.data.is_empty() && !s.dynamic {
+    if !s.data.is_empty() && !s.dynamic && s.typeof_text().is_none() {
         return Err(Unsupported(format!("map {} to data", s.name)));
     }
     let m = w.nft_msg(NFT_MSG_NEWSET, NLM_F_CREATE);
@@ -1157,6 +1256,13 @@ fn set_def(w: &mut Writer, s: &Set, id: u32) -> Result<(), Unsupported> {
         w.be32(NFTA_SET_DATA_LEN, fields_len(&s.data) as u32);
     }
     w.be32(NFTA_SET_ID, id);
+    w.attr(NFTA_SET_USERDATA, &set_udata(s));
+    w.msg_end(m);
+    Ok(())
+}
+
+/// A set's userdata as nft writes it: byte orders, the `typeof` of endpoint maps, the comment.
+fn set_udata(s: &Set) -> Vec<u8> {
     let mut udata = Vec::new();
     let byteorder = if s.key.len() == 1 && s.key[0] != KeyType::InetProto {
         BYTEORDER_BIG_ENDIAN
@@ -1174,12 +1280,15 @@ fn set_def(w: &mut Writer, s: &Set, id: u32) -> Result<(), Unsupported> {
         udata.extend_from_slice(&[UDATA_SET_DATABYTEORDER, 4]);
         udata.extend_from_slice(&data_order.to_ne_bytes());
     }
+    if let (Some(_), Some(proto)) = (s.typeof_text(), s.proto) {
+        udata.extend(typeof_udata(UDATA_SET_KEY_TYPEOF, &s.key, proto));
+        udata.extend(typeof_udata(UDATA_SET_DATA_TYPEOF, &s.data, proto));
+        udata.extend(tlv(UDATA_SET_DATA_INTERVAL, &0u32.to_ne_bytes()));
+    }
     if !s.comment.is_empty() {
         udata.extend(comment_udata(UDATA_SET_COMMENT, &s.comment));
     }
-    w.attr(NFTA_SET_USERDATA, &udata);
-    w.msg_end(m);
-    Ok(())
+    udata
 }
 
 fn chain_def(w: &mut Writer, c: &Chain) {
@@ -1429,6 +1538,10 @@ fn elements(w: &mut Writer, s: &Set, id: u32, only: Option<&[String]>) -> Result
                 if let Some(v) = &e.verdict {
                     w.verdict(NFTA_SET_ELEM_DATA, v)?;
                 }
+                if let Some((addr, port)) = e.to {
+                    let data = key_bytes(&s.data, &[Value::Ip(addr), Value::Port(port)])?;
+                    w.data(NFTA_SET_ELEM_DATA, &data)?;
+                }
                 if !e.comment.is_empty() {
                     w.attr(
                         NFTA_SET_ELEM_USERDATA,
@@ -1448,6 +1561,38 @@ fn elements(w: &mut Writer, s: &Set, id: u32, only: Option<&[String]>) -> Result
 mod tests {
     use super::*;
     use crate::netlink::{attrs, messages};
+
+    /// The userdata nft 1.0.6 writes for `typeof` endpoint maps (captured with `strace -e
+    /// sendmsg` of `nft -f`): `nft list` reads ferry's the same way.
+    #[test]
+    fn endpoint_maps_carry_their_typeof_as_nft_writes_it() {
+        use ferry_plan::ir::Family;
+        let hex = |s: &Set| {
+            set_udata(s)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        // typeof ip daddr . tcp dport . numgen random mod 65536 : ip daddr . tcp dport
+        let a = Set::endpoints("a", Family::V4, Protocol::Tcp, false, "");
+        assert_eq!(
+            hex(&a),
+            "000400000000010400000000035000040d00000001480014000407000000010c00040c00000001040c0000000114000407000000010c000408000000010402000000021a0004170000000112000401000000010400000100020400000000043400040d000000012c0014000407000000010c00040c00000001040c0000000114000407000000010c000408000000010402000000060400000000"
+        );
+        // typeof udp dport . numgen random mod 65536 : ip6 daddr . udp dport
+        let b = Set::endpoints("b", Family::V6, Protocol::Udp, true, "");
+        assert_eq!(
+            hex(&b),
+            "000400000000010400000000033a00040d00000001320014000407000000010c000406000000010402000000011a0004170000000112000401000000010400000100020400000000043400040d000000012c0014000407000000010c00040d0000000104090000000114000407000000010c000406000000010402000000060400000000"
+        );
+        // typeof ip6 daddr . sctp dport . numgen random mod 65536 : ip6 daddr . sctp dport,
+        // comment "x y"
+        let c = Set::endpoints("c", Family::V6, Protocol::Sctp, false, "x y");
+        assert_eq!(
+            hex(&c),
+            "000400000000010400000000035000040d00000001480014000407000000010c00040d0000000104090000000114000407000000010c00040a000000010402000000021a0004170000000112000401000000010400000100020400000000043400040d000000012c0014000407000000010c00040d0000000104090000000114000407000000010c00040a000000010402000000060400000000070478207900"
+        );
+    }
 
     #[test]
     fn keys_sit_in_registers() {

@@ -53,9 +53,13 @@ pub struct FakeChain {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FakeSet {
     pub signature: String,
-    /// Key text -> verdict (maps of verdicts) or None.
-    pub elements: BTreeMap<Key, Option<Verdict>>,
+    /// Key text -> the element's verdict (maps of verdicts) or endpoint (maps to endpoints),
+    /// or neither.
+    pub elements: BTreeMap<Key, FakeValue>,
 }
+
+/// What an element holds besides its key.
+pub type FakeValue = (Option<Verdict>, Option<(std::net::IpAddr, u16)>);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FakeTable {
@@ -449,7 +453,7 @@ impl Txn<'_> {
             if let Some(Verdict::Jump(c) | Verdict::Goto(c)) = &e.verdict {
                 Self::check_target(table, t, &format!("add element {t} {name} {k}"), c)?;
             }
-            add.push((key.clone(), e.verdict.clone()));
+            add.push((key.clone(), (e.verdict.clone(), e.to)));
         }
         let set = table
             .sets
@@ -527,9 +531,9 @@ impl Txn<'_> {
             .sets
             .iter()
             .find(|(_, s)| {
-                s.elements
-                    .values()
-                    .any(|v| matches!(v, Some(Verdict::Jump(c) | Verdict::Goto(c)) if **c == *name))
+                s.elements.values().any(
+                    |v| matches!(&v.0, Some(Verdict::Jump(c) | Verdict::Goto(c)) if **c == *name),
+                )
             })
             .map(|(n, _)| format!("map {n}"));
         if let Some(user) = by_rule.or(by_element) {
@@ -625,7 +629,13 @@ fn live_of(t: &FakeTable) -> LiveState {
                         elements: s
                             .elements
                             .iter()
-                            .map(|(k, v)| (k.clone(), LiveSet::element(v.clone())))
+                            .map(|(k, (v, to))| {
+                                let e = match to {
+                                    Some(to) => LiveSet::endpoint_element(*to),
+                                    None => LiveSet::element(v.clone()),
+                                };
+                                (k.clone(), e)
+                            })
                             .collect(),
                     },
                 )

@@ -393,16 +393,22 @@ pub fn read_live_json_table(nft: &mut Nft, table: &str) -> Result<LiveState, Nft
                 };
                 let mut elements = std::collections::BTreeMap::new();
                 for e in o["elem"].as_array().into_iter().flatten() {
-                    let (k, verdict) = match e.as_array() {
-                        Some(pair) if pair.len() == 2 && kind == "map" => {
-                            (key_of(&pair[0]), verdict_of(&pair[1]))
-                        }
-                        _ => (key_of(e), None),
+                    let (k, verdict, to) = match e.as_array() {
+                        Some(pair) if pair.len() == 2 && kind == "map" => (
+                            key_of(&pair[0]),
+                            verdict_of(&pair[1]),
+                            endpoint_of(&pair[1]),
+                        ),
+                        _ => (key_of(e), None, None),
                     };
                     // A key or verdict we can't read is dropped from the view: the differ then
                     // re-adds the planned element, and a stray one is left (reported at start).
                     if let Some(k) = k {
-                        elements.insert(k.into(), LiveSet::element(verdict));
+                        let e = match to {
+                            Some(to) => LiveSet::endpoint_element(to),
+                            None => LiveSet::element(verdict),
+                        };
+                        elements.insert(k.into(), e);
                     }
                 }
                 live.sets.insert(
@@ -474,6 +480,14 @@ fn prefix_as_range(addr: std::net::IpAddr, len: u32) -> Option<String> {
     } else {
         format!("{}-{}", ip(v), ip(last))
     })
+}
+
+/// An endpoint map element's data, `{"concat": ["10.42.0.1", 8080]}`.
+fn endpoint_of(v: &Json) -> Option<(std::net::IpAddr, u16)> {
+    match v["concat"].as_array()?.as_slice() {
+        [a, p] => Some((a.as_str()?.parse().ok()?, u16::try_from(p.as_u64()?).ok()?)),
+        _ => None,
+    }
 }
 
 fn verdict_of(v: &Json) -> Option<Verdict> {

@@ -94,6 +94,7 @@ const NFTA_GEN_ID: u16 = 1;
 
 // nft's datatype numbers (src/datatype.h), as they appear in NFTA_SET_KEY_TYPE: six bits each,
 // the first field of a concatenation in the highest bits.
+const TYPE_INTEGER: u32 = 4;
 const TYPE_IPADDR: u32 = 7;
 const TYPE_IP6ADDR: u32 = 8;
 const TYPE_INET_PROTOCOL: u32 = 12;
@@ -287,6 +288,8 @@ pub(crate) enum Field {
     Ipv6,
     Proto,
     Port,
+    /// A bare 32-bit integer (a `numgen` draw), in the host's byte order.
+    Integer,
     /// A type ferry never uses: the set's signature then differs from any planned one.
     Other(u32),
 }
@@ -298,6 +301,7 @@ impl Field {
             TYPE_IP6ADDR => Field::Ipv6,
             TYPE_INET_PROTOCOL => Field::Proto,
             TYPE_INET_SERVICE => Field::Port,
+            TYPE_INTEGER => Field::Integer,
             t => Field::Other(t),
         }
     }
@@ -307,6 +311,7 @@ impl Field {
             Field::Ipv6 => "ipv6_addr".into(),
             Field::Proto => "inet_proto".into(),
             Field::Port => "inet_service".into(),
+            Field::Integer => "integer".into(),
             Field::Other(t) => format!("type#{t}"),
         }
     }
@@ -317,6 +322,7 @@ impl Field {
             Field::Ipv6 => Some(16),
             Field::Proto => Some(1),
             Field::Port => Some(2),
+            Field::Integer => Some(4),
             Field::Other(_) => None,
         }
     }
@@ -421,6 +427,8 @@ pub(crate) struct RawElement {
     pub key_end: Option<Vec<u8>>,
     pub end: bool,
     pub verdict: Option<Verdict>,
+    /// The data of a map to values (an endpoint: address . port), as the kernel holds it.
+    pub data: Option<Vec<u8>>,
 }
 
 /// The set a NEWSETELEM message is about, and its elements.
@@ -451,6 +459,7 @@ fn decode_element(e: &[u8]) -> Option<RawElement> {
         key_end: None,
         end: false,
         verdict: None,
+        data: None,
     };
     for (k, v) in attrs(e) {
         match k {
@@ -459,7 +468,10 @@ fn decode_element(e: &[u8]) -> Option<RawElement> {
             NFTA_SET_ELEM_FLAGS => {
                 el.end = be32(v).is_some_and(|f| f & NFT_SET_ELEM_INTERVAL_END != 0)
             }
-            NFTA_SET_ELEM_DATA => el.verdict = attr(v, NFTA_DATA_VERDICT).and_then(verdict),
+            NFTA_SET_ELEM_DATA => {
+                el.verdict = attr(v, NFTA_DATA_VERDICT).and_then(verdict);
+                el.data = attr(v, NFTA_DATA_VALUE).map(<[u8]>::to_vec);
+            }
             _ => {}
         }
     }
@@ -503,6 +515,9 @@ fn key_text(fields: &[Field], bytes: &[u8]) -> Option<String> {
                 n => out.push_str(&n.to_string()),
             },
             Field::Port => out.push_str(&u16::from_be_bytes([v[0], v[1]]).to_string()),
+            Field::Integer => {
+                out.push_str(&u32::from_ne_bytes([v[0], v[1], v[2], v[3]]).to_string())
+            }
             Field::Other(_) => return None,
         }
         // Fields of a concatenation sit in 4-byte registers.
@@ -519,6 +534,30 @@ fn ip(v: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// An endpoint map element's data (`address . port`, each in its 4-byte words); None for any
+/// other shape.
+fn endpoint_of(fields: &[Field], bytes: &[u8]) -> Option<(IpAddr, u16)> {
+    let [a @ (Field::Ipv4 | Field::Ipv6), Field::Port] = fields else {
+        return None;
+    };
+    let w = a.width()?;
+    let addr = ip(bytes.get(..w)?)?;
+    let port = bytes.get(w..w + 2)?;
+    Some((addr, u16::from_be_bytes([port[0], port[1]])))
+}
+
+/// What the differ compares of an element read back: its verdict, or its endpoint.
+fn element_of(def: &SetDef, e: &RawElement) -> std::sync::Arc<ferry_plan::ir::Element> {
+    let to = match (&def.data, &e.data) {
+        (Some(fields), Some(bytes)) => endpoint_of(fields, bytes),
+        _ => None,
+    };
+    match to {
+        Some(to) => LiveSet::endpoint_element(to),
+        None => LiveSet::element(e.verdict.clone()),
+    }
+}
+
 /// The elements of a set, keyed as ferry writes keys. Interval sets come back as the kernel
 /// stores them (a start element, and an end-marked element holding the address after the
 /// range, or none when the range runs to the last address) and are paired up into "a-b" (or
@@ -526,7 +565,7 @@ fn ip(v: &[u8]) -> Option<IpAddr> {
 pub(crate) fn assemble(
     def: &SetDef,
     raw: Vec<RawElement>,
-) -> BTreeMap<ferry_plan::ir::Key, Option<Verdict>> {
+) -> BTreeMap<ferry_plan::ir::Key, std::sync::Arc<ferry_plan::ir::Element>> {
     let mut out = BTreeMap::new();
     if !def.interval || def.fields.len() != 1 {
         for e in raw {
@@ -537,7 +576,7 @@ pub(crate) fn assemble(
                 _ => key_text(&def.fields, &e.key),
             };
             if let Some(t) = text {
-                out.insert(t.into(), e.verdict);
+                out.insert(t.into(), element_of(def, &e));
             }
         }
         return out;
@@ -569,7 +608,7 @@ pub(crate) fn assemble(
                 .map(|(a, b)| format!("{a}-{b}"))
         };
         if let Some(t) = text {
-            out.insert(t.into(), e.verdict);
+            out.insert(t.into(), element_of(def, &e));
         }
     }
     out
@@ -753,10 +792,7 @@ impl Socket {
         for def in defs {
             let (raw, i) = self.elements(&def.name)?;
             intr |= i;
-            let elements = assemble(&def, raw)
-                .into_iter()
-                .map(|(k, v)| (k, LiveSet::element(v)))
-                .collect();
+            let elements = assemble(&def, raw);
             live.sets.insert(
                 def.name.clone(),
                 LiveSet {
@@ -1147,10 +1183,13 @@ mod tests {
                 key_end: None,
                 end: false,
                 verdict: v.clone(),
+                data: None,
             }],
         );
         assert_eq!(
-            out.into_iter().collect::<Vec<_>>(),
+            out.into_iter()
+                .map(|(k, e)| (k, e.verdict.clone()))
+                .collect::<Vec<_>>(),
             vec![(
                 "10.96.0.10 . tcp . 80".into(),
                 Some(Verdict::Goto("service-web".into()))
@@ -1164,6 +1203,7 @@ mod tests {
                 key_end: None,
                 end: false,
                 verdict: v,
+                data: None,
             }],
         );
         assert!(short.is_empty());
@@ -1175,6 +1215,7 @@ mod tests {
             key_end: None,
             end,
             verdict: None,
+            data: None,
         }
     }
 

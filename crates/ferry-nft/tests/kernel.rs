@@ -89,6 +89,7 @@ fn assert_readers_agree(netlink: &LiveState, json: &LiveState) {
         "ipv6_addr",
         "inet_proto",
         "inet_service",
+        "integer",
         "verdict",
     ];
     for (name, s) in &json.sets {

@@ -36,7 +36,7 @@ impl PartialEq for LiveSet {
                 .elements
                 .iter()
                 .zip(&o.elements)
-                .all(|((ka, a), (kb, b))| ka == kb && a.verdict == b.verdict)
+                .all(|((ka, a), (kb, b))| ka == kb && a.same_value(b))
     }
 }
 
@@ -47,6 +47,10 @@ impl LiveSet {
     /// sets' members share one bare element).
     pub fn element(verdict: Option<Verdict>) -> std::sync::Arc<Element> {
         Element::shared(verdict, String::new())
+    }
+    /// An element of a map to endpoints read back from the kernel.
+    pub fn endpoint_element(to: (std::net::IpAddr, u16)) -> std::sync::Arc<Element> {
+        Element::endpoint(to.0, to.1)
     }
 }
 
@@ -187,6 +191,7 @@ fn diff_touched_with(
                 interval: s.interval,
                 data: s.data.clone(),
                 dynamic: s.dynamic,
+                proto: s.proto,
                 comment: s.comment.clone(),
                 elements: BTreeMap::new(),
             },
@@ -324,7 +329,7 @@ fn merge_elements<'a>(
                     w.next();
                 }
                 Ordering::Equal => {
-                    if lv.verdict != we.verdict {
+                    if !lv.same_value(we) {
                         del.push(lk);
                         add.push((wk, we));
                     }

@@ -13,6 +13,9 @@ use ferry_model::Protocol;
 
 pub const TABLE: &str = "ferry";
 pub const FAMILY: &str = "inet";
+/// The modulus in an endpoint map's `typeof` (see [`Set::typeof_text`]): a description of the
+/// draw's type only, whatever the rules draw with.
+pub const TYPEOF_DRAWS: u32 = 65536;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {
@@ -55,6 +58,8 @@ pub enum KeyType {
     Ipv6Addr,
     InetProto,
     InetService,
+    /// A draw of `numgen random mod N` (a 32-bit integer): which of a service's N endpoints.
+    Draw,
 }
 
 impl KeyType {
@@ -64,6 +69,7 @@ impl KeyType {
             KeyType::Ipv6Addr => "ipv6_addr",
             KeyType::InetProto => "inet_proto",
             KeyType::InetService => "inet_service",
+            KeyType::Draw => "integer",
         }
     }
 }
@@ -76,6 +82,8 @@ pub enum Value {
     Range(IpAddr, IpAddr),
     Proto(Protocol),
     Port(u16),
+    /// The value of a `numgen random mod N` draw.
+    Draw(u32),
 }
 
 impl std::fmt::Display for Value {
@@ -86,6 +94,7 @@ impl std::fmt::Display for Value {
             Value::Range(a, b) => write!(f, "{a}-{b}"),
             Value::Proto(p) => f.write_str(p.as_nft()),
             Value::Port(p) => write!(f, "{p}"),
+            Value::Draw(d) => write!(f, "{d}"),
         }
     }
 }
@@ -126,6 +135,8 @@ impl Verdict {
 pub struct Element {
     /// Some for verdict maps.
     pub verdict: Option<Verdict>,
+    /// Some for maps to endpoints: the address and port a draw DNATs to.
+    pub to: Option<(IpAddr, u16)>,
     /// Shown in `nft list` to say what the element is for.
     pub comment: String,
 }
@@ -138,6 +149,7 @@ impl Element {
         BARE.get_or_init(|| {
             std::sync::Arc::new(Element {
                 verdict: None,
+                to: None,
                 comment: String::new(),
             })
         })
@@ -149,8 +161,27 @@ impl Element {
         if verdict.is_none() && comment.is_empty() {
             Element::bare()
         } else {
-            std::sync::Arc::new(Element { verdict, comment })
+            std::sync::Arc::new(Element {
+                verdict,
+                to: None,
+                comment,
+            })
         }
+    }
+
+    /// An element of an endpoint map (see [`Set::endpoints`]): the endpoint a draw DNATs to.
+    pub fn endpoint(addr: IpAddr, port: u16) -> std::sync::Arc<Element> {
+        std::sync::Arc::new(Element {
+            verdict: None,
+            to: Some((addr, port)),
+            comment: String::new(),
+        })
+    }
+
+    /// Whether the kernel would hold the same for both: verdict and data (comments are not
+    /// read back).
+    pub fn same_value(&self, o: &Element) -> bool {
+        self.verdict == o.verdict && self.to == o.to
     }
 }
 
@@ -172,6 +203,9 @@ pub struct Set {
     /// their own timeout): ferry never plans, adds or deletes its elements, and the differ
     /// leaves whatever the kernel holds in it alone.
     pub dynamic: bool,
+    /// The transport protocol whose port the key holds (an endpoint map, see
+    /// [`Set::endpoints`]): its `typeof` says `tcp dport`, not `th dport`.
+    pub proto: Option<Protocol>,
     pub comment: String,
     /// By key text; keys and elements are shared with the planner's per-service fragments and
     /// with the dataplane's view of the kernel (each is kept once, however many hold it).
@@ -187,6 +221,7 @@ impl Set {
             interval: false,
             data: Vec::new(),
             dynamic: false,
+            proto: None,
             comment: comment.into(),
             elements: BTreeMap::new(),
         }
@@ -196,6 +231,28 @@ impl Set {
         Set {
             data: data.to_vec(),
             dynamic: true,
+            ..Set::new(name, key, false, comment)
+        }
+    }
+    /// A map from a service's frontend and a draw to one of its endpoints (`address . port`):
+    /// what `Action::DnatDraw` looks up, one per transport protocol. Keyed `daddr . dport .
+    /// draw` (cluster, external and load-balancer addresses), or `dport . draw` with
+    /// `nodeport`. One map per protocol, its port typed as that protocol's (`tcp dport`):
+    /// with `meta l4proto . th dport` in its `typeof`, nft 1.0.6 can no longer add a rule
+    /// using the map once it exists ("conflicting protocols specified: tcp vs. th").
+    pub fn endpoints(
+        name: &str,
+        family: Family,
+        proto: Protocol,
+        nodeport: bool,
+        comment: &str,
+    ) -> Set {
+        let a = family.addr_type();
+        let (s, d) = (KeyType::InetService, KeyType::Draw);
+        let key: &[KeyType] = if nodeport { &[s, d] } else { &[a, s, d] };
+        Set {
+            data: vec![a, s],
+            proto: Some(proto),
             ..Set::new(name, key, false, comment)
         }
     }
@@ -243,6 +300,7 @@ impl Set {
                     .find(|x| x.as_nft() == p)
                     .map(Value::Proto),
                 KeyType::InetService => p.parse().ok().map(Value::Port),
+                KeyType::Draw => p.parse().ok().map(Value::Draw),
             })
             .collect()
     }
@@ -269,10 +327,39 @@ impl Set {
         }
     }
 
+    /// The key and data as `typeof` expressions, for sets whose key has a type nft cannot
+    /// name by itself (a draw is a bare integer): `ip daddr . meta l4proto . th dport .
+    /// numgen random mod 65536 : ip daddr . th dport`. The modulus is only a type's
+    /// description (the rules draw with their own); None for other sets.
+    pub fn typeof_text(&self) -> Option<String> {
+        if !self.key.contains(&KeyType::Draw) {
+            return None;
+        }
+        let proto = self.proto?.as_nft();
+        let family = |t: KeyType| {
+            if t == KeyType::Ipv6Addr {
+                "ip6"
+            } else {
+                "ip"
+            }
+        };
+        let expr = |t: &KeyType| match t {
+            KeyType::Ipv4Addr | KeyType::Ipv6Addr => format!("{} daddr", family(*t)),
+            KeyType::InetProto => "meta l4proto".to_string(),
+            KeyType::InetService => format!("{proto} dport"),
+            KeyType::Draw => format!("numgen random mod {TYPEOF_DRAWS}"),
+        };
+        let join = |ts: &[KeyType]| ts.iter().map(expr).collect::<Vec<_>>().join(" . ");
+        Some(format!("{} : {}", join(&self.key), join(&self.data)))
+    }
+
     /// The definition, without elements (what `add set`/`add map` takes).
     pub fn render_def(&self) -> String {
         let kind = if self.is_map() { "map" } else { "set" };
-        let ty = self.signature();
+        let ty = match self.typeof_text() {
+            Some(t) => format!("typeof {t}"),
+            None => format!("type {}", self.signature()),
+        };
         let flags = if self.interval {
             " flags interval;"
         } else if self.dynamic {
@@ -281,7 +368,7 @@ impl Set {
             ""
         };
         format!(
-            "add {kind} {FAMILY} {TABLE} {} {{ type {ty};{flags} comment {}; }}",
+            "add {kind} {FAMILY} {TABLE} {} {{ {ty};{flags} comment {}; }}",
             self.name,
             quote(&self.comment)
         )
@@ -297,6 +384,9 @@ impl Element {
         }
         if let Some(v) = &self.verdict {
             let _ = write!(s, " : {}", v.render());
+        }
+        if let Some((addr, port)) = &self.to {
+            let _ = write!(s, " : {addr} . {port}");
         }
         s
     }
@@ -402,6 +492,18 @@ pub enum Action {
     /// proto-dst vmap @map`: dispatch on the address, protocol and port the connection was
     /// first sent to (before DNAT).
     OriginalTupleVmap(Family, Key),
+    /// `dnat ip to ip daddr . tcp dport . numgen random mod N map @map` (with `nodeport`,
+    /// `tcp dport . numgen random mod N`): one of N endpoints at random, each with
+    /// probability 1/N, from a map of [`Set::endpoints`] (of `proto`); when the map has no
+    /// element for the key (another frontend's chain), the rule does not match. Planned
+    /// after a `meta l4proto` match of `proto`.
+    DnatDraw {
+        family: Family,
+        proto: Protocol,
+        map: Key,
+        modulus: u32,
+        nodeport: bool,
+    },
     /// `update @map { ip saddr timeout Ns : ip daddr . th dport }` (or `: ip daddr` when
     /// `with_port` is false): remember (or refresh) this client's endpoint, the DNATed
     /// destination, for `timeout` seconds.
@@ -520,6 +622,22 @@ fn render_action(a: &Action) -> String {
             None => format!("dnat {0} to {0} saddr map @{map}", family.nft()),
             Some(p) => format!("dnat {0} to {0} saddr map @{map} : {p}", family.nft()),
         },
+        Action::DnatDraw {
+            family,
+            proto,
+            map,
+            modulus,
+            nodeport,
+        } => format!(
+            "dnat {0} to {1}{2} dport . numgen random mod {modulus} map @{map}",
+            family.nft(),
+            if *nodeport {
+                String::new()
+            } else {
+                format!("{} daddr . ", family.nft())
+            },
+            proto.as_nft()
+        ),
         Action::OriginalTupleVmap(f, m) => format!(
             "meta l4proto {{ tcp, udp, sctp }} ct original {} daddr . meta l4proto . ct original proto-dst vmap @{m}",
             f.nft()
@@ -977,7 +1095,8 @@ impl Encode for Action {
     /// verdict 1, service tuple vmap 2, proto/port vmap 3, set mark 4, toggle mark 5, dnat 6
     /// (address, port), masquerade 7 (fully random 0/1), reject tcp reset 8, reject icmpx 9,
     /// dnat to the remembered endpoint 10 (family, map, port as an `Option`), original tuple
-    /// vmap 11 (family, map), remember 12 (family, map, timeout, with port 0/1).
+    /// vmap 11 (family, map), remember 12 (family, map, timeout, with port 0/1), dnat to a
+    /// drawn endpoint 13 (family, protocol, map, modulus, nodeport 0/1).
     fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Action::Verdict(v) => {
@@ -1040,6 +1159,20 @@ impl Encode for Action {
                 put_str(out, map);
                 put_u32(out, *timeout);
                 out.push(u8::from(*with_port));
+            }
+            Action::DnatDraw {
+                family,
+                proto,
+                map,
+                modulus,
+                nodeport,
+            } => {
+                out.push(13);
+                family.encode(out);
+                proto.encode(out);
+                put_str(out, map);
+                put_u32(out, *modulus);
+                out.push(u8::from(*nodeport));
             }
         }
     }
@@ -1159,7 +1292,7 @@ mod tests {
             size_of::<Rule>()
         );
         assert!(
-            size_of::<Element>() <= 48,
+            size_of::<Element>() <= 72,
             "Element: {} bytes",
             size_of::<Element>()
         );
@@ -1387,6 +1520,7 @@ mod tests {
             ]
             .boxed(),
             KeyType::InetService => any::<u16>().prop_map(Value::Port).boxed(),
+            KeyType::Draw => any::<u32>().prop_map(Value::Draw).boxed(),
         }
     }
 
@@ -1402,6 +1536,8 @@ mod tests {
                 Just((vec![KeyType::Ipv4Addr], true)),
                 Just((vec![KeyType::Ipv6Addr], true)),
                 Just((vec![KeyType::InetProto, KeyType::InetService], false)),
+                Just((vec![KeyType::Ipv4Addr, KeyType::InetProto, KeyType::InetService, KeyType::Draw], false)),
+                Just((vec![KeyType::InetProto, KeyType::InetService, KeyType::Draw], false)),
             ]
             .prop_flat_map(|(types, interval)| {
                 let vals: Vec<BoxedStrategy<Value>> =

@@ -74,7 +74,7 @@ pub struct PlanConfig {
 }
 
 pub mod names {
-    use super::Family;
+    use super::{Family, Protocol};
     pub const SERVICES: &str = "services";
     pub const SERVICE_CHECKS: &str = "service-checks";
     pub const POOL_CHECKS: &str = "pool-checks";
@@ -114,7 +114,28 @@ pub mod names {
     pub fn affinity_frontends(f: Family) -> String {
         format!("affinity-frontends-{}", f.suffix())
     }
+    /// Service chains' endpoints of protocol `p`, by frontend address . port . draw.
+    pub fn endpoints(f: Family, p: Protocol) -> String {
+        format!("endpoints-{}-{}", p.as_nft(), f.suffix())
+    }
+    /// Service chains' endpoints for traffic that came in on a node port, by node port .
+    /// draw.
+    pub fn nodeport_endpoints(f: Family, p: Protocol) -> String {
+        format!("nodeport-endpoints-{}-{}", p.as_nft(), f.suffix())
+    }
+    /// As [`endpoints`], for the chains of traffic from outside that choose for themselves
+    /// (externalTrafficPolicy: Local, or Cluster with internalTrafficPolicy: Local).
+    pub fn external_endpoints(f: Family, p: Protocol) -> String {
+        format!("external-endpoints-{}-{}", p.as_nft(), f.suffix())
+    }
+    /// As [`nodeport_endpoints`], for those chains.
+    pub fn external_nodeport_endpoints(f: Family, p: Protocol) -> String {
+        format!("external-nodeport-endpoints-{}-{}", p.as_nft(), f.suffix())
+    }
 }
+
+/// The transport protocols a service port may have (each has its endpoint maps).
+pub const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 
@@ -183,6 +204,36 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
             true,
             "addresses of services with ClientIP affinity -> where their clients are remembered",
         ));
+        for pr in PROTOCOLS {
+            rs.add_set(Set::endpoints(
+                &endpoints(f, pr),
+                f,
+                pr,
+                false,
+                "service address . port . draw -> endpoint",
+            ));
+            rs.add_set(Set::endpoints(
+                &nodeport_endpoints(f, pr),
+                f,
+                pr,
+                true,
+                "node port . draw -> endpoint",
+            ));
+            rs.add_set(Set::endpoints(
+                &external_endpoints(f, pr),
+                f,
+                pr,
+                false,
+                "external address . port . draw -> endpoint of traffic from outside",
+            ));
+            rs.add_set(Set::endpoints(
+                &external_nodeport_endpoints(f, pr),
+                f,
+                pr,
+                true,
+                "node port . draw -> endpoint of traffic from outside",
+            ));
+        }
     }
     for (a, b) in &cfg.lb_pools {
         rs.set_mut(&lb_pools(Family::of(*a))).insert(
@@ -420,27 +471,95 @@ fn describe(svc: &ResolvedService, port: &ResolvedPort) -> String {
     }
 }
 
-/// Rules choosing one of `eps` uniformly: rule i (0-based) of n matches with probability
-/// 1/(n-i) given that no earlier one did, so each endpoint gets exactly 1/n.
-fn endpoint_rules(chain: &mut Chain, proto: Protocol, eps: &[&ResolvedEndpoint]) {
-    let n = eps.len();
-    for (i, e) in eps.iter().enumerate() {
-        let mut m = vec![Match::L4Proto(proto)];
-        let left = (n - i) as u32;
-        if left > 1 {
-            m.push(Match::Random {
-                modulus: left,
-                value: 0,
-            });
+/// Which endpoint maps a chain that chooses among several endpoints draws from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Chooser {
+    /// A service chain (`service-...`): [`names::endpoints`], [`names::nodeport_endpoints`].
+    Service,
+    /// A chain of traffic from outside that chooses for itself: the `external-` maps.
+    External,
+}
+
+/// The chain that DNATs to one of `n` endpoints drawn at random (`choose-N-tcp-v4`, or
+/// `choose-external-N-tcp-v4`): one draw `numgen random mod n` looked up with the packet's
+/// frontend in the chooser's endpoint map; a packet that came in on a node port misses it
+/// (the dispatch would have sent a packet to a frontend of the map elsewhere) and is looked
+/// up by its port in the node-port map. Shared by every chain choosing among n endpoints of
+/// `proto` and `family` (its name says all it holds), so each map is bound by a few rules: the
+/// kernel checks every element added against every rule bound to its map.
+fn draw_chain(chooser: Chooser, family: Family, proto: Protocol, n: u32) -> Chain {
+    let (by_addr, by_port) = chooser.maps(family, proto);
+    let kind = match chooser {
+        Chooser::Service => "",
+        Chooser::External => "external-",
+    };
+    let name = format!("choose-{kind}{n}-{}-{}", proto.as_nft(), family.suffix());
+    let mut c = Chain::new(
+        name,
+        format!("one of {n} endpoints at random, by the service's frontend"),
+    );
+    for (map, nodeport) in [(by_addr, false), (by_port, true)] {
+        c.push(Rule::new(
+            vec![Match::L4Proto(proto)],
+            Action::DnatDraw {
+                family,
+                proto,
+                map: set_key(&map),
+                modulus: n,
+                nodeport,
+            },
+        ));
+    }
+    c
+}
+
+impl Chooser {
+    /// Its endpoint maps of `proto`: by address, and by node port.
+    fn maps(self, f: Family, proto: Protocol) -> (String, String) {
+        use names::*;
+        match self {
+            Chooser::Service => (endpoints(f, proto), nodeport_endpoints(f, proto)),
+            Chooser::External => (
+                external_endpoints(f, proto),
+                external_nodeport_endpoints(f, proto),
+            ),
         }
+    }
+}
+
+/// The rules choosing one of `eps` uniformly. One endpoint: `dnat` to it. Several: `goto` the
+/// table's chain that draws one of n (see [`draw_chain`]), whose elements for this chain's
+/// frontends (see [`Fragment::draws`]) are returned, one per draw; none for one endpoint.
+fn endpoint_rules(
+    fr: &mut Fragment,
+    chain: &mut Chain,
+    family: Family,
+    proto: Protocol,
+    eps: &[&ResolvedEndpoint],
+    chooser: Chooser,
+) -> Vec<std::sync::Arc<Element>> {
+    if let [e] = eps {
         chain.push(Rule::new(
-            m,
+            vec![Match::L4Proto(proto)],
             Action::Dnat {
                 addr: e.addr,
                 port: e.port,
             },
         ));
+        return Vec::new();
     }
+    let modulus = u32::try_from(eps.len()).unwrap_or(u32::MAX);
+    let draw = draw_chain(chooser, family, proto, modulus);
+    chain.push(Rule::new(
+        vec![],
+        Action::Verdict(Verdict::Goto(draw.name.clone())),
+    ));
+    if !fr.shared.iter().any(|c| c.name == draw.name) {
+        fr.shared.push(std::sync::Arc::new(draw));
+    }
+    eps.iter()
+        .map(|e| Element::endpoint(e.addr, e.port))
+        .collect()
 }
 
 /// ClientIP affinity for the endpoint-choosing chain `chain` (of `family`): its dynamic map
@@ -518,6 +637,9 @@ fn affinity(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fragment {
     pub chains: Vec<std::sync::Arc<Chain>>,
+    /// Chains it uses that other services' may too (the draw chains, see [`draw_chain`]):
+    /// in the table while any service uses them. Equal names are equal chains.
+    pub shared: Vec<std::sync::Arc<Chain>>,
     /// Sets of its own (client affinity maps).
     pub sets: Vec<Set>,
     /// (set name, key text, element): the key and element are the ones the table holds.
@@ -548,6 +670,15 @@ fn set_key(name: &str) -> Key {
                     firewall_ips(f),
                     affinity_frontends(f),
                 ]
+                .into_iter()
+                .chain(PROTOCOLS.into_iter().flat_map(move |p| {
+                    [
+                        endpoints(f, p),
+                        nodeport_endpoints(f, p),
+                        external_endpoints(f, p),
+                        external_nodeport_endpoints(f, p),
+                    ]
+                }))
             })
             .map(Key::from)
             .collect()
@@ -559,6 +690,17 @@ fn set_key(name: &str) -> Key {
 }
 
 impl Fragment {
+    /// The elements of a chooser's endpoint maps for one frontend: draw k -> `draws[k]`.
+    /// `key` is the frontend (address . protocol . port, or protocol . node port).
+    fn draws(&mut self, map: &str, key: &[Value], draws: &[std::sync::Arc<Element>]) {
+        let set = set_key(map);
+        for (k, e) in draws.iter().enumerate() {
+            let mut full = key.to_vec();
+            full.push(Value::Draw(u32::try_from(k).unwrap_or(u32::MAX)));
+            self.elements
+                .push((set.clone(), key_text(&full).into(), e.clone()));
+        }
+    }
     fn insert(&mut self, set: &str, key: Vec<Value>, verdict: Option<Verdict>, comment: String) {
         self.elements.push((
             set_key(set),
@@ -573,6 +715,7 @@ impl Fragment {
         self.hairpins.shrink_to_fit();
         self.elements.shrink_to_fit();
         self.chains.shrink_to_fit();
+        self.shared.shrink_to_fit();
         self.sets.shrink_to_fit();
         self
     }
@@ -601,6 +744,11 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         };
         let part = plan_family(cfg, &view, suffix);
         fr.chains.extend(part.chains);
+        for c in part.shared {
+            if !fr.shared.iter().any(|s| s.name == c.name) {
+                fr.shared.push(c);
+            }
+        }
         fr.sets.extend(part.sets);
         fr.elements.extend(part.elements);
         fr.hairpins.extend(part.hairpins);
@@ -662,15 +810,36 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
         // The chains that choose an endpoint, and (with ClientIP affinity) the chain that
         // remembers the clients of each: (frontend tuple, remember chain) pairs.
         let mut remembers: Vec<(Vec<Value>, String)> = Vec::new();
-        let choose = |fr: &mut Fragment, c: &mut Chain, eps: &[&ResolvedEndpoint]| {
-            let remember = svc.affinity_timeout.and_then(|t| {
-                let (rule, remember) = affinity(fr, &c.name, f, port.protocol, t, eps)?;
-                c.push(rule);
-                Some(remember)
-            });
-            endpoint_rules(c, port.protocol, eps);
-            remember
-        };
+        let choose =
+            |fr: &mut Fragment, c: &mut Chain, eps: &[&ResolvedEndpoint], chooser: Chooser| {
+                let remember = svc.affinity_timeout.and_then(|t| {
+                    let (rule, remember) = affinity(fr, &c.name, f, port.protocol, t, eps)?;
+                    c.push(rule);
+                    Some(remember)
+                });
+                let draws = endpoint_rules(fr, c, f, port.protocol, eps, chooser);
+                (remember, draws)
+            };
+        // The frontends of traffic from outside (external and load-balancer addresses of this
+        // family, the node port): each gets the draws of the chain its traffic chooses in.
+        let outside_keys: Vec<Vec<Value>> = svc
+            .external_ips
+            .iter()
+            .chain(svc.load_balancer_ips.iter())
+            .filter(|ip| Family::of(**ip) == f)
+            .map(|ip| vec![Value::Ip(*ip), Value::Port(port.port)])
+            .collect();
+        let nodeport_key = port.node_port.map(|np| vec![Value::Port(np)]);
+        let fill_outside =
+            |fr: &mut Fragment, draws: &[std::sync::Arc<Element>], chooser: Chooser| {
+                let (by_addr, by_port) = chooser.maps(f, port.protocol);
+                for k in &outside_keys {
+                    fr.draws(&by_addr, k, draws);
+                }
+                if let Some(k) = &nodeport_key {
+                    fr.draws(&by_port, k, draws);
+                }
+            };
 
         // Traffic from inside the cluster (cluster IP).
         let zone = cfg.node_zone.as_deref();
@@ -683,6 +852,17 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
         // The service chain reaches every endpoint of the cluster (not only this node's).
         let internal_all = svc.internal_traffic_policy == TrafficPolicy::Cluster;
         let service_chain: Key = port_chain("service", svc, port, suffix).into();
+        let has_external = port.node_port.is_some()
+            || !svc.external_ips.is_empty()
+            || !svc.load_balancer_ips.is_empty();
+        // Whether traffic from outside goes on to the service chain (to choose there).
+        let outside_to_service = has_external
+            && match svc.external_traffic_policy {
+                TrafficPolicy::Cluster => {
+                    internal_all && !internal.is_empty() && !cluster_wide().is_empty()
+                }
+                TrafficPolicy::Local => internal_all && !internal.is_empty(),
+            };
         let mut service_remember = None;
         let key = vec![Value::Ip(cip), proto, Value::Port(port.port)];
         fr.insert(&cluster_ip_ports(f), key.clone(), None, String::new());
@@ -703,7 +883,16 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
                     Action::Verdict(Verdict::Jump(MARK_FOR_MASQUERADE.into())),
                 ));
             }
-            service_remember = choose(&mut fr, &mut c, &internal);
+            let (remember, draws) = choose(&mut fr, &mut c, &internal, Chooser::Service);
+            service_remember = remember;
+            fr.draws(
+                &endpoints(f, port.protocol),
+                &[Value::Ip(cip), Value::Port(port.port)],
+                &draws,
+            );
+            if outside_to_service {
+                fill_outside(&mut fr, &draws, Chooser::Service);
+            }
             if let Some(r) = &service_remember {
                 remembers.push((key.clone(), r.clone()));
             }
@@ -731,9 +920,6 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
         }
 
         // Traffic from outside (node ports, external IPs, load-balancer IPs).
-        let has_external = port.node_port.is_some()
-            || !svc.external_ips.is_empty()
-            || !svc.load_balancer_ips.is_empty();
         if !has_external {
             emit_remembers(&mut fr, remembers);
             continue;
@@ -760,7 +946,8 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
                         ));
                         service_remember.clone()
                     } else {
-                        let r = choose(&mut fr, &mut c, &all);
+                        let (r, draws) = choose(&mut fr, &mut c, &all, Chooser::External);
+                        fill_outside(&mut fr, &draws, Chooser::External);
                         // From outside: masqueraded already; only a pod of this node (or of
                         // no known node) can come back to itself here.
                         fr.hairpins.extend(
@@ -816,7 +1003,8 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
                         );
                         None
                     } else {
-                        let r = choose(&mut fr, &mut c, &eps);
+                        let (r, draws) = choose(&mut fr, &mut c, &eps, Chooser::External);
+                        fill_outside(&mut fr, &draws, Chooser::External);
                         fr.hairpins.extend(eps.iter().map(|e| e.addr));
                         r
                     };
@@ -1293,6 +1481,8 @@ pub struct Planner {
     /// table's hairpin set holds the addresses of one service or more: an address of one,
     /// the usual case, costs nothing here).
     hairpins: std::collections::HashMap<IpAddr, u32>,
+    /// Shared chain -> how many services use it (see [`Fragment::shared`]).
+    shared: std::collections::HashMap<Key, u32>,
     /// The table planned (None: [`TABLE`]).
     table: Option<Key>,
 }
@@ -1459,6 +1649,7 @@ impl Planner {
         self.cache.clear();
         self.owners.clear();
         self.hairpins.clear();
+        self.shared.clear();
     }
 
     /// Plans `svc` into the table unless it is planned already as it is.
@@ -1488,6 +1679,7 @@ impl Planner {
             cache,
             owners,
             hairpins,
+            shared,
             ..
         } = self;
         let Some(fr) = cache.get(&**id).map(|c| &c.1) else {
@@ -1500,6 +1692,14 @@ impl Planner {
         for c in &fr.chains {
             rs.chains.insert(c.name.clone(), c.clone());
             t.chains.insert(c.name.clone());
+        }
+        for c in &fr.shared {
+            let n = shared.entry(c.name.clone()).or_insert(0);
+            *n += 1;
+            if *n == 1 {
+                rs.chains.insert(c.name.clone(), c.clone());
+                t.chains.insert(c.name.clone());
+            }
         }
         for (set, key, _) in &fr.elements {
             let who = owners.entry((set.clone(), key.clone())).or_default();
@@ -1530,6 +1730,16 @@ impl Planner {
         for c in &fr.chains {
             self.rs.chains.remove(&c.name);
             t.chains.insert(c.name.clone());
+        }
+        for c in &fr.shared {
+            if let Some(n) = self.shared.get_mut(&c.name) {
+                *n -= 1;
+                if *n == 0 {
+                    self.shared.remove(&c.name);
+                    self.rs.chains.remove(&c.name);
+                    t.chains.insert(c.name.clone());
+                }
+            }
         }
         for (set, key, _) in &fr.elements {
             let k = (set.clone(), key.clone());

@@ -476,6 +476,42 @@ impl Tracer<'_> {
                     }
                 }
             }
+            Action::DnatDraw {
+                family,
+                proto,
+                map,
+                modulus,
+                nodeport,
+            } => {
+                if Family::of(st.daddr) != *family || *modulus == 0 || *proto != self.pkt.proto {
+                    return vec![(st, End::Continue)];
+                }
+                // Each draw with probability 1/N; a draw the map has no element for makes the
+                // rule not match (the kernel's lookup breaks), and the chain goes on.
+                let drawn = self.drawn(map, *nodeport, *modulus, st.daddr, st.dport);
+                let mut out = Vec::new();
+                let n = f64::from(*modulus);
+                let mut misses = 0u32;
+                for to in drawn {
+                    match to {
+                        Some((addr, port)) => {
+                            let mut s = st.clone();
+                            s.prob /= n;
+                            s.daddr = addr;
+                            s.dport = port;
+                            s.dnat = true;
+                            out.push((s, End::Accept));
+                        }
+                        None => misses += 1,
+                    }
+                }
+                if misses > 0 {
+                    let mut s = st;
+                    s.prob *= f64::from(misses) / n;
+                    out.push((s, End::Continue));
+                }
+                out
+            }
             Action::OriginalTupleVmap(f, map) => {
                 if Family::of(self.pkt.daddr) != *f
                     || !matches!(
@@ -506,18 +542,60 @@ impl Tracer<'_> {
         }
     }
 
+    /// The endpoint each draw 0..modulus of a [`Action::DnatDraw`] on `map` gives a packet to
+    /// `daddr`:`dport` (None where the map has no element).
+    fn drawn(
+        &self,
+        map: &str,
+        nodeport: bool,
+        modulus: u32,
+        daddr: IpAddr,
+        dport: u16,
+    ) -> Vec<Option<(IpAddr, u16)>> {
+        (0..modulus)
+            .map(|k| {
+                let key = if nodeport {
+                    vec![Value::Port(dport), Value::Draw(k)]
+                } else {
+                    vec![Value::Ip(daddr), Value::Port(dport), Value::Draw(k)]
+                };
+                self.lookup(map, &key).and_then(|e| e.to)
+            })
+            .collect()
+    }
+
     /// Whether the affinity map `map` can hold `ep`: the chain that reads the map may choose
-    /// that endpoint (each map belongs to one list of endpoints).
+    /// that endpoint for this packet (each map belongs to one list of endpoints).
     fn may_remember(&self, map: &str, ep: (IpAddr, u16)) -> bool {
         self.rs.chains.values().any(|c| {
             let reads = c
                 .rules
                 .iter()
                 .any(|r| matches!(&r.action, Action::DnatRemembered { map: m, .. } if **m == *map));
-            reads
-                && c.rules
+            reads && self.may_choose(&c.rules, ep, true)
+        })
+    }
+
+    /// Whether `rules` may DNAT this packet to `ep` themselves or through the draw chain they
+    /// go to (`draws`; not through another service chain: a Local chain's short-circuit).
+    fn may_choose(&self, rules: &[Rule], ep: (IpAddr, u16), draws: bool) -> bool {
+        rules.iter().any(|r| match &r.action {
+            Action::Dnat { addr, port } => (*addr, *port) == ep,
+            Action::DnatDraw {
+                map,
+                modulus,
+                nodeport,
+                ..
+            } => self
+                .drawn(map, *nodeport, *modulus, self.pkt.daddr, self.pkt.dport)
+                .contains(&Some(ep)),
+            Action::Verdict(Verdict::Goto(c)) if draws => self.rs.chains.get(c).is_some_and(|c| {
+                c.rules
                     .iter()
-                    .any(|r| matches!(r.action, Action::Dnat { addr, port } if (addr, port) == ep))
+                    .all(|r| matches!(r.action, Action::DnatDraw { .. }))
+                    && self.may_choose(&c.rules, ep, false)
+            }),
+            _ => false,
         })
     }
 

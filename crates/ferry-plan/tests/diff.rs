@@ -273,7 +273,10 @@ impl Kernel {
                         .map(|(k, v)| {
                             (
                                 k.as_str().into(),
-                                LiveSet::element(v.as_deref().map(parse_verdict)),
+                                match v.as_deref().and_then(parse_endpoint) {
+                                    Some(to) => LiveSet::endpoint_element(to),
+                                    None => LiveSet::element(v.as_deref().map(parse_verdict)),
+                                },
                             )
                         })
                         .collect();
@@ -288,6 +291,12 @@ impl Kernel {
                 .collect(),
         }
     }
+}
+
+/// The data of an endpoint map's element, `10.42.0.1 . 8080`.
+fn parse_endpoint(v: &str) -> Option<(std::net::IpAddr, u16)> {
+    let (a, p) = v.split_once(" . ")?;
+    Some((a.parse().ok()?, p.parse().ok()?))
 }
 
 fn parse_verdict(v: &str) -> Verdict {
@@ -374,41 +383,69 @@ fn one_more_endpoint_rewrites_one_chain_and_nothing_else() {
     let before = many_services(100);
     let a = planned(&before);
 
-    // A pod of this node new to the table: one chain, and the pod's hairpin entry.
+    // A pod of this node new to the table: one chain (it goes to the draw among one more),
+    // the endpoint's draw in the endpoint map, and the pod's hairpin entry. The first service
+    // with three endpoints brings the chain that draws among three.
     let mut after = before.clone();
     after[42].ports[0]
         .endpoints
         .push(ep("10.42.9.9", 8080).on(NODE));
     let b = planned(&after);
     let ch = check_transition(&a, &b);
-    assert_counts(&ch, 0, 1, 0, 1, 0);
-    assert_eq!(
-        lines(&ch.script)[0],
-        "flush chain inet ferry service-default/app-42/tcp/80"
-    );
-    assert_eq!(
-        ch.script.matches("add rule ").count(),
-        4,
-        "mark rule and three endpoints"
-    );
+    assert_counts(&ch, 1, 1, 0, 2, 0);
+    assert!(ch
+        .script
+        .contains("flush chain inet ferry service-default/app-42/tcp/80"));
+    assert!(ch
+        .script
+        .contains("add rule inet ferry service-default/app-42/tcp/80 goto choose-3-tcp-v4"));
+    assert!(ch
+        .script
+        .contains("add rule inet ferry choose-3-tcp-v4 meta l4proto tcp dnat ip to ip daddr . tcp dport . numgen random mod 3 map @endpoints-tcp-v4"));
+    assert!(ch.script.contains(
+        "add element inet ferry endpoints-tcp-v4 { 10.43.1.43 . 80 . 2 : 10.42.9.9 . 8080 }"
+    ));
     assert!(ch
         .script
         .contains("add element inet ferry hairpin-v4 { 10.42.9.9 . 10.42.9.9 }"));
 
-    // A pod that already backs another service: only the chain.
+    // A pod that already backs another service: the chain and the draw.
     let mut after = before.clone();
     let shared = before[7].ports[0].endpoints[0].clone();
     after[42].ports[0].endpoints.push(shared);
     let ch = check_transition(&a, &planned(&after));
-    assert_counts(&ch, 0, 1, 0, 0, 0);
+    assert_counts(&ch, 1, 1, 0, 1, 0);
 
-    // A pod of another node: only the chain (its own node DNATs its packets, so it never
-    // comes back to itself through this one).
+    // Two services with three endpoints: the second finds the chain that draws among three.
+    let mut after2 = after.clone();
+    let shared = before[7].ports[0].endpoints[0].clone();
+    after2[43].ports[0].endpoints.push(shared);
+    let ch = check_transition(&planned(&after), &planned(&after2));
+    assert_counts(&ch, 0, 1, 0, 1, 0);
+    // And when the first goes back to two, the chain stays for the second.
+    let mut after3 = after2.clone();
+    after3[42].ports[0].endpoints.pop();
+    let ch = check_transition(&planned(&after2), &planned(&after3));
+    assert_counts(&ch, 0, 1, 0, 0, 1);
+
+    // A pod of another node: the chain and the draw, no hairpin entry (its own node DNATs its
+    // packets, so it never comes back to itself through this one).
     let mut after = before.clone();
     after[42].ports[0].endpoints.push(ep("10.42.9.9", 8080));
     let ch = check_transition(&a, &planned(&after));
-    assert_counts(&ch, 0, 1, 0, 0, 0);
-    assert!(!ch.script.contains("element"), "{}", ch.script);
+    assert_counts(&ch, 1, 1, 0, 1, 0);
+    assert!(!ch.script.contains("hairpin"), "{}", ch.script);
+
+    // An endpoint replaced by another (a rolling update): no chain, one element changed in
+    // place (deleted and added with the new endpoint), and the old pod's hairpin entry gone.
+    let mut after = before.clone();
+    after[42].ports[0].endpoints[1] = ep("10.42.9.9", 8080);
+    let ch = check_transition(&a, &planned(&after));
+    assert_counts(&ch, 0, 0, 0, 1, 2);
+    assert!(!ch.script.contains("chain"), "{}", ch.script);
+    assert!(ch.script.contains(
+        "add element inet ferry endpoints-tcp-v4 { 10.43.1.43 . 80 . 1 : 10.42.9.9 . 8080 }"
+    ));
 }
 
 #[test]
@@ -446,8 +483,8 @@ fn losing_the_last_endpoint_moves_the_service_to_the_no_endpoint_map() {
     let mut after = before.clone();
     after[3].ports[0].endpoints.clear();
     let ch = check_transition(&a, &planned(&after));
-    // -service-ips, -2 hairpin, +no-endpoint-services.
-    assert_counts(&ch, 0, 0, 1, 1, 3);
+    // -service-ips, -2 hairpin, -2 draws, +no-endpoint-services.
+    assert_counts(&ch, 0, 0, 1, 1, 5);
     let l = lines(&ch.script);
     let pos = |want: &str| {
         l.iter()
@@ -566,9 +603,11 @@ proptest! {
             // Sets may come and go (a new client-affinity map): a new one held nothing.
             let none = BTreeMap::new();
             let old = la.sets.get(n).map_or(&none, |s| &s.elements);
-            let verdict = |e: &std::sync::Arc<ferry_plan::ir::Element>| e.verdict.clone();
-            added += s.elements.iter().filter(|(k, v)| old.get(*k).map(verdict) != Some(verdict(v))).count();
-            deleted += old.iter().filter(|(k, v)| s.elements.get(*k).map(verdict) != Some(verdict(v))).count();
+            let same = |a: Option<&std::sync::Arc<ferry_plan::ir::Element>>, b: &ferry_plan::ir::Element| {
+                a.is_some_and(|a| a.same_value(b))
+            };
+            added += s.elements.iter().filter(|(k, v)| !same(old.get(*k), v)).count();
+            deleted += old.iter().filter(|(k, v)| !same(s.elements.get(*k), v)).count();
         }
         prop_assert_eq!((ch.elements_added, ch.elements_deleted), (added, deleted));
         prop_assert_eq!(ch.script.matches("flush chain").count(), ch.chains_changed + ch.chains_deleted);
