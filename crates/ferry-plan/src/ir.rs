@@ -102,10 +102,14 @@ impl std::fmt::Display for Value {
 /// Renders a key the way `nft -j` reports it joined with " . ", so keys read back from the
 /// kernel compare equal to planned ones.
 pub fn key_text(key: &[Value]) -> String {
-    key.iter()
-        .map(|v| v.to_string())
-        .collect::<Vec<_>>()
-        .join(" . ")
+    let mut out = String::with_capacity(8 + 12 * key.len());
+    for (i, v) in key.iter().enumerate() {
+        if i > 0 {
+            out.push_str(" . ");
+        }
+        let _ = write!(out, "{v}");
+    }
+    out
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -8,18 +8,23 @@
 //! nat-prerouting / nat-output (nat, priority dstnat)
 //!   -> services: one verdict-map lookup on daddr . l4proto . dport (cluster, external and
 //!      load-balancer IPs) and one on l4proto . dport for the node's own addresses (node ports)
-//!      -> external-<svc> (marks for masquerade) -> service-<svc> -> dnat to one endpoint
-//!         (with ClientIP affinity, first: dnat to the endpoint the client's map remembers)
+//!      -> external-<svc> (marks for masquerade) -> service-<svc> -> choose-N-tcp-v4: dnat
+//!         to one of N endpoints, drawn (`numgen random mod N`) from the endpoint map by the
+//!         packet's frontend (with ClientIP affinity, first: dnat to the endpoint the
+//!         client's map remembers)
 //! nat-postrouting (nat, priority srcnat)
 //!   -> masquerading: remember the endpoint of affinity services' new connections (by their
 //!      original destination), masquerade connections marked above, and pods that reached
 //!      themselves (hairpin)
 //! ```
 //!
-//! Per packet, the cost is one map lookup whatever the number of services; per service, one
-//! chain (two with external traffic) of one rule per endpoint. There are no per-service sets:
-//! endpoint choice is a run of `numgen random mod (n-i) == 0` rules, which picks each of n
-//! endpoints with probability 1/n and keeps cold loads linear.
+//! Per packet, the cost is two map lookups whatever the number of services and endpoints (the
+//! dispatch, the draw); per service port, one chain (two with external traffic) of two
+//! rules, and one element per endpoint and frontend in a map shared by the table. There are
+//! no per-service sets (creating ~20,000 of them is what makes cold loads slow) and no
+//! per-endpoint rules (the kernel's cost of a rule is ~10 times an element's); the draw
+//! chains, one per endpoint count, keep the rules bound to each map few (the kernel checks
+//! every element added against every rule bound to its map).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -537,7 +542,7 @@ fn endpoint_rules(
     proto: Protocol,
     eps: &[&ResolvedEndpoint],
     chooser: Chooser,
-) -> Vec<std::sync::Arc<Element>> {
+) -> Draws {
     if let [e] = eps {
         chain.push(Rule::new(
             vec![Match::L4Proto(proto)],
@@ -546,7 +551,7 @@ fn endpoint_rules(
                 port: e.port,
             },
         ));
-        return Vec::new();
+        return Draws::from(Vec::new());
     }
     let modulus = u32::try_from(eps.len()).unwrap_or(u32::MAX);
     let draw = draw_chain(chooser, family, proto, modulus);
@@ -560,6 +565,17 @@ fn endpoint_rules(
     eps.iter()
         .map(|e| Element::endpoint(e.addr, e.port))
         .collect()
+}
+
+/// The endpoint of each draw 0..n of a chain, shared by its frontends' elements.
+pub type Draws = std::sync::Arc<[std::sync::Arc<Element>]>;
+
+/// The key text of draw `k` of the frontend whose key text is `prefix` (as [`key_text`]
+/// writes the frontend's values and the draw), into `out`.
+fn draw_key(out: &mut String, prefix: &str, k: usize) {
+    use std::fmt::Write as _;
+    out.clear();
+    let _ = write!(out, "{prefix} . {k}");
 }
 
 /// ClientIP affinity for the endpoint-choosing chain `chain` (of `family`): its dynamic map
@@ -637,6 +653,11 @@ fn affinity(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fragment {
     pub chains: Vec<std::sync::Arc<Chain>>,
+    /// Its chains' endpoint draws: (endpoint map, frontend key text, the endpoint of each
+    /// draw). The table holds, for each frontend, the draws of the first service (by
+    /// namespace/name) that has that frontend, as elements `frontend . k`; kept here once per
+    /// frontend rather than as one element each.
+    pub draws: Vec<(Key, Key, Draws)>,
     /// Chains it uses that other services' may too (the draw chains, see [`draw_chain`]):
     /// in the table while any service uses them. Equal names are equal chains.
     pub shared: Vec<std::sync::Arc<Chain>>,
@@ -692,13 +713,10 @@ fn set_key(name: &str) -> Key {
 impl Fragment {
     /// The elements of a chooser's endpoint maps for one frontend: draw k -> `draws[k]`.
     /// `key` is the frontend (address . protocol . port, or protocol . node port).
-    fn draws(&mut self, map: &str, key: &[Value], draws: &[std::sync::Arc<Element>]) {
-        let set = set_key(map);
-        for (k, e) in draws.iter().enumerate() {
-            let mut full = key.to_vec();
-            full.push(Value::Draw(u32::try_from(k).unwrap_or(u32::MAX)));
-            self.elements
-                .push((set.clone(), key_text(&full).into(), e.clone()));
+    fn draws(&mut self, map: &str, key: &[Value], draws: &Draws) {
+        if !draws.is_empty() {
+            self.draws
+                .push((set_key(map), key_text(key).into(), draws.clone()));
         }
     }
     fn insert(&mut self, set: &str, key: Vec<Value>, verdict: Option<Verdict>, comment: String) {
@@ -714,6 +732,7 @@ impl Fragment {
         self.hairpins.dedup();
         self.hairpins.shrink_to_fit();
         self.elements.shrink_to_fit();
+        self.draws.shrink_to_fit();
         self.chains.shrink_to_fit();
         self.shared.shrink_to_fit();
         self.sets.shrink_to_fit();
@@ -751,6 +770,7 @@ pub fn plan_service(cfg: &PlanConfig, svc: &ResolvedService) -> Fragment {
         }
         fr.sets.extend(part.sets);
         fr.elements.extend(part.elements);
+        fr.draws.extend(part.draws);
         fr.hairpins.extend(part.hairpins);
     }
     fr.finish()
@@ -830,16 +850,15 @@ fn plan_family(cfg: &PlanConfig, svc: &ResolvedService, suffix: &str) -> Fragmen
             .map(|ip| vec![Value::Ip(*ip), Value::Port(port.port)])
             .collect();
         let nodeport_key = port.node_port.map(|np| vec![Value::Port(np)]);
-        let fill_outside =
-            |fr: &mut Fragment, draws: &[std::sync::Arc<Element>], chooser: Chooser| {
-                let (by_addr, by_port) = chooser.maps(f, port.protocol);
-                for k in &outside_keys {
-                    fr.draws(&by_addr, k, draws);
-                }
-                if let Some(k) = &nodeport_key {
-                    fr.draws(&by_port, k, draws);
-                }
-            };
+        let fill_outside = |fr: &mut Fragment, draws: &Draws, chooser: Chooser| {
+            let (by_addr, by_port) = chooser.maps(f, port.protocol);
+            for k in &outside_keys {
+                fr.draws(&by_addr, k, draws);
+            }
+            if let Some(k) = &nodeport_key {
+                fr.draws(&by_port, k, draws);
+            }
+        };
 
         // Traffic from inside the cluster (cluster IP).
         let zone = cfg.node_zone.as_deref();
@@ -1429,7 +1448,11 @@ pub struct Touched {
 }
 
 impl Touched {
+    /// Records a touched element; a full change compares everything, and records nothing.
     fn element(&mut self, set: &str, key: &Key) {
+        if self.full {
+            return;
+        }
         match self.elements.get_mut(set) {
             Some(keys) => {
                 keys.insert(key.clone());
@@ -1438,6 +1461,12 @@ impl Touched {
                 self.elements
                     .insert(set.to_string(), BTreeSet::from([key.clone()]));
             }
+        }
+    }
+    /// Records a touched chain (nothing for a full change, as [`Touched::element`]).
+    fn chain(&mut self, name: &Key) {
+        if !self.full {
+            self.chains.insert(name.clone());
         }
     }
 }
@@ -1481,6 +1510,12 @@ pub struct Planner {
     /// table's hairpin set holds the addresses of one service or more: an address of one,
     /// the usual case, costs nothing here).
     hairpins: std::collections::HashMap<IpAddr, u32>,
+    /// (endpoint map, frontend key text) -> the services with draws for that frontend, sorted
+    /// (see [`Fragment::draws`]).
+    draw_owners: std::collections::HashMap<
+        (Key, Key),
+        smallvec::SmallVec<[std::sync::Arc<ferry_model::ObjectRef>; 1]>,
+    >,
     /// Shared chain -> how many services use it (see [`Fragment::shared`]).
     shared: std::collections::HashMap<Key, u32>,
     /// The table planned (None: [`TABLE`]).
@@ -1650,6 +1685,7 @@ impl Planner {
         self.owners.clear();
         self.hairpins.clear();
         self.shared.clear();
+        self.draw_owners.clear();
     }
 
     /// Plans `svc` into the table unless it is planned already as it is.
@@ -1680,6 +1716,7 @@ impl Planner {
             owners,
             hairpins,
             shared,
+            draw_owners,
             ..
         } = self;
         let Some(fr) = cache.get(&**id).map(|c| &c.1) else {
@@ -1691,14 +1728,14 @@ impl Planner {
         }
         for c in &fr.chains {
             rs.chains.insert(c.name.clone(), c.clone());
-            t.chains.insert(c.name.clone());
+            t.chain(&c.name);
         }
         for c in &fr.shared {
             let n = shared.entry(c.name.clone()).or_insert(0);
             *n += 1;
             if *n == 1 {
                 rs.chains.insert(c.name.clone(), c.clone());
-                t.chains.insert(c.name.clone());
+                t.chain(&c.name);
             }
         }
         for (set, key, _) in &fr.elements {
@@ -1708,6 +1745,15 @@ impl Planner {
             }
             Self::settle(rs, cache, set, key, who);
             t.element(set, key);
+        }
+        for (map, prefix, _) in &fr.draws {
+            let who = draw_owners
+                .entry((map.clone(), prefix.clone()))
+                .or_default();
+            if let Err(at) = who.binary_search(id) {
+                who.insert(at, id.clone());
+            }
+            Self::settle_draws(rs, cache, map, prefix, who, t);
         }
         for a in &fr.hairpins {
             let set = names::hairpin(Family::of(*a));
@@ -1729,7 +1775,7 @@ impl Planner {
         }
         for c in &fr.chains {
             self.rs.chains.remove(&c.name);
-            t.chains.insert(c.name.clone());
+            t.chain(&c.name);
         }
         for c in &fr.shared {
             if let Some(n) = self.shared.get_mut(&c.name) {
@@ -1737,7 +1783,7 @@ impl Planner {
                 if *n == 0 {
                     self.shared.remove(&c.name);
                     self.rs.chains.remove(&c.name);
-                    t.chains.insert(c.name.clone());
+                    t.chain(&c.name);
                 }
             }
         }
@@ -1754,6 +1800,18 @@ impl Planner {
             }
             t.element(set, key);
         }
+        for (map, prefix, _) in &fr.draws {
+            let k = (map.clone(), prefix.clone());
+            if let Some(who) = self.draw_owners.get_mut(&k) {
+                if let Ok(at) = who.binary_search_by(|w| (**w).cmp(id)) {
+                    who.remove(at);
+                }
+                Self::settle_draws(&mut self.rs, &self.cache, map, prefix, who, t);
+                if who.is_empty() {
+                    self.draw_owners.remove(&k);
+                }
+            }
+        }
         for a in &fr.hairpins {
             if let Some(n) = self.hairpins.get_mut(a) {
                 // Another service still has it.
@@ -1767,6 +1825,57 @@ impl Planner {
             let key: Key = key_text(&[Value::Ip(*a), Value::Ip(*a)]).into();
             if self.rs.set_mut(&set).elements.remove(&key).is_some() {
                 t.element(&set, &key);
+            }
+        }
+    }
+
+    /// The draws a frontend holds in `map`: the first owner's (by namespace/name), or none;
+    /// the elements that differ are touched.
+    fn settle_draws(
+        rs: &mut Ruleset,
+        cache: &std::collections::HashMap<
+            std::sync::Arc<ferry_model::ObjectRef>,
+            Box<(u64, Fragment)>,
+        >,
+        map: &Key,
+        prefix: &Key,
+        owners: &[std::sync::Arc<ferry_model::ObjectRef>],
+        t: &mut Touched,
+    ) {
+        let first = owners
+            .first()
+            .and_then(|id| cache.get(&**id))
+            .and_then(|c| {
+                c.1.draws
+                    .iter()
+                    .find(|(m, p, _)| m == map && p == prefix)
+                    .map(|(_, _, d)| d.clone())
+            });
+        let want: &[std::sync::Arc<Element>] = first.as_deref().unwrap_or(&[]);
+        let s = rs.set_mut(map);
+        let mut key = String::new();
+        // The frontend's elements are draws 0..n, n that of its owner before: up to both.
+        for k in 0.. {
+            draw_key(&mut key, prefix, k);
+            match want.get(k) {
+                Some(e) => match s.elements.get_key_value(key.as_str()) {
+                    Some((kt, old)) => {
+                        let kt = kt.clone();
+                        if !old.same_value(e) {
+                            t.element(map, &kt);
+                        }
+                        s.elements.insert(kt, e.clone());
+                    }
+                    None => {
+                        let kt: Key = key.as_str().into();
+                        t.element(map, &kt);
+                        s.elements.insert(kt, e.clone());
+                    }
+                },
+                None => match s.elements.remove_entry(key.as_str()) {
+                    Some((kt, _)) => t.element(map, &kt),
+                    None => break,
+                },
             }
         }
     }

@@ -492,11 +492,15 @@ impl Tracer<'_> {
                 let mut out = Vec::new();
                 let n = f64::from(*modulus);
                 let mut misses = 0u32;
-                for to in drawn {
+                for (k, to) in drawn.into_iter().enumerate() {
                     match to {
                         Some((addr, port)) => {
                             let mut s = st.clone();
                             s.prob /= n;
+                            // Which element the draw found, on the rule that drew it.
+                            if let Some(rule) = s.rules.last_mut() {
+                                rule.push_str(&format!(" (draw {k}: {addr} . {port})"));
+                            }
                             s.daddr = addr;
                             s.dport = port;
                             s.dnat = true;

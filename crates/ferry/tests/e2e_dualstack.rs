@@ -301,8 +301,8 @@ fn wait_table_holds(lab: &Lab, node: &str, want: &[Vec<String>]) -> String {
     }
 }
 
-/// SCTP through a dual-stack Service. The rules (cluster IPs, node port, DNAT to the pods of
-/// each family, `meta l4proto sctp`) are checked in the kernel's table on every kernel:
+/// SCTP through a dual-stack Service. The rules (cluster IPs, node port, the draw among the
+/// pods of each family from the SCTP endpoint maps) are checked in the kernel's table on every kernel:
 /// nftables matches SCTP by protocol number and port offset, without the SCTP module. Where
 /// the kernel has SCTP, an association from the client through the node port and from a pod
 /// through both cluster IPs reaches a pod (socat); where it has none this part is skipped,
@@ -322,8 +322,9 @@ fn sctp_through_a_dual_stack_service() {
     let np = common::node_port(&lab, "sctp");
     let node = lab.state().unwrap().nodes[0].name.clone();
     let parts = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
-    // The services' and node ports' map elements (key ... verdict, one line each) and each
-    // pod's DNAT rule in the chain of its family.
+    // The services' and node ports' map elements (key ... verdict, one line each), the draws
+    // from the SCTP endpoint maps of each family, and each pod in them (by each cluster IP,
+    // and by the node port).
     let (cip4, cip6) = (
         format!("{} . sctp . 9999 ", ips[0]),
         format!("{} . sctp . 9999 ", ips[1]),
@@ -335,13 +336,25 @@ fn sctp_through_a_dual_stack_service() {
         parts(&[&node_port, ": goto external-default/sctp/sctp/9999 }"]),
         parts(&[&node_port, ": goto external-default/sctp/sctp/9999/ipv6 }"]),
     ];
+    for rule in [
+        "dnat ip to ip daddr . sctp dport . numgen random mod 2 map @endpoints-sctp-v4",
+        "dnat ip to sctp dport . numgen random mod 2 map @nodeport-endpoints-sctp-v4",
+        "dnat ip6 to ip6 daddr . sctp dport . numgen random mod 2 map @endpoints-sctp-v6",
+        "dnat ip6 to sctp dport . numgen random mod 2 map @nodeport-endpoints-sctp-v6",
+    ] {
+        want.push(parts(&[rule]));
+    }
     for p in &pods {
         let (v4, v6) = (
-            format!("dnat ip to {}:9999", p.ip),
-            format!("dnat ip6 to [{}]:9999", p.ip6()),
+            format!(": {} . 9999", p.ip),
+            format!(": {} . 9999", p.ip6()),
         );
-        want.push(parts(&["meta l4proto sctp", &v4]));
-        want.push(parts(&["meta l4proto sctp", &v6]));
+        for key in [&ips[0], &ips[1]] {
+            let ep = if key.is_ipv6() { &v6 } else { &v4 };
+            want.push(parts(&[&format!("{key} . 9999 . "), ep]));
+        }
+        want.push(parts(&[&format!("{np} . "), &v4]));
+        want.push(parts(&[&format!("{np} . "), &v6]));
     }
     wait_table_holds(&lab, &node, &want);
     println!("sctp: the kernel's table on {node} holds {want:#?}");

@@ -94,12 +94,19 @@ fn explain_reads_the_live_node() {
                     .any(|r| r.starts_with("services: ") && r.contains("vmap @service-ips-v4")),
                 "{rules:?}"
             );
-            let ep = o["endpoint"].as_str().unwrap();
+            // The service chain goes to the draw among its two endpoints, which finds this
+            // one in the endpoint map.
+            let ep: std::net::SocketAddr = o["endpoint"].as_str().unwrap().parse().unwrap();
             assert!(
                 rules
                     .iter()
-                    .any(|r| r.starts_with(&format!("service-default/{LB}/tcp/80: "))
-                        && r.ends_with(&format!("dnat ip to {ep}"))),
+                    .any(|r| r == &format!("service-default/{LB}/tcp/80: goto choose-2-tcp-v4")),
+                "{rules:?}"
+            );
+            assert!(
+                rules.iter().any(|r| r.starts_with("choose-2-tcp-v4: ")
+                    && r.contains("map @endpoints-tcp-v4")
+                    && r.ends_with(&format!(": {} . {})", ep.ip(), ep.port()))),
                 "{rules:?}"
             );
         }
