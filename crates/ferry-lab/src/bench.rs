@@ -499,7 +499,7 @@ fn run_agent_tables(args: &BenchArgs, cfg: &PlanConfig, base: &[ResolvedService]
     );
     // The planner of the agent: one table, or the common one and the shards.
     enum P {
-        One(Planner),
+        One(Box<Planner>),
         Sharded(ShardedPlanner),
     }
     impl P {
@@ -517,7 +517,7 @@ fn run_agent_tables(args: &BenchArgs, cfg: &PlanConfig, base: &[ResolvedService]
         }
     }
     let fresh = || match n {
-        1 => P::One(Planner::default()),
+        1 => P::One(Box::default()),
         _ => P::Sharded(ShardedPlanner::default()),
     };
     let (mut plan_ms, mut apply_ms, mut longest_ms) = (Vec::new(), Vec::new(), Vec::new());
