@@ -500,7 +500,7 @@ fn run_agent_tables(args: &BenchArgs, cfg: &PlanConfig, base: &[ResolvedService]
     // The planner of the agent: one table, or the common one and the shards.
     enum P {
         One(Box<Planner>),
-        Sharded(ShardedPlanner),
+        Sharded(Box<ShardedPlanner>),
     }
     impl P {
         fn update(&mut self, cfg: &PlanConfig, s: &[ResolvedService]) -> Vec<Touched> {
@@ -518,7 +518,7 @@ fn run_agent_tables(args: &BenchArgs, cfg: &PlanConfig, base: &[ResolvedService]
     }
     let fresh = || match n {
         1 => P::One(Box::default()),
-        _ => P::Sharded(ShardedPlanner::default()),
+        _ => P::Sharded(Box::default()),
     };
     let (mut plan_ms, mut apply_ms, mut longest_ms) = (Vec::new(), Vec::new(), Vec::new());
     let (mut apply_user_ms, mut apply_sys_ms) = (Vec::new(), Vec::new());
