@@ -1535,10 +1535,10 @@ fn elements(w: &mut Writer, s: &Set, id: u32, only: Option<&[String]>) -> Result
             if end {
                 w.be32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
             } else {
-                if let Some(v) = &e.verdict {
+                if let Some(v) = e.verdict() {
                     w.verdict(NFTA_SET_ELEM_DATA, v)?;
                 }
-                if let Some((addr, port)) = e.to {
+                if let Some((addr, port)) = e.to() {
                     let data = key_bytes(&s.data, &[Value::Ip(addr), Value::Port(port)])?;
                     w.data(NFTA_SET_ELEM_DATA, &data)?;
                 }

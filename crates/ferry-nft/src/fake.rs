@@ -450,10 +450,10 @@ impl Txn<'_> {
                 .elements
                 .get_key_value(k.as_str())
                 .ok_or_else(|| fail(format!("element {name} {k} is not planned")))?;
-            if let Some(Verdict::Jump(c) | Verdict::Goto(c)) = &e.verdict {
+            if let Some(Verdict::Jump(c) | Verdict::Goto(c)) = e.verdict() {
                 Self::check_target(table, t, &format!("add element {t} {name} {k}"), c)?;
             }
-            add.push((key.clone(), (e.verdict.clone(), e.to)));
+            add.push((key.clone(), (e.verdict().cloned(), e.to())));
         }
         let set = table
             .sets

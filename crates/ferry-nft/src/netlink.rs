@@ -1188,7 +1188,7 @@ mod tests {
         );
         assert_eq!(
             out.into_iter()
-                .map(|(k, e)| (k, e.verdict.clone()))
+                .map(|(k, e)| (k, e.verdict().cloned()))
                 .collect::<Vec<_>>(),
             vec![(
                 "10.96.0.10 . tcp . 80".into(),

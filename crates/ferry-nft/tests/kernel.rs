@@ -421,8 +421,8 @@ fn netlink_and_json_readers_agree_on_foreign_additions() {
                 live.sets["service-ips-v4"]
                     .elements
                     .get("10.0.0.1 . 58 . 3")
-                    .map(|e| &e.verdict),
-                Some(&Some(ferry_plan::ir::Verdict::Drop))
+                    .map(|e| e.verdict()),
+                Some(Some(&ferry_plan::ir::Verdict::Drop))
             );
             dp.resync();
             let ch = dp.apply(&rs).expect("repair");

@@ -422,14 +422,14 @@ impl Tracer<'_> {
                     return vec![(st, End::Continue)];
                 }
                 let key = self.tuple(&st);
-                match self.lookup(map, &key).and_then(|e| e.verdict.clone()) {
+                match self.lookup(map, &key).and_then(|e| e.verdict().cloned()) {
                     Some(v) => self.verdict(&v, st),
                     None => vec![(st, End::Continue)],
                 }
             }
             Action::ProtoPortVmap(map) => {
                 let key = [Value::Proto(self.pkt.proto), Value::Port(st.dport)];
-                match self.lookup(map, &key).and_then(|e| e.verdict.clone()) {
+                match self.lookup(map, &key).and_then(|e| e.verdict().cloned()) {
                     Some(v) => self.verdict(&v, st),
                     None => vec![(st, End::Continue)],
                 }
@@ -530,7 +530,7 @@ impl Tracer<'_> {
                     Value::Proto(self.pkt.proto),
                     Value::Port(self.pkt.dport),
                 ];
-                match self.lookup(map, &key).and_then(|e| e.verdict.clone()) {
+                match self.lookup(map, &key).and_then(|e| e.verdict().cloned()) {
                     Some(v) => self.verdict(&v, st),
                     None => vec![(st, End::Continue)],
                 }
@@ -563,7 +563,7 @@ impl Tracer<'_> {
                 } else {
                     vec![Value::Ip(daddr), Value::Port(dport), Value::Draw(k)]
                 };
-                self.lookup(map, &key).and_then(|e| e.to)
+                self.lookup(map, &key).and_then(|e| e.to())
             })
             .collect()
     }

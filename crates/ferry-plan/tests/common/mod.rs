@@ -351,8 +351,8 @@ pub fn assert_references_resolve(rs: &Ruleset) {
     }
     for s in rs.sets.values() {
         for e in s.elements.values() {
-            assert_eq!(e.verdict.is_some(), s.is_vmap, "{}: {e:?}", s.name);
-            if let Some(t) = e.verdict.as_ref().and_then(chain_of) {
+            assert_eq!(e.verdict().is_some(), s.is_vmap, "{}: {e:?}", s.name);
+            if let Some(t) = e.verdict().and_then(chain_of) {
                 assert!(rs.chains.contains_key(&t), "{}: no chain {t}", s.name);
             }
         }
