@@ -204,7 +204,9 @@ fn agent_pass_at_scale() {
             .iter()
             .flat_map(|t| t.chains.iter())
             .peekable();
-        let touched_mine = chains.peek().is_some() && chains.all(|c| c.contains(&mine));
+        // Its own chains, and the shared draw chain of its new endpoint count.
+        let touched_mine = chains.peek().is_some()
+            && chains.all(|c| c.contains(&mine) || c.starts_with("choose-"));
         assert!(touched_mine, "{:?}", r.pass.touched);
         endpoint_runs.push(r.stages);
         // Back to ready, unmeasured.
