@@ -545,11 +545,11 @@ pub enum Action {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rule {
-    /// Inline up to two (an endpoint rule's protocol and random draw): 100,000 endpoint
-    /// rules then cost no allocation of their own.
+    /// Inline up to two (a masquerade check's, a draw's protocol): ~20,000 service chain
+    /// rules at 10,000 services then cost no allocation of their own.
     pub matches: smallvec::SmallVec<[Match; 2]>,
     pub action: Action,
-    /// Boxed (no spare capacity): 8 bytes less on each of 100,000 endpoint rules.
+    /// Boxed (no spare capacity): 8 bytes less on each rule.
     pub comment: Option<Box<str>>,
 }
 
