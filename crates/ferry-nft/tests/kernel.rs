@@ -712,3 +712,47 @@ fn sharded_tables_load_in_one_batch_read_back_and_change_one_shard_at_a_time() {
         },
     );
 }
+
+/// What ferry loads can be saved and loaded back as a firewall is (`nft list ruleset >
+/// /etc/nftables.conf`, then `nft -f` at boot), and nft can still add a rule that names an
+/// endpoint map once it exists (with `meta l4proto . th dport` in the maps' `typeof`, nft
+/// 1.0.6 refuses that: "conflicting protocols specified"). Every protocol and family of the
+/// endpoint maps, by address and by node port.
+#[test]
+fn a_loaded_table_lists_as_a_script_nft_loads_back() {
+    in_kernel("a_loaded_table_lists_as_a_script_nft_loads_back", |dp| {
+        let mut runner = TestRunner::deterministic();
+        let services = realistic(&mut runner, 60);
+        let rs = plan(&with_lb_pools(dual_stack_config()), &services);
+        // Endpoint maps of each protocol hold draws (by address, and by node port for TCP).
+        let drawn = |map: &str| rs.sets.get(map).map_or(0, |s| s.elements.len());
+        for map in [
+            "endpoints-tcp-v4",
+            "endpoints-udp-v4",
+            "nodeport-endpoints-tcp-v4",
+        ] {
+            assert!(drawn(map) > 0, "{map} is empty in the sample");
+        }
+        dp.apply(&rs).expect("full load");
+        let before = read_back();
+        let mut nft = Nft::new();
+        let table = format!("list table inet {}", ferry_plan::ir::TABLE);
+        let saved = nft.run(&table).expect("nft list table");
+        nft.run(&format!("delete table inet {}", ferry_plan::ir::TABLE))
+            .expect("delete");
+        nft.run(&saved)
+            .unwrap_or_else(|e| panic!("nft refused its own listing: {e}\n{saved}"));
+        // The same table (sets list their elements in no fixed order: compared as read).
+        assert_eq!(read_back(), before, "reloaded from the listing");
+        assert_kernel_holds(&rs);
+        // A rule added later, by hand, naming the maps of each protocol and family.
+        nft.run(&format!(
+            "add chain inet {0} by-hand; \
+             add rule inet {0} by-hand meta l4proto udp dnat ip to ip daddr . udp dport . numgen random mod 2 map @endpoints-udp-v4; \
+             add rule inet {0} by-hand meta l4proto tcp dnat ip to tcp dport . numgen random mod 2 map @nodeport-endpoints-tcp-v4; \
+             add rule inet {0} by-hand meta l4proto sctp dnat ip6 to ip6 daddr . sctp dport . numgen random mod 3 map @endpoints-sctp-v6",
+            ferry_plan::ir::TABLE
+        ))
+        .expect("a rule naming the endpoint maps");
+    });
+}
