@@ -1126,6 +1126,10 @@ struct Worker {
     /// What the services of passes whose kernel write failed resolved to before (their UDP
     /// endpoints gone are flushed after the next pass that reaches the kernel).
     unflushed: Vec<ferry_model::view::ResolvedService>,
+    /// Large writes out of nftables' change notifications (None: no watcher), and where a
+    /// foreign change that may have gone unnotified meanwhile is reported.
+    quiet: Option<netwatch::QuietWrites>,
+    wake: tokio::sync::mpsc::UnboundedSender<Wake>,
 }
 
 /// A pass's snapshot: lent by the manifest reader, or the API source's shared view.
@@ -1212,7 +1216,16 @@ impl Worker {
         }
         let changes = if proxies {
             let tables = self.planner.tables();
-            let applied = match self.dp.apply(&tables, Some(&p.touched)) {
+            let applied = self.dp.apply(&tables, Some(&p.touched));
+            // Back in the notification group if a large write left it; a foreign commit
+            // meanwhile, or any doubt, is handled as a notification of one.
+            if let Some(why) = self.quiet.as_ref().and_then(|q| q.close()) {
+                log!(
+                    "nftables: {why}: re-reading ferry's tables, as after another process's change"
+                );
+                let _ = self.wake.send(Wake::Kernel);
+            }
+            let applied = match applied {
                 Ok(a) => a,
                 Err(e) => {
                     self.unflushed = previous;
@@ -1368,12 +1381,16 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     if let Err(e) = netwatch::watch_addresses(wake_tx.clone()) {
         log!("warning: cannot watch interface changes ({e}): addresses are read at every sync");
     }
-    if let Err(e) = netwatch::watch_nftables(wake_tx.clone()) {
-        log!(
-            "warning: cannot watch nftables changes ({e}): the table is checked every {} s",
-            args.resync_s
-        );
-    }
+    let quiet = match netwatch::watch_nftables(wake_tx.clone()) {
+        Ok(q) => Some(q),
+        Err(e) => {
+            log!(
+                "warning: cannot watch nftables changes ({e}): the table is checked every {} s",
+                args.resync_s
+            );
+            None
+        }
+    };
     let mut host = netwatch::host_net();
 
     let status_changed = Arc::new(tokio::sync::Notify::new());
@@ -1431,6 +1448,7 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
     let (job_tx, job_rx) = std::sync::mpsc::channel::<(SyncJob, netwatch::HostNet)>();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Result<SyncOutcome>>();
     let worker_args = args.clone();
+    let worker_wake = wake_tx.clone();
     let worker_thread = std::thread::Builder::new()
         .name(netwatch::SYNC_THREAD.into())
         .spawn(move || {
@@ -1441,13 +1459,21 @@ async fn run_async(args: AgentArgs) -> Result<i32> {
                 Ok(t) => shards_in_kernel(&t),
                 Err(_) => 1,
             };
+            let dp = match &quiet {
+                Some(q) => Tables::with_backend(Box::new(
+                    q.backend(ferry_nft::backend::Fallback::kernel(nft)),
+                )),
+                None => Tables::new(nft),
+            };
             let mut w = Worker {
                 source: worker_source,
                 planner: TablePlanner::starting_at(start),
                 store: state,
-                dp: Tables::new(nft),
+                dp,
                 unflushed: Vec::new(),
                 args: worker_args,
+                quiet,
+                wake: worker_wake,
             };
             for (job, host) in job_rx {
                 let outcome = w.sync(job, &host);

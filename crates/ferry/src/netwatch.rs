@@ -3,9 +3,17 @@
 //! subscription), and the nftables ruleset changed by another process (the nf_tables netlink
 //! multicast group: a firewall reload, `nft flush ruleset`, a hand edit of ferry's table).
 //! They only send a wake-up; the sync reads what it needs.
+//!
+//! Being in that group has a price: while any socket is a member, the kernel builds a
+//! notification for every object of every transaction (a rule, an element, a chain), filtered
+//! or not, which costs a cold load of 10,000 services about half again its kernel time. So
+//! the sync thread leaves the group around large writes ([`QuietWrites`]) and, once back, tells
+//! from the ruleset's generation whether anyone else committed meanwhile.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use tokio::sync::mpsc::UnboundedSender;
@@ -88,6 +96,10 @@ const NFNLGRP_NFTABLES: u32 = 7;
 /// Message type of the notification that ends every committed transaction:
 /// `NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWGEN` (10 and 15).
 const NFT_NEWGEN: u16 = (10 << 8) | 15;
+/// `NFT_MSG_GETGEN`: asks for the ruleset's generation (answered by a NEWGEN message).
+const NFT_GETGEN: u16 = (10 << 8) | 16;
+/// `NFTA_GEN_ID`: the generation, which every committed transaction bumps by one.
+const NFTA_GEN_ID: u16 = 1;
 /// `NFTA_GEN_PROC_PID` and `NFTA_GEN_PROC_NAME`: the task that committed it (the kernel's
 /// own view: the thread's ID in the initial PID namespace, and the thread's name).
 const NFTA_GEN_PROC_PID: u16 = 2;
@@ -99,9 +111,10 @@ const NFTA_GEN_PROC_NAME: u16 = 3;
 /// tells the agent's own commits apart (a second agent in the namespace is refused anyway).
 pub const SYNC_THREAD: &str = "ferry-sync";
 
-/// One committed transaction: who committed it.
+/// One committed transaction: the generation it made, and who committed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Commit {
+    pub gen: u32,
     pub pid: u32,
     pub name: String,
 }
@@ -116,13 +129,22 @@ impl Commit {
 
 /// Watches this namespace's nftables ruleset: every transaction committed by another process
 /// sends [`Wake::Kernel`] (ferry's own commits, by its [`SYNC_THREAD`], are ignored). A thread of its
-/// own blocks on the netlink socket; it ends when the receiver is gone.
-pub fn watch_nftables(tx: UnboundedSender<Wake>) -> std::io::Result<()> {
+/// own blocks on the netlink socket; it ends when the receiver is gone. The handle returned
+/// lets the sync thread step out of the notifications around large writes ([`QuietWrites`]).
+pub fn watch_nftables(tx: UnboundedSender<Wake>) -> std::io::Result<QuietWrites> {
     use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+    use std::os::fd::{AsRawFd, BorrowedFd};
     let mut sock = Socket::new(NETLINK_NETFILTER)?;
     sock.bind(&SocketAddr::new(0, 0))?;
     only_newgen(&sock)?;
     sock.add_membership(NFNLGRP_NFTABLES)?;
+    // Every commit up to this generation either reaches this socket or is over before the
+    // sync thread first reads the kernel (which it does before its first write).
+    let accounted = generation().ok();
+    // SAFETY: the socket's descriptor is open (it is `sock`'s) for the duration of the call.
+    let member = unsafe { BorrowedFd::borrow_raw(sock.as_raw_fd()) }.try_clone_to_owned()?;
+    let seen = Arc::new(Mutex::new(VecDeque::with_capacity(SEEN)));
+    let seen_by_thread = Arc::clone(&seen);
     let me = std::process::id();
     std::thread::Builder::new()
         .name("ferry-nft-events".into())
@@ -132,10 +154,13 @@ pub fn watch_nftables(tx: UnboundedSender<Wake>) -> std::io::Result<()> {
                 buf.clear();
                 match sock.recv(&mut buf, 0) {
                     Ok(_) => {
-                        let foreign = commits(&buf).iter().any(|c| !c.is_own(me));
+                        let commits = commits(&buf);
+                        let foreign = commits.iter().any(|c| !c.is_own(me));
                         if foreign && tx.send(Wake::Kernel).is_err() {
                             return;
                         }
+                        // Only once the wake-up is sent does a generation count as seen.
+                        note_seen(&seen_by_thread, commits.iter().map(|c| c.gen));
                     }
                     // ENOBUFS: notifications were lost; something changed, so look.
                     Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
@@ -147,7 +172,353 @@ pub fn watch_nftables(tx: UnboundedSender<Wake>) -> std::io::Result<()> {
                 }
             }
         })?;
+    Ok(QuietWrites {
+        state: Arc::new(Mutex::new(Quiet {
+            member,
+            seen,
+            accounted,
+            open: None,
+            commits: 0,
+            pause: std::env::var("FERRY_TEST_QUIET_PAUSE_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_millis),
+        })),
+    })
+}
+
+/// How many of the last generations notified the watcher remembers (for [`QuietWrites`]).
+const SEEN: usize = 64;
+
+fn note_seen(seen: &Mutex<VecDeque<u32>>, gens: impl Iterator<Item = u32>) {
+    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    for g in gens {
+        if seen.len() == SEEN {
+            seen.pop_front();
+        }
+        seen.push_back(g);
+    }
+}
+
+/// A transaction that weighs at least this many operations (see
+/// [`ferry_nft::tables::weight`]), or the second of one apply, is written out of the
+/// notification group. A change of an endpoint or a service is far lighter and stays as it
+/// was: in the group, not one system call more. (A cold load is cut into transactions of
+/// [`ferry_nft::tables::MAX_OPS`], 2,000.)
+pub const QUIET_WEIGHT: usize = 1000;
+
+/// Large writes out of the nftables notification group, without missing a foreign change.
+///
+/// The sync thread's backend is wrapped ([`QuietWrites::backend`]); before a large transaction
+/// it reads the ruleset's generation `before`, leaves the group, counts the transactions it
+/// commits, and after the apply ([`QuietWrites::close`]) re-joins, then reads the generation
+/// `after`. Each committed transaction bumps the generation by one (a refused one, or one that
+/// changes nothing, does not: measured on 6.18), so `after - before` other than the commits
+/// counted means someone else committed while the agent was out (or up to the moment it read
+/// `after`): the sync treats it as a foreign change notification. Re-joining before reading
+/// `after` leaves no gap: a commit after the re-join is notified or counted. One commit can be
+/// under way while `before` is read (the generation is bumped before its notification goes
+/// out): `before` must be a generation whose notification the watcher has seen, or one the
+/// sync thread has accounted for already ([`verdict`]); otherwise it counts as foreign too.
+pub struct QuietWrites {
+    state: Arc<Mutex<Quiet>>,
+}
+
+struct Quiet {
+    /// A descriptor of the watcher's socket: membership is the socket's, whichever holds it.
+    member: std::os::fd::OwnedFd,
+    /// The last generations whose notification the watcher has handled.
+    seen: Arc<Mutex<VecDeque<u32>>>,
+    /// A generation up to which every commit was the sync thread's own or notified.
+    accounted: Option<u32>,
+    /// Out of the group since the generation `before`.
+    open: Option<Window>,
+    /// Transactions committed (or tried) since the last close.
+    commits: u32,
+    /// Tests only (`FERRY_TEST_QUIET_PAUSE_MS`): how long to stay out after writing, so
+    /// that a test can change the ruleset meanwhile.
+    pause: Option<std::time::Duration>,
+}
+
+/// A write out of the notification group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The generation read before leaving.
+    pub before: u32,
+    /// The sync thread's transactions committed since.
+    pub own: u32,
+    /// A transaction failed: whether the kernel committed any of it is not known.
+    pub failed: bool,
+}
+
+impl QuietWrites {
+    /// `inner` with large transactions written out of the notification group.
+    pub fn backend<B: ferry_nft::Backend>(&self, inner: B) -> QuietBackend<B> {
+        QuietBackend {
+            inner,
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    /// Ends the apply: back in the group if it left, and whether a foreign change may have
+    /// gone unnotified meanwhile (then, why): the caller treats that as a notification.
+    /// Without a write out of the group it does nothing (not one system call).
+    pub fn close(&self) -> Option<String> {
+        let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        q.commits = 0;
+        let w = q.open.take()?;
+        if let Some(pause) = q.pause {
+            log!(
+                "(test) out of nftables' notifications since generation {}: pausing {} ms",
+                w.before,
+                pause.as_millis()
+            );
+            std::thread::sleep(pause);
+        }
+        if let Err(e) = membership(&q.member, libc::NETLINK_ADD_MEMBERSHIP) {
+            // The watcher is deaf until a later close succeeds; the periodic resync stays.
+            q.open = Some(Window { failed: true, ..w });
+            return Some(format!("cannot re-join nftables' notifications ({e})"));
+        }
+        let after = match generation() {
+            Ok(g) => g,
+            Err(e) => return Some(format!("cannot read the ruleset's generation ({e})")),
+        };
+        let before_known = {
+            let seen = q.seen.lock().unwrap_or_else(|e| e.into_inner());
+            q.accounted == Some(w.before) || seen.contains(&w.before)
+        };
+        match verdict(w, after, before_known) {
+            Verdict::Clean => {
+                q.accounted = Some(after);
+                None
+            }
+            Verdict::Foreign(why) => Some(why),
+        }
+    }
+}
+
+impl Quiet {
+    /// Before a transaction of `weight` operations: out of the group if it is large (or the
+    /// second of this apply) and not out already.
+    fn before_commit(&mut self, weight: usize) {
+        self.commits = self.commits.saturating_add(1);
+        if self.open.is_some() || !goes_quiet(weight, self.commits) {
+            return;
+        }
+        // Without a generation to compare with, or out of the group, it stays as it was.
+        let Ok(before) = generation() else { return };
+        if membership(&self.member, libc::NETLINK_DROP_MEMBERSHIP).is_ok() {
+            self.open = Some(Window {
+                before,
+                own: 0,
+                failed: false,
+            });
+        }
+    }
+
+    fn after_commit(&mut self, ok: bool) {
+        if let Some(w) = &mut self.open {
+            match ok {
+                true => w.own = w.own.saturating_add(1),
+                false => w.failed = true,
+            }
+        }
+    }
+}
+
+/// Pure: whether the `nth` transaction of an apply (from 1), weighing `weight` operations, is
+/// written out of the notification group.
+fn goes_quiet(weight: usize, nth: u32) -> bool {
+    weight >= QUIET_WEIGHT || nth >= 2
+}
+
+/// What the generations say of a write out of the notification group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every commit meanwhile was the agent's own.
+    Clean,
+    /// Someone else may have committed unnotified: why.
+    Foreign(String),
+}
+
+/// Pure: `w` and the generation read after re-joining; `before_known`: whether the commit
+/// that made `w.before` was notified or already accounted for (it may have been under way when
+/// the agent left, its notification lost). (A generation that cannot be read is foreign too:
+/// [`QuietWrites::close`].)
+pub fn verdict(w: Window, after: u32, before_known: bool) -> Verdict {
+    if w.failed {
+        return Verdict::Foreign(format!(
+            "a transaction failed out of the notifications (generation {} to {after})",
+            w.before
+        ));
+    }
+    let commits = commits_between(w.before, after);
+    if commits != w.own {
+        return Verdict::Foreign(format!(
+            "generation {} to {after}: {commits} commits, {} of them ferry's",
+            w.before, w.own
+        ));
+    }
+    if !before_known {
+        return Verdict::Foreign(format!(
+            "the commit of generation {} may have gone unnotified",
+            w.before
+        ));
+    }
+    Verdict::Clean
+}
+
+/// How many commits took the generation from `before` to `after` (the kernel skips 0 when
+/// it wraps around).
+pub fn commits_between(before: u32, after: u32) -> u32 {
+    let d = after.wrapping_sub(before);
+    if after < before {
+        d.wrapping_sub(1)
+    } else {
+        d
+    }
+}
+
+/// A backend whose large transactions go out of the notification group (see
+/// [`QuietWrites`]); everything else passes through.
+pub struct QuietBackend<B> {
+    inner: B,
+    state: Arc<Mutex<Quiet>>,
+}
+
+/// The operations of a transaction, as `ferry_nft::tables` weighs them.
+fn steps_weight(steps: &[ferry_nft::backend::Step<'_>]) -> usize {
+    use ferry_nft::backend::Step;
+    use ferry_nft::tables::{weight, TableChange};
+    steps
+        .iter()
+        .map(|s| match *s {
+            Step::CreateTable(_) | Step::DeleteTable(_) => 1,
+            Step::Ops { rs, ops, live } => {
+                let t = TableChange {
+                    rs,
+                    create: false,
+                    ops: Vec::new(),
+                    live,
+                };
+                ops.iter().map(|o| weight(o, &t)).sum()
+            }
+        })
+        .sum()
+}
+
+impl<B: ferry_nft::Backend> ferry_nft::Backend for QuietBackend<B> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn table_names(&mut self) -> Result<Vec<String>, ferry_nft::NftError> {
+        self.inner.table_names()
+    }
+    fn read_table(&mut self, table: &str) -> Result<ferry_plan::LiveState, ferry_nft::NftError> {
+        self.inner.read_table(table)
+    }
+    fn commit(
+        &mut self,
+        steps: &[ferry_nft::backend::Step<'_>],
+    ) -> Result<std::time::Duration, ferry_nft::NftError> {
+        let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        q.before_commit(steps_weight(steps));
+        let r = self.inner.commit(steps);
+        q.after_commit(r.is_ok());
+        r
+    }
+    fn take_refusal(&mut self) -> Option<String> {
+        self.inner.take_refusal()
+    }
+    fn release_cache(&mut self) {
+        self.inner.release_cache()
+    }
+    fn nft(&mut self) -> Option<&mut ferry_nft::Nft> {
+        self.inner.nft()
+    }
+    fn spoil_netlink_batches(&mut self) {
+        self.inner.spoil_netlink_batches()
+    }
+}
+
+/// `setsockopt(SOL_NETLINK, opt, NFNLGRP_NFTABLES)`: joins or leaves the group.
+fn membership(fd: &impl std::os::fd::AsRawFd, opt: libc::c_int) -> std::io::Result<()> {
+    let group = NFNLGRP_NFTABLES;
+    // SAFETY: setsockopt with an open descriptor and a u32 that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_NETLINK,
+            opt,
+            (&group as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
+}
+
+/// The ruleset's generation now (`NFT_MSG_GETGEN` on a socket of its own, waiting at most a
+/// second for the answer).
+pub fn generation() -> std::io::Result<u32> {
+    use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+    use std::os::fd::AsRawFd;
+    let mut sock = Socket::new(NETLINK_NETFILTER)?;
+    sock.bind(&SocketAddr::new(0, 0))?;
+    let timeout = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt with an open descriptor and a timeval that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    sock.send(&getgen_request(1), 0)?;
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    sock.recv(&mut buf, 0)?;
+    gen_of_answer(&buf)
+}
+
+/// The GETGEN request: a netlink header, then nfgenmsg (family, version, resource: all 0).
+fn getgen_request(seq: u32) -> Vec<u8> {
+    let mut m = Vec::with_capacity(20);
+    m.extend_from_slice(&20u32.to_ne_bytes());
+    m.extend_from_slice(&NFT_GETGEN.to_ne_bytes());
+    m.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[0; 4]);
+    m
+}
+
+/// Pure: the generation in the answer to a GETGEN, or the kernel's error.
+fn gen_of_answer(datagram: &[u8]) -> std::io::Result<u32> {
+    if let Some(c) = commits(datagram).first() {
+        return Ok(c.gen);
+    }
+    let code = (datagram.len() >= 20
+        && u16::from_ne_bytes([datagram[4], datagram[5]]) == libc::NLMSG_ERROR as u16)
+        .then(|| i32::from_ne_bytes([datagram[16], datagram[17], datagram[18], datagram[19]]))
+        .filter(|c| *c < 0);
+    Err(match code {
+        Some(c) => std::io::Error::from_raw_os_error(-c),
+        None => std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "no generation in the answer",
+        ),
+    })
 }
 
 /// Lets the kernel queue only NEWGEN notifications on `sock` (a classic BPF filter on the
@@ -207,6 +578,7 @@ pub fn commits(datagram: &[u8]) -> Vec<Commit> {
             // nfgenmsg (4 bytes), then attributes: length, type, value, padded to 4.
             let mut attrs = rest.get(20..len).unwrap_or_default();
             let mut commit = Commit {
+                gen: 0,
                 pid: 0,
                 name: String::new(),
             };
@@ -215,6 +587,9 @@ pub fn commits(datagram: &[u8]) -> Vec<Commit> {
                 let atype = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
                 if alen < 4 || alen > attrs.len() {
                     break;
+                }
+                if atype == NFTA_GEN_ID && alen >= 8 {
+                    commit.gen = u32::from_be_bytes([attrs[4], attrs[5], attrs[6], attrs[7]]);
                 }
                 if atype == NFTA_GEN_PROC_PID && alen >= 8 {
                     commit.pid = u32::from_be_bytes([attrs[4], attrs[5], attrs[6], attrs[7]]);
@@ -380,6 +755,82 @@ mod tests {
             let _ = commits(&d[..cut]);
         }
         assert!(commits(&[0xff; 40]).is_empty());
+    }
+
+    #[test]
+    fn newgen_notifications_carry_the_generation() {
+        let c = commits(&newgen(4242)).remove(0);
+        assert_eq!((c.gen, c.pid), (77, 4242));
+        // The answer to GETGEN is the same message.
+        assert_eq!(gen_of_answer(&newgen(1)).unwrap(), 77);
+        // An error answer: the kernel's errno.
+        let mut err = Vec::new();
+        err.extend_from_slice(&36u32.to_ne_bytes());
+        err.extend_from_slice(&(libc::NLMSG_ERROR as u16).to_ne_bytes());
+        err.extend_from_slice(&[0; 10]);
+        err.extend_from_slice(&(-libc::EPERM).to_ne_bytes());
+        err.extend_from_slice(&[0; 16]);
+        assert_eq!(
+            gen_of_answer(&err).unwrap_err().raw_os_error(),
+            Some(libc::EPERM)
+        );
+        assert!(gen_of_answer(&[]).is_err() && gen_of_answer(&[0xff; 40]).is_err());
+        // The request: header (length, type GETGEN, NLM_F_REQUEST, seq, pid), nfgenmsg.
+        let r = getgen_request(9);
+        assert_eq!(r.len(), 20);
+        assert_eq!(u32::from_ne_bytes([r[0], r[1], r[2], r[3]]), 20);
+        assert_eq!(u16::from_ne_bytes([r[4], r[5]]), (10 << 8) | 16);
+        assert_eq!(u16::from_ne_bytes([r[6], r[7]]), 1);
+        assert_eq!(u32::from_ne_bytes([r[8], r[9], r[10], r[11]]), 9);
+    }
+
+    #[test]
+    fn only_large_or_cut_writes_leave_the_notifications() {
+        // The usual change: one light transaction, in the group as before.
+        assert!(!goes_quiet(3, 1));
+        assert!(!goes_quiet(QUIET_WEIGHT - 1, 1));
+        // A heavy transaction, or the second of one apply (a load cut into several).
+        assert!(goes_quiet(QUIET_WEIGHT, 1));
+        assert!(goes_quiet(2000, 1));
+        assert!(goes_quiet(1, 2));
+    }
+
+    #[test]
+    fn the_generation_tells_whether_someone_else_committed_meanwhile() {
+        let w = |before, own| Window {
+            before,
+            own,
+            failed: false,
+        };
+        // Every commit meanwhile was ours: clean (and nothing at all: clean too).
+        assert_eq!(verdict(w(10, 125), 135, true), Verdict::Clean);
+        assert_eq!(verdict(w(10, 0), 10, true), Verdict::Clean);
+        // One more commit than ours: someone else's, unnotified.
+        let v = verdict(w(10, 125), 136, true);
+        assert!(
+            matches!(&v, Verdict::Foreign(why) if why.contains("126 commits, 125 of them ferry's")),
+            "{v:?}"
+        );
+        // Fewer than ours (one of ours changed nothing, or the generation was reset by a new
+        // namespace...): not what was expected, so looked at.
+        assert!(matches!(
+            verdict(w(10, 125), 134, true),
+            Verdict::Foreign(_)
+        ));
+        assert!(matches!(verdict(w(10, 2), 5, true), Verdict::Foreign(_)));
+        // A failed transaction: whatever the count says.
+        let failed = Window {
+            failed: true,
+            ..w(10, 3)
+        };
+        assert!(matches!(verdict(failed, 13, true), Verdict::Foreign(_)));
+        // The commit that made `before` may have been under way (its notification lost).
+        assert!(matches!(verdict(w(10, 3), 13, false), Verdict::Foreign(_)));
+        // Across the wrap-around (the kernel skips generation 0).
+        assert_eq!(commits_between(u32::MAX - 1, 2), 3);
+        assert_eq!(commits_between(u32::MAX, 1), 1);
+        assert_eq!(verdict(w(u32::MAX - 1, 3), 2, true), Verdict::Clean);
+        assert_eq!(commits_between(5, 5), 0);
     }
 
     #[test]

@@ -264,6 +264,82 @@ fn a_table_changed_behind_the_agents_back_is_repaired_at_once() {
     assert_eq!(node.stop(), Some(0));
 }
 
+/// A large write (a cold load cut into several transactions) goes out of nftables' change
+/// notifications; a foreign change while the agent is out (it stays out 3 s after writing here,
+/// `FERRY_TEST_QUIET_PAUSE_MS`) is told by the ruleset's generation and repaired at once all the
+/// same (the periodic resync is off). A small change afterwards stays in the notifications.
+#[test]
+fn a_change_while_the_agent_writes_out_of_the_notifications_is_repaired() {
+    if !common::root("a_change_while_the_agent_writes_out_of_the_notifications_is_repaired") {
+        return;
+    }
+    let mut node = Node::new("quiet");
+    let m = node.manifests();
+    // 400 services with an endpoint each: about 3,000 operations, more than one transaction.
+    let mut text = String::new();
+    for i in 0..400 {
+        let name = format!("s{i}");
+        text += "---\n";
+        text += &service(&name, &format!("10.43.{}.{}", 10 + i / 200, 10 + i % 200));
+        text += &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nports: [{{port: 80, protocol: TCP}}]\n\
+             endpoints: [{{addresses: [10.42.{}.{}], conditions: {{ready: true}}}}]\n",
+            i / 200,
+            10 + i % 200
+        );
+    }
+    write(&m, "services.yaml", &text);
+    let log = node.dir.join("agent.log");
+    let child = node
+        .agent_command(&["--resync-s", "0"])
+        .env("FERRY_TEST_QUIET_PAUSE_MS", "3000")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    node.agent = Some(child);
+    let out_line = "(test) out of nftables' notifications";
+    let deadline = Instant::now() + CONVERGE;
+    while !read_log(&log).contains(out_line) {
+        assert!(Instant::now() < deadline, "never out:\n{}", read_log(&log));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Written, not yet back in the group: another process adds a rule to ferry's base chain.
+    assert!(node.table().contains("10.42.1.209:80"), "the load is in");
+    node.nft(&[
+        "add",
+        "rule",
+        "inet",
+        "ferry",
+        "nat-prerouting",
+        "tcp",
+        "dport",
+        "9999",
+        "drop",
+    ]);
+    let took = node.until_table("foreign rule added while out", |t| !t.contains("9999"));
+    eprintln!("repaired {took:?} after the foreign change (the agent was out 3 s of it)");
+    let text = read_log(&log);
+    assert!(
+        text.contains("nftables: generation ") && text.contains("re-reading ferry's tables"),
+        "{text}"
+    );
+    assert_eq!(text.matches(out_line).count(), 1, "{text}");
+
+    // One more service: a small write, in the group as before (no pause, repaired at once).
+    write(&m, "b.yaml", &service("b", "10.43.9.9"));
+    node.wait_table("10.43.9.9");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(read_log(&log).matches(out_line).count(), 1);
+    // Back in the group: a deleted table is noticed at once again.
+    node.nft(&["delete", "table", "inet", "ferry"]);
+    node.until_table("deleted table", |t| t.contains("10.43.9.9"));
+    let text = read_log(&log);
+    assert!(node.alive(), "{text}");
+    assert_eq!(node.stop(), Some(0));
+}
+
 #[test]
 fn a_second_agent_in_the_namespace_waits_for_the_first_or_refuses() {
     if !common::root("a_second_agent_in_the_namespace_waits_for_the_first_or_refuses") {
