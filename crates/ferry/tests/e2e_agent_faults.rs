@@ -144,6 +144,18 @@ impl Drop for Node {
     }
 }
 
+/// A foreign rule in ferry's base chain (another process's hand edit): the agent must remove it.
+const FOREIGN_RULE: [&str; 9] = [
+    "add",
+    "rule",
+    "inet",
+    "ferry",
+    "nat-prerouting",
+    "tcp",
+    "dport",
+    "9999",
+    "drop",
+];
 fn service(name: &str, ip: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
@@ -239,17 +251,7 @@ fn a_table_changed_behind_the_agents_back_is_repaired_at_once() {
     let t1 = node.until_table("deleted rule", dnat);
 
     // 2. A foreign rule in ferry's base chain.
-    node.nft(&[
-        "add",
-        "rule",
-        "inet",
-        "ferry",
-        "nat-prerouting",
-        "tcp",
-        "dport",
-        "9999",
-        "drop",
-    ]);
+    node.nft(&FOREIGN_RULE);
     let t2 = node.until_table("foreign rule", |t| !t.contains("9999"));
 
     // 3. The table deleted; 4. the whole ruleset flushed (a firewall reload).
@@ -307,17 +309,7 @@ fn a_change_while_the_agent_writes_out_of_the_notifications_is_repaired() {
     }
     // Written, not yet back in the group: another process adds a rule to ferry's base chain.
     assert!(node.table().contains("10.42.1.209:80"), "the load is in");
-    node.nft(&[
-        "add",
-        "rule",
-        "inet",
-        "ferry",
-        "nat-prerouting",
-        "tcp",
-        "dport",
-        "9999",
-        "drop",
-    ]);
+    node.nft(&FOREIGN_RULE);
     let took = node.until_table("foreign rule added while out", |t| !t.contains("9999"));
     eprintln!("repaired {took:?} after the foreign change (the agent was out 3 s of it)");
     let text = read_log(&log);
