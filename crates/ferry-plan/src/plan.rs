@@ -22,7 +22,7 @@
 //! dispatch, the draw); per service port, one chain (two with external traffic) of two
 //! rules, and one element per endpoint and frontend in a map shared by the table. There are
 //! no per-service sets (creating ~20,000 of them is what makes cold loads slow) and no
-//! per-endpoint rules (the kernel's cost of a rule is ~10 times an element's); the draw
+//! per-endpoint rules (a rule costs the kernel ~10 times an element, by the profiles); the draw
 //! chains, one per endpoint count, keep the rules bound to each map few (the kernel checks
 //! every element added against every rule bound to its map).
 
@@ -210,34 +210,17 @@ fn skeleton(cfg: &PlanConfig) -> Ruleset {
             "addresses of services with ClientIP affinity -> where their clients are remembered",
         ));
         for pr in PROTOCOLS {
-            rs.add_set(Set::endpoints(
-                &endpoints(f, pr),
-                f,
-                pr,
-                false,
-                "service address . port . draw -> endpoint",
-            ));
-            rs.add_set(Set::endpoints(
-                &nodeport_endpoints(f, pr),
-                f,
-                pr,
-                true,
-                "node port . draw -> endpoint",
-            ));
-            rs.add_set(Set::endpoints(
-                &external_endpoints(f, pr),
-                f,
-                pr,
-                false,
-                "external address . port . draw -> endpoint of traffic from outside",
-            ));
-            rs.add_set(Set::endpoints(
-                &external_nodeport_endpoints(f, pr),
-                f,
-                pr,
-                true,
-                "node port . draw -> endpoint of traffic from outside",
-            ));
+            for (chooser, frontend, whose) in [
+                (Chooser::Service, "service", ""),
+                (Chooser::External, "external", " of traffic from outside"),
+            ] {
+                let (by_addr, by_port) = chooser.maps(f, pr);
+                let by_addr_comment =
+                    format!("{frontend} address . port . draw -> endpoint{whose}");
+                rs.add_set(Set::endpoints(&by_addr, f, pr, false, &by_addr_comment));
+                let by_port_comment = format!("node port . draw -> endpoint{whose}");
+                rs.add_set(Set::endpoints(&by_port, f, pr, true, &by_port_comment));
+            }
         }
     }
     for (a, b) in &cfg.lb_pools {
